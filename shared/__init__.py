@@ -1,0 +1,8 @@
+"""What the coordinator and the clients must agree on.
+
+Wire protocol and limits, snapshot layout and key names, delta codecs, tasks (model, data, eval),
+the local training round itself, connection settings and the retry policy. Nothing in here imports
+from ``coordinator`` or ``client``.
+"""
+
+PROTOCOL_VERSION = 1

@@ -1,0 +1,202 @@
+"""The local training round, exactly as clients (and the simulator) run it.
+
+A round starts from the global parameters θ_base of some snapshot version, runs H inner AdamW steps
+on this client's data shard, and yields the pseudo-gradient ``g = θ_base − θ_local``. The AdamW state
+is kept across rounds (as in DiLoCo). The inner learning rate warms up over this client's own first
+steps (a fresh AdamW needs it) and follows a cosine over the run's global progress.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shared.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    """Inner optimizer settings; part of the run config in the manifest."""
+
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    # Cosine horizon in global local steps (all clients together); 0 keeps lr flat after warmup.
+    schedule_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and 0 < self.min_lr_ratio <= 1):
+            raise ConfigError("inner lr must be > 0 and 0 < min_lr_ratio <= 1 (η_min > 0)")
+        if self.warmup_steps < 0 or self.schedule_steps < 0:
+            raise ConfigError("warmup_steps and schedule_steps must be >= 0")
+
+    def lr_at(self, own_step: int, global_step: int) -> float:
+        """Inner lr for this client's ``own_step``-th step, the run being at ``global_step``."""
+        warm = min(1.0, (own_step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if not self.schedule_steps:
+            return self.lr * warm
+        progress = min(1.0, global_step / self.schedule_steps)
+        cosine = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr * warm * cosine
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    steps: int
+    samples: int
+    tokens: int
+    compute_s: float  # wall time of the steps, emulated slowdown included
+    train_loss: float  # mean over the round's steps
+
+
+class LocalTrainer:
+    """Owns one replica: model on the device, its AdamW, its data stream and θ_base (CPU fp32)."""
+
+    def __init__(
+        self,
+        *,
+        task: Any,
+        inner: InnerConfig,
+        device: torch.device,
+        shard: int,
+        seed: int,
+    ) -> None:
+        self.task = task
+        self.inner = inner
+        self.device = device
+        self.model = task.build_model().to(device)
+        self.model.train()
+        self.names = [n for n, _ in self.model.named_parameters()]
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=inner.lr,
+            betas=(inner.beta1, inner.beta2),
+            weight_decay=inner.weight_decay,
+        )
+        self.batches: Iterator[Any] = task.train_batches(shard, seed)
+        self.base: dict[str, torch.Tensor] = {}
+        self.own_steps = 0  # inner steps this replica ever ran (drives the warmup)
+
+    def load_base(self, params: dict[str, torch.Tensor]) -> None:
+        """Set θ_base and the model's parameters to ``params`` (CPU float32 tensors)."""
+        missing = set(self.names) - set(params)
+        if missing:
+            raise ConfigError(f"snapshot lacks parameters: {sorted(missing)[:5]}")
+        self.base = {n: params[n].detach().to("cpu", torch.float32).clone() for n in self.names}
+        self.reset_to_base()
+
+    def reset_to_base(self) -> None:
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                param.copy_(self.base[name].view_as(param))
+
+    def train(
+        self,
+        max_steps: int,
+        *,
+        global_step: int = 0,
+        min_steps: int = 1,
+        time_budget_s: float | None = None,
+        slowdown: float = 1.0,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> RoundStats:
+        """Run up to ``max_steps`` inner steps from the current parameters.
+
+        Stops early once ``time_budget_s`` is spent (after at least ``min_steps``), or when
+        ``should_stop()`` turns true. ``slowdown`` > 1 emulates slower hardware by sleeping
+        ``(slowdown − 1)×`` the compute time of each step.
+        """
+        losses: list[torch.Tensor] = []
+        samples = tokens = 0
+        start = time.perf_counter()
+        for step in range(max_steps):
+            if should_stop is not None and should_stop():
+                break
+            if step >= min_steps and time_budget_s is not None:
+                if time.perf_counter() - start >= time_budget_s:
+                    break
+            step_start = time.perf_counter()
+            lr = self.inner.lr_at(self.own_steps, global_step + step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            batch = _to_device(next(self.batches), self.device)
+            loss = self.task.loss(self.model, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.inner.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.inner.grad_clip)
+            self.optimizer.step()
+            losses.append(loss.detach())
+            self.own_steps += 1
+            samples += _batch_size(batch)
+            tokens += _batch_tokens(batch)
+            if slowdown > 1.0:
+                _synchronize(self.device)
+                time.sleep((slowdown - 1.0) * (time.perf_counter() - step_start))
+        _synchronize(self.device)
+        compute_s = time.perf_counter() - start
+        mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+        return RoundStats(len(losses), samples, tokens, compute_s, mean_loss)
+
+    def pseudo_gradient(self) -> dict[str, torch.Tensor]:
+        """``θ_base − θ_local`` per parameter, CPU float32."""
+        with torch.no_grad():
+            return {
+                name: self.base[name] - param.detach().to("cpu", torch.float32)
+                for name, param in self.model.named_parameters()
+            }
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return batch
+
+
+def _first_tensor(batch: Any) -> torch.Tensor:
+    return batch if isinstance(batch, torch.Tensor) else batch[0]
+
+
+def _batch_size(batch: Any) -> int:
+    return int(_first_tensor(batch).shape[0])
+
+
+def _batch_tokens(batch: Any) -> int:
+    return int(_first_tensor(batch).numel())
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def pick_device(choice: str) -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; other values are taken as given."""
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but torch sees no CUDA GPU")
+    if choice == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise ConfigError("--device mps asked for, but this torch build has no MPS backend")
+    if choice not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or mps, not {choice!r}")
+    return torch.device(choice)

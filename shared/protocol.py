@@ -1,0 +1,223 @@
+"""Wire messages: frozen dataclasses, each with one encode/decode pair and explicit limits.
+
+Everything that crosses the network is msgpack (never pickle). Decoding is strict: size limits are
+enforced by the msgpack unpacker itself before any object is built, ext types are refused, and every
+field is type-checked. A failure raises :class:`~shared.errors.ProtocolError` with a short reason
+slug that the coordinator counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from shared import PROTOCOL_VERSION
+from shared.errors import ProtocolError
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DeltaLimits:
+    """Upper bounds a decoder enforces on a delta message.
+
+    RabbitMQ 4.x refuses messages over 16 MiB by default; a bigger model needs a stronger codec
+    (``--codec int8``) or a raised broker limit (deploy/rabbitmq.conf).
+    """
+
+    max_message_bytes: int = 16 * MiB
+    max_tensors: int = 4096
+    max_name_chars: int = 256
+    max_id_chars: int = 128
+
+
+DEFAULT_DELTA_LIMITS = DeltaLimits()
+
+
+def unpack_limited(data: bytes, *, max_bytes: int, max_items: int, max_str: int) -> Any:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError("undecodable", "message body is not bytes")
+    if len(data) == 0:
+        raise ProtocolError("empty", "message body is empty")
+    if len(data) > max_bytes:
+        raise ProtocolError("too_large", f"message is {len(data)} bytes, limit {max_bytes}")
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=max_bytes,
+            max_str_len=max_str,
+            max_array_len=max_items,
+            max_map_len=max_items,
+            max_ext_len=0,  # no ext types at all (timestamps included)
+            use_list=True,
+        )
+    except msgpack.ExtraData as exc:
+        raise ProtocolError("undecodable", "trailing bytes after the message") from exc
+    except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
+        raise ProtocolError("undecodable", f"not valid msgpack within limits ({exc})") from exc
+
+
+def require_field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in obj:
+        raise ProtocolError("wrong_schema", f"missing field {name!r}")
+    value = obj[name]
+    # bool is an int subclass; never accept it where a number is meant.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ProtocolError("wrong_schema", f"field {name!r} has type bool")
+    if not isinstance(value, kind):
+        raise ProtocolError("wrong_schema", f"field {name!r} has type {type(value).__name__}")
+    return value
+
+
+def check_protocol(obj: Any) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ProtocolError("wrong_schema", f"top level is {type(obj).__name__}, expected a map")
+    version = require_field(obj, "protocol", int)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "protocol_version", f"protocol {version} not supported (expected {PROTOCOL_VERSION})"
+        )
+    return obj
+
+
+@dataclass(frozen=True)
+class DeltaMessage:
+    """One pseudo-gradient ``g = θ_base − θ_local`` from one client round.
+
+    ``tensors`` maps parameter name to the codec's encoded bytes; shapes and dtypes are *not* sent:
+    the coordinator takes them from its own manifest. ``(client_id, seq)`` identifies the delta
+    for de-duplication: a retried publish reuses its ``seq``.
+    """
+
+    run_id: str
+    client_id: str
+    seq: int
+    base_version: int
+    local_steps: int
+    samples: int
+    tokens: int
+    compute_s: float
+    train_loss: float
+    codec: str
+    tensors: dict[str, bytes] = field(repr=False)
+    sent_at: float = 0.0
+
+    @property
+    def delta_id(self) -> str:
+        return f"{self.client_id}:{self.seq}"
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {
+                "protocol": PROTOCOL_VERSION,
+                "type": "delta",
+                "run_id": self.run_id,
+                "client_id": self.client_id,
+                "seq": self.seq,
+                "base_version": self.base_version,
+                "local_steps": self.local_steps,
+                "samples": self.samples,
+                "tokens": self.tokens,
+                "compute_s": float(self.compute_s),
+                "train_loss": float(self.train_loss),
+                "codec": self.codec,
+                "tensors": self.tensors,
+                "sent_at": float(self.sent_at),
+            },
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes, limits: DeltaLimits = DEFAULT_DELTA_LIMITS) -> DeltaMessage:
+        """Parse and type-check a delta; raise :class:`ProtocolError` on anything off."""
+        obj = check_protocol(
+            unpack_limited(
+                data,
+                max_bytes=limits.max_message_bytes,
+                max_items=limits.max_tensors + 32,
+                max_str=max(limits.max_name_chars, limits.max_id_chars),
+            )
+        )
+        if obj.get("type") != "delta":
+            raise ProtocolError("wrong_schema", f"message type {obj.get('type')!r} is not 'delta'")
+        ints = {n: require_field(obj, n, int) for n in ("seq", "base_version", "local_steps", "samples",
+                                                  "tokens")}
+        for name, value in ints.items():
+            if value < 0 or value >= 2**63:
+                raise ProtocolError("wrong_schema", f"field {name!r} out of range: {value}")
+        floats = {n: float(require_field(obj, n, (int, float))) for n in ("compute_s", "train_loss",
+                                                                   "sent_at")}
+        if not math.isfinite(floats["compute_s"]) or floats["compute_s"] < 0:
+            raise ProtocolError("wrong_schema", "compute_s must be finite and >= 0")
+        strs = {n: require_field(obj, n, str) for n in ("run_id", "client_id", "codec")}
+        for name, value in strs.items():
+            if not value or len(value) > limits.max_id_chars:
+                raise ProtocolError("wrong_schema", f"field {name!r} empty or too long")
+        tensors = require_field(obj, "tensors", dict)
+        if not tensors:
+            raise ProtocolError("wrong_schema", "no tensors in delta")
+        if len(tensors) > limits.max_tensors:
+            raise ProtocolError("too_large", f"{len(tensors)} tensors, limit {limits.max_tensors}")
+        for name, blob in tensors.items():
+            if not isinstance(name, str) or len(name) > limits.max_name_chars:
+                raise ProtocolError("wrong_schema", "tensor name is not a short string")
+            if not isinstance(blob, bytes):
+                raise ProtocolError("wrong_schema", f"tensor {name!r} payload is not bytes")
+        return cls(tensors=tensors, **strs, **ints, **floats)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What every client needs to size its round (Dynamic Local Updates).
+
+    The fastest active client runs ``local_steps`` (H) per round; a client measured at ``v_i``
+    steps/s runs ``max(min_local_steps, floor(v_i / fastest_steps_per_s * H))``.
+    ``fastest_steps_per_s`` is 0 while no speed has been measured yet.
+    """
+
+    run_id: str
+    local_steps: int
+    min_local_steps: int
+    fastest_steps_per_s: float
+    active_clients: int
+    dylu: bool = True
+    updated_at: float = 0.0
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {
+                "protocol": PROTOCOL_VERSION,
+                "type": "plan",
+                "run_id": self.run_id,
+                "local_steps": self.local_steps,
+                "min_local_steps": self.min_local_steps,
+                "fastest_steps_per_s": float(self.fastest_steps_per_s),
+                "active_clients": self.active_clients,
+                "dylu": self.dylu,
+                "updated_at": float(self.updated_at),
+            },
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> RoundPlan:
+        obj = check_protocol(unpack_limited(data, max_bytes=64 * 1024, max_items=64, max_str=256))
+        if obj.get("type") != "plan":
+            raise ProtocolError("wrong_schema", "not a round plan")
+        plan = cls(
+            run_id=require_field(obj, "run_id", str),
+            local_steps=require_field(obj, "local_steps", int),
+            min_local_steps=require_field(obj, "min_local_steps", int),
+            fastest_steps_per_s=float(require_field(obj, "fastest_steps_per_s", (int, float))),
+            active_clients=require_field(obj, "active_clients", int),
+            dylu=require_field(obj, "dylu", bool),
+            updated_at=float(require_field(obj, "updated_at", (int, float))),
+        )
+        if not 1 <= plan.min_local_steps <= plan.local_steps:
+            raise ProtocolError("wrong_schema", "plan needs 1 <= min_local_steps <= local_steps")
+        return plan

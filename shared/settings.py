@@ -1,0 +1,80 @@
+"""Connection settings and the retry policy both sides use.
+
+Defaults point at servers on 127.0.0.1 so that the commands work with no options on a developer box.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from shared.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """Where Redis and RabbitMQ are, and how patiently to talk to them."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    amqp_url: str = DEFAULT_AMQP_URL
+    # AMQP heartbeat: a dead broker connection is noticed within about 2x this.
+    heartbeat_s: int = 30
+    socket_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if urlparse(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(f"--redis must be a redis:// URL, got {self.redis_url!r}")
+        if urlparse(self.amqp_url).scheme not in ("amqp", "amqps"):
+            raise ConfigError(f"--amqp must be an amqp:// URL, got {self.amqp_url!r}")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with full jitter.
+
+    If reconnect storms hammer a restarting broker, raise ``max_delay_s``; if a client takes
+    too long to notice that a service is back, lower it.
+    """
+
+    initial_delay_s: float = 0.5
+    max_delay_s: float = 15.0
+    multiplier: float = 2.0
+    # None: retry forever (a volunteer client); a number: give up after that many seconds.
+    give_up_after_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.initial_delay_s <= 0 or self.max_delay_s < self.initial_delay_s:
+            raise ConfigError("retry delays must satisfy 0 < initial_delay_s <= max_delay_s")
+        if self.multiplier < 1:
+            raise ConfigError("retry multiplier must be >= 1")
+
+    def delays(self, rng: random.Random | None = None) -> Iterator[float]:
+        """Yield the sleep before each retry; stops when ``give_up_after_s`` would be passed."""
+        rng = rng or random.Random()
+        ceiling = self.initial_delay_s
+        spent = 0.0
+        while True:
+            delay = rng.uniform(ceiling / 2, ceiling)
+            if self.give_up_after_s is not None and spent + delay > self.give_up_after_s:
+                return
+            spent += delay
+            yield delay
+            ceiling = min(self.max_delay_s, ceiling * self.multiplier)
+
+
+def sleep_interruptibly(seconds: float, should_stop: object | None = None) -> bool:
+    """Sleep up to ``seconds`` in small steps; return True early if ``should_stop()`` is true."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if should_stop is not None and callable(should_stop) and should_stop():
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(left, 0.1))

@@ -1,0 +1,311 @@
+"""Versioned model snapshots in Redis: immutable chunks, a manifest, one atomic pointer flip.
+
+Publishing version ``v`` writes the chunks of the flat parameter bytes and then the manifest under
+``v``'s own keys (never rewritten), and only then moves ``current`` to ``v`` (a compare-and-set that
+never moves it backwards). A reader takes ``current``, reads that version's manifest and chunks, and
+checks every chunk's sha256 against the manifest, so it can never load a torn or mixed snapshot; if a
+chunk expired under it, it starts again from the new ``current``. The newest ``keep_versions`` are
+kept; older ones get a short expiry so that a slow reader can still finish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import redis
+import torch
+
+from shared import PROTOCOL_VERSION
+from shared.errors import ProtocolError, SnapshotError, SnapshotMissing
+from shared.keys import RunKeys
+from shared.protocol import MiB, check_protocol, require_field, unpack_limited
+
+DEFAULT_CHUNK_BYTES = 4 * MiB
+MAX_MANIFEST_BYTES = 8 * MiB
+MAX_SNAPSHOT_BYTES = 8 * 1024 * MiB
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Move ``current`` forward only: a stale coordinator can never roll readers back.
+_FLIP_FORWARD = """
+local old = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if old < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class ParamEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int  # bytes into the flat snapshot
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.tensor([], dtype=_DTYPES[self.dtype]).element_size()
+
+
+@dataclass(frozen=True)
+class SnapshotManifest:
+    """Everything needed to rebuild and check one snapshot version.
+
+    ``config`` is the run config (task name and settings, inner optimizer, DyLU, seed) so a client
+    builds exactly the coordinator's model; ``progress`` is global progress (updates, steps, tokens).
+    """
+
+    run: str
+    run_id: str
+    version: int
+    params: tuple[ParamEntry, ...]
+    chunk_bytes: int
+    chunk_sha256: tuple[str, ...]
+    config: dict[str, Any] = field(default_factory=dict)
+    progress: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.nbytes for p in self.params)
+
+    def numel(self, name: str) -> int:
+        return self.by_name[name].numel
+
+    @property
+    def by_name(self) -> dict[str, ParamEntry]:
+        return {p.name: p for p in self.params}
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {
+                "protocol": PROTOCOL_VERSION,
+                "type": "manifest",
+                "run": self.run,
+                "run_id": self.run_id,
+                "version": self.version,
+                "params": [[p.name, list(p.shape), p.dtype, p.offset] for p in self.params],
+                "chunk_bytes": self.chunk_bytes,
+                "chunk_sha256": list(self.chunk_sha256),
+                "config": self.config,
+                "progress": self.progress,
+                "created_at": self.created_at,
+            },
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> SnapshotManifest:
+        obj = check_protocol(
+            unpack_limited(data, max_bytes=MAX_MANIFEST_BYTES, max_items=100_000, max_str=4096)
+        )
+        if obj.get("type") != "manifest":
+            raise ProtocolError("wrong_schema", "not a snapshot manifest")
+        params = []
+        offset = 0
+        for item in require_field(obj, "params", list):
+            if not (isinstance(item, list) and len(item) == 4):
+                raise ProtocolError("wrong_schema", "bad parameter entry")
+            name, shape, dtype, off = item
+            if (
+                not isinstance(name, str)
+                or not isinstance(shape, list)
+                or not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape)
+                or dtype not in _DTYPES
+                or off != offset
+            ):
+                raise ProtocolError("wrong_schema", f"bad parameter entry {name!r}")
+            entry = ParamEntry(name, tuple(shape), dtype, off)
+            params.append(entry)
+            offset += entry.nbytes
+        manifest = cls(
+            run=require_field(obj, "run", str),
+            run_id=require_field(obj, "run_id", str),
+            version=require_field(obj, "version", int),
+            params=tuple(params),
+            chunk_bytes=require_field(obj, "chunk_bytes", int),
+            chunk_sha256=tuple(require_field(obj, "chunk_sha256", list)),
+            config=require_field(obj, "config", dict),
+            progress=require_field(obj, "progress", dict),
+            created_at=float(require_field(obj, "created_at", (int, float))),
+        )
+        if manifest.chunk_bytes <= 0 or manifest.total_bytes > MAX_SNAPSHOT_BYTES:
+            raise ProtocolError("wrong_schema", "bad chunk size or snapshot too large")
+        if len(manifest.chunk_sha256) != math.ceil(manifest.total_bytes / manifest.chunk_bytes):
+            raise ProtocolError("wrong_schema", "chunk count does not match the parameter bytes")
+        return manifest
+
+
+def flatten(params: dict[str, torch.Tensor]) -> tuple[tuple[ParamEntry, ...], bytes]:
+    """Parameter entries and the flat little-endian bytes of ``params`` (in the given order)."""
+    entries = []
+    parts = []
+    offset = 0
+    for name, tensor in params.items():
+        t = tensor.detach().to("cpu").contiguous()
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            raise SnapshotError(f"parameter {name} has unsupported dtype {dtype}")
+        entry = ParamEntry(name, tuple(t.shape), dtype, offset)
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        parts.append(raw)
+        offset += len(raw)
+        entries.append(entry)
+    return tuple(entries), b"".join(parts)
+
+
+def unflatten(entries: tuple[ParamEntry, ...], flat: bytes) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`flatten`: new tensors, shapes and dtypes from the trusted ``entries``."""
+    buffer = bytearray(flat)  # writable, so torch.frombuffer shares without a warning
+    out = {}
+    for e in entries:
+        if e.offset + e.nbytes > len(buffer):
+            raise SnapshotError(f"snapshot bytes end before parameter {e.name}")
+        t = torch.frombuffer(buffer, dtype=_DTYPES[e.dtype], count=e.numel, offset=e.offset)
+        out[e.name] = t.reshape(e.shape).clone()
+    return out
+
+
+@dataclass
+class Snapshot:
+    manifest: SnapshotManifest
+    params: dict[str, torch.Tensor]
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+
+class SnapshotStore:
+    """Publishes and reads snapshots of one run in Redis (the connection is passed in)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: RunKeys,
+        *,
+        keep_versions: int = 3,
+        expire_grace_s: int = 60,
+    ) -> None:
+        if keep_versions < 1:
+            raise SnapshotError("keep_versions must be >= 1")
+        self.redis = client
+        self.keys = keys
+        self.keep_versions = keep_versions
+        self.expire_grace_s = expire_grace_s
+        self._flip = client.register_script(_FLIP_FORWARD)
+
+    def current_version(self) -> int | None:
+        raw = self.redis.get(self.keys.current)
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError as exc:
+            raise SnapshotError(f"{self.keys.current} holds {raw[:32]!r}, not a version") from exc
+
+    def publish(
+        self,
+        *,
+        run_id: str,
+        version: int,
+        params: dict[str, torch.Tensor],
+        config: dict[str, Any],
+        progress: dict[str, Any],
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> SnapshotManifest:
+        """Write version ``version`` whole, then flip ``current`` to it (never backwards)."""
+        entries, flat = flatten(params)
+        chunks = [flat[i : i + chunk_bytes] for i in range(0, len(flat), chunk_bytes)]
+        manifest = SnapshotManifest(
+            run=self.keys.run,
+            run_id=run_id,
+            version=version,
+            params=entries,
+            chunk_bytes=chunk_bytes,
+            chunk_sha256=tuple(hashlib.sha256(c).hexdigest() for c in chunks),
+            config=config,
+            progress=progress,
+            created_at=time.time(),
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        for index, chunk in enumerate(chunks):
+            pipe.set(self.keys.chunk(version, index), chunk)
+        pipe.set(self.keys.manifest(version), manifest.encode())
+        pipe.execute()
+        if not self._flip(keys=[self.keys.current], args=[version]):
+            raise SnapshotError(
+                f"Redis already points at a version >= {version}; another coordinator may be "
+                "running this run"
+            )
+        self._expire_old(version)
+        return manifest
+
+    def _expire_old(self, newest: int) -> None:
+        old = newest - self.keep_versions
+        if old < 0:
+            return
+        raw = self.redis.get(self.keys.manifest(old))
+        if raw is None:
+            return
+        try:
+            count = len(SnapshotManifest.decode(raw).chunk_sha256)
+        except ProtocolError:
+            count = 0
+        pipe = self.redis.pipeline(transaction=False)
+        for key in [self.keys.manifest(old)] + [self.keys.chunk(old, i) for i in range(count)]:
+            pipe.expire(key, self.expire_grace_s)
+        pipe.execute()
+
+    def read_manifest(self, version: int) -> SnapshotManifest:
+        raw = self.redis.get(self.keys.manifest(version))
+        if raw is None:
+            raise SnapshotMissing(f"snapshot {version} of run {self.keys.run!r} is gone")
+        try:
+            manifest = SnapshotManifest.decode(raw)
+        except ProtocolError as exc:
+            raise SnapshotError(f"manifest of version {version} is invalid: {exc}") from exc
+        if manifest.version != version or manifest.run != self.keys.run:
+            raise SnapshotError(f"manifest under version {version} names another snapshot")
+        return manifest
+
+    def read(self, version: int | None = None) -> Snapshot:
+        """Read and verify one whole version (the current one by default)."""
+        if version is None:
+            version = self.current_version()
+            if version is None:
+                raise SnapshotMissing(f"run {self.keys.run!r} has no snapshot yet")
+        manifest = self.read_manifest(version)
+        keys = [self.keys.chunk(version, i) for i in range(len(manifest.chunk_sha256))]
+        parts = []
+        for start in range(0, len(keys), 16):  # a few chunks per round trip
+            parts.extend(self.redis.mget(keys[start : start + 16]))
+        for index, (chunk, digest) in enumerate(zip(parts, manifest.chunk_sha256, strict=True)):
+            if chunk is None:
+                raise SnapshotMissing(f"chunk {index} of version {version} expired while reading")
+            if hashlib.sha256(chunk).hexdigest() != digest:
+                raise SnapshotError(f"chunk {index} of version {version} fails its sha256")
+        return Snapshot(manifest, unflatten(manifest.params, b"".join(parts)))
+
+    def read_latest(self, *, attempts: int = 5) -> Snapshot:
+        """Read the current version, starting over if it expires mid-read."""
+        last: SnapshotMissing | None = None
+        for _ in range(attempts):
+            try:
+                return self.read()
+            except SnapshotMissing as exc:
+                last = exc
+                time.sleep(0.05)
+        assert last is not None
+        raise last
