@@ -37,6 +37,11 @@ class DeltaLimits:
 DEFAULT_DELTA_LIMITS = DeltaLimits()
 
 
+def _refuse_ext(code: int, data: bytes) -> Any:
+    # max_ext_len=0 still lets a zero-length ext (``c7 00 <code>``) through; refuse it here.
+    raise ValueError(f"ext type {code} refused")
+
+
 def unpack_limited(data: bytes, *, max_bytes: int, max_items: int, max_str: int) -> Any:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError("undecodable", "message body is not bytes")
@@ -54,6 +59,7 @@ def unpack_limited(data: bytes, *, max_bytes: int, max_items: int, max_str: int)
             max_array_len=max_items,
             max_map_len=max_items,
             max_ext_len=0,  # no ext types at all (timestamps included)
+            ext_hook=_refuse_ext,
             use_list=True,
         )
     except msgpack.ExtraData as exc:
