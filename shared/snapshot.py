@@ -122,6 +122,7 @@ class SnapshotManifest:
                 not isinstance(name, str)
                 or not isinstance(shape, list)
                 or not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape)
+                or not isinstance(dtype, str)  # a list/map here would make `in` raise TypeError
                 or dtype not in _DTYPES
                 or off != offset
             ):
