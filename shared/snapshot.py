@@ -173,6 +173,9 @@ def unflatten(entries: tuple[ParamEntry, ...], flat: bytes) -> dict[str, torch.T
     for e in entries:
         if e.offset + e.nbytes > len(buffer):
             raise SnapshotError(f"snapshot bytes end before parameter {e.name}")
+        if e.numel == 0:  # torch.frombuffer refuses count=0
+            out[e.name] = torch.empty(e.shape, dtype=_DTYPES[e.dtype])
+            continue
         t = torch.frombuffer(buffer, dtype=_DTYPES[e.dtype], count=e.numel, offset=e.offset)
         out[e.name] = t.reshape(e.shape).clone()
     return out
