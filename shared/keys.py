@@ -25,7 +25,7 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def validate_run_name(run: str) -> str:
     """Return ``run`` if it is a usable run name, else raise :class:`ConfigError`."""
-    if not _RUN_NAME.match(run):
+    if not _RUN_NAME.fullmatch(run):  # match() would let "$" accept a trailing newline
         raise ConfigError(
             f"invalid run name {run!r}: use 1-64 letters, digits, '_', '.', '-' "
             "(starting with a letter or digit)"
