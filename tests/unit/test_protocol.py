@@ -1,0 +1,288 @@
+"""Wire messages: round trips, and every way a hostile body is refused with its reason slug."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared import PROTOCOL_VERSION
+from shared.errors import ProtocolError
+from shared.protocol import DeltaLimits, DeltaMessage, RoundPlan
+
+
+def make_delta(**changes: Any) -> DeltaMessage:
+    fields: dict[str, Any] = dict(
+        run_id="run-7f3a",
+        client_id="client-1",
+        seq=3,
+        base_version=12,
+        local_steps=50,
+        samples=800,
+        tokens=102_400,
+        compute_s=4.25,
+        train_loss=2.5,
+        codec="int8",
+        tensors={"tok.weight": b"\x01\x02\x03", "ln_f.bias": b""},
+        sent_at=1_700_000_000.5,
+    )
+    fields.update(changes)
+    return DeltaMessage(**fields)
+
+
+def delta_dict(**changes: Any) -> dict[str, Any]:
+    """The decoded map of a valid delta, with ``changes`` applied (a value of ... deletes)."""
+    obj = msgpack.unpackb(make_delta().encode(), raw=False)
+    for key, value in changes.items():
+        if value is ...:
+            del obj[key]
+        else:
+            obj[key] = value
+    return obj
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def reason_of(data: Any, limits: DeltaLimits | None = None) -> str:
+    with pytest.raises(ProtocolError) as info:
+        if limits is None:
+            DeltaMessage.decode(data)
+        else:
+            DeltaMessage.decode(data, limits)
+    return info.value.reason
+
+
+def test_delta_round_trip() -> None:
+    msg = make_delta()
+    decoded = DeltaMessage.decode(msg.encode())
+    assert decoded == msg
+    assert decoded.tensors == msg.tensors
+    assert decoded.delta_id == "client-1:3"
+
+
+def test_delta_round_trip_with_integral_floats() -> None:
+    # ints are accepted where floats are meant, and come back as floats
+    decoded = DeltaMessage.decode(pack(delta_dict(compute_s=3, sent_at=0)))
+    assert decoded.compute_s == 3.0 and isinstance(decoded.compute_s, float)
+
+
+def test_delta_decode_accepts_bytearray_and_memoryview() -> None:
+    data = make_delta().encode()
+    assert DeltaMessage.decode(bytearray(data)) == make_delta()
+    assert DeltaMessage.decode(memoryview(data)) == make_delta()
+
+
+def test_round_plan_round_trip() -> None:
+    plan = RoundPlan(
+        run_id="r",
+        local_steps=100,
+        min_local_steps=10,
+        fastest_steps_per_s=12.5,
+        active_clients=4,
+        dylu=False,
+        updated_at=123.0,
+    )
+    assert RoundPlan.decode(plan.encode()) == plan
+
+
+def test_round_plan_rejects_bad_step_bounds() -> None:
+    plan = RoundPlan(run_id="r", local_steps=5, min_local_steps=10, fastest_steps_per_s=1.0, active_clients=1)
+    with pytest.raises(ProtocolError) as info:
+        RoundPlan.decode(plan.encode())
+    assert info.value.reason == "wrong_schema"
+
+
+def test_round_plan_is_not_a_delta_and_back() -> None:
+    plan = RoundPlan(run_id="r", local_steps=5, min_local_steps=1, fastest_steps_per_s=1.0, active_clients=1)
+    assert reason_of(plan.encode()) == "wrong_schema"
+    with pytest.raises(ProtocolError) as info:
+        RoundPlan.decode(make_delta().encode())
+    assert info.value.reason == "wrong_schema"
+
+
+def test_empty_body() -> None:
+    assert reason_of(b"") == "empty"
+
+
+def test_body_that_is_not_bytes() -> None:
+    assert reason_of("a string") == "undecodable"
+
+
+@pytest.mark.parametrize("data", [b"\xc1", b"\xff" * 7 + b"\x00garbage", b"\x85\xa3abc"])
+def test_random_bytes(data: bytes) -> None:
+    assert reason_of(data) == "undecodable"
+
+
+@pytest.mark.parametrize("cut", [1, 10, 50, -1])
+def test_truncated_message(cut: int) -> None:
+    assert reason_of(make_delta().encode()[:cut]) == "undecodable"
+
+
+def test_trailing_bytes() -> None:
+    assert reason_of(make_delta().encode() + b"\x00") == "undecodable"
+
+
+@pytest.mark.parametrize("top", [[1, 2, 3], "delta", 42, None])
+def test_top_level_not_a_map(top: Any) -> None:
+    assert reason_of(pack(top)) == "wrong_schema"
+
+
+@pytest.mark.parametrize(
+    "name", ["protocol", "seq", "base_version", "client_id", "codec", "tensors", "compute_s", "sent_at"]
+)
+def test_missing_field(name: str) -> None:
+    assert reason_of(pack(delta_dict(**{name: ...}))) == "wrong_schema"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("seq", "3"),
+        ("seq", 3.0),
+        ("seq", True),  # bool is an int subclass, but never an int here
+        ("local_steps", False),
+        ("protocol", True),
+        ("compute_s", True),
+        ("compute_s", "4.2"),
+        ("client_id", 17),
+        ("client_id", b"client-1"),
+        ("tensors", [b"\x00"]),
+        ("type", "plan"),
+    ],
+)
+def test_wrong_field_type(name: str, value: Any) -> None:
+    assert reason_of(pack(delta_dict(**{name: value}))) == "wrong_schema"
+
+
+@pytest.mark.parametrize("name", ["seq", "base_version", "local_steps", "samples", "tokens"])
+def test_negative_counts(name: str) -> None:
+    assert reason_of(pack(delta_dict(**{name: -1}))) == "wrong_schema"
+
+
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf")])
+def test_bad_compute_time(value: float) -> None:
+    assert reason_of(pack(delta_dict(compute_s=value))) == "wrong_schema"
+
+
+@pytest.mark.parametrize(("name", "value"), [("client_id", ""), ("run_id", "x" * 129)])
+def test_empty_or_long_ids(name: str, value: str) -> None:
+    assert reason_of(pack(delta_dict(**{name: value}))) == "wrong_schema"
+
+
+@pytest.mark.parametrize("version", [0, PROTOCOL_VERSION + 1, 2**40])
+def test_wrong_protocol_version(version: int) -> None:
+    assert reason_of(pack(delta_dict(protocol=version))) == "protocol_version"
+
+
+@pytest.mark.parametrize(
+    "ext", [msgpack.ExtType(5, b"abc"), msgpack.ExtType(5, b""), msgpack.Timestamp(1_700_000_000)]
+)
+def test_ext_types_are_refused(ext: Any) -> None:
+    # includes a zero-length ext and a msgpack timestamp (ext -1)
+    assert reason_of(pack(delta_dict(client_id=ext))) == "undecodable"
+    assert reason_of(pack(delta_dict(tensors={"w": ext}))) == "undecodable"
+
+
+def test_oversized_body() -> None:
+    limits = DeltaLimits(max_message_bytes=1024)
+    big = make_delta(tensors={"w": b"\x00" * 2000})
+    assert reason_of(big.encode(), limits) == "too_large"
+    # the same limits accept a small message
+    assert DeltaMessage.decode(make_delta().encode(), limits) == make_delta()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"\xdd\x80\x00\x00\x00",  # array32 of 2**31 items
+        b"\xdf\x80\x00\x00\x00",  # map32 of 2**31 pairs
+        b"\xdb\x80\x00\x00\x00",  # str32 of 2**31 bytes
+        b"\xc6\x80\x00\x00\x00",  # bin32 of 2**31 bytes
+    ],
+)
+def test_huge_length_header_without_data(header: bytes) -> None:
+    assert reason_of(header) == "undecodable"
+    # nested inside a valid-looking map as well
+    assert reason_of(b"\x81\xa8tensors" + header) == "undecodable"
+
+
+@pytest.mark.parametrize("opener", [b"\x91", b"\x81\xa1k"])  # [ ... ] and {"k": ...}
+def test_deeply_nested_containers(opener: bytes) -> None:
+    assert reason_of(opener * 10_000 + b"\xc0") == "undecodable"
+
+
+def test_tensor_payload_not_bytes() -> None:
+    for payload in ["abc", 12, [1, 2], None]:
+        assert reason_of(pack(delta_dict(tensors={"w": payload}))) == "wrong_schema"
+
+
+def test_tensor_name_not_a_string() -> None:
+    assert reason_of(pack(delta_dict(tensors={b"w": b"\x00"}))) == "wrong_schema"
+    # an int key is refused by the unpacker itself (strict_map_key)
+    assert reason_of(pack(delta_dict(tensors={1: b"\x00"}))) == "undecodable"
+
+
+def test_no_tensors() -> None:
+    assert reason_of(pack(delta_dict(tensors={}))) == "wrong_schema"
+
+
+def test_too_many_tensors() -> None:
+    limits = DeltaLimits(max_tensors=2)
+    three = make_delta(tensors={f"p{i}": b"\x00" for i in range(3)})
+    assert reason_of(three.encode(), limits) == "too_large"
+    two = make_delta(tensors={f"p{i}": b"\x00" for i in range(2)})
+    assert DeltaMessage.decode(two.encode(), limits) == two
+    # far more than the limit is stopped by the unpacker before any map is built
+    many = make_delta(tensors={f"p{i}": b"" for i in range(100)})
+    assert reason_of(many.encode(), limits) == "undecodable"
+
+
+def test_tensor_name_too_long() -> None:
+    limits = DeltaLimits(max_name_chars=300)
+    # refused by the unpacker's string limit already (so "undecodable"), or by the name check
+    assert reason_of(make_delta(tensors={"n" * 301: b""}).encode(), limits) in {"undecodable", "wrong_schema"}
+    assert DeltaMessage.decode(make_delta(tensors={"n" * 300: b""}).encode(), limits).tensors
+
+
+def test_delta_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        make_delta().seq = 4  # type: ignore[misc]
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(st.binary(max_size=512))
+def test_decode_of_arbitrary_bytes_only_raises_protocol_error(data: bytes) -> None:
+    try:
+        assert isinstance(DeltaMessage.decode(data), DeltaMessage)
+    except ProtocolError:
+        pass
+
+
+_msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.dictionaries(st.sampled_from(sorted(delta_dict())), _msgpack_values, max_size=6))
+def test_decode_of_mutated_deltas_only_raises_protocol_error(changes: dict[str, Any]) -> None:
+    # valid msgpack, close to a real delta: reaches the field checks rather than the unpacker
+    try:
+        msg = DeltaMessage.decode(pack(delta_dict(**changes)))
+    except ProtocolError:
+        return
+    assert isinstance(msg, DeltaMessage)
+    assert msg.seq >= 0 and msg.tensors and all(isinstance(b, bytes) for b in msg.tensors.values())
