@@ -1,0 +1,1 @@
+"""The asyncloco coordinator: intake of deltas, outer optimizer, snapshots, commits, status."""

@@ -1,0 +1,245 @@
+"""``asyncloco-coordinator``: serve a run, or show its status.
+
+Every option also reads an ``ASYNCLOCO_*`` environment variable (shown in ``--help``). This is the
+only coordinator module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+
+from coordinator.config import CommitConfig, CoordinatorConfig
+from coordinator.consumer import QueueConfig
+from coordinator.intake import IntakeConfig
+from coordinator.outer_optimizer import OuterConfig
+from coordinator.registry import PlanConfig
+from coordinator.status import read_status, render_text
+from shared.errors import AsyncLocoError, ConfigError, ServiceUnavailable
+from shared.keys import RunKeys
+from shared.local_round import InnerConfig
+from shared.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, ConnectionSettings
+
+ENV = "ASYNCLOCO_"
+
+
+def _opt(*names: str, env: str, **kwargs: Any) -> Any:
+    return click.option(*names, envvar=ENV + env, show_envvar=True, show_default=True, **kwargs)
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "asyncloco"
+
+
+def _parse_setting(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--task-setting takes KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # its own reconnect chatter; we log ours
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def cli() -> None:
+    """asyncloco coordinator: owns the global model of a run and applies clients' deltas."""
+
+
+@cli.command()
+@_opt("--run", env="RUN", default="default", help="Run name (several runs can share the servers).")
+@_opt("--task", env="TASK", default="bytelm", help="'bytelm' or a user task 'package.module:factory'.")
+@_opt("--model-size", env="MODEL_SIZE", type=click.Choice(["tiny", "small"]), default=None,
+      help="Size of the built-in byte-level LM [default: tiny].")
+@_opt("--data", env="DATA", default=None,
+      help="Corpus: 'stdlib' (this Python's own sources) or a glob of text files [default: stdlib].")
+@_opt("--batch-size", env="BATCH_SIZE", type=click.IntRange(1), default=None,
+      help="Sequences per inner step (built-in task) [default: 16].")
+@_opt("--task-setting", "task_settings", env="TASK_SETTINGS", multiple=True, metavar="KEY=VALUE",
+      help="Extra task setting (value parsed as JSON when it can be); repeatable.")
+@_opt("--seed", env="SEED", type=int, default=0, help="Seed of the initial model.")
+@_opt("--checkpoint-dir", env="CHECKPOINT_DIR", type=click.Path(file_okay=False, path_type=Path),
+      default=None, help="Where checkpoints go [default: ~/.local/state/asyncloco/coordinator/RUN].")
+@_opt("--resume", env="RESUME", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
+@_opt("--fresh", env="FRESH", is_flag=True,
+      help="Start over: set an existing checkpoint aside (renamed *.old) and begin a new run.")
+@_opt("--redis", "redis_url", env="REDIS", default=DEFAULT_REDIS_URL, help="Redis URL.")
+@_opt("--amqp", "amqp_url", env="AMQP", default=DEFAULT_AMQP_URL, help="RabbitMQ URL.")
+@_opt("--outer-lr", env="OUTER_LR", type=float, default=0.7, help="Outer learning rate ε.")
+@_opt("--outer-momentum", env="OUTER_MOMENTUM", type=float, default=0.9, help="Outer momentum β.")
+@_opt("--buffer-size", env="BUFFER_SIZE", type=click.IntRange(0), default=0,
+      help="Delayed Nesterov N (0 = number of active clients).")
+@_opt("--outer-c", env="OUTER_C", type=float, default=0.0, help="Momentum share c between updates.")
+@_opt("--local-steps", env="LOCAL_STEPS", type=click.IntRange(1), default=30,
+      help="H: local steps per round of the fastest client.")
+@_opt("--min-local-steps", env="MIN_LOCAL_STEPS", type=click.IntRange(1), default=3, help="H_min.")
+@_opt("--dylu/--no-dylu", env="DYLU", default=True, help="Dynamic Local Updates (else all run H).")
+@_opt("--inner-lr", env="INNER_LR", type=float, default=3e-3, help="Peak AdamW learning rate.")
+@_opt("--warmup-steps", env="WARMUP_STEPS", type=click.IntRange(0), default=50,
+      help="Inner warmup, in each client's own steps.")
+@_opt("--schedule-steps", env="SCHEDULE_STEPS", type=click.IntRange(0), default=0,
+      help="Cosine horizon in global local steps (0 = flat after warmup).")
+@_opt("--max-staleness", env="MAX_STALENESS", type=click.IntRange(0), default=32,
+      help="Discard deltas based more than this many versions back.")
+@_opt("--commit-every", env="COMMIT_EVERY", type=click.IntRange(1), default=16,
+      help="Commit after this many deltas ...")
+@_opt("--commit-interval", "commit_interval_s", env="COMMIT_INTERVAL", type=float, default=2.0,
+      help="... or this many seconds after the first uncommitted one.")
+@_opt("--prefetch", env="PREFETCH", type=click.IntRange(2), default=64, help="AMQP prefetch.")
+@_opt("--eval-interval", "eval_interval_s", env="EVAL_INTERVAL", type=float, default=10.0,
+      help="Seconds between evaluations of the global model.")
+@_opt("--max-seconds", env="MAX_SECONDS", type=click.FloatRange(0), default=0.0,
+      help="Stop after this long (0 = serve until stopped).")
+@_opt("--threads", env="THREADS", type=click.IntRange(1), default=None, help="torch CPU threads.")
+@_opt("--log-level", env="LOG_LEVEL", default="info",
+      type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(**opts: Any) -> None:
+    """Serve a run: publish snapshots, apply deltas, commit, evaluate."""
+    _setup_logging(opts["log_level"])
+    if opts["threads"]:
+        import torch
+
+        torch.set_num_threads(opts["threads"])
+    config = _serve_config(opts)
+    from coordinator.service import Coordinator
+
+    coordinator = Coordinator(config)
+    _install_signals(coordinator.stop)
+    try:
+        coordinator.serve()
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise ServiceUnavailable(
+            f"cannot reach Redis at {config.connection.redis_url} ({exc}); start it "
+            "(make services) or pass --redis"
+        ) from exc
+    click.echo(f"coordinator stopped at version {coordinator.version}")
+
+
+def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
+    settings = dict(_parse_setting(s) for s in opts["task_settings"])
+    for key in ("model_size", "data", "batch_size"):
+        if opts[key] is not None:
+            settings[key] = opts[key]
+    checkpoint_dir = opts["checkpoint_dir"] or default_state_dir() / "coordinator" / opts["run"]
+    if opts["fresh"]:
+        if opts["resume"]:
+            raise ConfigError("--fresh and --resume exclude each other")
+        existing = checkpoint_dir / "checkpoint.safetensors"
+        if existing.exists():
+            aside = existing.with_name(f"checkpoint.{int(time.time())}.old")
+            existing.rename(aside)
+            click.echo(f"previous checkpoint set aside as {aside}", err=True)
+    return CoordinatorConfig(
+        run=opts["run"],
+        task=opts["task"],
+        task_settings=settings,
+        seed=opts["seed"],
+        inner=InnerConfig(lr=opts["inner_lr"], warmup_steps=opts["warmup_steps"],
+                          schedule_steps=opts["schedule_steps"]),
+        outer=OuterConfig(lr=opts["outer_lr"], momentum=opts["outer_momentum"],
+                          buffer_size=opts["buffer_size"], c=opts["outer_c"]),
+        plan=PlanConfig(local_steps=opts["local_steps"], min_local_steps=opts["min_local_steps"],
+                        dylu=opts["dylu"]),
+        intake=IntakeConfig(max_staleness=opts["max_staleness"]),
+        commit=CommitConfig(every_updates=opts["commit_every"], interval_s=opts["commit_interval_s"]),
+        queue=QueueConfig(prefetch=opts["prefetch"]),
+        connection=ConnectionSettings(redis_url=opts["redis_url"], amqp_url=opts["amqp_url"]),
+        checkpoint_dir=checkpoint_dir,
+        resume=opts["resume"],
+        eval_interval_s=opts["eval_interval_s"],
+        max_seconds=opts["max_seconds"],
+    )
+
+
+def _install_signals(stop: Any) -> None:
+    """First Ctrl-C / SIGTERM: commit and stop cleanly. Second Ctrl-C: leave at once."""
+    state = {"count": 0}
+
+    def handler(signum: int, frame: Any) -> None:
+        state["count"] += 1
+        if state["count"] > 1:
+            os._exit(130)
+        click.echo("stopping: committing what was applied (Ctrl-C again to abort)", err=True)
+        stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+@cli.command()
+@_opt("--run", env="RUN", default="default", help="Run name.")
+@_opt("--json", "as_json", env="STATUS_JSON", is_flag=True, help="Print the stable JSON document.")
+@_opt("--redis", "redis_url", env="REDIS", default=DEFAULT_REDIS_URL, help="Redis URL.")
+@_opt("--amqp", "amqp_url", env="AMQP", default=DEFAULT_AMQP_URL,
+      help="RabbitMQ URL (for the live queue depth).")
+def status(run: str, as_json: bool, redis_url: str, amqp_url: str) -> None:
+    """Show a run: version, eval loss history, clients, rejections, queue depth."""
+    keys = RunKeys(run)
+    ConnectionSettings(redis_url=redis_url, amqp_url=amqp_url)
+    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        doc = read_status(client, keys)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise ServiceUnavailable(f"cannot reach Redis at {redis_url} ({exc})") from exc
+    if doc is None:
+        raise ConfigError(f"no status for run {run!r}: no coordinator has served it on this Redis")
+    depth = _live_queue_depth(amqp_url, keys)
+    if depth is not None:
+        doc["queue"]["depth"] = depth
+    click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render_text(doc))
+
+
+def _live_queue_depth(amqp_url: str, keys: RunKeys) -> int | None:
+    import pika
+    import pika.exceptions
+
+    try:
+        params = pika.URLParameters(amqp_url)
+        params.socket_timeout = 3
+        params.blocked_connection_timeout = 3
+        params.connection_attempts = 1
+        connection = pika.BlockingConnection(params)
+        try:
+            return int(connection.channel().queue_declare(keys.delta_queue, passive=True)
+                       .method.message_count)
+        finally:
+            connection.close()
+    except (pika.exceptions.AMQPError, OSError):
+        return None
+
+
+def main() -> None:
+    """Entry point: any AsyncLocoError becomes one line on stderr and exit code 1."""
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except AsyncLocoError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

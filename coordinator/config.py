@@ -1,0 +1,67 @@
+"""The coordinator's resolved configuration: CLI options → this frozen dataclass → constructors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.consumer import QueueConfig
+from coordinator.intake import IntakeConfig
+from coordinator.outer_optimizer import OuterConfig
+from coordinator.registry import PlanConfig
+from shared.errors import ConfigError
+from shared.keys import validate_run_name
+from shared.local_round import InnerConfig
+from shared.settings import ConnectionSettings, RetryPolicy
+
+
+@dataclass(frozen=True)
+class CommitConfig:
+    """When to commit (checkpoint, publish a snapshot, then ack what it includes).
+
+    A commit happens once ``every_updates`` deltas were applied, or ``interval_s`` after the first
+    uncommitted one, whichever comes first. Fresher snapshots (lower values) mean less staleness but
+    more disk and Redis writes; with big models raise ``interval_s``.
+    """
+
+    every_updates: int = 16
+    interval_s: float = 2.0
+    keep_versions: int = 3
+
+    def __post_init__(self) -> None:
+        if self.every_updates < 1 or self.interval_s <= 0 or self.keep_versions < 1:
+            raise ConfigError("commit every_updates >= 1, interval_s > 0, keep_versions >= 1")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    run: str = "default"
+    task: str = "bytelm"
+    task_settings: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    inner: InnerConfig = InnerConfig()
+    outer: OuterConfig = OuterConfig()
+    plan: PlanConfig = PlanConfig()
+    intake: IntakeConfig = IntakeConfig()
+    commit: CommitConfig = CommitConfig()
+    queue: QueueConfig = QueueConfig()
+    connection: ConnectionSettings = ConnectionSettings()
+    retry: RetryPolicy = RetryPolicy()
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    eval_interval_s: float = 10.0
+    max_seconds: float = 0.0  # 0: serve until stopped
+    device: str = "cpu"  # where evaluation runs
+
+    def __post_init__(self) -> None:
+        validate_run_name(self.run)
+        if self.queue.prefetch <= self.commit.every_updates:
+            raise ConfigError(
+                f"prefetch ({self.queue.prefetch}) must exceed commit every-updates "
+                f"({self.commit.every_updates}): deliveries stay unacked until their commit"
+            )
+        if self.resume and self.checkpoint_dir is None:
+            raise ConfigError("--resume needs --checkpoint-dir")
+        if self.eval_interval_s <= 0 or self.max_seconds < 0:
+            raise ConfigError("eval interval must be > 0 and max seconds >= 0")

@@ -1,0 +1,220 @@
+"""The AMQP side of the intake: one thread owns the pika connection; the service owns the work.
+
+pika is not thread-safe, so this thread does all I/O: it declares the queues, receives deliveries
+into an in-process inbox (bounded by the prefetch), and settles them when the service asks, through
+``add_callback_threadsafe``. The service applies deltas on its own thread and settles a delivery
+only after a commit includes it. Every reconnect starts a new *generation*: deliveries of an older
+generation can no longer be acked (their tags died with the channel); the broker redelivers them
+and the (client id, seq) de-duplication makes that harmless.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from coordinator.intake import Outcome
+from shared.errors import ConfigError
+from shared.keys import RunKeys
+from shared.settings import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """Broker-side settings of the delta queue.
+
+    ``max_queue_bytes``: when this much is waiting, the broker refuses new publishes
+    (``reject-publish``) and clients back off and retry: an overloaded coordinator slows clients
+    down instead of dropping their work. ``delivery_limit``: a message redelivered this often is
+    dead-lettered (a message that keeps crashing consumers must not loop forever).
+    """
+
+    prefetch: int = 64
+    max_queue_bytes: int = 1024 * 1024 * 1024
+    delivery_limit: int = 100
+    dead_letter_max_bytes: int = 256 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.prefetch < 1 or self.max_queue_bytes < 1 or self.delivery_limit < 1:
+            raise ConfigError("prefetch, max_queue_bytes and delivery_limit must be >= 1")
+
+
+def delta_queue_arguments(keys: RunKeys, config: QueueConfig) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": config.delivery_limit,
+        "x-max-length-bytes": config.max_queue_bytes,
+        "x-overflow": "reject-publish",
+        "x-dead-letter-exchange": keys.dead_letter_exchange,
+        "x-dead-letter-routing-key": keys.dead_letter_queue,
+    }
+
+
+def declare_queues(channel: Any, keys: RunKeys, config: QueueConfig) -> None:
+    """Declare the dead-letter exchange and queue, then the delta queue (idempotent)."""
+    channel.exchange_declare(keys.dead_letter_exchange, exchange_type="direct", durable=True)
+    channel.queue_declare(
+        keys.dead_letter_queue,
+        durable=True,
+        arguments={"x-max-length-bytes": config.dead_letter_max_bytes, "x-overflow": "drop-head"},
+    )
+    channel.queue_bind(keys.dead_letter_queue, keys.dead_letter_exchange, keys.dead_letter_queue)
+    channel.queue_declare(keys.delta_queue, durable=True, arguments=delta_queue_arguments(keys, config))
+
+
+@dataclass(frozen=True)
+class Delivery:
+    generation: int
+    tag: int
+    body: bytes
+    redelivered: bool
+
+
+class DeltaConsumer(threading.Thread):
+    """Receives deltas into ``inbox`` and settles them on request; reconnects by itself."""
+
+    def __init__(
+        self,
+        *,
+        amqp_url: str,
+        keys: RunKeys,
+        config: QueueConfig,
+        retry: RetryPolicy,
+        inbox: queue.Queue[Delivery],
+        heartbeat_s: int = 30,
+    ) -> None:
+        super().__init__(name="asyncloco-consumer", daemon=True)
+        self.amqp_url = amqp_url
+        self.keys = keys
+        self.config = config
+        self.retry = retry
+        self.inbox = inbox
+        self.heartbeat_s = heartbeat_s
+        self.generation = 0
+        self.connected = threading.Event()
+        self.fatal: BaseException | None = None  # set when retrying cannot help
+        self.queue_depth: int | None = None
+        self.dead_letters: int | None = None
+        self.reconnects = 0
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: Any = None
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        delays = self.retry.delays()
+        while not self._stop_event.is_set():
+            started = time.monotonic()
+            try:
+                self._consume()
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code in (403, 406):  # access refused, precondition failed: fatal
+                    self.fatal = ConfigError(
+                        f"RabbitMQ refused queue {self.keys.delta_queue}: {exc.reply_text}"
+                    )
+                    self.connected.clear()
+                    return
+                log.warning("RabbitMQ closed the channel (%s); reconnecting", exc)
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                log.warning("RabbitMQ connection lost (%s); reconnecting", exc or type(exc).__name__)
+            finally:
+                with self._lock:
+                    self._connection = None
+                    self._channel = None
+                    self.generation += 1
+                self.connected.clear()
+            if self._stop_event.is_set():
+                break
+            self.reconnects += 1
+            if time.monotonic() - started > 30:
+                delays = self.retry.delays()  # it had been healthy: start the backoff afresh
+            self._stop_event.wait(next(delays, self.retry.max_delay_s))
+
+    def _consume(self) -> None:
+        params = pika.URLParameters(self.amqp_url)
+        params.heartbeat = self.heartbeat_s
+        params.client_properties = {"connection_name": f"asyncloco-coordinator:{self.keys.run}"}
+        connection = pika.BlockingConnection(params)
+        try:
+            channel = connection.channel()
+            declare_queues(channel, self.keys, self.config)
+            channel.basic_qos(prefetch_count=self.config.prefetch)
+            generation = self.generation
+            channel.basic_consume(
+                self.keys.delta_queue,
+                on_message_callback=functools.partial(self._on_message, generation),
+                auto_ack=False,
+            )
+            with self._lock:
+                self._connection, self._channel = connection, channel
+            self.connected.set()
+            log.info("consuming %s (prefetch %d)", self.keys.delta_queue, self.config.prefetch)
+            next_depth = 0.0
+            while not self._stop_event.is_set():
+                connection.process_data_events(time_limit=0.2)
+                if time.monotonic() >= next_depth:
+                    self._refresh_depths(channel)
+                    next_depth = time.monotonic() + 2.0
+        finally:
+            if connection.is_open:
+                try:
+                    connection.close()
+                except pika.exceptions.AMQPError:
+                    pass
+
+    def _refresh_depths(self, channel: Any) -> None:
+        self.queue_depth = channel.queue_declare(self.keys.delta_queue, passive=True).method.message_count
+        self.dead_letters = channel.queue_declare(
+            self.keys.dead_letter_queue, passive=True
+        ).method.message_count
+
+    def _on_message(self, generation: int, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        self.inbox.put(Delivery(generation, method.delivery_tag, body, bool(method.redelivered)))
+
+    def settle(self, items: list[tuple[Delivery, Outcome]]) -> int:
+        """Ack applied and duplicate deliveries; dead-letter rejected ones with their reason.
+
+        Runs on the I/O thread. Deliveries of a dead generation are skipped (the broker will
+        redeliver them). Returns how many were handed to the I/O thread.
+        """
+        with self._lock:
+            connection, channel, generation = self._connection, self._channel, self.generation
+        live = [(d, o) for d, o in items if d.generation == generation]
+        if connection is None or not live:
+            return 0
+        try:
+            connection.add_callback_threadsafe(
+                functools.partial(self._settle_now, channel, generation, live)
+            )
+        except pika.exceptions.AMQPError:
+            return 0
+        return len(live)
+
+    def _settle_now(self, channel: Any, generation: int, items: list[tuple[Delivery, Outcome]]) -> None:
+        if generation != self.generation or not channel.is_open:
+            return
+        for delivery, outcome in items:
+            if outcome.kind == "rejected":
+                headers = {
+                    "x-asyncloco-reason": outcome.reason,
+                    "x-asyncloco-detail": outcome.detail[:500],
+                    "x-asyncloco-delta-id": outcome.delta_id,
+                }
+                channel.basic_publish(
+                    "", self.keys.dead_letter_queue, delivery.body,
+                    pika.BasicProperties(delivery_mode=2, headers=headers),
+                )
+            channel.basic_ack(delivery.tag)

@@ -1,0 +1,154 @@
+"""The delta handler: decode, check, de-duplicate and apply one delta; return its outcome.
+
+It knows nothing of AMQP: the consumer turns outcomes into acks (applied, duplicate) or dead
+letters (rejected). Checks, in order, each with its own counted reason: the message decodes within
+limits; right run; a client id we can name; not a replay; base version neither in the future nor
+beyond the staleness bound; a known codec; exactly the model's parameter names; payloads of exactly
+the right size; finite values; a norm that is not absurd next to the model's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from coordinator.outer_optimizer import DelayedNesterov
+from coordinator.registry import ClientRegistry
+from shared.codecs import get_codec
+from shared.errors import ConfigError, ProtocolError
+from shared.protocol import DeltaLimits, DeltaMessage
+
+log = logging.getLogger(__name__)
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    """Which deltas are accepted.
+
+    ``max_staleness``: a delta whose base is more than this many versions behind is discarded; if
+    slow volunteers see many ``stale`` rejections, raise it (or lower the plan's local steps).
+    ``max_norm_ratio``: a delta whose L2 norm exceeds this multiple of the model's own norm is
+    refused as absurd.
+    """
+
+    max_staleness: int = 32
+    max_norm_ratio: float = 1.0
+    max_local_steps: int = 1_000_000
+    limits: DeltaLimits = DeltaLimits()
+
+    def __post_init__(self) -> None:
+        if self.max_staleness < 0 or self.max_norm_ratio <= 0:
+            raise ConfigError("max_staleness must be >= 0 and max_norm_ratio > 0")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one delivery: ``applied``, ``duplicate`` or ``rejected`` (with reason)."""
+
+    kind: str
+    reason: str = ""
+    detail: str = ""
+    client_id: str = ""
+    seq: int = -1
+    staleness: int = 0
+
+    @property
+    def delta_id(self) -> str:
+        return f"{self.client_id}:{self.seq}" if self.client_id else ""
+
+
+class DeltaIntake:
+    """Checks deltas against the coordinator's own manifest and feeds good ones to the optimizer."""
+
+    def __init__(
+        self,
+        *,
+        config: IntakeConfig,
+        optimizer: DelayedNesterov,
+        registry: ClientRegistry,
+        run_id: str,
+    ) -> None:
+        self.config = config
+        self.optimizer = optimizer
+        self.registry = registry
+        self.run_id = run_id
+        self.version = 0  # the newest committed snapshot version (bases are judged against it)
+        self.numels = {name: p.numel() for name, p in optimizer.params.items()}
+        self.counts: Counter[str] = Counter()  # applied, duplicate, rejected
+        self.rejected_by_reason: Counter[str] = Counter()
+        self.progress = {"local_steps": 0, "tokens": 0, "samples": 0}
+
+    def handle(self, body: bytes, *, now: float | None = None) -> Outcome:
+        """Process one delivery body; never raises for bad input."""
+        now = time.time() if now is None else now
+        try:
+            outcome = self._handle(body, now)
+        except ProtocolError as exc:
+            outcome = Outcome("rejected", exc.reason, exc.detail)
+        self.counts[outcome.kind] += 1
+        if outcome.kind == "rejected":
+            self.rejected_by_reason[outcome.reason] += 1
+            if outcome.client_id in self.registry.clients:
+                self.registry.clients[outcome.client_id].rejected += 1
+            log.warning("rejected delta %s: %s (%s)", outcome.delta_id or "?", outcome.reason,
+                        outcome.detail)
+        return outcome
+
+    def _handle(self, body: bytes, now: float) -> Outcome:
+        msg = DeltaMessage.decode(body, self.config.limits)
+        cid, seq = msg.client_id, msg.seq
+
+        def reject(reason: str, detail: str, staleness: int = 0) -> Outcome:
+            return Outcome("rejected", reason, detail, cid, seq, staleness)
+
+        if msg.run_id != self.run_id:
+            return reject("wrong_run", f"delta for run {msg.run_id!r}, this run is {self.run_id!r}")
+        if not _CLIENT_ID.match(cid):
+            return reject("bad_client_id", "client id must be 1-64 of [A-Za-z0-9_.-]")
+        record = self.registry.clients.get(cid)
+        if record is not None and record.seen(seq):
+            return Outcome("duplicate", "duplicate", "already applied", cid, seq)
+        if record is not None and record.too_old(seq):
+            return reject("replayed", f"seq {seq} is older than every remembered one")
+        if msg.base_version > self.version:
+            return reject("future_version", f"base {msg.base_version} > current {self.version}")
+        staleness = self.version - msg.base_version
+        if staleness > self.config.max_staleness:
+            return reject("stale", f"{staleness} versions behind (bound {self.config.max_staleness})",
+                          staleness)
+        if not 1 <= msg.local_steps <= self.config.max_local_steps:
+            return reject("bad_steps", f"local_steps {msg.local_steps} out of range")
+        codec = get_codec(msg.codec)
+        if set(msg.tensors) != set(self.numels):
+            missing = sorted(set(self.numels) - set(msg.tensors))[:3]
+            extra = sorted(set(msg.tensors) - set(self.numels))[:3]
+            return reject("wrong_names", f"missing {missing}, unexpected {extra}")
+        delta = {}
+        for name, blob in msg.tensors.items():
+            flat = codec.decode(blob, self.numels[name])  # raises ProtocolError("wrong_size")
+            delta[name] = flat.view_as(self.optimizer.params[name])
+        sq = sum(float(t.double().pow(2).sum()) for t in delta.values())
+        if not math.isfinite(sq) or not all(bool(torch.isfinite(t).all()) for t in delta.values()):
+            return reject("non_finite", "NaN or Inf in the delta")
+        model_norm = math.sqrt(sum(float(p.double().pow(2).sum()) for p in self.optimizer.params.values()))
+        if math.sqrt(sq) > self.config.max_norm_ratio * model_norm:
+            bound = self.config.max_norm_ratio * model_norm
+            return reject("norm_too_large", f"|g| = {math.sqrt(sq):.3g} > {bound:.3g}")
+        active_ids = {c.client_id for c in self.registry.active(now)} | {cid}  # sender is active now
+        self.optimizer.step(delta, active_clients=len(active_ids))
+        self.registry.record_applied(
+            client_id=cid, seq=seq, local_steps=msg.local_steps, compute_s=msg.compute_s,
+            tokens=msg.tokens, train_loss=msg.train_loss, staleness=staleness, now=now,
+        )
+        self.progress["local_steps"] += msg.local_steps
+        self.progress["tokens"] += msg.tokens
+        self.progress["samples"] += msg.samples
+        return Outcome("applied", "", "", cid, seq, staleness)

@@ -1,0 +1,76 @@
+"""One coordinator per run: a lease key in Redis with a TTL, refreshed while serving.
+
+A coordinator that was killed leaves its lease behind; a new one on the same host takes it over
+at once when the holder's pid is gone, otherwise it waits for the TTL to run out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+
+import redis
+
+from shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CoordinatorLease:
+    def __init__(self, client: redis.Redis, key: str, *, ttl_s: int = 15) -> None:
+        self.redis = client
+        self.key = key
+        self.ttl_s = ttl_s
+        self.host = socket.gethostname()
+        self.value = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def acquire(self, *, wait_s: float | None = None) -> None:
+        """Take the lease, waiting up to ``wait_s`` (default: the TTL) for a dead holder's to expire."""
+        deadline = time.monotonic() + (self.ttl_s + 1 if wait_s is None else wait_s)
+        told = False
+        while True:
+            if self.redis.set(self.key, self.value, nx=True, ex=self.ttl_s):
+                return
+            holder = self.redis.get(self.key)
+            holder_s = holder.decode(errors="replace") if holder else ""
+            host, _, rest = holder_s.partition(":")
+            pid_s = rest.partition(":")[0]
+            if host == self.host and pid_s.isdigit() and not _pid_alive(int(pid_s)):
+                log.info("taking over the lease of dead coordinator %s", holder_s)
+                self.redis.set(self.key, self.value, ex=self.ttl_s)
+                return
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"another coordinator ({holder_s}) is serving this run; stop it first "
+                    f"(or wait {self.ttl_s} s if it was killed on another machine)"
+                )
+            if not told:
+                log.info("waiting for coordinator %s to release the run (lease %d s)", holder_s, self.ttl_s)
+                told = True
+            time.sleep(0.5)
+
+    def refresh(self) -> bool:
+        """Extend the lease; False if someone else holds it now."""
+        holder = self.redis.get(self.key)
+        if holder is not None and holder.decode(errors="replace") != self.value:
+            return False
+        self.redis.set(self.key, self.value, ex=self.ttl_s)
+        return True
+
+    def release(self) -> None:
+        holder = self.redis.get(self.key)
+        if holder is not None and holder.decode(errors="replace") == self.value:
+            self.redis.delete(self.key)

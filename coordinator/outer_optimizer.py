@@ -1,0 +1,103 @@
+"""Delayed Nesterov, the outer optimizer of asynchronous Local-SGD (Liu et al., 2024).
+
+On each arriving pseudo-gradient ``g`` (``N`` = buffer size, ``c`` = 0 by default)::
+
+    Δ += g;  t += 1
+    if t % N == 0:  m = β·m + Δ/N;  θ -= ε·(β·m + g/N);  Δ = 0   # momentum moves once per N arrivals
+    else:           θ -= ε·(c·β·m + g/N)                          # plain step, momentum frozen
+
+Over N arrivals with c = 0 this moves θ by exactly one Nesterov step on the mean of the N deltas.
+Plain Nesterov per arrival over-counts momentum (about 7% worse perplexity in the paper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shared.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class OuterConfig:
+    """Outer optimizer settings. DiLoCo's defaults: ε = 0.7, β = 0.9.
+
+    ``buffer_size`` N = 0 means "the number of active clients", re-read at every arrival. If the
+    loss jumps whenever a slow client's delta lands, lower ``lr``; if it falls too slowly with many
+    clients, raise ``buffer_size`` rather than ``lr``.
+    """
+
+    lr: float = 0.7
+    momentum: float = 0.9
+    buffer_size: int = 0
+    c: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError("outer lr must be > 0")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("outer momentum must be in [0, 1)")
+        if self.buffer_size < 0:
+            raise ConfigError("buffer size N must be >= 0 (0 = number of active clients)")
+        if not 0 <= self.c <= 1:
+            raise ConfigError("c must be in [0, 1]")
+
+
+class DelayedNesterov:
+    """Holds θ (the global parameters), m and Δ as CPU float32 tensors, and applies arrivals."""
+
+    def __init__(self, params: dict[str, torch.Tensor], config: OuterConfig) -> None:
+        self.config = config
+        self.params = {n: p.detach().to("cpu", torch.float32).clone() for n, p in params.items()}
+        self.momentum = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.accum = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.pending = 0  # arrivals in Δ since momentum last moved (t mod N)
+        self.arrivals = 0  # all arrivals ever applied
+
+    def step(self, delta: dict[str, torch.Tensor], *, active_clients: int = 1) -> bool:
+        """Apply one pseudo-gradient; return True if this arrival moved the momentum.
+
+        ``delta`` must have exactly the parameters' names and shapes (the intake checks that).
+        """
+        n = self.config.buffer_size or max(1, active_clients)
+        eps, beta = self.config.lr, self.config.momentum
+        self.pending += 1
+        self.arrivals += 1
+        for name, g in delta.items():
+            self.accum[name].add_(g)
+        if self.pending >= n:
+            # Δ / pending is the mean of the buffered deltas (= Δ/N when N is fixed).
+            for name, g in delta.items():
+                m = self.momentum[name]
+                m.mul_(beta).add_(self.accum[name], alpha=1.0 / self.pending)
+                self.params[name].sub_(eps * (beta * m + g / n))
+                self.accum[name].zero_()
+            self.pending = 0
+            return True
+        cb = self.config.c * beta
+        for name, g in delta.items():
+            update = g / n
+            if cb:
+                update = update + cb * self.momentum[name]
+            self.params[name].sub_(eps * update)
+        return False
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All state tensors, prefixed, for a checkpoint."""
+        out: dict[str, torch.Tensor] = {}
+        for prefix, group in (("param/", self.params), ("momentum/", self.momentum),
+                              ("accum/", self.accum)):
+            out.update({prefix + n: t for n, t in group.items()})
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], *, pending: int, arrivals: int) -> None:
+        for prefix, group in (("param/", self.params), ("momentum/", self.momentum),
+                              ("accum/", self.accum)):
+            for name in group:
+                key = prefix + name
+                if key not in tensors or tensors[key].shape != group[name].shape:
+                    raise ConfigError(f"checkpoint does not match the model: {key}")
+                group[name] = tensors[key].to(torch.float32).clone()
+        self.pending = pending
+        self.arrivals = arrivals

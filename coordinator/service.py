@@ -1,0 +1,293 @@
+"""The coordinator service: owns θ, the outer optimizer, the version counter and the commit cycle.
+
+One thread (this one) applies deltas and commits; the consumer thread does all AMQP I/O. A commit
+is: checkpoint to disk (atomic) → settle the deliveries it includes (ack / dead-letter) → publish
+the new snapshot and plan to Redis. So a delta confirmed to a client is either in a checkpoint or
+still in the queue, and a redelivered one is recognised by its (client id, seq).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+import redis
+import torch
+
+from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from coordinator.config import CoordinatorConfig
+from coordinator.consumer import Delivery, DeltaConsumer
+from coordinator.intake import DeltaIntake, Outcome
+from coordinator.lease import CoordinatorLease
+from coordinator.outer_optimizer import DelayedNesterov
+from coordinator.registry import ClientRegistry
+from coordinator.status import build_status, publish_status
+from shared.errors import AsyncLocoError, ConfigError, SnapshotError
+from shared.keys import RunKeys
+from shared.snapshot import SnapshotStore
+from shared.tasks import load_task
+
+log = logging.getLogger(__name__)
+
+EVAL_HISTORY = 500
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class Coordinator:
+    """Serve one run until stopped; see the module docstring for the commit cycle."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.keys = RunKeys(config.run)
+        self.redis = redis.Redis.from_url(
+            config.connection.redis_url,
+            socket_timeout=config.connection.socket_timeout_s,
+            socket_connect_timeout=config.connection.socket_timeout_s,
+        )
+        self.store = SnapshotStore(self.redis, self.keys, keep_versions=config.commit.keep_versions)
+        self.lease = CoordinatorLease(self.redis, self.keys.coordinator_lease)
+        self.inbox: queue.Queue[Delivery] = queue.Queue()
+        self.stop_event = threading.Event()
+        self.started_at = time.time()
+        self.version = 0
+        self.published_version = -1
+        self.eval_history: list[list[float]] = []  # [version, unix time, loss]
+        self.uncommitted: list[tuple[Delivery, Outcome]] = []
+        self.first_uncommitted_at = 0.0
+        self.commits = 0
+        self.consumer: DeltaConsumer | None = None
+        self._redis_down = False
+
+    # ---------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        """Build or restore the model and state, take the run's lease, publish the first snapshot."""
+        cfg = self.config
+        checkpoint = load_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        if checkpoint is not None and not cfg.resume:
+            raise ConfigError(
+                f"a checkpoint of run {cfg.run!r} (version {checkpoint.version}) exists in "
+                f"{cfg.checkpoint_dir}; pass --resume to continue it, or --fresh to start over"
+            )
+        if checkpoint is not None:
+            run_config = checkpoint.state["run_config"]
+            self.run_id = checkpoint.state["run_id"]
+        else:
+            run_config = {
+                "task": cfg.task,
+                "task_settings": dict(cfg.task_settings),
+                "inner": asdict(cfg.inner),
+                "seed": cfg.seed,
+            }
+            self.run_id = f"{cfg.run}-{uuid.uuid4().hex[:12]}"
+        self.run_config = run_config
+        torch.manual_seed(int(run_config["seed"]))
+        self.task = load_task(run_config["task"], run_config["task_settings"])
+        self.run_config["task_settings"] = self.task.settings_dict()  # defaults filled in
+        self.device = torch.device(cfg.device)
+        self.eval_model = self.task.build_model().to(self.device)
+        params = dict(self.eval_model.named_parameters())
+        self.optimizer = DelayedNesterov(params, cfg.outer)
+        self.registry = ClientRegistry(cfg.plan)
+        self.intake = DeltaIntake(
+            config=cfg.intake, optimizer=self.optimizer, registry=self.registry, run_id=self.run_id
+        )
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.lease.acquire()
+        redis_version = self.store.current_version()
+        first = max(self.version, -1 if redis_version is None else redis_version) + 1
+        if checkpoint is None and redis_version is None:
+            first = 0
+        log.info(
+            "%s run %s (%s): %d parameters, starting at version %d",
+            "resuming" if checkpoint else "starting", cfg.run, self.run_id,
+            sum(p.numel() for p in self.optimizer.params.values()), first,
+        )
+        self._evaluate()
+        self.version = first
+        self.intake.version = first
+        self._commit(force=True)
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        state = checkpoint.state
+        self.optimizer.load_tensors(
+            checkpoint.tensors, pending=int(state["outer_pending"]), arrivals=int(state["outer_arrivals"])
+        )
+        self.registry.load_json(state["clients"])
+        self.intake.counts.update(state["counts"])
+        self.intake.rejected_by_reason.update(state["rejected_by_reason"])
+        self.intake.progress.update(state["progress"])
+        self.eval_history = state["eval_history"]
+        self.version = checkpoint.version
+        self.commits = int(state.get("commits", 0))
+
+    # ---------------------------------------------------------------- main loop
+    def serve(self) -> None:
+        """Run until :meth:`stop` (or ``max_seconds``); commit what was applied before returning."""
+        cfg = self.config
+        self.setup()
+        self.consumer = DeltaConsumer(
+            amqp_url=cfg.connection.amqp_url, keys=self.keys, config=cfg.queue, retry=cfg.retry,
+            inbox=self.inbox, heartbeat_s=cfg.connection.heartbeat_s,
+        )
+        self.consumer.start()
+        deadline = time.monotonic() + cfg.max_seconds if cfg.max_seconds else math.inf
+        next_eval = time.monotonic() + cfg.eval_interval_s
+        next_housekeeping = 0.0
+        try:
+            while not self.stop_event.is_set() and time.monotonic() < deadline:
+                if self.consumer.fatal is not None:
+                    raise self.consumer.fatal
+                try:
+                    delivery: Delivery | None = self.inbox.get(timeout=0.1)
+                except queue.Empty:
+                    delivery = None
+                if delivery is not None:
+                    outcome = self.intake.handle(delivery.body)
+                    if not self.uncommitted:
+                        self.first_uncommitted_at = time.monotonic()
+                    self.uncommitted.append((delivery, outcome))
+                now = time.monotonic()
+                if self.uncommitted and (
+                    len(self.uncommitted) >= cfg.commit.every_updates
+                    or now - self.first_uncommitted_at >= cfg.commit.interval_s
+                ):
+                    if now >= next_eval and self._applied_pending():
+                        next_eval = now + cfg.eval_interval_s
+                        self._commit(evaluate=True)
+                    else:
+                        self._commit()
+                if now >= next_housekeeping:
+                    self._housekeeping()
+                    next_housekeeping = now + 1.0
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _applied_pending(self) -> bool:
+        return any(o.kind == "applied" for _, o in self.uncommitted)
+
+    # ---------------------------------------------------------------- commit
+    def _commit(self, *, force: bool = False, evaluate: bool = False) -> None:
+        """Checkpoint → settle → publish. A commit with nothing applied keeps the version."""
+        started = time.monotonic()
+        batch, self.uncommitted = self.uncommitted, []
+        applied = sum(1 for _, o in batch if o.kind == "applied")
+        if applied:
+            self.version += 1
+            self.intake.version = self.version
+            if evaluate:
+                self._evaluate()
+        if self.config.checkpoint_dir is not None and (applied or batch or force):
+            save_checkpoint(self.config.checkpoint_dir, self._checkpoint())
+        if self.consumer is not None and batch:
+            self.consumer.settle(batch)
+        if applied or force:
+            self._publish()
+        self.commits += 1
+        if applied or force:
+            rejected = sum(1 for _, o in batch if o.kind == "rejected")
+            duplicates = sum(1 for _, o in batch if o.kind == "duplicate")
+            depth = self.consumer.queue_depth if self.consumer else None
+            latest = self.eval_history[-1][2] if self.eval_history else float("nan")
+            log.info(
+                "commit v=%d applied=%d rejected=%d duplicate=%d (total applied %d, rejected %d) "
+                "active=%d eval=%.4f queue=%s %.2fs",
+                self.version, applied, rejected, duplicates, self.intake.counts["applied"],
+                self.intake.counts["rejected"], len(self.registry.active(time.time())), latest,
+                "?" if depth is None else depth, time.monotonic() - started,
+            )
+
+    def _publish(self) -> None:
+        try:
+            self.store.publish(
+                run_id=self.run_id, version=self.version, params=self.optimizer.params,
+                config=self.run_config, progress=self.progress(),
+            )
+            self.redis.set(self.keys.plan, self.registry.plan(self.run_id, time.time()).encode())
+            self.published_version = self.version
+            if self._redis_down:
+                log.info("Redis is back; snapshot %d published", self.version)
+            self._redis_down = False
+        except REDIS_ERRORS as exc:
+            if not self._redis_down:
+                log.warning("cannot publish snapshot %d to Redis (%s); will retry", self.version, exc)
+            self._redis_down = True
+
+    def progress(self) -> dict[str, Any]:
+        return {"updates": self.intake.counts["applied"], **self.intake.progress}
+
+    def _checkpoint(self) -> Checkpoint:
+        return Checkpoint(
+            tensors=self.optimizer.tensors(),
+            state={
+                "run": self.config.run,
+                "run_id": self.run_id,
+                "version": self.version,
+                "run_config": self.run_config,
+                "outer_pending": self.optimizer.pending,
+                "outer_arrivals": self.optimizer.arrivals,
+                "clients": self.registry.to_json(),
+                "counts": dict(self.intake.counts),
+                "rejected_by_reason": dict(self.intake.rejected_by_reason),
+                "progress": dict(self.intake.progress),
+                "eval_history": self.eval_history[-EVAL_HISTORY:],
+                "commits": self.commits,
+                "saved_at": time.time(),
+            },
+        )
+
+    def _evaluate(self) -> float:
+        with torch.no_grad():
+            for name, param in self.eval_model.named_parameters():
+                param.copy_(self.optimizer.params[name])
+        loss = float(self.task.evaluate(self.eval_model, self.device))
+        self.eval_history.append([self.version, time.time(), loss])
+        del self.eval_history[:-EVAL_HISTORY]
+        return loss
+
+    # ---------------------------------------------------------------- housekeeping
+    def _housekeeping(self) -> None:
+        """Keep the lease, the plan and the status fresh; republish if Redis lost our snapshot."""
+        try:
+            if not self.lease.refresh():
+                raise ConfigError("another coordinator took over this run; stopping")
+            current = self.store.current_version()
+            if current is None or current < self.version or self.published_version < self.version:
+                if current is None and self.published_version >= 0:
+                    log.warning("Redis lost snapshot %d (restart or flush); republishing", self.version)
+                self._publish()
+            else:
+                self.redis.set(self.keys.plan, self.registry.plan(self.run_id, time.time()).encode())
+            publish_status(self.redis, self.keys, build_status(self))
+            self._redis_down = False
+        except REDIS_ERRORS as exc:
+            if not self._redis_down:
+                log.warning("Redis unreachable (%s); training goes on, snapshots wait", exc)
+            self._redis_down = True
+        except SnapshotError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def _shutdown(self) -> None:
+        try:
+            if self.uncommitted:
+                self._commit(evaluate=True)
+            if self.consumer is not None:
+                time.sleep(0.3)  # let the I/O thread send the last acks
+                self.consumer.stop()
+                self.consumer.join(timeout=5)
+            try:
+                publish_status(self.redis, self.keys, build_status(self, stopped=True))
+                self.lease.release()
+            except REDIS_ERRORS:
+                pass
+        except AsyncLocoError:
+            raise

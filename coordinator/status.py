@@ -1,0 +1,158 @@
+"""The run's status document: built by the coordinator, stored in Redis, read by ``status``.
+
+``asyncloco-coordinator status --json`` prints this document; its shape is stable (``schema`` 1),
+documented in docs/STATUS.md, and only ever grows new keys. Floats that are not numbers (no eval
+yet) are written as ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from shared.keys import RunKeys
+
+if TYPE_CHECKING:
+    from coordinator.service import Coordinator
+
+SCHEMA = 1
+STATUS_TTL_S = 7 * 24 * 3600
+
+
+def _num(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), 6)
+
+
+def build_status(coordinator: Coordinator, *, stopped: bool = False) -> dict[str, Any]:
+    now = time.time()
+    registry = coordinator.registry
+    active_ids = {c.client_id for c in registry.active(now)}
+    plan = registry.plan(coordinator.run_id, now)
+    consumer = coordinator.consumer
+    outer = coordinator.config.outer
+    intake = coordinator.intake
+    return {
+        "schema": SCHEMA,
+        "run": coordinator.config.run,
+        "run_id": coordinator.run_id,
+        "updated_at": now,
+        "coordinator": {
+            "state": "stopped" if stopped else "serving",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": coordinator.started_at,
+            "amqp_connected": bool(consumer and consumer.connected.is_set()),
+            "amqp_reconnects": consumer.reconnects if consumer else 0,
+        },
+        "version": coordinator.version,
+        "commits": coordinator.commits,
+        "deltas": {
+            "applied": intake.counts["applied"],
+            "duplicate": intake.counts["duplicate"],
+            "rejected": intake.counts["rejected"],
+            "rejected_by_reason": dict(sorted(intake.rejected_by_reason.items())),
+        },
+        "progress": coordinator.progress(),
+        "eval": {
+            "latest": _num(coordinator.eval_history[-1][2]) if coordinator.eval_history else None,
+            "history": [
+                {"version": int(v), "time": t, "loss": _num(loss)}
+                for v, t, loss in coordinator.eval_history[-100:]
+            ],
+        },
+        "clients": [
+            {
+                "client_id": c.client_id,
+                "active": c.client_id in active_ids,
+                "steps_per_s": _num(c.steps_per_s),
+                "local_steps": c.local_steps,
+                "last_round_steps": c.last_round_steps,
+                "updates": c.updates,
+                "rejected": c.rejected,
+                "tokens": c.tokens,
+                "last_seen": c.last_seen,
+                "last_staleness": c.last_staleness,
+                "last_loss": _num(c.last_loss),
+            }
+            for c in sorted(registry.clients.values(), key=lambda c: c.client_id)
+        ],
+        "plan": {
+            "local_steps": plan.local_steps,
+            "min_local_steps": plan.min_local_steps,
+            "fastest_steps_per_s": _num(plan.fastest_steps_per_s),
+            "active_clients": plan.active_clients,
+            "dylu": plan.dylu,
+        },
+        "outer": {"strategy": "dn", "lr": outer.lr, "momentum": outer.momentum,
+                  "buffer_size": outer.buffer_size, "c": outer.c},
+        "queue": {
+            "name": coordinator.keys.delta_queue,
+            "depth": consumer.queue_depth if consumer else None,
+            "dead_letters": consumer.dead_letters if consumer else None,
+        },
+    }
+
+
+def publish_status(client: redis.Redis, keys: RunKeys, doc: dict[str, Any]) -> None:
+    client.set(keys.status, json.dumps(doc, allow_nan=False), ex=STATUS_TTL_S)
+
+
+def read_status(client: redis.Redis, keys: RunKeys) -> dict[str, Any] | None:
+    raw = client.get(keys.status)
+    return None if raw is None else json.loads(raw)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def render_text(doc: dict[str, Any], *, now: float | None = None) -> str:
+    """Human-readable status: a header, eval history, clients table, rejection counts."""
+    now = time.time() if now is None else now
+    coord = doc["coordinator"]
+    age = now - doc["updated_at"]
+    state = coord["state"] if age < 15 else f"not responding (last status {_ago(age)})"
+    if coord["state"] == "stopped":
+        state = f"stopped ({_ago(age)})"
+    d = doc["deltas"]
+    lines = [
+        f"run {doc['run']} ({doc['run_id']})  coordinator: {state}  pid {coord['pid']}@{coord['host']}",
+        f"version {doc['version']}  applied {d['applied']}  duplicate {d['duplicate']}  "
+        f"rejected {d['rejected']}  queue depth {doc['queue']['depth']}  "
+        f"dead letters {doc['queue']['dead_letters']}",
+        f"progress: {doc['progress']['local_steps']} local steps, {doc['progress']['tokens']} tokens",
+    ]
+    history = doc["eval"]["history"]
+    if history:
+        shown = history if len(history) <= 8 else history[:1] + history[-7:]
+        lines.append("eval loss: " + "  ".join(
+            f"v{h['version']}={h['loss']:.3f}" for h in shown if h["loss"] is not None))
+    plan = doc["plan"]
+    lines.append(
+        f"plan: H={plan['local_steps']} H_min={plan['min_local_steps']} "
+        f"fastest={plan['fastest_steps_per_s'] or 0:.2f} steps/s  dylu={'on' if plan['dylu'] else 'off'}"
+    )
+    if doc["clients"]:
+        lines.append(f"{'client':<24} {'active':<6} {'steps/s':>8} {'H last':>6} {'steps':>8} "
+                     f"{'updates':>7} {'rejected':>8}  last seen")
+        for c in doc["clients"]:
+            lines.append(
+                f"{c['client_id']:<24} {'yes' if c['active'] else 'no':<6} "
+                f"{c['steps_per_s'] or 0:>8.2f} {c['last_round_steps']:>6} {c['local_steps']:>8} "
+                f"{c['updates']:>7} {c['rejected']:>8}  {_ago(now - c['last_seen'])}"
+            )
+    else:
+        lines.append("no clients yet")
+    if d["rejected_by_reason"]:
+        lines.append("rejected: " + ", ".join(f"{k}={v}" for k, v in d["rejected_by_reason"].items()))
+    return "\n".join(lines)
