@@ -1,0 +1,79 @@
+"""The client's resolved configuration: one frozen dataclass, validated when it is built.
+
+Config flows one way: CLI option (with its ``ASYNCLOCO_*`` envvar) → :class:`ClientConfig` → the
+worker and its components. Nothing below the CLI reads the environment, with one exception: the
+default state directory follows ``$XDG_STATE_HOME`` (see :func:`client.identity.default_state_dir`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from client.identity import default_state_dir, validate_client_id
+from shared.codecs import get_codec
+from shared.errors import ConfigError, ProtocolError
+from shared.keys import validate_run_name
+from shared.settings import ConnectionSettings, RetryPolicy
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything one client process needs; see ``asyncloco-client join --help`` for each field.
+
+    ``max_rounds`` and ``max_seconds`` of 0 mean "run until stopped". ``threads`` of 0 leaves torch's
+    own thread count alone (the CLI passes half the cores by default). ``upload_grace_s`` bounds how
+    long a stopping client keeps trying to send its last delta; ``poll_s`` is how often it looks for
+    the coordinator's first snapshot and round plan.
+    """
+
+    run: str = "default"
+    connection: ConnectionSettings = field(default_factory=ConnectionSettings)
+    data: str | None = None  # replaces the task's "data" setting (a glob of text files)
+    device: str = "auto"
+    codec: str = "fp16"
+    slowdown: float = 1.0  # emulate hardware this many times slower (>= 1)
+    client_id: str | None = None  # None: a random id generated once and kept in state_dir
+    state_dir: Path = field(default_factory=default_state_dir)
+    threads: int = 0
+    max_rounds: int = 0
+    max_seconds: float = 0.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    log_level: str = "warning"
+    upload_grace_s: float = 30.0
+    poll_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        validate_run_name(self.run)
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        try:
+            get_codec(self.codec)
+        except ProtocolError as exc:
+            raise ConfigError(f"--codec: {exc.detail}") from None
+        if not (math.isfinite(self.slowdown) and self.slowdown >= 1.0):
+            raise ConfigError(f"--slowdown must be a finite number >= 1, got {self.slowdown}")
+        if self.client_id is not None:
+            validate_client_id(self.client_id)
+        if self.data is not None and not self.data.strip():
+            raise ConfigError("--data must name a glob of text files (or be left out)")
+        if self.threads < 0:
+            raise ConfigError(f"--threads must be >= 0, got {self.threads}")
+        if self.max_rounds < 0 or self.max_seconds < 0 or not math.isfinite(self.max_seconds):
+            raise ConfigError("--max-rounds and --max-seconds must be >= 0 (0 = no limit)")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        if self.upload_grace_s <= 0 or self.poll_s <= 0:
+            raise ConfigError("upload_grace_s and poll_s must be > 0")
+        # A str path from a caller is accepted and normalised (the dataclass is frozen).
+        object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser())
+
+    @property
+    def logging_level(self) -> int:
+        """The ``logging`` module's level number for ``log_level``."""
+        return int(getattr(logging, self.log_level.upper()))

@@ -1,0 +1,55 @@
+"""Stopping politely: the first Ctrl-C or SIGTERM asks the worker to finish up, the second exits now.
+
+The worker only ever looks at a :class:`threading.Event`; the signal handlers that set it are
+installed by the CLI (signal handlers can only be installed from the main thread).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+
+class StopRequested(Exception):
+    """Raised inside the worker to unwind a wait when a stop was asked for (never escapes run())."""
+
+
+class StopSignals:
+    """Handlers for SIGINT and SIGTERM: first signal sets ``event``, a second one exits at once.
+
+    The immediate exit uses ``os._exit(128 + signum)`` (130 for Ctrl-C): no traceback, and no
+    chance of hanging in a blocked network call or a torch kernel during interpreter shutdown.
+    ``on_first`` is called (from the handler) with a short note, e.g. to print it.
+    """
+
+    def __init__(self, event: threading.Event, on_first: Callable[[str], None] | None = None) -> None:
+        self.event = event
+        self.on_first = on_first
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.event.is_set():
+            sys.stderr.write("\nsecond interrupt: exiting now\n")
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(128 + signum)
+        self.event.set()
+        if self.on_first is not None:
+            name = signal.Signals(signum).name
+            self.on_first(f"{name}: finishing this round and sending it (press Ctrl-C again to quit now)")
+
+    def install(self) -> StopSignals:
+        """Install the handlers for SIGINT and SIGTERM (main thread only); return self."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before :meth:`install`."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        self._previous.clear()
