@@ -159,7 +159,8 @@ def flatten(params: dict[str, torch.Tensor]) -> tuple[tuple[ParamEntry, ...], by
         if dtype not in _DTYPES:
             raise SnapshotError(f"parameter {name} has unsupported dtype {dtype}")
         entry = ParamEntry(name, tuple(t.shape), dtype, offset)
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        # reshape(-1): a 0-d tensor (a scalar parameter) cannot be viewed as bytes directly
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         parts.append(raw)
         offset += len(raw)
         entries.append(entry)
