@@ -1,0 +1,111 @@
+"""The delta handler's checks and outcomes, without any server."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import pytest
+import torch
+
+from coordinator.intake import DeltaIntake, IntakeConfig
+from coordinator.outer_optimizer import DelayedNesterov, OuterConfig
+from coordinator.registry import ClientRegistry, PlanConfig
+from shared.codecs import get_codec
+from shared.protocol import DeltaMessage
+
+RUN_ID = "unit-run"
+
+
+def _intake(**config: object) -> DeltaIntake:
+    params = {"a.weight": torch.ones(4, 3), "b": torch.zeros(5)}
+    optimizer = DelayedNesterov(params, OuterConfig(lr=1.0, momentum=0.0, buffer_size=1))
+    intake = DeltaIntake(
+        config=IntakeConfig(**config), optimizer=optimizer,
+        registry=ClientRegistry(PlanConfig()), run_id=RUN_ID,
+    )
+    intake.version = 5
+    return intake
+
+
+def _delta(**overrides: object) -> bytes:
+    tensors = {"a.weight": torch.full((4, 3), 0.1), "b": torch.full((5,), -0.1)}
+    codec = get_codec(str(overrides.pop("codec", "fp32")))
+    fields = dict(
+        run_id=RUN_ID, client_id="c1", seq=0, base_version=5, local_steps=10, samples=40,
+        tokens=4000, compute_s=2.0, train_loss=2.5, codec=codec.name,
+        tensors={n: codec.encode(t) for n, t in tensors.items()},
+    )
+    fields.update(overrides)
+    return DeltaMessage(**fields).encode()  # type: ignore[arg-type]
+
+
+def test_good_delta_is_applied_and_moves_the_model() -> None:
+    intake = _intake()
+    outcome = intake.handle(_delta(), now=100.0)
+    assert outcome.kind == "applied"
+    torch.testing.assert_close(intake.optimizer.params["a.weight"], torch.full((4, 3), 0.9))
+    torch.testing.assert_close(intake.optimizer.params["b"], torch.full((5,), 0.1))
+    record = intake.registry.clients["c1"]
+    assert record.updates == 1 and record.local_steps == 10
+    assert record.steps_per_s == pytest.approx(5.0)
+    assert intake.progress["tokens"] == 4000
+
+
+def test_same_client_and_seq_twice_is_a_duplicate_applied_once() -> None:
+    intake = _intake()
+    body = _delta()
+    assert intake.handle(body).kind == "applied"
+    before = intake.optimizer.params["b"].clone()
+    outcome = intake.handle(body)
+    assert outcome.kind == "duplicate"
+    torch.testing.assert_close(intake.optimizer.params["b"], before)
+    assert intake.counts["applied"] == 1 and intake.counts["duplicate"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"", "empty"),
+        (b"\xc1\xc1garbage", "undecodable"),
+        (msgpack.packb([1, 2, 3]), "wrong_schema"),
+        (_delta(run_id="another-run"), "wrong_run"),
+        (_delta(client_id="bad id!"), "bad_client_id"),
+        (_delta(base_version=6), "future_version"),
+        (_delta(base_version=0), "stale"),
+        (_delta(local_steps=0), "bad_steps"),
+        (_delta(codec="zip", tensors={"a.weight": b"", "b": b""}), "unknown_codec"),
+        (_delta(tensors={"a.weight": b"\0" * 48}), "wrong_names"),
+        (_delta(tensors={"a.weight": b"\0" * 48, "b": b"\0" * 20, "c": b""}), "wrong_names"),
+        (_delta(tensors={"a.weight": b"\0" * 47, "b": b"\0" * 20}), "wrong_size"),
+        (_delta(tensors={"a.weight": torch.full((12,), math.nan).numpy().tobytes(),
+                         "b": b"\0" * 20}), "non_finite"),
+        (_delta(tensors={"a.weight": torch.full((12,), 1e3).numpy().tobytes(),
+                         "b": b"\0" * 20}), "norm_too_large"),
+    ],
+)
+def test_bad_deltas_are_rejected_with_their_reason_and_change_nothing(body: bytes, reason: str) -> None:
+    intake = _intake(max_staleness=3)
+    before = {n: p.clone() for n, p in intake.optimizer.params.items()}
+    outcome = intake.handle(body)
+    assert (outcome.kind, outcome.reason) == ("rejected", reason)
+    assert intake.rejected_by_reason[reason] == 1
+    for name, tensor in before.items():
+        assert torch.equal(intake.optimizer.params[name], tensor)
+
+
+def test_int8_delta_is_decoded_within_its_error_bound() -> None:
+    intake = _intake()
+    assert intake.handle(_delta(codec="int8")).kind == "applied"
+    torch.testing.assert_close(
+        intake.optimizer.params["a.weight"], torch.full((4, 3), 0.9), atol=0.1 / 254 + 1e-6, rtol=0
+    )
+
+
+def test_active_clients_set_the_buffer_size() -> None:
+    intake = _intake()
+    intake.optimizer.config = OuterConfig(lr=1.0, momentum=0.5, buffer_size=0)
+    intake.handle(_delta(client_id="c1"), now=100.0)  # alone: N = 1, momentum moves
+    assert intake.optimizer.pending == 0
+    intake.handle(_delta(client_id="c2"), now=101.0)  # c1 and c2 active: N = 2
+    assert intake.optimizer.pending == 1

@@ -1,0 +1,93 @@
+"""Delayed Nesterov against hand-computed references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coordinator.outer_optimizer import DelayedNesterov, OuterConfig
+from shared.errors import ConfigError
+
+
+def _params() -> dict[str, torch.Tensor]:
+    return {"w": torch.tensor([1.0, -2.0, 3.0]), "b": torch.tensor([0.5])}
+
+
+def _grads(k: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(k)
+    return [{"w": torch.randn(3, generator=gen), "b": torch.randn(1, generator=gen)} for _ in range(k)]
+
+
+def test_n_arrivals_equal_one_nesterov_step_on_their_mean() -> None:
+    n, eps, beta = 4, 0.7, 0.9
+    opt = DelayedNesterov(_params(), OuterConfig(lr=eps, momentum=beta, buffer_size=n))
+    rounds = [_grads(n), _grads(n + 1)[:n]]
+    theta = _params()
+    m = {k: torch.zeros_like(v) for k, v in theta.items()}
+    for grads in rounds:
+        moved = [opt.step(g) for g in grads]
+        assert moved == [False] * (n - 1) + [True]
+        for name in theta:
+            mean = sum(g[name] for g in grads) / n
+            m[name] = beta * m[name] + mean
+            theta[name] = theta[name] - eps * (mean + beta * m[name])  # Nesterov on the mean
+            torch.testing.assert_close(opt.params[name], theta[name])
+            torch.testing.assert_close(opt.momentum[name], m[name])
+
+
+def test_between_momentum_updates_steps_are_plain_and_momentum_frozen() -> None:
+    opt = DelayedNesterov(_params(), OuterConfig(lr=0.5, momentum=0.9, buffer_size=3))
+    g1, g2, g3, g4 = _grads(4)
+    for g in (g1, g2, g3):
+        opt.step(g)
+    m_after = {k: v.clone() for k, v in opt.momentum.items()}
+    before = {k: v.clone() for k, v in opt.params.items()}
+    assert opt.step(g4) is False
+    for name in before:
+        torch.testing.assert_close(opt.params[name], before[name] - 0.5 * g4[name] / 3)
+        torch.testing.assert_close(opt.momentum[name], m_after[name])
+
+
+def test_c_adds_a_share_of_frozen_momentum() -> None:
+    opt = DelayedNesterov(_params(), OuterConfig(lr=1.0, momentum=0.5, buffer_size=2, c=1.0))
+    g1, g2, g3 = _grads(3)
+    opt.step(g1)
+    opt.step(g2)  # momentum moves here
+    m = {k: v.clone() for k, v in opt.momentum.items()}
+    before = {k: v.clone() for k, v in opt.params.items()}
+    opt.step(g3)
+    for name in before:
+        torch.testing.assert_close(opt.params[name], before[name] - (0.5 * m[name] + g3[name] / 2))
+
+
+def test_buffer_size_zero_follows_active_clients() -> None:
+    opt = DelayedNesterov(_params(), OuterConfig(lr=0.7, momentum=0.9, buffer_size=0))
+    g1, g2 = _grads(2)
+    assert opt.step(g1, active_clients=2) is False
+    assert opt.step(g2, active_clients=2) is True
+
+
+def test_state_round_trips_through_tensors() -> None:
+    opt = DelayedNesterov(_params(), OuterConfig(buffer_size=3))
+    for g in _grads(4):
+        opt.step(g)
+    clone = DelayedNesterov(_params(), OuterConfig(buffer_size=3))
+    clone.load_tensors(opt.tensors(), pending=opt.pending, arrivals=opt.arrivals)
+    g = _grads(5)[4]
+    assert opt.step(g) == clone.step(g)
+    for name in opt.params:
+        torch.testing.assert_close(opt.params[name], clone.params[name])
+
+
+def test_load_tensors_refuses_a_checkpoint_of_another_model() -> None:
+    opt = DelayedNesterov(_params(), OuterConfig())
+    tensors = opt.tensors()
+    tensors["param/w"] = torch.zeros(5)
+    with pytest.raises(ConfigError):
+        DelayedNesterov(_params(), OuterConfig()).load_tensors(tensors, pending=0, arrivals=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"lr": 0}, {"momentum": 1.0}, {"buffer_size": -1}, {"c": 2}])
+def test_invalid_config_is_refused(kwargs: dict) -> None:
+    with pytest.raises(ConfigError):
+        OuterConfig(**kwargs)
