@@ -30,10 +30,11 @@ def _intake(**config: object) -> DeltaIntake:
 
 def _delta(**overrides: object) -> bytes:
     tensors = {"a.weight": torch.full((4, 3), 0.1), "b": torch.full((5,), -0.1)}
-    codec = get_codec(str(overrides.pop("codec", "fp32")))
+    codec_name = str(overrides.pop("codec", "fp32"))
+    codec = get_codec(codec_name if codec_name != "zip" else "fp32")
     fields = dict(
         run_id=RUN_ID, client_id="c1", seq=0, base_version=5, local_steps=10, samples=40,
-        tokens=4000, compute_s=2.0, train_loss=2.5, codec=codec.name,
+        tokens=4000, compute_s=2.0, train_loss=2.5, codec=codec_name,
         tensors={n: codec.encode(t) for n, t in tensors.items()},
     )
     fields.update(overrides)
