@@ -21,8 +21,10 @@ def _intake(**config: object) -> DeltaIntake:
     params = {"a.weight": torch.ones(4, 3), "b": torch.zeros(5)}
     optimizer = DelayedNesterov(params, OuterConfig(lr=1.0, momentum=0.0, buffer_size=1))
     intake = DeltaIntake(
-        config=IntakeConfig(**config), optimizer=optimizer,
-        registry=ClientRegistry(PlanConfig()), run_id=RUN_ID,
+        config=IntakeConfig(**config),
+        optimizer=optimizer,
+        registry=ClientRegistry(PlanConfig()),
+        run_id=RUN_ID,
     )
     intake.version = 5
     return intake
@@ -33,8 +35,16 @@ def _delta(**overrides: object) -> bytes:
     codec_name = str(overrides.pop("codec", "fp32"))
     codec = get_codec(codec_name if codec_name != "zip" else "fp32")
     fields = dict(
-        run_id=RUN_ID, client_id="c1", seq=0, base_version=5, local_steps=10, samples=40,
-        tokens=4000, compute_s=2.0, train_loss=2.5, codec=codec_name,
+        run_id=RUN_ID,
+        client_id="c1",
+        seq=0,
+        base_version=5,
+        local_steps=10,
+        samples=40,
+        tokens=4000,
+        compute_s=2.0,
+        train_loss=2.5,
+        codec=codec_name,
         tensors={n: codec.encode(t) for n, t in tensors.items()},
     )
     fields.update(overrides)
@@ -79,10 +89,14 @@ def test_same_client_and_seq_twice_is_a_duplicate_applied_once() -> None:
         (_delta(tensors={"a.weight": b"\0" * 48}), "wrong_names"),
         (_delta(tensors={"a.weight": b"\0" * 48, "b": b"\0" * 20, "c": b""}), "wrong_names"),
         (_delta(tensors={"a.weight": b"\0" * 47, "b": b"\0" * 20}), "wrong_size"),
-        (_delta(tensors={"a.weight": torch.full((12,), math.nan).numpy().tobytes(),
-                         "b": b"\0" * 20}), "non_finite"),
-        (_delta(tensors={"a.weight": torch.full((12,), 1e3).numpy().tobytes(),
-                         "b": b"\0" * 20}), "norm_too_large"),
+        (
+            _delta(tensors={"a.weight": torch.full((12,), math.nan).numpy().tobytes(), "b": b"\0" * 20}),
+            "non_finite",
+        ),
+        (
+            _delta(tensors={"a.weight": torch.full((12,), 1e3).numpy().tobytes(), "b": b"\0" * 20}),
+            "norm_too_large",
+        ),
     ],
 )
 def test_bad_deltas_are_rejected_with_their_reason_and_change_nothing(body: bytes, reason: str) -> None:

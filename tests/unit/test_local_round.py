@@ -1,0 +1,258 @@
+"""The local round: inner lr schedule, LocalTrainer on a tiny regression task, device choice."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from shared.errors import ConfigError
+from shared.local_round import InnerConfig, LocalTrainer, pick_device
+
+# --- InnerConfig.lr_at ---------------------------------------------------------------------------
+
+
+def test_warmup_is_linear_then_flat() -> None:
+    inner = InnerConfig(lr=1e-2, warmup_steps=10, schedule_steps=0)
+    assert inner.lr_at(0, 0) == pytest.approx(1e-3)
+    assert inner.lr_at(4, 0) == pytest.approx(5e-3)
+    assert inner.lr_at(9, 0) == pytest.approx(1e-2)
+    assert inner.lr_at(10_000, 10**9) == pytest.approx(1e-2)
+
+
+def test_no_warmup() -> None:
+    assert InnerConfig(lr=0.5, warmup_steps=0).lr_at(0, 0) == pytest.approx(0.5)
+
+
+def test_cosine_reaches_min_at_horizon_and_stays() -> None:
+    inner = InnerConfig(lr=1.0, warmup_steps=0, schedule_steps=1000, min_lr_ratio=0.1)
+    assert inner.lr_at(0, 0) == pytest.approx(1.0)
+    assert inner.lr_at(0, 500) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert inner.lr_at(0, 1000) == pytest.approx(0.1)
+    assert inner.lr_at(0, 5000) == pytest.approx(0.1)
+    lrs = [inner.lr_at(0, g) for g in range(0, 1200, 50)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_warmup_and_cosine_multiply() -> None:
+    inner = InnerConfig(lr=1.0, warmup_steps=4, schedule_steps=100, min_lr_ratio=0.2)
+    cosine = 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 0.25))
+    assert inner.lr_at(1, 25) == pytest.approx(0.5 * cosine)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lr": 0.0},
+        {"lr": -1e-3},
+        {"min_lr_ratio": 0.0},
+        {"min_lr_ratio": 1.5},
+        {"warmup_steps": -1},
+        {"schedule_steps": -10},
+    ],
+)
+def test_invalid_inner_config(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        InnerConfig(**kwargs)
+
+
+# --- LocalTrainer on a tiny task -----------------------------------------------------------------
+
+
+class LinearRegressionTask:
+    """y = x·w* + b*; a 4→1 linear model; ``loss_sleep_s`` makes each step take measurable time."""
+
+    name = "linreg"
+    num_shards = 2
+    tokens_per_batch = 32
+
+    def __init__(self, loss_sleep_s: float = 0.0) -> None:
+        self.loss_sleep_s = loss_sleep_s
+        self.w_true = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+    def settings_dict(self) -> dict[str, Any]:
+        return {"loss_sleep_s": self.loss_sleep_s}
+
+    def build_model(self) -> nn.Module:
+        return nn.Linear(4, 1)
+
+    def _batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(8, 4, generator=generator)  # (B, 4)
+        return x, x @ self.w_true + 0.25  # (B, 1)
+
+    def train_batches(self, shard: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(seed * 1000 + shard)
+        while True:
+            yield self._batch(generator)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if self.loss_sleep_s:
+            time.sleep(self.loss_sleep_s)
+        x, y = batch
+        return F.mse_loss(model(x), y)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device | str = "cpu") -> float:
+        x, y = self._batch(torch.Generator().manual_seed(99))
+        return float(F.mse_loss(model(x.to(device)), y.to(device)))
+
+
+def make_trainer(task: LinearRegressionTask | None = None, **inner: Any) -> LocalTrainer:
+    torch.manual_seed(0)
+    trainer = LocalTrainer(
+        task=task or LinearRegressionTask(),
+        inner=InnerConfig(**{"lr": 0.05, "warmup_steps": 0, "weight_decay": 0.0, **inner}),
+        device=torch.device("cpu"),
+        shard=0,
+        seed=1,
+    )
+    base = {name: torch.randn_like(p) for name, p in trainer.model.named_parameters()}
+    trainer.load_base(base)
+    return trainer
+
+
+def params_of(trainer: LocalTrainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def test_load_base_sets_params_and_zero_pseudo_gradient() -> None:
+    trainer = make_trainer()
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param.detach(), trainer.base[name])
+    grads = trainer.pseudo_gradient()
+    assert set(grads) == {"weight", "bias"}
+    assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+
+
+def test_load_base_copies_its_input() -> None:
+    trainer = make_trainer()
+    given = {"weight": torch.ones(1, 4), "bias": torch.zeros(1)}
+    trainer.load_base(given)
+    given["weight"].add_(5)
+    assert torch.equal(trainer.base["weight"], torch.ones(1, 4))
+
+
+def test_load_base_refuses_missing_parameters() -> None:
+    trainer = make_trainer()
+    with pytest.raises(ConfigError, match="bias"):
+        trainer.load_base({"weight": torch.ones(1, 4)})
+
+
+def test_train_moves_params_and_pseudo_gradient_is_base_minus_local() -> None:
+    trainer = make_trainer()
+    stats = trainer.train(5)
+    assert stats.steps == 5
+    assert stats.samples == 5 * 8
+    assert stats.tokens == 5 * 8 * 4  # numel of the batch's first tensor
+    assert math.isfinite(stats.train_loss) and stats.train_loss > 0
+    assert stats.compute_s > 0
+    grads = trainer.pseudo_gradient()
+    local = params_of(trainer)
+    for name in ("weight", "bias"):
+        assert torch.count_nonzero(grads[name]) > 0
+        assert torch.equal(grads[name], trainer.base[name] - local[name])
+
+
+def test_reset_to_base_restores() -> None:
+    trainer = make_trainer()
+    trainer.train(5)
+    trainer.reset_to_base()
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param.detach(), trainer.base[name])
+    assert all(torch.count_nonzero(g) == 0 for g in trainer.pseudo_gradient().values())
+
+
+def test_training_lowers_the_loss() -> None:
+    trainer = make_trainer()
+    task = trainer.task
+    before = task.evaluate(trainer.model)
+    first = trainer.train(30)
+    second = trainer.train(30)
+    assert second.train_loss < first.train_loss
+    assert task.evaluate(trainer.model) < before / 2
+
+
+def test_train_sets_the_scheduled_lr_and_counts_own_steps() -> None:
+    trainer = make_trainer(warmup_steps=10)
+    trainer.train(3, global_step=0)
+    assert trainer.own_steps == 3
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 3 / 10)
+    trainer.train(2)
+    assert trainer.own_steps == 5
+
+
+def test_should_stop_before_the_first_step() -> None:
+    trainer = make_trainer()
+    stats = trainer.train(10, should_stop=lambda: True)
+    assert stats.steps == 0 and stats.samples == 0
+    assert math.isnan(stats.train_loss)
+    assert all(torch.count_nonzero(g) == 0 for g in trainer.pseudo_gradient().values())
+
+
+def test_should_stop_mid_round() -> None:
+    trainer = make_trainer()
+    stats = trainer.train(10, should_stop=lambda: trainer.own_steps >= 3)
+    assert stats.steps == 3
+
+
+def test_time_budget_stops_after_min_steps() -> None:
+    trainer = make_trainer(LinearRegressionTask(loss_sleep_s=0.01))
+    stats = trainer.train(100, time_budget_s=0.0, min_steps=4)
+    assert stats.steps == 4  # budget already spent, but min_steps run anyway
+
+
+def test_time_budget_cuts_a_long_round() -> None:
+    trainer = make_trainer(LinearRegressionTask(loss_sleep_s=0.01))
+    stats = trainer.train(1000, time_budget_s=0.1, min_steps=1)
+    assert 1 <= stats.steps < 50
+    assert stats.compute_s < 1.0
+
+
+def test_slowdown_stretches_compute_time() -> None:
+    steps = 8
+    fast = make_trainer(LinearRegressionTask(loss_sleep_s=0.01)).train(steps, slowdown=1.0)
+    slow = make_trainer(LinearRegressionTask(loss_sleep_s=0.01)).train(steps, slowdown=3.0)
+    assert fast.steps == slow.steps == steps
+    assert slow.compute_s >= 2.5 * fast.compute_s
+
+
+# --- pick_device ---------------------------------------------------------------------------------
+
+
+def _no_accelerators(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+def test_pick_device_cpu() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_pick_device_auto_without_accelerators_is_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_accelerators(monkeypatch)
+    assert pick_device("auto") == torch.device("cpu")
+
+
+def test_pick_device_auto_prefers_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_accelerators(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda")
+
+
+@pytest.mark.parametrize("choice", ["cuda", "mps"])
+def test_pick_device_refuses_missing_accelerator(monkeypatch: pytest.MonkeyPatch, choice: str) -> None:
+    _no_accelerators(monkeypatch)
+    with pytest.raises(ConfigError, match=choice):
+        pick_device(choice)
+
+
+@pytest.mark.parametrize("choice", ["nonsense", "gpu", ""])
+def test_pick_device_refuses_unknown_names(choice: str) -> None:
+    with pytest.raises(ConfigError):
+        pick_device(choice)
