@@ -1,0 +1,141 @@
+"""Sends encoded deltas to the coordinator's queue on RabbitMQ, with publisher confirms.
+
+A delta counts as sent only once the broker has confirmed it. Until then the *same bytes* (same
+``seq``, same ``message_id``) are retried with capped exponential backoff through every kind of
+trouble: the queue not declared yet (the publish comes back unroutable), the broker refusing it
+(nack, e.g. the queue is full with ``overflow=reject-publish``), or the connection dropping. A
+duplicate that results from a lost confirm is harmless: the coordinator de-duplicates on
+``(client_id, seq)``.
+
+The client never declares the delta queue: the coordinator owns it and its arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import pika
+import pika.exceptions
+
+from shared.errors import ServiceUnavailable
+from shared.settings import ConnectionSettings, RetryPolicy, sleep_interruptibly
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/x-msgpack"
+APP_ID = "asyncloco-client"
+# Give up on a broker that blocks publishers (memory or disk alarm) after this long, and reconnect.
+BLOCKED_TIMEOUT_S = 60.0
+
+
+class DeltaUploader:
+    """Publishes delta messages to one queue through the default exchange; owns the AMQP connection.
+
+    The connection is opened lazily and reopened after any failure. :meth:`keepalive` lets a
+    caller that is busy training service heartbeats, so an idle connection is not dropped.
+    """
+
+    def __init__(self, connection: ConnectionSettings, queue: str, *, retry: RetryPolicy) -> None:
+        self.settings = connection
+        self.queue = queue
+        self.retry = retry
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
+        self._last_io = 0.0  # time.monotonic() of the last time the connection did I/O
+
+    def _parameters(self) -> pika.URLParameters:
+        params = pika.URLParameters(self.settings.amqp_url)
+        params.heartbeat = self.settings.heartbeat_s
+        params.socket_timeout = self.settings.socket_timeout_s
+        params.stack_timeout = self.settings.socket_timeout_s * 2
+        params.blocked_connection_timeout = BLOCKED_TIMEOUT_S
+        params.connection_attempts = 1  # retries are ours, with backoff and a stop check
+        params.client_properties = {"connection_name": f"asyncloco-client {self.queue}"}
+        return params
+
+    def _open(self) -> pika.adapters.blocking_connection.BlockingChannel:
+        if self._channel is not None and self._channel.is_open:
+            return self._channel
+        self.close()
+        self._connection = pika.BlockingConnection(self._parameters())
+        channel = self._connection.channel()
+        channel.confirm_delivery()  # basic_publish now waits for the broker's ack or nack
+        self._channel = channel
+        self._last_io = time.monotonic()
+        return channel
+
+    def close(self) -> None:
+        """Close the connection if open (errors on the way out are irrelevant and ignored)."""
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except (pika.exceptions.AMQPError, OSError):
+                pass
+
+    def keepalive(self, every_s: float = 5.0) -> None:
+        """Let the open connection send and answer heartbeats, at most every ``every_s`` seconds."""
+        if self._connection is None or time.monotonic() - self._last_io < every_s:
+            return
+        self._last_io = time.monotonic()
+        try:
+            self._connection.process_data_events(time_limit=0)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            log.debug("AMQP connection dropped while idle (%s); will reconnect to publish", exc)
+            self.close()
+
+    def publish(
+        self,
+        body: bytes,
+        *,
+        message_id: str,
+        give_up: Callable[[], bool] = lambda: False,
+    ) -> bool:
+        """Publish ``body`` until the broker confirms it; return True then, False if ``give_up()``.
+
+        Raise :class:`ServiceUnavailable` only if the retry policy has a ``give_up_after_s`` and it
+        is spent. The caller must pass the same ``body`` and ``message_id`` for a retried delta.
+        """
+        properties = pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent,
+            content_type=CONTENT_TYPE,
+            message_id=message_id,
+            app_id=APP_ID,
+        )
+        delays = self.retry.delays()
+        troubled = False
+        while True:
+            if give_up():
+                return False
+            try:
+                channel = self._open()
+                channel.basic_publish(
+                    exchange="",
+                    routing_key=self.queue,
+                    body=body,
+                    properties=properties,
+                    mandatory=True,  # come back unroutable, not dropped, if the queue is missing
+                )
+                self._last_io = time.monotonic()
+                if troubled:
+                    log.info("delta %s confirmed by the broker", message_id)
+                return True
+            except pika.exceptions.UnroutableError:
+                why = f"queue {self.queue!r} does not exist yet (is the coordinator running?)"
+            except pika.exceptions.NackError:
+                why = "the broker refused the delta (queue full?)"
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                why = f"RabbitMQ unavailable ({type(exc).__name__}: {exc})"
+                self.close()
+            if not troubled:
+                log.warning("delta %s not sent: %s; retrying with backoff", message_id, why)
+                troubled = True
+            else:
+                log.debug("delta %s still not sent: %s", message_id, why)
+            delay = next(delays, None)
+            if delay is None:
+                raise ServiceUnavailable(f"gave up sending delta {message_id}: {why}")
+            if sleep_interruptibly(delay, give_up):
+                return False
