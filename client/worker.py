@@ -1,0 +1,335 @@
+"""The client's round loop: fetch the newest snapshot, train a round sized to this machine, send g.
+
+One round::
+
+    v = current version          (a small GET; the snapshot itself only when v changed)
+    θ ← θ_base(v)                (load_base on a new version, else reset_to_base)
+    H_i from the plan and this machine's measured speed (Dynamic Local Updates)
+    train H_i inner steps        (AdamW state kept across rounds, rebuilt only for a new run)
+    g = θ_base − θ               compressed with error feedback, tagged (run_id, client_id, seq, v)
+    publish with confirms        (retrying the same bytes and seq until the broker confirms)
+
+The worker knows nothing of the terminal: it reports each round as a :class:`RoundReport` through
+a callback, and notices ("waiting for the first snapshot") through another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from client.config import ClientConfig
+from client.fetcher import SnapshotFetcher
+from client.identity import ClientIdentity
+from client.stop import StopRequested
+from client.uploader import DeltaUploader
+from shared.codecs import ErrorFeedback, get_codec
+from shared.dylu import SpeedMeter, local_steps_for, round_time_budget_s
+from shared.errors import ConfigError
+from shared.keys import RunKeys
+from shared.local_round import InnerConfig, LocalTrainer, RoundStats, pick_device
+from shared.protocol import DEFAULT_DELTA_LIMITS, DeltaMessage, MiB
+from shared.snapshot import Snapshot
+from shared.tasks import load_task
+
+log = logging.getLogger(__name__)
+
+ENVELOPE_BYTES = 4096  # msgpack fields around the tensor payloads, with room to spare
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What one finished round did; ``line()`` is the progress line the CLI prints."""
+
+    round: int  # 1-based count of rounds this process ran
+    seq: int
+    base_version: int
+    planned_steps: int  # H_i this round aimed for
+    steps: int  # steps actually run (fewer if stopped or out of time budget)
+    train_loss: float
+    compute_s: float
+    tokens: int
+    sent_bytes: int
+    sent: bool  # False only if a stopping client gave up on the upload
+    upload_s: float
+    staleness: int | None  # current version just after the publish minus base_version
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.compute_s if self.compute_s > 0 else 0.0
+
+    def line(self) -> str:
+        stale = "?" if self.staleness is None else str(self.staleness)
+        sent = f"{self.sent_bytes / 1e6:.1f}MB" if self.sent else "NOT-SENT"
+        return (
+            f"round {self.round}  v={self.base_version}  H={self.steps}  loss={self.train_loss:.3f}  "
+            f"tok/s={self.tokens_per_s:.0f}  sent={sent}  staleness={stale}"
+        )
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What :meth:`Worker.run` did in total, and why it stopped."""
+
+    client_id: str
+    run_id: str | None
+    rounds: int
+    deltas_sent: int
+    next_seq: int | None
+    stopped_by: str  # "max_rounds", "max_seconds" or "stop"
+
+    def line(self) -> str:
+        return (
+            f"stopped ({self.stopped_by}): {self.rounds} rounds, {self.deltas_sent} deltas sent "
+            f"as client {self.client_id}"
+            + (f", next seq {self.next_seq}" if self.next_seq is not None else "")
+        )
+
+
+class Worker:
+    """Runs local rounds for one run until ``max_rounds``, ``max_seconds`` or ``stop`` says enough.
+
+    ``stop`` is the event the CLI's signal handlers set; set it from another thread to stop an
+    in-process worker. Use as a context manager (or call :meth:`close`) to release connections
+    and the client-id slot.
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        stop: threading.Event | None = None,
+        on_notice: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.stop = stop or threading.Event()
+        self.on_notice = on_notice or (lambda text: log.info("%s", text))
+        self.keys = RunKeys(config.run)
+        self.device = pick_device(config.device)
+        self.identity = ClientIdentity.open(config.state_dir, config.client_id)
+        self.fetcher = SnapshotFetcher(
+            config.connection, self.keys, retry=config.retry, should_stop=self._should_stop
+        )
+        self.uploader = DeltaUploader(config.connection, self.keys.delta_queue, retry=config.retry)
+        self.codec = get_codec(config.codec)
+        self.feedback = ErrorFeedback(self.codec)
+        self.speed = SpeedMeter()
+        self.trainer: LocalTrainer | None = None
+        self._run_key: tuple[str, str] | None = None  # (run_id, config JSON) the trainer was built for
+        self.snapshot_version: int | None = None  # version θ_base comes from
+        self.run_id: str | None = None
+        self.progress: dict[str, Any] = {}
+        self._deadline: float | None = None  # time.monotonic() when max_seconds is up
+        self._stop_seen: float | None = None  # when a stop or the deadline was first noticed
+
+    @property
+    def client_id(self) -> str:
+        return self.identity.client_id
+
+    def close(self) -> None:
+        self.uploader.close()
+        self.fetcher.close()
+        self.identity.close()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- stopping ---------------------------------------------------------------------------------
+
+    def _should_stop(self) -> bool:
+        """True once a stop was asked for or max_seconds is up (checked between training steps)."""
+        past = self._deadline is not None and time.monotonic() >= self._deadline
+        if (self.stop.is_set() or past) and self._stop_seen is None:
+            self._stop_seen = time.monotonic()
+        return self._stop_seen is not None
+
+    def _give_up_upload(self) -> bool:
+        """A stopping client tries to send its last delta for ``upload_grace_s``, then gives up."""
+        return self._should_stop() and time.monotonic() - self._stop_seen > self.config.upload_grace_s  # type: ignore[operator]
+
+    def _train_should_stop(self) -> bool:
+        self.uploader.keepalive()  # a long round must not let the AMQP connection time out
+        return self._should_stop()
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self, on_round: Callable[[RoundReport], None] | None = None) -> RunSummary:
+        """Run rounds until a limit or a stop; call ``on_round`` after each; return a summary.
+
+        A first stop request ends the current round at the next step boundary and still sends
+        the steps done (trying for ``upload_grace_s``). Errors in the configuration or from the
+        task (:class:`shared.errors.AsyncLocoError`) propagate; service outages never do.
+        """
+        if self.config.threads > 0:
+            torch.set_num_threads(self.config.threads)
+        if self.config.max_seconds > 0:
+            self._deadline = time.monotonic() + self.config.max_seconds
+        rounds = sent = 0
+        stopped_by = "stop"
+        while True:
+            if self.config.max_rounds and rounds >= self.config.max_rounds:
+                stopped_by = "max_rounds"
+                break
+            if self._should_stop():
+                break
+            try:
+                report = self.run_round(rounds + 1)
+            except StopRequested:
+                break
+            if report is None:
+                break  # stopped before a single step of the round
+            rounds += 1
+            sent += int(report.sent)
+            if on_round is not None:
+                on_round(report)
+        if self._deadline is not None and not self.stop.is_set() and stopped_by == "stop":
+            stopped_by = "max_seconds"
+        next_seq = self.identity.next_seq(self.run_id) if self.run_id else None
+        return RunSummary(self.client_id, self.run_id, rounds, sent, next_seq, stopped_by)
+
+    def run_round(self, number: int = 1) -> RoundReport | None:
+        """Run one round and send its delta; None if stopped before any step was taken.
+
+        Raises :class:`StopRequested` if a stop comes while waiting for the coordinator.
+        """
+        version = self.fetcher.wait_for_version(
+            self.config.poll_s,
+            on_wait=lambda: self.on_notice(
+                f"waiting for the coordinator to publish the first snapshot of run "
+                f"{self.keys.run!r} (Ctrl-C to quit)"
+            ),
+        )
+        if version != self.snapshot_version or self.trainer is None:
+            self._adopt(self.fetcher.read_latest())
+        else:
+            self.trainer.reset_to_base()  # every round starts from θ_base of the version it tags
+        assert self.trainer is not None and self.run_id is not None and self.snapshot_version is not None
+        base_version = self.snapshot_version
+        stats, planned = self._train(self.trainer)
+        if stats.steps == 0:
+            return None
+        self.speed.update(stats.steps, stats.compute_s)
+
+        body, seq = self._encode(stats, base_version)
+        started = time.monotonic()
+        ok = self.uploader.publish(body, message_id=f"{self.client_id}:{seq}", give_up=self._give_up_upload)
+        upload_s = time.monotonic() - started
+        if not ok:
+            log.warning("gave up sending delta %s:%s after the stop grace period", self.client_id, seq)
+        staleness = None
+        if ok and not self._should_stop():
+            current = self.fetcher.current_version()
+            staleness = None if current is None else current - base_version
+        return RoundReport(
+            round=number, seq=seq, base_version=base_version, planned_steps=planned,
+            steps=stats.steps, train_loss=stats.train_loss, compute_s=stats.compute_s,
+            tokens=stats.tokens, sent_bytes=len(body), sent=ok, upload_s=upload_s, staleness=staleness,
+        )
+
+    # -- the parts of a round ---------------------------------------------------------------------
+
+    def _adopt(self, snapshot: Snapshot) -> None:
+        """Make ``snapshot`` θ_base; build a fresh trainer first if it belongs to a new run."""
+        manifest = snapshot.manifest
+        run_config = manifest.config
+        for key in ("task", "task_settings", "inner", "seed"):
+            if key not in run_config:
+                raise ConfigError(f"snapshot {manifest.version} has no {key!r} in its run config")
+        run_key = (manifest.run_id, json.dumps(run_config, sort_keys=True, default=str))
+        if run_key != self._run_key:
+            self.trainer = self._build_trainer(run_config)
+            self._run_key = run_key
+            self.feedback.reset()  # a residual of another run's model means nothing here
+            self.speed = SpeedMeter()
+            self.on_notice(
+                f"joined run {self.keys.run!r} (run id {manifest.run_id}) at version {manifest.version} "
+                f"as client {self.client_id}: {self._describe(self.trainer)}"
+            )
+        assert self.trainer is not None
+        self.trainer.load_base(snapshot.params)
+        self.snapshot_version = manifest.version
+        self.run_id = manifest.run_id
+        self.progress = dict(manifest.progress)
+
+    def _build_trainer(self, run_config: dict[str, Any]) -> LocalTrainer:
+        settings = dict(run_config["task_settings"])
+        if self.config.data is not None:
+            if "data" in settings:
+                settings["data"] = self.config.data
+            else:
+                log.warning("task %r has no 'data' setting; --data is ignored", run_config["task"])
+        task = load_task(str(run_config["task"]), settings)
+        if not isinstance(run_config["inner"], dict):
+            raise ConfigError("the run config's 'inner' is not a map")
+        try:
+            inner = InnerConfig(**run_config["inner"])
+        except TypeError as exc:
+            raise ConfigError(f"the run's inner optimizer settings do not fit this client: {exc}") from exc
+        # crc32, not hash(): the same client id must pick the same shard in every process.
+        crc = zlib.crc32(self.client_id.encode())
+        return LocalTrainer(
+            task=task, inner=inner, device=self.device,
+            shard=crc % task.num_shards, seed=crc ^ int(run_config["seed"]),
+        )
+
+    def _describe(self, trainer: LocalTrainer) -> str:
+        params = sum(p.numel() for p in trainer.model.parameters())
+        shard = zlib.crc32(self.client_id.encode()) % trainer.task.num_shards
+        return f"{params / 1e6:.2f}M params on {self.device}, data shard {shard}, codec {self.codec.name}"
+
+    def _train(self, trainer: LocalTrainer) -> tuple[RoundStats, int]:
+        """Size the round (DyLU) and run it; return the stats and the planned step count."""
+        plan = self.fetcher.wait_for_plan(self.config.poll_s)
+        global_step = int(self.progress.get("local_steps", 0))
+        common: dict[str, Any] = dict(
+            global_step=global_step, slowdown=self.config.slowdown, should_stop=self._train_should_stop
+        )
+        if self.speed.steps_per_s is not None:
+            steps = local_steps_for(plan, self.speed.steps_per_s)
+            stats = trainer.train(steps, min_steps=steps, **common)
+        else:
+            # First round: speed unknown, so a slow machine stops at the round's time budget.
+            steps = plan.local_steps
+            stats = trainer.train(
+                steps, min_steps=plan.min_local_steps, time_budget_s=round_time_budget_s(plan), **common
+            )
+        log.debug("round: planned %d steps, ran %d in %.2fs", steps, stats.steps, stats.compute_s)
+        return stats, steps
+
+    def _encode(self, stats: RoundStats, base_version: int) -> tuple[bytes, int]:
+        """Compress g with error feedback, reserve a sequence number, and encode the delta message."""
+        assert self.trainer is not None and self.run_id is not None
+        gradient = self.trainer.pseudo_gradient()
+        tensors = {name: self.feedback.encode(name, g) for name, g in gradient.items()}
+        limit = DEFAULT_DELTA_LIMITS.max_message_bytes
+        payload = sum(len(blob) for blob in tensors.values())
+        if payload + ENVELOPE_BYTES > limit:
+            raise ConfigError(
+                f"a delta of this model is {payload / MiB:.1f} MiB with codec {self.codec.name}, over the "
+                f"{limit // MiB} MiB message limit; use --codec int8"
+            )
+        seq = self.identity.reserve_seq(self.run_id)  # durable before the publish: never reused
+        message = DeltaMessage(
+            run_id=self.run_id, client_id=self.client_id, seq=seq, base_version=base_version,
+            local_steps=stats.steps, samples=stats.samples, tokens=stats.tokens,
+            compute_s=stats.compute_s, train_loss=stats.train_loss, codec=self.codec.name,
+            tensors=tensors, sent_at=time.time(),
+        )
+        body = message.encode()
+        if len(body) > limit:
+            raise ConfigError(
+                f"delta message is {len(body) / MiB:.1f} MiB, over the {limit // MiB} MiB limit; "
+                "use --codec int8"
+            )
+        return body, seq
