@@ -1,0 +1,284 @@
+"""The client against the real Redis and RabbitMQ: it trains rounds and its deltas arrive whole.
+
+Each test plays the coordinator's part itself (snapshot v0 and a round plan in Redis, the delta
+queue on RabbitMQ) under a fresh run name, and removes its keys and queue afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika
+import pika.exceptions
+import pytest
+import redis
+import torch
+
+from client.config import ClientConfig
+from client.worker import RunSummary, Worker
+from shared.codecs import get_codec
+from shared.keys import RunKeys
+from shared.protocol import DeltaMessage, RoundPlan
+from shared.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, RetryPolicy
+from shared.snapshot import SnapshotManifest, SnapshotStore
+from shared.tasks import load_task
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+TASK_SETTINGS = {"model_size": "tiny", "batch_size": 4, "eval_sequences": 4, "max_corpus_bytes": 2_000_000}
+FAST_RETRY = RetryPolicy(initial_delay_s=0.1, max_delay_s=0.5)
+
+
+@pytest.fixture
+def keys() -> RunKeys:
+    return RunKeys(f"test-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def rdb(keys: RunKeys) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(DEFAULT_REDIS_URL)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    try:
+        yield client
+    finally:
+        for key in client.scan_iter(match=f"{keys.prefix}*", count=1000):
+            client.delete(key)
+        client.close()
+
+
+@pytest.fixture
+def amqp(keys: RunKeys) -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(DEFAULT_AMQP_URL))
+    except pika.exceptions.AMQPConnectionError:
+        pytest.skip("no RabbitMQ on 127.0.0.1:5672")
+    try:
+        yield connection.channel()
+    finally:
+        channel = connection.channel()  # a fresh one: the test's may have been closed by an error
+        channel.queue_delete(keys.delta_queue)
+        connection.close()
+
+
+def declare_delta_queue(channel: pika.adapters.blocking_connection.BlockingChannel, keys: RunKeys) -> None:
+    channel.queue_declare(keys.delta_queue, durable=True, arguments={"x-queue-type": "quorum"})
+
+
+def publish_run(
+    rdb: redis.Redis, keys: RunKeys, *, local_steps: int = 3, inner: dict | None = None
+) -> SnapshotManifest:
+    """Do what the coordinator does at start: snapshot v0 of a fresh tiny model, then the plan."""
+    task = load_task("bytelm", dict(TASK_SETTINGS))
+    torch.manual_seed(0)
+    params = {n: p.detach().clone() for n, p in task.build_model().named_parameters()}
+    run_id = f"rid-{uuid.uuid4().hex[:12]}"
+    manifest = SnapshotStore(rdb, keys).publish(
+        run_id=run_id,
+        version=0,
+        params=params,
+        config={"task": "bytelm", "task_settings": task.settings_dict(), "inner": inner or {}, "seed": 0},
+        progress={"local_steps": 0, "updates": 0},
+    )
+    plan = RoundPlan(run_id=run_id, local_steps=local_steps, min_local_steps=1, fastest_steps_per_s=0.0,
+                     active_clients=1, updated_at=time.time())
+    rdb.set(keys.plan, plan.encode())
+    return manifest
+
+
+def take_messages(
+    channel: pika.adapters.blocking_connection.BlockingChannel, queue: str, count: int, timeout_s: float = 10
+) -> list[tuple[pika.BasicProperties, bytes]]:
+    """Get (and ack) ``count`` messages from ``queue``; fail if they do not come within the timeout."""
+    got: list[tuple[pika.BasicProperties, bytes]] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < count and time.monotonic() < deadline:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            time.sleep(0.05)
+            continue
+        got.append((properties, body))
+    assert len(got) == count, f"expected {count} messages on {queue}, got {len(got)}"
+    return got
+
+
+def client_config(keys: RunKeys, state_dir: Path, **overrides: object) -> ClientConfig:
+    settings: dict = dict(run=keys.run, device="cpu", state_dir=state_dir, threads=1, max_rounds=2,
+                          retry=FAST_RETRY, poll_s=0.2)
+    settings.update(overrides)
+    return ClientConfig(**settings)
+
+
+def run_worker(config: ClientConfig) -> tuple[Worker, RunSummary]:
+    with Worker(config) as worker:
+        return worker, worker.run()
+
+
+def check_delta(body: bytes, manifest: SnapshotManifest, codec: str) -> dict[str, torch.Tensor]:
+    """Decode one delta as the coordinator would and check it fits the manifest; return g."""
+    message = DeltaMessage.decode(body)
+    assert message.run_id == manifest.run_id
+    assert message.base_version == 0
+    assert message.codec == codec
+    assert set(message.tensors) == {p.name for p in manifest.params}
+    decoded = {}
+    for entry in manifest.params:
+        g = get_codec(codec).decode(message.tensors[entry.name], entry.numel)
+        assert g.numel() == entry.numel
+        assert torch.isfinite(g).all(), entry.name
+        decoded[entry.name] = g
+    assert sum(float(g.abs().sum()) for g in decoded.values()) > 0, "the delta is all zeros"
+    return decoded
+
+
+def test_two_rounds_arrive_whole_and_in_sequence(rdb, amqp, keys, tmp_path):
+    manifest = publish_run(rdb, keys)
+    declare_delta_queue(amqp, keys)
+    reports = []
+    with Worker(client_config(keys, tmp_path, codec="fp16")) as worker:
+        summary = worker.run(on_round=reports.append)
+        client_id = worker.client_id
+
+    assert (summary.rounds, summary.deltas_sent, summary.next_seq) == (2, 2, 2)
+    assert summary.stopped_by == "max_rounds"
+    assert [r.seq for r in reports] == [0, 1]
+    assert all(r.sent and r.base_version == 0 and r.staleness == 0 and 1 <= r.steps <= 3 for r in reports)
+    assert all(math.isfinite(r.train_loss) for r in reports)
+    assert reports[0].line().startswith("round 1  v=0  H=")
+
+    messages = take_messages(amqp, keys.delta_queue, 2)
+    decoded = [DeltaMessage.decode(body) for _, body in messages]
+    assert [m.seq for m in decoded] == [0, 1]
+    assert {m.client_id for m in decoded} == {client_id}
+    assert all(m.local_steps == r.steps for m, r in zip(decoded, reports, strict=True))
+    for properties, body in messages:
+        check_delta(body, manifest, "fp16")
+        assert properties.delivery_mode == 2
+        assert properties.content_type == "application/x-msgpack"
+        assert properties.app_id == "asyncloco-client"
+        assert properties.message_id == DeltaMessage.decode(body).delta_id
+
+
+def test_lossless_delta_is_exactly_base_minus_local(rdb, amqp, keys, tmp_path):
+    manifest = publish_run(rdb, keys)
+    declare_delta_queue(amqp, keys)
+    with Worker(client_config(keys, tmp_path, codec="fp32", max_rounds=1, client_id="exact")) as worker:
+        worker.run()
+        expected = worker.trainer.pseudo_gradient()
+    (_, body), = take_messages(amqp, keys.delta_queue, 1)
+    decoded = check_delta(body, manifest, "fp32")
+    for name, g in expected.items():
+        assert torch.equal(decoded[name], g.reshape(-1)), name
+
+
+def test_restart_with_same_state_dir_continues_the_sequence(rdb, amqp, keys, tmp_path):
+    publish_run(rdb, keys)
+    declare_delta_queue(amqp, keys)
+    first, _ = run_worker(client_config(keys, tmp_path))
+    second, summary = run_worker(client_config(keys, tmp_path, max_rounds=1))
+
+    assert second.client_id == first.client_id  # generated once, kept in the state dir
+    assert summary.next_seq == 3
+    decoded = [DeltaMessage.decode(body) for _, body in take_messages(amqp, keys.delta_queue, 3)]
+    assert [(m.client_id, m.seq) for m in decoded] == [(first.client_id, s) for s in (0, 1, 2)]
+
+
+def test_publish_retries_until_the_queue_exists(rdb, amqp, keys, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="client")
+    manifest = publish_run(rdb, keys)
+    refused = threading.Event()
+    declared = threading.Event()
+
+    class RefusalSpotter(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "does not exist yet" in record.getMessage():
+                refused.set()
+
+    def declare_later() -> None:
+        refused.wait(timeout=20)  # the client's first publish came back unroutable
+        time.sleep(1.0)  # ... and it keeps retrying for a while
+        # Its own connection: pika connections are not shared between threads.
+        connection = pika.BlockingConnection(pika.URLParameters(DEFAULT_AMQP_URL))
+        declare_delta_queue(connection.channel(), keys)
+        connection.close()
+        declared.set()
+
+    spotter = RefusalSpotter()
+    logging.getLogger("client.uploader").addHandler(spotter)
+    thread = threading.Thread(target=declare_later, daemon=True)
+    thread.start()
+    reports = []
+    with Worker(client_config(keys, tmp_path, max_rounds=1, client_id="early-bird")) as worker:
+        try:
+            summary = worker.run(on_round=reports.append)
+        finally:
+            logging.getLogger("client.uploader").removeHandler(spotter)
+    thread.join(timeout=10)
+
+    assert declared.is_set()
+    assert summary.deltas_sent == 1 and reports[0].sent
+    assert refused.is_set() and reports[0].upload_s > 0.9  # it really waited for the queue
+    warnings = [r.getMessage() for r in caplog.records if r.name == "client.uploader"]
+    assert len(warnings) == 1 and "does not exist yet" in warnings[0]  # one line, not one per retry
+    (_, body), = take_messages(amqp, keys.delta_queue, 1)
+    message = DeltaMessage.decode(body)
+    assert (message.client_id, message.seq) == ("early-bird", 0)  # the retry kept its number
+    check_delta(body, manifest, "fp16")
+
+
+def test_cli_waits_for_snapshot_and_ctrl_c_sends_the_partial_round(rdb, amqp, keys, tmp_path):
+    declare_delta_queue(amqp, keys)
+    env = dict(os.environ, PYTHONPATH=str(REPO), ASYNCLOCO_RUN=keys.run)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "client.cli", "join", "--threads", "1", "--device", "cpu", "--codec", "int8",
+         "--client-id", "cli-test", "--state-dir", str(tmp_path)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+
+    def wait_for(text: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not any(text in line for line in lines):
+            assert process.poll() is None, f"client exited early: {process.stderr.read()}"
+            assert time.monotonic() < deadline, f"no {text!r} in {lines}"
+            time.sleep(0.05)
+
+    try:
+        wait_for("waiting for the coordinator")
+        # A round far too long to finish: only Ctrl-C can end it.
+        manifest = publish_run(rdb, keys, local_steps=100_000)
+        wait_for("joined run")
+        time.sleep(2.0)
+        process.send_signal(signal.SIGINT)
+        rc = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    reader.join(timeout=5)
+    stderr = process.stderr.read()
+
+    assert rc == 0, stderr
+    assert "Traceback" not in stderr
+    assert any(line.startswith("round 1  v=0") for line in lines), lines
+    assert "stopped (stop): 1 rounds, 1 deltas sent as client cli-test" in lines[-1]
+    (_, body), = take_messages(amqp, keys.delta_queue, 1)
+    message = DeltaMessage.decode(body)
+    assert (message.client_id, message.seq) == ("cli-test", 0)
+    assert 0 < message.local_steps < 100_000
+    check_delta(body, manifest, "int8")
