@@ -1,7 +1,7 @@
 """The client against the real Redis and RabbitMQ: it trains rounds and its deltas arrive whole.
 
 Each test plays the coordinator's part itself (snapshot v0 and a round plan in Redis, the delta
-queue on RabbitMQ) under a fresh run name, and removes its keys and queue afterwards.
+queue on RabbitMQ) under a fresh run name; ``run_scope`` removes its keys and queue afterwards.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from client.worker import RunSummary, Worker
 from shared.codecs import get_codec
 from shared.keys import RunKeys
 from shared.protocol import DeltaMessage, RoundPlan
-from shared.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, RetryPolicy
+from shared.settings import ConnectionSettings, RetryPolicy
 from shared.snapshot import SnapshotManifest, SnapshotStore
 from shared.tasks import load_task
+from tests.services import AMQP_URL, REDIS_URL
 
 pytestmark = pytest.mark.integration
 
@@ -41,36 +42,21 @@ FAST_RETRY = RetryPolicy(initial_delay_s=0.1, max_delay_s=0.5)
 
 
 @pytest.fixture
-def keys() -> RunKeys:
-    return RunKeys(f"test-{uuid.uuid4().hex[:8]}")
+def keys(run_name: str) -> RunKeys:
+    return RunKeys(run_name)  # run_scope (conftest) deletes the run's keys and queues afterwards
 
 
 @pytest.fixture
-def rdb(keys: RunKeys) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(DEFAULT_REDIS_URL)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    try:
-        yield client
-    finally:
-        for key in client.scan_iter(match=f"{keys.prefix}*", count=1000):
-            client.delete(key)
-        client.close()
+def rdb(redis_client: redis.Redis) -> redis.Redis:
+    return redis_client
 
 
 @pytest.fixture
-def amqp(keys: RunKeys) -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
-    try:
-        connection = pika.BlockingConnection(pika.URLParameters(DEFAULT_AMQP_URL))
-    except pika.exceptions.AMQPConnectionError:
-        pytest.skip("no RabbitMQ on 127.0.0.1:5672")
+def amqp() -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     try:
         yield connection.channel()
     finally:
-        channel = connection.channel()  # a fresh one: the test's may have been closed by an error
-        channel.queue_delete(keys.delta_queue)
         connection.close()
 
 
@@ -116,7 +102,8 @@ def take_messages(
 
 
 def client_config(keys: RunKeys, state_dir: Path, **overrides: object) -> ClientConfig:
-    settings: dict = dict(run=keys.run, device="cpu", state_dir=state_dir, threads=1, max_rounds=2,
+    settings: dict = dict(run=keys.run, connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
+                          device="cpu", state_dir=state_dir, threads=1, max_rounds=2,
                           retry=FAST_RETRY, poll_s=0.2)
     settings.update(overrides)
     return ClientConfig(**settings)
@@ -211,7 +198,7 @@ def test_publish_retries_until_the_queue_exists(rdb, amqp, keys, tmp_path, caplo
         refused.wait(timeout=20)  # the client's first publish came back unroutable
         time.sleep(1.0)  # ... and it keeps retrying for a while
         # Its own connection: pika connections are not shared between threads.
-        connection = pika.BlockingConnection(pika.URLParameters(DEFAULT_AMQP_URL))
+        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
         declare_delta_queue(connection.channel(), keys)
         connection.close()
         declared.set()
@@ -241,7 +228,8 @@ def test_publish_retries_until_the_queue_exists(rdb, amqp, keys, tmp_path, caplo
 
 def test_cli_waits_for_snapshot_and_ctrl_c_sends_the_partial_round(rdb, amqp, keys, tmp_path):
     declare_delta_queue(amqp, keys)
-    env = dict(os.environ, PYTHONPATH=str(REPO), ASYNCLOCO_RUN=keys.run)
+    env = dict(os.environ, PYTHONPATH=str(REPO), ASYNCLOCO_RUN=keys.run, ASYNCLOCO_REDIS=REDIS_URL,
+               ASYNCLOCO_AMQP=AMQP_URL)
     process = subprocess.Popen(
         [sys.executable, "-m", "client.cli", "join", "--threads", "1", "--device", "cpu", "--codec", "int8",
          "--client-id", "cli-test", "--state-dir", str(tmp_path)],
