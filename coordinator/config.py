@@ -20,18 +20,23 @@ from shared.settings import ConnectionSettings, RetryPolicy
 class CommitConfig:
     """When to commit (checkpoint, publish a snapshot, then ack what it includes).
 
-    A commit happens once ``every_updates`` deltas were applied, or ``interval_s`` after the first
-    uncommitted one, whichever comes first. Fresher snapshots (lower values) mean less staleness but
-    more disk and Redis writes; with big models raise ``interval_s``.
+    A commit happens once ``every_updates`` deltas were handled, or ``interval_s`` after the first
+    uncommitted one, or as soon as no delivery is waiting and ``idle_interval_s`` passed since the
+    last commit: under light load every delta is published at once (clients start their next round
+    from a model that includes their last delta), under heavy load commits batch up. Fresher
+    snapshots mean less staleness but more disk and Redis writes; with big models raise both.
     """
 
     every_updates: int = 16
     interval_s: float = 2.0
+    idle_interval_s: float = 0.25
     keep_versions: int = 3
 
     def __post_init__(self) -> None:
         if self.every_updates < 1 or self.interval_s <= 0 or self.keep_versions < 1:
             raise ConfigError("commit every_updates >= 1, interval_s > 0, keep_versions >= 1")
+        if not 0 <= self.idle_interval_s <= self.interval_s:
+            raise ConfigError("commit idle_interval_s must be within [0, interval_s]")
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ class Coordinator:
         self.uncommitted: list[tuple[Delivery, Outcome]] = []
         self.first_uncommitted_at = 0.0
         self.commits = 0
+        self.last_commit_at = 0.0
         self.consumer: DeltaConsumer | None = None
         self._redis_down = False
 
@@ -157,6 +158,7 @@ class Coordinator:
                 if self.uncommitted and (
                     len(self.uncommitted) >= cfg.commit.every_updates
                     or now - self.first_uncommitted_at >= cfg.commit.interval_s
+                    or (self.inbox.empty() and now - self.last_commit_at >= cfg.commit.idle_interval_s)
                 ):
                     if now >= next_eval and self._applied_pending():
                         next_eval = now + cfg.eval_interval_s
@@ -193,6 +195,7 @@ class Coordinator:
         if applied or force:
             self._publish()
         self.commits += 1
+        self.last_commit_at = time.monotonic()
         if applied or force:
             rejected = sum(1 for _, o in batch if o.kind == "rejected")
             duplicates = sum(1 for _, o in batch if o.kind == "duplicate")
@@ -223,7 +226,14 @@ class Coordinator:
             self._redis_down = True
 
     def progress(self) -> dict[str, Any]:
-        return {"updates": self.intake.counts["applied"], **self.intake.progress}
+        """Global progress, and each active client's newest applied seq (so that a client can see
+        its last delta is in before it starts its next round)."""
+        active = self.registry.active(time.time())
+        return {
+            "updates": self.intake.counts["applied"],
+            **self.intake.progress,
+            "client_seqs": {c.client_id: c.max_seq for c in active},
+        }
 
     def _checkpoint(self) -> Checkpoint:
         return Checkpoint(
@@ -279,7 +289,9 @@ class Coordinator:
     def _shutdown(self) -> None:
         try:
             if self.uncommitted:
-                self._commit(evaluate=True)
+                self._commit()
+            if not self.eval_history or self.eval_history[-1][0] != self.version:
+                log.info("final eval of version %d: %.4f", self.version, self._evaluate())
             if self.consumer is not None:
                 time.sleep(0.3)  # let the I/O thread send the last acks
                 self.consumer.stop()
