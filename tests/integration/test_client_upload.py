@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pika
 import pika.exceptions
@@ -25,7 +27,7 @@ import redis
 import torch
 
 from client.config import ClientConfig
-from client.worker import RunSummary, Worker
+from client.worker import RoundReport, RunSummary, Worker
 from shared.codecs import get_codec
 from shared.keys import RunKeys
 from shared.protocol import DeltaMessage, RoundPlan
@@ -224,6 +226,108 @@ def test_publish_retries_until_the_queue_exists(rdb, amqp, keys, tmp_path, caplo
     message = DeltaMessage.decode(body)
     assert (message.client_id, message.seq) == ("early-bird", 0)  # the retry kept its number
     check_delta(body, manifest, "fp16")
+
+
+class OutageProxy:
+    """A TCP relay in front of a real server that can cut every connection and refuse new ones.
+
+    It lets a test take Redis or RabbitMQ away from the client (and only from the client) without
+    disturbing the servers that other tests share.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self._server: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+
+    def up(self) -> None:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(16)
+        self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def down(self) -> None:
+        """Refuse new connections and reset the open ones."""
+        for sock in [self._server, *self._sockets]:
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # also wakes the thread blocked in accept()
+                except OSError:
+                    pass
+                sock.close()
+        self._server, self._sockets = None, []
+
+    def down_for(self, seconds: float) -> None:
+        self.down()
+        timer = threading.Timer(seconds, self.up)
+        timer.daemon = True
+        timer.start()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                downstream, _ = server.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                return
+            self._sockets += [downstream, upstream]
+            for a, b in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_client_rides_out_rabbitmq_and_redis_outages(rdb, amqp, keys, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="client")
+    manifest = publish_run(rdb, keys, local_steps=20)
+    declare_delta_queue(amqp, keys)
+    redis_proxy = OutageProxy(urlparse(REDIS_URL).port or 6379)
+    amqp_proxy = OutageProxy(urlparse(AMQP_URL).port or 5672)
+    redis_proxy.up()
+    amqp_proxy.up()
+    connection = ConnectionSettings(
+        redis_url=urlparse(REDIS_URL)._replace(netloc=f"127.0.0.1:{redis_proxy.port}").geturl(),
+        amqp_url=urlparse(AMQP_URL)._replace(netloc=f"guest:guest@127.0.0.1:{amqp_proxy.port}").geturl(),
+        socket_timeout_s=3,
+    )
+
+    def cut(report: RoundReport) -> None:
+        if report.round == 1:
+            amqp_proxy.down_for(2.0)  # round 2's delta finds RabbitMQ gone
+        elif report.round == 2:
+            redis_proxy.down_for(2.0)  # round 3 finds Redis gone before it starts
+
+    try:
+        with Worker(client_config(keys, tmp_path, connection=connection, max_rounds=4)) as worker:
+            summary = worker.run(on_round=cut)
+    finally:
+        redis_proxy.down()
+        amqp_proxy.down()
+
+    assert summary.deltas_sent == 4
+    messages = [DeltaMessage.decode(body) for _, body in take_messages(amqp, keys.delta_queue, 4)]
+    assert [m.seq for m in messages] == [0, 1, 2, 3]  # nothing lost, nothing renumbered
+    check_delta(messages[1].encode(), manifest, "fp16")
+    warnings = [(r.name, r.getMessage()) for r in caplog.records if r.levelno == logging.WARNING]
+    assert [name for name, _ in warnings] == ["client.uploader", "client.fetcher"], warnings
+    assert "RabbitMQ unavailable" in warnings[0][1] and "Redis unavailable" in warnings[1][1]
 
 
 def test_cli_waits_for_snapshot_and_ctrl_c_sends_the_partial_round(rdb, amqp, keys, tmp_path):
