@@ -40,7 +40,7 @@ class StopSignals:
         self.event.set()
         if self.on_first is not None:
             name = signal.Signals(signum).name
-            self.on_first(f"{name}: finishing this round and sending it (press Ctrl-C again to quit now)")
+            self.on_first(f"{name}: stopping once the round in hand is sent (Ctrl-C again: quit now)")
 
     def install(self) -> StopSignals:
         """Install the handlers for SIGINT and SIGTERM (main thread only); return self."""

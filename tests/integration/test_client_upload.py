@@ -29,6 +29,7 @@ import torch
 from client.config import ClientConfig
 from client.worker import RoundReport, RunSummary, Worker
 from shared.codecs import get_codec
+from shared.errors import ConfigError
 from shared.keys import RunKeys
 from shared.protocol import DeltaMessage, RoundPlan
 from shared.settings import ConnectionSettings, RetryPolicy
@@ -67,10 +68,10 @@ def declare_delta_queue(channel: pika.adapters.blocking_connection.BlockingChann
 
 
 def publish_run(
-    rdb: redis.Redis, keys: RunKeys, *, local_steps: int = 3, inner: dict | None = None
+    rdb: redis.Redis, keys: RunKeys, *, local_steps: int = 3, **task_settings: object
 ) -> SnapshotManifest:
-    """Do what the coordinator does at start: snapshot v0 of a fresh tiny model, then the plan."""
-    task = load_task("bytelm", dict(TASK_SETTINGS))
+    """Do what the coordinator does at start: snapshot v0 of a fresh model, then the round plan."""
+    task = load_task("bytelm", {**TASK_SETTINGS, **task_settings})
     torch.manual_seed(0)
     params = {n: p.detach().clone() for n, p in task.build_model().named_parameters()}
     run_id = f"rid-{uuid.uuid4().hex[:12]}"
@@ -78,7 +79,7 @@ def publish_run(
         run_id=run_id,
         version=0,
         params=params,
-        config={"task": "bytelm", "task_settings": task.settings_dict(), "inner": inner or {}, "seed": 0},
+        config={"task": "bytelm", "task_settings": task.settings_dict(), "inner": {}, "seed": 0},
         progress={"local_steps": 0, "updates": 0},
     )
     plan = RoundPlan(run_id=run_id, local_steps=local_steps, min_local_steps=1, fastest_steps_per_s=0.0,
@@ -161,16 +162,33 @@ def test_two_rounds_arrive_whole_and_in_sequence(rdb, amqp, keys, tmp_path):
         assert properties.message_id == DeltaMessage.decode(body).delta_id
 
 
-def test_lossless_delta_is_exactly_base_minus_local(rdb, amqp, keys, tmp_path):
+def test_lossless_delta_is_exactly_base_minus_local_on_own_data(rdb, amqp, keys, tmp_path):
     manifest = publish_run(rdb, keys)
     declare_delta_queue(amqp, keys)
-    with Worker(client_config(keys, tmp_path, codec="fp32", max_rounds=1, client_id="exact")) as worker:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):  # 3 × 60 KiB of text: above the corpus minimum of 128 KiB
+        (corpus / f"notes{i}.txt").write_text(f"note {i}: a quick brown fox jumps over the lazy dog\n" * 1200)
+    config = client_config(keys, tmp_path / "state", codec="fp32", max_rounds=1, client_id="exact",
+                           data=str(corpus / "*.txt"))
+    with Worker(config) as worker:
         worker.run()
+        assert worker.trainer.task.settings.data == str(corpus / "*.txt")  # --data replaced the corpus
         expected = worker.trainer.pseudo_gradient()
     (_, body), = take_messages(amqp, keys.delta_queue, 1)
     decoded = check_delta(body, manifest, "fp32")
     for name, g in expected.items():
         assert torch.equal(decoded[name], g.reshape(-1)), name
+
+
+def test_delta_over_the_message_limit_is_a_clear_error(rdb, amqp, keys, tmp_path):
+    publish_run(rdb, keys, local_steps=1, model_size="small")  # ~5M params: 20 MB in fp32
+    declare_delta_queue(amqp, keys)
+    with Worker(client_config(keys, tmp_path, codec="fp32", max_rounds=1)) as worker:
+        with pytest.raises(ConfigError, match="use --codec int8"):
+            worker.run()
+        assert worker.identity.next_seq(worker.run_id) == 0  # no number burnt on a delta never sent
+    assert amqp.queue_declare(keys.delta_queue, passive=True).method.message_count == 0
 
 
 def test_restart_with_same_state_dir_continues_the_sequence(rdb, amqp, keys, tmp_path):
