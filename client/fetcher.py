@@ -18,7 +18,7 @@ from shared.errors import ServiceUnavailable, SnapshotError, SnapshotMissing
 from shared.keys import RunKeys
 from shared.protocol import RoundPlan
 from shared.settings import ConnectionSettings, RetryPolicy, sleep_interruptibly
-from shared.snapshot import Snapshot, SnapshotStore
+from shared.snapshot import Snapshot, SnapshotManifest, SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,10 @@ class SnapshotFetcher:
             told = True
             if sleep_interruptibly(poll_s, self.should_stop):
                 raise StopRequested()
+
+    def manifest(self, version: int) -> SnapshotManifest:
+        """The manifest of ``version`` (a small read); raises SnapshotError if it is gone or bad."""
+        return self._call("reading a manifest", lambda: self.store.read_manifest(version))
 
     def read_latest(self) -> Snapshot:
         """Read and verify the newest snapshot whole, retrying through expiry races and outages."""

@@ -33,7 +33,7 @@ from client.stop import StopRequested
 from client.uploader import DeltaUploader
 from shared.codecs import ErrorFeedback, get_codec
 from shared.dylu import SpeedMeter, local_steps_for, round_time_budget_s
-from shared.errors import ConfigError
+from shared.errors import ConfigError, SnapshotError
 from shared.keys import RunKeys
 from shared.local_round import InnerConfig, LocalTrainer, RoundStats, pick_device
 from shared.protocol import DEFAULT_DELTA_LIMITS, DeltaMessage, MiB
@@ -125,6 +125,7 @@ class Worker:
         self.trainer: LocalTrainer | None = None
         self._run_key: tuple[str, str] | None = None  # (run_id, config JSON) the trainer was built for
         self.snapshot_version: int | None = None  # version θ_base comes from
+        self._base_stamp: tuple[str, float] | None = None  # (run_id, created_at) of that snapshot
         self.run_id: str | None = None
         self.progress: dict[str, Any] = {}
         self._deadline: float | None = None  # time.monotonic() when max_seconds is up
@@ -156,7 +157,9 @@ class Worker:
 
     def _give_up_upload(self) -> bool:
         """A stopping client tries to send its last delta for ``upload_grace_s``, then gives up."""
-        return self._should_stop() and time.monotonic() - self._stop_seen > self.config.upload_grace_s  # type: ignore[operator]
+        if not self._should_stop() or self._stop_seen is None:
+            return False
+        return time.monotonic() - self._stop_seen > self.config.upload_grace_s
 
     def _train_should_stop(self) -> bool:
         self.uploader.keepalive()  # a long round must not let the AMQP connection time out
@@ -210,7 +213,7 @@ class Worker:
                 f"{self.keys.run!r} (Ctrl-C to quit)"
             ),
         )
-        if version != self.snapshot_version or self.trainer is None:
+        if not self._holds(version):
             self._adopt(self.fetcher.read_latest())
         else:
             self.trainer.reset_to_base()  # every round starts from θ_base of the version it tags
@@ -239,6 +242,20 @@ class Worker:
 
     # -- the parts of a round ---------------------------------------------------------------------
 
+    def _holds(self, version: int) -> bool:
+        """True if θ_base is already snapshot ``version`` of the same run.
+
+        The version number alone is not enough: a coordinator started afresh under the same run
+        name publishes its own version 0 again (one small GET of the manifest tells them apart).
+        """
+        if self.trainer is None or version != self.snapshot_version:
+            return False
+        try:
+            manifest = self.fetcher.manifest(version)
+        except SnapshotError:
+            return False  # expired or replaced: read whatever is current now
+        return (manifest.run_id, manifest.created_at) == self._base_stamp
+
     def _adopt(self, snapshot: Snapshot) -> None:
         """Make ``snapshot`` θ_base; build a fresh trainer first if it belongs to a new run."""
         manifest = snapshot.manifest
@@ -259,6 +276,7 @@ class Worker:
         assert self.trainer is not None
         self.trainer.load_base(snapshot.params)
         self.snapshot_version = manifest.version
+        self._base_stamp = (manifest.run_id, manifest.created_at)
         self.run_id = manifest.run_id
         self.progress = dict(manifest.progress)
 

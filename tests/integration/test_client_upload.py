@@ -203,6 +203,22 @@ def test_restart_with_same_state_dir_continues_the_sequence(rdb, amqp, keys, tmp
     assert [(m.client_id, m.seq) for m in decoded] == [(first.client_id, s) for s in (0, 1, 2)]
 
 
+def test_fresh_run_at_the_same_version_gets_a_fresh_trainer_and_sequence(rdb, amqp, keys, tmp_path):
+    first = publish_run(rdb, keys)
+    declare_delta_queue(amqp, keys)
+    with Worker(client_config(keys, tmp_path, client_id="loyal")) as worker:
+        assert worker.run_round(1).seq == 0
+        old_trainer = worker.trainer
+        rdb.delete(keys.current)  # a coordinator started afresh under the same run name ...
+        second = publish_run(rdb, keys)  # ... publishes its own version 0
+        report = worker.run_round(2)
+        assert worker.trainer is not old_trainer  # new run: new replica and AdamW state
+
+    assert report.seq == 0 and report.base_version == 0  # sequence numbers count per run
+    messages = [DeltaMessage.decode(body) for _, body in take_messages(amqp, keys.delta_queue, 2)]
+    assert [(m.run_id, m.seq) for m in messages] == [(first.run_id, 0), (second.run_id, 0)]
+
+
 def test_publish_retries_until_the_queue_exists(rdb, amqp, keys, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="client")
     manifest = publish_run(rdb, keys)
