@@ -46,6 +46,10 @@ class ClientConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     log_level: str = "warning"
     upload_grace_s: float = 30.0
+    # After a delta is confirmed, wait up to this long for a snapshot that includes it, so the
+    # next round does not start from a base that lacks this client's own last work (which would
+    # send nearly the same delta twice). 0 disables; the coordinator normally commits within ~1 s.
+    include_wait_s: float = 10.0
     poll_s: float = 1.0
 
     def __post_init__(self) -> None:
@@ -68,6 +72,8 @@ class ClientConfig:
             raise ConfigError("--max-rounds and --max-seconds must be >= 0 (0 = no limit)")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        if self.include_wait_s < 0:
+            raise ConfigError("include_wait_s must be >= 0")
         if self.upload_grace_s <= 0 or self.poll_s <= 0:
             raise ConfigError("upload_grace_s and poll_s must be > 0")
         # A str path from a caller is accepted and normalised (the dataclass is frozen).

@@ -231,6 +231,8 @@ class Worker:
         if not ok:
             log.warning("gave up sending delta %s:%s after the stop grace period", self.client_id, seq)
         staleness = None
+        if ok and self.config.include_wait_s > 0 and not self._should_stop():
+            self._wait_until_included(seq, base_version)
         if ok and not self._should_stop():
             current = self.fetcher.current_version()
             staleness = None if current is None else current - base_version
@@ -241,6 +243,31 @@ class Worker:
         )
 
     # -- the parts of a round ---------------------------------------------------------------------
+
+    def _wait_until_included(self, seq: int, base_version: int) -> bool:
+        """Wait (bounded by ``include_wait_s``) until a published snapshot includes delta ``seq``.
+
+        The coordinator lists each active client's newest applied seq in the manifest's progress.
+        Starting the next round from a base without our own last delta would make the next delta
+        repeat most of it, and Delayed Nesterov would count that work twice.
+        """
+        deadline = time.monotonic() + self.config.include_wait_s
+        while time.monotonic() < deadline and not self._should_stop():
+            version = self.fetcher.current_version()
+            if version is not None and version > base_version:
+                try:
+                    manifest = self.fetcher.manifest(version)
+                except SnapshotError:
+                    manifest = None
+                if manifest is not None and manifest.run_id != self.run_id:
+                    return False  # a new run: the next round adopts it
+                seqs = manifest.progress.get("client_seqs", {}) if manifest is not None else {}
+                if isinstance(seqs, dict) and int(seqs.get(self.client_id, -1)) >= seq:
+                    return True
+            time.sleep(0.05)
+        log.info("delta %s:%d not yet in a snapshot after %.0f s; going on", self.client_id, seq,
+                 self.config.include_wait_s)
+        return False
 
     def _holds(self, version: int) -> bool:
         """True if θ_base is already snapshot ``version`` of the same run.

@@ -143,6 +143,8 @@ class DeltaIntake:
             bound = self.config.max_norm_ratio * model_norm
             return reject("norm_too_large", f"|g| = {math.sqrt(sq):.3g} > {bound:.3g}")
         active_ids = {c.client_id for c in self.registry.active(now)} | {cid}  # sender is active now
+        log.debug("apply %s:%d base=%d staleness=%d steps=%d |g|=%.4f |θ|=%.2f N=%d", cid, seq,
+                  msg.base_version, staleness, msg.local_steps, math.sqrt(sq), model_norm, len(active_ids))
         self.optimizer.step(delta, active_clients=len(active_ids))
         self.registry.record_applied(
             client_id=cid, seq=seq, local_steps=msg.local_steps, compute_s=msg.compute_s,
