@@ -19,38 +19,13 @@ import click
 from client.config import DEVICES, LOG_LEVELS, ClientConfig
 from client.identity import default_state_dir
 from client.stop import StopSignals
+from shared.cli import OneLineErrors
 from shared.codecs import CODECS
-from shared.errors import AsyncLocoError
 from shared.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, ConnectionSettings
 
 
 def _err(text: str) -> None:
     click.echo(text, err=True)
-
-
-class OneLineErrors(click.Group):
-    """A click group whose errors end as one line on stderr instead of a usage block or traceback."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        kwargs["standalone_mode"] = False
-        try:
-            return super().main(*args, **kwargs)
-        except click.UsageError as exc:
-            hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
-            _err(f"error: {exc.format_message()}{hint}")
-            sys.exit(exc.exit_code)
-        except click.ClickException as exc:
-            _err(f"error: {exc.format_message()}")
-            sys.exit(exc.exit_code)
-        except click.Abort:
-            _err("aborted")
-            sys.exit(130)
-        except AsyncLocoError as exc:
-            _err(f"error: {exc}")
-            sys.exit(1)
-        except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
-            _err("interrupted")
-            sys.exit(130)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"],
@@ -128,8 +103,9 @@ def join(
 
     Each round prints one line: the snapshot version it started from (v), local steps run (H),
     mean training loss, throughput, bytes sent and staleness (versions published meanwhile).
-    If staleness is often high, this machine is slow for the run: that is fine, the coordinator
-    weighs it in; --codec int8 helps when the upload is the bottleneck.
+    If staleness is often high, this machine is slow for the run: that is fine, Dynamic Local
+    Updates keeps its rounds short, and the coordinator discards only deltas more than its
+    --max-staleness versions behind; --codec int8 helps when the upload is the bottleneck.
     """
     config = ClientConfig(
         run=run,

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ from coordinator.intake import IntakeConfig
 from coordinator.outer_optimizer import OuterConfig
 from coordinator.registry import PlanConfig
 from coordinator.status import read_status, render_text
-from shared.errors import AsyncLocoError, ConfigError, ServiceUnavailable
+from shared.cli import OneLineErrors
+from shared.errors import ConfigError, ServiceUnavailable
 from shared.keys import RunKeys
 from shared.local_round import InnerConfig
 from shared.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, ConnectionSettings
@@ -60,12 +60,13 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # its own reconnect chatter; we log ours
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-def cli() -> None:
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"],
+                                                   "max_content_width": 100})
+def main() -> None:
     """asyncloco coordinator: owns the global model of a run and applies clients' deltas."""
 
 
-@cli.command()
+@main.command()
 @_opt("--run", env="RUN", default="default", help="Run name (several runs can share the servers).")
 @_opt("--task", env="TASK", default="bytelm", help="'bytelm' or a user task 'package.module:factory'.")
 @_opt("--model-size", env="MODEL_SIZE", type=click.Choice(["tiny", "small"]), default=None,
@@ -185,7 +186,7 @@ def _install_signals(stop: Any) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-@cli.command()
+@main.command()
 @_opt("--run", env="RUN", default="default", help="Run name.")
 @_opt("--json", "as_json", env="STATUS_JSON", is_flag=True, help="Print the stable JSON document.")
 @_opt("--redis", "redis_url", env="REDIS", default=DEFAULT_REDIS_URL, help="Redis URL.")
@@ -225,20 +226,6 @@ def _live_queue_depth(amqp_url: str, keys: RunKeys) -> int | None:
             connection.close()
     except (pika.exceptions.AMQPError, OSError):
         return None
-
-
-def main() -> None:
-    """Entry point: any AsyncLocoError becomes one line on stderr and exit code 1."""
-    try:
-        cli(standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except AsyncLocoError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
