@@ -110,9 +110,9 @@ class Coordinator:
             "resuming" if checkpoint else "starting", cfg.run, self.run_id,
             sum(p.numel() for p in self.optimizer.params.values()), first,
         )
-        self._evaluate()
         self.version = first
         self.intake.version = first
+        self._evaluate()
         self._commit(force=True)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
