@@ -20,7 +20,7 @@ import redis
 from coordinator.config import CommitConfig, CoordinatorConfig
 from coordinator.consumer import QueueConfig
 from coordinator.intake import IntakeConfig
-from coordinator.outer_optimizer import OuterConfig
+from coordinator.outer_optimizer import STRATEGIES, OuterConfig
 from coordinator.registry import PlanConfig
 from coordinator.status import read_status, render_text
 from shared.cli import OneLineErrors
@@ -85,6 +85,10 @@ def main() -> None:
       help="Start over: set an existing checkpoint aside (renamed *.old) and begin a new run.")
 @_opt("--redis", "redis_url", env="REDIS", default=DEFAULT_REDIS_URL, help="Redis URL.")
 @_opt("--amqp", "amqp_url", env="AMQP", default=DEFAULT_AMQP_URL, help="RabbitMQ URL.")
+@_opt("--strategy", env="STRATEGY", type=click.Choice(list(STRATEGIES)), default="dn",
+      help="Outer update: Delayed Nesterov, per-arrival Nesterov, plain SGD, or FedBuff.")
+@_opt("--staleness-exponent", env="STALENESS_EXPONENT", type=click.FloatRange(0), default=0.0,
+      help="Weigh a delta by (1 + staleness)^-a (0 = off).")
 @_opt("--outer-lr", env="OUTER_LR", type=float, default=0.7, help="Outer learning rate ε.")
 @_opt("--outer-momentum", env="OUTER_MOMENTUM", type=float, default=0.9, help="Outer momentum β.")
 @_opt("--buffer-size", env="BUFFER_SIZE", type=click.IntRange(0), default=0,
@@ -156,8 +160,9 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
         seed=opts["seed"],
         inner=InnerConfig(lr=opts["inner_lr"], warmup_steps=opts["warmup_steps"],
                           schedule_steps=opts["schedule_steps"]),
-        outer=OuterConfig(lr=opts["outer_lr"], momentum=opts["outer_momentum"],
-                          buffer_size=opts["buffer_size"], c=opts["outer_c"]),
+        outer=OuterConfig(strategy=opts["strategy"], lr=opts["outer_lr"], momentum=opts["outer_momentum"],
+                          buffer_size=opts["buffer_size"], c=opts["outer_c"],
+                          staleness_exponent=opts["staleness_exponent"]),
         plan=PlanConfig(local_steps=opts["local_steps"], min_local_steps=opts["min_local_steps"],
                         dylu=opts["dylu"]),
         intake=IntakeConfig(max_staleness=opts["max_staleness"]),

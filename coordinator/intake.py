@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from coordinator.outer_optimizer import DelayedNesterov
+from coordinator.outer_optimizer import OuterOptimizer
 from coordinator.registry import ClientRegistry
 from shared.codecs import get_codec
 from shared.errors import ConfigError, ProtocolError
@@ -72,7 +72,7 @@ class DeltaIntake:
         self,
         *,
         config: IntakeConfig,
-        optimizer: DelayedNesterov,
+        optimizer: OuterOptimizer,
         registry: ClientRegistry,
         run_id: str,
     ) -> None:
@@ -145,7 +145,7 @@ class DeltaIntake:
         active_ids = {c.client_id for c in self.registry.active(now)} | {cid}  # sender is active now
         log.debug("apply %s:%d base=%d staleness=%d steps=%d |g|=%.4f |θ|=%.2f N=%d", cid, seq,
                   msg.base_version, staleness, msg.local_steps, math.sqrt(sq), model_norm, len(active_ids))
-        self.optimizer.step(delta, active_clients=len(active_ids))
+        self.optimizer.step(delta, active_clients=len(active_ids), staleness=staleness)
         self.registry.record_applied(
             client_id=cid, seq=seq, local_steps=msg.local_steps, compute_s=msg.compute_s,
             tokens=msg.tokens, train_loss=msg.train_loss, staleness=staleness, now=now,

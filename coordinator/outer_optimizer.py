@@ -1,13 +1,23 @@
-"""Delayed Nesterov, the outer optimizer of asynchronous Local-SGD (Liu et al., 2024).
+"""Outer optimizers of asynchronous Local-SGD: how arriving pseudo-gradients move θ.
 
-On each arriving pseudo-gradient ``g`` (``N`` = buffer size, ``c`` = 0 by default)::
+``dn`` — Delayed Nesterov (Liu et al., 2024), the default. On each arriving ``g`` (``N`` = buffer
+size, ``c`` = 0 by default)::
 
     Δ += g;  t += 1
     if t % N == 0:  m = β·m + Δ/N;  θ -= ε·(β·m + g/N);  Δ = 0   # momentum moves once per N arrivals
     else:           θ -= ε·(c·β·m + g/N)                          # plain step, momentum frozen
 
 Over N arrivals with c = 0 this moves θ by exactly one Nesterov step on the mean of the N deltas.
-Plain Nesterov per arrival over-counts momentum (about 7% worse perplexity in the paper).
+
+``nesterov`` — Nesterov on every arrival (the paper's "Async DiLoCo"): ``m = β·m + g/N;
+θ -= ε·(β·m + g/N)``. It over-counts momentum (about 7% worse perplexity in the paper).
+
+``sgd`` — no outer momentum: ``θ -= ε·g/N``.
+
+``fedbuff`` — buffer N arrivals, then ``θ -= ε·mean(buffer)`` (FedBuff, Nguyen et al., 2022).
+
+Every strategy may discount a stale delta by ``(1 + staleness)^-a`` (``staleness_exponent`` a;
+0 = off); deltas beyond the staleness cut-off never get here (the intake discards them).
 """
 
 from __future__ import annotations
@@ -18,22 +28,29 @@ import torch
 
 from shared.errors import ConfigError
 
+STRATEGIES = ("dn", "nesterov", "sgd", "fedbuff")
+
 
 @dataclass(frozen=True)
 class OuterConfig:
     """Outer optimizer settings. DiLoCo's defaults: ε = 0.7, β = 0.9.
 
-    ``buffer_size`` N = 0 means "the number of active clients", re-read at every arrival. If the
-    loss jumps whenever a slow client's delta lands, lower ``lr``; if it falls too slowly with many
-    clients, raise ``buffer_size`` rather than ``lr``.
+    ``buffer_size`` N = 0 means "the number of active clients", re-read at every arrival. If eval
+    loss oscillates (small H, few clients, from scratch), lower ``momentum`` to 0.8 and ``lr`` to
+    0.5; if it falls too slowly with many clients, raise ``buffer_size`` rather than ``lr``.
+    If slow clients' stale deltas hurt, set ``staleness_exponent`` to 0.5.
     """
 
+    strategy: str = "dn"
     lr: float = 0.7
     momentum: float = 0.9
     buffer_size: int = 0
     c: float = 0.0
+    staleness_exponent: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown outer strategy {self.strategy!r} (known: {', '.join(STRATEGIES)})")
         if not self.lr > 0:
             raise ConfigError("outer lr must be > 0")
         if not 0 <= self.momentum < 1:
@@ -42,46 +59,37 @@ class OuterConfig:
             raise ConfigError("buffer size N must be >= 0 (0 = number of active clients)")
         if not 0 <= self.c <= 1:
             raise ConfigError("c must be in [0, 1]")
+        if self.staleness_exponent < 0:
+            raise ConfigError("staleness exponent must be >= 0")
 
 
-class DelayedNesterov:
-    """Holds θ (the global parameters), m and Δ as CPU float32 tensors, and applies arrivals."""
+class OuterOptimizer:
+    """θ (the global parameters), m and Δ as CPU float32 tensors; subclasses define ``_apply``."""
 
     def __init__(self, params: dict[str, torch.Tensor], config: OuterConfig) -> None:
         self.config = config
         self.params = {n: p.detach().to("cpu", torch.float32).clone() for n, p in params.items()}
         self.momentum = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.accum = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        self.pending = 0  # arrivals in Δ since momentum last moved (t mod N)
+        self.pending = 0  # arrivals in Δ since the buffer was last emptied (t mod N)
         self.arrivals = 0  # all arrivals ever applied
 
-    def step(self, delta: dict[str, torch.Tensor], *, active_clients: int = 1) -> bool:
-        """Apply one pseudo-gradient; return True if this arrival moved the momentum.
+    def step(self, delta: dict[str, torch.Tensor], *, active_clients: int = 1, staleness: int = 0) -> bool:
+        """Apply one pseudo-gradient; return True if this arrival emptied the buffer.
 
         ``delta`` must have exactly the parameters' names and shapes (the intake checks that).
         """
         n = self.config.buffer_size or max(1, active_clients)
-        eps, beta = self.config.lr, self.config.momentum
+        a = self.config.staleness_exponent
+        if a and staleness > 0:
+            weight = (1.0 + staleness) ** -a
+            delta = {name: g * weight for name, g in delta.items()}
         self.pending += 1
         self.arrivals += 1
-        for name, g in delta.items():
-            self.accum[name].add_(g)
-        if self.pending >= n:
-            # Δ / pending is the mean of the buffered deltas (= Δ/N when N is fixed).
-            for name, g in delta.items():
-                m = self.momentum[name]
-                m.mul_(beta).add_(self.accum[name], alpha=1.0 / self.pending)
-                self.params[name].sub_(eps * (beta * m + g / n))
-                self.accum[name].zero_()
-            self.pending = 0
-            return True
-        cb = self.config.c * beta
-        for name, g in delta.items():
-            update = g / n
-            if cb:
-                update = update + cb * self.momentum[name]
-            self.params[name].sub_(eps * update)
-        return False
+        return self._apply(delta, n)
+
+    def _apply(self, delta: dict[str, torch.Tensor], n: int) -> bool:
+        raise NotImplementedError
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """All state tensors, prefixed, for a checkpoint."""
@@ -101,3 +109,68 @@ class DelayedNesterov:
                 group[name] = tensors[key].to(torch.float32).clone()
         self.pending = pending
         self.arrivals = arrivals
+
+
+class DelayedNesterov(OuterOptimizer):
+    def _apply(self, delta: dict[str, torch.Tensor], n: int) -> bool:
+        eps, beta = self.config.lr, self.config.momentum
+        for name, g in delta.items():
+            self.accum[name].add_(g)
+        if self.pending >= n:
+            # Δ / pending is the mean of the buffered deltas (= Δ/N when N is fixed).
+            for name, g in delta.items():
+                m = self.momentum[name]
+                m.mul_(beta).add_(self.accum[name], alpha=1.0 / self.pending)
+                self.params[name].sub_(eps * (beta * m + g / n))
+                self.accum[name].zero_()
+            self.pending = 0
+            return True
+        cb = self.config.c * beta
+        for name, g in delta.items():
+            update = g / n
+            if cb:
+                update = update + cb * self.momentum[name]
+            self.params[name].sub_(eps * update)
+        return False
+
+
+class PerArrivalNesterov(OuterOptimizer):
+    def _apply(self, delta: dict[str, torch.Tensor], n: int) -> bool:
+        eps, beta = self.config.lr, self.config.momentum
+        for name, g in delta.items():
+            m = self.momentum[name]
+            m.mul_(beta).add_(g, alpha=1.0 / n)
+            self.params[name].sub_(eps * (beta * m + g / n))
+        self.pending = 0
+        return True
+
+
+class OuterSGD(OuterOptimizer):
+    def _apply(self, delta: dict[str, torch.Tensor], n: int) -> bool:
+        for name, g in delta.items():
+            self.params[name].sub_(g, alpha=self.config.lr / n)
+        self.pending = 0
+        return True
+
+
+class FedBuff(OuterOptimizer):
+    def _apply(self, delta: dict[str, torch.Tensor], n: int) -> bool:
+        for name, g in delta.items():
+            self.accum[name].add_(g)
+        if self.pending < n:
+            return False
+        for name in delta:
+            self.params[name].sub_(self.accum[name], alpha=self.config.lr / self.pending)
+            self.accum[name].zero_()
+        self.pending = 0
+        return True
+
+
+_CLASSES: dict[str, type[OuterOptimizer]] = {
+    "dn": DelayedNesterov, "nesterov": PerArrivalNesterov, "sgd": OuterSGD, "fedbuff": FedBuff,
+}
+
+
+def make_outer_optimizer(params: dict[str, torch.Tensor], config: OuterConfig) -> OuterOptimizer:
+    """The outer optimizer that ``config.strategy`` names."""
+    return _CLASSES[config.strategy](params, config)

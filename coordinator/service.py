@@ -25,7 +25,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.consumer import Delivery, DeltaConsumer
 from coordinator.intake import DeltaIntake, Outcome
 from coordinator.lease import CoordinatorLease
-from coordinator.outer_optimizer import DelayedNesterov
+from coordinator.outer_optimizer import make_outer_optimizer
 from coordinator.registry import ClientRegistry
 from coordinator.status import build_status, publish_status
 from shared.errors import AsyncLocoError, ConfigError, SnapshotError
@@ -93,7 +93,7 @@ class Coordinator:
         self.device = torch.device(cfg.device)
         self.eval_model = self.task.build_model().to(self.device)
         params = dict(self.eval_model.named_parameters())
-        self.optimizer = DelayedNesterov(params, cfg.outer)
+        self.optimizer = make_outer_optimizer(params, cfg.outer)
         self.registry = ClientRegistry(cfg.plan)
         self.intake = DeltaIntake(
             config=cfg.intake, optimizer=self.optimizer, registry=self.registry, run_id=self.run_id

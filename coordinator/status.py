@@ -89,8 +89,9 @@ def build_status(coordinator: Coordinator, *, stopped: bool = False) -> dict[str
             "active_clients": plan.active_clients,
             "dylu": plan.dylu,
         },
-        "outer": {"strategy": "dn", "lr": outer.lr, "momentum": outer.momentum,
-                  "buffer_size": outer.buffer_size, "c": outer.c},
+        "outer": {"strategy": outer.strategy, "lr": outer.lr, "momentum": outer.momentum,
+                  "buffer_size": outer.buffer_size, "c": outer.c,
+                  "staleness_exponent": outer.staleness_exponent},
         "queue": {
             "name": coordinator.keys.delta_queue,
             "depth": consumer.queue_depth if consumer else None,

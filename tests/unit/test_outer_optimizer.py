@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.outer_optimizer import DelayedNesterov, OuterConfig
+from coordinator.outer_optimizer import DelayedNesterov, OuterConfig, make_outer_optimizer
 from shared.errors import ConfigError
 
 
@@ -87,7 +87,57 @@ def test_load_tensors_refuses_a_checkpoint_of_another_model() -> None:
         DelayedNesterov(_params(), OuterConfig()).load_tensors(tensors, pending=0, arrivals=0)
 
 
-@pytest.mark.parametrize("kwargs", [{"lr": 0}, {"momentum": 1.0}, {"buffer_size": -1}, {"c": 2}])
+@pytest.mark.parametrize(
+    "kwargs", [{"lr": 0}, {"momentum": 1.0}, {"buffer_size": -1}, {"c": 2}, {"staleness_exponent": -1}]
+)
 def test_invalid_config_is_refused(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         OuterConfig(**kwargs)
+
+
+def test_per_arrival_nesterov_moves_momentum_every_time() -> None:
+    eps, beta, n = 0.7, 0.9, 2
+    opt = make_outer_optimizer(_params(), OuterConfig(strategy="nesterov", lr=eps, momentum=beta,
+                                                      buffer_size=n))
+    theta, m = _params(), {k: torch.zeros_like(v) for k, v in _params().items()}
+    for g in _grads(3):
+        assert opt.step(g) is True
+        for name in theta:
+            m[name] = beta * m[name] + g[name] / n
+            theta[name] = theta[name] - eps * (beta * m[name] + g[name] / n)
+            torch.testing.assert_close(opt.params[name], theta[name])
+
+
+def test_sgd_has_no_memory() -> None:
+    opt = make_outer_optimizer(_params(), OuterConfig(strategy="sgd", lr=0.5, buffer_size=4))
+    g = _grads(1)[0]
+    opt.step(g)
+    for name, p in _params().items():
+        torch.testing.assert_close(opt.params[name], p - 0.5 * g[name] / 4)
+
+
+def test_fedbuff_applies_the_mean_once_the_buffer_is_full() -> None:
+    opt = make_outer_optimizer(_params(), OuterConfig(strategy="fedbuff", lr=0.8, buffer_size=3))
+    grads = _grads(3)
+    assert [opt.step(g) for g in grads[:2]] == [False, False]
+    for name, p in _params().items():  # nothing moves until the buffer is full
+        torch.testing.assert_close(opt.params[name], p)
+    assert opt.step(grads[2]) is True
+    for name, p in _params().items():
+        mean = sum(g[name] for g in grads) / 3
+        torch.testing.assert_close(opt.params[name], p - 0.8 * mean)
+
+
+def test_staleness_discount_scales_a_stale_delta() -> None:
+    config = OuterConfig(strategy="sgd", lr=1.0, buffer_size=1, staleness_exponent=0.5)
+    fresh, stale = make_outer_optimizer(_params(), config), make_outer_optimizer(_params(), config)
+    g = _grads(1)[0]
+    fresh.step(g, staleness=0)
+    stale.step(g, staleness=3)  # weight (1 + 3)^-0.5 = 1/2
+    for name, p in _params().items():
+        torch.testing.assert_close(p - stale.params[name], 0.5 * (p - fresh.params[name]))
+
+
+def test_unknown_strategy_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown outer strategy"):
+        OuterConfig(strategy="adam")
