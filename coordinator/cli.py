@@ -109,6 +109,8 @@ def main() -> None:
       help="Commit after this many deltas ...")
 @_opt("--commit-interval", "commit_interval_s", env="COMMIT_INTERVAL", type=float, default=2.0,
       help="... or this many seconds after the first uncommitted one.")
+@_opt("--commit-idle", "commit_idle_s", env="COMMIT_IDLE", type=click.FloatRange(0), default=0.25,
+      help="... or, when no delivery waits, this many seconds after the last commit.")
 @_opt("--prefetch", env="PREFETCH", type=click.IntRange(2), default=64, help="AMQP prefetch.")
 @_opt("--eval-interval", "eval_interval_s", env="EVAL_INTERVAL", type=float, default=10.0,
       help="Seconds between evaluations of the global model.")
@@ -117,6 +119,8 @@ def main() -> None:
 @_opt("--threads", env="THREADS", type=click.IntRange(1), default=None, help="torch CPU threads.")
 @_opt("--log-level", env="LOG_LEVEL", default="info",
       type=click.Choice(["debug", "info", "warning", "error"]))
+@_opt("--crash-at", env="CRASH_AT", default=None, hidden=True,
+      help="Fault tests only: exit like kill -9 the N-th time POINT is passed (POINT[:N]).")
 def serve(**opts: Any) -> None:
     """Serve a run: publish snapshots, apply deltas, commit, evaluate."""
     _setup_logging(opts["log_level"])
@@ -153,6 +157,9 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
             aside = existing.with_name(f"checkpoint.{int(time.time())}.old")
             existing.rename(aside)
             click.echo(f"previous checkpoint set aside as {aside}", err=True)
+            applied_log = checkpoint_dir / "applied.jsonl"  # that run's record goes aside with it
+            if applied_log.exists():
+                applied_log.rename(aside.with_name(f"applied.{int(time.time())}.jsonl.old"))
     return CoordinatorConfig(
         run=opts["run"],
         task=opts["task"],
@@ -166,13 +173,15 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
         plan=PlanConfig(local_steps=opts["local_steps"], min_local_steps=opts["min_local_steps"],
                         dylu=opts["dylu"]),
         intake=IntakeConfig(max_staleness=opts["max_staleness"]),
-        commit=CommitConfig(every_updates=opts["commit_every"], interval_s=opts["commit_interval_s"]),
+        commit=CommitConfig(every_updates=opts["commit_every"], interval_s=opts["commit_interval_s"],
+                            idle_interval_s=opts["commit_idle_s"]),
         queue=QueueConfig(prefetch=opts["prefetch"]),
         connection=ConnectionSettings(redis_url=opts["redis_url"], amqp_url=opts["amqp_url"]),
         checkpoint_dir=checkpoint_dir,
         resume=opts["resume"],
         eval_interval_s=opts["eval_interval_s"],
         max_seconds=opts["max_seconds"],
+        crash_at=opts["crash_at"],
     )
 
 
@@ -212,6 +221,83 @@ def status(run: str, as_json: bool, redis_url: str, amqp_url: str) -> None:
     if depth is not None:
         doc["queue"]["depth"] = depth
     click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render_text(doc))
+
+
+@main.command()
+@_opt("--strategies", env="SIM_STRATEGIES", default="sync,nesterov,dn,dn+dylu",
+      help="Comma list: sync, or dn|nesterov|sgd|fedbuff with an optional '+dylu'.")
+@_opt("--workers", env="SIM_WORKERS", type=click.IntRange(1, 1024), default=4, help="Simulated workers.")
+@_opt("--heterogeneity", env="SIM_HETEROGENEITY", default="very",
+      type=click.Choice(["none", "slight", "moderate", "very", "lognormal"]),
+      help="Speed profile (slowest/fastest: 1, 1/1.5, 1/3, 1/8; or lognormal with --sigma).")
+@_opt("--speeds", env="SIM_SPEEDS", default=None, help="Explicit relative speeds, e.g. 1,0.5,0.25.")
+@_opt("--sigma", env="SIM_SIGMA", type=click.FloatRange(0), default=0.75, help="Lognormal spread.")
+@_opt("--local-steps", env="LOCAL_STEPS", type=click.IntRange(1), default=30, help="H.")
+@_opt("--min-local-steps", env="MIN_LOCAL_STEPS", type=click.IntRange(1), default=3, help="H_min.")
+@_opt("--budget-steps", env="SIM_BUDGET_STEPS", type=click.IntRange(1), default=1200,
+      help="Total local steps of all workers per strategy (equal compute).")
+@_opt("--eval-every", env="SIM_EVAL_EVERY", type=click.IntRange(1), default=200,
+      help="Evaluate every this many total local steps.")
+@_opt("--outer-lr", env="OUTER_LR", type=float, default=0.7, help="Outer learning rate ε.")
+@_opt("--outer-momentum", env="OUTER_MOMENTUM", type=float, default=0.9, help="Outer momentum β.")
+@_opt("--staleness-exponent", env="STALENESS_EXPONENT", type=click.FloatRange(0), default=0.0,
+      help="Weigh a delta by (1 + staleness)^-a.")
+@_opt("--codec", env="CODEC", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16")
+@_opt("--latency", env="SIM_LATENCY", type=click.FloatRange(0), default=0.0,
+      help="Upload latency, in steps of the fastest worker.")
+@_opt("--churn-leave", env="SIM_CHURN_LEAVE", type=click.FloatRange(0, 0.99), default=0.0,
+      help="Chance that a worker leaves after a round.")
+@_opt("--churn-offline", env="SIM_CHURN_OFFLINE", type=click.FloatRange(0), default=0.0,
+      help="Mean time a worker stays away (exponential).")
+@_opt("--model-size", env="MODEL_SIZE", type=click.Choice(["tiny", "small"]), default="tiny")
+@_opt("--data", env="DATA", default="stdlib", help="Corpus: 'stdlib' or a glob.")
+@_opt("--seed", env="SEED", type=int, default=0)
+@_opt("--out", env="SIM_OUT", type=click.Path(file_okay=False, path_type=Path),
+      default=Path("results/simulate"), help="Folder for simulate.csv and simulate.png.")
+@_opt("--threads", env="THREADS", type=click.IntRange(1), default=1, help="torch CPU threads.")
+def simulate(**opts: Any) -> None:
+    """Simulate W heterogeneous workers on a virtual clock with the real round, codec and outer code."""
+    import torch
+
+    from coordinator.sim_report import plot_png, write_csv
+    from coordinator.simulator import SimConfig, Simulation, speed_profile
+    from shared.tasks import load_task
+
+    torch.set_num_threads(opts["threads"])
+    if opts["speeds"]:
+        try:
+            speeds = tuple(float(x) for x in opts["speeds"].split(","))
+        except ValueError as exc:
+            raise ConfigError(f"--speeds takes numbers like 1,0.5,0.25, got {opts['speeds']!r}") from exc
+    else:
+        speeds = tuple(speed_profile(opts["heterogeneity"], opts["workers"], sigma=opts["sigma"],
+                                     seed=opts["seed"]))
+    outer = OuterConfig(lr=opts["outer_lr"], momentum=opts["outer_momentum"],
+                        staleness_exponent=opts["staleness_exponent"])
+    configs = [
+        SimConfig(strategy=s.strip(), speeds=speeds, local_steps=opts["local_steps"],
+                  min_local_steps=opts["min_local_steps"], budget_steps=opts["budget_steps"],
+                  eval_every_steps=opts["eval_every"], outer=outer, codec=opts["codec"],
+                  latency=opts["latency"], churn_leave_prob=opts["churn_leave"],
+                  churn_offline_mean=opts["churn_offline"], seed=opts["seed"])
+        for s in opts["strategies"].split(",") if s.strip()
+    ]
+    task = load_task("bytelm", {"model_size": opts["model_size"], "data": opts["data"]})
+    simulation = Simulation(task)
+    click.echo(f"speeds {', '.join(f'{v:.3g}' for v in speeds)}; H={opts['local_steps']}; "
+               f"budget {opts['budget_steps']} local steps; seed {opts['seed']}")
+    click.echo(f"{'strategy':<14} {'final eval':>10} {'virtual time':>12} {'updates':>8} {'max stale':>9}")
+    results = {}
+    for config in configs:
+        result = simulation.run(config)
+        results[config.strategy] = result
+        last = result.curve[-1]
+        click.echo(f"{config.strategy:<14} {last.eval_loss:>10.4f} {last.virtual_time:>12.1f} "
+                   f"{last.updates:>8} {result.max_staleness:>9}")
+    out: Path = opts["out"]
+    write_csv(out / "simulate.csv", results)
+    drawn = plot_png(out / "simulate.png", results, title=f"speeds {speeds}, H={opts['local_steps']}")
+    click.echo(f"wrote {out / 'simulate.csv'}" + (f" and {out / 'simulate.png'}" if drawn else ""))
 
 
 def _live_queue_depth(amqp_url: str, keys: RunKeys) -> int | None:

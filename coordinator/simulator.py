@@ -1,0 +1,267 @@
+"""A virtual-clock simulator of asyncloco: W workers in one process, real code, simulated time.
+
+Each worker runs the client's own local round (:class:`shared.local_round.LocalTrainer`), its delta
+goes through the real codec with error feedback (:mod:`shared.codecs`), and the coordinator's own
+outer optimizer applies it (:mod:`coordinator.outer_optimizer`). Only time is simulated: a local
+step of a worker with speed ``v`` takes ``1 / v`` time units (one unit = one step of a speed-1
+worker), an upload adds ``latency``. A discrete-event queue orders round completions, so 2 CPU cores
+can faithfully simulate 16 or 64 heterogeneous workers: a slow worker's delta arrives late, based
+on an old version, exactly as it would in a real run.
+
+Strategies: ``dn``, ``nesterov``, ``sgd``, ``fedbuff`` (asynchronous, see
+:mod:`coordinator.outer_optimizer`), each optionally ``+dylu`` (Dynamic Local Updates: H_i from the
+worker's speed), and ``sync`` (synchronous DiLoCo: every round waits for all online workers' H
+steps on the same base, then one Nesterov step on their mean).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import random
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from coordinator.outer_optimizer import STRATEGIES, OuterConfig, make_outer_optimizer
+from shared.codecs import ErrorFeedback, get_codec
+from shared.dylu import local_steps_for
+from shared.errors import ConfigError
+from shared.local_round import InnerConfig, LocalTrainer
+from shared.protocol import RoundPlan
+
+log = logging.getLogger(__name__)
+
+# Slowest worker's speed relative to the fastest, per heterogeneity level; speeds are spaced
+# geometrically in between (4 workers at "very": 1, 1/2, 1/4, 1/8).
+HETEROGENEITY = {"none": 1.0, "slight": 1 / 1.5, "moderate": 1 / 3.0, "very": 1 / 8.0}
+
+
+def speed_profile(level: str, workers: int, *, sigma: float = 0.75, seed: int = 0) -> list[float]:
+    """Relative speeds (fastest = 1) for a heterogeneity level or ``lognormal``."""
+    if workers < 1:
+        raise ConfigError("need at least one worker")
+    if level == "lognormal":
+        rng = random.Random(seed)
+        raw = [math.exp(rng.gauss(0.0, sigma)) for _ in range(workers)]
+        return sorted((r / max(raw) for r in raw), reverse=True)
+    if level not in HETEROGENEITY:
+        raise ConfigError(f"unknown heterogeneity {level!r} (known: {', '.join(HETEROGENEITY)}, lognormal)")
+    slowest = HETEROGENEITY[level]
+    if workers == 1:
+        return [1.0]
+    return [slowest ** (i / (workers - 1)) for i in range(workers)]
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated run. ``budget_steps`` is the total local steps of all workers together."""
+
+    strategy: str = "dn+dylu"
+    speeds: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+    local_steps: int = 30
+    min_local_steps: int = 3
+    budget_steps: int = 1200
+    eval_every_steps: int = 200
+    outer: OuterConfig = OuterConfig()
+    inner: InnerConfig = InnerConfig()
+    codec: str = "fp16"
+    latency: float = 0.0
+    churn_leave_prob: float = 0.0  # chance a worker goes offline after a round
+    churn_offline_mean: float = 0.0  # mean offline time (exponential)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        base, _, suffix = self.strategy.partition("+")
+        if base not in (*STRATEGIES, "sync") or suffix not in ("", "dylu") or (base == "sync" and suffix):
+            raise ConfigError(f"unknown strategy {self.strategy!r}: use sync or one of "
+                              f"{', '.join(STRATEGIES)} with an optional '+dylu'")
+        if not self.speeds or min(self.speeds) <= 0:
+            raise ConfigError("speeds must be positive")
+        if self.local_steps < 1 or not 1 <= self.min_local_steps <= self.local_steps:
+            raise ConfigError("need 1 <= min_local_steps <= local_steps")
+        if self.budget_steps < 1 or self.eval_every_steps < 1 or self.latency < 0:
+            raise ConfigError("budget and eval interval must be >= 1, latency >= 0")
+        if not 0 <= self.churn_leave_prob < 1 or self.churn_offline_mean < 0:
+            raise ConfigError("churn leave probability must be in [0, 1), offline mean >= 0")
+        get_codec(self.codec)
+
+    @property
+    def base_strategy(self) -> str:
+        return self.strategy.partition("+")[0]
+
+    @property
+    def dylu(self) -> bool:
+        return self.strategy.endswith("+dylu")
+
+
+@dataclass
+class SimPoint:
+    virtual_time: float
+    updates: int
+    local_steps: int
+    tokens: int
+    eval_loss: float
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    curve: list[SimPoint] = field(default_factory=list)
+    steps_per_worker: list[int] = field(default_factory=list)
+    max_staleness: int = 0
+
+    @property
+    def final_loss(self) -> float:
+        return self.curve[-1].eval_loss
+
+    def time_to_reach(self, loss: float) -> float | None:
+        """Virtual time at which eval loss first reached ``loss`` (linear between evals)."""
+        for prev, point in zip(self.curve, self.curve[1:], strict=False):
+            if point.eval_loss <= loss:
+                if prev.eval_loss == point.eval_loss:
+                    return point.virtual_time
+                frac = (prev.eval_loss - loss) / (prev.eval_loss - point.eval_loss)
+                return prev.virtual_time + max(0.0, min(1.0, frac)) * (point.virtual_time - prev.virtual_time)
+        return None
+
+
+class Simulation:
+    """Runs :class:`SimConfig` s on one task (the corpus is loaded once and shared)."""
+
+    def __init__(self, task: Any, *, device: str = "cpu") -> None:
+        self.task = task
+        self.device = torch.device(device)
+
+    def run(self, config: SimConfig) -> SimResult:
+        torch.manual_seed(config.seed)
+        model = self.task.build_model().to(self.device)
+        workers = len(config.speeds)
+        outer_config = replace(config.outer, strategy="dn" if config.base_strategy == "sync"
+                               else config.base_strategy)
+        if config.base_strategy == "sync":
+            outer_config = replace(outer_config, buffer_size=workers)  # N deltas = one Nesterov step
+        outer = make_outer_optimizer(dict(model.named_parameters()), outer_config)
+        codec = get_codec(config.codec)
+        trainers = [
+            LocalTrainer(task=self.task, inner=config.inner, device=self.device,
+                         shard=i % self.task.num_shards, seed=config.seed * 1000 + i)
+            for i in range(workers)
+        ]
+        feedback = [ErrorFeedback(codec) for _ in range(workers)]
+        result = SimResult(config, steps_per_worker=[0] * workers)
+        state = _RunState(model=model, outer=outer)
+        state.record(self.task, 0.0, result)
+        if config.base_strategy == "sync":
+            self._run_sync(config, trainers, feedback, state, result)
+        else:
+            self._run_async(config, trainers, feedback, state, result)
+        if result.curve[-1].local_steps != state.steps:
+            state.record(self.task, state.now, result)
+        return result
+
+    def _round(self, trainer: LocalTrainer, fb: ErrorFeedback, steps: int,
+               state: _RunState) -> tuple[dict[str, torch.Tensor], int, int]:
+        """One local round from the current global θ; returns the decoded delta, steps, tokens."""
+        trainer.load_base(state.outer.params)
+        stats = trainer.train(steps, global_step=state.steps)
+        delta = {}
+        for name, g in trainer.pseudo_gradient().items():
+            blob = fb.encode(name, g)  # what the client would send ...
+            delta[name] = fb.codec.decode(blob, g.numel()).view_as(g)  # ... and the coordinator gets
+        return delta, stats.steps, stats.tokens
+
+    def _run_sync(self, config: SimConfig, trainers: list[LocalTrainer], feedback: list[ErrorFeedback],
+                  state: _RunState, result: SimResult) -> None:
+        rng = random.Random(config.seed)
+        online_until = [0.0] * len(trainers)  # offline while now < online_until
+        while state.steps < config.budget_steps:
+            online = [i for i in range(len(trainers)) if state.now >= online_until[i]]
+            if not online:
+                state.now = min(online_until)
+                continue
+            deltas = []
+            for i in online:
+                delta, steps, tokens = self._round(trainers[i], feedback[i], config.local_steps, state)
+                deltas.append(delta)
+                result.steps_per_worker[i] += steps
+                state.tokens += tokens
+            state.now += max(config.local_steps / config.speeds[i] for i in online) + config.latency
+            for delta in deltas:
+                state.outer.step(delta, active_clients=len(online))
+                state.updates += 1
+            state.steps += config.local_steps * len(online)
+            for i in online:
+                if config.churn_leave_prob and rng.random() < config.churn_leave_prob:
+                    online_until[i] = state.now + rng.expovariate(1.0 / max(config.churn_offline_mean, 1e-9))
+            state.maybe_record(self.task, config, result)
+
+    def _run_async(self, config: SimConfig, trainers: list[LocalTrainer], feedback: list[ErrorFeedback],
+                   state: _RunState, result: SimResult) -> None:
+        rng = random.Random(config.seed)
+        # the plan a real coordinator would publish, sized by the client's own DyLU code
+        plan = RoundPlan(run_id="simulation", local_steps=config.local_steps,
+                         min_local_steps=config.min_local_steps, fastest_steps_per_s=max(config.speeds),
+                         active_clients=len(trainers), dylu=config.dylu)
+        events: list[tuple[float, int, int, str]] = []  # (time, tie-break, worker, kind)
+        counter = 0
+        inflight: dict[int, tuple[dict[str, torch.Tensor], int, int, int]] = {}
+        online = set(range(len(trainers)))
+
+        def start(i: int) -> None:
+            nonlocal counter
+            steps = local_steps_for(plan, config.speeds[i])
+            delta, ran, tokens = self._round(trainers[i], feedback[i], steps, state)
+            inflight[i] = (delta, ran, tokens, state.updates)
+            counter += 1
+            heapq.heappush(events, (state.now + ran / config.speeds[i] + config.latency, counter, i, "done"))
+
+        for i in range(len(trainers)):
+            start(i)
+        while events and state.steps < config.budget_steps:
+            state.now, _, i, kind = heapq.heappop(events)
+            if kind == "rejoin":
+                online.add(i)
+                start(i)
+                continue
+            delta, ran, tokens, base = inflight.pop(i)
+            staleness = state.updates - base
+            result.max_staleness = max(result.max_staleness, staleness)
+            state.outer.step(delta, active_clients=len(online), staleness=staleness)
+            state.updates += 1
+            state.steps += ran
+            state.tokens += tokens
+            result.steps_per_worker[i] += ran
+            state.maybe_record(self.task, config, result)
+            if config.churn_leave_prob and len(online) > 1 and rng.random() < config.churn_leave_prob:
+                online.discard(i)
+                counter += 1
+                back = state.now + rng.expovariate(1.0 / max(config.churn_offline_mean, 1e-9))
+                heapq.heappush(events, (back, counter, i, "rejoin"))
+            else:
+                start(i)
+
+
+@dataclass
+class _RunState:
+    model: torch.nn.Module
+    outer: Any
+    now: float = 0.0
+    updates: int = 0
+    steps: int = 0
+    tokens: int = 0
+    next_eval: int = 0
+
+    def record(self, task: Any, now: float, result: SimResult) -> None:
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                param.copy_(self.outer.params[name])
+        loss = float(task.evaluate(self.model, next(self.model.parameters()).device))
+        result.curve.append(SimPoint(now, self.updates, self.steps, self.tokens, loss))
+
+    def maybe_record(self, task: Any, config: SimConfig, result: SimResult) -> None:
+        if self.steps >= self.next_eval + config.eval_every_steps:
+            self.next_eval = self.steps - self.steps % config.eval_every_steps
+            self.record(task, self.now, result)
