@@ -135,9 +135,14 @@ class Simulation:
         self.task = task
         self.device = torch.device(device)
 
-    def run(self, config: SimConfig) -> SimResult:
+    def run(self, config: SimConfig, *, init: dict[str, torch.Tensor] | None = None) -> SimResult:
+        """Simulate ``config`` from a fresh model (seeded), or from the parameters ``init``."""
         torch.manual_seed(config.seed)
         model = self.task.build_model().to(self.device)
+        if init is not None:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    param.copy_(init[name])
         workers = len(config.speeds)
         outer_config = replace(config.outer, strategy="dn" if config.base_strategy == "sync"
                                else config.base_strategy)
@@ -161,6 +166,16 @@ class Simulation:
         if result.curve[-1].local_steps != state.steps:
             state.record(self.task, state.now, result)
         return result
+
+    def pretrain(
+        self, steps: int, *, seed: int = 0, inner: InnerConfig | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Ordinary single-worker training for ``steps`` (a warm start, as in the paper)."""
+        torch.manual_seed(seed)
+        trainer = LocalTrainer(task=self.task, inner=inner or InnerConfig(), device=self.device,
+                               shard=0, seed=seed + 999)
+        trainer.train(steps)
+        return {name: p.detach().to("cpu").clone() for name, p in trainer.model.named_parameters()}
 
     def _round(self, trainer: LocalTrainer, fb: ErrorFeedback, steps: int,
                state: _RunState) -> tuple[dict[str, torch.Tensor], int, int]:
