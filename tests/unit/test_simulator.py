@@ -1,0 +1,80 @@
+"""The virtual-clock simulator: speed profiles, event order, determinism, sync rounds."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.outer_optimizer import OuterConfig
+from coordinator.simulator import SimConfig, Simulation, speed_profile
+from shared.errors import ConfigError
+from shared.local_round import InnerConfig
+from tests.unit.test_local_round import LinearRegressionTask
+
+INNER = InnerConfig(lr=0.05, warmup_steps=0, weight_decay=0.0)
+
+
+def _config(**kwargs: object) -> SimConfig:
+    base = dict(local_steps=8, min_local_steps=1, budget_steps=120, eval_every_steps=20, inner=INNER,
+                outer=OuterConfig(lr=0.7, momentum=0.5), codec="fp32")
+    base.update(kwargs)
+    return SimConfig(**base)  # type: ignore[arg-type]
+
+
+def test_heterogeneity_levels() -> None:
+    assert speed_profile("none", 4) == [1.0] * 4
+    assert speed_profile("very", 4) == pytest.approx([1, 0.5, 0.25, 0.125])
+    assert speed_profile("moderate", 2) == pytest.approx([1, 1 / 3])
+    spread = speed_profile("lognormal", 16, seed=3)
+    assert max(spread) == 1.0 and min(spread) > 0 and spread == speed_profile("lognormal", 16, seed=3)
+    with pytest.raises(ConfigError):
+        speed_profile("extreme", 4)
+
+
+def test_async_events_arrive_in_virtual_time_order_with_dylu_sizes() -> None:
+    result = Simulation(LinearRegressionTask()).run(_config(strategy="dn+dylu", speeds=(1.0, 0.25)))
+    times = [p.virtual_time for p in result.curve]
+    assert times == sorted(times)
+    fast, slow = result.steps_per_worker
+    # DyLU: the slow worker runs H/4 = 2 steps per round in the same 8 time units as the fast one's 8
+    assert fast == pytest.approx(4 * slow, rel=0.2)
+    assert result.max_staleness >= 1
+    assert result.final_loss < result.curve[0].eval_loss / 10  # it learns
+
+
+def test_without_dylu_a_slow_worker_is_stale() -> None:
+    with_dylu = Simulation(LinearRegressionTask()).run(_config(strategy="dn+dylu", speeds=(1.0, 0.125)))
+    without = Simulation(LinearRegressionTask()).run(_config(strategy="dn", speeds=(1.0, 0.125)))
+    assert without.max_staleness > with_dylu.max_staleness
+    assert without.steps_per_worker[1] < with_dylu.steps_per_worker[1] * 2
+
+
+def test_a_seeded_run_is_deterministic() -> None:
+    config = _config(strategy="nesterov", speeds=(1.0, 0.5, 0.3), churn_leave_prob=0.3, churn_offline_mean=5)
+    first = Simulation(LinearRegressionTask()).run(config)
+    second = Simulation(LinearRegressionTask()).run(config)
+    assert [(p.virtual_time, p.eval_loss) for p in first.curve] == [
+        (p.virtual_time, p.eval_loss) for p in second.curve
+    ]
+
+
+def test_sync_rounds_wait_for_the_slowest_worker() -> None:
+    result = Simulation(LinearRegressionTask()).run(
+        _config(strategy="sync", speeds=(1.0, 0.5), budget_steps=48, eval_every_steps=16)
+    )
+    # 48 steps = 3 rounds of 2 x 8 steps, each round as long as the slow worker's 8 / 0.5 = 16
+    assert result.curve[-1].virtual_time == pytest.approx(48)
+    assert result.curve[-1].updates == 6
+    assert result.steps_per_worker == [24, 24]
+
+
+def test_async_beats_sync_in_virtual_time_when_speeds_differ() -> None:
+    speeds = (1.0, 0.125)
+    sync = Simulation(LinearRegressionTask()).run(_config(strategy="sync", speeds=speeds))
+    dn = Simulation(LinearRegressionTask()).run(_config(strategy="dn+dylu", speeds=speeds))
+    assert dn.curve[-1].virtual_time < sync.curve[-1].virtual_time / 2
+
+
+@pytest.mark.parametrize("strategy", ["adam", "sync+dylu", "dn+fast"])
+def test_unknown_strategies_are_refused(strategy: str) -> None:
+    with pytest.raises(ConfigError):
+        SimConfig(strategy=strategy)
