@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -68,11 +68,11 @@ class RetryPolicy:
             ceiling = min(self.max_delay_s, ceiling * self.multiplier)
 
 
-def sleep_interruptibly(seconds: float, should_stop: object | None = None) -> bool:
+def sleep_interruptibly(seconds: float, should_stop: Callable[[], bool] | None = None) -> bool:
     """Sleep up to ``seconds`` in small steps; return True early if ``should_stop()`` is true."""
     deadline = time.monotonic() + seconds
     while True:
-        if should_stop is not None and callable(should_stop) and should_stop():
+        if should_stop is not None and should_stop():
             return True
         left = deadline - time.monotonic()
         if left <= 0:
