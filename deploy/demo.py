@@ -61,7 +61,7 @@ def main() -> int:
         "--checkpoint-dir", str(out / "checkpoint"), "--fresh", "--threads", "1",
         "--eval-interval", "10", "--max-seconds", str(args.seconds + 120),
         # Three clients, H = 30 from scratch: DiLoCo's ε = 0.7, β = 0.9 oscillate here (eval
-        # 2.1-2.2 after 3 min); ε = 0.5, β = 0.8 fall steadily (see docs/TUNING.md).
+        # 2.1-2.2 after 3 min); ε = 0.5, β = 0.8 fall steadily (see docs/BENCHMARKS.md).
         "--outer-lr", "0.5", "--outer-momentum", "0.8",
     ]
     procs: list[subprocess.Popen] = []
