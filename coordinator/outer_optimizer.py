@@ -16,6 +16,9 @@ Over N arrivals with c = 0 this moves θ by exactly one Nesterov step on the mea
 
 ``fedbuff`` — buffer N arrivals, then ``θ -= ε·mean(buffer)`` (FedBuff, Nguyen et al., 2022).
 
+``sync`` — synchronous DiLoCo: deltas of one round are only buffered; when the round's barrier
+completes (:meth:`SyncNesterov.complete_round`), one Nesterov step on their mean.
+
 Every strategy may discount a stale delta by ``(1 + staleness)^-a`` (``staleness_exponent`` a;
 0 = off); deltas beyond the staleness cut-off never get here (the intake discards them).
 """
@@ -28,7 +31,8 @@ import torch
 
 from shared.errors import ConfigError
 
-STRATEGIES = ("dn", "nesterov", "sgd", "fedbuff")
+ASYNC_STRATEGIES = ("dn", "nesterov", "sgd", "fedbuff")
+STRATEGIES = (*ASYNC_STRATEGIES, "sync")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class OuterOptimizer:
         self.accum = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.pending = 0  # arrivals in Δ since the buffer was last emptied (t mod N)
         self.arrivals = 0  # all arrivals ever applied
+        self.theta_updates = 0  # times θ changed: a new snapshot version is due only then
 
     def step(self, delta: dict[str, torch.Tensor], *, active_clients: int = 1, staleness: int = 0) -> bool:
         """Apply one pseudo-gradient; return True if this arrival emptied the buffer.
@@ -86,7 +91,13 @@ class OuterOptimizer:
             delta = {name: g * weight for name, g in delta.items()}
         self.pending += 1
         self.arrivals += 1
-        return self._apply(delta, n)
+        emptied = self._apply(delta, n)
+        if self.moves_theta_on_arrival or emptied:
+            self.theta_updates += 1
+        return emptied
+
+    # True where every arrival moves θ (dn, nesterov, sgd); buffered strategies say so themselves.
+    moves_theta_on_arrival = True
 
     def _apply(self, delta: dict[str, torch.Tensor], n: int) -> bool:
         raise NotImplementedError
@@ -153,7 +164,35 @@ class OuterSGD(OuterOptimizer):
         return True
 
 
+class SyncNesterov(OuterOptimizer):
+    """Synchronous DiLoCo: buffer the round's deltas; :meth:`complete_round` takes the step."""
+
+    moves_theta_on_arrival = False
+
+    def _apply(self, delta: dict[str, torch.Tensor], n: int) -> bool:
+        for name, g in delta.items():
+            self.accum[name].add_(g)
+        return False
+
+    def complete_round(self) -> bool:
+        """One Nesterov step on the mean of the buffered deltas; False if none were buffered."""
+        if not self.pending:
+            return False
+        eps, beta = self.config.lr, self.config.momentum
+        for name, total in self.accum.items():
+            mean = total / self.pending
+            m = self.momentum[name]
+            m.mul_(beta).add_(mean)
+            self.params[name].sub_(eps * (beta * m + mean))
+            total.zero_()
+        self.pending = 0
+        self.theta_updates += 1
+        return True
+
+
 class FedBuff(OuterOptimizer):
+    moves_theta_on_arrival = False
+
     def _apply(self, delta: dict[str, torch.Tensor], n: int) -> bool:
         for name, g in delta.items():
             self.accum[name].add_(g)
@@ -168,6 +207,7 @@ class FedBuff(OuterOptimizer):
 
 _CLASSES: dict[str, type[OuterOptimizer]] = {
     "dn": DelayedNesterov, "nesterov": PerArrivalNesterov, "sgd": OuterSGD, "fedbuff": FedBuff,
+    "sync": SyncNesterov,
 }
 
 

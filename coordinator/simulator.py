@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from coordinator.outer_optimizer import STRATEGIES, OuterConfig, make_outer_optimizer
+from coordinator.outer_optimizer import ASYNC_STRATEGIES, STRATEGIES, OuterConfig, make_outer_optimizer
 from shared.codecs import ErrorFeedback, get_codec
 from shared.dylu import local_steps_for
 from shared.errors import ConfigError
@@ -75,9 +75,9 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         base, _, suffix = self.strategy.partition("+")
-        if base not in (*STRATEGIES, "sync") or suffix not in ("", "dylu") or (base == "sync" and suffix):
+        if base not in STRATEGIES or suffix not in ("", "dylu") or (base == "sync" and suffix):
             raise ConfigError(f"unknown strategy {self.strategy!r}: use sync or one of "
-                              f"{', '.join(STRATEGIES)} with an optional '+dylu'")
+                              f"{', '.join(ASYNC_STRATEGIES)} with an optional '+dylu'")
         if not self.speeds or min(self.speeds) <= 0:
             raise ConfigError("speeds must be positive")
         if self.local_steps < 1 or not 1 <= self.min_local_steps <= self.local_steps:
@@ -144,11 +144,8 @@ class Simulation:
                 for name, param in model.named_parameters():
                     param.copy_(init[name])
         workers = len(config.speeds)
-        outer_config = replace(config.outer, strategy="dn" if config.base_strategy == "sync"
-                               else config.base_strategy)
-        if config.base_strategy == "sync":
-            outer_config = replace(outer_config, buffer_size=workers)  # N deltas = one Nesterov step
-        outer = make_outer_optimizer(dict(model.named_parameters()), outer_config)
+        outer = make_outer_optimizer(dict(model.named_parameters()),
+                                     replace(config.outer, strategy=config.base_strategy))
         codec = get_codec(config.codec)
         trainers = [
             LocalTrainer(task=self.task, inner=config.inner, device=self.device,
@@ -207,6 +204,7 @@ class Simulation:
             for delta in deltas:
                 state.outer.step(delta, active_clients=len(online))
                 state.updates += 1
+            state.outer.complete_round()  # the barrier: one Nesterov step on the round's mean
             state.steps += config.local_steps * len(online)
             for i in online:
                 if config.churn_leave_prob and rng.random() < config.churn_leave_prob:

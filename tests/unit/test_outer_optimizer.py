@@ -141,3 +141,29 @@ def test_staleness_discount_scales_a_stale_delta() -> None:
 def test_unknown_strategy_is_refused() -> None:
     with pytest.raises(ConfigError, match="unknown outer strategy"):
         OuterConfig(strategy="adam")
+
+
+def test_sync_buffers_until_the_round_completes_then_takes_one_nesterov_step() -> None:
+    eps, beta = 0.7, 0.9
+    sync = make_outer_optimizer(_params(), OuterConfig(strategy="sync", lr=eps, momentum=beta))
+    dn = make_outer_optimizer(_params(), OuterConfig(strategy="dn", lr=eps, momentum=beta, buffer_size=3))
+    grads = _grads(3)
+    for g in grads:
+        assert sync.step(g, active_clients=3) is False
+        dn.step(g)
+    for name, p in _params().items():  # θ untouched before the barrier
+        torch.testing.assert_close(sync.params[name], p)
+    assert sync.theta_updates == 0
+    assert sync.complete_round() is True and sync.theta_updates == 1
+    for name in dn.params:  # same step as N = 3 Delayed Nesterov arrivals
+        torch.testing.assert_close(sync.params[name], dn.params[name])
+    assert sync.complete_round() is False  # an empty round changes nothing
+
+
+def test_theta_updates_count_only_changes_of_theta() -> None:
+    fedbuff = make_outer_optimizer(_params(), OuterConfig(strategy="fedbuff", buffer_size=2))
+    dn = make_outer_optimizer(_params(), OuterConfig(strategy="dn", buffer_size=2))
+    for g in _grads(3):
+        fedbuff.step(g)
+        dn.step(g)
+    assert (fedbuff.theta_updates, dn.theta_updates) == (1, 3)
