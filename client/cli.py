@@ -84,6 +84,9 @@ def _option(*decls: str, env: str, **kwargs: Any) -> Any:
          help="Stop after this long, sending the round in hand (0: no limit).")
 @_option("--log-level", env="ASYNCLOCO_LOG_LEVEL", default="warning", show_default=True,
          type=click.Choice(LOG_LEVELS, case_sensitive=False), help="Logging detail on stderr.")
+@_option("--journal", env="ASYNCLOCO_JOURNAL", default=None, hidden=True,
+         type=click.Path(dir_okay=False, path_type=Path),
+         help="Fault tests only: append each broker-confirmed delta id (client_id:seq) to this file.")
 def join(
     run: str,
     redis_url: str,
@@ -98,6 +101,7 @@ def join(
     max_rounds: int,
     max_seconds: float,
     log_level: str,
+    journal: Path | None,
 ) -> None:
     """Join a run and train rounds until stopped (Ctrl-C sends the round in hand, then exits).
 
@@ -120,6 +124,7 @@ def join(
         max_rounds=max_rounds,
         max_seconds=max_seconds,
         log_level=log_level.lower(),
+        journal=journal,
     )
     _setup_logging(config.logging_level)
     stop = threading.Event()

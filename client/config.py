@@ -51,6 +51,9 @@ class ClientConfig:
     # send nearly the same delta twice). 0 disables; the coordinator normally commits within ~1 s.
     include_wait_s: float = 10.0
     poll_s: float = 1.0
+    # Fault tests only: append "client_id:seq" here (fsynced) for every delta the broker confirmed,
+    # the client's half of the durability oracle in tests/faults.
+    journal: Path | None = None
 
     def __post_init__(self) -> None:
         validate_run_name(self.run)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import zlib
@@ -230,6 +231,8 @@ class Worker:
         upload_s = time.monotonic() - started
         if not ok:
             log.warning("gave up sending delta %s:%s after the stop grace period", self.client_id, seq)
+        elif self.config.journal is not None:
+            self._journal(f"{self.client_id}:{seq}")
         staleness = None
         if ok and self.config.include_wait_s > 0 and not self._should_stop():
             self._wait_until_included(seq, base_version)
@@ -243,6 +246,14 @@ class Worker:
         )
 
     # -- the parts of a round ---------------------------------------------------------------------
+
+    def _journal(self, delta_id: str) -> None:
+        """Record a confirmed delta id in the journal file, durably, before the next round."""
+        assert self.config.journal is not None
+        with open(self.config.journal, "a", encoding="utf-8") as fh:
+            fh.write(delta_id + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def _wait_until_included(self, seq: int, base_version: int) -> bool:
         """Wait (bounded by ``include_wait_s``) until a published snapshot includes delta ``seq``.

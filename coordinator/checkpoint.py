@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,14 @@ def checkpoint_path(directory: Path) -> Path:
     return directory / FILENAME
 
 
-def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
-    """Atomically replace the checkpoint in ``directory`` (temp file, fsync, rename, fsync dir)."""
+def save_checkpoint(
+    directory: Path, checkpoint: Checkpoint, *, on_partial: Callable[[], None] | None = None
+) -> Path:
+    """Atomically replace the checkpoint in ``directory`` (temp file, fsync, rename, fsync dir).
+
+    ``on_partial`` (fault tests only) is called when half of the temp file is written and flushed,
+    before the rest, the fsync and the rename: a crash there must leave the old checkpoint intact.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     state = dict(checkpoint.state, format=FORMAT)
     data = save(
@@ -48,10 +55,20 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     final = checkpoint_path(directory)
     tmp = directory / f".{FILENAME}.{os.getpid()}.tmp"
     with open(tmp, "wb") as fh:
+        if on_partial is not None:
+            half = len(data) // 2
+            fh.write(data[:half])
+            fh.flush()
+            on_partial()
+            data = data[half:]
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, final)
+    # A coordinator killed mid-write left its temp file (another pid in the name); the run's lease
+    # means no other process writes here now, so any such file is garbage.
+    for stale in directory.glob(f".{FILENAME}.*.tmp"):
+        stale.unlink(missing_ok=True)
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.consumer import QueueConfig
+from coordinator.faults import parse_crash_at
 from coordinator.intake import IntakeConfig
 from coordinator.outer_optimizer import OuterConfig
 from coordinator.registry import PlanConfig
@@ -58,6 +59,7 @@ class CoordinatorConfig:
     eval_interval_s: float = 10.0
     max_seconds: float = 0.0  # 0: serve until stopped
     device: str = "cpu"  # where evaluation runs
+    crash_at: str | None = None  # fault tests only: "POINT[:N]", see coordinator/faults.py
 
     def __post_init__(self) -> None:
         validate_run_name(self.run)
@@ -70,3 +72,5 @@ class CoordinatorConfig:
             raise ConfigError("--resume needs --checkpoint-dir")
         if self.eval_interval_s <= 0 or self.max_seconds < 0:
             raise ConfigError("eval interval must be > 0 and max seconds >= 0")
+        if self.crash_at is not None:
+            parse_crash_at(self.crash_at)

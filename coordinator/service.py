@@ -20,9 +20,11 @@ from typing import Any
 import redis
 import torch
 
+from coordinator.applied_log import AppliedLog
 from coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.consumer import Delivery, DeltaConsumer
+from coordinator.faults import CrashPoints
 from coordinator.intake import DeltaIntake, Outcome
 from coordinator.lease import CoordinatorLease
 from coordinator.outer_optimizer import make_outer_optimizer
@@ -64,6 +66,8 @@ class Coordinator:
         self.last_commit_at = 0.0
         self.consumer: DeltaConsumer | None = None
         self._redis_down = False
+        self.crash = CrashPoints(config.crash_at)  # test-only kill -9 points; inert by default
+        self.applied_log = AppliedLog(config.checkpoint_dir) if config.checkpoint_dir else None
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -100,6 +104,10 @@ class Coordinator:
         )
         if checkpoint is not None:
             self._restore(checkpoint)
+        if self.applied_log is not None:
+            # Entries past the checkpoint's recorded length belong to a batch that never committed.
+            length = checkpoint.state.get("applied_log_bytes", 0) if checkpoint is not None else 0
+            self.applied_log.reset(int(length))
         self.lease.acquire()
         redis_version = self.store.current_version()
         first = max(self.version, -1 if redis_version is None else redis_version) + 1
@@ -151,6 +159,8 @@ class Coordinator:
                     delivery = None
                 if delivery is not None:
                     outcome = self.intake.handle(delivery.body)
+                    if outcome.kind == "applied":
+                        self.crash.hit("after_apply")
                     if not self.uncommitted:
                         self.first_uncommitted_at = time.monotonic()
                     self.uncommitted.append((delivery, outcome))
@@ -189,9 +199,18 @@ class Coordinator:
             if evaluate:
                 self._evaluate()
         if self.config.checkpoint_dir is not None and (applied or batch or force):
-            save_checkpoint(self.config.checkpoint_dir, self._checkpoint())
+            if self.applied_log is not None and batch:
+                # Before the checkpoint, which records the log's new length: see applied_log.py.
+                self.applied_log.append(
+                    {"id": o.delta_id, "outcome": o.kind, "reason": o.reason, "version": self.version}
+                    for _, o in batch
+                )
+            save_checkpoint(self.config.checkpoint_dir, self._checkpoint(),
+                            on_partial=lambda: self.crash.hit("mid_checkpoint"))
+            self.crash.hit("after_checkpoint")
         if self.consumer is not None and batch:
             self.consumer.settle(batch)
+            self.crash.hit("after_ack")
         if applied or force:
             self._publish()
         self.commits += 1
@@ -214,6 +233,7 @@ class Coordinator:
             self.store.publish(
                 run_id=self.run_id, version=self.version, params=self.optimizer.params,
                 config=self.run_config, progress=self.progress(),
+                before_flip=lambda: self.crash.hit("mid_snapshot"),
             )
             self.redis.set(self.keys.plan, self.registry.plan(self.run_id, time.time()).encode())
             self.published_version = self.version
@@ -251,6 +271,7 @@ class Coordinator:
                 "progress": dict(self.intake.progress),
                 "eval_history": self.eval_history[-EVAL_HISTORY:],
                 "commits": self.commits,
+                "applied_log_bytes": self.applied_log.length if self.applied_log else 0,
                 "saved_at": time.time(),
             },
         )

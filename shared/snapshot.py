@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,8 +230,13 @@ class SnapshotStore:
         config: dict[str, Any],
         progress: dict[str, Any],
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        before_flip: Callable[[], None] | None = None,
     ) -> SnapshotManifest:
-        """Write version ``version`` whole, then flip ``current`` to it (never backwards)."""
+        """Write version ``version`` whole, then flip ``current`` to it (never backwards).
+
+        ``before_flip`` (fault tests only) is called between the chunk/manifest writes and the
+        pointer flip: a crash there must leave readers on the previous version.
+        """
         entries, flat = flatten(params)
         chunks = [flat[i : i + chunk_bytes] for i in range(0, len(flat), chunk_bytes)]
         manifest = SnapshotManifest(
@@ -249,6 +255,8 @@ class SnapshotStore:
             pipe.set(self.keys.chunk(version, index), chunk)
         pipe.set(self.keys.manifest(version), manifest.encode())
         pipe.execute()
+        if before_flip is not None:
+            before_flip()
         if not self._flip(keys=[self.keys.current], args=[version]):
             raise SnapshotError(
                 f"Redis already points at a version >= {version}; another coordinator may be "
