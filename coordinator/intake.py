@@ -2,9 +2,10 @@
 
 It knows nothing of AMQP: the consumer turns outcomes into acks (applied, duplicate) or dead
 letters (rejected). Checks, in order, each with its own counted reason: the message decodes within
-limits; right run; a client id we can name; not a replay; base version neither in the future nor
-beyond the staleness bound; a known codec; exactly the model's parameter names; payloads of exactly
-the right size; finite values; a norm that is not absurd next to the model's own.
+limits (:mod:`shared.protocol` names those reasons); right run; a client id we can name; not a
+replay; base version neither in the future nor beyond the staleness bound; a known codec; exactly
+the model's parameter names; payloads of exactly the right size; finite values; a norm that is not
+absurd next to the model's own.
 """
 
 from __future__ import annotations
@@ -126,14 +127,20 @@ class DeltaIntake:
                           staleness)
         if not 1 <= msg.local_steps <= self.config.max_local_steps:
             return reject("bad_steps", f"local_steps {msg.local_steps} out of range")
-        codec = get_codec(msg.codec)
+        try:
+            codec = get_codec(msg.codec)
+        except ProtocolError as exc:  # counted against the sender, like every check below
+            return reject(exc.reason, exc.detail)
         if set(msg.tensors) != set(self.numels):
             missing = sorted(set(self.numels) - set(msg.tensors))[:3]
             extra = sorted(set(msg.tensors) - set(self.numels))[:3]
             return reject("wrong_names", f"missing {missing}, unexpected {extra}")
         delta = {}
         for name, blob in msg.tensors.items():
-            flat = codec.decode(blob, self.numels[name])  # raises ProtocolError("wrong_size")
+            try:
+                flat = codec.decode(blob, self.numels[name])
+            except ProtocolError as exc:  # "wrong_size": not exactly the manifest's element count
+                return reject(exc.reason, f"tensor {name!r}: {exc.detail}")
             delta[name] = flat.view_as(self.optimizer.params[name])
         sq = sum(float(t.double().pow(2).sum()) for t in delta.values())
         if not math.isfinite(sq) or not all(bool(torch.isfinite(t).all()) for t in delta.values()):

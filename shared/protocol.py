@@ -3,7 +3,11 @@
 Everything that crosses the network is msgpack (never pickle). Decoding is strict: size limits are
 enforced by the msgpack unpacker itself before any object is built, ext types are refused, and every
 field is type-checked. A failure raises :class:`~shared.errors.ProtocolError` with a short reason
-slug that the coordinator counts.
+slug that the coordinator counts. The unpacker's own failures are told apart, because they point at
+different culprits: ``truncated`` (the body ends inside a value: a cut message, or a length header
+claiming more bytes than were sent), ``too_large`` (a declared array/map/str/bin length or the body
+itself over a limit), ``too_deep`` (nesting beyond the unpacker's stack), ``ext_type`` (msgpack
+extension types, timestamps included) and ``undecodable`` (anything else that is not msgpack).
 """
 
 from __future__ import annotations
@@ -37,12 +41,42 @@ class DeltaLimits:
 DEFAULT_DELTA_LIMITS = DeltaLimits()
 
 
+class _ExtTypeRefused(ValueError):
+    pass
+
+
 def _refuse_ext(code: int, data: bytes) -> Any:
     # max_ext_len=0 still lets a zero-length ext (``c7 00 <code>``) through; refuse it here.
-    raise ValueError(f"ext type {code} refused")
+    raise _ExtTypeRefused(f"ext type {code} refused")
+
+
+def _unpack_failure(exc: BaseException) -> ProtocolError:
+    """Map an unpacker exception to the reason slug it deserves.
+
+    msgpack (C and pure-Python alike) reports limits as ``"N exceeds max_xxx_len(M)"`` and a body
+    that ends inside a value as ``"... incomplete input"``; both are checked *before* anything of
+    the declared size is allocated.
+    """
+    text = str(exc)
+    if isinstance(exc, msgpack.ExtraData):
+        return ProtocolError("undecodable", "trailing bytes after the message")
+    if isinstance(exc, (msgpack.StackError, RecursionError)):
+        return ProtocolError("too_deep", "containers nested deeper than the unpacker allows")
+    if isinstance(exc, _ExtTypeRefused) or "exceeds max_ext_len" in text:
+        return ProtocolError("ext_type", f"msgpack ext types are refused ({text})")
+    if "exceeds max_" in text:
+        return ProtocolError("too_large", f"a declared length is over the limit ({text})")
+    if "incomplete input" in text:
+        return ProtocolError("truncated", "the message ends inside a value")
+    return ProtocolError("undecodable", f"not valid msgpack ({text or type(exc).__name__})")
 
 
 def unpack_limited(data: bytes, *, max_bytes: int, max_items: int, max_str: int) -> Any:
+    """Unpack one msgpack value with every length bounded; raise :class:`ProtocolError` otherwise.
+
+    ``max_bytes`` bounds the body and every bin; ``max_items`` every array and map; ``max_str``
+    every string. No ext types are accepted.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError("undecodable", "message body is not bytes")
     if len(data) == 0:
@@ -62,10 +96,8 @@ def unpack_limited(data: bytes, *, max_bytes: int, max_items: int, max_str: int)
             ext_hook=_refuse_ext,
             use_list=True,
         )
-    except msgpack.ExtraData as exc:
-        raise ProtocolError("undecodable", "trailing bytes after the message") from exc
     except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
-        raise ProtocolError("undecodable", f"not valid msgpack within limits ({exc})") from exc
+        raise _unpack_failure(exc) from exc
 
 
 def require_field(obj: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
@@ -162,16 +194,20 @@ class DeltaMessage:
             raise ProtocolError("wrong_schema", "compute_s must be finite and >= 0")
         strs = {n: require_field(obj, n, str) for n in ("run_id", "client_id", "codec")}
         for name, value in strs.items():
-            if not value or len(value) > limits.max_id_chars:
-                raise ProtocolError("wrong_schema", f"field {name!r} empty or too long")
+            if not value:
+                raise ProtocolError("wrong_schema", f"field {name!r} is empty")
+            if len(value) > limits.max_id_chars:
+                raise ProtocolError("too_large", f"field {name!r} over {limits.max_id_chars} chars")
         tensors = require_field(obj, "tensors", dict)
         if not tensors:
             raise ProtocolError("wrong_schema", "no tensors in delta")
         if len(tensors) > limits.max_tensors:
             raise ProtocolError("too_large", f"{len(tensors)} tensors, limit {limits.max_tensors}")
         for name, blob in tensors.items():
-            if not isinstance(name, str) or len(name) > limits.max_name_chars:
-                raise ProtocolError("wrong_schema", "tensor name is not a short string")
+            if not isinstance(name, str):
+                raise ProtocolError("wrong_schema", "tensor name is not a string")
+            if len(name) > limits.max_name_chars:
+                raise ProtocolError("too_large", f"tensor name over {limits.max_name_chars} chars")
             if not isinstance(blob, bytes):
                 raise ProtocolError("wrong_schema", f"tensor {name!r} payload is not bytes")
         return cls(tensors=tensors, **strs, **ints, **floats)

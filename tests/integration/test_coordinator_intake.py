@@ -138,12 +138,12 @@ def test_bad_deltas_are_rejected_counted_dead_lettered_and_service_goes_on(
         what="rejections in status",
     )
     assert status["deltas"]["rejected_by_reason"] == {
-        "empty": 1, "undecodable": 2, "non_finite": 1, "norm_too_large": 1,
+        "empty": 1, "undecodable": 1, "truncated": 1, "non_finite": 1, "norm_too_large": 1,
     }
     assert status["coordinator"]["state"] == "serving"
     letters = wait_for(lambda: _dead_letters(run_name), what="dead letters")
     reasons = sorted(h["x-asyncloco-reason"] for h in letters)
-    assert reasons == ["empty", "non_finite", "norm_too_large", "undecodable", "undecodable"]
+    assert reasons == ["empty", "non_finite", "norm_too_large", "truncated", "undecodable"]
     # and it still serves honest clients
     _publish(run_name, [_good_delta(coordinator, client_id="honest", seq=1)])
     wait_for(lambda: _status(run_name)["deltas"]["applied"] == 2, what="next honest delta")

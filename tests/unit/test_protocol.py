@@ -114,14 +114,18 @@ def test_body_that_is_not_bytes() -> None:
     assert reason_of("a string") == "undecodable"
 
 
-@pytest.mark.parametrize("data", [b"\xc1", b"\xff" * 7 + b"\x00garbage", b"\x85\xa3abc"])
+@pytest.mark.parametrize("data", [b"\xc1", b"\xff" * 7 + b"\x00garbage", b"\xc1\x85\xa3abc"])
 def test_random_bytes(data: bytes) -> None:
     assert reason_of(data) == "undecodable"
 
 
 @pytest.mark.parametrize("cut", [1, 10, 50, -1])
 def test_truncated_message(cut: int) -> None:
-    assert reason_of(make_delta().encode()[:cut]) == "undecodable"
+    assert reason_of(make_delta().encode()[:cut]) == "truncated"
+
+
+def test_map_that_ends_early_is_truncated() -> None:
+    assert reason_of(b"\x85\xa3abc") == "truncated"  # a map of 5 pairs, one key sent
 
 
 def test_trailing_bytes() -> None:
@@ -170,9 +174,10 @@ def test_bad_compute_time(value: float) -> None:
     assert reason_of(pack(delta_dict(compute_s=value))) == "wrong_schema"
 
 
-@pytest.mark.parametrize(("name", "value"), [("client_id", ""), ("run_id", "x" * 129)])
-def test_empty_or_long_ids(name: str, value: str) -> None:
-    assert reason_of(pack(delta_dict(**{name: value}))) == "wrong_schema"
+@pytest.mark.parametrize(("name", "value", "reason"),
+                         [("client_id", "", "wrong_schema"), ("run_id", "x" * 129, "too_large")])
+def test_empty_or_long_ids(name: str, value: str, reason: str) -> None:
+    assert reason_of(pack(delta_dict(**{name: value}))) == reason
 
 
 @pytest.mark.parametrize("version", [0, PROTOCOL_VERSION + 1, 2**40])
@@ -185,8 +190,8 @@ def test_wrong_protocol_version(version: int) -> None:
 )
 def test_ext_types_are_refused(ext: Any) -> None:
     # includes a zero-length ext and a msgpack timestamp (ext -1)
-    assert reason_of(pack(delta_dict(client_id=ext))) == "undecodable"
-    assert reason_of(pack(delta_dict(tensors={"w": ext}))) == "undecodable"
+    assert reason_of(pack(delta_dict(client_id=ext))) == "ext_type"
+    assert reason_of(pack(delta_dict(tensors={"w": ext}))) == "ext_type"
 
 
 def test_oversized_body() -> None:
@@ -198,23 +203,23 @@ def test_oversized_body() -> None:
 
 
 @pytest.mark.parametrize(
-    "header",
+    ("header", "reason"),
     [
-        b"\xdd\x80\x00\x00\x00",  # array32 of 2**31 items
-        b"\xdf\x80\x00\x00\x00",  # map32 of 2**31 pairs
-        b"\xdb\x80\x00\x00\x00",  # str32 of 2**31 bytes
-        b"\xc6\x80\x00\x00\x00",  # bin32 of 2**31 bytes
+        (b"\xdd\x80\x00\x00\x00", "too_large"),  # array32 of 2**31 items: over max_array_len
+        (b"\xdf\x80\x00\x00\x00", "too_large"),  # map32 of 2**31 pairs: over max_map_len
+        (b"\xdb\x80\x00\x00\x00", "truncated"),  # str32 of 2**31 bytes: more than the body holds
+        (b"\xc6\xff\xff\xff\xff", "truncated"),  # bin32 of 4 GiB - 1 bytes: likewise
     ],
 )
-def test_huge_length_header_without_data(header: bytes) -> None:
-    assert reason_of(header) == "undecodable"
+def test_huge_length_header_without_data(header: bytes, reason: str) -> None:
+    assert reason_of(header) == reason
     # nested inside a valid-looking map as well
-    assert reason_of(b"\x81\xa8tensors" + header) == "undecodable"
+    assert reason_of(b"\x81\xa7tensors" + header) == reason  # {"tensors": ...}
 
 
 @pytest.mark.parametrize("opener", [b"\x91", b"\x81\xa1k"])  # [ ... ] and {"k": ...}
 def test_deeply_nested_containers(opener: bytes) -> None:
-    assert reason_of(opener * 10_000 + b"\xc0") == "undecodable"
+    assert reason_of(opener * 10_000 + b"\xc0") == "too_deep"
 
 
 def test_tensor_payload_not_bytes() -> None:
@@ -240,13 +245,13 @@ def test_too_many_tensors() -> None:
     assert DeltaMessage.decode(two.encode(), limits) == two
     # far more than the limit is stopped by the unpacker before any map is built
     many = make_delta(tensors={f"p{i}": b"" for i in range(100)})
-    assert reason_of(many.encode(), limits) == "undecodable"
+    assert reason_of(many.encode(), limits) == "too_large"
 
 
 def test_tensor_name_too_long() -> None:
     limits = DeltaLimits(max_name_chars=300)
-    # refused by the unpacker's string limit already (so "undecodable"), or by the name check
-    assert reason_of(make_delta(tensors={"n" * 301: b""}).encode(), limits) in {"undecodable", "wrong_schema"}
+    # refused by the unpacker's string limit already, or by the name check: too_large either way
+    assert reason_of(make_delta(tensors={"n" * 301: b""}).encode(), limits) == "too_large"
     assert DeltaMessage.decode(make_delta(tensors={"n" * 300: b""}).encode(), limits).tensors
 
 
@@ -286,3 +291,52 @@ def test_decode_of_mutated_deltas_only_raises_protocol_error(changes: dict[str, 
         return
     assert isinstance(msg, DeltaMessage)
     assert msg.seq >= 0 and msg.tensors and all(isinstance(b, bytes) for b in msg.tensors.values())
+
+
+_VALID = make_delta(tensors={"tok.weight": bytes(range(64)), "ln_f.bias": b"\x00" * 8}).encode()
+
+_edits = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, len(_VALID) - 1), st.integers(1, 255)),
+    st.tuples(st.just("cut"), st.integers(0, len(_VALID) - 1), st.just(0)),
+    st.tuples(st.just("insert"), st.integers(0, len(_VALID)), st.integers(0, 255)),
+    st.tuples(st.just("delete"), st.integers(0, len(_VALID) - 1), st.just(0)),
+)
+
+
+def _mutate(data: bytes, edits: list[tuple[str, int, int]]) -> bytes:
+    out = bytearray(data)
+    for op, pos, value in edits:
+        pos = min(pos, len(out))
+        if op == "flip" and pos < len(out):
+            out[pos] ^= value  # value >= 1: the byte really changes
+        elif op == "cut":
+            del out[pos:]
+        elif op == "insert":
+            out.insert(pos, value)
+        elif op == "delete" and pos < len(out):
+            del out[pos]
+    return bytes(out)
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(st.lists(_edits, min_size=1, max_size=4))
+def test_decode_of_byte_mutated_valid_delta_only_raises_protocol_error(
+    edits: list[tuple[str, int, int]],
+) -> None:
+    # flips, truncations, insertions and deletions of a valid encoded delta's bytes: decode returns
+    # a DeltaMessage or raises ProtocolError with a known reason, never anything else
+    data = _mutate(_VALID, edits)
+    try:
+        msg = DeltaMessage.decode(data)
+    except ProtocolError as exc:
+        assert exc.reason in {"empty", "truncated", "undecodable", "too_large", "too_deep", "ext_type",
+                              "wrong_schema", "protocol_version"}
+        return
+    assert isinstance(msg, DeltaMessage)
+    assert all(isinstance(b, bytes) for b in msg.tensors.values())
+    assert msg.seq >= 0 and msg.compute_s >= 0
+
+
+def test_every_single_byte_truncation_of_a_valid_delta_is_truncated() -> None:
+    # a cut anywhere inside the message is reported as such, not as garbage
+    assert {reason_of(_VALID[:cut]) for cut in range(1, len(_VALID))} == {"truncated"}
