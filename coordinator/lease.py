@@ -1,7 +1,9 @@
 """One coordinator per run: a lease key in Redis with a TTL, refreshed while serving.
 
 A coordinator that was killed leaves its lease behind; a new one on the same host takes it over
-at once when the holder's pid is gone, otherwise it waits for the TTL to run out.
+at once when the holder's pid is gone, otherwise it waits for the TTL to run out. A lease key that
+vanished while we held it (Redis restarted without persistence, or was flushed) is taken back on
+the next refresh, atomically and only if nobody else took it in the meantime.
 """
 
 from __future__ import annotations
@@ -18,6 +20,21 @@ from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# Extend the lease if it is ours, take it back (SET NX semantics) if it is missing; 0 if another
+# holder's value is there. Returns 1 (extended), 2 (re-acquired) or 0 (lost).
+_REFRESH = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 2
+end
+return 0
+"""
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -30,12 +47,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 class CoordinatorLease:
+    """The run's lease, held as ``host:pid:nonce`` under ``key`` with a ``ttl_s`` expiry."""
+
     def __init__(self, client: redis.Redis, key: str, *, ttl_s: int = 15) -> None:
         self.redis = client
         self.key = key
         self.ttl_s = ttl_s
         self.host = socket.gethostname()
         self.value = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._refresh = client.register_script(_REFRESH)
 
     def acquire(self, *, wait_s: float | None = None) -> None:
         """Take the lease, waiting up to ``wait_s`` (default: the TTL) for a dead holder's to expire."""
@@ -63,12 +83,16 @@ class CoordinatorLease:
             time.sleep(0.5)
 
     def refresh(self) -> bool:
-        """Extend the lease; False if someone else holds it now."""
-        holder = self.redis.get(self.key)
-        if holder is not None and holder.decode(errors="replace") != self.value:
-            return False
-        self.redis.set(self.key, self.value, ex=self.ttl_s)
-        return True
+        """Extend the lease; take it back if its key vanished; False only if another holds it.
+
+        One atomic script: a refresh can never overwrite another coordinator's lease, even one
+        that took the key between our read and our write.
+        """
+        result = int(self._refresh(keys=[self.key], args=[self.value, self.ttl_s]))
+        if result == 2:
+            log.warning("the lease key %s had vanished (Redis restarted or flushed); took it back",
+                        self.key)
+        return result != 0
 
     def release(self) -> None:
         holder = self.redis.get(self.key)

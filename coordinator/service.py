@@ -228,11 +228,14 @@ class Coordinator:
                 "?" if depth is None else depth, time.monotonic() - started,
             )
 
-    def _publish(self) -> None:
+    def _publish(self, *, republish: bool = False) -> None:
+        """Publish snapshot ``self.version`` and the plan; ``republish``: Redis already points at
+        this version (its keys were lost, or the last publish failed after the flip), so rewrite
+        it in place: θ is unchanged since, so are its chunk bytes."""
         try:
             self.store.publish(
                 run_id=self.run_id, version=self.version, params=self.optimizer.params,
-                config=self.run_config, progress=self.progress(),
+                config=self.run_config, progress=self.progress(), republish=republish,
                 before_flip=lambda: self.crash.hit("mid_snapshot"),
             )
             self.redis.set(self.keys.plan, self.registry.plan(self.run_id, time.time()).encode())
@@ -292,10 +295,18 @@ class Coordinator:
             if not self.lease.refresh():
                 raise ConfigError("another coordinator took over this run; stopping")
             current = self.store.current_version()
-            if current is None or current < self.version or self.published_version < self.version:
-                if current is None and self.published_version >= 0:
+            lost = current is None or (
+                current == self.version and not self.redis.exists(self.keys.manifest(current))
+            )
+            if lost or current < self.version or self.published_version < self.version:
+                if lost and self.published_version >= 0:
                     log.warning("Redis lost snapshot %d (restart or flush); republishing", self.version)
-                self._publish()
+                if self._applied_pending():
+                    # θ already holds deltas that no checkpoint has: commit them as a new version
+                    # rather than publish them under the old version's number.
+                    self._commit()
+                else:
+                    self._publish(republish=current == self.version)
             else:
                 self.redis.set(self.keys.plan, self.registry.plan(self.run_id, time.time()).encode())
             publish_status(self.redis, self.keys, build_status(self))

@@ -32,10 +32,12 @@ MAX_SNAPSHOT_BYTES = 8 * 1024 * MiB
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# Move ``current`` forward only: a stale coordinator can never roll readers back.
+# Move ``current`` forward only: a stale coordinator can never roll readers back. ARGV[2] == '1'
+# (a republish of the same version) also accepts a pointer already at ARGV[1].
 _FLIP_FORWARD = """
 local old = tonumber(redis.call('GET', KEYS[1]) or '-1')
-if old < tonumber(ARGV[1]) then
+local new = tonumber(ARGV[1])
+if old < new or (ARGV[2] == '1' and old == new) then
   redis.call('SET', KEYS[1], ARGV[1])
   return 1
 end
@@ -231,8 +233,13 @@ class SnapshotStore:
         progress: dict[str, Any],
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         before_flip: Callable[[], None] | None = None,
+        republish: bool = False,
     ) -> SnapshotManifest:
         """Write version ``version`` whole, then flip ``current`` to it (never backwards).
+
+        ``republish``: ``current`` may already be ``version``; its keys are rewritten in place.
+        Only for the same parameters as before (a reader then sees the same chunk bytes under
+        either manifest); the coordinator uses it when Redis lost that version's keys.
 
         ``before_flip`` (fault tests only) is called between the chunk/manifest writes and the
         pointer flip: a crash there must leave readers on the previous version.
@@ -257,7 +264,7 @@ class SnapshotStore:
         pipe.execute()
         if before_flip is not None:
             before_flip()
-        if not self._flip(keys=[self.keys.current], args=[version]):
+        if not self._flip(keys=[self.keys.current], args=[version, int(republish)]):
             raise SnapshotError(
                 f"Redis already points at a version >= {version}; another coordinator may be "
                 "running this run"
