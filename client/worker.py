@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -262,9 +263,15 @@ class Worker:
         Starting the next round from a base without our own last delta would make the next delta
         repeat most of it, and Delayed Nesterov would count that work twice.
         """
-        deadline = time.monotonic() + self.config.include_wait_s
+        plan = self.fetcher.plan()
+        # A synchronous round completes only when the slowest client has sent: wait for the next
+        # version however long that takes (it follows the round whether or not ours made it).
+        sync = plan is not None and plan.sync
+        deadline = time.monotonic() + (math.inf if sync else self.config.include_wait_s)
         while time.monotonic() < deadline and not self._should_stop():
             version = self.fetcher.current_version()
+            if sync and version is not None and version > base_version:
+                return True
             if version is not None and version > base_version:
                 try:
                     manifest = self.fetcher.manifest(version)

@@ -89,6 +89,8 @@ def main() -> None:
       help="Outer update: Delayed Nesterov, per-arrival Nesterov, plain SGD, or FedBuff.")
 @_opt("--staleness-exponent", env="STALENESS_EXPONENT", type=click.FloatRange(0), default=0.0,
       help="Weigh a delta by (1 + staleness)^-a (0 = off).")
+@_opt("--sync-timeout", "sync_timeout_s", env="SYNC_TIMEOUT", type=click.FloatRange(0, min_open=True),
+      default=120.0, help="sync strategy: seconds a round waits for missing clients after its first delta.")
 @_opt("--outer-lr", env="OUTER_LR", type=float, default=0.7, help="Outer learning rate ε.")
 @_opt("--outer-momentum", env="OUTER_MOMENTUM", type=float, default=0.9, help="Outer momentum β.")
 @_opt("--buffer-size", env="BUFFER_SIZE", type=click.IntRange(0), default=0,
@@ -171,7 +173,8 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
                           buffer_size=opts["buffer_size"], c=opts["outer_c"],
                           staleness_exponent=opts["staleness_exponent"]),
         plan=PlanConfig(local_steps=opts["local_steps"], min_local_steps=opts["min_local_steps"],
-                        dylu=opts["dylu"]),
+                        dylu=opts["dylu"], sync=opts["strategy"] == "sync"),
+        sync_timeout_s=opts["sync_timeout_s"],
         intake=IntakeConfig(max_staleness=opts["max_staleness"]),
         commit=CommitConfig(every_updates=opts["commit_every"], interval_s=opts["commit_interval_s"],
                             idle_interval_s=opts["commit_idle_s"]),

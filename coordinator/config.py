@@ -56,6 +56,8 @@ class CoordinatorConfig:
     retry: RetryPolicy = RetryPolicy()
     checkpoint_dir: Path | None = None
     resume: bool = False
+    # sync strategy: a round waits this long after its first delta for missing clients
+    sync_timeout_s: float = 120.0
     eval_interval_s: float = 10.0
     max_seconds: float = 0.0  # 0: serve until stopped
     device: str = "cpu"  # where evaluation runs
@@ -68,6 +70,10 @@ class CoordinatorConfig:
                 f"prefetch ({self.queue.prefetch}) must exceed commit every-updates "
                 f"({self.commit.every_updates}): deliveries stay unacked until their commit"
             )
+        if (self.outer.strategy == "sync") != self.plan.sync:
+            raise ConfigError("the sync strategy and the plan's sync flag must agree")
+        if self.sync_timeout_s <= 0:
+            raise ConfigError("sync timeout must be > 0")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs --checkpoint-dir")
         if self.eval_interval_s <= 0 or self.max_seconds < 0:

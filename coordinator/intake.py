@@ -21,6 +21,7 @@ import torch
 
 from coordinator.outer_optimizer import OuterOptimizer
 from coordinator.registry import ClientRegistry
+from coordinator.sync_round import SyncBarrier
 from shared.codecs import get_codec
 from shared.errors import ConfigError, ProtocolError
 from shared.protocol import DeltaLimits, DeltaMessage
@@ -76,8 +77,10 @@ class DeltaIntake:
         optimizer: OuterOptimizer,
         registry: ClientRegistry,
         run_id: str,
+        barrier: SyncBarrier | None = None,
     ) -> None:
         self.config = config
+        self.barrier = barrier  # synchronous DiLoCo: deltas must join the current round
         self.optimizer = optimizer
         self.registry = registry
         self.run_id = run_id
@@ -122,6 +125,12 @@ class DeltaIntake:
         if msg.base_version > self.version:
             return reject("future_version", f"base {msg.base_version} > current {self.version}")
         staleness = self.version - msg.base_version
+        if self.barrier is not None:
+            # A client whose delta came too late still belongs to the next rounds: they wait for it.
+            self.registry.get(cid).last_contact = now
+            refused = self.barrier.refuse(cid, msg.base_version)
+            if refused is not None:
+                return reject(*refused, staleness)
         if staleness > self.config.max_staleness:
             return reject("stale", f"{staleness} versions behind (bound {self.config.max_staleness})",
                           staleness)
@@ -153,6 +162,8 @@ class DeltaIntake:
         log.debug("apply %s:%d base=%d staleness=%d steps=%d |g|=%.4f |θ|=%.2f N=%d", cid, seq,
                   msg.base_version, staleness, msg.local_steps, math.sqrt(sq), model_norm, len(active_ids))
         self.optimizer.step(delta, active_clients=len(active_ids), staleness=staleness)
+        if self.barrier is not None:
+            self.barrier.add(cid, now)
         self.registry.record_applied(
             client_id=cid, seq=seq, local_steps=msg.local_steps, compute_s=msg.compute_s,
             tokens=msg.tokens, train_loss=msg.train_loss, staleness=staleness, now=now,

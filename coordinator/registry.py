@@ -23,6 +23,7 @@ class ClientRecord:
     updates: int = 0
     rejected: int = 0
     last_seen: float = 0.0  # unix time of its last applied delta
+    last_contact: float = 0.0  # unix time of its last delta of this run, applied or not (sync rounds)
     last_loss: float = float("nan")
     last_staleness: int = 0
     last_round_steps: int = 0
@@ -53,6 +54,7 @@ class PlanConfig:
     min_local_steps: int = 3
     dylu: bool = True
     active_window_s: float = 60.0
+    sync: bool = False  # synchronous DiLoCo: everyone runs H (no DyLU) and waits for each round
 
 
 class ClientRegistry:
@@ -83,6 +85,12 @@ class ClientRegistry:
         record.last_round_steps = local_steps
         record.remember(seq)
 
+    def in_contact(self, now: float) -> set[str]:
+        """Clients that sent any delta of this run within the window: a sync round waits for them."""
+        window = self.plan_config.active_window_s
+        return {c.client_id for c in self.clients.values()
+                if now - max(c.last_contact, c.last_seen) <= window}
+
     def active(self, now: float) -> list[ClientRecord]:
         window = self.plan_config.active_window_s
         return [c for c in self.clients.values() if c.updates and now - c.last_seen <= window]
@@ -96,8 +104,9 @@ class ClientRegistry:
             min_local_steps=min(self.plan_config.min_local_steps, self.plan_config.local_steps),
             fastest_steps_per_s=fastest,
             active_clients=len(active),
-            dylu=self.plan_config.dylu,
+            dylu=self.plan_config.dylu and not self.plan_config.sync,
             updated_at=now,
+            sync=self.plan_config.sync,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from coordinator.lease import CoordinatorLease
 from coordinator.outer_optimizer import make_outer_optimizer
 from coordinator.registry import ClientRegistry
 from coordinator.status import build_status, publish_status
+from coordinator.sync_round import SyncBarrier
 from shared.errors import AsyncLocoError, ConfigError, SnapshotError
 from shared.keys import RunKeys
 from shared.snapshot import SnapshotStore
@@ -63,6 +64,7 @@ class Coordinator:
         self.uncommitted: list[tuple[Delivery, Outcome]] = []
         self.first_uncommitted_at = 0.0
         self.commits = 0
+        self._theta_committed = 0  # optimizer.theta_updates at the last commit
         self.last_commit_at = 0.0
         self.consumer: DeltaConsumer | None = None
         self._redis_down = False
@@ -99,8 +101,10 @@ class Coordinator:
         params = dict(self.eval_model.named_parameters())
         self.optimizer = make_outer_optimizer(params, cfg.outer)
         self.registry = ClientRegistry(cfg.plan)
+        self.barrier = SyncBarrier(timeout_s=cfg.sync_timeout_s) if cfg.outer.strategy == "sync" else None
         self.intake = DeltaIntake(
-            config=cfg.intake, optimizer=self.optimizer, registry=self.registry, run_id=self.run_id
+            config=cfg.intake, optimizer=self.optimizer, registry=self.registry, run_id=self.run_id,
+            barrier=self.barrier,
         )
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -120,6 +124,9 @@ class Coordinator:
         )
         self.version = first
         self.intake.version = first
+        if self.barrier is not None:
+            # θ does not move inside a sync round, so version `first` is the resumed round's base.
+            self.barrier.base_version = first
         self._evaluate()
         self._commit(force=True)
 
@@ -135,6 +142,8 @@ class Coordinator:
         self.eval_history = state["eval_history"]
         self.version = checkpoint.version
         self.commits = int(state.get("commits", 0))
+        if self.barrier is not None and state.get("sync_barrier"):
+            self.barrier.load_json(state["sync_barrier"], time.time())
 
     # ---------------------------------------------------------------- main loop
     def serve(self) -> None:
@@ -164,6 +173,10 @@ class Coordinator:
                     if not self.uncommitted:
                         self.first_uncommitted_at = time.monotonic()
                     self.uncommitted.append((delivery, outcome))
+                if self.barrier is not None and self.barrier.ready(
+                    self.registry.in_contact(time.time()), time.time()
+                ):
+                    self._complete_sync_round()
                 now = time.monotonic()
                 if self.uncommitted and (
                     len(self.uncommitted) >= cfg.commit.every_updates
@@ -184,21 +197,33 @@ class Coordinator:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def _complete_sync_round(self) -> None:
+        """All active clients sent (or the round timed out): one Nesterov step, a new version."""
+        arrived = len(self.barrier.arrived) if self.barrier is not None else 0
+        self.optimizer.complete_round()
+        assert self.barrier is not None
+        self.barrier.next_round(self.version + 1)  # the version this commit publishes
+        log.info("sync round on version %d complete with %d deltas", self.version, arrived)
+        self._commit()
+
     def _applied_pending(self) -> bool:
         return any(o.kind == "applied" for _, o in self.uncommitted)
 
     # ---------------------------------------------------------------- commit
     def _commit(self, *, force: bool = False, evaluate: bool = False) -> None:
-        """Checkpoint → settle → publish. A commit with nothing applied keeps the version."""
+        """Checkpoint → settle → publish. A commit that did not change θ keeps the version (nothing
+        applied, or deltas only buffered: FedBuff before its buffer fills, a sync round not done)."""
         started = time.monotonic()
         batch, self.uncommitted = self.uncommitted, []
         applied = sum(1 for _, o in batch if o.kind == "applied")
-        if applied:
+        theta_changed = self.optimizer.theta_updates != self._theta_committed
+        if theta_changed:
+            self._theta_committed = self.optimizer.theta_updates
             self.version += 1
             self.intake.version = self.version
             if evaluate:
                 self._evaluate()
-        if self.config.checkpoint_dir is not None and (applied or batch or force):
+        if self.config.checkpoint_dir is not None and (theta_changed or batch or force):
             if self.applied_log is not None and batch:
                 # Before the checkpoint, which records the log's new length: see applied_log.py.
                 self.applied_log.append(
@@ -211,11 +236,11 @@ class Coordinator:
         if self.consumer is not None and batch:
             self.consumer.settle(batch)
             self.crash.hit("after_ack")
-        if applied or force:
+        if theta_changed or force:
             self._publish()
         self.commits += 1
         self.last_commit_at = time.monotonic()
-        if applied or force:
+        if applied or theta_changed or force:
             rejected = sum(1 for _, o in batch if o.kind == "rejected")
             duplicates = sum(1 for _, o in batch if o.kind == "duplicate")
             depth = self.consumer.queue_depth if self.consumer else None
@@ -274,6 +299,7 @@ class Coordinator:
                 "progress": dict(self.intake.progress),
                 "eval_history": self.eval_history[-EVAL_HISTORY:],
                 "commits": self.commits,
+                "sync_barrier": self.barrier.to_json() if self.barrier is not None else None,
                 "applied_log_bytes": self.applied_log.length if self.applied_log else 0,
                 "saved_at": time.time(),
             },

@@ -88,6 +88,7 @@ def build_status(coordinator: Coordinator, *, stopped: bool = False) -> dict[str
             "fastest_steps_per_s": _num(plan.fastest_steps_per_s),
             "active_clients": plan.active_clients,
             "dylu": plan.dylu,
+            "sync": plan.sync,
         },
         "outer": {"strategy": outer.strategy, "lr": outer.lr, "momentum": outer.momentum,
                   "buffer_size": outer.buffer_size, "c": outer.c,

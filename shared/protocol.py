@@ -229,6 +229,8 @@ class RoundPlan:
     active_clients: int
     dylu: bool = True
     updated_at: float = 0.0
+    # Synchronous DiLoCo: a client waits for the round's new version before its next round.
+    sync: bool = False
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -242,6 +244,7 @@ class RoundPlan:
                 "active_clients": self.active_clients,
                 "dylu": self.dylu,
                 "updated_at": float(self.updated_at),
+                "sync": self.sync,
             },
             use_bin_type=True,
         )
@@ -259,6 +262,7 @@ class RoundPlan:
             active_clients=require_field(obj, "active_clients", int),
             dylu=require_field(obj, "dylu", bool),
             updated_at=float(require_field(obj, "updated_at", (int, float))),
+            sync=require_field(obj, "sync", bool) if "sync" in obj else False,
         )
         if not 1 <= plan.min_local_steps <= plan.local_steps:
             raise ProtocolError("wrong_schema", "plan needs 1 <= min_local_steps <= local_steps")
