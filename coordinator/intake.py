@@ -28,6 +28,9 @@ from shared.protocol import DeltaLimits, DeltaMessage
 
 log = logging.getLogger(__name__)
 
+# Rejections that say nothing about the sender's own sequence (another run, a name we cannot use,
+# a seq we cannot judge): not remembered as settled.
+_NOT_SETTLED = frozenset({"wrong_run", "bad_client_id", "replayed"})
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -100,8 +103,15 @@ class DeltaIntake:
         self.counts[outcome.kind] += 1
         if outcome.kind == "rejected":
             self.rejected_by_reason[outcome.reason] += 1
-            if outcome.client_id in self.registry.clients:
-                self.registry.clients[outcome.client_id].rejected += 1
+            record = self.registry.clients.get(outcome.client_id)
+            if record is not None:
+                record.rejected += 1
+                if outcome.reason not in _NOT_SETTLED:
+                    # Settled for good: a redelivery (after a crash between checkpoint and ack) is
+                    # then a duplicate, not judged a second time (a base judged "future" before a
+                    # restart could otherwise pass after it). Only for known clients, so a flood of
+                    # made-up client ids grows nothing.
+                    record.remember(outcome.seq)
             log.warning("rejected delta %s: %s (%s)", outcome.delta_id or "?", outcome.reason,
                         outcome.detail)
         return outcome
@@ -119,7 +129,7 @@ class DeltaIntake:
             return reject("bad_client_id", "client id must be 1-64 of [A-Za-z0-9_.-]")
         record = self.registry.clients.get(cid)
         if record is not None and record.seen(seq):
-            return Outcome("duplicate", "duplicate", "already applied", cid, seq)
+            return Outcome("duplicate", "duplicate", "already applied or rejected", cid, seq)
         if record is not None and record.too_old(seq):
             return reject("replayed", f"seq {seq} is older than every remembered one")
         if msg.base_version > self.version:

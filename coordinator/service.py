@@ -183,11 +183,10 @@ class Coordinator:
                     or now - self.first_uncommitted_at >= cfg.commit.interval_s
                     or (self.inbox.empty() and now - self.last_commit_at >= cfg.commit.idle_interval_s)
                 ):
-                    if now >= next_eval and self._applied_pending():
-                        next_eval = now + cfg.eval_interval_s
-                        self._commit(evaluate=True)
-                    else:
-                        self._commit()
+                    self._commit()
+                if now >= next_eval and (not self.eval_history or self.eval_history[-1][0] != self.version):
+                    self._evaluate()  # the committed version, whichever strategy moved it
+                    next_eval = now + cfg.eval_interval_s
                 if now >= next_housekeeping:
                     self._housekeeping()
                     next_housekeeping = now + 1.0
@@ -210,7 +209,7 @@ class Coordinator:
         return any(o.kind == "applied" for _, o in self.uncommitted)
 
     # ---------------------------------------------------------------- commit
-    def _commit(self, *, force: bool = False, evaluate: bool = False) -> None:
+    def _commit(self, *, force: bool = False) -> None:
         """Checkpoint → settle → publish. A commit that did not change θ keeps the version (nothing
         applied, or deltas only buffered: FedBuff before its buffer fills, a sync round not done)."""
         started = time.monotonic()
@@ -221,8 +220,6 @@ class Coordinator:
             self._theta_committed = self.optimizer.theta_updates
             self.version += 1
             self.intake.version = self.version
-            if evaluate:
-                self._evaluate()
         if self.config.checkpoint_dir is not None and (theta_changed or batch or force):
             if self.applied_log is not None and batch:
                 # Before the checkpoint, which records the log's new length: see applied_log.py.

@@ -124,3 +124,14 @@ def test_active_clients_set_the_buffer_size() -> None:
     assert intake.optimizer.pending == 0
     intake.handle(_delta(client_id="c2"), now=101.0)  # c1 and c2 active: N = 2
     assert intake.optimizer.pending == 1
+
+
+def test_a_rejected_delta_of_a_known_client_is_settled_once() -> None:
+    intake = _intake()
+    assert intake.handle(_delta(seq=0)).kind == "applied"  # c1 is now known
+    stale = _delta(seq=1, base_version=6)  # a base from the future: rejected
+    assert intake.handle(stale).reason == "future_version"
+    intake.version = 6  # even once that base exists, the redelivery is not judged again
+    outcome = intake.handle(stale)
+    assert outcome.kind == "duplicate"
+    assert intake.counts["applied"] == 1 and intake.rejected_by_reason["future_version"] == 1
