@@ -4,19 +4,15 @@ model on the real servers; the coordinator is killed (-9) mid-run and resumed.""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
 from shared.keys import RunKeys
-from tests.services import AMQP_URL, REDIS_URL, ROOT
+from tests.services import REDIS_URL, Processes, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -24,59 +20,9 @@ TASK = ["--model-size", "tiny", "--task-setting", "max_corpus_bytes=3000000",
         "--task-setting", "eval_sequences=32"]
 
 
-class Processes:
-    """Start processes and end exactly those, whatever happens in the test."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.procs: list[subprocess.Popen] = []
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", ASYNCLOCO_REDIS=REDIS_URL, ASYNCLOCO_AMQP=AMQP_URL)
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.logdir / f"{name}.log", "a")  # noqa: SIM115 - the process owns it
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.logdir / f"{name}.log").read_text()
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    p = Processes(tmp_path)
-    try:
-        yield p
-    finally:
-        p.stop_all()
-
-
 def _status(run: str) -> dict:
     raw = redis.Redis.from_url(REDIS_URL).get(RunKeys(run).status)
     return json.loads(raw) if raw else {}
-
-
-def _wait(predicate, timeout_s: float, what: str):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def test_two_clients_train_the_model_through_a_coordinator_crash(
@@ -86,13 +32,13 @@ def test_two_clients_train_the_model_through_a_coordinator_crash(
              "--checkpoint-dir", str(tmp_path / "ckpt"), "--local-steps", "20", "--min-local-steps", "2",
              "--eval-interval", "3", "--max-seconds", "150"]
     coordinator = procs.start("coordinator", *serve)
-    _wait(lambda: _status(run_name).get("eval", {}).get("latest"), 60, "the coordinator's first snapshot")
+    wait_for(lambda: _status(run_name).get("eval", {}).get("latest"), 60, "the coordinator's first snapshot")
     start_loss = _status(run_name)["eval"]["history"][0]["loss"]
     for client_id, slowdown in (("fast", "1"), ("slow", "4")):
         procs.start(client_id, "-m", "client.cli", "join", "--run", run_name, "--client-id", client_id,
                     "--slowdown", slowdown, "--threads", "1", "--device", "cpu",
                     "--state-dir", str(tmp_path / "state"), "--max-seconds", "70")
-    _wait(lambda: all(c["updates"] >= 2 for c in _status(run_name).get("clients", [{}, {}]))
+    wait_for(lambda: all(c["updates"] >= 2 for c in _status(run_name).get("clients", [{}, {}]))
           and len(_status(run_name)["clients"]) == 2, 60, "both clients' updates")
 
     # kill -9 mid-run, then resume: versions keep rising, clients carry on without a restart
@@ -101,13 +47,13 @@ def test_two_clients_train_the_model_through_a_coordinator_crash(
     coordinator.wait()
     time.sleep(2)
     procs.start("coordinator", *serve, "--resume")
-    resumed = _wait(lambda: (s := _status(run_name)).get("coordinator", {}).get("pid") != coordinator.pid
+    resumed = wait_for(lambda: (s := _status(run_name)).get("coordinator", {}).get("pid") != coordinator.pid
                     and s, 60, "the resumed coordinator")
     assert resumed["version"] > version_before
     updates_at_resume = {c["client_id"]: c["updates"] for c in resumed["clients"]}
 
     client_procs = procs.procs[1:3]
-    _wait(lambda: all(p.poll() is not None for p in client_procs), 90, "clients to finish")
+    wait_for(lambda: all(p.poll() is not None for p in client_procs), 90, "clients to finish")
     assert [p.returncode for p in client_procs] == [0, 0], procs.log("fast") + procs.log("slow")
     procs.stop_all()  # SIGTERM: the coordinator commits and evaluates the final model
 

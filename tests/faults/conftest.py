@@ -12,16 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.services import ensure_services, run_scope
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "faults: fault injection (kill -9 at crash points, redelivery)")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _services() -> None:
-    ensure_services()
+from tests.services import run_scope
 
 
 @pytest.fixture

@@ -14,13 +14,8 @@ no id may be applied twice, and nothing may be applied that no client confirmed.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,62 +27,13 @@ from coordinator.applied_log import FILENAME as APPLIED_LOG
 from coordinator.checkpoint import load_checkpoint
 from shared.keys import RunKeys
 from shared.snapshot import SnapshotStore
-from tests.services import AMQP_URL, REDIS_URL, ROOT
+from tests.services import AMQP_URL, REDIS_URL, ROOT, Processes, wait_for  # noqa: F401 - re-exported
 
 T = TypeVar("T")
 
 # The tiny model on a small corpus: a client round takes ~1 s on one CPU thread.
 TASK = ["--model-size", "tiny", "--batch-size", "8", "--task-setting", "max_corpus_bytes=2000000",
         "--task-setting", "eval_sequences=16"]
-
-
-class Processes:
-    """Start processes and end exactly those (by their own handles), whatever happens in a test."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.procs: list[subprocess.Popen] = []
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", ASYNCLOCO_REDIS=REDIS_URL,
-                        ASYNCLOCO_AMQP=AMQP_URL, PYTHONPATH=str(ROOT))
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.logdir / f"{name}.log", "a")  # noqa: SIM115 - the process owns it
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        path = self.logdir / f"{name}.log"
-        return path.read_text() if path.exists() else ""
-
-    def logs(self) -> str:
-        """Every log, each under its name: the message of a failed assertion."""
-        paths = sorted(self.logdir.glob("*.log"))
-        return "\n".join(f"----- {p.name}\n{p.read_text()[-4000:]}" for p in paths)
-
-    def terminate(self, proc: subprocess.Popen, timeout_s: float = 30) -> int:
-        """SIGTERM ``proc`` (a clean stop: the coordinator commits) and return its exit code."""
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError(f"process {proc.pid} ignored SIGTERM for {timeout_s:.0f}s") from None
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def coordinator_args(run: str, checkpoint_dir: Path, *extra: str) -> list[str]:
@@ -100,16 +46,6 @@ def client_args(run: str, client_id: str, state_dir: Path, journal: Path, max_se
     return ["-m", "client.cli", "join", "--run", run, "--client-id", client_id, "--threads", "1",
             "--device", "cpu", "--state-dir", str(state_dir), "--max-seconds", str(max_seconds),
             "--journal", str(journal), "--log-level", "info"]
-
-
-def wait_for(predicate: Callable[[], T], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def status(run: str) -> dict[str, Any]:

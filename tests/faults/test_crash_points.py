@@ -3,7 +3,6 @@ nothing twice: real coordinator and client processes, checked by the journal ora
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,15 +34,6 @@ CRASH_AT = {
     "after_ack": 4,
     "mid_snapshot": 5,
 }
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    p = Processes(tmp_path)
-    try:
-        yield p
-    finally:
-        p.stop_all()
 
 
 @pytest.mark.parametrize("point", list(CRASH_AT))

@@ -8,7 +8,6 @@ the coordinator's connection, found by its connection name).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pika
@@ -36,15 +35,6 @@ from tests.services import AMQP_URL, REDIS_URL
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 DELTA_ID = "dup:0"
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    p = Processes(tmp_path)
-    try:
-        yield p
-    finally:
-        p.stop_all()
 
 
 def _delta_for_current_snapshot(run: str) -> bytes:

@@ -28,7 +28,6 @@ import json
 import math
 import random
 import struct
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -52,7 +51,7 @@ from shared.protocol import DeltaLimits, DeltaMessage
 from shared.settings import ConnectionSettings
 from shared.snapshot import SnapshotStore
 from shared.tasks import load_task
-from tests.services import AMQP_URL, REDIS_URL, run_scope
+from tests.services import AMQP_URL, REDIS_URL, run_scope, serving, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -63,17 +62,6 @@ MAX_STALENESS = 1
 SEQ_WINDOW = 4
 ENVELOPE_BYTES = 4096  # msgpack fields around the tensor payloads, with room to spare
 HOSTILE = "mallory"
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass
@@ -180,13 +168,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             checkpoint_dir=tmp_path_factory.mktemp("ckpt"),
             max_seconds=300,
         )
-        coord = Coordinator(config)
-        thread = threading.Thread(target=coord.serve, daemon=True)
-        thread.start()
         client = redis.Redis.from_url(REDIS_URL)
-        try:
-            wait_for(lambda: coord.consumer is not None and coord.consumer.connected.is_set(),
-                     timeout_s=30, what="consumer")
+        with serving(config) as coord:
             s = Served(coord, run, RunKeys(run), client, limits, numels)
             # "veteran" gets seqs 10..14 applied (one commit each): versions move past the
             # staleness bound and its remembered window becomes [11, 14].
@@ -197,11 +180,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             assert coord.version >= MAX_STALENESS + 2
             wait_for(lambda: s.status().get("deltas", {}).get("applied") == 5, what="status")
             yield s
-        finally:
-            coord.stop()
-            thread.join(timeout=20)
-            client.close()
-        assert not thread.is_alive()
+        client.close()
 
 
 # ------------------------------------------------------------------------- the hostile kinds

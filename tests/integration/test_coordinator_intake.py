@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,21 +18,11 @@ from shared.keys import RunKeys
 from shared.protocol import DeltaMessage
 from shared.settings import ConnectionSettings
 from shared.snapshot import SnapshotStore
-from tests.services import AMQP_URL, REDIS_URL
+from tests.services import AMQP_URL, REDIS_URL, serving, wait_for
 
 pytestmark = pytest.mark.integration
 
 SMALL_TASK = {"model_size": "tiny", "batch_size": 4, "eval_sequences": 4, "max_corpus_bytes": 1_000_000}
-
-
-def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -47,16 +35,8 @@ def coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
         checkpoint_dir=tmp_path / "ckpt",
         max_seconds=120,
     )
-    coord = Coordinator(config)
-    thread = threading.Thread(target=coord.serve, daemon=True)
-    thread.start()
-    wait_for(lambda: coord.consumer is not None and coord.consumer.connected.is_set(), what="consumer")
-    try:
+    with serving(config) as coord:
         yield coord
-    finally:
-        coord.stop()
-        thread.join(timeout=20)
-        assert not thread.is_alive()
 
 
 def _publish(run: str, bodies: list[bytes]) -> None:

@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,24 +35,14 @@ from shared.keys import RunKeys
 from shared.protocol import DeltaMessage, RoundPlan
 from shared.settings import ConnectionSettings, RetryPolicy
 from shared.snapshot import SnapshotStore
-from tests.services import AMQP_URL, REDIS_URL
+from tests.services import AMQP_URL, REDIS_URL, wait_for
+from tests.services import serving as services_serving
 
 pytestmark = pytest.mark.integration
 
 TASK = {"model_size": "tiny", "batch_size": 4, "eval_sequences": 4, "max_corpus_bytes": 1_000_000}
 RECOVERY_BOUND_S = 5.0
 log = logging.getLogger(__name__)
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wipe_run(client: redis.Redis, keys: RunKeys) -> int:
@@ -135,16 +125,8 @@ def serving(run: str, checkpoint_dir: Path, commit: CommitConfig) -> Iterator[Co
         checkpoint_dir=checkpoint_dir,
         max_seconds=120,
     )
-    coord = Coordinator(config)
-    thread = threading.Thread(target=coord.serve, daemon=True)
-    thread.start()
-    wait_for(lambda: coord.consumer is not None and coord.consumer.connected.is_set(), what="consumer")
-    try:
+    with services_serving(config) as coord:
         yield coord
-    finally:
-        coord.stop()
-        thread.join(timeout=20)
-        assert not thread.is_alive()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +13,8 @@ from coordinator.outer_optimizer import OuterConfig
 from coordinator.registry import PlanConfig
 from coordinator.service import Coordinator
 from shared.settings import ConnectionSettings
-from tests.integration.test_coordinator_intake import SMALL_TASK, _good_delta, _publish, _status, wait_for
-from tests.services import AMQP_URL, REDIS_URL
+from tests.integration.test_coordinator_intake import SMALL_TASK, _good_delta, _publish, _status
+from tests.services import AMQP_URL, REDIS_URL, serving, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,15 +28,8 @@ def sync_coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
         connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
         checkpoint_dir=tmp_path / "ckpt", max_seconds=120,
     )
-    coord = Coordinator(config)
-    thread = threading.Thread(target=coord.serve, daemon=True)
-    thread.start()
-    wait_for(lambda: coord.consumer is not None and coord.consumer.connected.is_set(), what="consumer")
-    try:
+    with serving(config) as coord:
         yield coord
-    finally:
-        coord.stop()
-        thread.join(timeout=20)
 
 
 def _version(run: str) -> int:
