@@ -198,9 +198,9 @@ class Coordinator:
 
     def _complete_sync_round(self) -> None:
         """All active clients sent (or the round timed out): one Nesterov step, a new version."""
-        arrived = len(self.barrier.arrived) if self.barrier is not None else 0
-        self.optimizer.complete_round()
         assert self.barrier is not None
+        arrived = len(self.barrier.arrived)
+        self.optimizer.complete_round()
         self.barrier.next_round(self.version + 1)  # the version this commit publishes
         log.info("sync round on version %d complete with %d deltas", self.version, arrived)
         self._commit()
