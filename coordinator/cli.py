@@ -245,6 +245,8 @@ def status(run: str, as_json: bool, redis_url: str, amqp_url: str) -> None:
 @_opt("--outer-momentum", env="OUTER_MOMENTUM", type=float, default=0.9, help="Outer momentum β.")
 @_opt("--staleness-exponent", env="STALENESS_EXPONENT", type=click.FloatRange(0), default=0.0,
       help="Weigh a delta by (1 + staleness)^-a.")
+@_opt("--buffer-size", env="BUFFER_SIZE", type=click.IntRange(0), default=0,
+      help="Delayed Nesterov N (0 = number of workers online).")
 @_opt("--codec", env="CODEC", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16")
 @_opt("--latency", env="SIM_LATENCY", type=click.FloatRange(0), default=0.0,
       help="Upload latency, in steps of the fastest worker.")
@@ -276,7 +278,7 @@ def simulate(**opts: Any) -> None:
         speeds = tuple(speed_profile(opts["heterogeneity"], opts["workers"], sigma=opts["sigma"],
                                      seed=opts["seed"]))
     outer = OuterConfig(lr=opts["outer_lr"], momentum=opts["outer_momentum"],
-                        staleness_exponent=opts["staleness_exponent"])
+                        buffer_size=opts["buffer_size"], staleness_exponent=opts["staleness_exponent"])
     configs = [
         SimConfig(strategy=s.strip(), speeds=speeds, local_steps=opts["local_steps"],
                   min_local_steps=opts["min_local_steps"], budget_steps=opts["budget_steps"],
