@@ -34,7 +34,7 @@ REDIS_URL = os.environ.get("ASYNCLOCO_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("ASYNCLOCO_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
 
 
-def _reachable(port: int) -> bool:
+def reachable(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
             return True
@@ -43,7 +43,7 @@ def _reachable(port: int) -> bool:
 
 
 def ensure_services() -> None:
-    if _reachable(6379) and _reachable(5672):
+    if reachable(6379) and reachable(5672):
         return
     result = subprocess.run(
         ["bash", str(ROOT / "deploy" / "services.sh"), "up"], capture_output=True, text=True, timeout=600
