@@ -31,7 +31,7 @@ from coordinator.outer_optimizer import make_outer_optimizer
 from coordinator.registry import ClientRegistry
 from coordinator.status import build_status, publish_status
 from coordinator.sync_round import SyncBarrier
-from shared.errors import AsyncLocoError, ConfigError, SnapshotError
+from shared.errors import ConfigError, SnapshotError
 from shared.keys import RunKeys
 from shared.snapshot import SnapshotStore
 from shared.tasks import load_task
@@ -184,7 +184,7 @@ class Coordinator:
                     or (self.inbox.empty() and now - self.last_commit_at >= cfg.commit.idle_interval_s)
                 ):
                     self._commit()
-                if now >= next_eval and (not self.eval_history or self.eval_history[-1][0] != self.version):
+                if now >= next_eval and self._eval_is_stale():
                     self._evaluate()  # the committed version, whichever strategy moved it
                     next_eval = now + cfg.eval_interval_s
                 if now >= next_housekeeping:
@@ -302,6 +302,10 @@ class Coordinator:
             },
         )
 
+    def _eval_is_stale(self) -> bool:
+        """True when the newest committed version has not been evaluated yet."""
+        return not self.eval_history or self.eval_history[-1][0] != self.version
+
     def _evaluate(self) -> float:
         with torch.no_grad():
             for name, param in self.eval_model.named_parameters():
@@ -342,19 +346,16 @@ class Coordinator:
             raise ConfigError(str(exc)) from exc
 
     def _shutdown(self) -> None:
+        if self.uncommitted:
+            self._commit()
+        if self._eval_is_stale():
+            log.info("final eval of version %d: %.4f", self.version, self._evaluate())
+        if self.consumer is not None:
+            time.sleep(0.3)  # let the I/O thread send the last acks
+            self.consumer.stop()
+            self.consumer.join(timeout=5)
         try:
-            if self.uncommitted:
-                self._commit()
-            if not self.eval_history or self.eval_history[-1][0] != self.version:
-                log.info("final eval of version %d: %.4f", self.version, self._evaluate())
-            if self.consumer is not None:
-                time.sleep(0.3)  # let the I/O thread send the last acks
-                self.consumer.stop()
-                self.consumer.join(timeout=5)
-            try:
-                publish_status(self.redis, self.keys, build_status(self, stopped=True))
-                self.lease.release()
-            except REDIS_ERRORS:
-                pass
-        except AsyncLocoError:
-            raise
+            publish_status(self.redis, self.keys, build_status(self, stopped=True))
+            self.lease.release()
+        except REDIS_ERRORS:
+            pass
