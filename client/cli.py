@@ -82,6 +82,10 @@ def _option(*decls: str, env: str, **kwargs: Any) -> Any:
 @_option("--max-seconds", env="ASYNCLOCO_MAX_SECONDS", default=0.0, show_default=True,
          type=click.FloatRange(min=0.0), metavar="SECONDS",
          help="Stop after this long, sending the round in hand (0: no limit).")
+@_option("--part-bytes", env="ASYNCLOCO_PART_BYTES", default=8 * 1024 * 1024, show_default=True,
+         type=click.IntRange(min=1), metavar="BYTES",
+         help="Send a delta bigger than this in parts of this size (keep it under the broker's message "
+              "limit).")
 @_option("--log-level", env="ASYNCLOCO_LOG_LEVEL", default="warning", show_default=True,
          type=click.Choice(LOG_LEVELS, case_sensitive=False), help="Logging detail on stderr.")
 @_option("--journal", env="ASYNCLOCO_JOURNAL", default=None, hidden=True,
@@ -100,6 +104,7 @@ def join(
     threads: int | None,
     max_rounds: int,
     max_seconds: float,
+    part_bytes: int,
     log_level: str,
     journal: Path | None,
 ) -> None:
@@ -123,6 +128,7 @@ def join(
         threads=threads if threads is not None else max(1, (os.cpu_count() or 2) // 2),
         max_rounds=max_rounds,
         max_seconds=max_seconds,
+        part_bytes=part_bytes,
         log_level=log_level.lower(),
         journal=journal,
     )

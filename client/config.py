@@ -16,6 +16,7 @@ from client.identity import default_state_dir, validate_client_id
 from shared.codecs import get_codec
 from shared.errors import ConfigError, ProtocolError
 from shared.keys import validate_run_name
+from shared.protocol import DEFAULT_DELTA_LIMITS, PART_HEADER_BYTES, MiB
 from shared.settings import ConnectionSettings, RetryPolicy
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -51,6 +52,9 @@ class ClientConfig:
     # send nearly the same delta twice). 0 disables; the coordinator normally commits within ~1 s.
     include_wait_s: float = 10.0
     poll_s: float = 1.0
+    # A delta message bigger than this is sent as parts of this many bytes (the coordinator puts
+    # them together). It must stay under the broker's message limit (16 MiB in RabbitMQ 4.x).
+    part_bytes: int = 8 * MiB
     # Fault tests only: append "client_id:seq" here (fsynced) for every delta the broker confirmed,
     # the client's half of the durability oracle in tests/faults.
     journal: Path | None = None
@@ -77,6 +81,10 @@ class ClientConfig:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         if self.include_wait_s < 0:
             raise ConfigError("include_wait_s must be >= 0")
+        largest = DEFAULT_DELTA_LIMITS.max_message_bytes - PART_HEADER_BYTES
+        if not 1024 <= self.part_bytes <= largest:
+            raise ConfigError(f"--part-bytes must be within 1024..{largest} (under the broker's "
+                              f"{DEFAULT_DELTA_LIMITS.max_message_bytes // MiB} MiB message limit)")
         if self.upload_grace_s <= 0 or self.poll_s <= 0:
             raise ConfigError("upload_grace_s and poll_s must be > 0")
         # A str path from a caller is accepted and normalised (the dataclass is frozen).

@@ -91,17 +91,20 @@ class DeltaUploader:
         body: bytes,
         *,
         message_id: str,
+        message_type: str | None = None,
         give_up: Callable[[], bool] = lambda: False,
     ) -> bool:
         """Publish ``body`` until the broker confirms it; return True then, False if ``give_up()``.
 
         Raise :class:`ServiceUnavailable` only if the retry policy has a ``give_up_after_s`` and it
         is spent. The caller must pass the same ``body`` and ``message_id`` for a retried delta.
+        ``message_type`` becomes the AMQP type property (the coordinator routes parts by it).
         """
         properties = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
             content_type=CONTENT_TYPE,
             message_id=message_id,
+            type=message_type,
             app_id=APP_ID,
         )
         delays = self.retry.delays()

@@ -38,7 +38,7 @@ from shared.dylu import SpeedMeter, local_steps_for, round_time_budget_s
 from shared.errors import ConfigError, SnapshotError
 from shared.keys import RunKeys
 from shared.local_round import InnerConfig, LocalTrainer, RoundStats, pick_device
-from shared.protocol import DEFAULT_DELTA_LIMITS, DeltaMessage, MiB
+from shared.protocol import DEFAULT_DELTA_LIMITS, PART_TYPE, DeltaMessage, MiB, split_delta
 from shared.snapshot import Snapshot
 from shared.tasks import load_task
 
@@ -228,7 +228,7 @@ class Worker:
 
         body, seq = self._encode(stats, base_version)
         started = time.monotonic()
-        ok = self.uploader.publish(body, message_id=f"{self.client_id}:{seq}", give_up=self._give_up_upload)
+        ok = self._send(body, seq)
         upload_s = time.monotonic() - started
         if not ok:
             log.warning("gave up sending delta %s:%s after the stop grace period", self.client_id, seq)
@@ -370,17 +370,36 @@ class Worker:
         log.debug("round: planned %d steps, ran %d in %.2fs", steps, stats.steps, stats.compute_s)
         return stats, steps
 
+    def _send(self, body: bytes, seq: int) -> bool:
+        """Publish a delta, as one message or, if bigger than ``part_bytes``, as parts in order.
+
+        True once the broker confirmed all of it; False if the stop grace period ran out first (a
+        delta left in part is discarded by the coordinator after its part timeout).
+        """
+        message_id = f"{self.client_id}:{seq}"
+        if len(body) <= self.config.part_bytes:
+            return self.uploader.publish(body, message_id=message_id, give_up=self._give_up_upload)
+        assert self.run_id is not None
+        parts = split_delta(body, part_bytes=self.config.part_bytes, run_id=self.run_id,
+                            client_id=self.client_id, seq=seq)
+        log.info("delta %s is %.1f MiB: sending it in %d parts", message_id, len(body) / MiB, len(parts))
+        return all(
+            self.uploader.publish(part.encode(), message_id=f"{message_id}/{part.index}",
+                                  message_type=PART_TYPE, give_up=self._give_up_upload)
+            for part in parts
+        )
+
     def _encode(self, stats: RoundStats, base_version: int) -> tuple[bytes, int]:
         """Compress g with error feedback, reserve a sequence number, and encode the delta message."""
         assert self.trainer is not None and self.run_id is not None
         gradient = self.trainer.pseudo_gradient()
         tensors = {name: self.feedback.encode(name, g) for name, g in gradient.items()}
-        limit = DEFAULT_DELTA_LIMITS.max_message_bytes
+        limit = DEFAULT_DELTA_LIMITS.max_delta_bytes
         payload = sum(len(blob) for blob in tensors.values())
         if payload + ENVELOPE_BYTES > limit:
             raise ConfigError(
                 f"a delta of this model is {payload / MiB:.1f} MiB with codec {self.codec.name}, over the "
-                f"{limit // MiB} MiB message limit; use --codec int8"
+                f"{limit // MiB} MiB limit of a delta; use --codec int8"
             )
         seq = self.identity.reserve_seq(self.run_id)  # durable before the publish: never reused
         message = DeltaMessage(
@@ -392,7 +411,7 @@ class Worker:
         body = message.encode()
         if len(body) > limit:
             raise ConfigError(
-                f"delta message is {len(body) / MiB:.1f} MiB, over the {limit // MiB} MiB limit; "
+                f"delta message is {len(body) / MiB:.1f} MiB, over the {limit // MiB} MiB limit of a delta; "
                 "use --codec int8"
             )
         return body, seq

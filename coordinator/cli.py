@@ -21,6 +21,7 @@ from coordinator.config import CommitConfig, CoordinatorConfig
 from coordinator.consumer import QueueConfig
 from coordinator.intake import IntakeConfig
 from coordinator.outer_optimizer import STRATEGIES, OuterConfig
+from coordinator.parts import SpoolConfig
 from coordinator.registry import PlanConfig
 from coordinator.status import read_status, render_text
 from shared.cli import OneLineErrors
@@ -113,7 +114,12 @@ def main() -> None:
       help="... or this many seconds after the first uncommitted one.")
 @_opt("--commit-idle", "commit_idle_s", env="COMMIT_IDLE", type=click.FloatRange(0), default=0.25,
       help="... or, when no delivery waits, this many seconds after the last commit.")
+@_opt("--part-timeout", "part_timeout_s", env="PART_TIMEOUT", type=click.FloatRange(0, min_open=True),
+      default=900.0, help="Discard a delta sent in parts this many seconds after its newest part.")
 @_opt("--prefetch", env="PREFETCH", type=click.IntRange(2), default=64, help="AMQP prefetch.")
+@_opt("--max-queue-bytes", env="MAX_QUEUE_BYTES", type=click.IntRange(1), default=1024**3,
+      help="Bytes the delta queue may hold; beyond, the broker refuses publishes and clients back "
+      "off. Fixed when the queue is first declared.")
 @_opt("--eval-interval", "eval_interval_s", env="EVAL_INTERVAL", type=float, default=10.0,
       help="Seconds between evaluations of the global model.")
 @_opt("--max-seconds", env="MAX_SECONDS", type=click.FloatRange(0), default=0.0,
@@ -178,7 +184,8 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
         intake=IntakeConfig(max_staleness=opts["max_staleness"]),
         commit=CommitConfig(every_updates=opts["commit_every"], interval_s=opts["commit_interval_s"],
                             idle_interval_s=opts["commit_idle_s"]),
-        queue=QueueConfig(prefetch=opts["prefetch"]),
+        queue=QueueConfig(prefetch=opts["prefetch"], max_queue_bytes=opts["max_queue_bytes"]),
+        spool=SpoolConfig(timeout_s=opts["part_timeout_s"]),
         connection=ConnectionSettings(redis_url=opts["redis_url"], amqp_url=opts["amqp_url"]),
         checkpoint_dir=checkpoint_dir,
         resume=opts["resume"],

@@ -10,6 +10,7 @@ from coordinator.consumer import QueueConfig
 from coordinator.faults import parse_crash_at
 from coordinator.intake import IntakeConfig
 from coordinator.outer_optimizer import OuterConfig
+from coordinator.parts import SpoolConfig
 from coordinator.registry import PlanConfig
 from shared.errors import ConfigError
 from shared.keys import validate_run_name
@@ -52,6 +53,7 @@ class CoordinatorConfig:
     intake: IntakeConfig = IntakeConfig()
     commit: CommitConfig = CommitConfig()
     queue: QueueConfig = QueueConfig()
+    spool: SpoolConfig = SpoolConfig()
     connection: ConnectionSettings = ConnectionSettings()
     retry: RetryPolicy = RetryPolicy()
     checkpoint_dir: Path | None = None

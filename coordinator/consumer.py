@@ -74,10 +74,22 @@ def declare_queues(channel: Any, keys: RunKeys, config: QueueConfig) -> None:
 
 @dataclass(frozen=True)
 class Delivery:
+    """One message from the queue; ``message_type`` is its AMQP type property (parts say so).
+
+    A delta put together from parts is handled as a delivery of generation -1 (nothing to ack)
+    whose ``spool_key`` names its spool entry, removed once a commit settles it.
+    """
+
     generation: int
     tag: int
     body: bytes
     redelivered: bool
+    message_type: str = ""
+    spool_key: str = ""
+
+    @classmethod
+    def from_spool(cls, key: str) -> Delivery:
+        return cls(generation=-1, tag=-1, body=b"", redelivered=False, spool_key=key)
 
 
 class DeltaConsumer(threading.Thread):
@@ -182,10 +194,11 @@ class DeltaConsumer(threading.Thread):
         ).method.message_count
 
     def _on_message(self, generation: int, channel: Any, method: Any, props: Any, body: bytes) -> None:
-        self.inbox.put(Delivery(generation, method.delivery_tag, body, bool(method.redelivered)))
+        self.inbox.put(Delivery(generation, method.delivery_tag, body, bool(method.redelivered),
+                                message_type=props.type or ""))
 
     def settle(self, items: list[tuple[Delivery, Outcome]]) -> int:
-        """Ack applied and duplicate deliveries; dead-letter rejected ones with their reason.
+        """Ack applied, duplicate and spooled deliveries; dead-letter rejected ones with their reason.
 
         Runs on the I/O thread. Deliveries of a dead generation are skipped (the broker will
         redeliver them). Returns how many were handed to the I/O thread.

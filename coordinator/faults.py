@@ -10,6 +10,7 @@ commit passes them::
     after_checkpoint the checkpoint renamed into place, before the acks are sent
     after_ack        the acks handed to the consumer thread, before the snapshot is published
     mid_snapshot     the snapshot chunks and manifest in Redis, before the ``current`` pointer flip
+    part_spooled     a part of a big delta written to the spool, before its ack (not in a commit)
 
 Production runs pass no crash point; :meth:`CrashPoints.hit` is then a dictionary lookup.
 """
@@ -25,7 +26,7 @@ from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-POINTS = ("after_apply", "mid_checkpoint", "after_checkpoint", "after_ack", "mid_snapshot")
+POINTS = ("after_apply", "mid_checkpoint", "after_checkpoint", "after_ack", "mid_snapshot", "part_spooled")
 EXIT_CODE = 137  # what a shell reports for a process killed by SIGKILL (128 + 9)
 
 

@@ -93,45 +93,61 @@ class DeltaIntake:
         self.rejected_by_reason: Counter[str] = Counter()
         self.progress = {"local_steps": 0, "tokens": 0, "samples": 0}
 
-    def handle(self, body: bytes, *, now: float | None = None) -> Outcome:
-        """Process one delivery body; never raises for bad input."""
+    def handle(self, body: bytes, *, now: float | None = None, assembled: bool = False) -> Outcome:
+        """Process one delta body (``assembled``: put together from parts); never raises for bad input."""
         now = time.time() if now is None else now
+        limits = self.config.limits.assembled() if assembled else self.config.limits
         try:
-            outcome = self._handle(body, now)
+            outcome = self._handle(body, now, limits)
         except ProtocolError as exc:
             outcome = Outcome("rejected", exc.reason, exc.detail)
-        self.counts[outcome.kind] += 1
-        if outcome.kind == "rejected":
-            self.rejected_by_reason[outcome.reason] += 1
-            record = self.registry.clients.get(outcome.client_id)
-            if record is not None:
-                record.rejected += 1
-                if outcome.reason not in _NOT_SETTLED:
-                    # Settled for good: a redelivery (after a crash between checkpoint and ack) is
-                    # then a duplicate, not judged a second time (a base judged "future" before a
-                    # restart could otherwise pass after it). Only for known clients, so a flood of
-                    # made-up client ids grows nothing.
-                    record.remember(outcome.seq)
-            log.warning("rejected delta %s: %s (%s)", outcome.delta_id or "?", outcome.reason,
-                        outcome.detail)
+        self.count(outcome)
         return outcome
 
-    def _handle(self, body: bytes, now: float) -> Outcome:
-        msg = DeltaMessage.decode(body, self.config.limits)
+    def count(self, outcome: Outcome) -> None:
+        """Count an outcome; a rejection of a known client's delta is remembered as settled."""
+        self.counts[outcome.kind] += 1
+        if outcome.kind != "rejected":
+            return
+        self.rejected_by_reason[outcome.reason] += 1
+        record = self.registry.clients.get(outcome.client_id)
+        if record is not None:
+            record.rejected += 1
+            if outcome.reason not in _NOT_SETTLED:
+                # Settled for good: a redelivery (after a crash between checkpoint and ack) is then
+                # a duplicate, not judged a second time (a base judged "future" before a restart
+                # could otherwise pass after it). Only for known clients, so a flood of made-up
+                # client ids grows nothing.
+                record.remember(outcome.seq)
+        log.warning("rejected delta %s: %s (%s)", outcome.delta_id or "?", outcome.reason, outcome.detail)
+
+    def screen(self, run_id: str, client_id: str, seq: int) -> Outcome | None:
+        """The checks that need only a delta's identity: its run, a usable client id, not settled
+        already. None if it passes; used for whole deltas and for each part of a big one."""
+        if run_id != self.run_id:
+            return Outcome("rejected", "wrong_run", f"delta for run {run_id!r}, this run is {self.run_id!r}",
+                           client_id, seq)
+        if not _CLIENT_ID.match(client_id):
+            return Outcome("rejected", "bad_client_id", "client id must be 1-64 of [A-Za-z0-9_.-]",
+                           client_id, seq)
+        record = self.registry.clients.get(client_id)
+        if record is not None and record.seen(seq):
+            return Outcome("duplicate", "duplicate", "already applied or rejected", client_id, seq)
+        if record is not None and record.too_old(seq):
+            return Outcome("rejected", "replayed", f"seq {seq} is older than every remembered one",
+                           client_id, seq)
+        return None
+
+    def _handle(self, body: bytes, now: float, limits: DeltaLimits) -> Outcome:
+        msg = DeltaMessage.decode(body, limits)
         cid, seq = msg.client_id, msg.seq
 
         def reject(reason: str, detail: str, staleness: int = 0) -> Outcome:
             return Outcome("rejected", reason, detail, cid, seq, staleness)
 
-        if msg.run_id != self.run_id:
-            return reject("wrong_run", f"delta for run {msg.run_id!r}, this run is {self.run_id!r}")
-        if not _CLIENT_ID.match(cid):
-            return reject("bad_client_id", "client id must be 1-64 of [A-Za-z0-9_.-]")
-        record = self.registry.clients.get(cid)
-        if record is not None and record.seen(seq):
-            return Outcome("duplicate", "duplicate", "already applied or rejected", cid, seq)
-        if record is not None and record.too_old(seq):
-            return reject("replayed", f"seq {seq} is older than every remembered one")
+        screened = self.screen(msg.run_id, cid, seq)
+        if screened is not None:
+            return screened
         if msg.base_version > self.version:
             return reject("future_version", f"base {msg.base_version} > current {self.version}")
         staleness = self.version - msg.base_version

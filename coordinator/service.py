@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import shutil
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -28,11 +31,13 @@ from coordinator.faults import CrashPoints
 from coordinator.intake import DeltaIntake, Outcome
 from coordinator.lease import CoordinatorLease
 from coordinator.outer_optimizer import make_outer_optimizer
+from coordinator.parts import PartSpool, take_part
 from coordinator.registry import ClientRegistry
 from coordinator.status import build_status, publish_status
 from coordinator.sync_round import SyncBarrier
-from shared.errors import ConfigError, SnapshotError
+from shared.errors import ConfigError, ProtocolError, SnapshotError
 from shared.keys import RunKeys
+from shared.protocol import PART_TYPE
 from shared.snapshot import SnapshotStore
 from shared.tasks import load_task
 
@@ -70,6 +75,11 @@ class Coordinator:
         self._redis_down = False
         self.crash = CrashPoints(config.crash_at)  # test-only kill -9 points; inert by default
         self.applied_log = AppliedLog(config.checkpoint_dir) if config.checkpoint_dir else None
+        # Parts of big deltas wait here; beside the checkpoint, so that they survive a crash with it.
+        self._own_spool_dir = config.checkpoint_dir is None
+        spool_dir = (config.checkpoint_dir / "parts" if config.checkpoint_dir is not None
+                     else Path(tempfile.mkdtemp(prefix="asyncloco-parts-")))
+        self.spool = PartSpool(spool_dir, config.spool)
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -150,6 +160,8 @@ class Coordinator:
         """Run until :meth:`stop` (or ``max_seconds``); commit what was applied before returning."""
         cfg = self.config
         self.setup()
+        for key in self.spool.recover(time.time()):  # complete deltas a crash left in the spool
+            self._take_assembled(key)
         self.consumer = DeltaConsumer(
             amqp_url=cfg.connection.amqp_url, keys=self.keys, config=cfg.queue, retry=cfg.retry,
             inbox=self.inbox, heartbeat_s=cfg.connection.heartbeat_s,
@@ -167,12 +179,7 @@ class Coordinator:
                 except queue.Empty:
                     delivery = None
                 if delivery is not None:
-                    outcome = self.intake.handle(delivery.body)
-                    if outcome.kind == "applied":
-                        self.crash.hit("after_apply")
-                    if not self.uncommitted:
-                        self.first_uncommitted_at = time.monotonic()
-                    self.uncommitted.append((delivery, outcome))
+                    self._take(delivery)
                 if self.barrier is not None and self.barrier.ready(
                     self.registry.in_contact(time.time()), time.time()
                 ):
@@ -188,6 +195,7 @@ class Coordinator:
                     self._evaluate()  # the committed version, whichever strategy moved it
                     next_eval = now + cfg.eval_interval_s
                 if now >= next_housekeeping:
+                    self._expire_parts()
                     self._housekeeping()
                     next_housekeeping = now + 1.0
         finally:
@@ -195,6 +203,48 @@ class Coordinator:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    # ---------------------------------------------------------------- intake
+    def _take(self, delivery: Delivery) -> None:
+        """Handle one delivery: a whole delta waits for the next commit; a part is spooled."""
+        if delivery.message_type != PART_TYPE:
+            self._hold(delivery, self.intake.handle(delivery.body))
+            return
+        outcome, complete = take_part(self.spool, self.intake, delivery.body, time.time())
+        if outcome.kind in ("spooled", "complete"):
+            self.crash.hit("part_spooled")
+        if self.consumer is not None:
+            self.consumer.settle([(delivery, outcome)])  # on disk (or refused) now: settle at once
+        if complete:
+            self._take_assembled(complete)
+
+    def _take_assembled(self, key: str) -> None:
+        entry = self.spool.entries[key]
+        try:
+            body = self.spool.assemble(key)
+        except ProtocolError as exc:
+            outcome = Outcome("rejected", exc.reason, exc.detail, entry.client_id, entry.seq)
+            self.intake.count(outcome)
+        else:
+            outcome = self.intake.handle(body, assembled=True)
+        self._hold(Delivery.from_spool(key), outcome)
+
+    def _hold(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Keep an outcome for the next commit, which records it and settles its delivery."""
+        if outcome.kind == "applied":
+            self.crash.hit("after_apply")
+        if not self.uncommitted:
+            self.first_uncommitted_at = time.monotonic()
+        self.uncommitted.append((delivery, outcome))
+
+    def _expire_parts(self) -> None:
+        """Discard deltas whose parts stopped coming; each is recorded as rejected, ``incomplete``."""
+        for entry in self.spool.expire(time.time()):
+            detail = (f"{len(entry.parts)} of {entry.count} parts, none new for "
+                      f"{self.spool.config.timeout_s:.0f} s")
+            outcome = Outcome("rejected", "incomplete", detail, entry.client_id, entry.seq)
+            self.intake.count(outcome)
+            self._hold(Delivery.from_spool(""), outcome)
 
     def _complete_sync_round(self) -> None:
         """All active clients sent (or the round timed out): one Nesterov step, a new version."""
@@ -233,6 +283,9 @@ class Coordinator:
         if self.consumer is not None and batch:
             self.consumer.settle(batch)
             self.crash.hit("after_ack")
+        for delivery, _ in batch:
+            if delivery.spool_key:  # settled for good by this commit
+                self.spool.discard(delivery.spool_key)
         if theta_changed or force:
             self._publish()
         self.commits += 1
@@ -359,3 +412,5 @@ class Coordinator:
             self.lease.release()
         except REDIS_ERRORS:
             pass
+        if self._own_spool_dir:
+            shutil.rmtree(self.spool.directory, ignore_errors=True)

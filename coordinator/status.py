@@ -37,6 +37,7 @@ def build_status(coordinator: Coordinator, *, stopped: bool = False) -> dict[str
     consumer = coordinator.consumer
     outer = coordinator.config.outer
     intake = coordinator.intake
+    spool = coordinator.spool
     return {
         "schema": SCHEMA,
         "run": coordinator.config.run,
@@ -98,6 +99,14 @@ def build_status(coordinator: Coordinator, *, stopped: bool = False) -> dict[str
             "depth": consumer.queue_depth if consumer else None,
             "dead_letters": consumer.dead_letters if consumer else None,
         },
+        "parts": {
+            "spooled": spool.counts["parts_spooled"],
+            "duplicate": spool.counts["parts_duplicate"],
+            "assembled": spool.counts["assembled"],
+            "incomplete": spool.counts["incomplete"],
+            "pending_deltas": len(spool.entries),
+            "reserved_bytes": spool.reserved_bytes,
+        },
     }
 
 
@@ -121,6 +130,7 @@ def _ago(seconds: float) -> str:
 def render_text(doc: dict[str, Any], *, now: float | None = None) -> str:
     """Human-readable status: a header, eval history, clients table, rejection counts."""
     now = time.time() if now is None else now
+    parts = doc.get("parts", {})
     coord = doc["coordinator"]
     age = now - doc["updated_at"]
     state = coord["state"] if age < 15 else f"not responding (last status {_ago(age)})"
@@ -132,6 +142,8 @@ def render_text(doc: dict[str, Any], *, now: float | None = None) -> str:
         f"version {doc['version']}  applied {d['applied']}  duplicate {d['duplicate']}  "
         f"rejected {d['rejected']}  queue depth {doc['queue']['depth']}  "
         f"dead letters {doc['queue']['dead_letters']}",
+        *([f"parts: {parts['assembled']} deltas assembled, {parts['pending_deltas']} waiting, "
+           f"{parts['incomplete']} discarded incomplete"] if parts.get("spooled") else []),
         f"progress: {doc['progress']['local_steps']} local steps, {doc['progress']['tokens']} tokens",
     ]
     history = doc["eval"]["history"]

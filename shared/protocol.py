@@ -12,8 +12,9 @@ extension types, timestamps included) and ``undecodable`` (anything else that is
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -28,14 +29,21 @@ MiB = 1024 * 1024
 class DeltaLimits:
     """Upper bounds a decoder enforces on a delta message.
 
-    RabbitMQ 4.x refuses messages over 16 MiB by default; a bigger model needs a stronger codec
-    (``--codec int8``) or a raised broker limit (deploy/rabbitmq.conf).
+    ``max_message_bytes`` bounds one AMQP message: RabbitMQ 4.x refuses messages over 16 MiB by
+    default. A delta bigger than that travels as :class:`DeltaPart` messages and is reassembled
+    by the coordinator, up to ``max_delta_bytes`` in all and ``max_parts`` parts.
     """
 
     max_message_bytes: int = 16 * MiB
+    max_delta_bytes: int = 1024 * MiB
+    max_parts: int = 1024
     max_tensors: int = 4096
     max_name_chars: int = 256
     max_id_chars: int = 128
+
+    def assembled(self) -> DeltaLimits:
+        """The limits for a delta reassembled from parts: the body may be ``max_delta_bytes``."""
+        return replace(self, max_message_bytes=self.max_delta_bytes)
 
 
 DEFAULT_DELTA_LIMITS = DeltaLimits()
@@ -211,6 +219,95 @@ class DeltaMessage:
             if not isinstance(blob, bytes):
                 raise ProtocolError("wrong_schema", f"tensor {name!r} payload is not bytes")
         return cls(tensors=tensors, **strs, **ints, **floats)
+
+
+PART_TYPE = "delta_part"  # the message type (msgpack "type" and the AMQP type property) of a part
+PART_HEADER_BYTES = 1024  # what a part's msgpack fields add to its data, with room to spare
+
+
+@dataclass(frozen=True)
+class DeltaPart:
+    """One slice of an encoded :class:`DeltaMessage` too big for one broker message.
+
+    The parts of delta ``(client_id, seq)`` are ``count`` contiguous byte ranges of its encoding,
+    ``total_bytes`` long in all, whose SHA-256 is ``sha256``; every part repeats these fields, so
+    any part may arrive first and a part of another delta cannot be mixed in unnoticed.
+    """
+
+    run_id: str
+    client_id: str
+    seq: int
+    index: int
+    count: int
+    offset: int
+    total_bytes: int
+    sha256: bytes
+    data: bytes = field(repr=False)
+
+    @property
+    def delta_id(self) -> str:
+        return f"{self.client_id}:{self.seq}"
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {
+                "protocol": PROTOCOL_VERSION,
+                "type": PART_TYPE,
+                "run_id": self.run_id,
+                "client_id": self.client_id,
+                "seq": self.seq,
+                "index": self.index,
+                "count": self.count,
+                "offset": self.offset,
+                "total_bytes": self.total_bytes,
+                "sha256": self.sha256,
+                "data": self.data,
+            },
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes, limits: DeltaLimits = DEFAULT_DELTA_LIMITS) -> DeltaPart:
+        """Parse and check one part on its own; whether it fits its siblings is the spool's job."""
+        obj = check_protocol(
+            unpack_limited(data, max_bytes=limits.max_message_bytes, max_items=32,
+                           max_str=limits.max_id_chars)
+        )
+        if obj.get("type") != PART_TYPE:
+            raise ProtocolError("wrong_schema", f"message type {obj.get('type')!r} is not {PART_TYPE!r}")
+        strs = {n: require_field(obj, n, str) for n in ("run_id", "client_id")}
+        if not all(strs.values()):
+            raise ProtocolError("wrong_schema", "run_id and client_id must not be empty")
+        ints = {n: require_field(obj, n, int) for n in ("seq", "index", "count", "offset", "total_bytes")}
+        if not 0 <= ints["seq"] < 2**63:
+            raise ProtocolError("wrong_schema", f"field 'seq' out of range: {ints['seq']}")
+        if not 1 <= ints["count"] <= limits.max_parts:
+            raise ProtocolError("too_large", f"{ints['count']} parts, limit {limits.max_parts}")
+        if not 0 <= ints["index"] < ints["count"]:
+            raise ProtocolError("bad_part", f"part index {ints['index']} outside 0..{ints['count'] - 1}")
+        if not 0 < ints["total_bytes"] <= limits.max_delta_bytes:
+            raise ProtocolError("too_large",
+                                f"delta of {ints['total_bytes']} bytes, limit {limits.max_delta_bytes}")
+        sha = require_field(obj, "sha256", bytes)
+        if len(sha) != 32:
+            raise ProtocolError("wrong_schema", "sha256 must be 32 bytes")
+        body = require_field(obj, "data", bytes)
+        if not body or ints["offset"] < 0 or ints["offset"] + len(body) > ints["total_bytes"]:
+            raise ProtocolError("bad_part", f"part {ints['index']} does not lie inside the delta's bytes")
+        return cls(sha256=sha, data=body, **strs, **ints)
+
+
+def split_delta(body: bytes, *, part_bytes: int, run_id: str, client_id: str, seq: int) -> list[DeltaPart]:
+    """Cut an encoded delta into parts of at most ``part_bytes`` data bytes each."""
+    if part_bytes < 1:
+        raise ValueError("part_bytes must be >= 1")
+    digest = hashlib.sha256(body).digest()
+    offsets = range(0, len(body), part_bytes)
+    return [
+        DeltaPart(run_id=run_id, client_id=client_id, seq=seq, index=i, count=len(offsets), offset=offset,
+                  total_bytes=len(body), sha256=digest, data=body[offset:offset + part_bytes])
+        for i, offset in enumerate(offsets)
+    ]
 
 
 @dataclass(frozen=True)

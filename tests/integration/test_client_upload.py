@@ -6,6 +6,7 @@ queue on RabbitMQ) under a fresh run name; ``run_scope`` removes its keys and qu
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -29,9 +30,8 @@ import torch
 from client.config import ClientConfig
 from client.worker import RoundReport, RunSummary, Worker
 from shared.codecs import get_codec
-from shared.errors import ConfigError
 from shared.keys import RunKeys
-from shared.protocol import DeltaMessage, RoundPlan
+from shared.protocol import DEFAULT_DELTA_LIMITS, PART_TYPE, DeltaMessage, DeltaPart, MiB, RoundPlan
 from shared.settings import ConnectionSettings, RetryPolicy
 from shared.snapshot import SnapshotManifest, SnapshotStore
 from shared.tasks import load_task
@@ -119,7 +119,7 @@ def run_worker(config: ClientConfig) -> tuple[Worker, RunSummary]:
 
 def check_delta(body: bytes, manifest: SnapshotManifest, codec: str) -> dict[str, torch.Tensor]:
     """Decode one delta as the coordinator would and check it fits the manifest; return g."""
-    message = DeltaMessage.decode(body)
+    message = DeltaMessage.decode(body, DEFAULT_DELTA_LIMITS.assembled())  # parts rebuild bigger ones
     assert message.run_id == manifest.run_id
     assert message.base_version == 0
     assert message.codec == codec
@@ -181,14 +181,21 @@ def test_lossless_delta_is_exactly_base_minus_local_on_own_data(rdb, amqp, keys,
         assert torch.equal(decoded[name], g.reshape(-1)), name
 
 
-def test_delta_over_the_message_limit_is_a_clear_error(rdb, amqp, keys, tmp_path):
-    publish_run(rdb, keys, local_steps=1, model_size="small")  # ~5M params: 20 MB in fp32
+def test_delta_over_the_part_size_goes_in_parts_that_rebuild_it(rdb, amqp, keys, tmp_path):
+    manifest = publish_run(rdb, keys, local_steps=1, model_size="small")  # ~5M params: 20 MB in fp32
     declare_delta_queue(amqp, keys)
     with Worker(client_config(keys, tmp_path, codec="fp32", max_rounds=1)) as worker:
-        with pytest.raises(ConfigError, match="use --codec int8"):
-            worker.run()
-        assert worker.identity.next_seq(worker.run_id) == 0  # no number burnt on a delta never sent
-    assert amqp.queue_declare(keys.delta_queue, passive=True).method.message_count == 0
+        worker.run()
+        client_id = worker.client_id
+    messages = take_messages(amqp, keys.delta_queue, 3)  # 8 MiB parts
+    parts = [DeltaPart.decode(body) for _, body in messages]
+    assert [p.index for p in parts] == [0, 1, 2] and {p.count for p in parts} == {3}
+    assert all(len(body) <= DEFAULT_DELTA_LIMITS.max_message_bytes for _, body in messages)
+    assert [props.type for props, _ in messages] == [PART_TYPE] * 3
+    assert [props.message_id for props, _ in messages] == [f"{client_id}:0/{i}" for i in range(3)]
+    body = b"".join(p.data for p in parts)
+    assert hashlib.sha256(body).digest() == parts[0].sha256 and len(body) == parts[0].total_bytes > 16 * MiB
+    check_delta(body, manifest, "fp32")
 
 
 def test_restart_with_same_state_dir_continues_the_sequence(rdb, amqp, keys, tmp_path):
