@@ -39,6 +39,7 @@ from shared.errors import ConfigError, SnapshotError
 from shared.keys import RunKeys
 from shared.local_round import InnerConfig, LocalTrainer, RoundStats, pick_device
 from shared.protocol import DEFAULT_DELTA_LIMITS, PART_TYPE, DeltaMessage, MiB, split_delta
+from shared.settings import sleep_interruptibly
 from shared.snapshot import Snapshot
 from shared.tasks import load_task
 
@@ -208,6 +209,7 @@ class Worker:
 
         Raises :class:`StopRequested` if a stop comes while waiting for the coordinator.
         """
+        self._wait_while_another_warms_up()
         version = self.fetcher.wait_for_version(
             self.config.poll_s,
             on_wait=lambda: self.on_notice(
@@ -255,6 +257,21 @@ class Worker:
             fh.write(delta_id + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+    def _wait_while_another_warms_up(self) -> None:
+        """Warm start: while the plan names another client to train alone, wait instead of training
+        rounds the coordinator would refuse. Raises :class:`StopRequested` on a stop."""
+        noticed = False
+        while True:
+            plan = self.fetcher.plan()
+            if plan is None or not plan.warm_start or plan.warm_client in ("", self.client_id):
+                return
+            if not noticed:
+                self.on_notice(f"warm start: client {plan.warm_client} trains the run's first steps "
+                               "alone; this client joins when it is done")
+                noticed = True
+            if sleep_interruptibly(self.config.poll_s, self._should_stop):
+                raise StopRequested()
 
     def _wait_until_included(self, seq: int, base_version: int) -> bool:
         """Wait (bounded by ``include_wait_s``) until a published snapshot includes delta ``seq``.
@@ -358,7 +375,10 @@ class Worker:
         common: dict[str, Any] = dict(
             global_step=global_step, slowdown=self.config.slowdown, should_stop=self._train_should_stop
         )
-        if self.speed.steps_per_s is not None:
+        if plan.warm_start:  # ordinary training in rounds of H while the run warms up
+            steps = plan.local_steps
+            stats = trainer.train(steps, min_steps=steps, **common)
+        elif self.speed.steps_per_s is not None:
             steps = local_steps_for(plan, self.speed.steps_per_s)
             stats = trainer.train(steps, min_steps=steps, **common)
         else:

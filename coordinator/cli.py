@@ -100,6 +100,9 @@ def main() -> None:
 @_opt("--local-steps", env="LOCAL_STEPS", type=click.IntRange(1), default=30,
       help="H: local steps per round of the fastest client.")
 @_opt("--min-local-steps", env="MIN_LOCAL_STEPS", type=click.IntRange(1), default=3, help="H_min.")
+@_opt("--warm-start-steps", env="WARM_START_STEPS", type=click.IntRange(0), default=0,
+      help="Train the first this many local steps as one client alone (ordinary training), then "
+      "asynchronously (0 = off).")
 @_opt("--dylu/--no-dylu", env="DYLU", default=True, help="Dynamic Local Updates (else all run H).")
 @_opt("--inner-lr", env="INNER_LR", type=float, default=3e-3, help="Peak AdamW learning rate.")
 @_opt("--warmup-steps", env="WARMUP_STEPS", type=click.IntRange(0), default=50,
@@ -179,7 +182,8 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
                           buffer_size=opts["buffer_size"], c=opts["outer_c"],
                           staleness_exponent=opts["staleness_exponent"]),
         plan=PlanConfig(local_steps=opts["local_steps"], min_local_steps=opts["min_local_steps"],
-                        dylu=opts["dylu"], sync=opts["strategy"] == "sync"),
+                        dylu=opts["dylu"], sync=opts["strategy"] == "sync",
+                        warm_start_steps=opts["warm_start_steps"]),
         sync_timeout_s=opts["sync_timeout_s"],
         intake=IntakeConfig(max_staleness=opts["max_staleness"]),
         commit=CommitConfig(every_updates=opts["commit_every"], interval_s=opts["commit_interval_s"],
@@ -254,6 +258,8 @@ def status(run: str, as_json: bool, redis_url: str, amqp_url: str) -> None:
       help="Weigh a delta by (1 + staleness)^-a.")
 @_opt("--buffer-size", env="BUFFER_SIZE", type=click.IntRange(0), default=0,
       help="Delayed Nesterov N (0 = number of workers online).")
+@_opt("--warm-start-steps", env="WARM_START_STEPS", type=click.IntRange(0), default=0,
+      help="The fastest worker trains alone (ordinary training) for this many local steps first.")
 @_opt("--codec", env="CODEC", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16")
 @_opt("--latency", env="SIM_LATENCY", type=click.FloatRange(0), default=0.0,
       help="Upload latency, in steps of the fastest worker.")
@@ -291,7 +297,8 @@ def simulate(**opts: Any) -> None:
                   min_local_steps=opts["min_local_steps"], budget_steps=opts["budget_steps"],
                   eval_every_steps=opts["eval_every"], outer=outer, codec=opts["codec"],
                   latency=opts["latency"], churn_leave_prob=opts["churn_leave"],
-                  churn_offline_mean=opts["churn_offline"], seed=opts["seed"])
+                  churn_offline_mean=opts["churn_offline"], warm_start_steps=opts["warm_start_steps"],
+                  seed=opts["seed"])
         for s in opts["strategies"].split(",") if s.strip()
     ]
     task = load_task("bytelm", {"model_size": opts["model_size"], "data": opts["data"]})

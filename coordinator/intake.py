@@ -3,7 +3,8 @@
 It knows nothing of AMQP: the consumer turns outcomes into acks (applied, duplicate) or dead
 letters (rejected). Checks, in order, each with its own counted reason: the message decodes within
 limits (:mod:`shared.protocol` names those reasons); right run; a client id we can name; not a
-replay; base version neither in the future nor beyond the staleness bound; a known codec; exactly
+replay; base version neither in the future nor beyond the staleness bound (during a warm start:
+from its holder and on the current version, see :mod:`coordinator.warm_start`); a known codec; exactly
 the model's parameter names; payloads of exactly the right size; finite values; a norm that is not
 absurd next to the model's own.
 """
@@ -22,6 +23,7 @@ import torch
 from coordinator.outer_optimizer import OuterOptimizer
 from coordinator.registry import ClientRegistry
 from coordinator.sync_round import SyncBarrier
+from coordinator.warm_start import WarmStart
 from shared.codecs import get_codec
 from shared.errors import ConfigError, ProtocolError
 from shared.protocol import DeltaLimits, DeltaMessage
@@ -81,8 +83,10 @@ class DeltaIntake:
         registry: ClientRegistry,
         run_id: str,
         barrier: SyncBarrier | None = None,
+        warm: WarmStart | None = None,
     ) -> None:
         self.config = config
+        self.warm = warm  # warm start: single-worker training until its step count
         self.barrier = barrier  # synchronous DiLoCo: deltas must join the current round
         self.optimizer = optimizer
         self.registry = registry
@@ -92,6 +96,10 @@ class DeltaIntake:
         self.counts: Counter[str] = Counter()  # applied, duplicate, rejected
         self.rejected_by_reason: Counter[str] = Counter()
         self.progress = {"local_steps": 0, "tokens": 0, "samples": 0}
+
+    @property
+    def warming_up(self) -> bool:
+        return self.warm is not None and self.warm.active(self.progress["local_steps"])
 
     def handle(self, body: bytes, *, now: float | None = None, assembled: bool = False) -> Outcome:
         """Process one delta body (``assembled``: put together from parts); never raises for bad input."""
@@ -157,6 +165,12 @@ class DeltaIntake:
             refused = self.barrier.refuse(cid, msg.base_version)
             if refused is not None:
                 return reject(*refused, staleness)
+        warming = self.warming_up
+        if warming:
+            assert self.warm is not None
+            refused = self.warm.refuse(cid, staleness, now)
+            if refused is not None:
+                return reject(*refused, staleness)
         if staleness > self.config.max_staleness:
             return reject("stale", f"{staleness} versions behind (bound {self.config.max_staleness})",
                           staleness)
@@ -187,7 +201,12 @@ class DeltaIntake:
         active_ids = {c.client_id for c in self.registry.active(now)} | {cid}  # sender is active now
         log.debug("apply %s:%d base=%d staleness=%d steps=%d |g|=%.4f |θ|=%.2f N=%d", cid, seq,
                   msg.base_version, staleness, msg.local_steps, math.sqrt(sq), model_norm, len(active_ids))
-        self.optimizer.step(delta, active_clients=len(active_ids), staleness=staleness)
+        if warming:
+            assert self.warm is not None
+            self.optimizer.adopt(delta)
+            self.warm.took(cid, now)
+        else:
+            self.optimizer.step(delta, active_clients=len(active_ids), staleness=staleness)
         if self.barrier is not None:
             self.barrier.add(cid, now)
         self.registry.record_applied(

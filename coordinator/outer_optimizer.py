@@ -96,6 +96,12 @@ class OuterOptimizer:
             self.theta_updates += 1
         return emptied
 
+    def adopt(self, delta: dict[str, torch.Tensor]) -> None:
+        """Warm start: ``θ -= g`` (θ becomes the sender's local model); momentum and buffer untouched."""
+        for name, g in delta.items():
+            self.params[name].sub_(g)
+        self.theta_updates += 1
+
     # True where every arrival moves θ (dn, nesterov, sgd); buffered strategies say so themselves.
     moves_theta_on_arrival = True
 

@@ -55,6 +55,7 @@ class PlanConfig:
     dylu: bool = True
     active_window_s: float = 60.0
     sync: bool = False  # synchronous DiLoCo: everyone runs H (no DyLU) and waits for each round
+    warm_start_steps: int = 0  # ordinary single-worker training for this many local steps first
 
 
 class ClientRegistry:

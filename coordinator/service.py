@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,10 @@ from coordinator.parts import PartSpool, take_part
 from coordinator.registry import ClientRegistry
 from coordinator.status import build_status, publish_status
 from coordinator.sync_round import SyncBarrier
+from coordinator.warm_start import WarmStart
 from shared.errors import ConfigError, ProtocolError, SnapshotError
 from shared.keys import RunKeys
-from shared.protocol import PART_TYPE
+from shared.protocol import PART_TYPE, RoundPlan
 from shared.snapshot import SnapshotStore
 from shared.tasks import load_task
 
@@ -112,12 +113,14 @@ class Coordinator:
         self.optimizer = make_outer_optimizer(params, cfg.outer)
         self.registry = ClientRegistry(cfg.plan)
         self.barrier = SyncBarrier(timeout_s=cfg.sync_timeout_s) if cfg.outer.strategy == "sync" else None
+        self.warm = WarmStart(cfg.plan.warm_start_steps) if cfg.plan.warm_start_steps else None
         self.intake = DeltaIntake(
             config=cfg.intake, optimizer=self.optimizer, registry=self.registry, run_id=self.run_id,
-            barrier=self.barrier,
+            barrier=self.barrier, warm=self.warm,
         )
         if checkpoint is not None:
             self._restore(checkpoint)
+        self._warm_done = not self.intake.warming_up
         if self.applied_log is not None:
             # Entries past the checkpoint's recorded length belong to a batch that never committed.
             length = checkpoint.state.get("applied_log_bytes", 0) if checkpoint is not None else 0
@@ -152,6 +155,8 @@ class Coordinator:
         self.eval_history = state["eval_history"]
         self.version = checkpoint.version
         self.commits = int(state.get("commits", 0))
+        if self.warm is not None and state.get("warm_start"):
+            self.warm.load_json(state["warm_start"])
         if self.barrier is not None and state.get("sync_barrier"):
             self.barrier.load_json(state["sync_barrier"], time.time())
 
@@ -266,6 +271,10 @@ class Coordinator:
         batch, self.uncommitted = self.uncommitted, []
         applied = sum(1 for _, o in batch if o.kind == "applied")
         theta_changed = self.optimizer.theta_updates != self._theta_committed
+        if not self._warm_done and not self.intake.warming_up:
+            self._warm_done = True
+            log.info("warm start done after %d local steps; %s takes over from here",
+                     self.intake.progress["local_steps"], self.config.outer.strategy)
         if theta_changed:
             self._theta_committed = self.optimizer.theta_updates
             self.version += 1
@@ -313,7 +322,7 @@ class Coordinator:
                 config=self.run_config, progress=self.progress(), republish=republish,
                 before_flip=lambda: self.crash.hit("mid_snapshot"),
             )
-            self.redis.set(self.keys.plan, self.registry.plan(self.run_id, time.time()).encode())
+            self.redis.set(self.keys.plan, self.plan(time.time()).encode())
             self.published_version = self.version
             if self._redis_down:
                 log.info("Redis is back; snapshot %d published", self.version)
@@ -322,6 +331,13 @@ class Coordinator:
             if not self._redis_down:
                 log.warning("cannot publish snapshot %d to Redis (%s); will retry", self.version, exc)
             self._redis_down = True
+
+    def plan(self, now: float) -> RoundPlan:
+        """The round plan to publish: the registry's, with the warm start's state while it lasts."""
+        plan = self.registry.plan(self.run_id, now)
+        if self.warm is None or not self.intake.warming_up:
+            return plan
+        return replace(plan, warm_start=True, warm_client=self.warm.current_holder(now))
 
     def progress(self) -> dict[str, Any]:
         """Global progress, and each active client's newest applied seq (so that a client can see
@@ -350,6 +366,7 @@ class Coordinator:
                 "eval_history": self.eval_history[-EVAL_HISTORY:],
                 "commits": self.commits,
                 "sync_barrier": self.barrier.to_json() if self.barrier is not None else None,
+                "warm_start": self.warm.to_json() if self.warm is not None else None,
                 "applied_log_bytes": self.applied_log.length if self.applied_log else 0,
                 "saved_at": time.time(),
             },
@@ -388,7 +405,7 @@ class Coordinator:
                 else:
                     self._publish(republish=current == self.version)
             else:
-                self.redis.set(self.keys.plan, self.registry.plan(self.run_id, time.time()).encode())
+                self.redis.set(self.keys.plan, self.plan(time.time()).encode())
             publish_status(self.redis, self.keys, build_status(self))
             self._redis_down = False
         except REDIS_ERRORS as exc:

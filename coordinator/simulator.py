@@ -71,6 +71,8 @@ class SimConfig:
     latency: float = 0.0
     churn_leave_prob: float = 0.0  # chance a worker goes offline after a round
     churn_offline_mean: float = 0.0  # mean offline time (exponential)
+    # The coordinator's --warm-start-steps: the fastest worker trains alone (θ -= g) this long first.
+    warm_start_steps: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,6 +86,8 @@ class SimConfig:
             raise ConfigError("need 1 <= min_local_steps <= local_steps")
         if self.budget_steps < 1 or self.eval_every_steps < 1 or self.latency < 0:
             raise ConfigError("budget and eval interval must be >= 1, latency >= 0")
+        if self.warm_start_steps < 0:
+            raise ConfigError("warm start steps must be >= 0")
         if not 0 <= self.churn_leave_prob < 1 or self.churn_offline_mean < 0:
             raise ConfigError("churn leave probability must be in [0, 1), offline mean >= 0")
         get_codec(self.codec)
@@ -156,6 +160,7 @@ class Simulation:
         result = SimResult(config, steps_per_worker=[0] * workers)
         state = _RunState(model=model, outer=outer)
         state.record(self.task, 0.0, result)
+        self._warm_start(config, trainers, feedback, state, result)
         if config.base_strategy == "sync":
             self._run_sync(config, trainers, feedback, state, result)
         else:
@@ -184,6 +189,20 @@ class Simulation:
             blob = fb.encode(name, g)  # what the client would send ...
             delta[name] = fb.codec.decode(blob, g.numel()).view_as(g)  # ... and the coordinator gets
         return delta, stats.steps, stats.tokens
+
+    def _warm_start(self, config: SimConfig, trainers: list[LocalTrainer], feedback: list[ErrorFeedback],
+                    state: _RunState, result: SimResult) -> None:
+        """The coordinator's warm start: the fastest worker alone, rounds of H adopted as θ -= g."""
+        fastest = max(range(len(trainers)), key=lambda i: config.speeds[i])
+        while state.steps < min(config.warm_start_steps, config.budget_steps):
+            delta, ran, tokens = self._round(trainers[fastest], feedback[fastest], config.local_steps, state)
+            state.now += ran / config.speeds[fastest] + config.latency
+            state.outer.adopt(delta)
+            state.updates += 1
+            state.steps += ran
+            state.tokens += tokens
+            result.steps_per_worker[fastest] += ran
+            state.maybe_record(self.task, config, result)
 
     def _run_sync(self, config: SimConfig, trainers: list[LocalTrainer], feedback: list[ErrorFeedback],
                   state: _RunState, result: SimResult) -> None:

@@ -33,7 +33,7 @@ def build_status(coordinator: Coordinator, *, stopped: bool = False) -> dict[str
     now = time.time()
     registry = coordinator.registry
     active_ids = {c.client_id for c in registry.active(now)}
-    plan = registry.plan(coordinator.run_id, now)
+    plan = coordinator.plan(now)
     consumer = coordinator.consumer
     outer = coordinator.config.outer
     intake = coordinator.intake
@@ -90,6 +90,8 @@ def build_status(coordinator: Coordinator, *, stopped: bool = False) -> dict[str
             "active_clients": plan.active_clients,
             "dylu": plan.dylu,
             "sync": plan.sync,
+            "warm_start": plan.warm_start,
+            "warm_client": plan.warm_client,
         },
         "outer": {"strategy": outer.strategy, "lr": outer.lr, "momentum": outer.momentum,
                   "buffer_size": outer.buffer_size, "c": outer.c,

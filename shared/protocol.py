@@ -328,6 +328,10 @@ class RoundPlan:
     updated_at: float = 0.0
     # Synchronous DiLoCo: a client waits for the round's new version before its next round.
     sync: bool = False
+    # Warm start: ordinary single-worker training first. While ``warm_start`` is set, every round
+    # runs ``local_steps``; a client other than ``warm_client`` (when one is named) waits.
+    warm_start: bool = False
+    warm_client: str = ""
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -342,6 +346,8 @@ class RoundPlan:
                 "dylu": self.dylu,
                 "updated_at": float(self.updated_at),
                 "sync": self.sync,
+                "warm_start": self.warm_start,
+                "warm_client": self.warm_client,
             },
             use_bin_type=True,
         )
@@ -360,6 +366,8 @@ class RoundPlan:
             dylu=require_field(obj, "dylu", bool),
             updated_at=float(require_field(obj, "updated_at", (int, float))),
             sync=require_field(obj, "sync", bool) if "sync" in obj else False,
+            warm_start=require_field(obj, "warm_start", bool) if "warm_start" in obj else False,
+            warm_client=require_field(obj, "warm_client", str) if "warm_client" in obj else "",
         )
         if not 1 <= plan.min_local_steps <= plan.local_steps:
             raise ProtocolError("wrong_schema", "plan needs 1 <= min_local_steps <= local_steps")

@@ -96,3 +96,15 @@ def test_dn_with_dylu_beats_plain_async_nesterov_on_the_real_model() -> None:
     dn_dylu = simulation.run(replace(config, strategy="dn+dylu"))
     assert dn_dylu.final_loss < nesterov.final_loss - 0.3, (dn_dylu.final_loss, nesterov.final_loss)
     assert dn_dylu.final_loss < dn_dylu.curve[0].eval_loss - 2.0  # and it really trains
+
+
+def test_warm_start_trains_the_fastest_worker_alone_first() -> None:
+    config = _config(strategy="dn+dylu", speeds=(0.5, 1.0), warm_start_steps=40, budget_steps=40)
+    result = Simulation(LinearRegressionTask()).run(config)
+    assert result.steps_per_worker == [0, 40]  # the faster worker, whichever its index
+    assert result.curve[-1].updates == 5  # rounds of H = 8, each its own update
+    assert result.curve[-1].virtual_time == pytest.approx(40.0)  # at speed 1, one after another
+    assert result.max_staleness == 0
+    longer = Simulation(LinearRegressionTask()).run(replace(config, budget_steps=120))
+    assert longer.steps_per_worker[0] > 0  # afterwards both train
+    assert longer.final_loss < longer.curve[0].eval_loss / 10
