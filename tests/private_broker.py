@@ -1,0 +1,199 @@
+"""A private RabbitMQ node for tests that kill or restart a broker (never the shared one on 5672).
+
+The node is named ``asyncloco-PORT@localhost`` (as ``deploy/services.sh`` names its extra nodes)
+and keeps everything it owns under one directory: config, Erlang cookie (its own ``HOME``),
+Mnesia and quorum-queue data, logs. So a test can kill -9 exactly this node's Erlang VM, found by
+its OS pid, start it again on the same data, and remove every trace afterwards.
+
+It runs as the current user: on Debian the real start script under ``/usr/lib/rabbitmq/bin`` is
+called directly, not the ``/usr/sbin`` wrapper that switches to the ``rabbitmq`` user (who could
+not write a test's temporary directory).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pika
+import pika.exceptions
+
+# Debian's real scripts; the ones in /usr/sbin are wrappers that su to the rabbitmq user.
+DEBIAN_BIN = Path("/usr/lib/rabbitmq/bin")
+
+
+def rabbitmq_tool(name: str) -> str | None:
+    """Path of ``rabbitmq-server`` / ``rabbitmqctl`` to run as this user, or None if not installed."""
+    direct = DEBIAN_BIN / name
+    if direct.is_file() and os.access(direct, os.X_OK):
+        return str(direct)
+    for folder in ("/usr/local/sbin", "/usr/sbin", "/opt/homebrew/sbin"):
+        candidate = Path(folder) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return shutil.which(name)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie has exited; only its parent's wait is missing
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class PrivateBroker:
+    """One RabbitMQ node on 127.0.0.1:``port`` with all its state under ``root``.
+
+    :meth:`start` launches the node in the foreground (a ``sh`` proxy with the Erlang VM as its
+    child) and waits until it accepts AMQP connections; :meth:`vm_pid` is the Erlang VM's OS pid;
+    :meth:`stop` shuts the node down cleanly, killing the VM if it does not go.
+    """
+
+    def __init__(self, root: Path) -> None:
+        server, ctl = rabbitmq_tool("rabbitmq-server"), rabbitmq_tool("rabbitmqctl")
+        if server is None or ctl is None:
+            raise FileNotFoundError("rabbitmq-server / rabbitmqctl are not installed")
+        self.server, self.ctl_path = server, ctl
+        self.root = root
+        self.port = free_port()
+        self.dist_port = free_port()  # Erlang distribution (rabbitmqctl talks to the node on it)
+        # A port mapper daemon (epmd) of its own, so that the node neither needs nor leaves
+        # behind a shared one; :meth:`stop` ends it.
+        self.epmd_port = free_port()
+        self.node = f"asyncloco-{self.port}@localhost"
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._starts = 0
+        for sub in ("home", "mnesia", "log"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        # The system rabbitmq.conf may pin a listener to 5672, and rabbitmq-env.conf may name
+        # the node: this node reads neither.
+        (root / "rabbitmq.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{self.port}\n")
+        (root / "enabled_plugins").write_text("[].\n")  # no management plugin: no port clash
+        (root / "rabbitmq-env.conf").write_text("")
+        self.env = dict(
+            os.environ,
+            HOME=str(root / "home"),  # the Erlang cookie lives here: server and rabbitmqctl share it
+            RABBITMQ_NODENAME=self.node,
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            ERL_EPMD_PORT=str(self.epmd_port),
+            ERL_EPMD_ADDRESS="127.0.0.1",
+            RABBITMQ_CONFIG_FILE=str(root / "rabbitmq.conf"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(root / "advanced.config"),
+            RABBITMQ_CONF_ENV_FILE=str(root / "rabbitmq-env.conf"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(root / "enabled_plugins"),
+            RABBITMQ_MNESIA_BASE=str(root / "mnesia"),
+            RABBITMQ_LOG_BASE=str(root / "log"),
+            RABBITMQ_PID_FILE=str(root / "rabbitmq.pid"),
+        )
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        """Start the node (on the data it has, if any) and wait until it accepts AMQP logins."""
+        assert self.proc is None or self.proc.poll() is not None, "the node is already running"
+        self._starts += 1
+        log = open(self.root / f"server-{self._starts}.out", "wb")  # noqa: SIM115 - the process owns it
+        self.proc = subprocess.Popen([self.server], cwd=self.root, env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited with {self.proc.returncode}:\n{self.logs()}")
+            if self.accepts_logins():
+                return
+            time.sleep(0.25)
+        raise RuntimeError(f"RabbitMQ node {self.node} did not come up within {timeout_s:.0f}s:\n"
+                           f"{self.logs()}")
+
+    def accepts_logins(self) -> bool:
+        try:
+            connection = pika.BlockingConnection(pika.URLParameters(self.url + "?connection_attempts=1"))
+        except (pika.exceptions.AMQPError, OSError):
+            return False
+        connection.close()
+        return True
+
+    def ctl(self, *args: str, timeout_s: float = 60.0) -> str:
+        """Run ``rabbitmqctl -n NODE ARGS`` against this node and return its output."""
+        result = subprocess.run([self.ctl_path, "-q", "-n", self.node, *args], env=self.env,
+                                capture_output=True, text=True, timeout=timeout_s, check=True)
+        return result.stdout
+
+    def vm_pid(self) -> int:
+        """The OS pid of this node's Erlang VM (beam.smp), as the VM itself reports it."""
+        pid = int(self.ctl("eval", "os:getpid().").strip().strip('"'))
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}").exists() else b""
+        assert not cmdline or b"beam" in cmdline, f"pid {pid} is not an Erlang VM: {cmdline[:200]!r}"
+        return pid
+
+    def kill_vm(self) -> int:
+        """kill -9 this node's Erlang VM (and no other process); return the pid killed."""
+        pid = self.vm_pid()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(pid), f"the Erlang VM {pid} survived SIGKILL"
+        if self.proc is not None:
+            self.proc.wait(timeout=30)  # the sh proxy exits with its child
+        return pid
+
+    def stop(self) -> None:
+        """Stop the node cleanly (kill its VM if it does not stop), then its epmd. Idempotent."""
+        try:
+            self._stop_node()
+        finally:
+            epmd = shutil.which("epmd")
+            if epmd is not None:  # asks exactly the epmd on our port to exit (no-op if none)
+                subprocess.run([epmd, "-port", str(self.epmd_port), "-kill"], env=self.env,
+                               capture_output=True, timeout=30, check=False)
+
+    def _stop_node(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pid: int | None = None
+        try:
+            pid = self.vm_pid()
+            self.ctl("stop", timeout_s=90)
+        except (subprocess.SubprocessError, ValueError, AssertionError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGTERM)  # the proxy turns it into a clean stop
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                if pid is not None and pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+                self.proc.kill()
+                self.proc.wait()
+        if pid is not None and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+    def logs(self, tail_chars: int = 4000) -> str:
+        paths = sorted(self.root.glob("server-*.out")) + sorted((self.root / "log").glob("*.log"))
+        return "\n".join(f"----- {p.name}\n{p.read_text(errors='replace')[-tail_chars:]}" for p in paths)
