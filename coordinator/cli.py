@@ -121,8 +121,8 @@ def main() -> None:
       default=900.0, help="Discard a delta sent in parts this many seconds after its newest part.")
 @_opt("--prefetch", env="PREFETCH", type=click.IntRange(2), default=64, help="AMQP prefetch.")
 @_opt("--max-queue-bytes", env="MAX_QUEUE_BYTES", type=click.IntRange(1), default=1024**3,
-      help="Bytes the delta queue may hold; beyond, the broker refuses publishes and clients back "
-      "off. Fixed when the queue is first declared.")
+      help="Bytes of deltas waiting in the queue (not counting up to --prefetch already delivered); "
+      "beyond, the broker refuses publishes and clients back off. Fixed when the queue is declared.")
 @_opt("--eval-interval", "eval_interval_s", env="EVAL_INTERVAL", type=float, default=10.0,
       help="Seconds between evaluations of the global model.")
 @_opt("--max-seconds", env="MAX_SECONDS", type=click.FloatRange(0), default=0.0,

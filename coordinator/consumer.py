@@ -141,7 +141,7 @@ class DeltaConsumer(threading.Thread):
                     return
                 log.warning("RabbitMQ closed the channel (%s); reconnecting", exc)
             except (pika.exceptions.AMQPError, OSError) as exc:
-                log.warning("RabbitMQ connection lost (%s); reconnecting", exc or type(exc).__name__)
+                log.warning("RabbitMQ connection lost (%s); reconnecting", str(exc) or type(exc).__name__)
             finally:
                 with self._lock:
                     self._connection = None

@@ -56,6 +56,7 @@ class CoordinatorLease:
         self.host = socket.gethostname()
         self.value = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._refresh = client.register_script(_REFRESH)
+        self.refreshed_at = 0.0  # time.monotonic() of the last refresh that found the lease ours
 
     def acquire(self, *, wait_s: float | None = None) -> None:
         """Take the lease, waiting up to ``wait_s`` (default: the TTL) for a dead holder's to expire."""
@@ -63,6 +64,7 @@ class CoordinatorLease:
         told = False
         while True:
             if self.redis.set(self.key, self.value, nx=True, ex=self.ttl_s):
+                self.refreshed_at = time.monotonic()
                 return
             holder = self.redis.get(self.key)
             holder_s = holder.decode(errors="replace") if holder else ""
@@ -71,6 +73,7 @@ class CoordinatorLease:
             if host == self.host and pid_s.isdigit() and not _pid_alive(int(pid_s)):
                 log.info("taking over the lease of dead coordinator %s", holder_s)
                 self.redis.set(self.key, self.value, ex=self.ttl_s)
+                self.refreshed_at = time.monotonic()
                 return
             if time.monotonic() >= deadline:
                 raise ConfigError(
@@ -90,9 +93,15 @@ class CoordinatorLease:
         """
         result = int(self._refresh(keys=[self.key], args=[self.value, self.ttl_s]))
         if result == 2:
-            log.warning("the lease key %s had vanished (Redis restarted or flushed); took it back",
-                        self.key)
+            log.warning("the lease key %s had vanished (Redis restarted or flushed, or this process "
+                        "was paused longer than the lease's %d s); took it back", self.key, self.ttl_s)
+        if result:
+            self.refreshed_at = time.monotonic()
         return result != 0
+
+    def stale(self) -> bool:
+        """True when the last good refresh is more than a third of the TTL ago (e.g. after a pause)."""
+        return time.monotonic() - self.refreshed_at > self.ttl_s / 3
 
     def release(self) -> None:
         holder = self.redis.get(self.key)

@@ -268,6 +268,7 @@ class Coordinator:
         """Checkpoint → settle → publish. A commit that did not change θ keeps the version (nothing
         applied, or deltas only buffered: FedBuff before its buffer fills, a sync round not done)."""
         started = time.monotonic()
+        self._check_lease()
         batch, self.uncommitted = self.uncommitted, []
         applied = sum(1 for _, o in batch if o.kind == "applied")
         theta_changed = self.optimizer.theta_updates != self._theta_committed
@@ -311,6 +312,22 @@ class Coordinator:
                 self.intake.counts["rejected"], len(self.registry.active(time.time())), latest,
                 "?" if depth is None else depth, time.monotonic() - started,
             )
+
+    def _check_lease(self) -> None:
+        """Before writing anything: make sure the run is still ours if the lease may have lapsed
+        (this process was paused, or the loop stalled, for a good part of its TTL)."""
+        if not self.lease.stale():
+            return
+        try:
+            ours = self.lease.refresh()
+            current = self.store.current_version()
+        except REDIS_ERRORS:
+            return  # Redis is down: nobody can take the run over through it; commit locally
+        if not ours:
+            raise ConfigError("another coordinator took over this run; stopping before this commit")
+        if current is not None and current > self.version:
+            raise ConfigError(f"another coordinator published version {current} while this one was "
+                              f"paused at {self.version}; stopping before this commit")
 
     def _publish(self, *, republish: bool = False) -> None:
         """Publish snapshot ``self.version`` and the plan; ``republish``: Redis already points at

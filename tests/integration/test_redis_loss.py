@@ -25,12 +25,13 @@ import torch
 
 from client.config import ClientConfig
 from client.worker import RoundReport, Worker
+from coordinator.checkpoint import load_checkpoint
 from coordinator.config import CommitConfig, CoordinatorConfig
 from coordinator.lease import CoordinatorLease
 from coordinator.registry import PlanConfig
 from coordinator.service import Coordinator
 from shared.codecs import get_codec
-from shared.errors import SnapshotError, SnapshotMissing
+from shared.errors import ConfigError, SnapshotError, SnapshotMissing
 from shared.keys import RunKeys
 from shared.protocol import DeltaMessage, RoundPlan
 from shared.settings import ConnectionSettings, RetryPolicy
@@ -163,6 +164,40 @@ def test_lease_refresh_takes_back_a_vanished_key_but_never_another_holders(
     assert redis_client.get(key) == b"elsewhere:1:abcd"  # and it was left alone
     lease.release()
     assert redis_client.get(key) == b"elsewhere:1:abcd"
+
+
+def test_a_coordinator_paused_past_its_lease_checks_it_before_committing(
+    redis_client: redis.Redis, run_name: str, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    coord = Coordinator(CoordinatorConfig(
+        run=run_name, task_settings=TASK, checkpoint_dir=ckpt,
+        connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
+    ))
+    coord.setup()  # lease taken, version 0 checkpointed and published
+    key = coord.keys.coordinator_lease
+    try:
+        # Paused (SIGSTOP, a VM migration) past the TTL: the lease expired and another took the run.
+        redis_client.set(key, "elsewhere:1:abcd", ex=15)
+        coord.lease.refreshed_at -= 60
+        with pytest.raises(ConfigError, match="another coordinator took over"):
+            coord._commit(force=True)
+        assert load_checkpoint(ckpt).version == coord.version  # nothing was written
+        assert redis_client.get(key) == b"elsewhere:1:abcd"
+        # Only lapsed (nobody took it): taken back, and the commit goes on.
+        redis_client.delete(key)
+        coord.lease.refreshed_at -= 60
+        coord.optimizer.theta_updates += 1  # as if a delta had been applied: a new version is due
+        coord._commit()
+        assert redis_client.get(key) == coord.lease.value.encode()
+        assert load_checkpoint(ckpt).version == coord.version == 1
+        # A version published meanwhile by someone else stops it as well.
+        redis_client.set(coord.keys.current, coord.version + 5)
+        coord.lease.refreshed_at -= 60
+        with pytest.raises(ConfigError, match="published version"):
+            coord._commit(force=True)
+    finally:
+        coord.lease.release()
 
 
 def test_coordinator_republishes_snapshot_plan_status_and_lease(
