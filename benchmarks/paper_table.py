@@ -3,10 +3,9 @@
 For each heterogeneity level (none / slight / moderate / very: slowest worker at 1, 1/1.5, 1/3,
 1/8 of the fastest), 4 workers run sync DiLoCo, async Nesterov, async DN and async DN+DyLU for the
 same total number of local steps. The table gives each final eval loss, its gap to sync, and the
-virtual wall-clock time each needs to reach sync's final loss. A second table asks whether
-volunteers help: 4 workers at speeds 1, 1/2, 1/4, 1/8 under DN+DyLU against the fastest worker
-alone, from scratch and from a warm start (ordinary single-worker training first, as the paper).
-Everything runs the project's own round, codec and outer-optimizer code (coordinator.simulator).
+virtual wall-clock time each needs to reach sync's final loss. Whether volunteers help (the
+fastest worker alone against all four) is benchmarks/volunteers.py. Everything runs the project's
+own round, codec and outer-optimizer code (coordinator.simulator).
 
     python benchmarks/paper_table.py                 # default: ~15 min on 2 cores
     python benchmarks/paper_table.py --budget 2400   # closer to convergence, longer
@@ -41,7 +40,8 @@ def _simulation(task_settings: dict) -> Simulation:
     return _SIM
 
 
-def _job(args: tuple[str, SimConfig, dict, int]) -> tuple[str, SimResult, float]:
+def run_job(args: tuple[str, SimConfig, dict, int]) -> tuple[str, SimResult, float]:
+    """(label, config, task settings, pretraining steps) → (label, result, seconds); for a pool."""
     label, config, task_settings, warm_steps = args
     sim = _simulation(task_settings)
     started = time.perf_counter()
@@ -55,33 +55,27 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=20, help="H")
     parser.add_argument("--outer-lr", type=float, default=0.5)
     parser.add_argument("--outer-momentum", type=float, default=0.8)
-    parser.add_argument("--warm-steps", type=int, default=200, help="warm start length (0: skip)")
+    parser.add_argument("--levels", default=",".join(LEVELS),
+                        help="comma list of heterogeneity levels to run (default: all four)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes")
     parser.add_argument("--out", type=Path, default=Path("results/paper_table"))
     args = parser.parse_args()
+    chosen = {lv.strip() for lv in args.levels.split(",") if lv.strip()}
+    if not chosen or chosen - set(LEVELS):
+        parser.error(f"--levels takes a comma list of {', '.join(LEVELS)}")
+    args.levels = [lv for lv in LEVELS if lv in chosen]  # least to most heterogeneous
     task_settings = {"model_size": "tiny"}
     base = SimConfig(local_steps=args.local_steps, min_local_steps=max(1, args.local_steps // 10),
                      budget_steps=args.budget, eval_every_steps=max(40, args.budget // 8),
                      outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum), seed=args.seed)
     jobs = [(f"{level}/{s}", replace(base, strategy=s, speeds=tuple(speed_profile(level, 4))),
-             task_settings, 0) for level in LEVELS for s in STRATEGIES]
-    volunteers = tuple(speed_profile("very", 4))  # 1, 1/2, 1/4, 1/8
-    alone_budget = args.budget // 2
-    # same virtual time for both: the four together do sum(speeds) x the steps of the fastest alone
-    together = replace(base, strategy="dn+dylu", speeds=volunteers,
-                       budget_steps=int(alone_budget * sum(volunteers)))
-    alone = replace(base, strategy="dn", speeds=(1.0,), budget_steps=alone_budget)
-    for start, warm in (("scratch", 0), ("warm", args.warm_steps)):
-        if start == "warm" and not warm:
-            continue
-        jobs += [(f"{start}/alone", alone, task_settings, warm),
-                 (f"{start}/together", together, task_settings, warm)]
+             task_settings, 0) for level in args.levels for s in STRATEGIES]
 
     started = time.perf_counter()
     results: dict[str, SimResult] = {}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for label, result, seconds in pool.map(_job, jobs):
+        for label, result, seconds in pool.map(run_job, jobs):
             results[label] = result
             print(f"  done {label:<22} final {result.final_loss:.4f}  ({seconds:.0f} s)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -91,12 +85,12 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     write_csv(args.out / "curves.csv", results)
-    plot_png(args.out / "very.png",
-             {k.split("/")[1]: v for k, v in results.items() if k.startswith("very/")},
-             title=f"very heterogeneous, 4 workers, H={args.local_steps}, {args.budget} local steps")
-    _volunteer_table(results)
+    shown = args.levels[-1]  # the most heterogeneous level that ran
+    plot_png(args.out / f"{shown}.png",
+             {k.split("/")[1]: v for k, v in results.items() if k.startswith(f"{shown}/")},
+             title=f"{shown} heterogeneity, 4 workers, H={args.local_steps}, {args.budget} local steps")
     print(f"seed {args.seed}; {time.perf_counter() - started:.0f} s; wrote {args.out}/paper_table.csv, "
-          f"curves.csv, very.png")
+          f"curves.csv, {shown}.png")
 
 
 def _table(results: dict[str, SimResult], args: argparse.Namespace) -> list[dict]:
@@ -106,7 +100,7 @@ def _table(results: dict[str, SimResult], args: argparse.Namespace) -> list[dict
     print(f"{'level':<9} {'strategy':<9} {'final eval':>10} {'vs sync':>8} {'virtual time':>12} "
           f"{'time to sync loss':>17} {'vs sync time':>12}")
     rows = []
-    for level in LEVELS:
+    for level in args.levels:
         sync = results[f"{level}/sync"]
         target = sync.final_loss
         sync_time = sync.time_to_reach(target)
@@ -124,22 +118,6 @@ def _table(results: dict[str, SimResult], args: argparse.Namespace) -> list[dict
             print(f"{level:<9} {strategy:<9} {r.final_loss:>10.4f} {rows[-1]['gap_vs_sync_pct']:>7.2f}% "
                   f"{r.curve[-1].virtual_time:>12.1f} {reach_s:>17} {ratio_s:>12}")
     return rows
-
-
-def _volunteer_table(results: dict[str, SimResult]) -> None:
-    print()
-    print("volunteers help? DN+DyLU with speeds 1, 1/2, 1/4, 1/8 vs the fastest worker alone")
-    for start in ("scratch", "warm"):
-        if f"{start}/alone" not in results:
-            continue
-        alone, together = results[f"{start}/alone"], results[f"{start}/together"]
-        target = alone.final_loss
-        t_alone = alone.curve[-1].virtual_time
-        t_together = together.time_to_reach(target)
-        when = "never" if t_together is None else f"at t={t_together:.0f}"
-        ratio = "n/a" if t_together is None else f"{t_together / t_alone:.3f}"
-        print(f"  {start:<8} alone reaches {target:.4f} at t={t_alone:.0f}; together {when}; "
-              f"ratio {ratio} (below 1: volunteers help); together final {together.final_loss:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""Do volunteers help? The fastest worker alone against four workers at speeds 1, 1/2, 1/4, 1/8.
+
+Both get the same virtual wall-clock time T (in steps of the fastest worker): alone it runs T
+local steps under Delayed Nesterov with N = 1; together, DN + Dynamic Local Updates, the four run
+T x (1 + 1/2 + 1/4 + 1/8) local steps. The ratio is the time the four need to reach the loss the
+fastest reaches alone at T, divided by T: below 1, the volunteers help.
+
+Three starts, each with two outer settings for the four (the paper's ε = 0.5, β = 0.8, and the same
+with ε = 0.7 and the staleness discount (1 + staleness)^-0.5):
+
+* scratch: a fresh model;
+* pretrained: both start from a model trained by one worker for ``--pretrain-steps`` (as the
+  paper starts Local-SGD from a pretrained model);
+* warm-start feature: from scratch, with the coordinator's ``--warm-start-steps K``: the fastest
+  worker trains alone for K steps, then all four join; alone gets the same K + T time.
+
+Everything runs the project's own round, codec and outer-optimizer code (coordinator.simulator).
+
+    python benchmarks/volunteers.py            # ~25 min on 2 cores
+    python benchmarks/volunteers.py --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+from paper_table import run_job
+
+from coordinator.outer_optimizer import OuterConfig
+from coordinator.sim_report import plot_png, write_csv
+from coordinator.simulator import SimConfig, SimResult, speed_profile
+
+SETTINGS = {  # label -> (outer lr ε, staleness exponent a); β = 0.8 throughout
+    "ε0.5": (0.5, 0.0),
+    "ε0.7 a0.5": (0.7, 0.5),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--time", type=int, default=480, help="virtual time T (steps of the fastest)")
+    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--warm-start-steps", type=int, default=400, help="K of the coordinator feature")
+    parser.add_argument("--local-steps", type=int, default=20, help="H")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2, help="parallel processes")
+    parser.add_argument("--out", type=Path, default=Path("results/volunteers"))
+    args = parser.parse_args()
+    task = {"model_size": "tiny"}
+    speeds = tuple(speed_profile("very", 4))  # 1, 1/2, 1/4, 1/8
+    base = SimConfig(local_steps=args.local_steps, min_local_steps=max(1, args.local_steps // 10),
+                     eval_every_steps=40, outer=OuterConfig(lr=0.5, momentum=0.8), seed=args.seed)
+    together_steps = int(args.time * sum(speeds))
+    k = args.warm_start_steps
+    starts = {  # start -> (pretraining steps, warm-start steps, alone's time)
+        "scratch": (0, 0, args.time),
+        "pretrained": (args.pretrain_steps, 0, args.time),
+        "warm-start feature": (0, k, k + args.time),
+    }
+    jobs = []
+    for start, (pretrain, warm, alone_time) in starts.items():
+        alone = replace(base, strategy="dn", speeds=(1.0,), budget_steps=alone_time, eval_every_steps=20)
+        jobs.append((f"{start}/alone", alone, task, pretrain))
+        for label, (lr, a) in SETTINGS.items():
+            together = replace(base, strategy="dn+dylu", speeds=speeds, warm_start_steps=warm,
+                               budget_steps=warm + together_steps,
+                               outer=OuterConfig(lr=lr, momentum=0.8, staleness_exponent=a))
+            jobs.append((f"{start}/together {label}", together, task, pretrain))
+
+    started = time.perf_counter()
+    results: dict[str, SimResult] = {}
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for label, result, seconds in pool.map(run_job, jobs):
+            results[label] = result
+            print(f"  done {label:<34} final {result.final_loss:.4f}  ({seconds:.0f} s)", flush=True)
+
+    print()
+    print(f"volunteers help? speeds 1, 1/2, 1/4, 1/8 (DN+DyLU, H={args.local_steps}) against the fastest "
+          f"alone; T={args.time}, seed {args.seed}")
+    print(f"{'start':<19} {'four together':<13} {'alone final':>11} {'together final':>14} "
+          f"{'ratio':>6}")
+    rows = []
+    for start in starts:
+        alone = results[f"{start}/alone"]
+        target, t_alone = alone.final_loss, alone.curve[-1].virtual_time
+        for label in SETTINGS:
+            together = results[f"{start}/together {label}"]
+            reach = together.time_to_reach(target)
+            ratio = None if reach is None else reach / t_alone
+            rows.append({"start": start, "together": label, "alone_final": round(target, 5),
+                         "together_final": round(together.final_loss, 5),
+                         "time_alone": round(t_alone, 1),
+                         "time_together_to_alone_loss": None if reach is None else round(reach, 1),
+                         "ratio": None if ratio is None else round(ratio, 3)})
+            shown = "never" if ratio is None else f"{ratio:.3f}"
+            print(f"{start:<19} {label:<13} {target:>11.4f} {together.final_loss:>14.4f} {shown:>6}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "volunteers.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_csv(args.out / "curves.csv", results)
+    plot_png(args.out / "pretrained.png", {k: v for k, v in results.items() if k.startswith("pretrained/")},
+             title=f"volunteers vs the fastest alone, from a pretrained model (seed {args.seed})")
+    print(f"ratio below 1: the four reach the fastest worker's final loss sooner. "
+          f"{time.perf_counter() - started:.0f} s; wrote {args.out}/volunteers.csv, curves.csv, "
+          "pretrained.png")
+
+
+if __name__ == "__main__":
+    main()
