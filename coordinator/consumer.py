@@ -50,6 +50,9 @@ class QueueConfig:
 
 
 def delta_queue_arguments(keys: RunKeys, config: QueueConfig) -> dict[str, Any]:
+    """A quorum queue; a message over the delivery limit is dead-lettered *at least once* (the
+    broker keeps it until the dead-letter queue confirms it; needs reject-publish, which we want
+    for backpressure anyway)."""
     return {
         "x-queue-type": "quorum",
         "x-delivery-limit": config.delivery_limit,
@@ -57,11 +60,16 @@ def delta_queue_arguments(keys: RunKeys, config: QueueConfig) -> dict[str, Any]:
         "x-overflow": "reject-publish",
         "x-dead-letter-exchange": keys.dead_letter_exchange,
         "x-dead-letter-routing-key": keys.dead_letter_queue,
+        "x-dead-letter-strategy": "at-least-once",
     }
 
 
-def declare_queues(channel: Any, keys: RunKeys, config: QueueConfig) -> None:
-    """Declare the dead-letter exchange and queue, then the delta queue (idempotent)."""
+def declare_queues(channel: Any, keys: RunKeys, config: QueueConfig, *, keep_existing: bool = False) -> None:
+    """Declare the dead-letter exchange and queue, then the delta queue (idempotent).
+
+    ``keep_existing``: only check that the delta queue exists, whatever its arguments (a queue
+    declared with other arguments, e.g. by an older version, cannot be redeclared).
+    """
     channel.exchange_declare(keys.dead_letter_exchange, exchange_type="direct", durable=True)
     channel.queue_declare(
         keys.dead_letter_queue,
@@ -69,7 +77,10 @@ def declare_queues(channel: Any, keys: RunKeys, config: QueueConfig) -> None:
         arguments={"x-max-length-bytes": config.dead_letter_max_bytes, "x-overflow": "drop-head"},
     )
     channel.queue_bind(keys.dead_letter_queue, keys.dead_letter_exchange, keys.dead_letter_queue)
-    channel.queue_declare(keys.delta_queue, durable=True, arguments=delta_queue_arguments(keys, config))
+    if keep_existing:
+        channel.queue_declare(keys.delta_queue, passive=True)
+    else:
+        channel.queue_declare(keys.delta_queue, durable=True, arguments=delta_queue_arguments(keys, config))
 
 
 @dataclass(frozen=True)
@@ -162,7 +173,18 @@ class DeltaConsumer(threading.Thread):
         connection = pika.BlockingConnection(params)
         try:
             channel = connection.channel()
-            declare_queues(channel, self.keys, self.config)
+            try:
+                declare_queues(channel, self.keys, self.config)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 406:
+                    raise
+                # The queue exists with other arguments (another --max-queue-bytes, or declared
+                # by an older version): use it as it is rather than refuse to serve the run.
+                log.warning("queue %s exists with other arguments than this coordinator's (%s); "
+                            "using it as it is (delete it when empty to apply the new ones)",
+                            self.keys.delta_queue, exc.reply_text)
+                channel = connection.channel()
+                declare_queues(channel, self.keys, self.config, keep_existing=True)
             channel.basic_qos(prefetch_count=self.config.prefetch)
             generation = self.generation
             channel.basic_consume(

@@ -12,6 +12,7 @@ import redis
 import torch
 
 from coordinator.config import CommitConfig, CoordinatorConfig
+from coordinator.consumer import QueueConfig, delta_queue_arguments
 from coordinator.service import Coordinator
 from shared.codecs import get_codec
 from shared.keys import RunKeys
@@ -127,3 +128,23 @@ def test_bad_deltas_are_rejected_counted_dead_lettered_and_service_goes_on(
     # and it still serves honest clients
     _publish(run_name, [_good_delta(coordinator, client_id="honest", seq=1)])
     wait_for(lambda: _status(run_name)["deltas"]["applied"] == 2, what="next honest delta")
+
+
+def test_a_delta_queue_declared_with_other_arguments_is_used_as_it_is(run_name: str, tmp_path: Path) -> None:
+    keys = RunKeys(run_name)
+    older = delta_queue_arguments(keys, QueueConfig())
+    del older["x-dead-letter-strategy"]  # as declared before at-least-once dead-lettering
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        connection.channel().queue_declare(keys.delta_queue, durable=True, arguments=older)
+    finally:
+        connection.close()
+    config = CoordinatorConfig(
+        run=run_name, task_settings=SMALL_TASK, commit=CommitConfig(every_updates=4, interval_s=0.3),
+        connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
+        checkpoint_dir=tmp_path / "ckpt", max_seconds=60,
+    )
+    with serving(config) as coord:
+        assert coord.consumer is not None and coord.consumer.fatal is None
+        _publish(run_name, [_good_delta(coord, client_id="c0", seq=0)])
+        wait_for(lambda: _status(run_name).get("deltas", {}).get("applied") == 1, what="the delta applied")
