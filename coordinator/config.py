@@ -74,6 +74,8 @@ class CoordinatorConfig:
             )
         if (self.outer.strategy == "sync") != self.plan.sync:
             raise ConfigError("the sync strategy and the plan's sync flag must agree")
+        if self.plan.warm_start_steps and self.plan.sync:
+            raise ConfigError("--warm-start-steps is for the asynchronous strategies, not sync")
         if self.sync_timeout_s <= 0:
             raise ConfigError("sync timeout must be > 0")
         if self.resume and self.checkpoint_dir is None:

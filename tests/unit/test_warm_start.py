@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import msgpack
+import pytest
 import torch
 
+from coordinator.config import CoordinatorConfig
 from coordinator.intake import DeltaIntake, IntakeConfig
 from coordinator.outer_optimizer import OuterConfig, make_outer_optimizer
 from coordinator.registry import ClientRegistry, PlanConfig
 from coordinator.warm_start import WarmStart
+from shared.errors import ConfigError
 from shared.protocol import RoundPlan
 from tests.unit.test_intake import RUN_ID, _delta
 
@@ -88,3 +91,9 @@ def test_the_plan_carries_the_warm_start_and_older_plans_still_decode() -> None:
     del fields["warm_start"], fields["warm_client"]  # a plan of a coordinator before warm starts
     old = RoundPlan.decode(msgpack.packb(fields))
     assert (old.warm_start, old.warm_client, old.local_steps) == (False, "", 20)
+
+
+def test_the_warm_start_is_refused_with_the_sync_strategy() -> None:
+    with pytest.raises(ConfigError, match="asynchronous strategies"):
+        CoordinatorConfig(outer=OuterConfig(strategy="sync"), plan=PlanConfig(sync=True, warm_start_steps=10))
+    assert CoordinatorConfig(plan=PlanConfig(warm_start_steps=10)).plan.warm_start_steps == 10
