@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from shared.errors import ConfigError
+from shared.files import write_atomically
 
 try:  # POSIX only; without it (Windows) the state dir is simply not shared between processes
     import fcntl
@@ -52,22 +53,6 @@ def default_state_dir() -> Path:
     """``$XDG_STATE_HOME/asyncloco`` if that variable is set, else ``~/.local/state/asyncloco``."""
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "asyncloco"
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _try_lock(path: Path) -> IO[bytes] | None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from coordinator.intake import DeltaIntake, Outcome
 from shared.errors import ConfigError, ProtocolError
+from shared.files import write_atomically
 from shared.protocol import DeltaPart
 
 log = logging.getLogger(__name__)
@@ -82,20 +82,6 @@ class PartResult:
     key: str = ""
     reason: str = ""
     detail: str = ""
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class PartSpool:
@@ -155,7 +141,7 @@ class PartSpool:
             entry = SpoolEntry(key=key, client_id=part.client_id, seq=part.seq, count=part.count,
                                total_bytes=part.total_bytes, sha256=part.sha256, last_at=now)
             (self.directory / key).mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.directory / key / META, json.dumps(entry.meta()).encode())
+            write_atomically(self.directory / key / META, json.dumps(entry.meta()).encode())
             self.entries[key] = entry
         elif (part.count, part.total_bytes, part.sha256) != (entry.count, entry.total_bytes, entry.sha256):
             return PartResult("rejected", key, "part_mismatch",
@@ -163,7 +149,7 @@ class PartSpool:
         if entry.assembled or part.index in entry.parts:
             self.counts["parts_duplicate"] += 1
             return PartResult("duplicate", key, "duplicate", f"part {part.index} is already here")
-        _write_atomic(self.directory / key / f"{part.offset}@{part.index}.part", part.data)
+        write_atomically(self.directory / key / f"{part.offset}@{part.index}.part", part.data)
         entry.parts[part.index] = (part.offset, len(part.data))
         entry.last_at = now
         self.counts["parts_spooled"] += 1

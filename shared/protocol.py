@@ -244,10 +244,6 @@ class DeltaPart:
     sha256: bytes
     data: bytes = field(repr=False)
 
-    @property
-    def delta_id(self) -> str:
-        return f"{self.client_id}:{self.seq}"
-
     def encode(self) -> bytes:
         return msgpack.packb(
             {
