@@ -27,7 +27,7 @@ help:
 	@echo "make demo           venv + services, then deploy/demo.py \$$DEMO_ARGS"
 	@echo "make test           venv + services, then pytest -m 'not slow' \$$PYTEST_ARGS"
 	@echo "make faults         venv + services, then the fault-injection suite (tests/faults, slow included)"
-	@echo "make lint           ruff check"
+	@echo "make lint           ruff check, then mypy on the packages"
 	@echo "make services-down  stop the servers that 'make services' started (only those)"
 	@echo "make clean          remove $(VENV) and caches"
 
@@ -62,7 +62,8 @@ faults: venv services
 	$(PY) -m pytest tests/faults -m "slow or not slow" $(PYTEST_ARGS)
 
 lint: venv
-	$(PY) -m ruff check shared coordinator client tests benchmarks deploy
+	$(PY) -m ruff check shared coordinator client harness tests benchmarks deploy
+	$(PY) -m mypy shared coordinator client harness
 
 # Leaves .asyncloco/ alone: it records which servers `make services` started, so that
 # `make services-down` can still stop them after a clean.

@@ -5,7 +5,7 @@ For each heterogeneity level (none / slight / moderate / very: slowest worker at
 same total number of local steps. The table gives each final eval loss, its gap to sync, and the
 virtual wall-clock time each needs to reach sync's final loss. Whether volunteers help (the
 fastest worker alone against all four) is benchmarks/volunteers.py. Everything runs the project's
-own round, codec and outer-optimizer code (coordinator.simulator).
+own round, codec and outer-optimizer code (coordinator.sim.simulator).
 
     python benchmarks/paper_table.py                 # default: ~15 min on 2 cores
     python benchmarks/paper_table.py --budget 2400   # closer to convergence, longer
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from coordinator.outer_optimizer import OuterConfig
-from coordinator.sim_report import plot_png, write_csv
-from coordinator.simulator import SimConfig, SimResult, Simulation, speed_profile
+from coordinator.sim.report import plot_png, write_csv
+from coordinator.sim.simulator import SimConfig, SimResult, Simulation, speed_profile
 from shared.tasks import load_task
 
 LEVELS = ("none", "slight", "moderate", "very")

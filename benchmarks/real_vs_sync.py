@@ -24,12 +24,15 @@ from pathlib import Path
 
 import redis
 
+from coordinator.run_admin import delete_run
+from shared.keys import RunKeys
+
 ROOT = Path(__file__).resolve().parent.parent
 SLOWDOWNS = (1, 2, 4, 8)
 
 
 def _status(client: redis.Redis, run: str) -> dict:
-    raw = client.get(f"asyncloco:{run}:status")
+    raw = client.get(RunKeys(run).status)
     return json.loads(raw) if raw else {}
 
 
@@ -85,25 +88,10 @@ def run_one(strategy: str, args: argparse.Namespace, workdir: Path) -> list[tupl
         _stop(procs)
         for log in logs:
             log.close()
-        for key in r.scan_iter(match=f"asyncloco:{run}:*"):
-            r.delete(key)
-        _delete_queues(args.amqp, run)
-
-
-def _delete_queues(amqp_url: str, run: str) -> None:
-    import pika
-
-    from shared.keys import RunKeys
-
-    keys = RunKeys(run)
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        channel = connection.channel()
-        for queue in (keys.delta_queue, keys.dead_letter_queue):
-            channel.queue_delete(queue)
-        channel.exchange_delete(keys.dead_letter_exchange)
-    finally:
-        connection.close()
+        try:
+            delete_run(r, args.amqp, run)  # its processes are stopped: the lease is free
+        finally:
+            r.close()
 
 
 def loss_at(curve: list[tuple[float, float]], t: float) -> float | None:

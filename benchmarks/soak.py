@@ -7,12 +7,13 @@ processes and keys of this run only:
 
 * ``coordinator_kill``: SIGKILL the coordinator, restart it with ``--resume`` on its checkpoint dir;
 * ``client_kill``: SIGKILL one client (a seeded choice), restart it with the same id and state dir;
-* ``redis_loss``: delete every Redis key of the run in one DEL (never FLUSHALL: runs share Redis);
+* ``redis_loss``: delete every Redis key of the run in one DEL (``coordinator.run_admin.delete_run_keys``;
+  never FLUSHALL: runs share Redis);
 * ``broker_restart``: ``rabbitmqctl stop_app``, 3 s, ``start_app``. This restarts the whole shared
   broker: ``--no-broker-faults`` leaves it out; where rabbitmqctl is missing it is skipped.
 
 At the end the clients are stopped (SIGTERM: the round in hand is sent), the queue drains, the
-coordinator stops, and the oracle of ``tests/faults/harness.py`` compares the clients' journals of
+coordinator stops, and the oracle of ``harness/oracle.py`` compares the clients' journals of
 confirmed deltas with the coordinator's applied log: lost, applied twice, applied unconfirmed.
 VmRSS of every process it started is sampled every ``--sample-every`` seconds into
 ``soak_rss.csv`` (a restarted process is followed under its new pid); the table gives each
@@ -21,8 +22,8 @@ of its longest-lived pid, so a slow leak shows. The table goes to ``soak.csv`` t
 and the checkpoint stay in ``--out``/RUN/. Every process it started is stopped by pid, and the
 run's Redis keys and queues are deleted. Exit code 1 when the oracle finds anything.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/soak.py                      # 30 min, ~10 faults
-    PYTHONPATH=. .venv/bin/python benchmarks/soak.py --minutes 4 --fault-every 45 --no-broker-faults
+    .venv/bin/python benchmarks/soak.py                      # 30 min, ~10 faults
+    .venv/bin/python benchmarks/soak.py --minutes 4 --fault-every 45 --no-broker-faults
 """
 
 from __future__ import annotations
@@ -43,24 +44,14 @@ from typing import Any
 import click
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # tests/ is not an installed package: run from any directory
-    sys.path.insert(0, str(ROOT))
-
-from coordinator.applied_log import FILENAME as APPLIED_LOG  # noqa: E402
-from shared.keys import RunKeys  # noqa: E402
-from tests.faults.harness import (  # noqa: E402
-    REDIS_URL,
-    Processes,
-    client_args,
-    coordinator_args,
-    judge,
-    read_applied,
-    read_journal,
-    status,
-    verify_snapshot,
-)
-from tests.services import delete_run, ensure_services, new_run_name, reachable  # noqa: E402
+from coordinator.applied_log import FILENAME as APPLIED_LOG
+from coordinator.applied_log import read_applied_log
+from coordinator.run_admin import delete_run, delete_run_keys
+from harness.faults import client_args, coordinator_args, status, verify_snapshot
+from harness.oracle import judge, read_journal, settled_ids
+from harness.processes import AMQP_URL, REDIS_URL, Processes, ensure_services, new_run_name, reachable
+from shared.cli import OneLineErrorsCommand
+from shared.keys import RunKeys
 
 SLOWDOWNS = (1, 2, 4, 8)
 FAULT_KINDS = ("coordinator_kill", "client_kill", "redis_loss", "broker_restart")
@@ -277,8 +268,7 @@ class Soak:
         probe = self._after_commit_probe()
         client = redis.Redis.from_url(REDIS_URL)
         try:
-            keys = list(client.scan_iter(match=f"{RunKeys(self.run).prefix}*", count=1000))
-            deleted = int(client.delete(*keys)) if keys else 0
+            deleted = delete_run_keys(client, RunKeys(self.run))
         finally:
             client.close()
         return Fault(t, "redis_loss", f"{deleted} keys of run {self.run}", "one DEL", probe=probe)
@@ -315,14 +305,14 @@ class Soak:
         deadline = time.monotonic() + 180
         drained = False
         while time.monotonic() < deadline and self.coordinator.proc.poll() is None:
-            if confirmed <= {e["id"] for e in read_applied(self.ckpt)}:
+            if confirmed <= settled_ids(self.ckpt):
                 drained = True
                 break
             time.sleep(1)
         if self.coordinator.proc.poll() is None:
             self.coordinator.proc.send_signal(signal.SIGTERM)  # commits, then exits 0
         coordinator_rc = _wait(self.coordinator.proc, 60)
-        verdict = judge(confirmed, read_applied(self.ckpt))
+        verdict = judge(confirmed, read_applied_log(self.ckpt, committed_only=True))
         final = status(self.run)
         try:
             snapshot: int | str = verify_snapshot(self.run)
@@ -403,25 +393,7 @@ def _f(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-class _OneLineErrors(click.Command):
-    """A wrong argument ends as one line on stderr, like the product's own CLIs."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        kwargs["standalone_mode"] = False
-        try:
-            return super().main(*args, **kwargs)
-        except click.UsageError as exc:
-            click.echo(f"error: {exc.format_message()} (see: soak.py --help)", err=True)
-            sys.exit(exc.exit_code)
-        except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message()}", err=True)
-            sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("aborted", err=True)
-            sys.exit(130)
-
-
-@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]},
+@click.command(cls=OneLineErrorsCommand, context_settings={"help_option_names": ["-h", "--help"]},
                help=__doc__.split("\n\n")[0])
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               help="Length of the soak, from the clients' start.")
@@ -490,10 +462,13 @@ def main(minutes: float, clients: int, fault_every: float, seed: int, out: Path,
         raise
     finally:
         soak.close()
+        client = redis.Redis.from_url(REDIS_URL)
         try:
-            delete_run(run)  # the run's Redis keys and its queues; nobody else's
+            delete_run(client, AMQP_URL, run)  # the run's Redis keys and its queues; nobody else's
         except Exception as exc:  # the results stand; say what is left behind
             click.echo(f"soak: could not delete run {run}'s keys/queues: {exc}", err=True)
+        finally:
+            client.close()
 
 
 def report(soak: Soak, result: dict[str, Any], *, out: Path, warmup_s: float, end_s: float,

@@ -14,7 +14,7 @@ with ε = 0.7 and the staleness discount (1 + staleness)^-0.5):
 * warm-start feature: from scratch, with the coordinator's ``--warm-start-steps K``: the fastest
   worker trains alone for K steps, then all four join; alone gets the same K + T time.
 
-Everything runs the project's own round, codec and outer-optimizer code (coordinator.simulator).
+Everything runs the project's own round, codec and outer-optimizer code (coordinator.sim.simulator).
 
     python benchmarks/volunteers.py            # ~25 min on 2 cores
     python benchmarks/volunteers.py --seed 1
@@ -32,8 +32,8 @@ from pathlib import Path
 from paper_table import run_job
 
 from coordinator.outer_optimizer import OuterConfig
-from coordinator.sim_report import plot_png, write_csv
-from coordinator.simulator import SimConfig, SimResult, speed_profile
+from coordinator.sim.report import plot_png, write_csv
+from coordinator.sim.simulator import SimConfig, SimResult, speed_profile
 
 SETTINGS = {  # label -> (outer lr ε, staleness exponent a); β = 0.8 throughout
     "ε0.5": (0.5, 0.0),

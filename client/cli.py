@@ -7,6 +7,7 @@ error; a second Ctrl-C exits at once with 130.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -17,10 +18,10 @@ from typing import Any
 import click
 
 from client.config import DEVICES, LOG_LEVELS, ClientConfig
-from client.identity import default_state_dir
 from client.stop import StopSignals
 from shared.cli import OneLineErrors
 from shared.codecs import CODECS
+from shared.files import append_line_durably, default_state_dir
 from shared.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, ConnectionSettings
 
 
@@ -130,15 +131,16 @@ def join(
         max_seconds=max_seconds,
         part_bytes=part_bytes,
         log_level=log_level.lower(),
-        journal=journal,
     )
     _setup_logging(config.logging_level)
     stop = threading.Event()
     signals = StopSignals(stop, on_first=_err).install()
     from client.worker import Worker  # torch is imported here, after the options are known good
 
+    # The fault tests' half of the durability oracle: every delta the broker confirmed, fsynced.
+    on_confirmed = None if journal is None else functools.partial(append_line_durably, journal)
     try:
-        with Worker(config, stop=stop, on_notice=click.echo) as worker:
+        with Worker(config, stop=stop, on_notice=click.echo, on_confirmed=on_confirmed) as worker:
             summary = worker.run(on_round=lambda report: click.echo(report.line()))
     finally:
         signals.restore()

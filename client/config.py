@@ -2,7 +2,7 @@
 
 Config flows one way: CLI option (with its ``ASYNCLOCO_*`` envvar) → :class:`ClientConfig` → the
 worker and its components. Nothing below the CLI reads the environment, with one exception: the
-default state directory follows ``$XDG_STATE_HOME`` (see :func:`client.identity.default_state_dir`).
+default state directory follows ``$XDG_STATE_HOME`` (see :func:`shared.files.default_state_dir`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.identity import default_state_dir, validate_client_id
+from client.identity import validate_client_id
 from shared.codecs import get_codec
 from shared.errors import ConfigError, ProtocolError
+from shared.files import default_state_dir
 from shared.keys import validate_run_name
 from shared.protocol import DEFAULT_DELTA_LIMITS, PART_HEADER_BYTES, MiB
 from shared.settings import ConnectionSettings, RetryPolicy
@@ -55,9 +56,6 @@ class ClientConfig:
     # A delta message bigger than this is sent as parts of this many bytes (the coordinator puts
     # them together). It must stay under the broker's message limit (16 MiB in RabbitMQ 4.x).
     part_bytes: int = 8 * MiB
-    # Fault tests only: append "client_id:seq" here (fsynced) for every delta the broker confirmed,
-    # the client's half of the durability oracle in tests/faults.
-    journal: Path | None = None
 
     def __post_init__(self) -> None:
         validate_run_name(self.run)

@@ -2,12 +2,15 @@
 
 Every call survives Redis going away: it logs one warning, retries with capped exponential backoff
 (:class:`shared.settings.RetryPolicy`) and carries on when Redis is back. A stop request ends any
-wait by raising :class:`client.stop.StopRequested`.
+wait by raising :class:`client.stop.StopRequested`. The waits on the coordinator live here too: for
+the first snapshot, for the round plan, for a warm start to end, for a delta to be included.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -16,45 +19,43 @@ import redis
 from client.stop import StopRequested
 from shared.errors import ServiceUnavailable, SnapshotError, SnapshotMissing
 from shared.keys import RunKeys
-from shared.protocol import RoundPlan
-from shared.settings import ConnectionSettings, RetryPolicy, sleep_interruptibly
+from shared.protocol import RoundMode, RoundPlan
+from shared.settings import REDIS_ERRORS as REDIS_OUTAGES
+from shared.settings import RetryPolicy, sleep_interruptibly
 from shared.snapshot import Snapshot, SnapshotManifest, SnapshotStore
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# A socket error outside redis-py's own wrapping is an outage too.
+REDIS_ERRORS: tuple[type[Exception], ...] = (*REDIS_OUTAGES, OSError)
 # A snapshot that fails its checks may be a reader racing expiry, or corruption; after this many
 # tries in a row it is reported as an error instead of being retried forever.
 BAD_SNAPSHOT_TRIES = 5
 
 
 class SnapshotFetcher:
-    """Snapshots and round plans of one run, read from Redis with reconnects."""
+    """Snapshots and round plans of one run, read from Redis with reconnects.
+
+    ``redis_client`` (made without ``decode_responses``: snapshots are bytes) belongs to the caller,
+    who closes it; give it a ``socket_timeout`` so that a dead server is noticed and retried.
+    """
 
     def __init__(
         self,
-        connection: ConnectionSettings,
+        redis_client: redis.Redis,
         keys: RunKeys,
         *,
         retry: RetryPolicy,
         should_stop: Callable[[], bool],
     ) -> None:
+        self.redis = redis_client
         self.keys = keys
         self.retry = retry
         self.should_stop = should_stop
-        self.redis = redis.Redis.from_url(
-            connection.redis_url,
-            socket_timeout=connection.socket_timeout_s,
-            socket_connect_timeout=connection.socket_timeout_s,
-            health_check_interval=30,  # seconds; a PING before reusing an idle connection
-        )
-        self.store = SnapshotStore(self.redis, keys)
+        self.store = SnapshotStore(redis_client, keys)
         self._down = False  # inside an outage: warn once, not on every retry
-
-    def close(self) -> None:
-        self.redis.close()
 
     def _call(self, what: str, operation: Callable[[], T]) -> T:
         """Run ``operation``, retrying through Redis outages until it works or a stop is asked for."""
@@ -131,7 +132,11 @@ class SnapshotFetcher:
     def plan(self) -> RoundPlan | None:
         """The coordinator's current round plan, or None if it has not published one."""
         raw = self._call("reading the round plan", lambda: self.redis.get(self.keys.plan))
-        return None if raw is None else RoundPlan.decode(raw)
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            raise TypeError("the Redis client decodes responses; the fetcher needs raw bytes")
+        return RoundPlan.decode(raw)
 
     def wait_for_plan(self, poll_s: float) -> RoundPlan:
         """Return the round plan, polling every ``poll_s`` seconds until there is one."""
@@ -142,3 +147,52 @@ class SnapshotFetcher:
             log.info("no round plan for run %r yet; waiting", self.keys.run)
             if sleep_interruptibly(poll_s, self.should_stop):
                 raise StopRequested()
+
+    def wait_while_another_warms_up(
+        self, client_id: str, poll_s: float, on_notice: Callable[[str], None]
+    ) -> None:
+        """Warm start: while the plan names another client to train alone, wait instead of training
+        rounds the coordinator would refuse. Raises :class:`StopRequested` on a stop."""
+        noticed = False
+        while True:
+            plan = self.plan()
+            if plan is None or plan.mode is not RoundMode.WARM_START or plan.warm_client in ("", client_id):
+                return
+            if not noticed:
+                on_notice(f"warm start: client {plan.warm_client} trains the run's first steps "
+                          "alone; this client joins when it is done")
+                noticed = True
+            if sleep_interruptibly(poll_s, self.should_stop):
+                raise StopRequested()
+
+    def wait_until_included(
+        self, *, client_id: str, run_id: str, seq: int, base_version: int, within_s: float
+    ) -> bool:
+        """Wait (bounded by ``within_s``) until a published snapshot includes delta ``seq``.
+
+        The coordinator lists each active client's newest applied seq in the manifest's progress.
+        Starting the next round from a base without our own last delta would make the next delta
+        repeat most of it, and Delayed Nesterov would count that work twice.
+        """
+        plan = self.plan()
+        # A synchronous round completes only when the slowest client has sent: wait for the next
+        # version however long that takes (it follows the round whether or not ours made it).
+        sync = plan is not None and plan.mode is RoundMode.SYNC
+        deadline = time.monotonic() + (math.inf if sync else within_s)
+        while time.monotonic() < deadline and not self.should_stop():
+            version = self.current_version()
+            if sync and version is not None and version > base_version:
+                return True
+            if version is not None and version > base_version:
+                try:
+                    manifest: SnapshotManifest | None = self.manifest(version)
+                except SnapshotError:
+                    manifest = None
+                if manifest is not None and manifest.run_id != run_id:
+                    return False  # a new run: the next round adopts it
+                seqs = manifest.progress.get("client_seqs", {}) if manifest is not None else {}
+                if isinstance(seqs, dict) and int(seqs.get(client_id, -1)) >= seq:
+                    return True
+            time.sleep(0.05)
+        log.info("delta %s:%d not yet in a snapshot after %.0f s; going on", client_id, seq, within_s)
+        return False

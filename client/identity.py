@@ -1,6 +1,7 @@
 """Who this client is, and which delta sequence numbers it has used: both kept in its state dir.
 
-Layout of the state directory (default ``$XDG_STATE_HOME/asyncloco`` or ``~/.local/state/asyncloco``)::
+Layout of the state directory (by default ``$XDG_STATE_HOME/asyncloco`` or ``~/.local/state/asyncloco``:
+:func:`shared.files.default_state_dir`)::
 
     client-id            the generated client id (slot 1), kept across restarts
     client-id.2 ...      ids of further slots, used when another process on this machine holds slot 1
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -47,12 +47,6 @@ def validate_client_id(client_id: str) -> str:
             f"invalid client id {client_id!r}: use 1-64 letters, digits, '_', '.' or '-'"
         )
     return client_id
-
-
-def default_state_dir() -> Path:
-    """``$XDG_STATE_HOME/asyncloco`` if that variable is set, else ``~/.local/state/asyncloco``."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "asyncloco"
 
 
 def _try_lock(path: Path) -> IO[bytes] | None:

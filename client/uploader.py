@@ -1,4 +1,8 @@
-"""Sends encoded deltas to the coordinator's queue on RabbitMQ, with publisher confirms.
+"""Sends deltas to the coordinator's queue on RabbitMQ, with publisher confirms.
+
+:meth:`DeltaUploader.send` encodes a :class:`~shared.protocol.DeltaMessage`, holds it to the size
+limit of a delta, and publishes it as one message or, if it is bigger than ``part_bytes``, as
+:class:`~shared.protocol.DeltaPart` messages in order (the coordinator puts them together).
 
 A delta counts as sent only once the broker has confirmed it. Until then the *same bytes* (same
 ``seq``, same ``message_id``) are retried with capped exponential backoff through every kind of
@@ -15,11 +19,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pika
 import pika.exceptions
 
-from shared.errors import ServiceUnavailable
+from shared.errors import ConfigError, ServiceUnavailable
+from shared.protocol import DEFAULT_DELTA_LIMITS, PART_TYPE, DeltaMessage, MiB, split_delta
 from shared.settings import ConnectionSettings, RetryPolicy, sleep_interruptibly
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,16 @@ CONTENT_TYPE = "application/x-msgpack"
 APP_ID = "asyncloco-client"
 # Give up on a broker that blocks publishers (memory or disk alarm) after this long, and reconnect.
 BLOCKED_TIMEOUT_S = 60.0
+ENVELOPE_BYTES = 4096  # msgpack fields around the tensor payloads, with room to spare
+
+
+@dataclass(frozen=True)
+class Upload:
+    """How sending one delta went: ``confirmed`` is False only if ``give_up()`` ended it first."""
+
+    confirmed: bool
+    body_bytes: int  # the encoded delta message, before any split into parts
+    upload_s: float  # wall time of the publishes, retries included
 
 
 class DeltaUploader:
@@ -35,12 +51,16 @@ class DeltaUploader:
 
     The connection is opened lazily and reopened after any failure. :meth:`keepalive` lets a
     caller that is busy training service heartbeats, so an idle connection is not dropped.
+    ``part_bytes`` is the most a message of a delta carries; a bigger delta goes in parts.
     """
 
-    def __init__(self, connection: ConnectionSettings, queue: str, *, retry: RetryPolicy) -> None:
+    def __init__(
+        self, connection: ConnectionSettings, *, queue: str, retry: RetryPolicy, part_bytes: int
+    ) -> None:
         self.settings = connection
         self.queue = queue
         self.retry = retry
+        self.part_bytes = part_bytes
         self._connection: pika.BlockingConnection | None = None
         self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
         self._last_io = 0.0  # time.monotonic() of the last time the connection did I/O
@@ -85,6 +105,50 @@ class DeltaUploader:
         except (pika.exceptions.AMQPError, OSError) as exc:
             log.debug("AMQP connection dropped while idle (%s); will reconnect to publish", exc)
             self.close()
+
+    @staticmethod
+    def check_payload(tensors: dict[str, bytes], codec: str) -> None:
+        """Raise :class:`ConfigError` if encoded tensors this big can never make a delta.
+
+        Checked before a sequence number is reserved for them: a number is not spent on a delta
+        that could not be sent.
+        """
+        limit = DEFAULT_DELTA_LIMITS.max_delta_bytes
+        payload = sum(len(blob) for blob in tensors.values())
+        if payload + ENVELOPE_BYTES > limit:
+            raise ConfigError(
+                f"a delta of this model is {payload / MiB:.1f} MiB with codec {codec}, over the "
+                f"{limit // MiB} MiB limit of a delta; use --codec int8"
+            )
+
+    def send(self, message: DeltaMessage, *, give_up: Callable[[], bool] = lambda: False) -> Upload:
+        """Encode ``message`` and publish it whole, or in parts if over ``part_bytes``, until confirmed.
+
+        Raises :class:`ConfigError` if the encoded message is over the limit of a delta. A delta
+        left in part when ``give_up()`` ends the upload is discarded by the coordinator after its
+        part timeout.
+        """
+        body = message.encode()
+        limit = DEFAULT_DELTA_LIMITS.max_delta_bytes
+        if len(body) > limit:
+            raise ConfigError(
+                f"delta message is {len(body) / MiB:.1f} MiB, over the {limit // MiB} MiB limit of a delta; "
+                "use --codec int8"
+            )
+        started = time.monotonic()
+        message_id = message.delta_id
+        if len(body) <= self.part_bytes:
+            confirmed = self.publish(body, message_id=message_id, give_up=give_up)
+        else:
+            parts = split_delta(body, part_bytes=self.part_bytes, run_id=message.run_id,
+                                client_id=message.client_id, seq=message.seq)
+            log.info("delta %s is %.1f MiB: sending it in %d parts", message_id, len(body) / MiB, len(parts))
+            confirmed = all(
+                self.publish(part.encode(), message_id=f"{message_id}/{part.index}",
+                             message_type=PART_TYPE, give_up=give_up)
+                for part in parts
+            )
+        return Upload(confirmed=confirmed, body_bytes=len(body), upload_s=time.monotonic() - started)
 
     def publish(
         self,

@@ -8,7 +8,7 @@ settled, over the whole run::
     {"id": "fast:12", "outcome": "duplicate", "reason": "duplicate", "version": 42}
 
 (``id`` is ``client_id:seq``, empty for a body that did not decode; ``version`` is the version the
-commit produced.) It is the coordinator's half of the durability oracle in ``tests/faults``: a delta
+commit produced.) It is the coordinator's half of the durability oracle (``harness/oracle.py``): a delta
 confirmed to a client must appear here as ``applied`` exactly once, or as ``rejected``.
 
 Why it can never disagree with the checkpoint: a commit appends its batch's lines and fsyncs them
@@ -74,9 +74,22 @@ class AppliedLog:
         return self.length
 
 
-def read_applied_log(directory: Path) -> list[dict[str, Any]]:
-    """Every entry of the log in ``directory`` (for tests and operators), oldest first."""
+def read_applied_log(directory: Path, *, committed_only: bool = False) -> list[dict[str, Any]]:
+    """Entries of the applied log in ``directory``, oldest first (the oracle's and operators' reader).
+
+    With ``committed_only`` only the bytes that the directory's checkpoint records as committed
+    (``applied_log_bytes``) are read: what a restart would keep. No checkpoint means nothing is
+    committed. Without it every whole line is read, including a batch whose checkpoint has not
+    landed yet; a torn last line (no newline) is never an entry.
+    """
     path = directory / FILENAME
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    data = path.read_bytes()
+    if committed_only:
+        # imported here: coordinator.checkpoint imports this module (for FILENAME)
+        from coordinator.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(directory)
+        data = data[: int(checkpoint.state.get("applied_log_bytes", 0))] if checkpoint else b""
+    return [json.loads(line) for line in data.decode().split("\n")[:-1] if line.strip()]

@@ -4,12 +4,15 @@ One file ``checkpoint.safetensors`` per run directory: the outer optimizer's ten
 all other state (version, run config, per-client sequence windows, counters, eval history) as JSON
 in the safetensors metadata. Written to a temporary file, fsynced, renamed over the old one and the
 directory fsynced, so a crash at any instant leaves either the old or the new checkpoint.
+``--fresh`` sets an old run's checkpoint and applied log aside (:func:`set_aside`) rather than
+deleting them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,9 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
+from coordinator.applied_log import FILENAME as APPLIED_LOG
 from shared.errors import ConfigError
+from shared.files import fsync_directory
 
 FILENAME = "checkpoint.safetensors"
 FORMAT = 1
@@ -93,3 +98,33 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
     if state.get("format") != FORMAT:
         raise ConfigError(f"checkpoint {path} has format {state.get('format')}, expected {FORMAT}")
     return Checkpoint(tensors=tensors, state=state)
+
+
+def set_aside(directory: Path, *, now: float | None = None) -> Path | None:
+    """Rename the run's checkpoint and applied log in ``directory`` out of the way; for ``--fresh``.
+
+    ``checkpoint.safetensors`` becomes ``checkpoint.<unix>.old`` and ``applied.jsonl`` becomes
+    ``applied.<unix>.jsonl.old`` (``<unix>``: ``now``, default the current time, in whole seconds;
+    a later second if that name is taken, so an earlier set-aside is never overwritten). The applied
+    log goes aside even without a checkpoint: its lines belong to the old run either way. Returns
+    the checkpoint's new path, or None if there was no checkpoint.
+    """
+    checkpoint = checkpoint_path(directory)
+    applied = directory / APPLIED_LOG
+    stamp = int(time.time() if now is None else now)
+
+    def targets(unix: int) -> tuple[Path, Path]:
+        return directory / f"checkpoint.{unix}.old", directory / f"applied.{unix}.jsonl.old"
+
+    while any(target.exists() for target in targets(stamp)):
+        stamp += 1
+    checkpoint_aside, applied_aside = targets(stamp)
+    moved = None
+    if checkpoint.exists():
+        checkpoint.rename(checkpoint_aside)
+        moved = checkpoint_aside
+    if applied.exists():
+        applied.rename(applied_aside)
+    if directory.exists():
+        fsync_directory(directory)
+    return moved

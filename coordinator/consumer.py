@@ -21,7 +21,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from coordinator.intake import Outcome
+from coordinator.outcome import Outcome
 from shared.errors import ConfigError
 from shared.keys import RunKeys
 from shared.settings import RetryPolicy
@@ -242,7 +242,7 @@ class DeltaConsumer(threading.Thread):
         if generation != self.generation or not channel.is_open:
             return
         for delivery, outcome in items:
-            if outcome.kind == "rejected":
+            if not outcome.acked:
                 headers = {
                     "x-asyncloco-reason": outcome.reason,
                     "x-asyncloco-detail": outcome.detail[:500],

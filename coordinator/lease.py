@@ -1,9 +1,9 @@
 """One coordinator per run: a lease key in Redis with a TTL, refreshed while serving.
 
 A coordinator that was killed leaves its lease behind; a new one on the same host takes it over
-at once when the holder's pid is gone, otherwise it waits for the TTL to run out. A lease key that
-vanished while we held it (Redis restarted without persistence, or was flushed) is taken back on
-the next refresh, atomically and only if nobody else took it in the meantime.
+at once when the holder's pid is gone (or a zombie), otherwise it waits for the TTL to run out.
+A lease key that vanished while we held it (Redis restarted without persistence, or was flushed)
+is taken back on the next refresh, atomically and only if nobody else took it in the meantime.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import uuid
 import redis
 
 from shared.errors import ConfigError
+from shared.processes import pid_alive
+from shared.settings import redis_bytes
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +38,24 @@ return 0
 """
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def holder_dead(holder: str, *, host: str | None = None) -> bool:
+    """True if lease value ``holder`` (``host:pid:nonce``) names a process on this host that is gone.
+
+    Only a holder on this host (``host``, default this machine's name) can be checked; one
+    elsewhere is never known dead (its lease runs out with the TTL). A zombie counts as dead.
+    """
+    holder_host, _, rest = holder.partition(":")
+    pid_s = rest.partition(":")[0]
+    return holder_host == (host or socket.gethostname()) and pid_s.isdigit() and not pid_alive(int(pid_s))
+
+
+def live_holder(client: redis.Redis, key: str) -> str | None:
+    """The value of the lease under ``key`` unless it is absent or its holder is known dead."""
+    raw = redis_bytes(client.get(key))
+    if raw is None:
+        return None
+    holder = raw.decode(errors="replace")
+    return None if holder_dead(holder) else holder
 
 
 class CoordinatorLease:
@@ -66,11 +78,9 @@ class CoordinatorLease:
             if self.redis.set(self.key, self.value, nx=True, ex=self.ttl_s):
                 self.refreshed_at = time.monotonic()
                 return
-            holder = self.redis.get(self.key)
+            holder = redis_bytes(self.redis.get(self.key))
             holder_s = holder.decode(errors="replace") if holder else ""
-            host, _, rest = holder_s.partition(":")
-            pid_s = rest.partition(":")[0]
-            if host == self.host and pid_s.isdigit() and not _pid_alive(int(pid_s)):
+            if holder_s and holder_dead(holder_s, host=self.host):
                 log.info("taking over the lease of dead coordinator %s", holder_s)
                 self.redis.set(self.key, self.value, ex=self.ttl_s)
                 self.refreshed_at = time.monotonic()
@@ -104,6 +114,6 @@ class CoordinatorLease:
         return time.monotonic() - self.refreshed_at > self.ttl_s / 3
 
     def release(self) -> None:
-        holder = self.redis.get(self.key)
+        holder = redis_bytes(self.redis.get(self.key))
         if holder is not None and holder.decode(errors="replace") == self.value:
             self.redis.delete(self.key)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from coordinator.run_mode import RunMode
 from shared.errors import ConfigError
 
 ASYNC_STRATEGIES = ("dn", "nesterov", "sgd", "fedbuff")
@@ -65,6 +66,10 @@ class OuterConfig:
             raise ConfigError("c must be in [0, 1]")
         if self.staleness_exponent < 0:
             raise ConfigError("staleness exponent must be >= 0")
+
+    @property
+    def mode(self) -> RunMode:
+        return RunMode.of(self.strategy)
 
 
 class OuterOptimizer:

@@ -27,7 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.intake import DeltaIntake, Outcome
+from coordinator.intake import DeltaIntake
+from coordinator.outcome import Outcome, OutcomeKind
 from shared.errors import ConfigError, ProtocolError
 from shared.files import write_atomically
 from shared.protocol import DeltaPart
@@ -78,7 +79,7 @@ class SpoolEntry:
 class PartResult:
     """``spooled`` (ack it), ``complete`` (ack it; the delta is ready), ``duplicate`` or ``rejected``."""
 
-    kind: str
+    kind: OutcomeKind  # SPOOLED, COMPLETE, DUPLICATE or REJECTED
     key: str = ""
     reason: str = ""
     detail: str = ""
@@ -132,10 +133,10 @@ class PartSpool:
         if entry is None:
             pending = sum(1 for e in self.entries.values() if e.client_id == part.client_id)
             if pending >= self.config.max_pending_per_client:
-                return PartResult("rejected", key, "too_many_pending",
+                return PartResult(OutcomeKind.REJECTED, key, "too_many_pending",
                                   f"client has {pending} deltas in parts already")
             if self.reserved_bytes + part.total_bytes > self.config.max_bytes:
-                return PartResult("rejected", key, "spool_full",
+                return PartResult(OutcomeKind.REJECTED, key, "spool_full",
                                   f"{part.total_bytes} more bytes would pass the spool's "
                                   f"{self.config.max_bytes}")
             entry = SpoolEntry(key=key, client_id=part.client_id, seq=part.seq, count=part.count,
@@ -144,16 +145,16 @@ class PartSpool:
             write_atomically(self.directory / key / META, json.dumps(entry.meta()).encode())
             self.entries[key] = entry
         elif (part.count, part.total_bytes, part.sha256) != (entry.count, entry.total_bytes, entry.sha256):
-            return PartResult("rejected", key, "part_mismatch",
+            return PartResult(OutcomeKind.REJECTED, key, "part_mismatch",
                               f"part {part.index} disagrees with the first part on count, size or hash")
         if entry.assembled or part.index in entry.parts:
             self.counts["parts_duplicate"] += 1
-            return PartResult("duplicate", key, "duplicate", f"part {part.index} is already here")
+            return PartResult(OutcomeKind.DUPLICATE, key, "duplicate", f"part {part.index} is already here")
         write_atomically(self.directory / key / f"{part.offset}@{part.index}.part", part.data)
         entry.parts[part.index] = (part.offset, len(part.data))
         entry.last_at = now
         self.counts["parts_spooled"] += 1
-        return PartResult("complete" if entry.complete else "spooled", key)
+        return PartResult(OutcomeKind.COMPLETE if entry.complete else OutcomeKind.SPOOLED, key)
 
     def assemble(self, key: str) -> bytes:
         """The delta's bytes, checked: parts contiguous from 0, ``total_bytes`` long, hash right.
@@ -207,19 +208,19 @@ def take_part(spool: PartSpool, intake: DeltaIntake, body: bytes, now: float) ->
     try:
         part = DeltaPart.decode(body, intake.config.limits)
     except ProtocolError as exc:
-        outcome = Outcome("rejected", exc.reason, exc.detail)
+        outcome = Outcome.rejected(exc.reason, exc.detail)
         intake.count(outcome)
         return outcome, ""
     screened = intake.screen(part.run_id, part.client_id, part.seq)
     if screened is not None:
-        if screened.kind == "rejected":
+        if screened.kind is OutcomeKind.REJECTED:
             intake.count(screened)
         else:
             spool.counts["parts_duplicate"] += 1
         return screened, ""
     result = spool.add(part, now)
     outcome = Outcome(result.kind, result.reason, result.detail, part.client_id, part.seq)
-    if result.kind == "rejected":
+    if result.kind is OutcomeKind.REJECTED:
         spool.discard(result.key)
         intake.count(outcome)
-    return outcome, result.key if result.kind == "complete" else ""
+    return outcome, result.key if result.kind is OutcomeKind.COMPLETE else ""

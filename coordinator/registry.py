@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shared.protocol import RoundPlan
+from shared.protocol import RoundMode, RoundPlan
 
 SEQ_WINDOW = 4096  # remembered sequence numbers per client (far more than can be in flight)
 
@@ -54,7 +54,6 @@ class PlanConfig:
     min_local_steps: int = 3
     dylu: bool = True
     active_window_s: float = 60.0
-    sync: bool = False  # synchronous DiLoCo: everyone runs H (no DyLU) and waits for each round
     warm_start_steps: int = 0  # ordinary single-worker training for this many local steps first
 
 
@@ -96,7 +95,8 @@ class ClientRegistry:
         window = self.plan_config.active_window_s
         return [c for c in self.clients.values() if c.updates and now - c.last_seen <= window]
 
-    def plan(self, run_id: str, now: float) -> RoundPlan:
+    def plan(self, run_id: str, now: float, mode: RoundMode, warm_client: str = "") -> RoundPlan:
+        """The round plan for ``mode`` (see :func:`coordinator.run_mode.round_mode`)."""
         active = self.active(now)
         fastest = max((c.steps_per_s for c in active), default=0.0)
         return RoundPlan(
@@ -105,13 +105,13 @@ class ClientRegistry:
             min_local_steps=min(self.plan_config.min_local_steps, self.plan_config.local_steps),
             fastest_steps_per_s=fastest,
             active_clients=len(active),
-            dylu=self.plan_config.dylu and not self.plan_config.sync,
+            mode=mode,
             updated_at=now,
-            sync=self.plan_config.sync,
+            warm_client=warm_client,
         )
 
-    def to_json(self) -> dict[str, Any]:
-        return {cid: asdict(rec) for cid, rec in self.clients.items()}
+    def save_state(self) -> dict[str, Any]:
+        return {"clients": {cid: asdict(rec) for cid, rec in self.clients.items()}}
 
-    def load_json(self, data: dict[str, Any]) -> None:
-        self.clients = {cid: ClientRecord(**rec) for cid, rec in data.items()}
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.clients = {cid: ClientRecord(**rec) for cid, rec in (state.get("clients") or {}).items()}

@@ -12,14 +12,15 @@ import math
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 
+from coordinator.consumer import DeltaConsumer
+from coordinator.parts import PartSpool
+from coordinator.run_state import RunState
 from shared.keys import RunKeys
-
-if TYPE_CHECKING:
-    from coordinator.service import Coordinator
+from shared.protocol import RoundMode
 
 SCHEMA = 1
 STATUS_TTL_S = 7 * 24 * 3600
@@ -29,42 +30,42 @@ def _num(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), 6)
 
 
-def build_status(coordinator: Coordinator, *, stopped: bool = False) -> dict[str, Any]:
+def build_status(run: RunState, *, consumer: DeltaConsumer | None, spool: PartSpool, started_at: float,
+                 stopped: bool = False) -> dict[str, Any]:
+    """The status document of ``run``, with the service's connection and spool figures."""
     now = time.time()
-    registry = coordinator.registry
+    registry = run.registry
     active_ids = {c.client_id for c in registry.active(now)}
-    plan = coordinator.plan(now)
-    consumer = coordinator.consumer
-    outer = coordinator.config.outer
-    intake = coordinator.intake
-    spool = coordinator.spool
+    plan = run.plan(now)
+    outer = run.config.outer
+    intake = run.intake
     return {
         "schema": SCHEMA,
-        "run": coordinator.config.run,
-        "run_id": coordinator.run_id,
+        "run": run.config.run,
+        "run_id": run.run_id,
         "updated_at": now,
         "coordinator": {
             "state": "stopped" if stopped else "serving",
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "started_at": coordinator.started_at,
+            "started_at": started_at,
             "amqp_connected": bool(consumer and consumer.connected.is_set()),
             "amqp_reconnects": consumer.reconnects if consumer else 0,
         },
-        "version": coordinator.version,
-        "commits": coordinator.commits,
+        "version": run.version,
+        "commits": run.commits,
         "deltas": {
             "applied": intake.counts["applied"],
             "duplicate": intake.counts["duplicate"],
             "rejected": intake.counts["rejected"],
             "rejected_by_reason": dict(sorted(intake.rejected_by_reason.items())),
         },
-        "progress": coordinator.progress(),
+        "progress": run.progress_doc(now),
         "eval": {
-            "latest": _num(coordinator.eval_history[-1][2]) if coordinator.eval_history else None,
+            "latest": _num(run.latest_eval) if run.eval_history else None,
             "history": [
                 {"version": int(v), "time": t, "loss": _num(loss)}
-                for v, t, loss in coordinator.eval_history[-100:]
+                for v, t, loss in run.eval_history[-100:]
             ],
         },
         "clients": [
@@ -88,16 +89,18 @@ def build_status(coordinator: Coordinator, *, stopped: bool = False) -> dict[str
             "min_local_steps": plan.min_local_steps,
             "fastest_steps_per_s": _num(plan.fastest_steps_per_s),
             "active_clients": plan.active_clients,
-            "dylu": plan.dylu,
-            "sync": plan.sync,
-            "warm_start": plan.warm_start,
+            "mode": plan.mode.value,
+            # The mode as the flags of schema 1, kept for readers of those (docs/STATUS.md).
+            "dylu": plan.mode is RoundMode.DYLU,
+            "sync": plan.mode is RoundMode.SYNC,
+            "warm_start": plan.mode is RoundMode.WARM_START,
             "warm_client": plan.warm_client,
         },
         "outer": {"strategy": outer.strategy, "lr": outer.lr, "momentum": outer.momentum,
                   "buffer_size": outer.buffer_size, "c": outer.c,
                   "staleness_exponent": outer.staleness_exponent},
         "queue": {
-            "name": coordinator.keys.delta_queue,
+            "name": RunKeys(run.config.run).delta_queue,
             "depth": consumer.queue_depth if consumer else None,
             "dead_letters": consumer.dead_letters if consumer else None,
         },

@@ -17,39 +17,49 @@ so averaging stale ones costs more than the extra compute brings (docs/BENCHMARK
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from coordinator.admission import Arrival, Refusal
+from coordinator.progress import RunProgress
 
-@dataclass
+
 class WarmStart:
-    until_steps: int
-    handover_s: float = 30.0
-    holder: str = ""
-    holder_seen: float = 0.0  # unix time of the holder's last applied delta
+    """The warm start's state, and the admission rule that lets only its holder in while it lasts."""
 
-    def active(self, steps_done: int) -> bool:
-        return steps_done < self.until_steps
+    def __init__(self, until_steps: int, *, progress: RunProgress, handover_s: float = 30.0) -> None:
+        self.until_steps = until_steps
+        self.progress = progress  # the run's local steps so far decide when the warm start ends
+        self.handover_s = handover_s
+        self.holder = ""
+        self.holder_seen = 0.0  # unix time of the holder's last applied delta
+
+    @property
+    def active(self) -> bool:
+        return self.progress.local_steps < self.until_steps
 
     def current_holder(self, now: float) -> str:
         """The holder the plan names: nobody once it went quiet for ``handover_s``."""
         return self.holder if self.holder and now - self.holder_seen <= self.handover_s else ""
 
-    def refuse(self, client_id: str, staleness: int, now: float) -> tuple[str, str] | None:
-        """Why a delta cannot be taken during the warm start, or None if it can."""
-        holder = self.current_holder(now)
-        if holder and client_id != holder:
+    def refuse(self, arrival: Arrival) -> Refusal | None:
+        """Why a delta cannot be taken during the warm start, or None if it can (or it is over)."""
+        if not self.active:
+            return None
+        holder = self.current_holder(arrival.now)
+        if holder and arrival.client_id != holder:
             return "warming_up", f"warm start: {holder} trains alone until {self.until_steps} local steps"
-        if staleness > 0:
+        if arrival.staleness > 0:
             return "stale", "during the warm start only deltas on the current version are taken"
         return None
 
-    def took(self, client_id: str, now: float) -> None:
-        self.holder, self.holder_seen = client_id, now
+    def admitted(self, arrival: Arrival) -> None:
+        if self.active:
+            self.holder, self.holder_seen = arrival.client_id, arrival.now
 
-    def to_json(self) -> dict[str, Any]:
-        return {"holder": self.holder, "holder_seen": self.holder_seen}
+    def save_state(self) -> dict[str, Any]:
+        return {"warm_start": {"holder": self.holder, "holder_seen": self.holder_seen}}
 
-    def load_json(self, data: dict[str, Any]) -> None:
+    def load_state(self, state: dict[str, Any]) -> None:
+        data = state.get("warm_start") or {}
         self.holder = str(data.get("holder", ""))
         self.holder_seen = float(data.get("holder_seen", 0.0))

@@ -5,4 +5,4 @@ the local training round itself, connection settings and the retry policy. Nothi
 from ``coordinator`` or ``client``.
 """
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the round plan carries one `mode` instead of sync/dylu/warm_start flags

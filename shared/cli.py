@@ -1,4 +1,9 @@
-"""What both command lines share: errors end as one clear line, never a usage block or traceback."""
+"""What every command line shares: errors end as one clear line, never a usage block or traceback.
+
+Exit codes: 2 for a usage error (bad option or value), 1 for any
+:class:`~shared.errors.AsyncLocoError` (bad setting, unreachable service, bad checkpoint),
+130 when interrupted before the command's own signal handling is in place.
+"""
 
 from __future__ import annotations
 
@@ -14,18 +19,13 @@ def _err(text: str) -> None:
     click.echo(text, err=True)
 
 
-class OneLineErrors(click.Group):
-    """A click group whose errors end as one line on stderr.
+class _OneLineMain:
+    """``main`` of a click command or group that ends every error as one line on stderr."""
 
-    Exit codes: 2 for a usage error (bad option or value), 1 for any
-    :class:`~shared.errors.AsyncLocoError` (bad setting, unreachable service, bad checkpoint),
-    130 when interrupted before the command's own signal handling is in place.
-    """
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
         try:
-            return super().main(*args, **kwargs)
+            return super().main(*args, **kwargs)  # type: ignore[misc]
         except click.UsageError as exc:
             hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
             _err(f"error: {exc.format_message()}{hint}")
@@ -42,3 +42,11 @@ class OneLineErrors(click.Group):
         except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
             _err("interrupted")
             sys.exit(130)
+
+
+class OneLineErrors(_OneLineMain, click.Group):
+    """A click group (``asyncloco-coordinator``, ``asyncloco-client``) whose errors are one line."""
+
+
+class OneLineErrorsCommand(_OneLineMain, click.Command):
+    """A single click command (a benchmark script) whose errors are one line, as the groups'."""

@@ -10,15 +10,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from shared.protocol import RoundPlan
+from shared.protocol import RoundMode, RoundPlan
 
 
 def local_steps_for(plan: RoundPlan, steps_per_s: float | None) -> int:
     """Steps this client should run this round, from the plan and its own measured speed.
 
-    With DyLU off, or before anything is measured, everybody runs ``plan.local_steps``.
+    Outside ``RoundMode.DYLU``, or before anything is measured, everybody runs ``plan.local_steps``.
     """
-    if not plan.dylu or not steps_per_s or plan.fastest_steps_per_s <= 0:
+    if plan.mode is not RoundMode.DYLU or not steps_per_s or plan.fastest_steps_per_s <= 0:
         return plan.local_steps
     ratio = min(1.0, steps_per_s / plan.fastest_steps_per_s)
     return max(plan.min_local_steps, math.floor(ratio * plan.local_steps))
@@ -26,7 +26,7 @@ def local_steps_for(plan: RoundPlan, steps_per_s: float | None) -> int:
 
 def round_time_budget_s(plan: RoundPlan) -> float | None:
     """Wall time a round should take (``H / v_max``), or None while no speed is known."""
-    if not plan.dylu or plan.fastest_steps_per_s <= 0:
+    if plan.mode is not RoundMode.DYLU or plan.fastest_steps_per_s <= 0:
         return None
     return plan.local_steps / plan.fastest_steps_per_s
 

@@ -1,10 +1,31 @@
-"""Small files written so that a crash leaves either the old or the new content whole."""
+"""Small files written so that a crash leaves either the old or the new content whole, and the
+one place both sides keep their state by default."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from pathlib import Path
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/asyncloco`` if that variable is set, else ``~/.local/state/asyncloco``.
+
+    The client keeps its id and sequence numbers here, the coordinator its checkpoints (under
+    ``coordinator/RUN``). The CLIs call this for their defaults; nothing below them does.
+    """
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "asyncloco"
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (not possible on every platform)."""
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -15,9 +36,12 @@ def write_atomically(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    fsync_directory(path.parent)
+
+
+def append_line_durably(path: Path, line: str) -> None:
+    """Append ``line`` and a newline to ``path`` and fsync it before returning."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 import msgpack
@@ -218,7 +219,8 @@ class DeltaMessage:
                 raise ProtocolError("too_large", f"tensor name over {limits.max_name_chars} chars")
             if not isinstance(blob, bytes):
                 raise ProtocolError("wrong_schema", f"tensor {name!r} payload is not bytes")
-        return cls(tensors=tensors, **strs, **ints, **floats)
+        fields: dict[str, Any] = {**strs, **ints, **floats}  # each checked above
+        return cls(tensors=tensors, **fields)
 
 
 PART_TYPE = "delta_part"  # the message type (msgpack "type" and the AMQP type property) of a part
@@ -306,12 +308,28 @@ def split_delta(body: bytes, *, part_bytes: int, run_id: str, client_id: str, se
     ]
 
 
+class RoundMode(str, Enum):
+    """How a client sizes and paces its next round: the one value the plan carries for it.
+
+    ``dylu``       asynchronous, H_i from this client's measured speed (Dynamic Local Updates);
+    ``fixed``      asynchronous, every client runs H (``--no-dylu``);
+    ``sync``       synchronous DiLoCo: run H, then wait for the round's new version;
+    ``warm_start`` ordinary single-worker training first: run H; a client other than the plan's
+                   ``warm_client`` (when one is named) waits.
+    """
+
+    DYLU = "dylu"
+    FIXED = "fixed"
+    SYNC = "sync"
+    WARM_START = "warm_start"
+
+
 @dataclass(frozen=True)
 class RoundPlan:
     """What every client needs to size its round (Dynamic Local Updates).
 
-    The fastest active client runs ``local_steps`` (H) per round; a client measured at ``v_i``
-    steps/s runs ``max(min_local_steps, floor(v_i / fastest_steps_per_s * H))``.
+    The fastest active client runs ``local_steps`` (H) per round; in ``RoundMode.DYLU`` a client
+    measured at ``v_i`` steps/s runs ``max(min_local_steps, floor(v_i / fastest_steps_per_s * H))``.
     ``fastest_steps_per_s`` is 0 while no speed has been measured yet.
     """
 
@@ -320,14 +338,9 @@ class RoundPlan:
     min_local_steps: int
     fastest_steps_per_s: float
     active_clients: int
-    dylu: bool = True
+    mode: RoundMode = RoundMode.DYLU
     updated_at: float = 0.0
-    # Synchronous DiLoCo: a client waits for the round's new version before its next round.
-    sync: bool = False
-    # Warm start: ordinary single-worker training first. While ``warm_start`` is set, every round
-    # runs ``local_steps``; a client other than ``warm_client`` (when one is named) waits.
-    warm_start: bool = False
-    warm_client: str = ""
+    warm_client: str = ""  # RoundMode.WARM_START: the client that trains alone ("" = anyone may)
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -339,10 +352,8 @@ class RoundPlan:
                 "min_local_steps": self.min_local_steps,
                 "fastest_steps_per_s": float(self.fastest_steps_per_s),
                 "active_clients": self.active_clients,
-                "dylu": self.dylu,
+                "mode": self.mode.value,
                 "updated_at": float(self.updated_at),
-                "sync": self.sync,
-                "warm_start": self.warm_start,
                 "warm_client": self.warm_client,
             },
             use_bin_type=True,
@@ -353,16 +364,19 @@ class RoundPlan:
         obj = check_protocol(unpack_limited(data, max_bytes=64 * 1024, max_items=64, max_str=256))
         if obj.get("type") != "plan":
             raise ProtocolError("wrong_schema", "not a round plan")
+        mode_name = require_field(obj, "mode", str)
+        try:
+            mode = RoundMode(mode_name)
+        except ValueError:
+            raise ProtocolError("wrong_schema", f"unknown round mode {mode_name[:32]!r}") from None
         plan = cls(
             run_id=require_field(obj, "run_id", str),
             local_steps=require_field(obj, "local_steps", int),
             min_local_steps=require_field(obj, "min_local_steps", int),
             fastest_steps_per_s=float(require_field(obj, "fastest_steps_per_s", (int, float))),
             active_clients=require_field(obj, "active_clients", int),
-            dylu=require_field(obj, "dylu", bool),
+            mode=mode,
             updated_at=float(require_field(obj, "updated_at", (int, float))),
-            sync=require_field(obj, "sync", bool) if "sync" in obj else False,
-            warm_start=require_field(obj, "warm_start", bool) if "warm_start" in obj else False,
             warm_client=require_field(obj, "warm_client", str) if "warm_client" in obj else "",
         )
         if not 1 <= plan.min_local_steps <= plan.local_steps:

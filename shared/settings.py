@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import redis
+
 from shared.errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -32,6 +34,27 @@ class ConnectionSettings:
             raise ConfigError(f"--redis must be a redis:// URL, got {self.redis_url!r}")
         if urlparse(self.amqp_url).scheme not in ("amqp", "amqps"):
             raise ConfigError(f"--amqp must be an amqp:// URL, got {self.amqp_url!r}")
+
+
+# What a Redis outage looks like to redis-py: retried or waited out, never a crash.
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def connect_redis(settings: ConnectionSettings) -> redis.Redis:
+    """A Redis client for ``settings`` (connects lazily); the caller owns it and closes it."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.socket_timeout_s,
+        health_check_interval=30,  # seconds; a PING before reusing an idle connection
+    )
+
+
+def redis_bytes(reply: object) -> bytes | None:
+    """A GET/MGET reply of a client from :func:`connect_redis` (raw bytes, never decoded)."""
+    if reply is None or isinstance(reply, bytes):
+        return reply
+    raise TypeError(f"expected bytes from Redis, got {type(reply).__name__}: use connect_redis()")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from shared import PROTOCOL_VERSION
 from shared.errors import ProtocolError, SnapshotError, SnapshotMissing
 from shared.keys import RunKeys
 from shared.protocol import MiB, check_protocol, require_field, unpack_limited
+from shared.settings import redis_bytes
 
 DEFAULT_CHUNK_BYTES = 4 * MiB
 MAX_MANIFEST_BYTES = 8 * MiB
@@ -276,7 +277,7 @@ class SnapshotStore:
         old = newest - self.keep_versions
         if old < 0:
             return
-        raw = self.redis.get(self.keys.manifest(old))
+        raw = redis_bytes(self.redis.get(self.keys.manifest(old)))
         if raw is None:
             return
         try:
@@ -289,7 +290,7 @@ class SnapshotStore:
         pipe.execute()
 
     def read_manifest(self, version: int) -> SnapshotManifest:
-        raw = self.redis.get(self.keys.manifest(version))
+        raw = redis_bytes(self.redis.get(self.keys.manifest(version)))
         if raw is None:
             raise SnapshotMissing(f"snapshot {version} of run {self.keys.run!r} is gone")
         try:
@@ -308,15 +309,15 @@ class SnapshotStore:
                 raise SnapshotMissing(f"run {self.keys.run!r} has no snapshot yet")
         manifest = self.read_manifest(version)
         keys = [self.keys.chunk(version, i) for i in range(len(manifest.chunk_sha256))]
-        parts = []
+        parts: list[bytes | None] = []
         for start in range(0, len(keys), 16):  # a few chunks per round trip
-            parts.extend(self.redis.mget(keys[start : start + 16]))
+            parts.extend(redis_bytes(r) for r in self.redis.mget(keys[start : start + 16]))
         for index, (chunk, digest) in enumerate(zip(parts, manifest.chunk_sha256, strict=True)):
             if chunk is None:
                 raise SnapshotMissing(f"chunk {index} of version {version} expired while reading")
             if hashlib.sha256(chunk).hexdigest() != digest:
                 raise SnapshotError(f"chunk {index} of version {version} fails its sha256")
-        return Snapshot(manifest, unflatten(manifest.params, b"".join(parts)))
+        return Snapshot(manifest, unflatten(manifest.params, b"".join(p for p in parts if p is not None)))
 
     def read_latest(self, *, attempts: int = 5) -> Snapshot:
         """Read the current version, starting over if it expires mid-read."""

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.services import REDIS_URL, Processes, ensure_services, run_scope
+from harness.processes import REDIS_URL, Processes, ensure_services
+from tests.services import run_scope
 
 SERVER_FOLDERS = ("integration", "e2e", "faults")
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import pika
 import pika.exceptions
 
+from shared.processes import pid_alive
+
 # Debian's real scripts; the ones in /usr/sbin are wrappers that su to the rabbitmq user.
 DEBIAN_BIN = Path("/usr/lib/rabbitmq/bin")
 
@@ -44,20 +46,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie has exited; only its parent's wait is missing
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class PrivateBroker:

@@ -73,6 +73,7 @@ class ByteTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(shape.d_model)
         self.apply(self._init)
         for block in self.blocks:  # GPT-2: scale residual projections by depth
+            assert isinstance(block, Block)
             for proj in (block.proj, block.out):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * shape.n_layer))
 

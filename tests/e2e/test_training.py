@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from harness.processes import REDIS_URL, Processes, wait_for
 from shared.keys import RunKeys
-from tests.services import REDIS_URL, Processes, wait_for
 
 pytestmark = pytest.mark.e2e
 

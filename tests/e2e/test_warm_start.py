@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import client_args, coordinator_args, read_applied, status
-from tests.services import Processes, wait_for
+from coordinator.applied_log import read_applied_log
+from harness.faults import client_args, coordinator_args, status
+from harness.processes import Processes, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -21,18 +22,19 @@ def test_one_client_warms_the_run_up_alone_then_both_train(
     ckpt, state = tmp_path / "ckpt", tmp_path / "state"
     coordinator = procs.start("coordinator", *coordinator_args(run_name, ckpt, "--warm-start-steps",
                                                               str(WARM_STEPS)))
-    wait_for(lambda: status(run_name).get("plan", {}).get("warm_start"), 60, "the warm start plan")
+    wait_for(lambda: status(run_name).get("plan", {}).get("mode") == "warm_start", 60, "the warm start plan")
     # --max-seconds only bounds the clients; the test stops them once it has seen what it needs
     first = procs.start("first", *client_args(run_name, "first", state, tmp_path / "first.journal", 180))
     wait_for(lambda: status(run_name)["plan"]["warm_client"] == "first", 60, "the first client to hold")
     second = procs.start("second", *client_args(run_name, "second", state, tmp_path / "second.journal", 180))
-    wait_for(lambda: not status(run_name)["plan"]["warm_start"], 120, "the warm start to end")
+    wait_for(lambda: status(run_name)["plan"]["mode"] != "warm_start", 120, "the warm start to end")
     wait_for(lambda: sum(e["id"].startswith("second:") and e["outcome"] == "applied"
-                         for e in read_applied(ckpt)) >= 3, 90, "three applied deltas of the second client")
+                         for e in read_applied_log(ckpt, committed_only=True)) >= 3,
+             90, "three applied deltas of the second client")
     assert (procs.terminate(first), procs.terminate(second)) == (0, 0), procs.logs()
     assert procs.terminate(coordinator) == 0, procs.logs()
 
-    entries = [e for e in read_applied(ckpt) if e["outcome"] == "applied"]
+    entries = [e for e in read_applied_log(ckpt, committed_only=True) if e["outcome"] == "applied"]
     firsts = [i for i, e in enumerate(entries) if e["id"].startswith("first:")]
     seconds = [i for i, e in enumerate(entries) if e["id"].startswith("second:")]
     # the warm-up is the first client's alone: its first twenty rounds before any of the second's

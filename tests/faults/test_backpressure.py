@@ -14,23 +14,12 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import pika
 import pytest
 
-from shared.keys import RunKeys
-from tests.faults.harness import (
-    AMQP_URL,
-    Processes,
-    client_args,
-    coordinator_args,
-    judge,
-    queue_depth,
-    read_applied,
-    read_journal,
-    status,
-    verify_snapshot,
-    wait_for,
-)
+from coordinator.applied_log import read_applied_log
+from harness.faults import client_args, coordinator_args, queue_depth, status, verify_snapshot
+from harness.oracle import judge, read_journal, settled_ids
+from harness.processes import Processes, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -69,15 +58,6 @@ def _retry_s(procs: Processes) -> dict[str, float]:
             elif m.group(2) in seen:
                 waits[m.group(2)] = at - seen[m.group(2)]
     return waits
-
-
-def _dead_letters(run: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        return int(connection.channel().queue_declare(RunKeys(run).dead_letter_queue, passive=True)
-                   .method.message_count)
-    finally:
-        connection.close()
 
 
 def test_full_queue_refuses_publishes_and_clients_retry_without_losing_work(
@@ -135,11 +115,11 @@ def test_full_queue_refuses_publishes_and_clients_retry_without_losing_work(
     assert refused <= confirmed, f"refused and never confirmed: {sorted(refused - confirmed)}"
     assert "gave up sending delta" not in "".join(procs.log(cid) for cid in CLIENTS)
 
-    wait_for(lambda: confirmed <= {e["id"] for e in read_applied(ckpt)}, 90, "the queue to drain")
+    wait_for(lambda: confirmed <= settled_ids(ckpt), 90, "the queue to drain")
     wait_for(lambda: queue_depth(run_name) == 0, 30, "the queue to be empty")
     assert procs.terminate(coordinator) == 0, procs.logs()
 
-    verdict = judge(confirmed, read_applied(ckpt))
+    verdict = judge(confirmed, read_applied_log(ckpt, committed_only=True))
     waits = _retry_s(procs)
     print(f"coordinator frozen {stopped_s:.1f}s; queue peak {peak} ready deltas (bound {MAX_QUEUE_BYTES} "
           f"bytes); {len(refused_while_stopped)} deltas refused while frozen, {len(refused)} in all, "
@@ -147,7 +127,7 @@ def test_full_queue_refuses_publishes_and_clients_retry_without_losing_work(
           + verdict.summary())
     assert verdict.ok, verdict.summary() + "\n" + procs.logs()
     assert set(verdict.applied) == confirmed and not verdict.rejected, verdict.summary()
-    assert _dead_letters(run_name) == 0  # reject-publish refuses; it does not dead-letter
+    assert queue_depth(run_name, dead_letters=True) == 0  # reject-publish refuses; it does not dead-letter
     final = status(run_name)
     assert final["deltas"]["rejected"] == 0
     assert verify_snapshot(run_name) == final["version"]

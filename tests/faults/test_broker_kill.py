@@ -17,18 +17,11 @@ from pathlib import Path
 import pika
 import pytest
 
+from coordinator.applied_log import read_applied_log
+from harness.faults import client_args, coordinator_args, status, verify_snapshot
+from harness.oracle import judge, read_journal, settled_ids
+from harness.processes import Processes, wait_for
 from shared.keys import RunKeys
-from tests.faults.harness import (
-    Processes,
-    client_args,
-    coordinator_args,
-    judge,
-    read_applied,
-    read_journal,
-    status,
-    verify_snapshot,
-    wait_for,
-)
 from tests.private_broker import PrivateBroker, rabbitmq_tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -104,10 +97,10 @@ def test_broker_killed_under_load_loses_nothing(
     assert [procs.terminate(c) for c in clients] == [0] * len(CLIENTS), procs.logs()
     confirmed = _confirmed(journals)
     after = confirmed - before
-    wait_for(lambda: confirmed <= {e["id"] for e in read_applied(ckpt)}, 90, "the queue to drain")
+    wait_for(lambda: confirmed <= settled_ids(ckpt), 90, "the queue to drain")
     assert procs.terminate(coordinator) == 0, procs.logs()
 
-    verdict = judge(confirmed, read_applied(ckpt))
+    verdict = judge(confirmed, read_applied_log(ckpt, committed_only=True))
     print(f"kill -9 of {broker.node} (pid {killed}) with {waiting} confirmed deltas waiting in the "
           f"queue; confirmed before={len(before)} after={len(after)}; restart took {restart_s:.1f}s; "
           + verdict.summary())

@@ -9,18 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import (
-    Processes,
-    client_args,
-    coordinator_args,
-    judge,
-    read_applied,
-    read_journal,
-    status,
-    verify_snapshot,
-    wait_for,
-)
-from tests.services import reachable
+from coordinator.applied_log import read_applied_log
+from harness.faults import client_args, coordinator_args, status, verify_snapshot
+from harness.oracle import judge, read_journal, settled_ids
+from harness.processes import Processes, reachable, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -49,9 +41,9 @@ def test_broker_restart_under_load_loses_nothing(procs: Processes, run_name: str
     assert [c.returncode for c in clients] == [0, 0], procs.logs()
     confirmed = {i for j in journals.values() for i in read_journal(j)}
     assert len(confirmed) > before + 2, "no delta was confirmed after the restart"
-    wait_for(lambda: confirmed <= {e["id"] for e in read_applied(ckpt)}, 60, "the queue to drain")
+    wait_for(lambda: confirmed <= settled_ids(ckpt), 60, "the queue to drain")
     assert procs.terminate(coordinator) == 0, procs.logs()
-    verdict = judge(confirmed, read_applied(ckpt))
+    verdict = judge(confirmed, read_applied_log(ckpt, committed_only=True))
     print(verdict.summary())
     assert verdict.ok, verdict.summary() + "\n" + procs.logs()
     final = status(run_name)

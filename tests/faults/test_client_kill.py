@@ -6,17 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import (
-    Processes,
-    client_args,
-    coordinator_args,
-    judge,
-    read_applied,
-    read_journal,
-    status,
-    verify_snapshot,
-    wait_for,
-)
+from coordinator.applied_log import read_applied_log
+from harness.faults import client_args, coordinator_args, status, verify_snapshot
+from harness.oracle import judge, read_journal, settled_ids
+from harness.processes import Processes, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -46,9 +39,9 @@ def test_client_killed_mid_round_resumes_with_its_id_and_nothing_is_lost_or_doub
     assert min(_seq(i) for i in after) > max(_seq(i) for i in before)
     assert all(i.startswith("gamma:") for i in confirmed)
 
-    wait_for(lambda: confirmed <= {e["id"] for e in read_applied(ckpt)}, 30, "the queue to drain")
+    wait_for(lambda: confirmed <= settled_ids(ckpt), 30, "the queue to drain")
     assert procs.terminate(coordinator) == 0, procs.logs()
-    verdict = judge(confirmed, read_applied(ckpt))
+    verdict = judge(confirmed, read_applied_log(ckpt, committed_only=True))
     print(verdict.summary())
     assert not verdict.lost and not verdict.duplicated, verdict.summary()
     # the delta in flight at the kill may have been confirmed by the broker but not journaled:

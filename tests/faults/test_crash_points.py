@@ -7,18 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.applied_log import read_applied_log
 from coordinator.faults import EXIT_CODE
-from tests.faults.harness import (
-    Processes,
-    client_args,
-    coordinator_args,
-    judge,
-    read_applied,
-    read_journal,
-    status,
-    verify_snapshot,
-    wait_for,
-)
+from harness.faults import client_args, coordinator_args, status, verify_snapshot
+from harness.oracle import judge, read_journal, settled_ids
+from harness.processes import Processes, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -61,14 +54,14 @@ def test_kill_at_crash_point_loses_nothing_and_applies_nothing_twice(
     confirmed = {i for j in journals.values() for i in read_journal(j)}
     assert len(confirmed) > confirmed_at_crash, "no delta was confirmed after the crash"
     # every confirmed delta reaches a commit before the clean stop (else it would only be queued)
-    wait_for(lambda: confirmed <= {e["id"] for e in read_applied(ckpt)}, 30, "the queue to drain")
+    wait_for(lambda: confirmed <= settled_ids(ckpt), 30, "the queue to drain")
     assert procs.terminate(second) == 0, procs.logs()
 
-    verdict = judge(confirmed, read_applied(ckpt))
+    verdict = judge(confirmed, read_applied_log(ckpt, committed_only=True))
     print(f"{point}: {verdict.summary()}")
     assert verdict.ok, verdict.summary() + "\n" + procs.logs()
     # after a clean stop the log holds exactly what the last checkpoint covers
-    assert read_applied(ckpt) == read_applied(ckpt, committed_only=False)
+    assert read_applied_log(ckpt, committed_only=True) == read_applied_log(ckpt)
     assert not list(ckpt.glob(".*.tmp")), "a crashed checkpoint write left its temp file behind"
     final = status(run_name)
     assert final["coordinator"]["state"] == "stopped"

@@ -14,18 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.applied_log import read_applied_log
 from coordinator.faults import EXIT_CODE
-from tests.faults.harness import (
-    Processes,
-    client_args,
-    coordinator_args,
-    judge,
-    read_applied,
-    read_journal,
-    status,
-    verify_snapshot,
-    wait_for,
-)
+from harness.faults import client_args, coordinator_args, status, verify_snapshot
+from harness.oracle import judge, read_journal, settled_ids
+from harness.processes import Processes, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -57,11 +50,11 @@ def test_kill_while_deltas_arrive_in_parts_loses_nothing(
     assert [c.returncode for c in clients] == [0, 0], procs.logs()
     confirmed = {i for j in journals.values() for i in read_journal(j)}
     assert len(confirmed) > confirmed_at_crash, "no delta was confirmed after the crash"
-    wait_for(lambda: confirmed <= {e["id"] for e in read_applied(ckpt)}, 40, "the queue to drain")
+    wait_for(lambda: confirmed <= settled_ids(ckpt), 40, "the queue to drain")
     wait_for(lambda: not list((ckpt / "parts").iterdir()), 20, "the spool to empty")
     assert procs.terminate(second) == 0, procs.logs()
 
-    verdict = judge(confirmed, read_applied(ckpt))
+    verdict = judge(confirmed, read_applied_log(ckpt, committed_only=True))
     print(f"{point}: {verdict.summary()}")
     assert verdict.ok, verdict.summary() + "\n" + procs.logs()
     assert not verdict.rejected, verdict.rejected

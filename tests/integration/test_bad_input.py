@@ -44,6 +44,7 @@ import coordinator.registry as registry_module
 from coordinator.config import CommitConfig, CoordinatorConfig
 from coordinator.intake import IntakeConfig
 from coordinator.service import Coordinator
+from harness.processes import AMQP_URL, REDIS_URL, wait_for
 from shared import PROTOCOL_VERSION
 from shared.codecs import get_codec
 from shared.keys import RunKeys
@@ -51,7 +52,7 @@ from shared.protocol import DeltaLimits, DeltaMessage
 from shared.settings import ConnectionSettings
 from shared.snapshot import SnapshotStore
 from shared.tasks import load_task
-from tests.services import AMQP_URL, REDIS_URL, run_scope, serving, wait_for
+from tests.services import run_scope, serving
 
 pytestmark = pytest.mark.integration
 
@@ -139,7 +140,7 @@ def pack(obj: Any) -> bytes:
 
 def params_bits(coord: Coordinator) -> dict[str, torch.Tensor]:
     """The parameters' raw bits (int32 views of the fp32 tensors): equality is bit-for-bit."""
-    return {n: p.detach().clone().view(torch.int32) for n, p in coord.optimizer.params.items()}
+    return {n: p.detach().clone().view(torch.int32) for n, p in coord.run.optimizer.params.items()}
 
 
 def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -329,7 +330,7 @@ def test_replayed_applied_seq_is_a_duplicate_not_applied_twice(served: Served) -
     before = served.status()["deltas"]
     served.publish(body)
     wait_for(lambda: served.status()["deltas"]["applied"] == before["applied"] + 1, what="applied")
-    wait_for(lambda: not served.coord.uncommitted, what="commit")
+    wait_for(lambda: not served.coord.batch, what="commit")
     bits = params_bits(served.coord)
     version = served.coord.version
     served.publish(body)  # the same delta again: a retry or a replay
@@ -367,6 +368,6 @@ def test_honest_fp32_delta_is_still_applied_at_the_end(served: Served) -> None:
     snap = wait_for(lambda: (sn := SnapshotStore(served.redis, served.keys).read_latest()).version
                     == served.coord.version and sn, what="snapshot of the new version")
     for name, tensor in snap.params.items():
-        assert torch.equal(tensor, served.coord.optimizer.params[name].detach())
+        assert torch.equal(tensor, served.coord.run.optimizer.params[name].detach())
     wait_for(lambda: served.status()["deltas"]["applied"] == status["deltas"]["applied"] + 1,
              what="status shows the honest delta")

@@ -28,14 +28,15 @@ import redis
 import torch
 
 from client.config import ClientConfig
-from client.worker import RoundReport, RunSummary, Worker
+from client.report import RoundReport, RunSummary
+from client.worker import Worker
+from harness.processes import AMQP_URL, REDIS_URL
 from shared.codecs import get_codec
 from shared.keys import RunKeys
 from shared.protocol import DEFAULT_DELTA_LIMITS, PART_TYPE, DeltaMessage, DeltaPart, MiB, RoundPlan
 from shared.settings import ConnectionSettings, RetryPolicy
 from shared.snapshot import SnapshotManifest, SnapshotStore
 from shared.tasks import load_task
-from tests.services import AMQP_URL, REDIS_URL
 
 pytestmark = pytest.mark.integration
 

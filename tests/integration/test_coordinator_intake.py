@@ -14,12 +14,13 @@ import torch
 from coordinator.config import CommitConfig, CoordinatorConfig
 from coordinator.consumer import QueueConfig, delta_queue_arguments
 from coordinator.service import Coordinator
+from harness.processes import AMQP_URL, REDIS_URL, wait_for
 from shared.codecs import get_codec
 from shared.keys import RunKeys
 from shared.protocol import DeltaMessage
 from shared.settings import ConnectionSettings
 from shared.snapshot import SnapshotStore
-from tests.services import AMQP_URL, REDIS_URL, serving, wait_for
+from tests.services import serving
 
 pytestmark = pytest.mark.integration
 
@@ -86,19 +87,19 @@ def _dead_letters(run: str) -> list[dict]:
 
 def test_deltas_are_applied_committed_and_acked(coordinator: Coordinator, run_name: str) -> None:
     start_version = coordinator.version
-    before = {n: p.clone() for n, p in coordinator.optimizer.params.items()}
+    before = {n: p.clone() for n, p in coordinator.run.optimizer.params.items()}
     _publish(run_name, [_good_delta(coordinator, client_id=f"c{i}", seq=0) for i in range(3)])
     status = wait_for(lambda: _status(run_name).get("deltas", {}).get("applied") == 3 and _status(run_name),
                       what="3 applied deltas in status")
     assert status["version"] > start_version
     assert {c["client_id"] for c in status["clients"]} == {"c0", "c1", "c2"}
-    assert any(not torch.equal(coordinator.optimizer.params[n], before[n]) for n in before)
+    assert any(not torch.equal(coordinator.run.optimizer.params[n], before[n]) for n in before)
     # acked after the commit: nothing left in the queue, nothing redelivered
     wait_for(lambda: coordinator.consumer.queue_depth == 0, what="empty queue")
     snap = SnapshotStore(redis.Redis.from_url(REDIS_URL), coordinator.keys).read_latest()
     assert snap.version == coordinator.version
     name = snap.manifest.params[0].name
-    assert torch.equal(snap.params[name], coordinator.optimizer.params[name])
+    assert torch.equal(snap.params[name], coordinator.run.optimizer.params[name])
 
 
 def test_bad_deltas_are_rejected_counted_dead_lettered_and_service_goes_on(

@@ -18,11 +18,12 @@ import torch
 from coordinator.config import CommitConfig, CoordinatorConfig
 from coordinator.parts import SpoolConfig
 from coordinator.service import Coordinator
+from harness.processes import AMQP_URL, REDIS_URL, wait_for
 from shared.keys import RunKeys
 from shared.protocol import PART_TYPE, DeltaMessage, DeltaPart, split_delta
 from shared.settings import ConnectionSettings
 from tests.integration.test_coordinator_intake import SMALL_TASK, _dead_letters, _good_delta, _status
-from tests.services import AMQP_URL, REDIS_URL, serving, wait_for
+from tests.services import serving
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ def coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
 
 def _parts(coord: Coordinator, *, client_id: str, seq: int) -> list[DeltaPart]:
     body = _good_delta(coord, client_id=client_id, seq=seq)
-    return split_delta(body, part_bytes=PART_BYTES, run_id=coord.run_id, client_id=client_id, seq=seq)
+    return split_delta(body, part_bytes=PART_BYTES, run_id=coord.run.run_id, client_id=client_id, seq=seq)
 
 
 def _publish_parts(run: str, parts: list[DeltaPart]) -> None:
@@ -72,7 +73,7 @@ def test_parts_out_of_order_and_repeated_make_one_applied_delta(coordinator: Coo
     assert len(parts) >= 10
     shuffled = parts + parts[:3]  # three parts twice, as after a lost confirm
     random.Random(7).shuffle(shuffled)
-    before = {n: p.clone() for n, p in coordinator.optimizer.params.items()}
+    before = {n: p.clone() for n, p in coordinator.run.optimizer.params.items()}
     _publish_parts(run_name, shuffled)
     status = wait_for(lambda: (s := _status(run_name)).get("deltas", {}).get("applied") == 1
                       and not s["parts"]["pending_deltas"] and s, what="the assembled delta applied")
@@ -81,7 +82,7 @@ def test_parts_out_of_order_and_repeated_make_one_applied_delta(coordinator: Coo
     assert status["parts"]["duplicate"] == 3
     assert status["deltas"]["rejected"] == 0
     assert status["progress"]["client_seqs"] == {"big": 0}
-    assert any(not torch.equal(coordinator.optimizer.params[n], before[n]) for n in before)
+    assert any(not torch.equal(coordinator.run.optimizer.params[n], before[n]) for n in before)
     wait_for(lambda: not _spool_files(coordinator), what="the spool to be emptied after the commit")
     wait_for(lambda: coordinator.consumer.queue_depth == 0, what="every part acked")
     assert _dead_letters(run_name) == []
@@ -93,7 +94,7 @@ def test_a_delta_whose_parts_stop_coming_is_discarded_and_late_parts_are_duplica
     _publish_parts(run_name, _parts(coordinator, client_id="flaky", seq=0))  # known client now
     wait_for(lambda: _status(run_name).get("deltas", {}).get("applied") == 1, what="first delta")
     version = coordinator.version
-    params = {n: p.clone() for n, p in coordinator.optimizer.params.items()}
+    params = {n: p.clone() for n, p in coordinator.run.optimizer.params.items()}
     parts = _parts(coordinator, client_id="flaky", seq=1)
     _publish_parts(run_name, parts[:4])  # the client died after four parts
     status = wait_for(
@@ -105,13 +106,13 @@ def test_a_delta_whose_parts_stop_coming_is_discarded_and_late_parts_are_duplica
     _publish_parts(run_name, parts[4:])  # the rest turns up after all
     wait_for(lambda: _status(run_name)["parts"]["duplicate"] == len(parts) - 4, what="late parts")
     assert coordinator.version == version
-    assert all(torch.equal(coordinator.optimizer.params[n], params[n]) for n in params)
+    assert all(torch.equal(coordinator.run.optimizer.params[n], params[n]) for n in params)
     assert not _spool_files(coordinator)
-    assert coordinator.intake.counts["applied"] == 1
+    assert coordinator.run.intake.counts["applied"] == 1
 
 
 def test_forged_parts_are_refused_and_leave_the_model_alone(coordinator: Coordinator, run_name: str) -> None:
-    params = {n: p.clone() for n, p in coordinator.optimizer.params.items()}
+    params = {n: p.clone() for n, p in coordinator.run.optimizer.params.items()}
     good = _parts(coordinator, client_id="mallory", seq=0)
     # The right count and hash but other bytes in one part: only the whole delta's SHA-256 tells.
     forged = DeltaPart(**{**good[2].__dict__, "data": bytes(len(good[2].data))})
@@ -122,13 +123,13 @@ def test_forged_parts_are_refused_and_leave_the_model_alone(coordinator: Coordin
                       what="two rejections")
     assert status["deltas"]["rejected_by_reason"] == {"parts_corrupt": 1, "bad_part": 1}
     assert status["deltas"]["applied"] == 0
-    assert all(torch.equal(coordinator.optimizer.params[n], params[n]) for n in params)
+    assert all(torch.equal(coordinator.run.optimizer.params[n], params[n]) for n in params)
     wait_for(lambda: not _spool_files(coordinator), what="the spool to be emptied")
     letters = wait_for(lambda: _dead_letters(run_name), what="the dead-lettered part")
     assert [h["x-asyncloco-reason"] for h in letters] == ["bad_part"]
     # and an honest whole delta still goes through
     body = _good_delta(coordinator, client_id="honest", seq=0)
     assert DeltaMessage.decode(body).client_id == "honest"
-    _publish_parts(run_name, split_delta(body, part_bytes=PART_BYTES, run_id=coordinator.run_id,
+    _publish_parts(run_name, split_delta(body, part_bytes=PART_BYTES, run_id=coordinator.run.run_id,
                                          client_id="honest", seq=0))
     wait_for(lambda: _status(run_name)["deltas"]["applied"] == 1, what="the honest delta")

@@ -24,19 +24,21 @@ import redis
 import torch
 
 from client.config import ClientConfig
-from client.worker import RoundReport, Worker
+from client.report import RoundReport
+from client.worker import Worker
 from coordinator.checkpoint import load_checkpoint
 from coordinator.config import CommitConfig, CoordinatorConfig
 from coordinator.lease import CoordinatorLease
 from coordinator.registry import PlanConfig
+from coordinator.run_admin import delete_run_keys
 from coordinator.service import Coordinator
+from harness.processes import AMQP_URL, REDIS_URL, wait_for
 from shared.codecs import get_codec
 from shared.errors import ConfigError, SnapshotError, SnapshotMissing
 from shared.keys import RunKeys
 from shared.protocol import DeltaMessage, RoundPlan
 from shared.settings import ConnectionSettings, RetryPolicy
 from shared.snapshot import SnapshotStore
-from tests.services import AMQP_URL, REDIS_URL, wait_for
 from tests.services import serving as services_serving
 
 pytestmark = pytest.mark.integration
@@ -44,12 +46,6 @@ pytestmark = pytest.mark.integration
 TASK = {"model_size": "tiny", "batch_size": 4, "eval_sequences": 4, "max_corpus_bytes": 1_000_000}
 RECOVERY_BOUND_S = 5.0
 log = logging.getLogger(__name__)
-
-
-def wipe_run(client: redis.Redis, keys: RunKeys) -> int:
-    """Delete every Redis key of this run in one DEL (atomic, like a flush); return how many."""
-    found = list(client.scan_iter(match=f"{keys.prefix}*", count=1000))
-    return int(client.delete(*found)) if found else 0
 
 
 def publish(run: str, body: bytes) -> None:
@@ -173,7 +169,7 @@ def test_a_coordinator_paused_past_its_lease_checks_it_before_committing(
     coord = Coordinator(CoordinatorConfig(
         run=run_name, task_settings=TASK, checkpoint_dir=ckpt,
         connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
-    ))
+    ), redis=redis_client)
     coord.setup()  # lease taken, version 0 checkpointed and published
     key = coord.keys.coordinator_lease
     try:
@@ -187,7 +183,7 @@ def test_a_coordinator_paused_past_its_lease_checks_it_before_committing(
         # Only lapsed (nobody took it): taken back, and the commit goes on.
         redis_client.delete(key)
         coord.lease.refreshed_at -= 60
-        coord.optimizer.theta_updates += 1  # as if a delta had been applied: a new version is due
+        coord.run.optimizer.theta_updates += 1  # as if a delta had been applied: a new version is due
         coord._commit()
         assert redis_client.get(key) == coord.lease.value.encode()
         assert load_checkpoint(ckpt).version == coord.version == 1
@@ -218,7 +214,7 @@ def test_coordinator_republishes_snapshot_plan_status_and_lease(
     try:
         for _ in range(3):
             time.sleep(0.3)
-            assert wipe_run(redis_client, keys) >= 5  # current, manifest, chunk, plan, status, lease
+            assert delete_run_keys(redis_client, keys) >= 5  # current, manifest, chunk, plan, status, lease
             started = time.monotonic()
             wait_for(lambda: _recovered(redis_client, coordinator, keys, version),
                      timeout_s=RECOVERY_BOUND_S, what="snapshot, plan, status and lease republished")
@@ -232,9 +228,9 @@ def test_coordinator_republishes_snapshot_plan_status_and_lease(
     assert after.manifest.run_id == before.manifest.run_id
     assert after.manifest.chunk_sha256 == before.manifest.chunk_sha256
     for name, tensor in after.params.items():
-        assert torch.equal(tensor, coordinator.optimizer.params[name].detach())
+        assert torch.equal(tensor, coordinator.run.optimizer.params[name].detach())
     plan = RoundPlan.decode(redis_client.get(keys.plan))
-    assert plan.run_id == coordinator.run_id and plan.local_steps == 3
+    assert plan.run_id == coordinator.run.run_id and plan.local_steps == 3
     status = json.loads(redis_client.get(keys.status))
     assert status["version"] == version and status["coordinator"]["state"] == "serving"
     assert status["deltas"]["applied"] == 2
@@ -284,12 +280,12 @@ def test_loss_with_an_applied_uncommitted_delta_commits_it_as_a_new_version(
         reader.start()
         try:
             publish(run_name, honest_delta(store, client_id="c4", seq=0))
-            wait_for(lambda: coord.intake.counts["applied"] == 1, what="applied, not yet committed")
-            assert coord.version == 0 and coord.uncommitted
-            wipe_run(redis_client, keys)
+            wait_for(lambda: coord.run.intake.counts["applied"] == 1, what="applied, not yet committed")
+            assert coord.version == 0 and coord.batch
+            delete_run_keys(redis_client, keys)
             wait_for(lambda: _recovered(redis_client, coord, keys, 1), timeout_s=RECOVERY_BOUND_S,
                      what="version 1 published")
-            assert not coord.uncommitted  # committed: checkpointed and acknowledged
+            assert not coord.batch  # committed: checkpointed and acknowledged
             wait_for(lambda: reader.last is not None and reader.last.version == 1, what="reader on v1")
         finally:
             reader.finish()  # fails if version 0 was ever seen with bytes other than v0's
@@ -297,7 +293,7 @@ def test_loss_with_an_applied_uncommitted_delta_commits_it_as_a_new_version(
         v1 = store.read()
         assert v1.manifest.chunk_sha256 != v0.manifest.chunk_sha256
         for name, tensor in v1.params.items():
-            assert torch.equal(tensor, coord.optimizer.params[name].detach())
+            assert torch.equal(tensor, coord.run.optimizer.params[name].detach())
 
 
 def test_loss_while_deltas_arrive_never_reuses_a_version_number(
@@ -326,10 +322,10 @@ def test_loss_while_deltas_arrive_never_reuses_a_version_number(
         for seq, body in enumerate(bodies):
             publish(run_name, body)
             if seq in (3, 8):
-                wipe_run(redis_client, keys)
+                delete_run_keys(redis_client, keys)
             time.sleep(0.1)
-        wait_for(lambda: coordinator.intake.counts["applied"] == 12, what="all 12 applied")
-        wait_for(lambda: not coordinator.uncommitted
+        wait_for(lambda: coordinator.run.intake.counts["applied"] == 12, what="all 12 applied")
+        wait_for(lambda: not coordinator.batch
                  and _recovered(redis_client, coordinator, keys, coordinator.version),
                  what="the final version published")
         wait_for(lambda: reader.last is not None and reader.last.version == coordinator.version,
@@ -338,7 +334,7 @@ def test_loss_while_deltas_arrive_never_reuses_a_version_number(
         reader.finish()
     snap = store.read()
     for name, tensor in snap.params.items():
-        assert torch.equal(tensor, coordinator.optimizer.params[name].detach())
+        assert torch.equal(tensor, coordinator.run.optimizer.params[name].detach())
     status = json.loads(redis_client.get(keys.status))
     assert status["deltas"]["applied"] == 12 and status["deltas"]["rejected"] == 0
 
@@ -366,8 +362,8 @@ def test_client_keeps_training_through_the_loss(
     thread.start()
     try:
         wait_for(lambda: len(reports) >= 2, timeout_s=60, what="two rounds before the loss")
-        applied_before = coordinator.intake.counts["applied"]
-        wipe_run(redis_client, keys)
+        applied_before = coordinator.run.intake.counts["applied"]
+        delete_run_keys(redis_client, keys)
         thread.join(timeout=90)
     finally:
         if thread.is_alive():
@@ -376,9 +372,9 @@ def test_client_keeps_training_through_the_loss(
     assert "error" not in outcome, f"client failed: {outcome.get('error')!r}"
     summary = outcome["summary"]
     assert summary.rounds == 6 and summary.deltas_sent == 6
-    wait_for(lambda: coordinator.intake.counts["applied"] == 6, what="all 6 deltas applied")
-    assert coordinator.intake.counts["applied"] > applied_before
-    assert coordinator.intake.counts["rejected"] == 0
+    wait_for(lambda: coordinator.run.intake.counts["applied"] == 6, what="all 6 deltas applied")
+    assert coordinator.run.intake.counts["applied"] > applied_before
+    assert coordinator.run.intake.counts["rejected"] == 0
     assert [r.seq for r in reports] == sorted({r.seq for r in reports})  # no seq reused
     wait_for(lambda: _recovered(redis_client, coordinator, keys, coordinator.version), what="republished")
 

@@ -10,11 +10,11 @@ import pytest
 
 from coordinator.config import CommitConfig, CoordinatorConfig
 from coordinator.outer_optimizer import OuterConfig
-from coordinator.registry import PlanConfig
 from coordinator.service import Coordinator
+from harness.processes import AMQP_URL, REDIS_URL, wait_for
 from shared.settings import ConnectionSettings
 from tests.integration.test_coordinator_intake import SMALL_TASK, _good_delta, _publish, _status
-from tests.services import AMQP_URL, REDIS_URL, serving, wait_for
+from tests.services import serving
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 def sync_coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
     config = CoordinatorConfig(
         run=run_name, task_settings=SMALL_TASK, outer=OuterConfig(strategy="sync"),
-        plan=PlanConfig(sync=True), sync_timeout_s=3.0,
+        sync_timeout_s=3.0,
         commit=CommitConfig(every_updates=4, interval_s=0.3),
         connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
         checkpoint_dir=tmp_path / "ckpt", max_seconds=120,
@@ -47,12 +47,12 @@ def test_sync_round_waits_for_every_client_then_steps_once(
              what="b's late delta refused as stale")
     v1 = _version(run_name)
     assert v1 == v0 + 1
-    before = {n: p.clone() for n, p in coord.optimizer.params.items()}
+    before = {n: p.clone() for n, p in coord.run.optimizer.params.items()}
     _publish(run_name, [_good_delta(coord, client_id="a", seq=1)])
     wait_for(lambda: _status(run_name)["deltas"]["applied"] == 2, what="a's delta buffered")
     time.sleep(1.0)
     assert _version(run_name) == v1, "the round must wait for b"
-    assert all(bool((coord.optimizer.params[n] == before[n]).all()) for n in before), "θ moved mid-round"
+    assert all(bool((coord.run.optimizer.params[n] == before[n]).all()) for n in before), "θ moved mid-round"
     _publish(run_name, [_good_delta(coord, client_id="a", seq=2)])  # a second delta in the round
     wait_for(lambda: _status(run_name)["deltas"]["rejected_by_reason"].get("already_in_round") == 1,
              what="a's second delta refused")

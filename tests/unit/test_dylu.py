@@ -5,11 +5,15 @@ from __future__ import annotations
 import pytest
 
 from shared.dylu import SpeedMeter, local_steps_for, round_time_budget_s
-from shared.protocol import RoundPlan
+from shared.protocol import RoundMode, RoundPlan
 
 
 def plan(
-    *, local_steps: int = 100, min_local_steps: int = 10, fastest: float = 20.0, dylu: bool = True
+    *,
+    local_steps: int = 100,
+    min_local_steps: int = 10,
+    fastest: float = 20.0,
+    mode: RoundMode = RoundMode.DYLU,
 ) -> RoundPlan:
     return RoundPlan(
         run_id="r",
@@ -17,7 +21,7 @@ def plan(
         min_local_steps=min_local_steps,
         fastest_steps_per_s=fastest,
         active_clients=3,
-        dylu=dylu,
+        mode=mode,
     )
 
 
@@ -40,8 +44,10 @@ def test_very_slow_client_clamps_to_h_min() -> None:
     assert local_steps_for(plan(min_local_steps=1), 0.001) == 1
 
 
-def test_dylu_off_runs_h_whatever_the_speed() -> None:
-    assert local_steps_for(plan(dylu=False), 1.0) == 100
+@pytest.mark.parametrize("mode", [RoundMode.FIXED, RoundMode.SYNC, RoundMode.WARM_START])
+def test_outside_dylu_everybody_runs_h_whatever_the_speed(mode: RoundMode) -> None:
+    assert local_steps_for(plan(mode=mode), 1.0) == 100
+    assert round_time_budget_s(plan(mode=mode)) is None
 
 
 @pytest.mark.parametrize("speed", [None, 0.0])
@@ -60,7 +66,7 @@ def test_faster_than_the_fastest_runs_h() -> None:
 def test_round_time_budget() -> None:
     assert round_time_budget_s(plan(local_steps=100, fastest=20.0)) == pytest.approx(5.0)
     assert round_time_budget_s(plan(fastest=0.0)) is None
-    assert round_time_budget_s(plan(dylu=False)) is None
+    assert round_time_budget_s(plan(mode=RoundMode.FIXED)) is None
 
 
 def test_steps_at_own_speed_fill_the_budget() -> None:

@@ -8,25 +8,38 @@ import msgpack
 import pytest
 import torch
 
+from coordinator.config import CoordinatorConfig
 from coordinator.intake import DeltaIntake, IntakeConfig
-from coordinator.outer_optimizer import DelayedNesterov, OuterConfig
+from coordinator.outer_optimizer import OuterConfig, OuterOptimizer, make_outer_optimizer
+from coordinator.progress import RunProgress
 from coordinator.registry import ClientRegistry, PlanConfig
+from coordinator.run_state import build_intake
+from coordinator.warm_start import WarmStart
 from shared.codecs import get_codec
 from shared.protocol import DeltaMessage
 
 RUN_ID = "unit-run"
 
 
+def make_intake(params: dict[str, torch.Tensor], outer: OuterConfig, *, version: int,
+                intake: IntakeConfig | None = None,
+                warm_start_steps: int = 0, handover_s: float = 30.0) -> tuple[DeltaIntake, OuterOptimizer]:
+    """An intake wired as a run wires it (admission rules, warm start), on ``params``."""
+    config = CoordinatorConfig(outer=outer, intake=intake or IntakeConfig(),
+                               plan=PlanConfig(warm_start_steps=warm_start_steps))
+    optimizer = make_outer_optimizer(params, outer)
+    progress = RunProgress()
+    warm = WarmStart(warm_start_steps, progress=progress, handover_s=handover_s)
+    handler = build_intake(config, optimizer=optimizer, registry=ClientRegistry(config.plan),
+                           progress=progress, warm=warm, barrier=None, run_id=RUN_ID)
+    handler.version = version
+    return handler, optimizer
+
+
 def _intake(**config: object) -> DeltaIntake:
     params = {"a.weight": torch.ones(4, 3), "b": torch.zeros(5)}
-    optimizer = DelayedNesterov(params, OuterConfig(lr=1.0, momentum=0.0, buffer_size=1))
-    intake = DeltaIntake(
-        config=IntakeConfig(**config),
-        optimizer=optimizer,
-        registry=ClientRegistry(PlanConfig()),
-        run_id=RUN_ID,
-    )
-    intake.version = 5
+    intake, _ = make_intake(params, OuterConfig(lr=1.0, momentum=0.0, buffer_size=1), version=5,
+                            intake=IntakeConfig(**config))  # type: ignore[arg-type]
     return intake
 
 
@@ -55,22 +68,22 @@ def test_good_delta_is_applied_and_moves_the_model() -> None:
     intake = _intake()
     outcome = intake.handle(_delta(), now=100.0)
     assert outcome.kind == "applied"
-    torch.testing.assert_close(intake.optimizer.params["a.weight"], torch.full((4, 3), 0.9))
-    torch.testing.assert_close(intake.optimizer.params["b"], torch.full((5,), 0.1))
+    torch.testing.assert_close(intake.params["a.weight"], torch.full((4, 3), 0.9))
+    torch.testing.assert_close(intake.params["b"], torch.full((5,), 0.1))
     record = intake.registry.clients["c1"]
     assert record.updates == 1 and record.local_steps == 10
     assert record.steps_per_s == pytest.approx(5.0)
-    assert intake.progress["tokens"] == 4000
+    assert intake.progress.tokens == 4000
 
 
 def test_same_client_and_seq_twice_is_a_duplicate_applied_once() -> None:
     intake = _intake()
     body = _delta()
     assert intake.handle(body).kind == "applied"
-    before = intake.optimizer.params["b"].clone()
+    before = intake.params["b"].clone()
     outcome = intake.handle(body)
     assert outcome.kind == "duplicate"
-    torch.testing.assert_close(intake.optimizer.params["b"], before)
+    torch.testing.assert_close(intake.params["b"], before)
     assert intake.counts["applied"] == 1 and intake.counts["duplicate"] == 1
 
 
@@ -101,29 +114,29 @@ def test_same_client_and_seq_twice_is_a_duplicate_applied_once() -> None:
 )
 def test_bad_deltas_are_rejected_with_their_reason_and_change_nothing(body: bytes, reason: str) -> None:
     intake = _intake(max_staleness=3)
-    before = {n: p.clone() for n, p in intake.optimizer.params.items()}
+    before = {n: p.clone() for n, p in intake.params.items()}
     outcome = intake.handle(body)
     assert (outcome.kind, outcome.reason) == ("rejected", reason)
     assert intake.rejected_by_reason[reason] == 1
     for name, tensor in before.items():
-        assert torch.equal(intake.optimizer.params[name], tensor)
+        assert torch.equal(intake.params[name], tensor)
 
 
 def test_int8_delta_is_decoded_within_its_error_bound() -> None:
     intake = _intake()
     assert intake.handle(_delta(codec="int8")).kind == "applied"
     torch.testing.assert_close(
-        intake.optimizer.params["a.weight"], torch.full((4, 3), 0.9), atol=0.1 / 254 + 1e-6, rtol=0
+        intake.params["a.weight"], torch.full((4, 3), 0.9), atol=0.1 / 254 + 1e-6, rtol=0
     )
 
 
 def test_active_clients_set_the_buffer_size() -> None:
-    intake = _intake()
-    intake.optimizer.config = OuterConfig(lr=1.0, momentum=0.5, buffer_size=0)
+    params = {"a.weight": torch.ones(4, 3), "b": torch.zeros(5)}
+    intake, optimizer = make_intake(params, OuterConfig(lr=1.0, momentum=0.5, buffer_size=0), version=5)
     intake.handle(_delta(client_id="c1"), now=100.0)  # alone: N = 1, momentum moves
-    assert intake.optimizer.pending == 0
+    assert optimizer.pending == 0
     intake.handle(_delta(client_id="c2"), now=101.0)  # c1 and c2 active: N = 2
-    assert intake.optimizer.pending == 1
+    assert optimizer.pending == 1
 
 
 def test_a_rejected_delta_of_a_known_client_is_settled_once() -> None:

@@ -12,14 +12,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.intake import DeltaIntake, IntakeConfig
-from coordinator.outer_optimizer import DelayedNesterov, OuterConfig
+from coordinator.intake import DeltaIntake
+from coordinator.outer_optimizer import OuterConfig
 from coordinator.parts import PartSpool, SpoolConfig, take_part
-from coordinator.registry import ClientRegistry, PlanConfig
 from shared import PROTOCOL_VERSION
 from shared.codecs import get_codec
 from shared.errors import ProtocolError
 from shared.protocol import DeltaLimits, DeltaMessage, DeltaPart, split_delta
+from tests.unit.test_intake import make_intake
 
 RUN_ID = "unit-run"
 
@@ -185,11 +185,8 @@ def test_incomplete_deltas_expire_after_their_newest_part(tmp_path: Path) -> Non
 
 
 def _intake() -> DeltaIntake:
-    params = {"w": torch.ones(300)}
-    optimizer = DelayedNesterov(params, OuterConfig(lr=1.0, momentum=0.0, buffer_size=1))
-    intake = DeltaIntake(config=IntakeConfig(), optimizer=optimizer, registry=ClientRegistry(PlanConfig()),
-                         run_id=RUN_ID)
-    intake.version = 2
+    intake, _ = make_intake({"w": torch.ones(300)}, OuterConfig(lr=1.0, momentum=0.0, buffer_size=1),
+                            version=2)
     return intake
 
 
@@ -210,7 +207,7 @@ def test_take_part_spools_completes_and_the_assembled_delta_applies_once(tmp_pat
     key = results[-1][1]
     assert key == "c1~0" and all(k == "" for _, k in results[:-1])
     assert intake.handle(spool.assemble(key), assembled=True).kind == "applied"
-    torch.testing.assert_close(intake.optimizer.params["w"], torch.full((300,), 0.9))
+    torch.testing.assert_close(intake.params["w"], torch.full((300,), 0.9))
     spool.discard(key)
     outcome, key = take_part(spool, intake, parts[0], now=2.0)  # a redelivered part, later
     assert (outcome.kind, key) == ("duplicate", "")
@@ -231,4 +228,4 @@ def test_a_refused_part_dooms_its_delta_once(tmp_path: Path) -> None:
     wrong_run = split_delta(b"x" * 10, part_bytes=5, run_id="other", client_id="c1", seq=7)[0]
     assert take_part(spool, intake, wrong_run.encode(), now=1.0)[0].reason == "wrong_run"
     assert take_part(spool, intake, b"\xc1", now=1.0)[0].reason == "undecodable"
-    torch.testing.assert_close(intake.optimizer.params["w"], torch.full((300,), 0.9))  # unmoved
+    torch.testing.assert_close(intake.params["w"], torch.full((300,), 0.9))  # unmoved

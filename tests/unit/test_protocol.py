@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from shared import PROTOCOL_VERSION
 from shared.errors import ProtocolError
-from shared.protocol import DeltaLimits, DeltaMessage, RoundPlan
+from shared.protocol import DeltaLimits, DeltaMessage, RoundMode, RoundPlan
 
 
 def make_delta(**changes: Any) -> DeltaMessage:
@@ -85,10 +85,25 @@ def test_round_plan_round_trip() -> None:
         min_local_steps=10,
         fastest_steps_per_s=12.5,
         active_clients=4,
-        dylu=False,
+        mode=RoundMode.FIXED,
         updated_at=123.0,
     )
     assert RoundPlan.decode(plan.encode()) == plan
+
+
+@pytest.mark.parametrize("mode", list(RoundMode))
+def test_round_plan_carries_its_mode(mode: RoundMode) -> None:
+    plan = RoundPlan(run_id="r", local_steps=5, min_local_steps=1, fastest_steps_per_s=1.0, active_clients=2,
+                     mode=mode, warm_client="w" if mode is RoundMode.WARM_START else "")
+    assert RoundPlan.decode(plan.encode()).mode is mode
+
+
+def test_round_plan_rejects_an_unknown_mode() -> None:
+    fields = msgpack.unpackb(RoundPlan(run_id="r", local_steps=5, min_local_steps=1, fastest_steps_per_s=1.0,
+                                       active_clients=1).encode())
+    with pytest.raises(ProtocolError) as info:
+        RoundPlan.decode(msgpack.packb({**fields, "mode": "turbo"}))
+    assert info.value.reason == "wrong_schema"
 
 
 def test_round_plan_rejects_bad_step_bounds() -> None:

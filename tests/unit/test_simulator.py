@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from coordinator.outer_optimizer import OuterConfig
-from coordinator.simulator import SimConfig, Simulation, speed_profile
+from coordinator.sim.simulator import SimConfig, Simulation, speed_profile
 from shared.errors import ConfigError
 from shared.local_round import InnerConfig
 from tests.unit.test_local_round import LinearRegressionTask

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from coordinator.simulator import SimResult
+from coordinator.sim.simulator import SimResult
 
 CSV_COLUMNS = ["strategy", "label", "virtual_time", "updates", "local_steps", "tokens", "eval_loss"]
 

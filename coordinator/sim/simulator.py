@@ -30,7 +30,7 @@ from shared.codecs import ErrorFeedback, get_codec
 from shared.dylu import local_steps_for
 from shared.errors import ConfigError
 from shared.local_round import InnerConfig, LocalTrainer
-from shared.protocol import RoundPlan
+from shared.protocol import RoundMode, RoundPlan
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,8 @@ class Simulation:
         # the plan a real coordinator would publish, sized by the client's own DyLU code
         plan = RoundPlan(run_id="simulation", local_steps=config.local_steps,
                          min_local_steps=config.min_local_steps, fastest_steps_per_s=max(config.speeds),
-                         active_clients=len(trainers), dylu=config.dylu)
+                         active_clients=len(trainers),
+                         mode=RoundMode.DYLU if config.dylu else RoundMode.FIXED)
         events: list[tuple[float, int, int, str]] = []  # (time, tie-break, worker, kind)
         counter = 0
         inflight: dict[int, tuple[dict[str, torch.Tensor], int, int, int]] = {}

@@ -1,0 +1,117 @@
+"""This client's replica of the model: the trainer built for a run, and which snapshot θ_base is.
+
+Every round starts from θ_base of the version its delta is tagged with. A new version of the same
+run only replaces θ_base; a new run (another run id or run config) gets a fresh trainer: a new
+model, new AdamW state and the data shard this client id picks for that run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from shared.errors import ConfigError, SnapshotError
+from shared.local_round import InnerConfig, LocalTrainer
+from shared.snapshot import Snapshot, SnapshotManifest
+from shared.tasks import load_task
+
+log = logging.getLogger(__name__)
+
+# What a snapshot's run config must name for a client to build its trainer.
+RUN_CONFIG_KEYS = ("task", "task_settings", "inner", "seed")
+
+
+class Replica:
+    """The trainer of the current run and the snapshot its θ_base comes from.
+
+    ``data`` (the client's ``--data``) replaces the task's "data" setting when the task has one.
+    """
+
+    def __init__(self, *, client_id: str, device: torch.device, data: str | None) -> None:
+        self.client_id = client_id
+        self.device = device
+        self.data = data
+        # crc32, not hash(): the same client id must pick the same shard in every process.
+        self._crc = zlib.crc32(client_id.encode())
+        self.trainer: LocalTrainer | None = None
+        self.version: int | None = None  # version θ_base comes from
+        self.run_id: str | None = None
+        self.progress: dict[str, Any] = {}  # the coordinator's progress in that snapshot
+        self._run_key: tuple[str, str] | None = None  # (run_id, config JSON) the trainer was built for
+        self._stamp: tuple[str, float] | None = None  # (run_id, created_at) of the base snapshot
+
+    def holds(self, version: int, read_manifest: Callable[[int], SnapshotManifest]) -> bool:
+        """True if θ_base is already snapshot ``version`` of the same run.
+
+        The version number alone is not enough: a coordinator started afresh under the same run
+        name publishes its own version 0 again (one small GET of the manifest tells them apart).
+        """
+        if self.trainer is None or version != self.version:
+            return False
+        try:
+            manifest = read_manifest(version)
+        except SnapshotError:
+            return False  # expired or replaced: read whatever is current now
+        return (manifest.run_id, manifest.created_at) == self._stamp
+
+    def reset(self) -> LocalTrainer:
+        """Put the model back to θ_base (every round starts there) and return the trainer."""
+        if self.trainer is None:
+            raise RuntimeError("no snapshot adopted yet")
+        self.trainer.reset_to_base()
+        return self.trainer
+
+    def adopt(self, snapshot: Snapshot) -> bool:
+        """Make ``snapshot`` θ_base, building a fresh trainer first if it belongs to a new run.
+
+        Returns True if it did (a new run), so the caller can drop what belonged to the old one.
+        """
+        manifest = snapshot.manifest
+        run_config = manifest.config
+        for key in RUN_CONFIG_KEYS:
+            if key not in run_config:
+                raise ConfigError(f"snapshot {manifest.version} has no {key!r} in its run config")
+        run_key = (manifest.run_id, json.dumps(run_config, sort_keys=True, default=str))
+        new_run = run_key != self._run_key
+        if new_run:
+            self.trainer = self._build_trainer(run_config)
+            self._run_key = run_key
+        assert self.trainer is not None
+        self.trainer.load_base(snapshot.params)
+        self.version = manifest.version
+        self._stamp = (manifest.run_id, manifest.created_at)
+        self.run_id = manifest.run_id
+        self.progress = dict(manifest.progress)
+        return new_run
+
+    def describe(self) -> str:
+        """Model size, device and data shard, for the "joined run" notice."""
+        if self.trainer is None:
+            return "no model yet"
+        params = sum(p.numel() for p in self.trainer.model.parameters())
+        shard = self._crc % self.trainer.task.num_shards
+        return f"{params / 1e6:.2f}M params on {self.device}, data shard {shard}"
+
+    def _build_trainer(self, run_config: dict[str, Any]) -> LocalTrainer:
+        settings = dict(run_config["task_settings"])
+        if self.data is not None:
+            if "data" in settings:
+                settings["data"] = self.data
+            else:
+                log.warning("task %r has no 'data' setting; --data is ignored", run_config["task"])
+        task = load_task(str(run_config["task"]), settings)
+        if not isinstance(run_config["inner"], dict):
+            raise ConfigError("the run config's 'inner' is not a map")
+        try:
+            inner = InnerConfig(**run_config["inner"])
+        except TypeError as exc:
+            raise ConfigError(f"the run's inner optimizer settings do not fit this client: {exc}") from exc
+        return LocalTrainer(
+            task=task, inner=inner, device=self.device,
+            shard=self._crc % task.num_shards, seed=self._crc ^ int(run_config["seed"]),
+        )

@@ -1,0 +1,57 @@
+"""What the worker tells its caller: one :class:`RoundReport` per round, one :class:`RunSummary` at the end.
+
+Both are plain values with a ``line()`` for the terminal; the worker itself never prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What one finished round did; ``line()`` is the progress line the CLI prints."""
+
+    round: int  # 1-based count of rounds this process ran
+    seq: int
+    base_version: int
+    planned_steps: int  # H_i this round aimed for
+    steps: int  # steps actually run (fewer if stopped or out of time budget)
+    train_loss: float
+    compute_s: float
+    tokens: int
+    sent_bytes: int
+    sent: bool  # False only if a stopping client gave up on the upload
+    upload_s: float
+    staleness: int | None  # current version just after the publish minus base_version
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.compute_s if self.compute_s > 0 else 0.0
+
+    def line(self) -> str:
+        stale = "?" if self.staleness is None else str(self.staleness)
+        sent = f"{self.sent_bytes / 1e6:.1f}MB" if self.sent else "NOT-SENT"
+        return (
+            f"round {self.round}  v={self.base_version}  H={self.steps}  loss={self.train_loss:.3f}  "
+            f"tok/s={self.tokens_per_s:.0f}  sent={sent}  staleness={stale}"
+        )
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What :meth:`client.worker.Worker.run` did in total, and why it stopped."""
+
+    client_id: str
+    run_id: str | None
+    rounds: int
+    deltas_sent: int
+    next_seq: int | None
+    stopped_by: str  # "max_rounds", "max_seconds" or "stop"
+
+    def line(self) -> str:
+        return (
+            f"stopped ({self.stopped_by}): {self.rounds} rounds, {self.deltas_sent} deltas sent "
+            f"as client {self.client_id}"
+            + (f", next seq {self.next_seq}" if self.next_seq is not None else "")
+        )

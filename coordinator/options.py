@@ -1,0 +1,97 @@
+"""Click options that several ``asyncloco-coordinator`` commands share, each declared once.
+
+Every option also reads an ``ASYNCLOCO_*`` environment variable (shown in ``--help``); like the
+command modules that apply them, this is CLI code, the only coordinator code that reads the
+environment. A group decorator applies its options in the order they are listed in ``--help``.
+Where two commands need a different default, the group takes it as a parameter, so that each
+command's behaviour stays visible where the command is declared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from shared.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
+
+ENV = "ASYNCLOCO_"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def option(*names: str, env: str, **kwargs: Any) -> Callable[[F], F]:
+    """A click option that also reads ``ASYNCLOCO_<env>`` and shows its default in ``--help``."""
+    return click.option(*names, envvar=ENV + env, show_envvar=True, show_default=True, **kwargs)
+
+
+def _group(*options: Callable[[F], F]) -> Callable[[F], F]:
+    """Apply ``options`` so that they appear in ``--help`` in the order given."""
+
+    def apply(command: F) -> F:
+        for decorate in reversed(options):
+            command = decorate(command)
+        return command
+
+    return apply
+
+
+def outer_options() -> Callable[[F], F]:
+    """The outer optimizer: --outer-lr, --outer-momentum, --staleness-exponent, --buffer-size."""
+    return _group(
+        option("--outer-lr", env="OUTER_LR", type=float, default=0.7, help="Outer learning rate ε."),
+        option("--outer-momentum", env="OUTER_MOMENTUM", type=float, default=0.9, help="Outer momentum β."),
+        option("--staleness-exponent", env="STALENESS_EXPONENT", type=click.FloatRange(0), default=0.0,
+               help="Weigh a delta by (1 + staleness)^-a (0 = off)."),
+        option("--buffer-size", env="BUFFER_SIZE", type=click.IntRange(0), default=0,
+               help="Delayed Nesterov N (0 = number of active clients)."),
+    )
+
+
+def round_options() -> Callable[[F], F]:
+    """Round sizes (Dynamic Local Updates) and the warm start: --local-steps, --min-local-steps,
+    --warm-start-steps."""
+    return _group(
+        option("--local-steps", env="LOCAL_STEPS", type=click.IntRange(1), default=30,
+               help="H: local steps per round of the fastest client."),
+        option("--min-local-steps", env="MIN_LOCAL_STEPS", type=click.IntRange(1), default=3,
+               help="H_min."),
+        option("--warm-start-steps", env="WARM_START_STEPS", type=click.IntRange(0), default=0,
+               help="Train the first this many local steps as one client alone (ordinary training), "
+               "then asynchronously (0 = off)."),
+    )
+
+
+def task_options(*, model_size: str | None, data: str | None) -> Callable[[F], F]:
+    """The built-in task and the seed: --model-size, --data, --seed.
+
+    ``model_size`` and ``data`` are the defaults. ``serve`` passes None, so that an unset option
+    leaves the value to ``--task-setting`` or, failing that, to the task (tiny, stdlib);
+    ``simulate`` passes ``"tiny"`` and ``"stdlib"``, which it hands to the task as they are.
+    """
+    size_help = "Size of the built-in byte-level LM" + (" [default: tiny]." if model_size is None else ".")
+    data_help = "Corpus: 'stdlib' (this Python's own sources) or a glob of text files" + (
+        " [default: stdlib]." if data is None else "."
+    )
+    return _group(
+        option("--model-size", env="MODEL_SIZE", type=click.Choice(["tiny", "small"]), default=model_size,
+               help=size_help),
+        option("--data", env="DATA", default=data, help=data_help),
+        option("--seed", env="SEED", type=int, default=0,
+               help="Seed of the initial model (simulate: also of speeds, churn and data order)."),
+    )
+
+
+def threads_option(*, default: int | None) -> Callable[[F], F]:
+    """--threads: torch CPU threads. ``default`` None (``serve``) leaves torch's own choice."""
+    return option("--threads", env="THREADS", type=click.IntRange(1), default=default,
+                  help="torch CPU threads" + (" [default: torch's choice]." if default is None else "."))
+
+
+def server_options(*, amqp_help: str = "RabbitMQ URL.") -> Callable[[F], F]:
+    """Where the servers are: --redis and --amqp (as ``redis_url`` and ``amqp_url``)."""
+    return _group(
+        option("--redis", "redis_url", env="REDIS", default=DEFAULT_REDIS_URL, help="Redis URL."),
+        option("--amqp", "amqp_url", env="AMQP", default=DEFAULT_AMQP_URL, help=amqp_help),
+    )

@@ -1,0 +1,75 @@
+"""Publishing to Redis: the snapshot of the current version, the round plan and the status.
+
+Redis being unreachable never stops the coordinator: training goes on, a failed publish is logged
+once and retried by the next commit or housekeeping pass, and "Redis is back" is said once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import redis
+
+from coordinator.run_state import RunState
+from coordinator.status import publish_status
+from shared.keys import RunKeys
+from shared.settings import REDIS_ERRORS
+from shared.snapshot import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+
+class Publisher:
+    """Writes one run's snapshots, plan and status; remembers what Redis has of them."""
+
+    def __init__(self, client: redis.Redis, keys: RunKeys, *, keep_versions: int) -> None:
+        self.redis = client
+        self.keys = keys
+        self.store = SnapshotStore(client, keys, keep_versions=keep_versions)
+        self.published_version = -1
+        self.redis_down = False
+
+    def publish(self, run: RunState, *, republish: bool = False,
+                before_flip: Callable[[], None] | None = None) -> None:
+        """Publish snapshot ``run.version`` and the plan; ``republish``: Redis already points at
+        this version (its keys were lost, or the last publish failed after the flip), so rewrite
+        it in place: θ is unchanged since, so are its chunk bytes."""
+        try:
+            now = time.time()
+            self.store.publish(
+                run_id=run.run_id, version=run.version, params=run.optimizer.params,
+                config=run.run_config, progress=run.progress_doc(now), republish=republish,
+                before_flip=before_flip,
+            )
+            self.redis.set(self.keys.plan, run.plan(now).encode())
+            self.published_version = run.version
+            if self.redis_down:
+                log.info("Redis is back; snapshot %d published", run.version)
+            self.redis_down = False
+        except REDIS_ERRORS as exc:
+            self.unreachable(f"cannot publish snapshot {run.version} to Redis ({exc}); will retry")
+
+    def snapshot_lost(self, run: RunState) -> tuple[bool, int | None]:
+        """(lost, current): whether Redis lost our snapshot (a restart or flush), and its pointer."""
+        current = self.store.current_version()
+        lost = current is None or (
+            current == run.version and not self.redis.exists(self.keys.manifest(current))
+        )
+        return lost, current
+
+    def refresh(self, run: RunState, status: dict[str, object]) -> None:
+        """Rewrite the plan (speeds change) and the status document."""
+        self.redis.set(self.keys.plan, run.plan(time.time()).encode())
+        publish_status(self.redis, self.keys, status)
+
+    def unreachable(self, message: str) -> None:
+        """Log ``message`` once per outage."""
+        if not self.redis_down:
+            log.warning("%s", message)
+        self.redis_down = True
+
+    def reachable(self) -> None:
+        self.redis_down = False

@@ -1,0 +1,239 @@
+"""The run's state in one home: its components, their checkpoint, the plan and the progress.
+
+A :class:`RunState` is everything a checkpoint holds and a restart restores: θ and the outer
+optimizer, the client registry, the intake's counters, the run's progress, the sync round or the
+warm start, the applied log's committed length, the version counter and the eval history. The
+service (:mod:`coordinator.service`) only orchestrates it: it feeds deliveries to ``intake``,
+asks when a commit or a sync round is due, and writes what :meth:`RunState.checkpoint` returns.
+
+A new component that must survive a restart is one more entry in ``components``: an object with
+``save_state() -> dict`` (its top-level keys of the checkpoint's JSON state) and
+``load_state(state)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any, Protocol
+
+import torch
+
+from coordinator.admission import AdmissionRule, Arrival, LocalStepsBound, StalenessBound
+from coordinator.applied_log import AppliedLog
+from coordinator.checkpoint import Checkpoint
+from coordinator.config import CoordinatorConfig
+from coordinator.intake import DeltaIntake
+from coordinator.outer_optimizer import OuterOptimizer, SyncNesterov, make_outer_optimizer
+from coordinator.progress import RunProgress
+from coordinator.registry import ClientRegistry
+from coordinator.run_mode import RunMode, round_mode
+from coordinator.sync_round import SyncBarrier
+from coordinator.warm_start import WarmStart
+from shared.protocol import RoundPlan
+from shared.tasks import load_task
+
+log = logging.getLogger(__name__)
+
+EVAL_HISTORY = 500  # evaluations kept in the checkpoint and the state
+
+
+class Persistent(Protocol):
+    def save_state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+
+def admission_rules(config: CoordinatorConfig, *, barrier: SyncBarrier | None,
+                    warm: WarmStart) -> list[AdmissionRule]:
+    """The intake's admission rules, in the order they are asked (the first refusal wins)."""
+    mode_rules: list[AdmissionRule] = [barrier] if barrier is not None else [warm]
+    return [
+        *mode_rules,
+        StalenessBound(config.intake.max_staleness),
+        LocalStepsBound(config.intake.max_local_steps),
+    ]
+
+
+def build_intake(config: CoordinatorConfig, *, optimizer: OuterOptimizer, registry: ClientRegistry,
+                 progress: RunProgress, warm: WarmStart, barrier: SyncBarrier | None,
+                 run_id: str) -> DeltaIntake:
+    """The intake of a run: its admission rules, and θ moved by the outer optimizer, or adopted
+    whole while the warm start lasts."""
+
+    def apply(delta: dict[str, torch.Tensor], arrival: Arrival, active_clients: int) -> None:
+        if warm.active:
+            optimizer.adopt(delta)
+        else:
+            optimizer.step(delta, active_clients=active_clients, staleness=arrival.staleness)
+
+    return DeltaIntake(
+        config=config.intake, params=optimizer.params, registry=registry, progress=progress,
+        rules=admission_rules(config, barrier=barrier, warm=warm), apply=apply, run_id=run_id,
+    )
+
+
+def new_run_config(config: CoordinatorConfig) -> dict[str, Any]:
+    """What every client needs to build the run's task: published in each snapshot's manifest."""
+    return {
+        "task": config.task,
+        "task_settings": dict(config.task_settings),
+        "inner": asdict(config.inner),
+        "seed": config.seed,
+    }
+
+
+class RunState:
+    """Every component of one run, built from the config (and a checkpoint, when resuming)."""
+
+    def __init__(self, config: CoordinatorConfig, *, run_id: str, run_config: dict[str, Any],
+                 applied_log: AppliedLog | None) -> None:
+        self.config = config
+        self.run_id = run_id
+        self.mode = config.outer.mode
+        self.run_config = dict(run_config)
+        torch.manual_seed(int(run_config["seed"]))
+        self.task = load_task(run_config["task"], run_config["task_settings"])
+        self.run_config["task_settings"] = self.task.settings_dict()  # defaults filled in
+        self.device = torch.device(config.device)
+        self.eval_model = self.task.build_model().to(self.device)
+        self.optimizer = make_outer_optimizer(dict(self.eval_model.named_parameters()), config.outer)
+        self.registry = ClientRegistry(config.plan)
+        self.progress = RunProgress()
+        self.warm = WarmStart(config.plan.warm_start_steps, progress=self.progress)
+        self.barrier = (SyncBarrier(self.registry, timeout_s=config.sync_timeout_s)
+                        if self.mode is RunMode.SYNC else None)
+        self.intake = build_intake(config, optimizer=self.optimizer, registry=self.registry,
+                                   progress=self.progress, warm=self.warm, barrier=self.barrier,
+                                   run_id=run_id)
+        self.applied_log = applied_log
+        self.components: list[Persistent] = [self.registry, self.progress, self.intake, self.warm]
+        if self.barrier is not None:
+            self.components.append(self.barrier)
+        self.version = 0
+        self.commits = 0
+        self.eval_history: list[list[float]] = []  # [version, unix time, loss]
+        self._theta_committed = 0  # optimizer.theta_updates when the version last advanced
+        self._warm_done = not self.warm.active
+
+    @classmethod
+    def open(cls, config: CoordinatorConfig, checkpoint: Checkpoint | None,
+             applied_log: AppliedLog | None) -> RunState:
+        """A new run (no checkpoint) or the checkpoint's run, restored."""
+        if checkpoint is None:
+            state = cls(config, run_id=f"{config.run}-{uuid.uuid4().hex[:12]}",
+                        run_config=new_run_config(config), applied_log=applied_log)
+            saved: dict[str, Any] = {}
+        else:
+            saved = checkpoint.state
+            state = cls(config, run_id=saved["run_id"], run_config=saved["run_config"],
+                        applied_log=applied_log)
+            state.restore(checkpoint)
+        if applied_log is not None:
+            # Entries past the checkpoint's recorded length belong to a batch that never committed.
+            applied_log.reset(int(saved.get("applied_log_bytes", 0)))
+        return state
+
+    # ---------------------------------------------------------------- sync rounds
+    def sync_round_due(self, now: float) -> bool:
+        """True when the sync round has every delta it waits for (or timed out with some)."""
+        return self.barrier is not None and self.barrier.ready(now)
+
+    def complete_sync_round(self) -> int:
+        """One Nesterov step on the round's mean; the next round is on the version it makes."""
+        assert self.barrier is not None and isinstance(self.optimizer, SyncNesterov)
+        arrived = len(self.barrier.arrived)
+        self.optimizer.complete_round()
+        self.barrier.next_round(self.version + 1)
+        return arrived
+
+    # ---------------------------------------------------------------- versions
+    def start_at(self, version: int) -> None:
+        """Serve from ``version`` (the first one this process publishes)."""
+        self.version = version
+        self.intake.version = version
+        if self.barrier is not None:
+            # θ does not move inside a sync round, so this version is the resumed round's base.
+            self.barrier.base_version = version
+
+    def advance_version(self) -> bool:
+        """Take a new version number if θ changed since the last one; True if it did."""
+        if self.optimizer.theta_updates == self._theta_committed:
+            return False
+        self._theta_committed = self.optimizer.theta_updates
+        self.version += 1  # a sync round's barrier already waits on it (complete_sync_round)
+        self.intake.version = self.version
+        return True
+
+    def warm_start_ended(self) -> bool:
+        """True once, at the first call after the warm start's last step."""
+        if self._warm_done or self.warm.active:
+            return False
+        self._warm_done = True
+        return True
+
+    # ---------------------------------------------------------------- what is published
+    def plan(self, now: float) -> RoundPlan:
+        """The round plan to publish, in the mode the run is in now."""
+        warming = self.warm.active
+        mode = round_mode(self.mode, dylu=self.config.plan.dylu, warming_up=warming)
+        return self.registry.plan(self.run_id, now, mode,
+                                  warm_client=self.warm.current_holder(now) if warming else "")
+
+    def progress_doc(self, now: float) -> dict[str, Any]:
+        """Global progress, and each active client's newest applied seq (so that a client can see
+        its last delta is in before it starts its next round)."""
+        return {
+            "updates": self.intake.counts["applied"],
+            **self.progress.as_dict(),
+            "client_seqs": {c.client_id: c.max_seq for c in self.registry.active(now)},
+        }
+
+    # ---------------------------------------------------------------- evaluation
+    def eval_is_stale(self) -> bool:
+        """True when the newest committed version has not been evaluated yet."""
+        return not self.eval_history or self.eval_history[-1][0] != self.version
+
+    def evaluate(self) -> float:
+        with torch.no_grad():
+            for name, param in self.eval_model.named_parameters():
+                param.copy_(self.optimizer.params[name])
+        loss = float(self.task.evaluate(self.eval_model, self.device))
+        self.eval_history.append([self.version, time.time(), loss])
+        del self.eval_history[:-EVAL_HISTORY]
+        return loss
+
+    @property
+    def latest_eval(self) -> float:
+        return self.eval_history[-1][2] if self.eval_history else float("nan")
+
+    # ---------------------------------------------------------------- checkpoint
+    def checkpoint(self) -> Checkpoint:
+        state: dict[str, Any] = {
+            "run": self.config.run,
+            "run_id": self.run_id,
+            "version": self.version,
+            "run_config": self.run_config,
+            "outer_pending": self.optimizer.pending,
+            "outer_arrivals": self.optimizer.arrivals,
+            "eval_history": self.eval_history[-EVAL_HISTORY:],
+            "commits": self.commits,
+            "applied_log_bytes": self.applied_log.length if self.applied_log else 0,
+            "saved_at": time.time(),
+        }
+        for component in self.components:
+            state.update(component.save_state())
+        return Checkpoint(tensors=self.optimizer.tensors(), state=state)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        state = checkpoint.state
+        self.optimizer.load_tensors(checkpoint.tensors, pending=int(state["outer_pending"]),
+                                    arrivals=int(state["outer_arrivals"]))
+        for component in self.components:
+            component.load_state(state)
+        self.eval_history = state["eval_history"]
+        self.version = checkpoint.version
+        self.commits = int(state.get("commits", 0))
+        self._warm_done = not self.warm.active
