@@ -45,10 +45,9 @@ import click
 import redis
 
 from coordinator.applied_log import FILENAME as APPLIED_LOG
-from coordinator.applied_log import read_applied_log
 from coordinator.run_admin import delete_run, delete_run_keys
 from harness.faults import client_args, coordinator_args, status, verify_snapshot
-from harness.oracle import judge, read_journal, settled_ids
+from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import AMQP_URL, REDIS_URL, Processes, ensure_services, new_run_name, reachable
 from shared.cli import OneLineErrorsCommand
 from shared.keys import RunKeys
@@ -312,7 +311,7 @@ class Soak:
         if self.coordinator.proc.poll() is None:
             self.coordinator.proc.send_signal(signal.SIGTERM)  # commits, then exits 0
         coordinator_rc = _wait(self.coordinator.proc, 60)
-        verdict = judge(confirmed, read_applied_log(self.ckpt, committed_only=True))
+        verdict = judge(confirmed, read_committed(self.ckpt))
         final = status(self.run)
         try:
             snapshot: int | str = verify_snapshot(self.run)

@@ -74,22 +74,18 @@ class AppliedLog:
         return self.length
 
 
-def read_applied_log(directory: Path, *, committed_only: bool = False) -> list[dict[str, Any]]:
+def read_applied_log(directory: Path, *, up_to_bytes: int | None = None) -> list[dict[str, Any]]:
     """Entries of the applied log in ``directory``, oldest first (the oracle's and operators' reader).
 
-    With ``committed_only`` only the bytes that the directory's checkpoint records as committed
-    (``applied_log_bytes``) are read: what a restart would keep. No checkpoint means nothing is
-    committed. Without it every whole line is read, including a batch whose checkpoint has not
-    landed yet; a torn last line (no newline) is never an entry.
+    ``up_to_bytes``: read only that many bytes, e.g. the checkpoint's ``applied_log_bytes`` (what a
+    restart would keep: see :func:`harness.oracle.read_committed`). Otherwise every whole line is
+    read, including a batch whose checkpoint has not landed yet; a torn last line (no newline) is
+    never an entry.
     """
     path = directory / FILENAME
     if not path.exists():
         return []
     data = path.read_bytes()
-    if committed_only:
-        # imported here: coordinator.checkpoint imports this module (for FILENAME)
-        from coordinator.checkpoint import load_checkpoint
-
-        checkpoint = load_checkpoint(directory)
-        data = data[: int(checkpoint.state.get("applied_log_bytes", 0))] if checkpoint else b""
+    if up_to_bytes is not None:
+        data = data[:up_to_bytes]
     return [json.loads(line) for line in data.decode().split("\n")[:-1] if line.strip()]

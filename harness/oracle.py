@@ -6,7 +6,7 @@ Jepsen's idea at the scale of one run. Each side writes down what it knows:
   (``asyncloco-client join --journal``): these deltas were *promised*;
 * the coordinator appends every settled outcome to ``applied.jsonl`` in its checkpoint directory
   as part of each commit (``coordinator/applied_log.py``, read with
-  ``read_applied_log(dir, committed_only=True)``): these were *applied* or *rejected*.
+  ``read_committed(dir)``): these were *applied* or *rejected*.
 
 After the run, with every process stopped: lost = confirmed − (applied ∪ rejected) must be empty,
 no id may be applied twice, and nothing may be applied that no client confirmed.
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.applied_log import read_applied_log
+from coordinator.checkpoint import load_checkpoint
 
 
 def read_journal(path: Path) -> list[str]:
@@ -72,6 +73,15 @@ def judge(confirmed: set[str], entries: list[dict[str, Any]]) -> Verdict:
     return verdict
 
 
+def read_committed(checkpoint_dir: Path) -> list[dict[str, Any]]:
+    """The applied log's entries that the checkpoint covers (``applied_log_bytes``): what a restart
+    keeps. No checkpoint means nothing is committed."""
+    checkpoint = load_checkpoint(checkpoint_dir)
+    if checkpoint is None:
+        return []
+    return read_applied_log(checkpoint_dir, up_to_bytes=int(checkpoint.state.get("applied_log_bytes", 0)))
+
+
 def settled_ids(checkpoint_dir: Path) -> set[str]:
     """Ids whose outcome a landed commit recorded: a run has drained once this holds every confirmed id."""
-    return {e["id"] for e in read_applied_log(checkpoint_dir, committed_only=True)}
+    return {e["id"] for e in read_committed(checkpoint_dir)}

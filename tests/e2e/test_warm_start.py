@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.applied_log import read_applied_log
 from harness.faults import client_args, coordinator_args, status
+from harness.oracle import read_committed
 from harness.processes import Processes, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -29,12 +29,12 @@ def test_one_client_warms_the_run_up_alone_then_both_train(
     second = procs.start("second", *client_args(run_name, "second", state, tmp_path / "second.journal", 180))
     wait_for(lambda: status(run_name)["plan"]["mode"] != "warm_start", 120, "the warm start to end")
     wait_for(lambda: sum(e["id"].startswith("second:") and e["outcome"] == "applied"
-                         for e in read_applied_log(ckpt, committed_only=True)) >= 3,
+                         for e in read_committed(ckpt)) >= 3,
              90, "three applied deltas of the second client")
     assert (procs.terminate(first), procs.terminate(second)) == (0, 0), procs.logs()
     assert procs.terminate(coordinator) == 0, procs.logs()
 
-    entries = [e for e in read_applied_log(ckpt, committed_only=True) if e["outcome"] == "applied"]
+    entries = [e for e in read_committed(ckpt) if e["outcome"] == "applied"]
     firsts = [i for i, e in enumerate(entries) if e["id"].startswith("first:")]
     seconds = [i for i, e in enumerate(entries) if e["id"].startswith("second:")]
     # the warm-up is the first client's alone: its first twenty rounds before any of the second's

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.applied_log import read_applied_log
 from harness.faults import client_args, coordinator_args, queue_depth, status, verify_snapshot
-from harness.oracle import judge, read_journal, settled_ids
+from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import Processes, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -119,7 +118,7 @@ def test_full_queue_refuses_publishes_and_clients_retry_without_losing_work(
     wait_for(lambda: queue_depth(run_name) == 0, 30, "the queue to be empty")
     assert procs.terminate(coordinator) == 0, procs.logs()
 
-    verdict = judge(confirmed, read_applied_log(ckpt, committed_only=True))
+    verdict = judge(confirmed, read_committed(ckpt))
     waits = _retry_s(procs)
     print(f"coordinator frozen {stopped_s:.1f}s; queue peak {peak} ready deltas (bound {MAX_QUEUE_BYTES} "
           f"bytes); {len(refused_while_stopped)} deltas refused while frozen, {len(refused)} in all, "

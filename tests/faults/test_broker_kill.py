@@ -17,9 +17,8 @@ from pathlib import Path
 import pika
 import pytest
 
-from coordinator.applied_log import read_applied_log
 from harness.faults import client_args, coordinator_args, status, verify_snapshot
-from harness.oracle import judge, read_journal, settled_ids
+from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import Processes, wait_for
 from shared.keys import RunKeys
 from tests.private_broker import PrivateBroker, rabbitmq_tool
@@ -100,7 +99,7 @@ def test_broker_killed_under_load_loses_nothing(
     wait_for(lambda: confirmed <= settled_ids(ckpt), 90, "the queue to drain")
     assert procs.terminate(coordinator) == 0, procs.logs()
 
-    verdict = judge(confirmed, read_applied_log(ckpt, committed_only=True))
+    verdict = judge(confirmed, read_committed(ckpt))
     print(f"kill -9 of {broker.node} (pid {killed}) with {waiting} confirmed deltas waiting in the "
           f"queue; confirmed before={len(before)} after={len(after)}; restart took {restart_s:.1f}s; "
           + verdict.summary())

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.applied_log import read_applied_log
 from harness.faults import client_args, coordinator_args, status, verify_snapshot
-from harness.oracle import judge, read_journal, settled_ids
+from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import Processes, reachable, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -43,7 +42,7 @@ def test_broker_restart_under_load_loses_nothing(procs: Processes, run_name: str
     assert len(confirmed) > before + 2, "no delta was confirmed after the restart"
     wait_for(lambda: confirmed <= settled_ids(ckpt), 60, "the queue to drain")
     assert procs.terminate(coordinator) == 0, procs.logs()
-    verdict = judge(confirmed, read_applied_log(ckpt, committed_only=True))
+    verdict = judge(confirmed, read_committed(ckpt))
     print(verdict.summary())
     assert verdict.ok, verdict.summary() + "\n" + procs.logs()
     final = status(run_name)

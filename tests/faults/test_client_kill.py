@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.applied_log import read_applied_log
 from harness.faults import client_args, coordinator_args, status, verify_snapshot
-from harness.oracle import judge, read_journal, settled_ids
+from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import Processes, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -41,7 +40,7 @@ def test_client_killed_mid_round_resumes_with_its_id_and_nothing_is_lost_or_doub
 
     wait_for(lambda: confirmed <= settled_ids(ckpt), 30, "the queue to drain")
     assert procs.terminate(coordinator) == 0, procs.logs()
-    verdict = judge(confirmed, read_applied_log(ckpt, committed_only=True))
+    verdict = judge(confirmed, read_committed(ckpt))
     print(verdict.summary())
     assert not verdict.lost and not verdict.duplicated, verdict.summary()
     # the delta in flight at the kill may have been confirmed by the broker but not journaled:

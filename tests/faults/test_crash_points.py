@@ -10,7 +10,7 @@ import pytest
 from coordinator.applied_log import read_applied_log
 from coordinator.faults import EXIT_CODE
 from harness.faults import client_args, coordinator_args, status, verify_snapshot
-from harness.oracle import judge, read_journal, settled_ids
+from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import Processes, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -57,11 +57,11 @@ def test_kill_at_crash_point_loses_nothing_and_applies_nothing_twice(
     wait_for(lambda: confirmed <= settled_ids(ckpt), 30, "the queue to drain")
     assert procs.terminate(second) == 0, procs.logs()
 
-    verdict = judge(confirmed, read_applied_log(ckpt, committed_only=True))
+    verdict = judge(confirmed, read_committed(ckpt))
     print(f"{point}: {verdict.summary()}")
     assert verdict.ok, verdict.summary() + "\n" + procs.logs()
     # after a clean stop the log holds exactly what the last checkpoint covers
-    assert read_applied_log(ckpt, committed_only=True) == read_applied_log(ckpt)
+    assert read_committed(ckpt) == read_applied_log(ckpt)
     assert not list(ckpt.glob(".*.tmp")), "a crashed checkpoint write left its temp file behind"
     final = status(run_name)
     assert final["coordinator"]["state"] == "stopped"

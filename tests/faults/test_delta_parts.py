@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.applied_log import read_applied_log
 from coordinator.faults import EXIT_CODE
 from harness.faults import client_args, coordinator_args, status, verify_snapshot
-from harness.oracle import judge, read_journal, settled_ids
+from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import Processes, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -54,7 +53,7 @@ def test_kill_while_deltas_arrive_in_parts_loses_nothing(
     wait_for(lambda: not list((ckpt / "parts").iterdir()), 20, "the spool to empty")
     assert procs.terminate(second) == 0, procs.logs()
 
-    verdict = judge(confirmed, read_applied_log(ckpt, committed_only=True))
+    verdict = judge(confirmed, read_committed(ckpt))
     print(f"{point}: {verdict.summary()}")
     assert verdict.ok, verdict.summary() + "\n" + procs.logs()
     assert not verdict.rejected, verdict.rejected

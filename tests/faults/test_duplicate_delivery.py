@@ -15,7 +15,6 @@ import pytest
 import redis
 import torch
 
-from coordinator.applied_log import read_applied_log
 from harness.faults import (
     close_coordinator_connection,
     coordinator_args,
@@ -23,7 +22,7 @@ from harness.faults import (
     status,
     verify_snapshot,
 )
-from harness.oracle import judge
+from harness.oracle import judge, read_committed
 from harness.processes import AMQP_URL, REDIS_URL, Processes, wait_for
 from shared.codecs import get_codec
 from shared.keys import RunKeys
@@ -89,9 +88,9 @@ def test_a_requeued_copy_of_a_delivered_delta_is_applied_once(
     assert queue_depth(run_name) == 2
 
     second = procs.start("coordinator-2", *serve, "--resume")
-    wait_for(lambda: len(read_applied_log(ckpt, committed_only=True)) >= 2, 60, "both copies to be settled")
+    wait_for(lambda: len(read_committed(ckpt)) >= 2, 60, "both copies to be settled")
     assert procs.terminate(second) == 0, procs.logs()
-    entries = read_applied_log(ckpt, committed_only=True)
+    entries = read_committed(ckpt)
     assert sorted(e["outcome"] for e in entries) == ["applied", "duplicate"], entries
     verdict = judge({DELTA_ID}, entries)
     assert verdict.ok and verdict.applied[DELTA_ID] == 1, verdict.summary()
@@ -111,14 +110,14 @@ def test_a_delivery_redelivered_after_the_broker_closed_the_connection_is_applie
     _started(procs, "coordinator", serve, run_name)
     _publish(run_name, _delta_for_current_snapshot(run_name), copies=1)
     wait_for(lambda: status(run_name).get("deltas", {}).get("applied") == 1, 10, "the delta applied")
-    assert read_applied_log(ckpt, committed_only=True) == []  # not committed yet
+    assert read_committed(ckpt) == []  # not committed yet
     close_coordinator_connection(run_name)
 
     wait_for(lambda: status(run_name)["deltas"]["duplicate"] == 1, 20, "the redelivery")
-    wait_for(lambda: len(read_applied_log(ckpt, committed_only=True)) == 2, 20, "the commit")
+    wait_for(lambda: len(read_committed(ckpt)) == 2, 20, "the commit")
     assert status(run_name)["coordinator"]["amqp_reconnects"] >= 1
     assert procs.terminate(coordinator) == 0, procs.logs()
-    entries = read_applied_log(ckpt, committed_only=True)
+    entries = read_committed(ckpt)
     assert sorted(e["outcome"] for e in entries) == ["applied", "duplicate"], entries
     verdict = judge({DELTA_ID}, entries)
     assert verdict.ok and verdict.applied[DELTA_ID] == 1, verdict.summary()
