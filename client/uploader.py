@@ -25,6 +25,7 @@ import pika
 import pika.exceptions
 
 from shared.errors import ConfigError, ServiceUnavailable
+from shared.keys import RunKeys
 from shared.protocol import DEFAULT_DELTA_LIMITS, PART_TYPE, DeltaMessage, MiB, split_delta
 from shared.settings import ConnectionSettings, RetryPolicy, sleep_interruptibly
 
@@ -47,7 +48,11 @@ class Upload:
 
 
 class DeltaUploader:
-    """Publishes delta messages to one queue through the default exchange; owns the AMQP connection.
+    """Publishes delta messages to the run's delta exchange; owns the AMQP connection.
+
+    Every message carries the broker user it is sent as in its ``user_id`` property: RabbitMQ
+    refuses a publish whose user_id is not the connection's own, so the coordinator knows which
+    volunteer's credentials sent it.
 
     The connection is opened lazily and reopened after any failure. :meth:`keepalive` lets a
     caller that is busy training service heartbeats, so an idle connection is not dropped.
@@ -55,10 +60,12 @@ class DeltaUploader:
     """
 
     def __init__(
-        self, connection: ConnectionSettings, *, queue: str, retry: RetryPolicy, part_bytes: int
+        self, connection: ConnectionSettings, *, keys: RunKeys, retry: RetryPolicy, part_bytes: int
     ) -> None:
         self.settings = connection
-        self.queue = queue
+        self.keys = keys
+        self.queue = keys.delta_queue  # the routing key: the exchange's one binding
+        self.user = pika.URLParameters(connection.amqp_url).credentials.username
         self.retry = retry
         self.part_bytes = part_bytes
         self._connection: pika.BlockingConnection | None = None
@@ -170,6 +177,7 @@ class DeltaUploader:
             message_id=message_id,
             type=message_type,
             app_id=APP_ID,
+            user_id=self.user,
         )
         delays = self.retry.delays()
         troubled = False
@@ -179,7 +187,7 @@ class DeltaUploader:
             try:
                 channel = self._open()
                 channel.basic_publish(
-                    exchange="",
+                    exchange=self.keys.delta_exchange,
                     routing_key=self.queue,
                     body=body,
                     properties=properties,
@@ -193,6 +201,9 @@ class DeltaUploader:
                 why = f"queue {self.queue!r} does not exist yet (is the coordinator running?)"
             except pika.exceptions.NackError:
                 why = "the broker refused the delta (queue full?)"
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                why = _refused_by_broker(exc, self.keys)
+                self.close()
             except (pika.exceptions.AMQPError, OSError) as exc:
                 why = f"RabbitMQ unavailable ({type(exc).__name__}: {exc})"
                 self.close()
@@ -206,3 +217,12 @@ class DeltaUploader:
                 raise ServiceUnavailable(f"gave up sending delta {message_id}: {why}")
             if sleep_interruptibly(delay, give_up):
                 return False
+
+
+def _refused_by_broker(exc: pika.exceptions.ChannelClosedByBroker, keys: RunKeys) -> str:
+    """Why the broker closed the channel on a publish, in a volunteer's words."""
+    if exc.reply_code == 404:
+        return f"the run's exchange {keys.delta_exchange!r} does not exist yet (is the coordinator running?)"
+    if exc.reply_code == 403:
+        return f"this user may not publish to the run ({exc.reply_text}); was the invitation revoked?"
+    return f"RabbitMQ closed the channel ({exc.reply_code} {exc.reply_text})"

@@ -71,7 +71,7 @@ class Worker:
             self.redis, self.keys, retry=config.retry, should_stop=self._should_stop
         )
         self.uploader = DeltaUploader(
-            config.connection, queue=self.keys.delta_queue, retry=config.retry, part_bytes=config.part_bytes
+            config.connection, keys=self.keys, retry=config.retry, part_bytes=config.part_bytes
         )
         self.replica = Replica(client_id=self.identity.client_id, device=device, data=config.data)
         self.codec = get_codec(config.codec)

@@ -65,7 +65,8 @@ def delta_queue_arguments(keys: RunKeys, config: QueueConfig) -> dict[str, Any]:
 
 
 def declare_queues(channel: Any, keys: RunKeys, config: QueueConfig, *, keep_existing: bool = False) -> None:
-    """Declare the dead-letter exchange and queue, then the delta queue (idempotent).
+    """Declare the dead-letter exchange and queue, the delta queue and the exchange clients publish
+    to, bound to it (idempotent).
 
     ``keep_existing``: only check that the delta queue exists, whatever its arguments (a queue
     declared with other arguments, e.g. by an older version, cannot be redeclared).
@@ -81,11 +82,16 @@ def declare_queues(channel: Any, keys: RunKeys, config: QueueConfig, *, keep_exi
         channel.queue_declare(keys.delta_queue, passive=True)
     else:
         channel.queue_declare(keys.delta_queue, durable=True, arguments=delta_queue_arguments(keys, config))
+    channel.exchange_declare(keys.delta_exchange, exchange_type="direct", durable=True)
+    channel.queue_bind(keys.delta_queue, keys.delta_exchange, keys.delta_queue)
 
 
 @dataclass(frozen=True)
 class Delivery:
     """One message from the queue; ``message_type`` is its AMQP type property (parts say so).
+
+    ``sender`` is the message's ``user_id`` property: RabbitMQ refuses a publish whose user_id is
+    not the publishing connection's own user, so it names who sent it ("" when unset).
 
     A delta put together from parts is handled as a delivery of generation -1 (nothing to ack)
     whose ``spool_key`` names its spool entry, removed once a commit settles it.
@@ -97,6 +103,7 @@ class Delivery:
     redelivered: bool
     message_type: str = ""
     spool_key: str = ""
+    sender: str = ""
 
     @classmethod
     def from_spool(cls, key: str) -> Delivery:
@@ -217,7 +224,7 @@ class DeltaConsumer(threading.Thread):
 
     def _on_message(self, generation: int, channel: Any, method: Any, props: Any, body: bytes) -> None:
         self.inbox.put(Delivery(generation, method.delivery_tag, body, bool(method.redelivered),
-                                message_type=props.type or ""))
+                                message_type=props.type or "", sender=props.user_id or ""))
 
     def settle(self, items: list[tuple[Delivery, Outcome]]) -> int:
         """Ack applied, duplicate and spooled deliveries; dead-letter rejected ones with their reason.

@@ -61,7 +61,7 @@ def delete_run_queues(amqp_url: str, keys: RunKeys) -> list[str]:
         # queue.delete and exchange.delete succeed for a name that does not exist, so a passive
         # declare asks first (a 404 closes the channel: each name gets a fresh one).
         for name, is_queue in ((keys.delta_queue, True), (keys.dead_letter_queue, True),
-                               (keys.dead_letter_exchange, False)):
+                               (keys.delta_exchange, False), (keys.dead_letter_exchange, False)):
             channel = connection.channel()
             try:
                 if is_queue:

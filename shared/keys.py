@@ -9,8 +9,10 @@ Layout for run ``R`` (all under the prefix ``asyncloco:R:``)::
     status                    JSON status document written by the coordinator
     coordinator               lease of the running coordinator (its instance id, with a TTL)
 
-AMQP: a durable queue ``asyncloco.R.deltas`` on the default exchange, and its dead-letter queue
-``asyncloco.R.deltas.dead`` reached through the exchange ``asyncloco.R.dlx``.
+AMQP: clients publish to the direct exchange ``asyncloco.R.deltas.in`` (a volunteer's broker user
+may write to it and to nothing else), bound to the durable queue ``asyncloco.R.deltas``; rejected
+deltas go to the dead-letter queue ``asyncloco.R.deltas.dead`` through the exchange
+``asyncloco.R.dlx``.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ class RunKeys:
         return f"{self.prefix}coordinator"
 
     # AMQP names
+    @property
+    def delta_exchange(self) -> str:
+        return f"asyncloco.{self.run}.deltas.in"
+
     @property
     def delta_queue(self) -> str:
         return f"asyncloco.{self.run}.deltas"

@@ -30,6 +30,7 @@ import torch
 from client.config import ClientConfig
 from client.report import RoundReport, RunSummary
 from client.worker import Worker
+from coordinator.consumer import QueueConfig, declare_queues
 from harness.processes import AMQP_URL, REDIS_URL
 from shared.codecs import get_codec
 from shared.keys import RunKeys
@@ -65,7 +66,8 @@ def amqp() -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
 
 
 def declare_delta_queue(channel: pika.adapters.blocking_connection.BlockingChannel, keys: RunKeys) -> None:
-    channel.queue_declare(keys.delta_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    """What the coordinator declares: the queue, and the exchange clients publish to."""
+    declare_queues(channel, keys, QueueConfig())
 
 
 def publish_run(

@@ -77,7 +77,7 @@ def test_delete_run_removes_every_key_and_queue_of_the_run_and_nothing_else(
     deleted = delete_run(redis_client, AMQP_URL, run_name)
 
     assert deleted == RunDeletion(keys_deleted=created, queues_deleted=[
-        keys.delta_queue, keys.dead_letter_queue, keys.dead_letter_exchange])
+        keys.delta_queue, keys.dead_letter_queue, keys.delta_exchange, keys.dead_letter_exchange])
     assert list(redis_client.scan_iter(match=f"{keys.prefix}*")) == []
     assert not _queue_exists(keys.delta_queue) and not _queue_exists(keys.dead_letter_queue)
     # the other run is untouched, its queued message included
@@ -101,7 +101,7 @@ def test_delete_run_is_refused_while_a_coordinator_holds_the_lease(
 
     deleted = delete_run(redis_client, AMQP_URL, run_name, force=True)
     assert deleted.keys_deleted == created + 1  # the lease went with the rest
-    assert len(deleted.queues_deleted) == 3
+    assert len(deleted.queues_deleted) == 4
 
 
 def test_a_lease_left_by_a_dead_coordinator_on_this_host_does_not_block(
