@@ -1,13 +1,16 @@
 """Outer optimizers of asynchronous Local-SGD: how arriving pseudo-gradients move θ.
 
-``dn`` — Delayed Nesterov (Liu et al., 2024), the default. On each arriving ``g`` (``N`` = buffer
-size, ``c`` = 0 by default)::
+``dn`` — Delayed Nesterov (Liu et al., 2024, Algorithm 3), the default. On each arriving ``g``
+(``N`` = buffer size, ``c`` ∈ [0, 1/N], 0 by default)::
 
     Δ += g;  t += 1
-    if t % N == 0:  m = β·m + Δ/N;  θ -= ε·(β·m + g/N);  Δ = 0   # momentum moves once per N arrivals
-    else:           θ -= ε·(c·β·m + g/N)                          # plain step, momentum frozen
+    if t % N == 0:  m = β·m + Δ/N;  θ -= ε·((1 − c·N + c)·β·m + g/N);  Δ = 0   # momentum once per N
+    else:           θ -= ε·(c·β·m + g/N)                                       # plain step, m frozen
 
-Over N arrivals with c = 0 this moves θ by exactly one Nesterov step on the mean of the N deltas.
+Over N arrivals the momentum term weighs (N − 1)·c + (1 − c·N + c) = 1 in all: the cycle moves θ by
+one Nesterov step on the mean of the N deltas, exactly with c = 0, and with c > 0 up to
+ε·c·(N − 1)·β·(m_before − m_after) (c spreads part of the momentum step over the cycle, using the
+momentum of the cycle before).
 
 ``nesterov`` — Nesterov on every arrival (the paper's "Async DiLoCo"): ``m = β·m + g/N;
 θ -= ε·(β·m + g/N)``. It over-counts momentum (about 7% worse perplexity in the paper).
@@ -40,7 +43,10 @@ STRATEGIES = (*ASYNC_STRATEGIES, "sync")
 class OuterConfig:
     """Outer optimizer settings. DiLoCo's defaults: ε = 0.7, β = 0.9.
 
-    ``buffer_size`` N = 0 means "the number of active clients", re-read at every arrival. If eval
+    ``buffer_size`` N = 0 means "the number of active clients, at least ``min_buffer``", re-read at
+    every arrival: with ``min_buffer`` above 1, the run's very first deltas (one client heard from
+    so far) do not each take a full momentum step. ``c`` must be at most 1/N (with N from active
+    clients, it is capped at 1/N at each arrival). If eval
     loss oscillates (small H, few clients, from scratch), lower ``momentum`` to 0.8 and ``lr`` to
     0.5; if it falls too slowly with many clients, raise ``buffer_size`` rather than ``lr``.
     If slow clients' stale deltas hurt, set ``staleness_exponent`` to 0.5.
@@ -50,6 +56,7 @@ class OuterConfig:
     lr: float = 0.7
     momentum: float = 0.9
     buffer_size: int = 0
+    min_buffer: int = 1
     c: float = 0.0
     staleness_exponent: float = 0.0
 
@@ -62,8 +69,13 @@ class OuterConfig:
             raise ConfigError("outer momentum must be in [0, 1)")
         if self.buffer_size < 0:
             raise ConfigError("buffer size N must be >= 0 (0 = number of active clients)")
+        if self.min_buffer < 1:
+            raise ConfigError("the minimum buffer size must be >= 1")
         if not 0 <= self.c <= 1:
-            raise ConfigError("c must be in [0, 1]")
+            raise ConfigError("c must be in [0, 1/N]")
+        if self.buffer_size and self.c > 1 / self.buffer_size:
+            raise ConfigError(f"c must be at most 1/N = {1 / self.buffer_size:.3g} with buffer size "
+                              f"{self.buffer_size}, got {self.c}")
         if self.staleness_exponent < 0:
             raise ConfigError("staleness exponent must be >= 0")
 
@@ -89,7 +101,7 @@ class OuterOptimizer:
 
         ``delta`` must have exactly the parameters' names and shapes (the intake checks that).
         """
-        n = self.config.buffer_size or max(1, active_clients)
+        n = self.config.buffer_size or max(self.config.min_buffer, active_clients)
         a = self.config.staleness_exponent
         if a and staleness > 0:
             weight = (1.0 + staleness) ** -a
@@ -138,16 +150,18 @@ class DelayedNesterov(OuterOptimizer):
         eps, beta = self.config.lr, self.config.momentum
         for name, g in delta.items():
             self.accum[name].add_(g)
+        c = min(self.config.c, 1.0 / n)  # Algorithm 3 allows c in [0, 1/N]; N may change (active clients)
         if self.pending >= n:
             # Δ / pending is the mean of the buffered deltas (= Δ/N when N is fixed).
+            share = (1.0 - c * n + c) * beta  # the momentum not already spread over the cycle by c
             for name, g in delta.items():
                 m = self.momentum[name]
                 m.mul_(beta).add_(self.accum[name], alpha=1.0 / self.pending)
-                self.params[name].sub_(eps * (beta * m + g / n))
+                self.params[name].sub_(eps * (share * m + g / n))
                 self.accum[name].zero_()
             self.pending = 0
             return True
-        cb = self.config.c * beta
+        cb = c * beta
         for name, g in delta.items():
             update = g / n
             if cb:

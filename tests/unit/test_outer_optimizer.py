@@ -49,15 +49,77 @@ def test_between_momentum_updates_steps_are_plain_and_momentum_frozen() -> None:
 
 
 def test_c_adds_a_share_of_frozen_momentum() -> None:
-    opt = DelayedNesterov(_params(), OuterConfig(lr=1.0, momentum=0.5, buffer_size=2, c=1.0))
+    opt = DelayedNesterov(_params(), OuterConfig(lr=1.0, momentum=0.5, buffer_size=2, c=0.5))
     g1, g2, g3 = _grads(3)
     opt.step(g1)
     opt.step(g2)  # momentum moves here
     m = {k: v.clone() for k, v in opt.momentum.items()}
     before = {k: v.clone() for k, v in opt.params.items()}
     opt.step(g3)
+    for name in before:  # θ -= ε(c·β·m + g/N)
+        torch.testing.assert_close(opt.params[name], before[name] - (0.25 * m[name] + g3[name] / 2))
+
+
+@pytest.mark.parametrize("c", [0.0, 0.1, 0.25])
+def test_a_cycle_of_n_arrivals_with_any_c_is_one_nesterov_step_on_their_mean(c: float) -> None:
+    """Algorithm 3: the momentum term weighs (N − 1)·c + (1 − c·N + c) = 1 over a cycle; the only
+    difference from one Nesterov step is that c·(N − 1) of it uses the cycle-old momentum."""
+    n, eps, beta = 4, 0.5, 0.8
+    opt = DelayedNesterov(_params(), OuterConfig(lr=eps, momentum=beta, buffer_size=n, c=c))
+    for g in _grads(n):  # one cycle first, so that the momentum is not zero
+        opt.step(g)
+    before = {k: v.clone() for k, v in opt.params.items()}
+    m_before = {k: v.clone() for k, v in opt.momentum.items()}
+    grads = _grads(n + 1)[1:]
+    for g in grads:
+        opt.step(g)
     for name in before:
-        torch.testing.assert_close(opt.params[name], before[name] - (0.5 * m[name] + g3[name] / 2))
+        mean = sum(g[name] for g in grads) / n
+        m_after = beta * m_before[name] + mean
+        torch.testing.assert_close(opt.momentum[name], m_after)
+        nesterov = eps * (beta * m_after + mean)
+        drift = eps * c * (n - 1) * beta * (m_before[name] - m_after)
+        torch.testing.assert_close(before[name] - opt.params[name], nesterov + drift)
+
+
+def test_with_a_steady_pseudo_gradient_c_no_longer_over_counts_momentum() -> None:
+    """The review's case: constant g = 1, N = 4, ε 0.5, β 0.8, 400 arrivals. Dropping (1 − cN + c)
+    gave θ = −384 at c = 0.25; Algorithm 3 stays within a few steps of c = 0 (−242)."""
+    finals = {}
+    for c in (0.0, 0.25):
+        opt = DelayedNesterov({"w": torch.zeros(1)}, OuterConfig(lr=0.5, momentum=0.8, buffer_size=4, c=c))
+        for _ in range(400):
+            opt.step({"w": torch.ones(1)})
+        finals[c] = float(opt.params["w"])
+    assert finals[0.0] == pytest.approx(-242.0, abs=0.01)
+    assert finals[0.25] == pytest.approx(-240.5, abs=0.01)
+
+
+def test_c_beyond_one_over_n_is_refused_or_capped() -> None:
+    with pytest.raises(ConfigError, match="at most 1/N"):
+        OuterConfig(buffer_size=4, c=0.5)
+    # N from active clients: c is capped at 1/N at each arrival (here N = 2, so c = 0.5)
+    capped = DelayedNesterov(_params(), OuterConfig(lr=1.0, momentum=0.5, buffer_size=0, c=1.0))
+    exact = DelayedNesterov(_params(), OuterConfig(lr=1.0, momentum=0.5, buffer_size=2, c=0.5))
+    for g in _grads(5):
+        capped.step(g, active_clients=2)
+        exact.step(g)
+    for name in exact.params:
+        torch.testing.assert_close(capped.params[name], exact.params[name])
+
+
+def test_min_buffer_floors_n_while_few_clients_were_heard_from() -> None:
+    """The run's first delta (one active client) must not take a whole momentum step alone."""
+    floored = DelayedNesterov(_params(), OuterConfig(lr=0.7, momentum=0.9, buffer_size=0, min_buffer=3))
+    g1, g2, g3 = _grads(3)
+    assert floored.step(g1, active_clients=1) is False  # N = 3: buffered, momentum untouched
+    assert all(float(m.abs().sum()) == 0 for m in floored.momentum.values())
+    for name, p in _params().items():  # a plain step of g/N
+        torch.testing.assert_close(floored.params[name], p - 0.7 * g1[name] / 3)
+    assert floored.step(g2, active_clients=2) is False
+    assert floored.step(g3, active_clients=2) is True  # the third arrival fills the floor of 3
+    with pytest.raises(ConfigError):
+        OuterConfig(min_buffer=0)
 
 
 def test_buffer_size_zero_follows_active_clients() -> None:
