@@ -26,6 +26,8 @@ import redis
 
 from coordinator.run_admin import delete_run
 from shared.keys import RunKeys
+from shared.settings import ConnectionSettings
+from shared.signing import KEY_FILE_NAME, SigningKey
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOWDOWNS = (1, 2, 4, 8)
@@ -55,12 +57,15 @@ def run_one(strategy: str, args: argparse.Namespace, workdir: Path) -> list[tupl
     r = redis.Redis.from_url(args.redis)
     procs: list[subprocess.Popen] = []
     logs = []
+    key_file = workdir / f"{run}-{KEY_FILE_NAME}"  # made here, so the clients can pin it
+    coordinator_key = SigningKey.load_or_create(key_file).public_hex
     try:
         log = open(workdir / f"{run}-coordinator.log", "w")  # noqa: SIM115 - closed below
         logs.append(log)
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "serve", "--run", run, "--strategy", strategy,
-             "--model-size", "tiny", "--threads", "1", "--checkpoint-dir", str(workdir / run),
+            [sys.executable, "-m", "coordinator.cli", "serve", "--run", run, "--auth", "open",
+             "--strategy", strategy, "--model-size", "tiny", "--threads", "1",
+             "--checkpoint-dir", str(workdir / run), "--signing-key", str(key_file),
              "--local-steps", str(args.local_steps), "--eval-interval", "5",
              "--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum),
              "--max-seconds", str(args.seconds + 120)],
@@ -77,7 +82,8 @@ def run_one(strategy: str, args: argparse.Namespace, workdir: Path) -> list[tupl
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "client.cli", "join", "--run", run, "--client-id", f"x{slowdown}",
                  "--slowdown", str(slowdown), "--threads", "1", "--device", "cpu",
-                 "--state-dir", str(workdir / "state"), "--max-seconds", str(args.seconds)],
+                 "--state-dir", str(workdir / "state"), "--max-seconds", str(args.seconds),
+                 "--coordinator-key", coordinator_key],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
         for proc in procs[1:]:
             proc.wait(timeout=args.seconds + 120)
@@ -89,7 +95,7 @@ def run_one(strategy: str, args: argparse.Namespace, workdir: Path) -> list[tupl
         for log in logs:
             log.close()
         try:
-            delete_run(r, args.amqp, run)  # its processes are stopped: the lease is free
+            delete_run(r, ConnectionSettings(amqp_url=args.amqp), run)  # its processes are stopped
         finally:
             r.close()
 

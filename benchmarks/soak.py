@@ -46,11 +46,12 @@ import redis
 
 from coordinator.applied_log import FILENAME as APPLIED_LOG
 from coordinator.run_admin import delete_run, delete_run_keys
-from harness.faults import client_args, coordinator_args, status, verify_snapshot
+from harness.faults import client_args, coordinator_args, run_key, status, verify_snapshot
 from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import AMQP_URL, REDIS_URL, Processes, ensure_services, new_run_name, reachable
 from shared.cli import OneLineErrorsCommand
 from shared.keys import RunKeys
+from shared.settings import ConnectionSettings
 
 SLOWDOWNS = (1, 2, 4, 8)
 FAULT_KINDS = ("coordinator_kill", "client_kill", "redis_loss", "broker_restart")
@@ -98,6 +99,7 @@ class Soak:
         self.workdir = workdir
         self.ckpt = workdir / "ckpt"
         self.state = workdir / "state"
+        _, self.coordinator_key = run_key(workdir)  # coordinator_args signs with it (ckpt's parent)
         self.seed = seed
         self.duration_s = minutes * 60
         self.rng = random.Random(seed)
@@ -135,7 +137,8 @@ class Soak:
             slowdown = SLOWDOWNS[i % len(SLOWDOWNS)]
             cid = f"c{i + 1}-x{slowdown}"
             journal = self.workdir / f"{cid}.journal"
-            args = [*client_args(self.run, cid, self.state, journal, 0), "--slowdown", str(slowdown)]
+            args = [*client_args(self.run, cid, self.state, journal, 0, coordinator_key=self.coordinator_key),
+                    "--slowdown", str(slowdown)]
             role = Role(cid, args, self._spawn(cid, args, resume=False), [], journal)
             role.pids.append((role.pid, 0.0))
             self.clients.append(role)
@@ -463,7 +466,8 @@ def main(minutes: float, clients: int, fault_every: float, seed: int, out: Path,
         soak.close()
         client = redis.Redis.from_url(REDIS_URL)
         try:
-            delete_run(client, AMQP_URL, run)  # the run's Redis keys and its queues; nobody else's
+            # the run's Redis keys and its queues; nobody else's
+            delete_run(client, ConnectionSettings(amqp_url=AMQP_URL), run)
         except Exception as exc:  # the results stand; say what is left behind
             click.echo(f"soak: could not delete run {run}'s keys/queues: {exc}", err=True)
         finally:

@@ -5,7 +5,8 @@ Run N rounds in-process (tests, demos, the simulator's checks)::
     from client.config import ClientConfig
     from client.worker import Worker
 
-    config = ClientConfig(run="demo", client_id="alice", state_dir=tmp_path, threads=1, max_rounds=2)
+    config = ClientConfig(run="demo", client_id="alice", state_dir=tmp_path, threads=1, max_rounds=2,
+                          coordinator_key=KEY_HEX)  # `asyncloco-coordinator key --run demo` prints it
     with Worker(config) as worker:
         summary = worker.run(on_round=lambda report: print(report.line()))
 

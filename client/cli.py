@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from client.config import DEVICES, LOG_LEVELS, ClientConfig
+from client.credentials import Joined, merge, read_token
 from client.stop import StopSignals
 from shared.cli import OneLineErrors
 from shared.codecs import CODECS
@@ -48,18 +50,32 @@ def _setup_logging(level: int) -> None:
         logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
+def _split_tasks(values: tuple[str, ...]) -> tuple[str, ...]:
+    """``--allow-task`` values, each of which may list several tasks separated by commas."""
+    return tuple(name.strip() for value in values for name in value.split(",") if name.strip())
+
+
 def _option(*decls: str, env: str, **kwargs: Any) -> Any:
     """A click option read from ``--flag`` or, failing that, the environment variable ``env``."""
     return click.option(*decls, envvar=env, show_envvar=True, **kwargs)
 
 
 @main.command()
-@_option("--run", env="ASYNCLOCO_RUN", default="default", show_default=True, metavar="NAME",
-         help="Name of the training run to join.")
-@_option("--redis", "redis_url", env="ASYNCLOCO_REDIS", default=DEFAULT_REDIS_URL, show_default=True,
-         metavar="URL", help="Redis where the coordinator publishes snapshots.")
-@_option("--amqp", "amqp_url", env="ASYNCLOCO_AMQP", default=DEFAULT_AMQP_URL, show_default=True,
-         metavar="URL", help="RabbitMQ that deltas are sent to.")
+@click.argument("token", required=False, envvar="ASYNCLOCO_TOKEN")
+@_option("--token-file", env="ASYNCLOCO_TOKEN_FILE", default=None, metavar="FILE",
+         type=click.Path(dir_okay=False, path_type=Path),
+         help="Read the join token from this file (mode 0600) instead: it stays out of `ps`.")
+@_option("--run", env="ASYNCLOCO_RUN", default=None, metavar="NAME",
+         help="Name of the training run to join [default: the token's, else 'default'].")
+@_option("--redis", "redis_url", env="ASYNCLOCO_REDIS", default=None,
+         metavar="URL", help=f"Redis where the coordinator publishes snapshots [default: the token's, else "
+         f"{DEFAULT_REDIS_URL}].")
+@_option("--amqp", "amqp_url", env="ASYNCLOCO_AMQP", default=None,
+         metavar="URL", help="RabbitMQ that deltas are sent to [default: the token's, else "
+         "amqp://guest:guest@127.0.0.1:5672/%2F].")
+@_option("--tls-ca", "tls_ca", env="ASYNCLOCO_TLS_CA", default=None, metavar="FILE",
+         help="PEM bundle of the CA that signed the servers' TLS certificates (from the run's operator), "
+              "trusted besides the system's CAs for rediss:// and amqps:// URLs.")
 @_option("--data", env="ASYNCLOCO_DATA", default=None, metavar="GLOB",
          help="Train on these text files instead of the run's corpus (e.g. '~/notes/**/*.md').")
 @_option("--device", env="ASYNCLOCO_DEVICE", default="auto", show_default=True,
@@ -87,15 +103,31 @@ def _option(*decls: str, env: str, **kwargs: Any) -> Any:
          type=click.IntRange(min=1), metavar="BYTES",
          help="Send a delta bigger than this in parts of this size (keep it under the broker's message "
               "limit).")
+@_option("--include-wait", "include_wait_s", env="ASYNCLOCO_INCLUDE_WAIT", default=10.0, show_default=True,
+         type=click.FloatRange(min=0.0), metavar="SECONDS",
+         help="After a delta is confirmed, wait this long for a snapshot that includes it, then for any "
+              "newer one before the next round (the coordinator takes one delta per base version). 0: "
+              "never wait (rounds on an old base are then refused already_sent; fault tests use it to "
+              "pile deltas up).")
 @_option("--log-level", env="ASYNCLOCO_LOG_LEVEL", default="warning", show_default=True,
          type=click.Choice(LOG_LEVELS, case_sensitive=False), help="Logging detail on stderr.")
+@_option("--coordinator-key", env="ASYNCLOCO_COORDINATOR_KEY", default=None, metavar="HEX",
+         help="The run's coordinator public key (64 hex digits; `asyncloco-coordinator key` prints it): "
+              "every snapshot and plan not signed by it is refused [default: the join token's].")
+@_option("--allow-task", "allow_task", env="ASYNCLOCO_ALLOW_TASK", multiple=True, metavar="PKG.MOD:FACTORY",
+         callback=lambda ctx, param, value: _split_tasks(value),
+         help="Also allow runs of this user task (code on this machine that a run may then import and "
+              "run); repeatable, or comma-separated in the variable. 'bytelm' is always allowed.")
 @_option("--journal", env="ASYNCLOCO_JOURNAL", default=None, hidden=True,
          type=click.Path(dir_okay=False, path_type=Path),
          help="Fault tests only: append each broker-confirmed delta id (client_id:seq) to this file.")
 def join(
-    run: str,
-    redis_url: str,
-    amqp_url: str,
+    token: str | None,
+    token_file: Path | None,
+    run: str | None,
+    redis_url: str | None,
+    amqp_url: str | None,
+    tls_ca: str | None,
     data: str | None,
     device: str,
     codec: str,
@@ -106,10 +138,17 @@ def join(
     max_rounds: int,
     max_seconds: float,
     part_bytes: int,
+    include_wait_s: float,
     log_level: str,
+    coordinator_key: str | None,
+    allow_task: tuple[str, ...],
     journal: Path | None,
 ) -> None:
     """Join a run and train rounds until stopped (Ctrl-C sends the round in hand, then exits).
+
+    TOKEN is the join token from the run's operator (`asyncloco-coordinator invite`); it says which
+    run, which servers, and who you are. Prefer --token-file or $ASYNCLOCO_TOKEN: a token on the
+    command line is visible to other users of this machine.
 
     Each round prints one line: the snapshot version it started from (v), local steps run (H),
     mean training loss, throughput, bytes sent and staleness (versions published meanwhile).
@@ -117,20 +156,38 @@ def join(
     Updates keeps its rounds short, and the coordinator discards only deltas more than its
     --max-staleness versions behind; --codec int8 helps when the upload is the bottleneck.
     """
+    join_token = read_token(token, token_file)
+    if join_token is not None:
+        # With a token, only a URL typed on this command line replaces the token's: an
+        # ASYNCLOCO_REDIS/AMQP left in the environment (a coordinator's, say) must not.
+        ctx = click.get_current_context()
+        redis_url, amqp_url = (
+            url if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE else None
+            for name, url in (("redis_url", redis_url), ("amqp_url", amqp_url))
+        )
+    joined = merge(join_token, run=run, redis_url=redis_url, amqp_url=amqp_url,
+                   client_id=client_id,
+                   coordinator_key=coordinator_key.strip().lower() if coordinator_key else None,
+                   defaults=Joined(run="default", redis_url=DEFAULT_REDIS_URL, amqp_url=DEFAULT_AMQP_URL,
+                                   client_id=None, coordinator_key=None))
     config = ClientConfig(
-        run=run,
-        connection=ConnectionSettings(redis_url=redis_url, amqp_url=amqp_url),
+        run=joined.run,
+        connection=ConnectionSettings(redis_url=joined.redis_url, amqp_url=joined.amqp_url,
+                                      tls_ca_file=tls_ca),
         data=data,
         device=device.lower(),
         codec=codec.lower(),
         slowdown=slowdown,
-        client_id=client_id,
+        client_id=joined.client_id,
         state_dir=state_dir if state_dir is not None else default_state_dir(),
         threads=threads if threads is not None else max(1, (os.cpu_count() or 2) // 2),
         max_rounds=max_rounds,
         max_seconds=max_seconds,
         part_bytes=part_bytes,
+        include_wait_s=include_wait_s,
         log_level=log_level.lower(),
+        coordinator_key=joined.coordinator_key or "",
+        allowed_tasks=allow_task,
     )
     _setup_logging(config.logging_level)
     stop = threading.Event()

@@ -19,9 +19,13 @@ from shared.files import default_state_dir
 from shared.keys import validate_run_name
 from shared.protocol import DEFAULT_DELTA_LIMITS, PART_HEADER_BYTES, MiB
 from shared.settings import ConnectionSettings, RetryPolicy
+from shared.signing import VerifyKey
+from shared.tasks import BUILTIN, TASK_IMPORT_PATH
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+NO_COORDINATOR_KEY = ("no coordinator key: pass --coordinator-key (asyncloco-coordinator key prints it) "
+                      "or a join token")
 
 
 @dataclass(frozen=True)
@@ -50,15 +54,32 @@ class ClientConfig:
     upload_grace_s: float = 30.0
     # After a delta is confirmed, wait up to this long for a snapshot that includes it, so the
     # next round does not start from a base that lacks this client's own last work (which would
-    # send nearly the same delta twice). 0 disables; the coordinator normally commits within ~1 s.
+    # send nearly the same delta twice). 0 disables this and the wait for a newer base before the
+    # next round (tests without a coordinator); the coordinator normally commits within ~1 s.
     include_wait_s: float = 10.0
     poll_s: float = 1.0
     # A delta message bigger than this is sent as parts of this many bytes (the coordinator puts
     # them together). It must stay under the broker's message limit (16 MiB in RabbitMQ 4.x).
     part_bytes: int = 8 * MiB
+    # The coordinator's Ed25519 public key (64 hex digits), pinned from the operator or the join
+    # token: every manifest and plan is checked against it. Required (a client with no key would
+    # train on whatever anyone wrote to Redis); "" only so the field can follow the defaults.
+    coordinator_key: str = ""
+    # Tasks besides the built-in "bytelm" that this volunteer allows a run to name
+    # ("package.module:factory"); a run naming any other task is refused before anything is imported.
+    allowed_tasks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         validate_run_name(self.run)
+        if not self.coordinator_key:
+            raise ConfigError(NO_COORDINATOR_KEY)
+        # Normalised (lowercase) and checked here, so a bad key fails before anything starts.
+        object.__setattr__(self, "coordinator_key", VerifyKey.from_hex(self.coordinator_key).hex)
+        allowed = tuple(self.allowed_tasks)
+        for name in allowed:
+            if not (isinstance(name, str) and (name == BUILTIN or TASK_IMPORT_PATH.fullmatch(name))):
+                raise ConfigError(f"--allow-task takes 'package.module:factory', not {str(name)[:80]!r}")
+        object.__setattr__(self, "allowed_tasks", allowed)
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
         try:

@@ -17,11 +17,12 @@ from typing import TypeVar
 import redis
 
 from client.stop import StopRequested
-from shared.errors import ServiceUnavailable, SnapshotError, SnapshotMissing
+from shared.errors import ServiceUnavailable, SnapshotError, SnapshotMissing, SnapshotUntrusted
 from shared.keys import RunKeys
 from shared.protocol import RoundMode, RoundPlan
 from shared.settings import REDIS_ERRORS as REDIS_OUTAGES
 from shared.settings import RetryPolicy, sleep_interruptibly
+from shared.signing import VerifyKey
 from shared.snapshot import Snapshot, SnapshotManifest, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (*REDIS_OUTAGES, OSError)
 # A snapshot that fails its checks may be a reader racing expiry, or corruption; after this many
 # tries in a row it is reported as an error instead of being retried forever.
 BAD_SNAPSHOT_TRIES = 5
+MAX_REPORTED = 1000  # distinct refusals remembered (so each is warned about once), then forgotten
 
 
 class SnapshotFetcher:
@@ -40,6 +42,12 @@ class SnapshotFetcher:
 
     ``redis_client`` (made without ``decode_responses``: snapshots are bytes) belongs to the caller,
     who closes it; give it a ``socket_timeout`` so that a dead server is noticed and retried.
+
+    Every manifest and plan is checked against ``verify_key``, the coordinator's key that the
+    volunteer pinned. One that fails (unsigned, forged, replayed under another version, a chunk off
+    its signed hash, or an older version of a run than one already read) is reported once as a
+    warning and never used: the fetcher waits, polling every ``poll_s`` seconds, as it would for a
+    snapshot not yet published, so a forgery in Redis can neither run anything nor stop training.
     """
 
     def __init__(
@@ -49,13 +57,28 @@ class SnapshotFetcher:
         *,
         retry: RetryPolicy,
         should_stop: Callable[[], bool],
+        verify_key: VerifyKey,
+        poll_s: float = 1.0,
     ) -> None:
         self.redis = redis_client
         self.keys = keys
         self.retry = retry
         self.should_stop = should_stop
-        self.store = SnapshotStore(redis_client, keys)
+        self.poll_s = poll_s
+        self.store = SnapshotStore(redis_client, keys, verify_key=verify_key)
         self._down = False  # inside an outage: warn once, not on every retry
+        self._reported: set[str] = set()  # refusals already warned about (one line per forgery)
+        self._newest: dict[str, int] = {}  # run id -> newest version read whole (rollback guard)
+
+    def _refuse(self, what: str) -> None:
+        """Warn about a refused manifest or plan, once for each distinct refusal."""
+        if what in self._reported:
+            log.debug("still refusing: %s", what)
+            return
+        if len(self._reported) >= MAX_REPORTED:
+            self._reported.clear()
+        self._reported.add(what)
+        log.warning("%s; waiting for one signed by the coordinator", what)
 
     def _call(self, what: str, operation: Callable[[], T]) -> T:
         """Run ``operation``, retrying through Redis outages until it works or a stop is asked for."""
@@ -112,7 +135,16 @@ class SnapshotFetcher:
         failures = 0
         while True:
             try:
-                return self._call("reading a snapshot", self.store.read_latest)
+                snapshot = self._call("reading a snapshot", self.store.read_latest)
+                self._check_not_older(snapshot.manifest)
+                return snapshot
+            except SnapshotUntrusted as exc:
+                # Not the coordinator's: wait for the next version (the pointer moves on when the
+                # coordinator publishes), never give up, never count it as corruption.
+                self._refuse(str(exc))
+                if sleep_interruptibly(self.poll_s, self.should_stop):
+                    raise StopRequested() from None
+                continue
             except SnapshotMissing as exc:
                 # Expired under us or not there yet: the pointer will name a readable one soon.
                 log.debug("snapshot not readable yet: %s", exc)
@@ -129,14 +161,27 @@ class SnapshotFetcher:
             if sleep_interruptibly(delay, self.should_stop):
                 raise StopRequested()
 
+    def _check_not_older(self, manifest: SnapshotManifest) -> None:
+        """Refuse a version older than one already read of the same run: ``current`` is not signed,
+        so it may have been pointed back at an old (signed) version still in Redis."""
+        newest = self._newest.get(manifest.run_id, -1)
+        if manifest.version < newest:
+            raise SnapshotUntrusted(
+                f"snapshot {manifest.version} of run id {manifest.run_id} is older than version "
+                f"{newest} that this client already read (a rolled-back pointer); refusing it"
+            )
+        if len(self._newest) >= MAX_REPORTED:
+            self._newest.clear()
+        self._newest[manifest.run_id] = manifest.version
+
     def plan(self) -> RoundPlan | None:
-        """The coordinator's current round plan, or None if it has not published one."""
-        raw = self._call("reading the round plan", lambda: self.redis.get(self.keys.plan))
-        if raw is None:
+        """The coordinator's current round plan, or None if it has not published one or what Redis
+        holds is not signed by the coordinator (reported once, then treated as no plan yet)."""
+        try:
+            return self._call("reading the round plan", self.store.read_plan)
+        except SnapshotError as exc:  # SnapshotUntrusted, or a signed plan this client cannot read
+            self._refuse(str(exc))
             return None
-        if isinstance(raw, str):
-            raise TypeError("the Redis client decodes responses; the fetcher needs raw bytes")
-        return RoundPlan.decode(raw)
 
     def wait_for_plan(self, poll_s: float) -> RoundPlan:
         """Return the round plan, polling every ``poll_s`` seconds until there is one."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ import torch
 from shared.errors import ConfigError, SnapshotError
 from shared.local_round import InnerConfig, LocalTrainer
 from shared.snapshot import Snapshot, SnapshotManifest
-from shared.tasks import load_task
+from shared.tasks import BUILTIN, TASK_IMPORT_PATH, load_task
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,16 @@ class Replica:
     """The trainer of the current run and the snapshot its θ_base comes from.
 
     ``data`` (the client's ``--data``) replaces the task's "data" setting when the task has one.
+    ``allowed_tasks`` are the tasks besides the built-in one that the volunteer allowed
+    (``--allow-task``): a run naming any other task is refused before anything is imported.
     """
 
-    def __init__(self, *, client_id: str, device: torch.device, data: str | None) -> None:
+    def __init__(self, *, client_id: str, device: torch.device, data: str | None,
+                 allowed_tasks: Collection[str] = ()) -> None:
         self.client_id = client_id
         self.device = device
         self.data = data
+        self.allowed_tasks = frozenset(allowed_tasks)
         # crc32, not hash(): the same client id must pick the same shard in every process.
         self._crc = zlib.crc32(client_id.encode())
         self.trainer: LocalTrainer | None = None
@@ -76,6 +80,7 @@ class Replica:
         for key in RUN_CONFIG_KEYS:
             if key not in run_config:
                 raise ConfigError(f"snapshot {manifest.version} has no {key!r} in its run config")
+        self.check_task_allowed(run_config["task"])
         run_key = (manifest.run_id, json.dumps(run_config, sort_keys=True, default=str))
         new_run = run_key != self._run_key
         if new_run:
@@ -88,6 +93,21 @@ class Replica:
         self.run_id = manifest.run_id
         self.progress = dict(manifest.progress)
         return new_run
+
+    def check_task_allowed(self, task: object) -> None:
+        """Refuse (ConfigError) a task name that is neither built in nor allowed by the volunteer.
+
+        The name is compared as a string, before :func:`shared.tasks.load_task` could import
+        anything: a run may train only code that the volunteer chose to run on this machine.
+        """
+        if task == BUILTIN or (isinstance(task, str) and task in self.allowed_tasks):
+            return
+        shown = repr(task)[:100]
+        how = (f"; if you trust that code, pass --allow-task {task}" if isinstance(task, str)
+               and TASK_IMPORT_PATH.fullmatch(task) else "")
+        raise ConfigError(f"the run's task {shown} is not allowed on this client (built in: "
+                          f"{BUILTIN!r}; allowed with --allow-task: "
+                          f"{', '.join(sorted(self.allowed_tasks)) or 'none'}){how}")
 
     def describe(self) -> str:
         """Model size, device and data shard, for the "joined run" notice."""

@@ -27,7 +27,13 @@ import pika.exceptions
 from shared.errors import ConfigError, ServiceUnavailable
 from shared.keys import RunKeys
 from shared.protocol import DEFAULT_DELTA_LIMITS, PART_TYPE, DeltaMessage, MiB, split_delta
-from shared.settings import ConnectionSettings, RetryPolicy, sleep_interruptibly
+from shared.settings import (
+    ConnectionSettings,
+    RetryPolicy,
+    amqp_parameters,
+    open_amqp,
+    sleep_interruptibly,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +71,7 @@ class DeltaUploader:
         self.settings = connection
         self.keys = keys
         self.queue = keys.delta_queue  # the routing key: the exchange's one binding
-        self.user = pika.URLParameters(connection.amqp_url).credentials.username
+        self.user = amqp_parameters(connection).credentials.username
         self.retry = retry
         self.part_bytes = part_bytes
         self._connection: pika.BlockingConnection | None = None
@@ -73,7 +79,7 @@ class DeltaUploader:
         self._last_io = 0.0  # time.monotonic() of the last time the connection did I/O
 
     def _parameters(self) -> pika.URLParameters:
-        params = pika.URLParameters(self.settings.amqp_url)
+        params = amqp_parameters(self.settings)  # TLS (amqps://) as the settings say
         params.heartbeat = self.settings.heartbeat_s
         params.socket_timeout = self.settings.socket_timeout_s
         params.stack_timeout = self.settings.socket_timeout_s * 2
@@ -86,7 +92,8 @@ class DeltaUploader:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self.close()
-        self._connection = pika.BlockingConnection(self._parameters())
+        # A refused certificate raises ConfigError here: never retried, it ends the client.
+        self._connection = open_amqp(self.settings, self._parameters())
         channel = self._connection.channel()
         channel.confirm_delivery()  # basic_publish now waits for the broker's ack or nack
         self._channel = channel

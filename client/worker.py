@@ -2,9 +2,10 @@
 
 One round::
 
-    v = current version          (a small GET; the snapshot itself only when v changed)
+    v = current version          (a small GET; the snapshot itself only when v changed; newer than
+                                  the last delta's base: the coordinator takes one per base)
     θ ← θ_base(v)                (load_base on a new version, else reset_to_base)
-    H_i from the plan and this machine's measured speed (Dynamic Local Updates)
+    H_i from the plan: the coordinator's assignment for this client (Dynamic Local Updates)
     train H_i inner steps        (AdamW state kept across rounds, rebuilt only for a new run)
     g = θ_base − θ               compressed with error feedback, tagged (run_id, client_id, seq, v)
     publish with confirms        (retrying the same bytes and seq until the broker confirms)
@@ -33,11 +34,13 @@ from client.report import RoundReport, RunSummary
 from client.stop import StopRequested
 from client.uploader import DeltaUploader
 from shared.codecs import ErrorFeedback, get_codec
-from shared.dylu import SpeedMeter, local_steps_for, round_time_budget_s
+from shared.dylu import SpeedMeter, is_assigned, local_steps_for, round_time_budget_s
+from shared.errors import SnapshotError
 from shared.keys import RunKeys
 from shared.local_round import LocalTrainer, RoundStats, pick_device
 from shared.protocol import DeltaMessage, RoundMode
-from shared.settings import connect_redis
+from shared.settings import connect_redis, sleep_interruptibly
+from shared.signing import VerifyKey
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +71,20 @@ class Worker:
         self.identity = ClientIdentity.open(config.state_dir, config.client_id)
         self.redis = connect_redis(config.connection)
         self.fetcher = SnapshotFetcher(
-            self.redis, self.keys, retry=config.retry, should_stop=self._should_stop
+            self.redis, self.keys, retry=config.retry, should_stop=self._should_stop,
+            verify_key=VerifyKey.from_hex(config.coordinator_key), poll_s=config.poll_s,
         )
         self.uploader = DeltaUploader(
             config.connection, keys=self.keys, retry=config.retry, part_bytes=config.part_bytes
         )
-        self.replica = Replica(client_id=self.identity.client_id, device=device, data=config.data)
+        self.replica = Replica(client_id=self.identity.client_id, device=device, data=config.data,
+                               allowed_tasks=config.allowed_tasks)
         self.codec = get_codec(config.codec)
         self.feedback = ErrorFeedback(self.codec)
         self.speed = SpeedMeter()
         self._deadline: float | None = None  # time.monotonic() when max_seconds is up
         self._stop_seen: float | None = None  # when a stop or the deadline was first noticed
+        self._last_sent: tuple[str, int] | None = None  # (run id, base version) of the last confirmed delta
 
     @property
     def client_id(self) -> str:
@@ -162,6 +168,7 @@ class Worker:
         Raises :class:`StopRequested` if a stop comes while waiting for the coordinator.
         """
         self.fetcher.wait_while_another_warms_up(self.client_id, self.config.poll_s, self.on_notice)
+        self._wait_for_newer_base()
         trainer = self._start_from_newest_base()
         base_version, run_id = self.replica.version, self.replica.run_id
         assert base_version is not None and run_id is not None  # set by the base just taken
@@ -174,8 +181,10 @@ class Worker:
         upload = self.uploader.send(message, give_up=self._give_up_upload)
         if not upload.confirmed:
             log.warning("gave up sending delta %s after the stop grace period", message.delta_id)
-        elif self.on_confirmed is not None:
-            self.on_confirmed(message.delta_id)
+        else:
+            self._last_sent = (run_id, base_version)
+            if self.on_confirmed is not None:
+                self.on_confirmed(message.delta_id)
         staleness = None
         if upload.confirmed and self.config.include_wait_s > 0 and not self._should_stop():
             self.fetcher.wait_until_included(client_id=self.client_id, run_id=run_id, seq=message.seq,
@@ -191,6 +200,37 @@ class Worker:
         )
 
     # -- the parts of a round ---------------------------------------------------------------------
+
+    def _wait_for_newer_base(self) -> None:
+        """Never start a round from the base the last confirmed delta was computed on.
+
+        The coordinator takes one delta per client per base version (a second is refused
+        ``already_sent``: it would repeat most of the first). So when the include wait ran out, or
+        there was none, wait for any newer version, or another run, however long it takes (until a
+        stop), saying so once.
+        """
+        if self._last_sent is None or self.config.include_wait_s == 0:
+            return  # include_wait_s 0: no waiting on the coordinator between rounds (see ClientConfig)
+        run_id, last_base = self._last_sent
+        noticed = False
+        checked = -1  # the version whose run id was read last (a new run may count from 0 again)
+        while True:
+            version = self.fetcher.current_version()
+            if version is not None and version > last_base:
+                return
+            if version is not None and version != checked:
+                checked = version
+                try:
+                    if self.fetcher.manifest(version).run_id != run_id:
+                        return
+                except SnapshotError:
+                    pass  # gone or not readable (yet): keep waiting for the next version
+            if not noticed:
+                self.on_notice(f"waiting for a version newer than {last_base}: the coordinator takes "
+                               "one delta per client per version (Ctrl-C to quit)")
+                noticed = True
+            if sleep_interruptibly(self.config.poll_s, self._should_stop):
+                raise StopRequested()
 
     def _start_from_newest_base(self) -> LocalTrainer:
         """θ ← θ_base of the newest version; download the snapshot only if the replica lacks it."""
@@ -221,18 +261,18 @@ class Worker:
         common: dict[str, Any] = dict(
             global_step=global_step, slowdown=self.config.slowdown, should_stop=self._train_should_stop
         )
-        if plan.mode is RoundMode.WARM_START:  # ordinary training in rounds of H while the run warms up
-            steps = plan.local_steps
-            stats = trainer.train(steps, min_steps=steps, **common)
-        elif self.speed.steps_per_s is not None:
-            steps = local_steps_for(plan, self.speed.steps_per_s)
-            stats = trainer.train(steps, min_steps=steps, **common)
-        else:
-            # First round: speed unknown, so a slow machine stops at the round's time budget.
-            steps = plan.local_steps
+        # The coordinator's assignment for this client (DyLU), else H (warm start, fixed, sync).
+        steps = local_steps_for(plan, self.client_id, self.speed.steps_per_s)
+        new = (plan.mode is RoundMode.DYLU and not is_assigned(plan, self.client_id)
+               and (bool(plan.assignments) or self.speed.steps_per_s is None))
+        if new:
+            # Not measured by the coordinator yet: H, but a slow machine stops at the round's time
+            # budget, so that even its first rounds take about as long as everyone's.
             stats = trainer.train(
                 steps, min_steps=plan.min_local_steps, time_budget_s=round_time_budget_s(plan), **common
             )
+        else:
+            stats = trainer.train(steps, min_steps=steps, **common)
         log.debug("round: planned %d steps, ran %d in %.2fs", steps, stats.steps, stats.compute_s)
         return stats, steps
 

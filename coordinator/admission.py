@@ -5,12 +5,20 @@ A new rule (a ban list, a rate limit, a quota) is one more object with these two
 where the list is built (:func:`coordinator.run_state.admission_rules`); the intake does not change.
 The mode-specific rules live beside their state: the sync round's barrier
 (:mod:`coordinator.sync_round`) and the warm start (:mod:`coordinator.warm_start`).
+
+Volunteers are strangers, so what a delta claims is bounded here by what the coordinator knows
+itself: its local steps by the round length the plan assigned its sender (:class:`AssignmentBound`),
+its base by the sender's previous delta (:class:`OnePerBase`), its sender's pace by a token bucket
+(:class:`RateLimit`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from coordinator.registry import ClientRegistry
+from shared.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,7 @@ class Arrival:
     staleness: int  # committed version minus base version
     local_steps: int
     now: float  # unix time
+    from_parts: bool = False  # put together from parts: its first part already passed the rate limit
 
 
 Refusal = tuple[str, str]  # (reason slug, detail)
@@ -30,10 +39,19 @@ Refusal = tuple[str, str]  # (reason slug, detail)
 
 class AdmissionRule(Protocol):
     def refuse(self, arrival: Arrival) -> Refusal | None:
-        """A (reason, detail) if the delta may not be applied, else None. Must not change state."""
+        """A (reason, detail) if the delta may not be applied, else None. Must not change state
+        (a meter excepted: :class:`RateLimit` counts every delta it is asked about)."""
 
     def admitted(self, arrival: Arrival) -> None:
         """Called once the delta was applied: keep whatever the rule tracks."""
+
+
+@runtime_checkable
+class FirstPartRule(Protocol):
+    """A rule that also judges a delta sent in parts, once, when its first part arrives."""
+
+    def refuse_first_part(self, client_id: str, now: float) -> Refusal | None:
+        """A (reason, detail) if the sender may not start another delta in parts now, else None."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,106 @@ class LocalStepsBound:
         if not 1 <= arrival.local_steps <= self.max_local_steps:
             return "bad_steps", f"local_steps {arrival.local_steps} out of range"
         return None
+
+    def admitted(self, arrival: Arrival) -> None:
+        pass
+
+
+# A delta may claim this much more than its assignment and still be taken: a client's round can run
+# a step or so long (it checks the clock between steps), and its plan may be a refresh old. Beyond,
+# the claim is not a measurement error but a lie: refused, and nobody's progress counts it.
+ASSIGNMENT_SLACK = 1.25
+ASSIGNMENT_SLACK_STEPS = 1
+
+
+def steps_allowed(assigned: int) -> int:
+    """The most local steps a delta assigned ``assigned`` steps may claim: ×1.25 + 1."""
+    return int(assigned * ASSIGNMENT_SLACK) + ASSIGNMENT_SLACK_STEPS
+
+
+@dataclass(frozen=True)
+class AssignmentBound:
+    """Refuse a delta claiming more local steps than any plan assigned its sender for its base
+    (H for a client the plans did not name), beyond the slack: ``over_assignment``."""
+
+    registry: ClientRegistry
+
+    def refuse(self, arrival: Arrival) -> Refusal | None:
+        assigned = self.registry.assignment_limit(arrival.client_id, arrival.base_version)
+        if arrival.local_steps > steps_allowed(assigned):
+            return ("over_assignment", f"local_steps {arrival.local_steps} > {steps_allowed(assigned)} "
+                    f"(assigned {assigned} on version {arrival.base_version}, with slack)")
+        return None
+
+    def admitted(self, arrival: Arrival) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class OnePerBase:
+    """At most one applied delta per client per base version (asynchronous runs; a sync round has
+    its own ``already_in_round``): a second round on the same base repeats most of the first, and
+    would be counted twice. Refused ``already_sent``."""
+
+    registry: ClientRegistry
+
+    def refuse(self, arrival: Arrival) -> Refusal | None:
+        record = self.registry.clients.get(arrival.client_id)
+        if record is not None and arrival.base_version <= record.last_base:
+            return ("already_sent", f"{arrival.client_id} already has a delta applied on version "
+                    f"{record.last_base}; this one is on {arrival.base_version}")
+        return None
+
+    def admitted(self, arrival: Arrival) -> None:
+        pass  # the registry records the base of every applied delta
+
+
+RATE_BURST_DELTAS = 16  # deltas a client may send at once after a quiet spell
+# Its sustained pace: one every 0.5 s, above an honest round even of the tiny demo model (~1 s), and
+# a bound on what one identity can make the coordinator decode.
+RATE_DELTAS_PER_MINUTE = 120.0
+RATE_BUCKETS_KEPT = 1024  # beyond this many clients' buckets, full ones (fresh again) are forgotten
+
+
+@dataclass
+class RateLimit:
+    """A token bucket per client: ``burst`` deltas, refilled at ``per_minute``; over it, a delta is
+    refused ``rate_limited``. Every delta asked about costs a token, applied or not (what it cost
+    to receive is paid either way); a delta in parts costs one, at its first part."""
+
+    burst: int = RATE_BURST_DELTAS
+    per_minute: float = RATE_DELTAS_PER_MINUTE
+    buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # id -> (tokens, unix time)
+
+    def __post_init__(self) -> None:
+        if self.burst < 1 or self.per_minute <= 0:
+            raise ConfigError("the rate limit needs a burst >= 1 and more than 0 deltas per minute")
+
+    def take(self, client_id: str, now: float) -> Refusal | None:
+        """Spend one of ``client_id``'s tokens, or refuse if it has none left."""
+        tokens, then = self.buckets.get(client_id, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + max(0.0, now - then) * self.per_minute / 60.0)
+        if tokens < 1.0:
+            self.buckets[client_id] = (tokens, now)
+            wait_s = (1.0 - tokens) * 60.0 / self.per_minute
+            return ("rate_limited", f"{client_id} is over {self.per_minute:g} deltas per minute "
+                    f"(burst {self.burst}); next one in {wait_s:.1f} s")
+        self.buckets[client_id] = (tokens - 1.0, now)
+        if len(self.buckets) > RATE_BUCKETS_KEPT:
+            self._forget_full(now)
+        return None
+
+    def _forget_full(self, now: float) -> None:
+        refill_s = self.burst * 60.0 / self.per_minute
+        for cid, (_, then) in list(self.buckets.items()):
+            if now - then >= refill_s:  # full again: the same as a bucket never seen
+                del self.buckets[cid]
+
+    def refuse(self, arrival: Arrival) -> Refusal | None:
+        return None if arrival.from_parts else self.take(arrival.client_id, arrival.now)
+
+    def refuse_first_part(self, client_id: str, now: float) -> Refusal | None:
+        return self.take(client_id, now)
 
     def admitted(self, arrival: Arrival) -> None:
         pass

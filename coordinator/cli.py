@@ -18,10 +18,12 @@ from typing import Any
 import click
 import redis
 
+from coordinator.admission import RATE_BURST_DELTAS, RATE_DELTAS_PER_MINUTE
 from coordinator.checkpoint import set_aside
 from coordinator.config import CommitConfig, CoordinatorConfig
 from coordinator.consumer import QueueConfig
 from coordinator.faults import CrashPoints
+from coordinator.identity import AuthMode
 from coordinator.intake import IntakeConfig
 from coordinator.options import (
     option,
@@ -30,18 +32,21 @@ from coordinator.options import (
     server_options,
     task_options,
     threads_option,
+    tls_option,
 )
 from coordinator.outer_optimizer import STRATEGIES, OuterConfig
 from coordinator.parts import SpoolConfig
 from coordinator.registry import PlanConfig
 from coordinator.sim.cli import simulate
 from coordinator.status import read_status, render_text
+from coordinator.volunteer_cli import invite_command, revoke_command, volunteers_command
 from shared.cli import OneLineErrors
 from shared.errors import ConfigError, ServiceUnavailable
 from shared.files import default_state_dir
 from shared.keys import RunKeys, validate_run_name
 from shared.local_round import InnerConfig
-from shared.settings import ConnectionSettings, connect_redis
+from shared.settings import ConnectionSettings, amqp_parameters, connect_redis, open_amqp
+from shared.signing import KEY_FILE_NAME, SigningKey
 
 # Operator commands (status, delete-run) give up on an unreachable Redis after this long.
 ADMIN_TIMEOUT_S = 5.0
@@ -74,6 +79,9 @@ def main() -> None:
 
 
 main.add_command(simulate)
+main.add_command(invite_command)
+main.add_command(revoke_command)
+main.add_command(volunteers_command)
 
 
 @main.command()
@@ -87,18 +95,32 @@ main.add_command(simulate)
 @option("--checkpoint-dir", env="CHECKPOINT_DIR", type=click.Path(file_okay=False, path_type=Path),
         default=None, help="Where checkpoints go [default: ~/.local/state/asyncloco/coordinator/RUN, "
         "or under $XDG_STATE_HOME].")
+@option("--signing-key", env="SIGNING_KEY", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help="The coordinator's Ed25519 private key (PEM, mode 0600; created if missing). It signs every "
+        "snapshot and plan; clients pin its public half (`asyncloco-coordinator key` prints it) "
+        f"[default: CHECKPOINT_DIR/{KEY_FILE_NAME}].")
 @option("--resume", env="RESUME", is_flag=True, help="Continue from the checkpoint in --checkpoint-dir.")
 @option("--fresh", env="FRESH", is_flag=True,
         help="Start over: set an existing checkpoint and applied log aside (renamed *.old) and begin "
         "a new run.")
 @server_options()
+@tls_option()
+@option("--auth", env="AUTH", type=click.Choice([m.value for m in AuthMode]), default=AuthMode.INVITE.value,
+        help="Who may send deltas: 'invite' (only volunteers invited with `invite NAME`, each under its "
+        "own name) or 'open' (anyone with the broker's credentials, under any client id: a developer's "
+        "machine, never a run open to strangers).")
 @option("--strategy", env="STRATEGY", type=click.Choice(list(STRATEGIES)), default="dn",
         help="Outer update: Delayed Nesterov, per-arrival Nesterov, plain SGD, or FedBuff.")
 @outer_options()
 @option("--sync-timeout", "sync_timeout_s", env="SYNC_TIMEOUT", type=click.FloatRange(0, min_open=True),
         default=120.0, help="sync strategy: seconds a round waits for missing clients after its first delta.")
-@option("--outer-c", env="OUTER_C", type=float, default=0.0, help="Momentum share c between updates.")
+@option("--outer-c", env="OUTER_C", type=click.FloatRange(0, 1), default=0.0,
+        help="Delayed Nesterov c in [0, 1/N]: the share of the momentum step spread over a buffer's "
+        "arrivals (Algorithm 3); capped at 1/N when N follows the active clients.")
 @round_options()
+@option("--warm-start-client", env="WARM_START_CLIENT", default=None, metavar="ID",
+        help="The client that trains the warm start alone; others wait [default: whoever sends first, "
+        "with a warning].")
 @option("--dylu/--no-dylu", env="DYLU", default=True, help="Dynamic Local Updates (else all run H).")
 @option("--inner-lr", env="INNER_LR", type=float, default=3e-3, help="Peak AdamW learning rate.")
 @option("--warmup-steps", env="WARMUP_STEPS", type=click.IntRange(0), default=50,
@@ -107,6 +129,10 @@ main.add_command(simulate)
         help="Cosine horizon in global local steps (0 = flat after warmup).")
 @option("--max-staleness", env="MAX_STALENESS", type=click.IntRange(0), default=32,
         help="Discard deltas based more than this many versions back.")
+@option("--max-deltas-per-minute", env="MAX_DELTAS_PER_MINUTE", type=click.FloatRange(0),
+        default=RATE_DELTAS_PER_MINUTE,
+        help=f"Each client's sustained pace, after a burst of {RATE_BURST_DELTAS}; faster deltas are "
+        "refused rate_limited (0 = no limit). Raise it for rounds of a second or two.")
 @option("--commit-every", env="COMMIT_EVERY", type=click.IntRange(1), default=16,
         help="Commit after this many deltas ...")
 @option("--commit-interval", "commit_interval_s", env="COMMIT_INTERVAL", type=float, default=2.0,
@@ -115,6 +141,8 @@ main.add_command(simulate)
         help="... or, when no delivery waits, this many seconds after the last commit.")
 @option("--part-timeout", "part_timeout_s", env="PART_TIMEOUT", type=click.FloatRange(0, min_open=True),
         default=900.0, help="Discard a delta sent in parts this many seconds after its newest part.")
+@option("--part-deadline", "part_deadline_s", env="PART_DEADLINE", type=click.FloatRange(0, min_open=True),
+        default=600.0, help="... or this many seconds after its first part, however often parts come.")
 @option("--prefetch", env="PREFETCH", type=click.IntRange(2), default=64, help="AMQP prefetch.")
 @option("--max-queue-bytes", env="MAX_QUEUE_BYTES", type=click.IntRange(1), default=1024**3,
         help="Bytes of deltas waiting in the queue (not counting up to --prefetch already delivered); "
@@ -132,6 +160,9 @@ def serve(**opts: Any) -> None:
     """Serve a run: publish snapshots, apply deltas, commit, evaluate."""
     _setup_logging(opts["log_level"])
     crash = CrashPoints(opts["crash_at"])  # a bad --crash-at fails here, before anything changes
+    # A key file others can read fails here too, before --fresh sets anything aside.
+    signing_key = SigningKey.load_or_create(_signing_key_path(opts["signing_key"], opts["checkpoint_dir"],
+                                                              opts["run"]))
     config = _serve_config(opts)
     if opts["threads"]:
         import torch
@@ -141,7 +172,7 @@ def serve(**opts: Any) -> None:
 
     client = connect_redis(config.connection)
     try:
-        coordinator = Coordinator(config, redis=client, crash=crash)
+        coordinator = Coordinator(config, redis=client, signing_key=signing_key, crash=crash)
         _install_signals(coordinator.stop)
         coordinator.serve()
     except _REDIS_DOWN as exc:
@@ -172,21 +203,25 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
         inner=InnerConfig(lr=opts["inner_lr"], warmup_steps=opts["warmup_steps"],
                           schedule_steps=opts["schedule_steps"]),
         outer=OuterConfig(strategy=opts["strategy"], lr=opts["outer_lr"], momentum=opts["outer_momentum"],
-                          buffer_size=opts["buffer_size"], c=opts["outer_c"],
+                          buffer_size=opts["buffer_size"], min_buffer=opts["min_buffer"], c=opts["outer_c"],
                           staleness_exponent=opts["staleness_exponent"]),
         plan=PlanConfig(local_steps=opts["local_steps"], min_local_steps=opts["min_local_steps"],
-                        dylu=opts["dylu"], warm_start_steps=opts["warm_start_steps"]),
+                        dylu=opts["dylu"], warm_start_steps=opts["warm_start_steps"],
+                        warm_start_client=opts["warm_start_client"] or ""),
         sync_timeout_s=opts["sync_timeout_s"],
-        intake=IntakeConfig(max_staleness=opts["max_staleness"]),
+        intake=IntakeConfig(max_staleness=opts["max_staleness"],
+                            max_deltas_per_minute=opts["max_deltas_per_minute"]),
         commit=CommitConfig(every_updates=opts["commit_every"], interval_s=opts["commit_interval_s"],
                             idle_interval_s=opts["commit_idle_s"]),
         queue=QueueConfig(prefetch=opts["prefetch"], max_queue_bytes=opts["max_queue_bytes"]),
-        spool=SpoolConfig(timeout_s=opts["part_timeout_s"]),
-        connection=ConnectionSettings(redis_url=opts["redis_url"], amqp_url=opts["amqp_url"]),
+        spool=SpoolConfig(timeout_s=opts["part_timeout_s"], deadline_s=opts["part_deadline_s"]),
+        connection=ConnectionSettings(redis_url=opts["redis_url"], amqp_url=opts["amqp_url"],
+                                      tls_ca_file=opts["tls_ca"]),
         checkpoint_dir=checkpoint_dir,
         resume=opts["resume"],
         eval_interval_s=opts["eval_interval_s"],
         max_seconds=opts["max_seconds"],
+        auth=AuthMode(opts["auth"]),
     )
     if opts["fresh"]:
         aside = set_aside(checkpoint_dir)
@@ -214,12 +249,13 @@ def _install_signals(stop: Any) -> None:
 @option("--run", env="RUN", default="default", help="Run name.")
 @option("--json", "as_json", env="STATUS_JSON", is_flag=True, help="Print the stable JSON document.")
 @server_options(amqp_help="RabbitMQ URL (for the live queue depth).")
-def status(run: str, as_json: bool, redis_url: str, amqp_url: str) -> None:
+@tls_option()
+def status(run: str, as_json: bool, redis_url: str, amqp_url: str, tls_ca: str | None) -> None:
     """Show a run: version, eval loss history, clients, rejections, queue depth."""
     keys = RunKeys(run)
-    ConnectionSettings(redis_url=redis_url, amqp_url=amqp_url)
-    client = redis.Redis.from_url(redis_url, socket_timeout=ADMIN_TIMEOUT_S,
-                                  socket_connect_timeout=ADMIN_TIMEOUT_S)
+    servers = ConnectionSettings(redis_url=redis_url, amqp_url=amqp_url, tls_ca_file=tls_ca,
+                                 socket_timeout_s=ADMIN_TIMEOUT_S)
+    client = connect_redis(servers)
     try:
         doc = read_status(client, keys)
     except _REDIS_DOWN as exc:
@@ -228,7 +264,7 @@ def status(run: str, as_json: bool, redis_url: str, amqp_url: str) -> None:
         client.close()
     if doc is None:
         raise ConfigError(f"no status for run {run!r}: no coordinator has served it on this Redis")
-    depth = _live_queue_depth(amqp_url, keys)
+    depth = _live_queue_depth(servers, keys)
     if depth is not None:
         doc["queue"]["depth"] = depth
     click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render_text(doc))
@@ -242,15 +278,17 @@ def status(run: str, as_json: bool, redis_url: str, amqp_url: str) -> None:
 @click.option("--force", is_flag=True,
               help="Delete even while a coordinator holds the run's lease (stop it first if you can).")
 @server_options()
-def delete_run_command(run: str, yes: bool, force: bool, redis_url: str, amqp_url: str) -> None:
+@tls_option()
+def delete_run_command(run: str, yes: bool, force: bool, redis_url: str, amqp_url: str,
+                       tls_ca: str | None) -> None:
     """Delete every Redis key (snapshots, plan, status, lease) and queue of run RUN.
 
     Refused while a coordinator serves the run, unless --force. Checkpoints on disk are kept.
     """
     validate_run_name(run)
-    ConnectionSettings(redis_url=redis_url, amqp_url=amqp_url)
-    client = redis.Redis.from_url(redis_url, socket_timeout=ADMIN_TIMEOUT_S,
-                                  socket_connect_timeout=ADMIN_TIMEOUT_S)
+    servers = ConnectionSettings(redis_url=redis_url, amqp_url=amqp_url, tls_ca_file=tls_ca,
+                                 socket_timeout_s=ADMIN_TIMEOUT_S)
+    client = connect_redis(servers)
     try:
         # Reach Redis before asking: a confirmed deletion that then cannot start helps nobody.
         client.ping()
@@ -258,7 +296,7 @@ def delete_run_command(run: str, yes: bool, force: bool, redis_url: str, amqp_ur
             raise click.ClickException(f"nothing deleted: run {run} kept")
         from coordinator.run_admin import delete_run
 
-        deletion = delete_run(client, amqp_url, run, force=force)
+        deletion = delete_run(client, servers, run, force=force)
     except _REDIS_DOWN as exc:
         raise ServiceUnavailable(f"cannot reach Redis at {redis_url} ({exc})") from exc
     finally:
@@ -267,16 +305,42 @@ def delete_run_command(run: str, yes: bool, force: bool, redis_url: str, amqp_ur
     click.echo(f"deleted run {run}: {deletion.keys_deleted} Redis keys; queues: {queues}")
 
 
-def _live_queue_depth(amqp_url: str, keys: RunKeys) -> int | None:
-    import pika
+def _signing_key_path(signing_key: Path | None, checkpoint_dir: Path | None, run: str) -> Path:
+    """``--signing-key``, else the key file in the run's checkpoint directory (as ``serve`` picks it)."""
+    if signing_key is not None:
+        return signing_key
+    return (checkpoint_dir or default_state_dir() / "coordinator" / validate_run_name(run)) / KEY_FILE_NAME
+
+
+@main.command("key")
+@option("--signing-key", env="SIGNING_KEY", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help=f"The coordinator's private key file [default: CHECKPOINT_DIR/{KEY_FILE_NAME}].")
+@option("--checkpoint-dir", env="CHECKPOINT_DIR", type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="The run's checkpoint directory [default: ~/.local/state/asyncloco/coordinator/RUN].")
+@option("--run", env="RUN", default="default", help="Run name (picks the default checkpoint directory).")
+def key_command(signing_key: Path | None, checkpoint_dir: Path | None, run: str) -> None:
+    """Print the coordinator's public key (64 hex digits), creating the key file if missing.
+
+    Give it to volunteers (`asyncloco-client join --coordinator-key HEX`; an invite token carries
+    it): clients refuse every snapshot and plan not signed by the matching private key.
+    """
+    click.echo(SigningKey.load_or_create(_signing_key_path(signing_key, checkpoint_dir, run)).public_hex)
+
+
+def _live_queue_depth(servers: ConnectionSettings, keys: RunKeys) -> int | None:
+    """The delta queue's depth as the broker counts it now; None if the broker cannot say.
+
+    A refused TLS certificate is not "cannot say": it raises ConfigError (one line, exit 1).
+    """
     import pika.exceptions
 
     try:
-        params = pika.URLParameters(amqp_url)
+        params = amqp_parameters(servers)
         params.socket_timeout = 3
         params.blocked_connection_timeout = 3
         params.connection_attempts = 1
-        connection = pika.BlockingConnection(params)
+        connection = open_amqp(servers, params)
         try:
             return int(connection.channel().queue_declare(keys.delta_queue, passive=True)
                        .method.message_count)

@@ -8,6 +8,7 @@ from typing import Any
 
 from coordinator.commit_batch import CommitConfig
 from coordinator.consumer import QueueConfig
+from coordinator.identity import AuthMode
 from coordinator.intake import IntakeConfig
 from coordinator.outer_optimizer import OuterConfig
 from coordinator.parts import SpoolConfig
@@ -41,6 +42,9 @@ class CoordinatorConfig:
     eval_interval_s: float = 10.0
     max_seconds: float = 0.0  # 0: serve until stopped
     device: str = "cpu"  # where evaluation runs
+    # invite: only invited volunteers, each under its own name (the book lives in checkpoint_dir);
+    # open: anyone with the broker's credentials, under any client id (a developer's machine)
+    auth: AuthMode = AuthMode.INVITE
 
     def __post_init__(self) -> None:
         validate_run_name(self.run)
@@ -53,6 +57,8 @@ class CoordinatorConfig:
             raise ConfigError("--warm-start-steps is for the asynchronous strategies, not sync")
         if self.sync_timeout_s <= 0:
             raise ConfigError("sync timeout must be > 0")
+        if self.auth is AuthMode.INVITE and self.checkpoint_dir is None:
+            raise ConfigError("--auth invite keeps the volunteer book in --checkpoint-dir: pass one")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs --checkpoint-dir")
         if self.eval_interval_s <= 0 or self.max_seconds < 0:

@@ -24,7 +24,7 @@ import pika.exceptions
 from coordinator.outcome import Outcome
 from shared.errors import ConfigError
 from shared.keys import RunKeys
-from shared.settings import RetryPolicy
+from shared.settings import ConnectionSettings, RetryPolicy, amqp_parameters, open_amqp
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +116,18 @@ class DeltaConsumer(threading.Thread):
     def __init__(
         self,
         *,
-        amqp_url: str,
+        connection: ConnectionSettings,
         keys: RunKeys,
         config: QueueConfig,
         retry: RetryPolicy,
         inbox: queue.Queue[Delivery],
-        heartbeat_s: int = 30,
     ) -> None:
         super().__init__(name="asyncloco-consumer", daemon=True)
-        self.amqp_url = amqp_url
+        self.settings = connection  # the broker's URL, TLS CA and heartbeat
         self.keys = keys
         self.config = config
         self.retry = retry
         self.inbox = inbox
-        self.heartbeat_s = heartbeat_s
         self.generation = 0
         self.connected = threading.Event()
         self.fatal: BaseException | None = None  # set when retrying cannot help
@@ -150,6 +148,10 @@ class DeltaConsumer(threading.Thread):
             started = time.monotonic()
             try:
                 self._consume()
+            except ConfigError as exc:  # a refused TLS certificate, a plain URL to a TLS port
+                self.fatal = exc
+                self.connected.clear()
+                return
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code in (403, 406):  # access refused, precondition failed: fatal
                     self.fatal = ConfigError(
@@ -174,10 +176,10 @@ class DeltaConsumer(threading.Thread):
             self._stop_event.wait(next(delays, self.retry.max_delay_s))
 
     def _consume(self) -> None:
-        params = pika.URLParameters(self.amqp_url)
-        params.heartbeat = self.heartbeat_s
+        params = amqp_parameters(self.settings)
+        params.heartbeat = self.settings.heartbeat_s
         params.client_properties = {"connection_name": f"asyncloco-coordinator:{self.keys.run}"}
-        connection = pika.BlockingConnection(params)
+        connection = open_amqp(self.settings, params)
         try:
             channel = connection.channel()
             try:

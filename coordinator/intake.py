@@ -9,9 +9,11 @@ the model's parameter names; payloads of exactly the right size; finite values; 
 absurd next to the model's own.
 
 Whether a delta that passed those checks may touch the model *now* is up to the admission rules
-(:mod:`coordinator.admission`: the sync round's barrier, the warm start, the staleness and
-local-steps bounds), asked in order; how it then moves θ is the ``apply`` callable the run state
-hands in (the outer optimizer's step, or the warm start's adoption).
+(:mod:`coordinator.admission`: the rate limit, the sync round's barrier or the warm start and one
+delta per base, the staleness, local-steps and assignment bounds), asked in order; how it then
+moves θ is the ``apply`` callable the run state hands in (the outer optimizer's step, or the warm
+start's adoption). An applied delta is credited (progress, registry) at most the local steps its
+sender was assigned (:meth:`coordinator.registry.ClientRegistry.credit`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 
 import torch
 
-from coordinator.admission import AdmissionRule, Arrival
+from coordinator.admission import RATE_BURST_DELTAS, RATE_DELTAS_PER_MINUTE, AdmissionRule, Arrival
+from coordinator.identity import IDENTITY_REASONS, OpenSenders, SenderCheck
 from coordinator.outcome import Outcome, OutcomeKind
 from coordinator.progress import RunProgress
 from coordinator.registry import ClientRegistry
@@ -39,7 +42,11 @@ log = logging.getLogger(__name__)
 
 # Rejections that say nothing about the sender's own sequence (another run, a name we cannot use,
 # a seq we cannot judge): not remembered as settled.
-_NOT_SETTLED = frozenset({"wrong_run", "bad_client_id", "replayed"})
+_NOT_SETTLED = frozenset({"wrong_run", "bad_client_id", "replayed", "seq_jump", *IDENTITY_REASONS})
+# A client's sequence numbers rise by one a delta, skipping only the few whose publish a crash cut
+# short; a seq this far past its newest settled one is refused (and not remembered: it would move
+# the window's high-water mark).
+MAX_SEQ_JUMP = 100_000
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -51,16 +58,23 @@ class IntakeConfig:
     slow volunteers see many ``stale`` rejections, raise it (or lower the plan's local steps).
     ``max_norm_ratio``: a delta whose L2 norm exceeds this multiple of the model's own norm is
     refused as absurd. ``max_local_steps``: a delta claiming more local steps is refused.
+    ``max_deltas_per_minute`` and ``delta_burst``: each client's token bucket (0 per minute: no
+    limit); an honest client sends one delta per round, so if honest ones see ``rate_limited``
+    (rounds of a second or two, as in tests), raise the rate.
     """
 
     max_staleness: int = 32
     max_norm_ratio: float = 1.0
     max_local_steps: int = 1_000_000
+    max_deltas_per_minute: float = RATE_DELTAS_PER_MINUTE
+    delta_burst: int = RATE_BURST_DELTAS
     limits: DeltaLimits = DeltaLimits()
 
     def __post_init__(self) -> None:
         if self.max_staleness < 0 or self.max_norm_ratio <= 0:
             raise ConfigError("max_staleness must be >= 0 and max_norm_ratio > 0")
+        if self.max_deltas_per_minute < 0 or self.delta_burst < 1:
+            raise ConfigError("--max-deltas-per-minute must be >= 0 (0: no limit) and the burst >= 1")
 
 
 # Moves θ by one admitted delta: (delta, arrival, active clients) → None.
@@ -80,12 +94,14 @@ class DeltaIntake:
         rules: Sequence[AdmissionRule],
         apply: ApplyDelta,
         run_id: str,
+        senders: SenderCheck | None = None,
     ) -> None:
         self.config = config
         self.params = params  # θ, read only: names, shapes and the model's norm
         self.registry = registry
         self.progress = progress
         self.rules = list(rules)
+        self.senders: SenderCheck = senders or OpenSenders()
         self.apply = apply
         self.run_id = run_id
         self.version = 0  # the newest committed snapshot version (bases are judged against it)
@@ -93,12 +109,17 @@ class DeltaIntake:
         self.counts: Counter[str] = Counter()  # by OutcomeKind value: applied, duplicate, rejected
         self.rejected_by_reason: Counter[str] = Counter()
 
-    def handle(self, body: bytes, *, now: float | None = None, assembled: bool = False) -> Outcome:
-        """Process one delta body (``assembled``: put together from parts); never raises for bad input."""
+    def handle(self, body: bytes, *, sender: str = "", now: float | None = None,
+               parts_of: tuple[str, int] | None = None) -> Outcome:
+        """Process one delta body sent by broker user ``sender``; never raises for bad input.
+
+        ``parts_of``: the body was put together from the parts of delta (client id, seq), whose
+        sender was checked part by part; the delta must then be exactly that one.
+        """
         now = time.time() if now is None else now
-        limits = self.config.limits.assembled() if assembled else self.config.limits
+        limits = self.config.limits.assembled() if parts_of else self.config.limits
         try:
-            outcome = self._handle(body, now, limits)
+            outcome = self._handle(body, now, limits, sender, parts_of)
         except ProtocolError as exc:
             outcome = Outcome.rejected(exc.reason, exc.detail)
         self.count(outcome)
@@ -121,21 +142,29 @@ class DeltaIntake:
                 record.remember(outcome.seq)
         log.warning("rejected delta %s: %s (%s)", outcome.delta_id or "?", outcome.reason, outcome.detail)
 
-    def screen(self, run_id: str, client_id: str, seq: int) -> Outcome | None:
-        """The checks that need only a delta's identity: its run, a usable client id, not settled
-        already. None if it passes; used for whole deltas and for each part of a big one."""
+    def screen(self, run_id: str, client_id: str, seq: int, *, sender: str | None,
+               now: float) -> Outcome | None:
+        """The checks that need only a delta's identity: its run, a usable client id, a sender
+        allowed to send as that client, not settled already. None if it passes; used for whole
+        deltas and for each part of a big one."""
         if run_id != self.run_id:
             return Outcome.rejected("wrong_run", f"delta for run {run_id!r}, this run is {self.run_id!r}",
                                     client_id, seq)
         if not _CLIENT_ID.match(client_id):
             return Outcome.rejected("bad_client_id", "client id must be 1-64 of [A-Za-z0-9_.-]",
                                     client_id, seq)
+        refused = self.senders.refuse(sender, client_id, now) if sender is not None else None
+        if refused is not None:
+            return Outcome.rejected(*refused, client_id, seq)
         record = self.registry.clients.get(client_id)
         if record is not None and record.seen(seq):
             return Outcome(OutcomeKind.DUPLICATE, "duplicate", "already applied or rejected", client_id, seq)
         if record is not None and record.too_old(seq):
             return Outcome.rejected("replayed", f"seq {seq} is older than every remembered one",
                                     client_id, seq)
+        if record is not None and record.max_seq >= 0 and seq > record.max_seq + MAX_SEQ_JUMP:
+            return Outcome.rejected("seq_jump", f"seq {seq} is far past this client's newest "
+                                    f"({record.max_seq})", client_id, seq)
         return None
 
     def save_state(self) -> dict[str, Any]:
@@ -145,17 +174,23 @@ class DeltaIntake:
         self.counts = Counter(state.get("counts") or {})
         self.rejected_by_reason = Counter(state.get("rejected_by_reason") or {})
 
-    def _handle(self, body: bytes, now: float, limits: DeltaLimits) -> Outcome:
+    def _handle(self, body: bytes, now: float, limits: DeltaLimits, sender: str,
+                parts_of: tuple[str, int] | None) -> Outcome:
         msg = DeltaMessage.decode(body, limits)
         cid, seq = msg.client_id, msg.seq
-        screened = self.screen(msg.run_id, cid, seq)
+        if parts_of is not None and (cid, seq) != parts_of:
+            return Outcome.rejected("part_mismatch", f"parts of {parts_of[0]}:{parts_of[1]} hold delta "
+                                    f"{cid[:64]}:{seq}", *parts_of)
+        # The parts of an assembled delta were each checked against their sender on arrival.
+        screened = self.screen(msg.run_id, cid, seq, sender=None if parts_of else sender, now=now)
         if screened is not None:
             return screened
         if msg.base_version > self.version:
             return Outcome.rejected("future_version", f"base {msg.base_version} > current {self.version}",
                                     cid, seq)
         arrival = Arrival(client_id=cid, seq=seq, base_version=msg.base_version,
-                          staleness=self.version - msg.base_version, local_steps=msg.local_steps, now=now)
+                          staleness=self.version - msg.base_version, local_steps=msg.local_steps, now=now,
+                          from_parts=parts_of is not None)
 
         def reject(reason: str, detail: str) -> Outcome:
             return Outcome.rejected(reason, detail, cid, seq, arrival.staleness)
@@ -193,9 +228,13 @@ class DeltaIntake:
         self.apply(delta, arrival, len(active_ids))
         for rule in self.rules:
             rule.admitted(arrival)
+        # Credited no more steps than it was assigned (the slack lets a little more in, uncounted).
+        steps, tokens, samples = self.registry.credit(cid, msg.base_version, local_steps=msg.local_steps,
+                                                      tokens=msg.tokens, samples=msg.samples)
         self.registry.record_applied(
-            client_id=cid, seq=seq, local_steps=msg.local_steps, compute_s=msg.compute_s,
-            tokens=msg.tokens, train_loss=msg.train_loss, staleness=arrival.staleness, now=now,
+            client_id=cid, seq=seq, base_version=msg.base_version, local_steps=steps,
+            compute_s=msg.compute_s, tokens=tokens, train_loss=msg.train_loss,
+            staleness=arrival.staleness, now=now,
         )
-        self.progress.add(local_steps=msg.local_steps, tokens=msg.tokens, samples=msg.samples)
+        self.progress.add(local_steps=steps, tokens=tokens, samples=samples)
         return Outcome(OutcomeKind.APPLIED, "", "", cid, seq, arrival.staleness)

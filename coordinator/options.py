@@ -38,7 +38,8 @@ def _group(*options: Callable[[F], F]) -> Callable[[F], F]:
 
 
 def outer_options() -> Callable[[F], F]:
-    """The outer optimizer: --outer-lr, --outer-momentum, --staleness-exponent, --buffer-size."""
+    """The outer optimizer: --outer-lr, --outer-momentum, --staleness-exponent, --buffer-size,
+    --min-buffer."""
     return _group(
         option("--outer-lr", env="OUTER_LR", type=float, default=0.7, help="Outer learning rate ε."),
         option("--outer-momentum", env="OUTER_MOMENTUM", type=float, default=0.9, help="Outer momentum β."),
@@ -46,6 +47,9 @@ def outer_options() -> Callable[[F], F]:
                help="Weigh a delta by (1 + staleness)^-a (0 = off)."),
         option("--buffer-size", env="BUFFER_SIZE", type=click.IntRange(0), default=0,
                help="Delayed Nesterov N (0 = number of active clients)."),
+        option("--min-buffer", env="MIN_BUFFER", type=click.IntRange(1), default=1,
+               help="With --buffer-size 0: N is at least this (so the run's first deltas, from the one "
+               "client heard from so far, do not each take a whole momentum step)."),
     )
 
 
@@ -87,6 +91,16 @@ def threads_option(*, default: int | None) -> Callable[[F], F]:
     """--threads: torch CPU threads. ``default`` None (``serve``) leaves torch's own choice."""
     return option("--threads", env="THREADS", type=click.IntRange(1), default=default,
                   help="torch CPU threads" + (" [default: torch's choice]." if default is None else "."))
+
+
+def tls_option() -> Callable[[F], F]:
+    """--tls-ca (as ``tls_ca``): the CAs that ``rediss://`` and ``amqps://`` servers are checked against.
+
+    Checked (a readable PEM bundle) by :class:`~shared.settings.ConnectionSettings`, its one home.
+    """
+    return option("--tls-ca", "tls_ca", env="TLS_CA", metavar="FILE", default=None,
+                  help="PEM bundle of the CA that signed the servers' TLS certificates, trusted besides "
+                  "the system's CAs for rediss:// and amqps:// URLs (TLS is required by using those).")
 
 
 def server_options(*, amqp_help: str = "RabbitMQ URL.") -> Callable[[F], F]:

@@ -9,12 +9,17 @@ When the last part is in, the delta is put together, its SHA-256 checked, and it
 other delta. Its directory is removed only after the commit that settles it. A crash in between
 finds it whole on restart and handles it again; the (client id, seq) de-duplication drops it if
 that commit had landed. A delta whose parts stop coming is discarded ``timeout_s`` after its
-newest part (reason ``incomplete``); parts that turn up later are duplicates of a settled delta.
+newest part, and one still incomplete ``deadline_s`` after its *first* part is discarded however
+often parts arrive (reason ``incomplete``); parts that turn up later are duplicates of a settled
+delta.
 
-Bounds: a new delta reserves its whole ``total_bytes`` of the spool's ``max_bytes`` when its first
-part arrives (so a delta that started can always finish), and one client has at most
-``max_pending_per_client`` deltas in the spool. Over either, the part is refused (``spool_full``,
-``too_many_pending``).
+Bounds, all judged at a delta's first part: the ``total_bytes`` it declares must not exceed what
+this model can encode to (:func:`delta_bytes_bound`: ``too_large``); it then reserves all of them
+(so a delta that started can always finish), within its sender's quota (``client_quota_bytes``,
+by default twice that bound: ``spool_quota``) and the spool's ``max_bytes`` (``spool_full``); one
+client has at most ``max_pending_per_client`` deltas in the spool (``too_many_pending``); and the
+first part costs the sender one delta of its rate limit (``rate_limited``,
+:class:`coordinator.admission.RateLimit`), the later parts nothing.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ import json
 import logging
 import shutil
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.admission import FirstPartRule
 from coordinator.intake import DeltaIntake
 from coordinator.outcome import Outcome, OutcomeKind
+from shared.codecs import CODECS
 from shared.errors import ConfigError, ProtocolError
 from shared.files import write_atomically
 from shared.protocol import DeltaPart
@@ -41,15 +49,22 @@ META = "meta.json"
 
 @dataclass(frozen=True)
 class SpoolConfig:
-    """``timeout_s``: how long after its newest part an incomplete delta is kept."""
+    """``timeout_s``: how long after its newest part an incomplete delta is kept; ``deadline_s``:
+    how long after its first part, at most (if honest big deltas on slow uplinks are discarded
+    ``incomplete``, raise it). ``client_quota_bytes``: spool bytes one client may reserve (0: twice
+    the most this model's delta can take)."""
 
     timeout_s: float = 900.0
+    deadline_s: float = 600.0
     max_bytes: int = 4 * GiB
     max_pending_per_client: int = 4
+    client_quota_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.max_bytes < 1 or self.max_pending_per_client < 1:
             raise ConfigError("part timeout must be > 0, spool bytes and pending deltas >= 1")
+        if self.deadline_s <= 0 or self.client_quota_bytes < 0:
+            raise ConfigError("--part-deadline must be > 0 and the client spool quota >= 0")
 
 
 @dataclass
@@ -63,8 +78,10 @@ class SpoolEntry:
     total_bytes: int
     sha256: bytes
     last_at: float  # unix time of its newest part
+    first_at: float = 0.0  # unix time of its first part: the absolute deadline counts from here
     parts: dict[int, tuple[int, int]] = field(default_factory=dict)  # index -> (offset, length)
     assembled: bool = False  # handed to the intake; removed after the commit that settles it
+    expired: str = ""  # why it was discarded incomplete, once it was
 
     @property
     def complete(self) -> bool:
@@ -72,7 +89,7 @@ class SpoolEntry:
 
     def meta(self) -> dict[str, object]:
         return {"client_id": self.client_id, "seq": self.seq, "count": self.count,
-                "total_bytes": self.total_bytes, "sha256": self.sha256.hex()}
+                "total_bytes": self.total_bytes, "sha256": self.sha256.hex(), "first_at": self.first_at}
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,7 @@ class PartSpool:
                     key=path.name, client_id=str(meta["client_id"]), seq=int(meta["seq"]),
                     count=int(meta["count"]), total_bytes=int(meta["total_bytes"]),
                     sha256=bytes.fromhex(meta["sha256"]), last_at=now,
+                    first_at=min(now, float(meta.get("first_at", now))),  # a restart gives no extra time
                 )
                 for part in path.glob("*.part"):
                     offset, _, index = part.stem.partition("@")
@@ -126,21 +144,43 @@ class PartSpool:
                      sum(e.complete for e in self.entries.values()))
         return [e.key for e in self.entries.values() if e.complete]
 
-    def add(self, part: DeltaPart, now: float) -> PartResult:
-        """Store one part (durably) unless it is refused or already here."""
-        key = f"{part.client_id}~{part.seq}"
+    def refuse_new(self, part: DeltaPart, *, delta_bytes_bound: int | None = None) -> PartResult | None:
+        """Why the delta that ``part`` would start may not enter the spool, or None if it may.
+
+        ``delta_bytes_bound``: the most bytes a delta of this model encodes to (None: no bound
+        but the protocol's); the client quota defaults to twice it.
+        """
+        key = spool_key(part.client_id, part.seq)
+        if delta_bytes_bound is not None and part.total_bytes > delta_bytes_bound:
+            return PartResult(OutcomeKind.REJECTED, key, "too_large",
+                              f"delta declares {part.total_bytes} bytes; this model's deltas take at "
+                              f"most {delta_bytes_bound}")
+        own = [e for e in self.entries.values() if e.client_id == part.client_id]
+        if len(own) >= self.config.max_pending_per_client:
+            return PartResult(OutcomeKind.REJECTED, key, "too_many_pending",
+                              f"client has {len(own)} deltas in parts already")
+        quota = self.config.client_quota_bytes or (2 * delta_bytes_bound if delta_bytes_bound else 0)
+        held = sum(e.total_bytes for e in own)
+        if quota and held + part.total_bytes > quota:
+            return PartResult(OutcomeKind.REJECTED, key, "spool_quota",
+                              f"client holds {held} spool bytes; {part.total_bytes} more would pass its "
+                              f"quota of {quota}")
+        if self.reserved_bytes + part.total_bytes > self.config.max_bytes:
+            return PartResult(OutcomeKind.REJECTED, key, "spool_full",
+                              f"{part.total_bytes} more bytes would pass the spool's {self.config.max_bytes}")
+        return None
+
+    def add(self, part: DeltaPart, now: float, *, delta_bytes_bound: int | None = None) -> PartResult:
+        """Store one part (durably) unless it is refused or already here (bounds: :meth:`refuse_new`)."""
+        key = spool_key(part.client_id, part.seq)
         entry = self.entries.get(key)
         if entry is None:
-            pending = sum(1 for e in self.entries.values() if e.client_id == part.client_id)
-            if pending >= self.config.max_pending_per_client:
-                return PartResult(OutcomeKind.REJECTED, key, "too_many_pending",
-                                  f"client has {pending} deltas in parts already")
-            if self.reserved_bytes + part.total_bytes > self.config.max_bytes:
-                return PartResult(OutcomeKind.REJECTED, key, "spool_full",
-                                  f"{part.total_bytes} more bytes would pass the spool's "
-                                  f"{self.config.max_bytes}")
+            refused = self.refuse_new(part, delta_bytes_bound=delta_bytes_bound)
+            if refused is not None:
+                return refused
             entry = SpoolEntry(key=key, client_id=part.client_id, seq=part.seq, count=part.count,
-                               total_bytes=part.total_bytes, sha256=part.sha256, last_at=now)
+                               total_bytes=part.total_bytes, sha256=part.sha256, last_at=now,
+                               first_at=now)
             (self.directory / key).mkdir(parents=True, exist_ok=True)
             write_atomically(self.directory / key / META, json.dumps(entry.meta()).encode())
             self.entries[key] = entry
@@ -186,18 +226,47 @@ class PartSpool:
         shutil.rmtree(self.directory / key, ignore_errors=True)
 
     def expire(self, now: float) -> list[SpoolEntry]:
-        """Remove and return the incomplete deltas whose newest part is older than the timeout."""
-        old = [e for e in self.entries.values()
-               if not e.assembled and not e.complete and now - e.last_at > self.config.timeout_s]
-        for entry in old:
-            log.warning("discarding delta %s:%d: %d of %d parts after %.0f s without another",
-                        entry.client_id, entry.seq, len(entry.parts), entry.count, self.config.timeout_s)
+        """Remove and return the incomplete deltas whose newest part is older than the timeout, or
+        whose first part is older than the deadline; each says why in ``expired``."""
+        old = []
+        for entry in list(self.entries.values()):
+            if entry.assembled or entry.complete:
+                continue
+            got = f"{len(entry.parts)} of {entry.count} parts"
+            if now - entry.last_at > self.config.timeout_s:
+                entry.expired = f"{got}, none new for {self.config.timeout_s:.0f} s"
+            elif now - entry.first_at > self.config.deadline_s:
+                entry.expired = f"{got} {self.config.deadline_s:.0f} s after the first (the deadline)"
+            else:
+                continue
+            log.warning("discarding delta %s:%d: %s", entry.client_id, entry.seq, entry.expired)
             self.discard(entry.key)
             self.counts["incomplete"] += 1
+            old.append(entry)
         return old
 
 
-def take_part(spool: PartSpool, intake: DeltaIntake, body: bytes, now: float) -> tuple[Outcome, str]:
+# What an encoded delta holds besides its tensors' payloads: its msgpack fields (ids of at most
+# 128 chars, counts, floats) and, per tensor, the headers of its name and its bytes; with room.
+DELTA_ENVELOPE_BYTES = 4096
+TENSOR_ENVELOPE_BYTES = 16
+
+
+def delta_bytes_bound(numels: Mapping[str, int]) -> int:
+    """The most bytes an encoded delta of a model with these tensors (name -> element count) can
+    take: the largest codec's payloads, the tensor names, and the envelope around them."""
+    payloads = max(sum(codec.encoded_bytes(n) for n in numels.values()) for codec in CODECS.values())
+    names = sum(len(name.encode()) + TENSOR_ENVELOPE_BYTES for name in numels)
+    return payloads + names + DELTA_ENVELOPE_BYTES
+
+
+def spool_key(client_id: str, seq: int) -> str:
+    """The spool directory name of delta (client id, seq)."""
+    return f"{client_id}~{seq}"
+
+
+def take_part(spool: PartSpool, intake: DeltaIntake, body: bytes, now: float, *,
+              sender: str = "") -> tuple[Outcome, str]:
     """Decode, screen and spool one part message.
 
     Returns the outcome that settles the part's delivery (``spooled`` and ``duplicate`` are acked,
@@ -211,14 +280,21 @@ def take_part(spool: PartSpool, intake: DeltaIntake, body: bytes, now: float) ->
         outcome = Outcome.rejected(exc.reason, exc.detail)
         intake.count(outcome)
         return outcome, ""
-    screened = intake.screen(part.run_id, part.client_id, part.seq)
+    screened = intake.screen(part.run_id, part.client_id, part.seq, sender=sender, now=now)
     if screened is not None:
         if screened.kind is OutcomeKind.REJECTED:
             intake.count(screened)
         else:
             spool.counts["parts_duplicate"] += 1
         return screened, ""
-    result = spool.add(part, now)
+    if spool_key(part.client_id, part.seq) not in spool.entries:  # the first part of its delta here
+        for rule in intake.rules:
+            refused = rule.refuse_first_part(part.client_id, now) if isinstance(rule, FirstPartRule) else None
+            if refused is not None:
+                outcome = Outcome.rejected(*refused, part.client_id, part.seq)
+                intake.count(outcome)
+                return outcome, ""
+    result = spool.add(part, now, delta_bytes_bound=delta_bytes_bound(intake.numels))
     outcome = Outcome(result.kind, result.reason, result.detail, part.client_id, part.seq)
     if result.kind is OutcomeKind.REJECTED:
         spool.discard(result.key)

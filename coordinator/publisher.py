@@ -16,6 +16,7 @@ from coordinator.run_state import RunState
 from coordinator.status import publish_status
 from shared.keys import RunKeys
 from shared.settings import REDIS_ERRORS
+from shared.signing import SigningKey
 from shared.snapshot import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,18 @@ log = logging.getLogger(__name__)
 
 
 class Publisher:
-    """Writes one run's snapshots, plan and status; remembers what Redis has of them."""
+    """Writes one run's snapshots, plan and status; remembers what Redis has of them.
 
-    def __init__(self, client: redis.Redis, keys: RunKeys, *, keep_versions: int) -> None:
+    ``signing_key`` signs every manifest and plan (clients refuse anything it did not sign).
+    """
+
+    def __init__(self, client: redis.Redis, keys: RunKeys, *, keep_versions: int,
+                 signing_key: SigningKey) -> None:
         self.redis = client
         self.keys = keys
-        self.store = SnapshotStore(client, keys, keep_versions=keep_versions)
+        self.store = SnapshotStore(client, keys, keep_versions=keep_versions, signer=signing_key)
+        log.info("signing snapshots and plans of run %s with coordinator key %s (clients pin it)",
+                 keys.run, signing_key.public_hex)
         self.published_version = -1
         self.redis_down = False
 
@@ -44,7 +51,7 @@ class Publisher:
                 config=run.run_config, progress=run.progress_doc(now), republish=republish,
                 before_flip=before_flip,
             )
-            self.redis.set(self.keys.plan, run.plan(now).encode())
+            self.store.publish_plan(run.plan(now))
             self.published_version = run.version
             if self.redis_down:
                 log.info("Redis is back; snapshot %d published", run.version)
@@ -62,7 +69,7 @@ class Publisher:
 
     def refresh(self, run: RunState, status: dict[str, object]) -> None:
         """Rewrite the plan (speeds change) and the status document."""
-        self.redis.set(self.keys.plan, run.plan(time.time()).encode())
+        self.store.publish_plan(run.plan(time.time()))
         publish_status(self.redis, self.keys, status)
 
     def unreachable(self, message: str) -> None:

@@ -17,7 +17,7 @@ import redis
 from coordinator.lease import live_holder
 from shared.errors import ConfigError, ServiceUnavailable
 from shared.keys import RunKeys
-from shared.settings import REDIS_ERRORS
+from shared.settings import REDIS_ERRORS, ConnectionSettings, amqp_parameters, open_amqp
 
 
 @dataclass(frozen=True)
@@ -43,16 +43,16 @@ def delete_run_keys(client: redis.Redis, keys: RunKeys) -> int:
         raise ServiceUnavailable(f"cannot reach Redis to delete run {keys.run}'s keys ({exc})") from exc
 
 
-def delete_run_queues(amqp_url: str, keys: RunKeys) -> list[str]:
+def delete_run_queues(servers: ConnectionSettings, keys: RunKeys) -> list[str]:
     """Delete the run's delta queue, dead-letter queue and dead-letter exchange; return those that existed.
 
     Messages still in the queues are dropped with them. Raises :class:`ServiceUnavailable` if the
-    broker cannot be reached.
+    broker of ``servers.amqp_url`` cannot be reached, :class:`ConfigError` if it refuses TLS.
     """
-    params = pika.URLParameters(amqp_url)
+    params = amqp_parameters(servers)
     where = f"{params.host}:{params.port}"  # not the URL: it may hold a password
     try:
-        connection = pika.BlockingConnection(params)
+        connection = open_amqp(servers, params)
     except (pika.exceptions.AMQPError, OSError) as exc:
         raise ServiceUnavailable(f"cannot reach RabbitMQ at {where} to delete run {keys.run}'s queues "
                                  f"({exc!r}); start it (make services) or pass its URL") from exc
@@ -87,7 +87,9 @@ def delete_run_queues(amqp_url: str, keys: RunKeys) -> list[str]:
     return deleted
 
 
-def delete_run(client: redis.Redis, amqp_url: str, run: str, *, force: bool = False) -> RunDeletion:
+def delete_run(
+    client: redis.Redis, servers: ConnectionSettings, run: str, *, force: bool = False
+) -> RunDeletion:
     """Delete run ``run`` from Redis and RabbitMQ: its snapshots, status, plan, lease and queues.
 
     Refused with :class:`ConfigError` while a coordinator holds the run's lease (a holder on this
@@ -103,5 +105,5 @@ def delete_run(client: redis.Redis, amqp_url: str, run: str, *, force: bool = Fa
         if holder is not None:
             raise ConfigError(f"a coordinator is serving run {run} (lease held by {holder}); stop it first")
     keys_deleted = delete_run_keys(client, keys)
-    return RunDeletion(keys_deleted=keys_deleted, queues_deleted=delete_run_queues(amqp_url, keys))
+    return RunDeletion(keys_deleted=keys_deleted, queues_deleted=delete_run_queues(servers, keys))
 

@@ -21,16 +21,26 @@ from typing import Any, Protocol
 
 import torch
 
-from coordinator.admission import AdmissionRule, Arrival, LocalStepsBound, StalenessBound
+from coordinator.admission import (
+    AdmissionRule,
+    Arrival,
+    AssignmentBound,
+    LocalStepsBound,
+    OnePerBase,
+    RateLimit,
+    StalenessBound,
+)
 from coordinator.applied_log import AppliedLog
 from coordinator.checkpoint import Checkpoint
 from coordinator.config import CoordinatorConfig
+from coordinator.identity import AuthMode, InvitedSenders, OpenSenders, SenderCheck
 from coordinator.intake import DeltaIntake
 from coordinator.outer_optimizer import OuterOptimizer, SyncNesterov, make_outer_optimizer
 from coordinator.progress import RunProgress
 from coordinator.registry import ClientRegistry
 from coordinator.run_mode import RunMode, round_mode
 from coordinator.sync_round import SyncBarrier
+from coordinator.volunteers import VolunteerBook
 from coordinator.warm_start import WarmStart
 from shared.protocol import RoundPlan
 from shared.tasks import load_task
@@ -47,19 +57,30 @@ class Persistent(Protocol):
 
 
 def admission_rules(config: CoordinatorConfig, *, barrier: SyncBarrier | None,
-                    warm: WarmStart) -> list[AdmissionRule]:
-    """The intake's admission rules, in the order they are asked (the first refusal wins)."""
-    mode_rules: list[AdmissionRule] = [barrier] if barrier is not None else [warm]
+                    warm: WarmStart, registry: ClientRegistry) -> list[AdmissionRule]:
+    """The intake's admission rules, in the order they are asked (the first refusal wins).
+
+    The rate limit first: every delta that gets this far costs its sender a token. A sync round
+    has its own one-per-round rule; an asynchronous run takes one delta per client per base.
+    """
+    intake = config.intake
+    rate: list[AdmissionRule] = (
+        [RateLimit(burst=intake.delta_burst, per_minute=intake.max_deltas_per_minute)]
+        if intake.max_deltas_per_minute > 0 else []
+    )
+    mode_rules: list[AdmissionRule] = [barrier] if barrier is not None else [warm, OnePerBase(registry)]
     return [
+        *rate,
         *mode_rules,
-        StalenessBound(config.intake.max_staleness),
-        LocalStepsBound(config.intake.max_local_steps),
+        StalenessBound(intake.max_staleness),
+        LocalStepsBound(intake.max_local_steps),
+        AssignmentBound(registry),
     ]
 
 
 def build_intake(config: CoordinatorConfig, *, optimizer: OuterOptimizer, registry: ClientRegistry,
                  progress: RunProgress, warm: WarmStart, barrier: SyncBarrier | None,
-                 run_id: str) -> DeltaIntake:
+                 run_id: str, senders: SenderCheck | None = None) -> DeltaIntake:
     """The intake of a run: its admission rules, and θ moved by the outer optimizer, or adopted
     whole while the warm start lasts."""
 
@@ -71,7 +92,9 @@ def build_intake(config: CoordinatorConfig, *, optimizer: OuterOptimizer, regist
 
     return DeltaIntake(
         config=config.intake, params=optimizer.params, registry=registry, progress=progress,
-        rules=admission_rules(config, barrier=barrier, warm=warm), apply=apply, run_id=run_id,
+        rules=admission_rules(config, barrier=barrier, warm=warm, registry=registry), apply=apply,
+        run_id=run_id,
+        senders=senders,
     )
 
 
@@ -102,12 +125,17 @@ class RunState:
         self.optimizer = make_outer_optimizer(dict(self.eval_model.named_parameters()), config.outer)
         self.registry = ClientRegistry(config.plan)
         self.progress = RunProgress()
-        self.warm = WarmStart(config.plan.warm_start_steps, progress=self.progress)
+        self.warm = WarmStart(config.plan.warm_start_steps, progress=self.progress,
+                              holder=config.plan.warm_start_client)
         self.barrier = (SyncBarrier(self.registry, timeout_s=config.sync_timeout_s)
                         if self.mode is RunMode.SYNC else None)
+        # Who may send: invited volunteers under their own names, or (open) anyone.
+        self.volunteers = (VolunteerBook.open(config.checkpoint_dir)
+                           if config.auth is AuthMode.INVITE and config.checkpoint_dir is not None else None)
+        senders = InvitedSenders(self.volunteers) if self.volunteers is not None else OpenSenders()
         self.intake = build_intake(config, optimizer=self.optimizer, registry=self.registry,
                                    progress=self.progress, warm=self.warm, barrier=self.barrier,
-                                   run_id=run_id)
+                                   run_id=run_id, senders=senders)
         self.applied_log = applied_log
         self.components: list[Persistent] = [self.registry, self.progress, self.intake, self.warm]
         if self.barrier is not None:
@@ -166,6 +194,12 @@ class RunState:
         self.version += 1  # a sync round's barrier already waits on it (complete_sync_round)
         self.intake.version = self.version
         return True
+
+    def published(self, version: int, at: float) -> None:
+        """Snapshot ``version`` was published at unix time ``at`` (the service calls this after each
+        publish): no round on it can have started earlier, which is how clients' speeds are measured
+        (:mod:`coordinator.registry`). Kept for recent versions, in the checkpoint."""
+        self.registry.note_published(version, at)
 
     def warm_start_ended(self) -> bool:
         """True once, at the first call after the warm start's last step."""

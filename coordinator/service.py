@@ -36,6 +36,7 @@ from shared.errors import ConfigError, ProtocolError, SnapshotError
 from shared.keys import RunKeys
 from shared.protocol import PART_TYPE
 from shared.settings import REDIS_ERRORS
+from shared.signing import SigningKey
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,20 @@ log = logging.getLogger(__name__)
 class Coordinator:
     """Serve one run until stopped; see the module docstring for the commit cycle.
 
-    ``redis`` is the client for the run's keys (the caller owns and closes it); ``crash`` holds the
+    ``redis`` is the client for the run's keys (the caller owns and closes it); ``signing_key``
+    signs every snapshot manifest and plan (clients pin its public half); ``crash`` holds the
     fault tests' kill -9 points (inert unless a test asks for one).
     """
 
-    def __init__(self, config: CoordinatorConfig, *, redis: redis.Redis,
+    def __init__(self, config: CoordinatorConfig, *, redis: redis.Redis, signing_key: SigningKey,
                  crash: CrashPoints | None = None) -> None:
         self.config = config
         self.keys = RunKeys(config.run)
         self.redis = redis
         self.crash = crash or CrashPoints(None)
-        self.publisher = Publisher(redis, self.keys, keep_versions=config.commit.keep_versions)
+        self.signing_key = signing_key
+        self.publisher = Publisher(redis, self.keys, keep_versions=config.commit.keep_versions,
+                                   signing_key=signing_key)
         self.lease = CoordinatorLease(redis, self.keys.coordinator_lease)
         self.inbox: queue.Queue[Delivery] = queue.Queue()
         self.stop_event = threading.Event()
@@ -108,8 +112,8 @@ class Coordinator:
         for key in self.spool.recover(time.time()):  # complete deltas a crash left in the spool
             self._take_assembled(key)
         self.consumer = DeltaConsumer(
-            amqp_url=cfg.connection.amqp_url, keys=self.keys, config=cfg.queue, retry=cfg.retry,
-            inbox=self.inbox, heartbeat_s=cfg.connection.heartbeat_s,
+            connection=cfg.connection, keys=self.keys, config=cfg.queue, retry=cfg.retry,
+            inbox=self.inbox,
         )
         self.consumer.start()
         deadline = time.monotonic() + cfg.max_seconds if cfg.max_seconds else math.inf
@@ -147,9 +151,10 @@ class Coordinator:
     def _take(self, delivery: Delivery) -> None:
         """Handle one delivery: a whole delta waits for the next commit; a part is spooled."""
         if delivery.message_type != PART_TYPE:
-            self._hold(delivery, self.run.intake.handle(delivery.body))
+            self._hold(delivery, self.run.intake.handle(delivery.body, sender=delivery.sender))
             return
-        outcome, complete = take_part(self.spool, self.run.intake, delivery.body, time.time())
+        outcome, complete = take_part(self.spool, self.run.intake, delivery.body, time.time(),
+                                      sender=delivery.sender)
         if outcome.kind in (OutcomeKind.SPOOLED, OutcomeKind.COMPLETE):
             self.crash.hit("part_spooled")
         if self.consumer is not None:
@@ -165,7 +170,7 @@ class Coordinator:
             outcome = Outcome.rejected(exc.reason, exc.detail, entry.client_id, entry.seq)
             self.run.intake.count(outcome)
         else:
-            outcome = self.run.intake.handle(body, assembled=True)
+            outcome = self.run.intake.handle(body, parts_of=(entry.client_id, entry.seq))
         self._hold(Delivery.from_spool(key), outcome)
 
     def _hold(self, delivery: Delivery, outcome: Outcome) -> None:
@@ -177,9 +182,7 @@ class Coordinator:
     def _expire_parts(self) -> None:
         """Discard deltas whose parts stopped coming; each is recorded as rejected, ``incomplete``."""
         for entry in self.spool.expire(time.time()):
-            detail = (f"{len(entry.parts)} of {entry.count} parts, none new for "
-                      f"{self.spool.config.timeout_s:.0f} s")
-            outcome = Outcome.rejected("incomplete", detail, entry.client_id, entry.seq)
+            outcome = Outcome.rejected("incomplete", entry.expired, entry.client_id, entry.seq)
             self.run.intake.count(outcome)
             self._hold(Delivery.from_spool(""), outcome)
 
@@ -213,6 +216,7 @@ class Coordinator:
                 self.spool.discard(delivery.spool_key)
         if theta_changed or force:
             self.publisher.publish(run, before_flip=lambda: self.crash.hit("mid_snapshot"))
+            run.published(self.publisher.published_version, time.time())  # clients' speeds count from it
         run.commits += 1
         self.batch.committed()
         kinds = [o.kind for _, o in batch]
@@ -249,8 +253,11 @@ class Coordinator:
                             started_at=self.started_at, stopped=stopped)
 
     def _housekeeping(self) -> None:
-        """Keep the lease, the plan and the status fresh; republish if Redis lost our snapshot."""
+        """Keep the lease, the plan and the status fresh; republish if Redis lost our snapshot;
+        see what `invite` and `revoke` changed in the volunteer book."""
         run = self.run
+        if run.volunteers is not None and run.volunteers.reload():
+            log.info("volunteer book read: %d volunteers", len(run.volunteers.volunteers))
         try:
             if not self.lease.refresh():
                 raise ConfigError("another coordinator took over this run; stopping")
@@ -265,6 +272,7 @@ class Coordinator:
                     self._commit()
                 else:
                     self.publisher.publish(run, republish=current == run.version)
+                    run.published(self.publisher.published_version, time.time())
             self.publisher.refresh(run, self.status())
             self.publisher.reachable()
         except REDIS_ERRORS as exc:

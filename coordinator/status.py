@@ -81,6 +81,9 @@ def build_status(run: RunState, *, consumer: DeltaConsumer | None, spool: PartSp
                 "last_seen": c.last_seen,
                 "last_staleness": c.last_staleness,
                 "last_loss": _num(c.last_loss),
+                # the round length the plan assigns it now (null: none, it runs H)
+                "assigned_steps": plan.assignments.get(c.client_id),
+                "reported_compute_s": _num(c.reported_compute_s),  # its own claim: shown, never used
             }
             for c in sorted(registry.clients.values(), key=lambda c: c.client_id)
         ],
@@ -95,9 +98,10 @@ def build_status(run: RunState, *, consumer: DeltaConsumer | None, spool: PartSp
             "sync": plan.mode is RoundMode.SYNC,
             "warm_start": plan.mode is RoundMode.WARM_START,
             "warm_client": plan.warm_client,
+            "assigned_clients": len(plan.assignments),
         },
         "outer": {"strategy": outer.strategy, "lr": outer.lr, "momentum": outer.momentum,
-                  "buffer_size": outer.buffer_size, "c": outer.c,
+                  "buffer_size": outer.buffer_size, "min_buffer": outer.min_buffer, "c": outer.c,
                   "staleness_exponent": outer.staleness_exponent},
         "queue": {
             "name": RunKeys(run.config.run).delta_queue,
@@ -162,12 +166,14 @@ def render_text(doc: dict[str, Any], *, now: float | None = None) -> str:
         f"fastest={plan['fastest_steps_per_s'] or 0:.2f} steps/s  dylu={'on' if plan['dylu'] else 'off'}"
     )
     if doc["clients"]:
-        lines.append(f"{'client':<24} {'active':<6} {'steps/s':>8} {'H last':>6} {'steps':>8} "
+        lines.append(f"{'client':<24} {'active':<6} {'steps/s':>8} {'H next':>6} {'H last':>6} {'steps':>8} "
                      f"{'updates':>7} {'rejected':>8}  last seen")
         for c in doc["clients"]:
+            assigned = c.get("assigned_steps")  # a document of an older coordinator has none
             lines.append(
                 f"{c['client_id']:<24} {'yes' if c['active'] else 'no':<6} "
-                f"{c['steps_per_s'] or 0:>8.2f} {c['last_round_steps']:>6} {c['local_steps']:>8} "
+                f"{c['steps_per_s'] or 0:>8.2f} {'-' if assigned is None else assigned:>6} "
+                f"{c['last_round_steps']:>6} {c['local_steps']:>8} "
                 f"{c['updates']:>7} {c['rejected']:>8}  {_ago(now - c['last_seen'])}"
             )
     else:

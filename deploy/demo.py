@@ -1,9 +1,11 @@
 """``make demo``: one coordinator and three clients of different speeds train the tiny model.
 
-Starts ``asyncloco-coordinator serve`` and three ``asyncloco-client join`` processes with
-``--slowdown 1, 2, 4`` (emulating a fast, a middling and a slow machine), lets them train for
-``--seconds`` (default 180), stops everything it started (by pid), and prints a summary table that
-ends with ``final eval loss: X.XXX``. Logs go to ``.asyncloco/demo/``.
+Invites three volunteers (``asyncloco-coordinator invite``: each gets its own broker and Redis
+user and a join token), starts ``asyncloco-coordinator serve`` and three ``asyncloco-client join
+--token-file`` processes with ``--slowdown 1, 2, 4`` (emulating a fast, a middling and a slow
+machine), lets them train for ``--seconds`` (default 180), stops everything it started (by pid),
+revokes the three volunteers, and prints a summary table that ends with
+``final eval loss: X.XXX``. Logs and tokens go to ``.asyncloco/demo/``.
 """
 
 from __future__ import annotations
@@ -59,10 +61,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", ASYNCLOCO_REDIS=args.redis, ASYNCLOCO_AMQP=args.amqp)
     env.pop("ASYNCLOCO_RUN", None)
+    client_env = {k: v for k, v in env.items() if k not in ("ASYNCLOCO_REDIS", "ASYNCLOCO_AMQP")}
     python = sys.executable
+    checkpoint = out / "checkpoint"
+    admin = ["--run", args.run, "--checkpoint-dir", str(checkpoint)]
     coordinator_cmd = [
         python, "-m", "coordinator.cli", "serve", "--run", args.run, "--model-size", "tiny",
-        "--checkpoint-dir", str(out / "checkpoint"), "--fresh", "--threads", "1",
+        "--checkpoint-dir", str(checkpoint), "--fresh", "--threads", "1",
         "--eval-interval", "10", "--max-seconds", str(args.seconds + 120),
         "--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum),
     ]
@@ -70,6 +75,18 @@ def main() -> int:
     logs = []
     r = redis.Redis.from_url(args.redis, socket_timeout=5)
     try:
+        for client_id, _ in CLIENTS:
+            # A demo stopped hard last time may have left its volunteers: cut them off first.
+            subprocess.run([python, "-m", "coordinator.cli", "revoke", client_id, *admin], cwd=ROOT, env=env,
+                           capture_output=True, timeout=60)
+            invited = subprocess.run(
+                [python, "-m", "coordinator.cli", "invite", client_id, *admin, "--expires", "1d",
+                 "--token-file", str(out / f"{client_id}.token")],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+            if invited.returncode != 0:
+                print(f"demo: could not invite {client_id}: {invited.stderr.strip()}", file=sys.stderr)
+                return 1
+            print(f"demo: {invited.stdout.strip()}", flush=True)
         log = open(out / "coordinator.log", "w")  # noqa: SIM115 - closed below
         logs.append(log)
         coordinator = subprocess.Popen(coordinator_cmd, cwd=ROOT, env=env, stdout=log,
@@ -94,11 +111,11 @@ def main() -> int:
         for client_id, slowdown in CLIENTS:
             log = open(out / f"{client_id}.log", "w")  # noqa: SIM115 - closed below
             logs.append(log)
-            procs.append(subprocess.Popen(
-                [python, "-m", "client.cli", "join", "--run", args.run, "--client-id", client_id,
+            procs.append(subprocess.Popen(  # the token says where and who: no server URLs in its env
+                [python, "-m", "client.cli", "join", "--token-file", str(out / f"{client_id}.token"),
                  "--slowdown", str(slowdown), "--threads", "1", "--device", "cpu",
                  "--state-dir", str(out / "state"), "--max-seconds", str(args.seconds)],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=ROOT, env=client_env, stdout=log, stderr=subprocess.STDOUT,
             ))
             print(f"demo: client {client_id} (--slowdown {slowdown:g}) pid {procs[-1].pid}", flush=True)
         started = time.monotonic()
@@ -128,6 +145,9 @@ def main() -> int:
         _stop(procs, 10)
         for log in logs:
             log.close()
+        for client_id, _ in CLIENTS:  # their users go with the demo
+            subprocess.run([python, "-m", "coordinator.cli", "revoke", client_id, *admin], cwd=ROOT, env=env,
+                           capture_output=True, timeout=60)
 
 
 def _report(status: dict, history: list[dict], seconds: float, out: Path) -> bool:

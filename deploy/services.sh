@@ -350,6 +350,30 @@ cmd_up() {
     fi
     redis_ensure
     rabbit_ensure
+    rabbit_management
+}
+
+# `asyncloco-coordinator invite` creates each volunteer's broker user through RabbitMQ's
+# management API (coordinator/broker_admin.py), so the broker this script manages on 5672 gets the
+# rabbitmq_management plugin (port 15672, localhost only for guest). A private node on another port
+# and a remote broker are left as they are: their operator enables it.
+rabbit_management() {
+    ((AMQP_MANAGED)) && [[ $AMQP_PORT == 5672 ]] || return 0
+    (exec 3<>/dev/tcp/127.0.0.1/15672) 2>/dev/null && return 0
+    if ! have rabbitmq-plugins; then
+        echo "rabbitmq  management API unavailable (no rabbitmq-plugins): 'invite' needs it"
+        return 0
+    fi
+    if ! rabbitmq-plugins -q enable --online rabbitmq_management >/dev/null 2>&1; then
+        echo "rabbitmq  could not enable rabbitmq_management (as root: rabbitmq-plugins enable rabbitmq_management); 'invite' needs it"
+        return 0
+    fi
+    local i
+    for ((i = 0; i < 60; i++)); do
+        (exec 3<>/dev/tcp/127.0.0.1/15672) 2>/dev/null && break
+        sleep 0.5
+    done
+    echo "rabbitmq  management API on 127.0.0.1:15672 enabled (for 'asyncloco-coordinator invite')"
 }
 
 cmd_down() {

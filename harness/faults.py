@@ -18,6 +18,7 @@ import redis
 
 from harness.processes import AMQP_URL, REDIS_URL
 from shared.keys import RunKeys
+from shared.signing import KEY_FILE_NAME, SigningKey
 from shared.snapshot import SnapshotStore
 
 # The tiny model on a small corpus: a client round takes ~1 s on one CPU thread.
@@ -25,18 +26,36 @@ TASK = ["--model-size", "tiny", "--batch-size", "8", "--task-setting", "max_corp
         "--task-setting", "eval_sequences=16"]
 
 
+def run_key(workdir: Path) -> tuple[Path, str]:
+    """The signing key of a test's run, created once in ``workdir``: its path (the coordinator's
+    ``--signing-key``) and its public half in hex (the clients' ``--coordinator-key``)."""
+    path = Path(workdir) / KEY_FILE_NAME
+    return path, SigningKey.load_or_create(path).public_hex
+
+
 def coordinator_args(run: str, checkpoint_dir: Path, *extra: str) -> list[str]:
-    """``python`` arguments of a coordinator serving ``run`` with the tiny task, one thread."""
-    return ["-m", "coordinator.cli", "serve", "--run", run, *TASK, "--threads", "1",
+    """``python`` arguments of a coordinator serving ``run`` with the tiny task, one thread.
+
+    It signs with ``run_key(checkpoint_dir.parent)``: beside the checkpoint directory, not in it,
+    so a test that sets the checkpoint aside keeps the key its clients pinned.
+    """
+    key_path, _ = run_key(checkpoint_dir.parent)
+    extra = ("--signing-key", str(key_path), *extra)
+    # --auth open: these clients are the test's own, under ids it picks (invites: tests/integration)
+    return ["-m", "coordinator.cli", "serve", "--run", run, *TASK, "--threads", "1", "--auth", "open",
             "--checkpoint-dir", str(checkpoint_dir), "--local-steps", "6", "--min-local-steps", "2",
+            # rounds of ~1 s (the default, 30 a minute, is for real rounds): honest, not rate_limited
+            "--max-deltas-per-minute", "600",
             "--eval-interval", "5", *extra]
 
 
-def client_args(run: str, client_id: str, state_dir: Path, journal: Path, max_seconds: float) -> list[str]:
-    """``python`` arguments of a CPU client of ``run`` that journals its confirmed deltas."""
+def client_args(run: str, client_id: str, state_dir: Path, journal: Path, max_seconds: float, *,
+                coordinator_key: str) -> list[str]:
+    """``python`` arguments of a CPU client of ``run`` that journals its confirmed deltas and
+    trusts snapshots signed by ``coordinator_key`` (hex: ``run_key(...)[1]``)."""
     return ["-m", "client.cli", "join", "--run", run, "--client-id", client_id, "--threads", "1",
             "--device", "cpu", "--state-dir", str(state_dir), "--max-seconds", str(max_seconds),
-            "--journal", str(journal), "--log-level", "info"]
+            "--journal", str(journal), "--log-level", "info", "--coordinator-key", coordinator_key]
 
 
 def status(run: str) -> dict[str, Any]:

@@ -1,8 +1,13 @@
-"""Dynamic Local Updates: each client sizes its round to its own measured speed.
+"""Dynamic Local Updates: each client's round is sized to its speed, so every round takes about as long.
 
 ``H_i = max(H_min, floor(v_i / v_max · H))`` with ``v`` in local steps per second and ``H`` the
 steps the fastest active client runs. Every round then takes about ``H / v_max`` seconds whatever
 the machine, so a slow box neither holds anyone up nor sends hopelessly stale work.
+
+The coordinator measures every speed itself (from when deltas arrive, never from what a client
+says) and publishes each active client's ``H_i`` in the plan's ``assignments``; a client runs its
+own assignment. A client the plan does not name yet (it just joined) runs ``H``, stopping at the
+round's time budget.
 """
 
 from __future__ import annotations
@@ -13,15 +18,34 @@ from dataclasses import dataclass
 from shared.protocol import RoundMode, RoundPlan
 
 
-def local_steps_for(plan: RoundPlan, steps_per_s: float | None) -> int:
-    """Steps this client should run this round, from the plan and its own measured speed.
+def dylu_steps(speed: float, fastest: float, local_steps: int, min_local_steps: int) -> int:
+    """The DyLU rule: ``max(H_min, floor(v_i / v_max · H))``, never above ``H``; H if nothing is known."""
+    if speed <= 0 or fastest <= 0:
+        return local_steps
+    ratio = min(1.0, speed / fastest)
+    return max(min(min_local_steps, local_steps), math.floor(ratio * local_steps))
 
-    Outside ``RoundMode.DYLU``, or before anything is measured, everybody runs ``plan.local_steps``.
+
+def is_assigned(plan: RoundPlan, client_id: str) -> bool:
+    """True if the plan gives this client its own round length (``RoundMode.DYLU`` only)."""
+    return plan.mode is RoundMode.DYLU and client_id in plan.assignments
+
+
+def local_steps_for(plan: RoundPlan, client_id: str, steps_per_s: float | None) -> int:
+    """Steps this client should run this round.
+
+    In ``RoundMode.DYLU`` the coordinator's assignment for ``client_id`` when the plan has one; a
+    plan that assigns nothing (the simulator's) falls back to the client's own measured speed
+    ``steps_per_s``. Outside ``RoundMode.DYLU``, for a client the plan does not name, or before
+    anything is measured, everybody runs ``plan.local_steps``.
     """
-    if plan.mode is not RoundMode.DYLU or not steps_per_s or plan.fastest_steps_per_s <= 0:
+    if plan.mode is not RoundMode.DYLU:
         return plan.local_steps
-    ratio = min(1.0, steps_per_s / plan.fastest_steps_per_s)
-    return max(plan.min_local_steps, math.floor(ratio * plan.local_steps))
+    if client_id in plan.assignments:
+        return plan.assignments[client_id]
+    if plan.assignments or not steps_per_s:
+        return plan.local_steps  # new to the coordinator: H, cut by the round's time budget
+    return dylu_steps(steps_per_s, plan.fastest_steps_per_s, plan.local_steps, plan.min_local_steps)
 
 
 def round_time_budget_s(plan: RoundPlan) -> float | None:

@@ -37,6 +37,12 @@ class SnapshotMissing(SnapshotError):
     """No snapshot has been published yet for this run, or it expired while being read."""
 
 
+class SnapshotUntrusted(SnapshotError):
+    """What Redis holds is not what this run's coordinator signed: an unsigned or forged manifest
+    or plan, a signed one replayed under another version's key, or a chunk that fails the signed
+    hash. It is never used; a client reports it and waits for a good one."""
+
+
 class ServiceUnavailable(AsyncLocoError):
     """Redis or RabbitMQ cannot be reached (after the retries the caller allowed)."""
 

@@ -28,10 +28,17 @@ def fsync_directory(path: Path) -> None:
             os.close(dir_fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file whole."""
+def write_atomically(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file whole.
+
+    ``mode`` (e.g. ``0o600`` for a private key) is set on the temporary file before any byte is
+    written to it, so the data is never readable under looser permissions, not even for a moment.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+    if mode is not None:
+        os.fchmod(fd, mode)  # a leftover temporary file keeps its old mode through O_CREAT
+    with os.fdopen(fd, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())

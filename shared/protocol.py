@@ -324,13 +324,22 @@ class RoundMode(str, Enum):
     WARM_START = "warm_start"
 
 
+# A plan names at most this many clients' round lengths, by ids of at most this many chars: about
+# 300 KB of msgpack at most (a client reads the plan every round), far more clients than one run has.
+PLAN_MAX_ASSIGNMENTS = 4096
+PLAN_MAX_ID_CHARS = 64
+PLAN_MAX_BYTES = 512 * 1024
+
+
 @dataclass(frozen=True)
 class RoundPlan:
     """What every client needs to size its round (Dynamic Local Updates).
 
     The fastest active client runs ``local_steps`` (H) per round; in ``RoundMode.DYLU`` a client
-    measured at ``v_i`` steps/s runs ``max(min_local_steps, floor(v_i / fastest_steps_per_s * H))``.
-    ``fastest_steps_per_s`` is 0 while no speed has been measured yet.
+    measured at ``v_i`` steps/s runs ``max(min_local_steps, floor(v_i / fastest_steps_per_s * H))``,
+    and ``assignments`` holds exactly that ``H_i`` per active client id, from the speeds the
+    coordinator measured itself (a client it does not name runs H). ``fastest_steps_per_s`` is 0
+    while no speed has been measured yet.
     """
 
     run_id: str
@@ -341,6 +350,7 @@ class RoundPlan:
     mode: RoundMode = RoundMode.DYLU
     updated_at: float = 0.0
     warm_client: str = ""  # RoundMode.WARM_START: the client that trains alone ("" = anyone may)
+    assignments: dict[str, int] = field(default_factory=dict)  # client id -> H_i (RoundMode.DYLU)
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -355,13 +365,15 @@ class RoundPlan:
                 "mode": self.mode.value,
                 "updated_at": float(self.updated_at),
                 "warm_client": self.warm_client,
+                "assignments": self.assignments,
             },
             use_bin_type=True,
         )
 
     @classmethod
     def decode(cls, data: bytes) -> RoundPlan:
-        obj = check_protocol(unpack_limited(data, max_bytes=64 * 1024, max_items=64, max_str=256))
+        obj = check_protocol(unpack_limited(data, max_bytes=PLAN_MAX_BYTES, max_items=PLAN_MAX_ASSIGNMENTS,
+                                            max_str=256))
         if obj.get("type") != "plan":
             raise ProtocolError("wrong_schema", "not a round plan")
         mode_name = require_field(obj, "mode", str)
@@ -378,7 +390,17 @@ class RoundPlan:
             mode=mode,
             updated_at=float(require_field(obj, "updated_at", (int, float))),
             warm_client=require_field(obj, "warm_client", str) if "warm_client" in obj else "",
+            assignments=require_field(obj, "assignments", dict) if "assignments" in obj else {},
         )
         if not 1 <= plan.min_local_steps <= plan.local_steps:
             raise ProtocolError("wrong_schema", "plan needs 1 <= min_local_steps <= local_steps")
+        for client_id, steps in plan.assignments.items():
+            if not isinstance(client_id, str) or not 1 <= len(client_id) <= PLAN_MAX_ID_CHARS:
+                raise ProtocolError("wrong_schema",
+                                    f"assignment key must be a client id of 1-{PLAN_MAX_ID_CHARS} chars")
+            if isinstance(steps, bool) or not isinstance(steps, int):
+                raise ProtocolError("wrong_schema", f"assignment of {client_id!r} is not an int")
+            if not plan.min_local_steps <= steps <= plan.local_steps:
+                raise ProtocolError("wrong_schema", f"assignment {steps} of {client_id!r} outside "
+                                    f"{plan.min_local_steps}..{plan.local_steps}")
         return plan

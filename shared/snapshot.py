@@ -6,6 +6,12 @@ never moves it backwards). A reader takes ``current``, reads that version's mani
 checks every chunk's sha256 against the manifest, so it can never load a torn or mixed snapshot; if a
 chunk expired under it, it starts again from the new ``current``. The newest ``keep_versions`` are
 kept; older ones get a short expiry so that a slow reader can still finish.
+
+The manifest and the round plan are stored signed (:class:`shared.signing.SignedEnvelope`): a
+store with a ``verify_key`` (a client's) refuses, with :class:`SnapshotUntrusted`, anything that is
+not signed by that key, a signed manifest found under another version's key, and a chunk that
+fails the signed manifest's hash. ``current`` itself is not signed: a pointer rewritten in Redis
+can only name a version whose signed manifest is there (see ``client/fetcher.py`` for rollbacks).
 """
 
 from __future__ import annotations
@@ -22,13 +28,15 @@ import redis
 import torch
 
 from shared import PROTOCOL_VERSION
-from shared.errors import ProtocolError, SnapshotError, SnapshotMissing
+from shared.errors import ProtocolError, SnapshotError, SnapshotMissing, SnapshotUntrusted
 from shared.keys import RunKeys
-from shared.protocol import MiB, check_protocol, require_field, unpack_limited
+from shared.protocol import PLAN_MAX_BYTES, MiB, RoundPlan, check_protocol, require_field, unpack_limited
 from shared.settings import redis_bytes
+from shared.signing import SigningKey, VerifyKey, open_signed, seal
 
 DEFAULT_CHUNK_BYTES = 4 * MiB
 MAX_MANIFEST_BYTES = 8 * MiB
+MAX_PLAN_BYTES = PLAN_MAX_BYTES  # RoundPlan.decode's own limit
 MAX_SNAPSHOT_BYTES = 8 * 1024 * MiB
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -197,7 +205,13 @@ class Snapshot:
 
 
 class SnapshotStore:
-    """Publishes and reads snapshots of one run in Redis (the connection is passed in)."""
+    """Publishes and reads snapshots of one run in Redis (the connection is passed in).
+
+    ``signer`` (the coordinator's key) signs what :meth:`publish` and :meth:`publish_plan` write;
+    a store without one cannot publish. ``verify_key`` (the key a client pinned) is checked on
+    every manifest and plan read; without one (the coordinator reading back its own writes, test
+    probes) an envelope is only unwrapped.
+    """
 
     def __init__(
         self,
@@ -206,6 +220,8 @@ class SnapshotStore:
         *,
         keep_versions: int = 3,
         expire_grace_s: int = 60,
+        signer: SigningKey | None = None,
+        verify_key: VerifyKey | None = None,
     ) -> None:
         if keep_versions < 1:
             raise SnapshotError("keep_versions must be >= 1")
@@ -213,7 +229,26 @@ class SnapshotStore:
         self.keys = keys
         self.keep_versions = keep_versions
         self.expire_grace_s = expire_grace_s
+        self.signer = signer
+        self.verify_key = verify_key
         self._flip = client.register_script(_FLIP_FORWARD)
+
+    def _signed(self, body: bytes) -> bytes:
+        if self.signer is None:
+            raise SnapshotError("this snapshot store has no signing key: only the coordinator publishes")
+        return seal(body, self.signer)
+
+    def _open(self, raw: bytes, what: str, *, max_body_bytes: int) -> bytes:
+        """The body of the envelope ``raw`` (the signature checked if there is a verify key)."""
+        try:
+            return open_signed(raw, self.verify_key, max_body_bytes=max_body_bytes)
+        except ProtocolError as exc:
+            if self.verify_key is None:
+                raise SnapshotUntrusted(f"{what} is not a signed envelope ({exc})") from exc
+            raise SnapshotUntrusted(
+                f"{what} is not signed by this run's coordinator (key {self.verify_key.short}); "
+                f"refusing it ({exc.reason})"
+            ) from exc
 
     def current_version(self) -> int | None:
         raw = self.redis.get(self.keys.current)
@@ -258,10 +293,11 @@ class SnapshotStore:
             progress=progress,
             created_at=time.time(),
         )
+        signed = self._signed(manifest.encode())  # before anything is written
         pipe = self.redis.pipeline(transaction=False)
         for index, chunk in enumerate(chunks):
             pipe.set(self.keys.chunk(version, index), chunk)
-        pipe.set(self.keys.manifest(version), manifest.encode())
+        pipe.set(self.keys.manifest(version), signed)
         pipe.execute()
         if before_flip is not None:
             before_flip()
@@ -281,7 +317,7 @@ class SnapshotStore:
         if raw is None:
             return
         try:
-            count = len(SnapshotManifest.decode(raw).chunk_sha256)
+            count = len(SnapshotManifest.decode(open_signed(raw, None)).chunk_sha256)
         except ProtocolError:
             count = 0
         pipe = self.redis.pipeline(transaction=False)
@@ -293,13 +329,34 @@ class SnapshotStore:
         raw = redis_bytes(self.redis.get(self.keys.manifest(version)))
         if raw is None:
             raise SnapshotMissing(f"snapshot {version} of run {self.keys.run!r} is gone")
+        body = self._open(raw, f"snapshot {version}", max_body_bytes=MAX_MANIFEST_BYTES)
         try:
-            manifest = SnapshotManifest.decode(raw)
+            manifest = SnapshotManifest.decode(body)
         except ProtocolError as exc:
             raise SnapshotError(f"manifest of version {version} is invalid: {exc}") from exc
         if manifest.version != version or manifest.run != self.keys.run:
-            raise SnapshotError(f"manifest under version {version} names another snapshot")
+            # Signed, but for another key: an old manifest replayed under a newer version's key.
+            raise SnapshotUntrusted(
+                f"manifest under version {version} names another snapshot (version "
+                f"{manifest.version} of run {manifest.run[:64]!r}); refusing it"
+            )
         return manifest
+
+    def publish_plan(self, plan: RoundPlan) -> None:
+        """Write the round plan, signed, beside the snapshots."""
+        self.redis.set(self.keys.plan, self._signed(plan.encode()))
+
+    def read_plan(self) -> RoundPlan | None:
+        """The round plan, or None if there is none; SnapshotUntrusted if it is not signed by
+        ``verify_key`` (when set), SnapshotError if it is signed but malformed."""
+        raw = redis_bytes(self.redis.get(self.keys.plan))
+        if raw is None:
+            return None
+        body = self._open(raw, "the round plan", max_body_bytes=MAX_PLAN_BYTES)
+        try:
+            return RoundPlan.decode(body)
+        except ProtocolError as exc:
+            raise SnapshotError(f"the round plan is invalid: {exc}") from exc
 
     def read(self, version: int | None = None) -> Snapshot:
         """Read and verify one whole version (the current one by default)."""
@@ -316,7 +373,7 @@ class SnapshotStore:
             if chunk is None:
                 raise SnapshotMissing(f"chunk {index} of version {version} expired while reading")
             if hashlib.sha256(chunk).hexdigest() != digest:
-                raise SnapshotError(f"chunk {index} of version {version} fails its sha256")
+                raise SnapshotUntrusted(f"chunk {index} of version {version} fails its sha256")
         return Snapshot(manifest, unflatten(manifest.params, b"".join(p for p in parts if p is not None)))
 
     def read_latest(self, *, attempts: int = 5) -> Snapshot:

@@ -8,6 +8,9 @@ its OS pid, start it again on the same data, and remove every trace afterwards.
 It runs as the current user: on Debian the real start script under ``/usr/lib/rabbitmq/bin`` is
 called directly, not the ``/usr/sbin`` wrapper that switches to the ``rabbitmq`` user (who could
 not write a test's temporary directory).
+
+With ``tls=`` (files from :class:`tests.tls_servers.ThrowawayCA`) the node has one listener, on
+``port``, and it speaks TLS only: no plain AMQP port at all, and ``url`` is ``amqps://``.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pika
 import pika.exceptions
 
 from shared.processes import pid_alive
+from shared.settings import ConnectionSettings, amqp_parameters
+
+if TYPE_CHECKING:  # tests.tls_servers imports this module (free_port)
+    from tests.tls_servers import TlsFiles
 
 # Debian's real scripts; the ones in /usr/sbin are wrappers that su to the rabbitmq user.
 DEBIAN_BIN = Path("/usr/lib/rabbitmq/bin")
@@ -48,6 +56,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _tls_listener_conf(port: int, tls: TlsFiles) -> str:
+    """rabbitmq.conf of a node whose one listener, 127.0.0.1:``port``, speaks TLS with ``tls``.
+
+    Clients are not asked for certificates (they log in with a user and password inside TLS).
+    """
+    return (
+        "listeners.tcp = none\n"
+        f"listeners.ssl.default = 127.0.0.1:{port}\n"
+        f"ssl_options.cacertfile = {tls.ca_cert}\n"
+        f"ssl_options.certfile = {tls.cert}\n"
+        f"ssl_options.keyfile = {tls.key}\n"
+        "ssl_options.verify = verify_none\n"
+        "ssl_options.fail_if_no_peer_cert = false\n"
+    )
+
+
 class PrivateBroker:
     """One RabbitMQ node on 127.0.0.1:``port`` with all its state under ``root``.
 
@@ -56,7 +80,7 @@ class PrivateBroker:
     :meth:`stop` shuts the node down cleanly, killing the VM if it does not go.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tls: TlsFiles | None = None) -> None:
         server, ctl = rabbitmq_tool("rabbitmq-server"), rabbitmq_tool("rabbitmqctl")
         if server is None or ctl is None:
             raise FileNotFoundError("rabbitmq-server / rabbitmqctl are not installed")
@@ -69,13 +93,21 @@ class PrivateBroker:
         self.epmd_port = free_port()
         self.node = f"asyncloco-{self.port}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        self.tls = tls
+        self.tls_ca_file: str | None = None  # what a client passes as --tls-ca (TLS mode)
         self.proc: subprocess.Popen[bytes] | None = None
         self._starts = 0
         for sub in ("home", "mnesia", "log"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         # The system rabbitmq.conf may pin a listener to 5672, and rabbitmq-env.conf may name
         # the node: this node reads neither.
-        (root / "rabbitmq.conf").write_text(f"listeners.tcp.1 = 127.0.0.1:{self.port}\n")
+        conf = f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
+        if tls is not None:
+            # TLS only: self.port speaks TLS (no plain listener at all) and self.url is amqps://.
+            conf = _tls_listener_conf(self.port, tls)
+            self.url = f"amqps://guest:guest@127.0.0.1:{self.port}/%2F"
+            self.tls_ca_file = str(tls.ca_cert)
+        (root / "rabbitmq.conf").write_text(conf)
         (root / "enabled_plugins").write_text("[].\n")  # no management plugin: no port clash
         (root / "rabbitmq-env.conf").write_text("")
         self.env = dict(
@@ -95,6 +127,8 @@ class PrivateBroker:
             RABBITMQ_LOG_BASE=str(root / "log"),
             RABBITMQ_PID_FILE=str(root / "rabbitmq.pid"),
         )
+        if tls is not None:  # these two would add a plain listener on self.port
+            del self.env["RABBITMQ_NODE_IP_ADDRESS"], self.env["RABBITMQ_NODE_PORT"]
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -117,8 +151,10 @@ class PrivateBroker:
                            f"{self.logs()}")
 
     def accepts_logins(self) -> bool:
+        params = amqp_parameters(ConnectionSettings(amqp_url=self.url, tls_ca_file=self.tls_ca_file))
+        params.connection_attempts = 1
         try:
-            connection = pika.BlockingConnection(pika.URLParameters(self.url + "?connection_attempts=1"))
+            connection = pika.BlockingConnection(params)
         except (pika.exceptions.AMQPError, OSError):
             return False
         connection.close()

@@ -18,7 +18,8 @@ from coordinator.service import Coordinator
 from harness.processes import AMQP_URL, REDIS_URL, new_run_name, wait_for
 from shared.errors import ServiceUnavailable
 from shared.keys import RunKeys
-from shared.settings import connect_redis
+from shared.settings import ConnectionSettings, connect_redis
+from shared.signing import SigningKey
 
 
 @contextmanager
@@ -39,15 +40,19 @@ def run_scope(prefix: str = "test") -> Iterator[str]:
         finally:
             client.close()
         with suppress(ServiceUnavailable):
-            delete_run_queues(AMQP_URL, keys)
+            delete_run_queues(ConnectionSettings(amqp_url=AMQP_URL), keys)
 
 
 @contextmanager
-def serving(config: CoordinatorConfig) -> Iterator[Coordinator]:
-    """A real coordinator serving ``config`` in a thread (consumer connected) until the block ends."""
+def serving(config: CoordinatorConfig, *, signing_key: SigningKey | None = None) -> Iterator[Coordinator]:
+    """A real coordinator serving ``config`` in a thread (consumer connected) until the block ends.
+
+    It signs with ``signing_key`` (a new key if None); clients pin
+    ``coordinator.signing_key.public_hex``.
+    """
     client = connect_redis(config.connection)
     try:
-        coordinator = Coordinator(config, redis=client)
+        coordinator = Coordinator(config, redis=client, signing_key=signing_key or SigningKey.generate())
         thread = threading.Thread(target=coordinator.serve, daemon=True)
         thread.start()
         wait_for(lambda: coordinator.consumer is not None and coordinator.consumer.connected.is_set(),

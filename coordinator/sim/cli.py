@@ -60,7 +60,8 @@ def simulate(**opts: Any) -> None:
         speeds = tuple(speed_profile(opts["heterogeneity"], opts["workers"], sigma=opts["sigma"],
                                      seed=opts["seed"]))
     outer = OuterConfig(lr=opts["outer_lr"], momentum=opts["outer_momentum"],
-                        buffer_size=opts["buffer_size"], staleness_exponent=opts["staleness_exponent"])
+                        buffer_size=opts["buffer_size"], min_buffer=opts["min_buffer"],
+                        staleness_exponent=opts["staleness_exponent"])
     configs = [
         SimConfig(strategy=s.strip(), speeds=speeds, local_steps=opts["local_steps"],
                   min_local_steps=opts["min_local_steps"], budget_steps=opts["budget_steps"],

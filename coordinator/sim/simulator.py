@@ -245,7 +245,7 @@ class Simulation:
 
         def start(i: int) -> None:
             nonlocal counter
-            steps = local_steps_for(plan, config.speeds[i])
+            steps = local_steps_for(plan, f"worker-{i}", config.speeds[i])  # no assignments: own speed
             delta, ran, tokens = self._round(trainers[i], feedback[i], steps, state)
             inflight[i] = (delta, ran, tokens, state.updates)
             counter += 1

@@ -24,7 +24,8 @@ from typing import Any
 from shared.errors import TaskError
 
 BUILTIN = "bytelm"
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# A user task's name, "package.module:factory" (use fullmatch: "$" alone lets a trailing newline in).
+TASK_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def load_task(name: str, settings: dict[str, Any]) -> Any:
@@ -33,7 +34,7 @@ def load_task(name: str, settings: dict[str, Any]) -> Any:
         from shared.tasks.bytelm import make_bytelm
 
         factory: Any = make_bytelm
-    elif _IMPORT_PATH.match(name):
+    elif TASK_IMPORT_PATH.fullmatch(name):
         module_name, attr = name.split(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)

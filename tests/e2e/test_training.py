@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from harness.faults import run_key
 from harness.processes import REDIS_URL, Processes, wait_for
 from shared.keys import RunKeys
 
@@ -28,16 +29,19 @@ def _status(run: str) -> dict:
 def test_two_clients_train_the_model_through_a_coordinator_crash(
     procs: Processes, run_name: str, tmp_path: Path
 ) -> None:
+    key_file, coordinator_key = run_key(tmp_path)
     serve = ["-m", "coordinator.cli", "serve", "--run", run_name, *TASK, "--threads", "1",
+             "--signing-key", str(key_file),
              "--checkpoint-dir", str(tmp_path / "ckpt"), "--local-steps", "20", "--min-local-steps", "2",
-             "--eval-interval", "3", "--max-seconds", "150"]
+             "--eval-interval", "3", "--max-seconds", "150", "--auth", "open"]
     coordinator = procs.start("coordinator", *serve)
     wait_for(lambda: _status(run_name).get("eval", {}).get("latest"), 60, "the coordinator's first snapshot")
     start_loss = _status(run_name)["eval"]["history"][0]["loss"]
     for client_id, slowdown in (("fast", "1"), ("slow", "4")):
         procs.start(client_id, "-m", "client.cli", "join", "--run", run_name, "--client-id", client_id,
                     "--slowdown", slowdown, "--threads", "1", "--device", "cpu",
-                    "--state-dir", str(tmp_path / "state"), "--max-seconds", "70")
+                    "--state-dir", str(tmp_path / "state"), "--max-seconds", "70",
+                    "--coordinator-key", coordinator_key)
     wait_for(lambda: all(c["updates"] >= 2 for c in _status(run_name).get("clients", [{}, {}]))
           and len(_status(run_name)["clients"]) == 2, 60, "both clients' updates")
 

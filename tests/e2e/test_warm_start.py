@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.faults import client_args, coordinator_args, status
+from harness.faults import client_args, coordinator_args, run_key, status
 from harness.oracle import read_committed
 from harness.processes import Processes, wait_for
 
@@ -24,9 +24,12 @@ def test_one_client_warms_the_run_up_alone_then_both_train(
                                                               str(WARM_STEPS)))
     wait_for(lambda: status(run_name).get("plan", {}).get("mode") == "warm_start", 60, "the warm start plan")
     # --max-seconds only bounds the clients; the test stops them once it has seen what it needs
-    first = procs.start("first", *client_args(run_name, "first", state, tmp_path / "first.journal", 180))
+    _, key = run_key(tmp_path)  # the one coordinator_args signs with (beside ckpt)
+    first = procs.start("first", *client_args(run_name, "first", state, tmp_path / "first.journal", 180,
+                                              coordinator_key=key))
     wait_for(lambda: status(run_name)["plan"]["warm_client"] == "first", 60, "the first client to hold")
-    second = procs.start("second", *client_args(run_name, "second", state, tmp_path / "second.journal", 180))
+    second = procs.start("second", *client_args(run_name, "second", state, tmp_path / "second.journal", 180,
+                                                coordinator_key=key))
     wait_for(lambda: status(run_name)["plan"]["mode"] != "warm_start", 120, "the warm start to end")
     wait_for(lambda: sum(e["id"].startswith("second:") and e["outcome"] == "applied"
                          for e in read_committed(ckpt)) >= 3,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.faults import client_args, coordinator_args, status, verify_snapshot
+from harness.faults import client_args, coordinator_args, run_key, status, verify_snapshot
 from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import Processes, reachable, wait_for
 
@@ -27,7 +27,9 @@ def test_broker_restart_under_load_loses_nothing(procs: Processes, run_name: str
     ckpt, state = tmp_path / "ckpt", tmp_path / "state"
     coordinator = procs.start("coordinator", *coordinator_args(run_name, ckpt))
     journals = {cid: tmp_path / f"{cid}.journal" for cid in CLIENTS}
-    clients = [procs.start(cid, *client_args(run_name, cid, state, journals[cid], 45)) for cid in CLIENTS]
+    _, key = run_key(tmp_path)  # the one coordinator_args signs with (beside ckpt)
+    clients = [procs.start(cid, *client_args(run_name, cid, state, journals[cid], 45, coordinator_key=key))
+               for cid in CLIENTS]
     wait_for(lambda: all(len(read_journal(j)) >= 2 for j in journals.values()), 60, "deltas before")
     before = sum(len(read_journal(j)) for j in journals.values())
     try:

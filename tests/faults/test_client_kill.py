@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.faults import client_args, coordinator_args, status, verify_snapshot
+from harness.faults import client_args, coordinator_args, run_key, status, verify_snapshot
 from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import Processes, wait_for
 
@@ -22,13 +22,14 @@ def test_client_killed_mid_round_resumes_with_its_id_and_nothing_is_lost_or_doub
 ) -> None:
     ckpt, state, journal = tmp_path / "ckpt", tmp_path / "state", tmp_path / "gamma.journal"
     coordinator = procs.start("coordinator", *coordinator_args(run_name, ckpt))
-    first = procs.start("gamma-1", *client_args(run_name, "gamma", state, journal, 60))
+    _, key = run_key(tmp_path)  # the one coordinator_args signs with (beside ckpt)
+    first = procs.start("gamma-1", *client_args(run_name, "gamma", state, journal, 60, coordinator_key=key))
     wait_for(lambda: len(read_journal(journal)) >= 3, 60, "three confirmed deltas")
     first.kill()  # SIGKILL: mid-round or mid-upload, whatever it was doing
     first.wait()
     before = read_journal(journal)
 
-    second = procs.start("gamma-2", *client_args(run_name, "gamma", state, journal, 10))
+    second = procs.start("gamma-2", *client_args(run_name, "gamma", state, journal, 10, coordinator_key=key))
     wait_for(lambda: second.poll() is not None, 60, "the restarted client to finish")
     assert second.returncode == 0, procs.logs()
     confirmed = set(read_journal(journal))

@@ -9,7 +9,7 @@ import pytest
 
 from coordinator.applied_log import read_applied_log
 from coordinator.faults import EXIT_CODE
-from harness.faults import client_args, coordinator_args, status, verify_snapshot
+from harness.faults import client_args, coordinator_args, run_key, status, verify_snapshot
 from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import Processes, wait_for
 
@@ -38,7 +38,9 @@ def test_kill_at_crash_point_loses_nothing_and_applies_nothing_twice(
     first = procs.start("coordinator-1", *serve, "--crash-at", f"{point}:{CRASH_AT[point]}")
     journals = {cid: tmp_path / f"{cid}.journal" for cid in CLIENTS}
     state = tmp_path / "state"
-    clients = [procs.start(cid, *client_args(run_name, cid, state, journals[cid], CLIENT_SECONDS))
+    _, key = run_key(tmp_path)  # the one coordinator_args signs with (beside ckpt)
+    clients = [procs.start(cid, *client_args(run_name, cid, state, journals[cid], CLIENT_SECONDS,
+                                             coordinator_key=key))
                for cid in CLIENTS]
 
     # the crash: exit code 137, nothing cleaned up, deltas in flight

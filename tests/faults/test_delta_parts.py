@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.faults import EXIT_CODE
-from harness.faults import client_args, coordinator_args, status, verify_snapshot
+from harness.faults import client_args, coordinator_args, run_key, status, verify_snapshot
 from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import Processes, wait_for
 
@@ -36,7 +36,8 @@ def test_kill_while_deltas_arrive_in_parts_loses_nothing(
     first = procs.start("coordinator-1", *serve, "--crash-at", f"{point}:{CRASH_AT[point]}")
     journals = {cid: tmp_path / f"{cid}.journal" for cid in CLIENTS}
     clients = [
-        procs.start(cid, *client_args(run_name, cid, state, journals[cid], CLIENT_SECONDS),
+        procs.start(cid, *client_args(run_name, cid, state, journals[cid], CLIENT_SECONDS,
+                                      coordinator_key=run_key(tmp_path)[1]),  # coordinator_args' key
                     "--part-bytes", PART_BYTES)
         for cid in CLIENTS
     ]

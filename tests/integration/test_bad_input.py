@@ -42,6 +42,7 @@ import torch
 
 import coordinator.registry as registry_module
 from coordinator.config import CommitConfig, CoordinatorConfig
+from coordinator.identity import AuthMode
 from coordinator.intake import IntakeConfig
 from coordinator.service import Coordinator
 from harness.processes import AMQP_URL, REDIS_URL, wait_for
@@ -161,9 +162,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with run_scope("badin") as run, pytest.MonkeyPatch.context() as mp:
         mp.setattr(registry_module, "SEQ_WINDOW", SEQ_WINDOW)
         config = CoordinatorConfig(
+        auth=AuthMode.OPEN,
             run=run,
             task_settings=TASK,
-            intake=IntakeConfig(max_staleness=MAX_STALENESS, limits=limits),
+            # mallory sends every kind within seconds: its rate limit would refuse the later ones
+            # rate_limited (tests/unit/test_admission.py checks that) instead of their own reason
+            intake=IntakeConfig(max_staleness=MAX_STALENESS, limits=limits, max_deltas_per_minute=6000),
             commit=CommitConfig(every_updates=4, interval_s=0.3),
             connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
             checkpoint_dir=tmp_path_factory.mktemp("ckpt"),
@@ -174,10 +178,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             s = Served(coord, run, RunKeys(run), client, limits, numels)
             # "veteran" gets seqs 10..14 applied (one commit each): versions move past the
             # staleness bound and its remembered window becomes [11, 14].
+            # Each on the newest *published* version: one delta per client per base (already_sent).
+            store = SnapshotStore(client, s.keys)
             for seq in range(10, 15):
                 version = coord.version
                 s.publish(s.honest(client_id="veteran", seq=seq))
-                wait_for(lambda v=version: coord.version > v, what=f"veteran seq {seq} committed")
+                wait_for(lambda v=version: (store.current_version() or 0) > v,
+                         what=f"veteran seq {seq} committed and published")
             assert coord.version >= MAX_STALENESS + 2
             wait_for(lambda: s.status().get("deltas", {}).get("applied") == 5, what="status")
             yield s
@@ -286,6 +293,10 @@ KINDS: list[Any] = [
                  id="future-version"),
     pytest.param(lambda s: pack(s.fields(local_steps=0)), "bad_steps", id="local_steps-0"),
     pytest.param(lambda s: pack(s.fields(local_steps=10**12)), "bad_steps", id="local_steps-absurd"),
+    pytest.param(lambda s: pack(s.fields(local_steps=10**6)), "over_assignment", id="local_steps-over-h"),
+    pytest.param(lambda s: pack(s.fields(client_id="veteran", seq=20,
+                                         base_version=s.coord.run.registry.clients["veteran"].last_base)),
+                 "already_sent", id="second-delta-on-a-base"),
     pytest.param(lambda s: pack(s.fields(codec="zstd")), "unknown_codec", id="unknown-codec"),
     pytest.param(lambda s: pack(s.fields(tensors=dict(list(s.fields()["tensors"].items())[1:]))),
                  "wrong_names", id="missing-tensor"),

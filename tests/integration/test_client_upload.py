@@ -36,6 +36,7 @@ from shared.codecs import get_codec
 from shared.keys import RunKeys
 from shared.protocol import DEFAULT_DELTA_LIMITS, PART_TYPE, DeltaMessage, DeltaPart, MiB, RoundPlan
 from shared.settings import ConnectionSettings, RetryPolicy
+from shared.signing import SigningKey
 from shared.snapshot import SnapshotManifest, SnapshotStore
 from shared.tasks import load_task
 
@@ -44,6 +45,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 TASK_SETTINGS = {"model_size": "tiny", "batch_size": 4, "eval_sequences": 4, "max_corpus_bytes": 2_000_000}
 FAST_RETRY = RetryPolicy(initial_delay_s=0.1, max_delay_s=0.5)
+SIGNING_KEY = SigningKey.generate()  # the tests' stand-in coordinator signs with it; clients pin it
 
 
 @pytest.fixture
@@ -78,7 +80,8 @@ def publish_run(
     torch.manual_seed(0)
     params = {n: p.detach().clone() for n, p in task.build_model().named_parameters()}
     run_id = f"rid-{uuid.uuid4().hex[:12]}"
-    manifest = SnapshotStore(rdb, keys).publish(
+    store = SnapshotStore(rdb, keys, signer=SIGNING_KEY)
+    manifest = store.publish(
         run_id=run_id,
         version=0,
         params=params,
@@ -87,7 +90,7 @@ def publish_run(
     )
     plan = RoundPlan(run_id=run_id, local_steps=local_steps, min_local_steps=1, fastest_steps_per_s=0.0,
                      active_clients=1, updated_at=time.time())
-    rdb.set(keys.plan, plan.encode())
+    store.publish_plan(plan)
     return manifest
 
 
@@ -110,7 +113,8 @@ def take_messages(
 def client_config(keys: RunKeys, state_dir: Path, **overrides: object) -> ClientConfig:
     settings: dict = dict(run=keys.run, connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
                           device="cpu", state_dir=state_dir, threads=1, max_rounds=2,
-                          retry=FAST_RETRY, poll_s=0.2)
+                          retry=FAST_RETRY, poll_s=0.2, coordinator_key=SIGNING_KEY.public_hex,
+                          include_wait_s=0)  # no coordinator here: nobody would publish a newer base
     settings.update(overrides)
     return ClientConfig(**settings)
 
@@ -380,7 +384,8 @@ def test_cli_waits_for_snapshot_and_ctrl_c_sends_the_partial_round(rdb, amqp, ke
                ASYNCLOCO_AMQP=AMQP_URL)
     process = subprocess.Popen(
         [sys.executable, "-m", "client.cli", "join", "--threads", "1", "--device", "cpu", "--codec", "int8",
-         "--client-id", "cli-test", "--state-dir", str(tmp_path)],
+         "--client-id", "cli-test", "--state-dir", str(tmp_path),
+         "--coordinator-key", SIGNING_KEY.public_hex],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     lines: list[str] = []

@@ -13,6 +13,7 @@ import torch
 
 from coordinator.config import CommitConfig, CoordinatorConfig
 from coordinator.consumer import QueueConfig, delta_queue_arguments
+from coordinator.identity import AuthMode
 from coordinator.service import Coordinator
 from harness.processes import AMQP_URL, REDIS_URL, wait_for
 from shared.codecs import get_codec
@@ -30,6 +31,7 @@ SMALL_TASK = {"model_size": "tiny", "batch_size": 4, "eval_sequences": 4, "max_c
 @pytest.fixture
 def coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
     config = CoordinatorConfig(
+        auth=AuthMode.OPEN,
         run=run_name,
         task_settings=SMALL_TASK,
         commit=CommitConfig(every_updates=4, interval_s=0.3),
@@ -141,6 +143,7 @@ def test_a_delta_queue_declared_with_other_arguments_is_used_as_it_is(run_name: 
     finally:
         connection.close()
     config = CoordinatorConfig(
+        auth=AuthMode.OPEN,
         run=run_name, task_settings=SMALL_TASK, commit=CommitConfig(every_updates=4, interval_s=0.3),
         connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
         checkpoint_dir=tmp_path / "ckpt", max_seconds=60,

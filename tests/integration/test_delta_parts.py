@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from coordinator.config import CommitConfig, CoordinatorConfig
+from coordinator.identity import AuthMode
 from coordinator.parts import SpoolConfig
 from coordinator.service import Coordinator
 from harness.processes import AMQP_URL, REDIS_URL, wait_for
@@ -34,6 +35,7 @@ TIMEOUT_S = 3.0
 @pytest.fixture
 def coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
     config = CoordinatorConfig(
+        auth=AuthMode.OPEN,
         run=run_name,
         task_settings=SMALL_TASK,
         commit=CommitConfig(every_updates=4, interval_s=0.3),

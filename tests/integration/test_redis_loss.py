@@ -28,6 +28,7 @@ from client.report import RoundReport
 from client.worker import Worker
 from coordinator.checkpoint import load_checkpoint
 from coordinator.config import CommitConfig, CoordinatorConfig
+from coordinator.identity import AuthMode
 from coordinator.lease import CoordinatorLease
 from coordinator.registry import PlanConfig
 from coordinator.run_admin import delete_run_keys
@@ -36,8 +37,9 @@ from harness.processes import AMQP_URL, REDIS_URL, wait_for
 from shared.codecs import get_codec
 from shared.errors import ConfigError, SnapshotError, SnapshotMissing
 from shared.keys import RunKeys
-from shared.protocol import DeltaMessage, RoundPlan
+from shared.protocol import DeltaMessage
 from shared.settings import ConnectionSettings, RetryPolicy
+from shared.signing import SigningKey
 from shared.snapshot import SnapshotStore
 from tests.services import serving as services_serving
 
@@ -66,7 +68,7 @@ def honest_delta(store: SnapshotStore, *, client_id: str, seq: int) -> bytes:
     tensors = {e.name: codec.encode(1e-3 * torch.randn(e.numel, generator=gen)) for e in snap.manifest.params}
     return DeltaMessage(
         run_id=snap.manifest.run_id, client_id=client_id, seq=seq, base_version=snap.version,
-        local_steps=10, samples=40, tokens=5160, compute_s=1.0, train_loss=3.0, codec="fp16",
+        local_steps=3, samples=12, tokens=5160, compute_s=1.0, train_loss=3.0, codec="fp16",
         tensors=tensors,
     ).encode()
 
@@ -114,6 +116,7 @@ class RacingReader(threading.Thread):
 def serving(run: str, checkpoint_dir: Path, commit: CommitConfig) -> Iterator[Coordinator]:
     """A real coordinator serving ``run`` in a thread until the block ends."""
     config = CoordinatorConfig(
+        auth=AuthMode.OPEN,
         run=run,
         task_settings=TASK,
         plan=PlanConfig(local_steps=3, min_local_steps=1),
@@ -167,9 +170,10 @@ def test_a_coordinator_paused_past_its_lease_checks_it_before_committing(
 ) -> None:
     ckpt = tmp_path / "ckpt"
     coord = Coordinator(CoordinatorConfig(
+        auth=AuthMode.OPEN,
         run=run_name, task_settings=TASK, checkpoint_dir=ckpt,
         connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
-    ), redis=redis_client)
+    ), redis=redis_client, signing_key=SigningKey.generate())
     coord.setup()  # lease taken, version 0 checkpointed and published
     key = coord.keys.coordinator_lease
     try:
@@ -204,7 +208,8 @@ def test_coordinator_republishes_snapshot_plan_status_and_lease(
     for seq in range(2):
         version = coordinator.version
         publish(run_name, honest_delta(store, client_id="c1", seq=seq))
-        wait_for(lambda v=version: coordinator.version > v, what=f"delta {seq} committed")
+        # published, not only committed: the next delta is computed on it (one per client per base)
+        wait_for(lambda v=version: (store.current_version() or 0) > v, what=f"delta {seq} committed")
     version = coordinator.version
     wait_for(lambda: _recovered(redis_client, coordinator, keys, version), what="steady state")
     before = store.read()
@@ -229,8 +234,8 @@ def test_coordinator_republishes_snapshot_plan_status_and_lease(
     assert after.manifest.chunk_sha256 == before.manifest.chunk_sha256
     for name, tensor in after.params.items():
         assert torch.equal(tensor, coordinator.run.optimizer.params[name].detach())
-    plan = RoundPlan.decode(redis_client.get(keys.plan))
-    assert plan.run_id == coordinator.run.run_id and plan.local_steps == 3
+    plan = SnapshotStore(redis_client, keys, verify_key=coordinator.signing_key.verify_key).read_plan()
+    assert plan is not None and plan.run_id == coordinator.run.run_id and plan.local_steps == 3
     status = json.loads(redis_client.get(keys.status))
     assert status["version"] == version and status["coordinator"]["state"] == "serving"
     assert status["deltas"]["applied"] == 2
@@ -313,8 +318,8 @@ def test_loss_while_deltas_arrive_never_reuses_a_version_number(
             codec = get_codec("fp16")
             gen = torch.Generator().manual_seed(100 + seq)
             bodies.append(DeltaMessage(
-                run_id=tensors_from.manifest.run_id, client_id="c2", seq=seq,
-                base_version=tensors_from.version, local_steps=5, samples=20, tokens=2580,
+                run_id=tensors_from.manifest.run_id, client_id=f"c{seq}", seq=0,  # one per base
+                base_version=tensors_from.version, local_steps=3, samples=12, tokens=2580,
                 compute_s=0.5, train_loss=3.0, codec="fp16",
                 tensors={e.name: codec.encode(1e-4 * torch.randn(e.numel, generator=gen))
                          for e in tensors_from.manifest.params},
@@ -347,6 +352,7 @@ def test_client_keeps_training_through_the_loss(
         run=run_name, connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
         device="cpu", state_dir=tmp_path / "client", threads=1, max_rounds=6, client_id="survivor",
         retry=RetryPolicy(initial_delay_s=0.1, max_delay_s=0.5), poll_s=0.2, include_wait_s=5.0,
+        coordinator_key=coordinator.signing_key.public_hex,
     )
     reports: list[RoundReport] = []
     outcome: dict[str, Any] = {}
@@ -382,7 +388,7 @@ def test_client_keeps_training_through_the_loss(
 def test_store_republish_rewrites_the_same_version_but_never_goes_back(
     redis_client: redis.Redis, run_name: str
 ) -> None:
-    store = SnapshotStore(redis_client, RunKeys(run_name))
+    store = SnapshotStore(redis_client, RunKeys(run_name), signer=SigningKey.generate())
     params = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
     common: dict[str, Any] = dict(run_id="rid", params=params, config={}, progress={})
     store.publish(version=1, **common)

@@ -10,9 +10,11 @@ import torch
 
 from shared.errors import SnapshotError, SnapshotMissing
 from shared.keys import RunKeys
+from shared.signing import SigningKey
 from shared.snapshot import SnapshotStore
 
 pytestmark = pytest.mark.integration
+KEY = SigningKey.generate()  # the stand-in coordinator's
 
 
 def _params(value: float, n: int = 300_000) -> dict[str, torch.Tensor]:
@@ -21,7 +23,7 @@ def _params(value: float, n: int = 300_000) -> dict[str, torch.Tensor]:
 
 
 def test_publish_then_read_verifies_and_round_trips(redis_client: redis.Redis, run_name: str) -> None:
-    store = SnapshotStore(redis_client, RunKeys(run_name))
+    store = SnapshotStore(redis_client, RunKeys(run_name), signer=KEY, verify_key=KEY.verify_key)
     with pytest.raises(SnapshotMissing):
         store.read()
     manifest = store.publish(run_id="r", version=0, params=_params(0.5), config={"task": "x"},
@@ -35,7 +37,7 @@ def test_publish_then_read_verifies_and_round_trips(redis_client: redis.Redis, r
 
 def test_corrupted_chunk_is_detected(redis_client: redis.Redis, run_name: str) -> None:
     keys = RunKeys(run_name)
-    store = SnapshotStore(redis_client, keys)
+    store = SnapshotStore(redis_client, keys, signer=KEY, verify_key=KEY.verify_key)
     store.publish(run_id="r", version=0, params=_params(1.0), config={}, progress={}, chunk_bytes=65536)
     redis_client.setrange(keys.chunk(0, 3), 10, b"\xff\xff")
     with pytest.raises(SnapshotError, match="sha256"):
@@ -46,7 +48,7 @@ def test_pointer_never_moves_backwards_and_old_versions_expire(
     redis_client: redis.Redis, run_name: str
 ) -> None:
     keys = RunKeys(run_name)
-    store = SnapshotStore(redis_client, keys, keep_versions=2, expire_grace_s=30)
+    store = SnapshotStore(redis_client, keys, keep_versions=2, expire_grace_s=30, signer=KEY)
     for v in range(4):
         store.publish(run_id="r", version=v, params=_params(float(v), 1000), config={}, progress={})
     assert store.current_version() == 3
@@ -61,8 +63,9 @@ def test_reader_racing_a_publisher_never_sees_a_torn_or_mixed_snapshot(
     redis_client: redis.Redis, run_name: str
 ) -> None:
     keys = RunKeys(run_name)
-    writer = SnapshotStore(redis_client, keys, keep_versions=1, expire_grace_s=1)
-    reader = SnapshotStore(redis.Redis(connection_pool=redis_client.connection_pool), keys)
+    writer = SnapshotStore(redis_client, keys, keep_versions=1, expire_grace_s=1, signer=KEY)
+    reader = SnapshotStore(redis.Redis(connection_pool=redis_client.connection_pool), keys,
+                           verify_key=KEY.verify_key)
     writer.publish(run_id="r", version=0, params=_params(0.0), config={}, progress={}, chunk_bytes=65536)
     done = threading.Event()
     errors: list[BaseException] = []

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.config import CommitConfig, CoordinatorConfig
+from coordinator.identity import AuthMode
 from coordinator.outer_optimizer import OuterConfig
 from coordinator.service import Coordinator
 from harness.processes import AMQP_URL, REDIS_URL, wait_for
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def sync_coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
     config = CoordinatorConfig(
+        auth=AuthMode.OPEN,
         run=run_name, task_settings=SMALL_TASK, outer=OuterConfig(strategy="sync"),
         sync_timeout_s=3.0,
         commit=CommitConfig(every_updates=4, interval_s=0.3),

@@ -20,6 +20,7 @@ from coordinator.checkpoint import FILENAME as CHECKPOINT
 from coordinator.checkpoint import set_aside
 from coordinator.sim.cli import simulate
 from shared.errors import ConfigError
+from shared.settings import ConnectionSettings
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # port 1: connection refused at once, no server needed
 
@@ -149,6 +150,7 @@ class FakeCoordinator:
     redis: Any
     crash: Any
     version: int = 0
+    signing_key: Any = None
 
     def serve(self) -> None:
         self.version = 3
@@ -161,8 +163,8 @@ class FakeCoordinator:
 def fake_service(monkeypatch: pytest.MonkeyPatch) -> list[FakeCoordinator]:
     built: list[FakeCoordinator] = []
 
-    def construct(config: Any, *, redis: Any, crash: Any) -> FakeCoordinator:
-        built.append(FakeCoordinator(config, redis, crash))
+    def construct(config: Any, *, redis: Any, signing_key: Any, crash: Any) -> FakeCoordinator:
+        built.append(FakeCoordinator(config, redis, crash, signing_key=signing_key))
         return built[-1]
 
     module = types.ModuleType("coordinator.service")
@@ -201,6 +203,36 @@ def test_serve_reports_an_unreachable_redis_in_one_line(
     monkeypatch.setattr(FakeCoordinator, "serve", refuse)
     result = invoke(["serve", "--checkpoint-dir", str(tmp_path), "--redis", UNREACHABLE_REDIS])
     assert_one_line_error(result, 1, "cannot reach Redis at redis://127.0.0.1:1/0")
+
+
+def test_serve_signs_with_the_key_that_the_key_command_prints(
+    tmp_path: Path, fake_service: list[FakeCoordinator]
+) -> None:
+    printed = invoke(["key", "--checkpoint-dir", str(tmp_path)])  # before the first start: creates it
+    assert printed.exit_code == 0, printed.output
+    public_hex = printed.stdout.strip()
+    assert len(public_hex) == 64 and int(public_hex, 16) >= 0
+    assert (tmp_path / "signing.key").stat().st_mode & 0o777 == 0o600
+    result = invoke(["serve", "--checkpoint-dir", str(tmp_path), "--run", "r1"])
+    assert result.exit_code == 0, result.output
+    (built,) = fake_service
+    assert built.signing_key.public_hex == public_hex  # the same file, not a new key
+    again = invoke(["key", "--signing-key", str(tmp_path / "signing.key")])
+    assert again.stdout.strip() == public_hex
+
+
+def test_serve_refuses_a_signing_key_others_can_read_before_anything_changes(
+    tmp_path: Path, fake_service: list[FakeCoordinator]
+) -> None:
+    key_file = tmp_path / "elsewhere.key"
+    assert invoke(["key", "--signing-key", str(key_file)]).exit_code == 0
+    key_file.chmod(0o644)
+    (tmp_path / CHECKPOINT).write_bytes(b"kept")
+    result = invoke(["serve", "--fresh", "--checkpoint-dir", str(tmp_path), "--signing-key", str(key_file)],
+                    env={})
+    assert_one_line_error(result, 1, "readable by group or others (mode 0644)")
+    assert fake_service == [] and (tmp_path / CHECKPOINT).read_bytes() == b"kept"  # nothing set aside
+    assert_one_line_error(invoke(["key", "--signing-key", str(key_file)]), 1, "chmod 600")
 
 
 # --- simulate ------------------------------------------------------------------------------------
@@ -245,8 +277,8 @@ def run_admin(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, bool]]:
     """A stand-in for coordinator.run_admin that records its calls; Redis answers every ping."""
     calls: list[tuple[str, str, bool]] = []
 
-    def delete_run(client: redis.Redis, amqp_url: str, run: str, *, force: bool) -> Deletion:
-        calls.append((amqp_url, run, force))
+    def delete_run(client: redis.Redis, servers: ConnectionSettings, run: str, *, force: bool) -> Deletion:
+        calls.append((servers.amqp_url, run, force))
         if run == "leased" and not force:
             raise ConfigError("run leased is served by coordinator abc; stop it or pass --force")
         return Deletion(keys_deleted=12, queues_deleted=[f"asyncloco.{run}.deltas"])

@@ -1,11 +1,15 @@
-"""Dynamic Local Updates: per-client step counts, the round time budget, the speed EMA."""
+"""Dynamic Local Updates: per-client step counts (the coordinator's assignments, or the client's own
+speed), the round time budget, the speed EMA, and the plan's assignments on the wire."""
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
-from shared.dylu import SpeedMeter, local_steps_for, round_time_budget_s
-from shared.protocol import RoundMode, RoundPlan
+from shared import dylu
+from shared.dylu import SpeedMeter, is_assigned, round_time_budget_s
+from shared.errors import ProtocolError
+from shared.protocol import PLAN_MAX_ASSIGNMENTS, PLAN_MAX_BYTES, RoundMode, RoundPlan
 
 
 def plan(
@@ -14,6 +18,7 @@ def plan(
     min_local_steps: int = 10,
     fastest: float = 20.0,
     mode: RoundMode = RoundMode.DYLU,
+    assignments: dict[str, int] | None = None,
 ) -> RoundPlan:
     return RoundPlan(
         run_id="r",
@@ -22,7 +27,13 @@ def plan(
         fastest_steps_per_s=fastest,
         active_clients=3,
         mode=mode,
+        assignments=assignments or {},
     )
+
+
+def local_steps_for(p: RoundPlan, speed: float | None) -> int:
+    """Client "c1"'s steps by its own speed: the rule for a plan that assigns nobody (the simulator's)."""
+    return dylu.local_steps_for(p, "c1", speed)
 
 
 def test_fastest_client_runs_h() -> None:
@@ -98,3 +109,68 @@ def test_speed_meter_ignores_empty_rounds(steps: int, seconds: float) -> None:
     assert meter.update(steps, seconds) is None
     meter.update(20, 2.0)
     assert meter.update(steps, seconds) == pytest.approx(10.0)
+
+
+# ------------------------------------------------------------------ the coordinator's assignments
+
+
+def test_an_assigned_client_runs_its_assignment_whatever_its_own_speed() -> None:
+    p = plan(assignments={"c1": 40, "c2": 100})
+    assert dylu.local_steps_for(p, "c1", 20.0) == 40  # its own speed would say 100
+    assert dylu.local_steps_for(p, "c1", None) == 40
+    assert dylu.local_steps_for(p, "c2", 0.5) == 100  # its own speed would say H_min
+    assert is_assigned(p, "c1") and not is_assigned(p, "c3")
+
+
+def test_a_client_the_plan_does_not_name_runs_h_even_if_it_thinks_itself_slow() -> None:
+    p = plan(assignments={"c2": 40})
+    assert dylu.local_steps_for(p, "c1", 0.5) == 100  # new to the coordinator: H, cut by the budget
+    assert round_time_budget_s(p) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("mode", [RoundMode.FIXED, RoundMode.SYNC, RoundMode.WARM_START])
+def test_assignments_count_only_in_dylu_mode(mode: RoundMode) -> None:
+    p = plan(mode=mode, assignments={"c1": 40})
+    assert dylu.local_steps_for(p, "c1", 1.0) == 100
+    assert not is_assigned(p, "c1")
+
+
+@pytest.mark.parametrize(("speed", "fastest", "expected"),
+                         [(20.0, 20.0, 100), (10.0, 20.0, 50), (0.1, 20.0, 10), (40.0, 20.0, 100),
+                          (0.0, 20.0, 100), (5.0, 0.0, 100)])
+def test_the_dylu_rule(speed: float, fastest: float, expected: int) -> None:
+    assert dylu.dylu_steps(speed, fastest, 100, 10) == expected
+
+
+# ------------------------------------------------------------------ the plan on the wire
+
+
+def test_assignments_travel_in_the_plan_and_a_full_one_stays_compact() -> None:
+    p = plan(assignments={f"{i:064d}": 10 + i % 90 for i in range(PLAN_MAX_ASSIGNMENTS)})
+    encoded = p.encode()
+    assert len(encoded) <= PLAN_MAX_BYTES
+    assert RoundPlan.decode(encoded) == p
+    assert RoundPlan.decode(plan().encode()).assignments == {}
+
+
+def test_a_plan_without_assignments_decodes() -> None:
+    fields = msgpack.unpackb(plan().encode())
+    del fields["assignments"]
+    assert RoundPlan.decode(msgpack.packb(fields)).assignments == {}
+
+
+@pytest.mark.parametrize("assignments", [
+    {"c1": 5},  # below min_local_steps
+    {"c1": 101},  # above H
+    {"c1": True},
+    {"c1": 1.5},
+    {"": 20},
+    {"x" * 65: 20},
+    [1, 2],
+    {f"c{i}": 20 for i in range(PLAN_MAX_ASSIGNMENTS + 1)},
+])
+def test_a_plan_with_bad_assignments_is_refused(assignments: object) -> None:
+    fields = msgpack.unpackb(plan().encode())
+    fields["assignments"] = assignments
+    with pytest.raises(ProtocolError):
+        RoundPlan.decode(msgpack.packb(fields))

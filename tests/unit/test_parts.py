@@ -12,9 +12,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coordinator.admission import RATE_BURST_DELTAS
 from coordinator.intake import DeltaIntake
 from coordinator.outer_optimizer import OuterConfig
-from coordinator.parts import PartSpool, SpoolConfig, take_part
+from coordinator.parts import (
+    DELTA_ENVELOPE_BYTES,
+    GiB,
+    PartSpool,
+    SpoolConfig,
+    delta_bytes_bound,
+    take_part,
+)
 from shared import PROTOCOL_VERSION
 from shared.codecs import get_codec
 from shared.errors import ProtocolError
@@ -206,7 +214,7 @@ def test_take_part_spools_completes_and_the_assembled_delta_applies_once(tmp_pat
     assert [o.kind for o, _ in results] == ["spooled"] * (len(parts) - 1) + ["complete"]
     key = results[-1][1]
     assert key == "c1~0" and all(k == "" for _, k in results[:-1])
-    assert intake.handle(spool.assemble(key), assembled=True).kind == "applied"
+    assert intake.handle(spool.assemble(key), parts_of=("c1", 0)).kind == "applied"
     torch.testing.assert_close(intake.params["w"], torch.full((300,), 0.9))
     spool.discard(key)
     outcome, key = take_part(spool, intake, parts[0], now=2.0)  # a redelivered part, later
@@ -229,3 +237,83 @@ def test_a_refused_part_dooms_its_delta_once(tmp_path: Path) -> None:
     assert take_part(spool, intake, wrong_run.encode(), now=1.0)[0].reason == "wrong_run"
     assert take_part(spool, intake, b"\xc1", now=1.0)[0].reason == "undecodable"
     torch.testing.assert_close(intake.params["w"], torch.full((300,), 0.9))  # unmoved
+
+
+# ------------------------------------------------------------------ bounds per identity (a stranger's parts)
+
+
+def _header_part(client_id: str, seq: int, total_bytes: int, count: int = 4) -> DeltaPart:
+    """The first of ``count`` parts of a delta that declares ``total_bytes`` but sends one byte."""
+    return DeltaPart(run_id=RUN_ID, client_id=client_id, seq=seq, index=0, count=count, offset=0,
+                     total_bytes=total_bytes, sha256=b"\x01" * 32, data=b"x")
+
+
+def test_the_bound_is_what_this_models_delta_can_encode_to() -> None:
+    numels = {"w": 300, "layer.bias": 7}
+    bound = delta_bytes_bound(numels)
+    # fp32's 4 bytes per element is the largest payload; then the names and the envelope
+    assert bound == 4 * 307 + (len("w") + 16) + (len("layer.bias") + 16) + DELTA_ENVELOPE_BYTES
+    assert len(_delta_body()) < delta_bytes_bound({"w": 300})  # a real delta fits, with room
+
+
+def test_four_one_byte_parts_declaring_a_gib_each_are_refused_too_large(tmp_path: Path) -> None:
+    intake, spool = _intake(), _spool(tmp_path)
+    for seq in range(4):
+        outcome, _ = take_part(spool, intake, _header_part("mallory", seq, GiB).encode(), now=1.0)
+        assert (outcome.kind, outcome.reason) == ("rejected", "too_large"), outcome
+    assert spool.entries == {} and spool.reserved_bytes == 0
+    assert intake.rejected_by_reason == {"too_large": 4}
+    # so an honest big delta still finds room
+    results = [take_part(spool, intake, p.encode(), now=2.0) for p in _parts(_delta_body(), 256)]
+    assert results[-1][0].kind == "complete"
+
+
+def test_a_client_cannot_hold_more_than_its_quota(tmp_path: Path) -> None:
+    intake, spool = _intake(), _spool(tmp_path)
+    bound = delta_bytes_bound(intake.numels)  # the default quota is twice this
+    for seq in range(2):
+        outcome, _ = take_part(spool, intake, _header_part("mallory", seq, bound).encode(), now=1.0)
+        assert outcome.kind == "spooled"
+    outcome, _ = take_part(spool, intake, _header_part("mallory", 2, 10).encode(), now=1.0)
+    assert (outcome.kind, outcome.reason) == ("rejected", "spool_quota")
+    assert spool.reserved_bytes == 2 * bound  # its two deltas hold their room, nobody else's is taken
+    assert take_part(spool, intake, _header_part("alice", 0, bound).encode(), now=1.0)[0].kind == "spooled"
+    small = PartSpool(tmp_path / "small", SpoolConfig(client_quota_bytes=100))
+    small.recover(0.0)
+    assert small.add(_header_part("c1", 0, 60), now=1.0).kind == "spooled"
+    assert small.add(_header_part("c1", 1, 60), now=1.0).reason == "spool_quota"
+    assert small.add(_header_part("c2", 0, 60), now=1.0).kind == "spooled"
+
+
+def test_a_delta_trickling_in_past_the_absolute_deadline_is_discarded(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, timeout_s=10.0, deadline_s=30.0)
+    parts = _parts(b"t" * 100, 10)
+    for i, part in enumerate(parts[:7]):  # one part every 5 s: never 10 s without one
+        assert spool.add(part, now=100.0 + 5 * i).kind == "spooled"
+        assert spool.expire(now=100.0 + 5 * i) == []  # up to 130 s after the first: within the deadline
+    (entry,) = spool.expire(now=130.5)
+    assert (entry.client_id, entry.seq) == ("c1", 0) and "deadline" in entry.expired
+    assert spool.entries == {} and spool.counts["incomplete"] == 1
+    assert not (tmp_path / "parts" / "c1~0").exists()
+
+
+def test_the_deadline_survives_a_restart(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, timeout_s=1000.0, deadline_s=30.0)
+    spool.add(_parts(b"r" * 40, 10)[0], now=100.0)
+    restarted = PartSpool(tmp_path / "parts", SpoolConfig(timeout_s=1000.0, deadline_s=30.0))
+    restarted.recover(now=120.0)
+    assert restarted.entries["c1~0"].first_at == 100.0
+    assert [e.key for e in restarted.expire(now=131.0)] == ["c1~0"]
+
+
+def test_a_delta_in_parts_costs_one_rate_token_at_its_first_part(tmp_path: Path) -> None:
+    intake = _intake()
+    spool = _spool(tmp_path, max_pending_per_client=64)
+    starts = [_parts(bytes([seq]) * 30, 10, seq=seq) for seq in range(RATE_BURST_DELTAS + 1)]
+    for parts in starts[:RATE_BURST_DELTAS]:
+        assert take_part(spool, intake, parts[0].encode(), now=1.0)[0].kind == "spooled"
+    outcome, _ = take_part(spool, intake, starts[-1][0].encode(), now=1.0)
+    assert (outcome.kind, outcome.reason) == ("rejected", "rate_limited")
+    for parts in starts[:RATE_BURST_DELTAS]:  # their later parts cost nothing
+        kinds = [take_part(spool, intake, p.encode(), now=1.0)[0].kind for p in parts[1:]]
+        assert kinds == ["spooled", "complete"]

@@ -8,6 +8,7 @@ import torch
 
 from coordinator.admission import Arrival
 from coordinator.config import CoordinatorConfig
+from coordinator.identity import AuthMode
 from coordinator.intake import DeltaIntake
 from coordinator.outer_optimizer import OuterConfig, OuterOptimizer
 from coordinator.progress import RunProgress
@@ -23,8 +24,7 @@ def _rig(until_steps: int = 25, handover_s: float = 30.0) -> tuple[DeltaIntake, 
     # DN with ε = 0.5, β = 0.5: distinguishable from the warm start's plain θ -= g
     intake, optimizer = make_intake(params, OuterConfig(lr=0.5, momentum=0.5, buffer_size=1), version=5,
                                     warm_start_steps=until_steps, handover_s=handover_s)
-    warm = intake.rules[0]
-    assert isinstance(warm, WarmStart)
+    warm = next(rule for rule in intake.rules if isinstance(rule, WarmStart))
     return intake, optimizer, warm
 
 
@@ -98,5 +98,7 @@ def test_the_plan_carries_the_warm_start_and_a_plan_without_a_holder_decodes() -
 
 def test_the_warm_start_is_refused_with_the_sync_strategy() -> None:
     with pytest.raises(ConfigError, match="asynchronous strategies"):
-        CoordinatorConfig(outer=OuterConfig(strategy="sync"), plan=PlanConfig(warm_start_steps=10))
-    assert CoordinatorConfig(plan=PlanConfig(warm_start_steps=10)).plan.warm_start_steps == 10
+        CoordinatorConfig(auth=AuthMode.OPEN, outer=OuterConfig(strategy="sync"),
+                          plan=PlanConfig(warm_start_steps=10))
+    config = CoordinatorConfig(auth=AuthMode.OPEN, plan=PlanConfig(warm_start_steps=10))
+    assert config.plan.warm_start_steps == 10
