@@ -29,7 +29,9 @@ from coordinator.options import (
     option,
     outer_options,
     round_options,
+    run_checkpoint_dir,
     server_options,
+    signing_key_path,
     task_options,
     threads_option,
     tls_option,
@@ -42,7 +44,6 @@ from coordinator.status import read_status, render_text
 from coordinator.volunteer_cli import invite_command, revoke_command, volunteers_command
 from shared.cli import OneLineErrors
 from shared.errors import ConfigError, ServiceUnavailable
-from shared.files import default_state_dir
 from shared.keys import RunKeys, validate_run_name
 from shared.local_round import InnerConfig
 from shared.settings import ConnectionSettings, amqp_parameters, connect_redis, open_amqp
@@ -161,8 +162,8 @@ def serve(**opts: Any) -> None:
     _setup_logging(opts["log_level"])
     crash = CrashPoints(opts["crash_at"])  # a bad --crash-at fails here, before anything changes
     # A key file others can read fails here too, before --fresh sets anything aside.
-    signing_key = SigningKey.load_or_create(_signing_key_path(opts["signing_key"], opts["checkpoint_dir"],
-                                                              opts["run"]))
+    signing_key = SigningKey.load_or_create(signing_key_path(opts["signing_key"], opts["checkpoint_dir"],
+                                                             opts["run"]))
     config = _serve_config(opts)
     if opts["threads"]:
         import torch
@@ -193,8 +194,8 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
     for key in ("model_size", "data", "batch_size"):
         if opts[key] is not None:
             settings[key] = opts[key]
-    run = validate_run_name(opts["run"])  # before it becomes part of a path
-    checkpoint_dir = opts["checkpoint_dir"] or default_state_dir() / "coordinator" / run
+    run = opts["run"]
+    checkpoint_dir = run_checkpoint_dir(run, opts["checkpoint_dir"])
     config = CoordinatorConfig(
         run=run,
         task=opts["task"],
@@ -305,13 +306,6 @@ def delete_run_command(run: str, yes: bool, force: bool, redis_url: str, amqp_ur
     click.echo(f"deleted run {run}: {deletion.keys_deleted} Redis keys; queues: {queues}")
 
 
-def _signing_key_path(signing_key: Path | None, checkpoint_dir: Path | None, run: str) -> Path:
-    """``--signing-key``, else the key file in the run's checkpoint directory (as ``serve`` picks it)."""
-    if signing_key is not None:
-        return signing_key
-    return (checkpoint_dir or default_state_dir() / "coordinator" / validate_run_name(run)) / KEY_FILE_NAME
-
-
 @main.command("key")
 @option("--signing-key", env="SIGNING_KEY", type=click.Path(dir_okay=False, path_type=Path), default=None,
         help=f"The coordinator's private key file [default: CHECKPOINT_DIR/{KEY_FILE_NAME}].")
@@ -325,7 +319,7 @@ def key_command(signing_key: Path | None, checkpoint_dir: Path | None, run: str)
     Give it to volunteers (`asyncloco-client join --coordinator-key HEX`; an invite token carries
     it): clients refuse every snapshot and plan not signed by the matching private key.
     """
-    click.echo(SigningKey.load_or_create(_signing_key_path(signing_key, checkpoint_dir, run)).public_hex)
+    click.echo(SigningKey.load_or_create(signing_key_path(signing_key, checkpoint_dir, run)).public_hex)
 
 
 def _live_queue_depth(servers: ConnectionSettings, keys: RunKeys) -> int | None:

@@ -10,11 +10,15 @@ command's behaviour stays visible where the command is declared.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from shared.files import default_state_dir
+from shared.keys import validate_run_name
 from shared.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
+from shared.signing import KEY_FILE_NAME
 
 ENV = "ASYNCLOCO_"
 
@@ -109,3 +113,15 @@ def server_options(*, amqp_help: str = "RabbitMQ URL.") -> Callable[[F], F]:
         option("--redis", "redis_url", env="REDIS", default=DEFAULT_REDIS_URL, help="Redis URL."),
         option("--amqp", "amqp_url", env="AMQP", default=DEFAULT_AMQP_URL, help=amqp_help),
     )
+
+
+def run_checkpoint_dir(run: str, checkpoint_dir: Path | None) -> Path:
+    """``--checkpoint-dir``, else the run's own directory under the state dir: where ``serve`` keeps
+    the checkpoint, and ``invite``, ``revoke``, ``volunteers`` and ``key`` find the book and key."""
+    validate_run_name(run)  # before it becomes part of a path
+    return checkpoint_dir if checkpoint_dir is not None else default_state_dir() / "coordinator" / run
+
+
+def signing_key_path(signing_key: Path | None, checkpoint_dir: Path | None, run: str) -> Path:
+    """``--signing-key``, else the key file in the run's checkpoint directory (as ``serve`` picks it)."""
+    return signing_key if signing_key is not None else run_checkpoint_dir(run, checkpoint_dir) / KEY_FILE_NAME

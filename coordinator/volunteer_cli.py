@@ -17,14 +17,14 @@ import click
 import redis
 
 from coordinator.invites import Servers, invite, revoke
-from coordinator.options import option, server_options, tls_option
+from coordinator.options import option, run_checkpoint_dir, server_options, signing_key_path, tls_option
 from coordinator.status import read_status
 from coordinator.volunteers import VolunteerBook
 from shared.errors import ConfigError, ServiceUnavailable
-from shared.files import default_state_dir, write_atomically
-from shared.keys import RunKeys, validate_run_name
+from shared.files import write_atomically
+from shared.keys import RunKeys
 from shared.settings import REDIS_ERRORS, ConnectionSettings, connect_redis
-from shared.signing import SigningKey
+from shared.signing import KEY_FILE_NAME, SigningKey
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -38,11 +38,6 @@ def parse_duration_s(text: str) -> float | None:
     if not match or float(match.group(1)) <= 0:
         raise ConfigError(f"--expires takes a duration like 30d, 12h, 90m or 'never', not {text!r}")
     return float(match.group(1)) * _UNIT_S[match.group(2)]
-
-
-def _checkpoint_dir(run: str, path: Path | None) -> Path:
-    validate_run_name(run)
-    return path if path is not None else default_state_dir() / "coordinator" / run
 
 
 def _redis(redis_url: str, amqp_url: str, tls_ca: str | None) -> redis.Redis:
@@ -71,7 +66,7 @@ def _run_options(command: Any) -> Any:
         help="How long the invitation is good for (30d, 12h, 90m, or never).")
 @option("--signing-key", env="SIGNING_KEY", default=None, type=click.Path(dir_okay=False, path_type=Path),
         help="The coordinator's signing key, whose public half goes into the token "
-        "[default: CHECKPOINT_DIR/signing.key].")
+        f"[default: CHECKPOINT_DIR/{KEY_FILE_NAME}].")
 @option("--public-redis", env="PUBLIC_REDIS", default=None, metavar="URL",
         help="Redis as volunteers reach it (credentials are replaced) [default: --redis].")
 @option("--public-amqp", env="PUBLIC_AMQP", default=None, metavar="URL",
@@ -84,12 +79,12 @@ def invite_command(name: str, run: str, checkpoint_dir: Path | None, redis_url: 
     """Invite volunteer NAME: create its own broker and Redis users (publish deltas; read snapshots)
     and print the join token it passes to `asyncloco-client join`."""
     expires_s = parse_duration_s(expires)
-    directory = _checkpoint_dir(run, checkpoint_dir)
+    directory = run_checkpoint_dir(run, checkpoint_dir)
     servers = Servers(redis_url=redis_url, amqp_url=amqp_url, public_redis_url=public_redis or redis_url,
                       public_amqp_url=public_amqp or amqp_url, broker_admin_url=broker_admin,
                       tls_ca_file=tls_ca)
     ConnectionSettings(redis_url=servers.public_redis_url, amqp_url=servers.public_amqp_url)
-    key = SigningKey.load_or_create(signing_key or directory / "signing.key")
+    key = SigningKey.load_or_create(signing_key_path(signing_key, directory, run))
     client = _redis(redis_url, amqp_url, tls_ca)
     try:
         token = invite(run=run, name=name, servers=servers, redis_client=client,
@@ -115,7 +110,7 @@ def revoke_command(name: str, run: str, checkpoint_dir: Path | None, redis_url: 
                    broker_admin: str | None, tls_ca: str | None) -> None:
     """Cut volunteer NAME off at once: its users are deleted, its connections closed, and the
     coordinator refuses its deltas (`revoked`) from now on."""
-    directory = _checkpoint_dir(run, checkpoint_dir)
+    directory = run_checkpoint_dir(run, checkpoint_dir)
     servers = Servers(redis_url=redis_url, amqp_url=amqp_url, public_redis_url=redis_url,
                       public_amqp_url=amqp_url, broker_admin_url=broker_admin, tls_ca_file=tls_ca)
     client = _redis(redis_url, amqp_url, tls_ca)
@@ -133,7 +128,7 @@ def revoke_command(name: str, run: str, checkpoint_dir: Path | None, redis_url: 
 def volunteers_command(run: str, checkpoint_dir: Path | None, redis_url: str, amqp_url: str,
                        broker_admin: str | None, tls_ca: str | None) -> None:
     """List the run's volunteers: invited when, until when, state, last seen, accepted, rejected."""
-    book = VolunteerBook.open(_checkpoint_dir(run, checkpoint_dir))
+    book = VolunteerBook.open(run_checkpoint_dir(run, checkpoint_dir))
     clients: dict[str, dict[str, Any]] = {}
     client = _redis(redis_url, amqp_url, tls_ca)
     try:
