@@ -26,7 +26,14 @@ import pika.exceptions
 
 from shared.errors import ConfigError, ServiceUnavailable
 from shared.keys import RunKeys
-from shared.protocol import DEFAULT_DELTA_LIMITS, PART_TYPE, DeltaMessage, MiB, split_delta
+from shared.protocol import (
+    DEFAULT_DELTA_LIMITS,
+    DELTA_ENVELOPE_BYTES,
+    PART_TYPE,
+    DeltaMessage,
+    MiB,
+    split_delta,
+)
 from shared.settings import (
     ConnectionSettings,
     RetryPolicy,
@@ -41,7 +48,6 @@ CONTENT_TYPE = "application/x-msgpack"
 APP_ID = "asyncloco-client"
 # Give up on a broker that blocks publishers (memory or disk alarm) after this long, and reconnect.
 BLOCKED_TIMEOUT_S = 60.0
-ENVELOPE_BYTES = 4096  # msgpack fields around the tensor payloads, with room to spare
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,7 @@ class DeltaUploader:
         """
         limit = DEFAULT_DELTA_LIMITS.max_delta_bytes
         payload = sum(len(blob) for blob in tensors.values())
-        if payload + ENVELOPE_BYTES > limit:
+        if payload + DELTA_ENVELOPE_BYTES > limit:
             raise ConfigError(
                 f"a delta of this model is {payload / MiB:.1f} MiB with codec {codec}, over the "
                 f"{limit // MiB} MiB limit of a delta; use --codec int8"

@@ -36,7 +36,7 @@ from coordinator.progress import RunProgress
 from coordinator.registry import ClientRegistry
 from shared.codecs import get_codec
 from shared.errors import ConfigError, ProtocolError
-from shared.protocol import DeltaLimits, DeltaMessage
+from shared.protocol import DeltaLimits, DeltaMessage, delta_bytes_bound
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class DeltaIntake:
         self.run_id = run_id
         self.version = 0  # the newest committed snapshot version (bases are judged against it)
         self.numels = {name: p.numel() for name, p in params.items()}
+        self.max_delta_bytes = delta_bytes_bound(self.numels)  # what this model's deltas encode to, at most
         self.counts: Counter[str] = Counter()  # by OutcomeKind value: applied, duplicate, rejected
         self.rejected_by_reason: Counter[str] = Counter()
 

@@ -29,14 +29,12 @@ import json
 import logging
 import shutil
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.admission import FirstPartRule
 from coordinator.intake import DeltaIntake
 from coordinator.outcome import Outcome, OutcomeKind
-from shared.codecs import CODECS
 from shared.errors import ConfigError, ProtocolError
 from shared.files import write_atomically
 from shared.protocol import DeltaPart
@@ -246,20 +244,6 @@ class PartSpool:
         return old
 
 
-# What an encoded delta holds besides its tensors' payloads: its msgpack fields (ids of at most
-# 128 chars, counts, floats) and, per tensor, the headers of its name and its bytes; with room.
-DELTA_ENVELOPE_BYTES = 4096
-TENSOR_ENVELOPE_BYTES = 16
-
-
-def delta_bytes_bound(numels: Mapping[str, int]) -> int:
-    """The most bytes an encoded delta of a model with these tensors (name -> element count) can
-    take: the largest codec's payloads, the tensor names, and the envelope around them."""
-    payloads = max(sum(codec.encoded_bytes(n) for n in numels.values()) for codec in CODECS.values())
-    names = sum(len(name.encode()) + TENSOR_ENVELOPE_BYTES for name in numels)
-    return payloads + names + DELTA_ENVELOPE_BYTES
-
-
 def spool_key(client_id: str, seq: int) -> str:
     """The spool directory name of delta (client id, seq)."""
     return f"{client_id}~{seq}"
@@ -294,7 +278,7 @@ def take_part(spool: PartSpool, intake: DeltaIntake, body: bytes, now: float, *,
                 outcome = Outcome.rejected(*refused, part.client_id, part.seq)
                 intake.count(outcome)
                 return outcome, ""
-    result = spool.add(part, now, delta_bytes_bound=delta_bytes_bound(intake.numels))
+    result = spool.add(part, now, delta_bytes_bound=intake.max_delta_bytes)
     outcome = Outcome(result.kind, result.reason, result.detail, part.client_id, part.seq)
     if result.kind is OutcomeKind.REJECTED:
         spool.discard(result.key)

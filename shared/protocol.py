@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import msgpack
 
 from shared import PROTOCOL_VERSION
+from shared.codecs import CODECS
 from shared.errors import ProtocolError
 
 MiB = 1024 * 1024
@@ -48,6 +50,19 @@ class DeltaLimits:
 
 
 DEFAULT_DELTA_LIMITS = DeltaLimits()
+
+# What an encoded delta holds besides its tensors' payloads: its msgpack fields (ids of at most
+# 128 chars, counts, floats), with room to spare; and, per tensor, the headers of its name and bytes.
+DELTA_ENVELOPE_BYTES = 4096
+TENSOR_ENVELOPE_BYTES = 16
+
+
+def delta_bytes_bound(numels: Mapping[str, int]) -> int:
+    """The most bytes an encoded delta of a model with these tensors (name -> element count) can
+    take: the largest codec's payloads, the tensor names, and the envelope around them."""
+    payloads = max(sum(codec.encoded_bytes(n) for n in numels.values()) for codec in CODECS.values())
+    names = sum(len(name.encode()) + TENSOR_ENVELOPE_BYTES for name in numels)
+    return payloads + names + DELTA_ENVELOPE_BYTES
 
 
 class _ExtTypeRefused(ValueError):

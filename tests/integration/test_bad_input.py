@@ -49,7 +49,7 @@ from harness.processes import AMQP_URL, REDIS_URL, wait_for
 from shared import PROTOCOL_VERSION
 from shared.codecs import get_codec
 from shared.keys import RunKeys
-from shared.protocol import DeltaLimits, DeltaMessage
+from shared.protocol import DELTA_ENVELOPE_BYTES, DeltaLimits, DeltaMessage
 from shared.settings import ConnectionSettings
 from shared.snapshot import SnapshotStore
 from shared.tasks import load_task
@@ -62,7 +62,6 @@ MAX_STALENESS = 1
 # The registry remembers SEQ_WINDOW applied seqs per client (4096). A seq below that window is
 # "replayed"; reaching it honestly takes 4097 applied deltas, so the module shrinks the window.
 SEQ_WINDOW = 4
-ENVELOPE_BYTES = 4096  # msgpack fields around the tensor payloads, with room to spare
 HOSTILE = "mallory"
 
 
@@ -158,7 +157,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     numels = {n: p.numel() for n, p in params.items()}
     # Small enough that an oversized body is cheap, big enough for an honest fp32 delta.
     fp32_bytes = 4 * sum(numels.values()) + sum(len(n) + 8 for n in numels)
-    limits = DeltaLimits(max_message_bytes=fp32_bytes + ENVELOPE_BYTES)
+    limits = DeltaLimits(max_message_bytes=fp32_bytes + DELTA_ENVELOPE_BYTES)
     with run_scope("badin") as run, pytest.MonkeyPatch.context() as mp:
         mp.setattr(registry_module, "SEQ_WINDOW", SEQ_WINDOW)
         config = CoordinatorConfig(

@@ -15,18 +15,18 @@ from hypothesis import strategies as st
 from coordinator.admission import RATE_BURST_DELTAS
 from coordinator.intake import DeltaIntake
 from coordinator.outer_optimizer import OuterConfig
-from coordinator.parts import (
-    DELTA_ENVELOPE_BYTES,
-    GiB,
-    PartSpool,
-    SpoolConfig,
-    delta_bytes_bound,
-    take_part,
-)
+from coordinator.parts import GiB, PartSpool, SpoolConfig, take_part
 from shared import PROTOCOL_VERSION
 from shared.codecs import get_codec
 from shared.errors import ProtocolError
-from shared.protocol import DeltaLimits, DeltaMessage, DeltaPart, split_delta
+from shared.protocol import (
+    DELTA_ENVELOPE_BYTES,
+    DeltaLimits,
+    DeltaMessage,
+    DeltaPart,
+    delta_bytes_bound,
+    split_delta,
+)
 from tests.unit.test_intake import make_intake
 
 RUN_ID = "unit-run"
