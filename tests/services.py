@@ -9,10 +9,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
 
 import redis
 
+from coordinator.commit_batch import CommitConfig
 from coordinator.config import CoordinatorConfig
+from coordinator.identity import AuthMode
 from coordinator.run_admin import delete_run_keys, delete_run_queues
 from coordinator.service import Coordinator
 from harness.processes import AMQP_URL, REDIS_URL, new_run_name, wait_for
@@ -20,6 +24,23 @@ from shared.errors import ServiceUnavailable
 from shared.keys import RunKeys
 from shared.settings import ConnectionSettings, connect_redis
 from shared.signing import SigningKey
+
+# The tiny model on a small corpus: fast to build, to evaluate and to send deltas of.
+SMALL_TASK = {"model_size": "tiny", "batch_size": 4, "eval_sequences": 4, "max_corpus_bytes": 1_000_000}
+
+
+def small_config(run: str, tmp_path: Path, **overrides: Any) -> CoordinatorConfig:
+    """A coordinator of ``run`` on the tiny model as the in-thread tests serve it: open to the test's
+    own senders, quick commits, a checkpoint under ``tmp_path``, 120 s at most; ``overrides``
+    replace any field."""
+    fields: dict[str, Any] = dict(
+        auth=AuthMode.OPEN, run=run, task_settings=SMALL_TASK,
+        commit=CommitConfig(every_updates=4, interval_s=0.3),
+        connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
+        checkpoint_dir=tmp_path / "ckpt", max_seconds=120,
+    )
+    fields.update(overrides)
+    return CoordinatorConfig(**fields)
 
 
 @contextmanager

@@ -11,16 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import CommitConfig, CoordinatorConfig
-from coordinator.identity import AuthMode
 from coordinator.parts import GiB, SpoolConfig
 from coordinator.service import Coordinator
-from harness.processes import AMQP_URL, REDIS_URL, wait_for
+from harness.processes import wait_for
 from shared.protocol import DeltaPart
-from shared.settings import ConnectionSettings
-from tests.integration.test_coordinator_intake import SMALL_TASK, _dead_letters, _status
+from tests.integration.test_coordinator_intake import _dead_letters, _status
 from tests.integration.test_delta_parts import _parts, _publish_parts, _spool_files
-from tests.services import serving
+from tests.services import serving, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -30,16 +27,7 @@ DEADLINE_S = 5.0  # since the first part
 
 @pytest.fixture
 def coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
-    config = CoordinatorConfig(
-        auth=AuthMode.OPEN,
-        run=run_name,
-        task_settings=SMALL_TASK,
-        commit=CommitConfig(every_updates=4, interval_s=0.3),
-        spool=SpoolConfig(timeout_s=TIMEOUT_S, deadline_s=DEADLINE_S),
-        connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
-        checkpoint_dir=tmp_path / "ckpt",
-        max_seconds=120,
-    )
+    config = small_config(run_name, tmp_path, spool=SpoolConfig(timeout_s=TIMEOUT_S, deadline_s=DEADLINE_S))
     with serving(config) as coord:
         yield coord
 

@@ -21,25 +21,15 @@ from shared.keys import RunKeys
 from shared.protocol import DeltaMessage
 from shared.settings import ConnectionSettings
 from shared.snapshot import SnapshotStore
-from tests.services import serving
+from tests.services import SMALL_TASK, serving, small_config
 
 pytestmark = pytest.mark.integration
 
-SMALL_TASK = {"model_size": "tiny", "batch_size": 4, "eval_sequences": 4, "max_corpus_bytes": 1_000_000}
 
 
 @pytest.fixture
 def coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
-    config = CoordinatorConfig(
-        auth=AuthMode.OPEN,
-        run=run_name,
-        task_settings=SMALL_TASK,
-        commit=CommitConfig(every_updates=4, interval_s=0.3),
-        connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
-        checkpoint_dir=tmp_path / "ckpt",
-        max_seconds=120,
-    )
-    with serving(config) as coord:
+    with serving(small_config(run_name, tmp_path)) as coord:
         yield coord
 
 

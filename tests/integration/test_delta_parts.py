@@ -15,16 +15,13 @@ import pika
 import pytest
 import torch
 
-from coordinator.config import CommitConfig, CoordinatorConfig
-from coordinator.identity import AuthMode
 from coordinator.parts import SpoolConfig
 from coordinator.service import Coordinator
-from harness.processes import AMQP_URL, REDIS_URL, wait_for
+from harness.processes import AMQP_URL, wait_for
 from shared.keys import RunKeys
 from shared.protocol import PART_TYPE, DeltaMessage, DeltaPart, split_delta
-from shared.settings import ConnectionSettings
-from tests.integration.test_coordinator_intake import SMALL_TASK, _dead_letters, _good_delta, _status
-from tests.services import serving
+from tests.integration.test_coordinator_intake import _dead_letters, _good_delta, _status
+from tests.services import serving, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -34,17 +31,7 @@ TIMEOUT_S = 3.0
 
 @pytest.fixture
 def coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
-    config = CoordinatorConfig(
-        auth=AuthMode.OPEN,
-        run=run_name,
-        task_settings=SMALL_TASK,
-        commit=CommitConfig(every_updates=4, interval_s=0.3),
-        spool=SpoolConfig(timeout_s=TIMEOUT_S),
-        connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
-        checkpoint_dir=tmp_path / "ckpt",
-        max_seconds=120,
-    )
-    with serving(config) as coord:
+    with serving(small_config(run_name, tmp_path, spool=SpoolConfig(timeout_s=TIMEOUT_S))) as coord:
         yield coord
 
 

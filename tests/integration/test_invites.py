@@ -17,7 +17,6 @@ import pika.exceptions
 import pytest
 import redis
 
-from coordinator.config import CommitConfig, CoordinatorConfig
 from coordinator.consumer import QueueConfig, declare_queues
 from coordinator.identity import AuthMode
 from coordinator.invites import Servers, invite, revoke
@@ -27,9 +26,8 @@ from harness.faults import status
 from harness.processes import AMQP_URL, REDIS_URL, wait_for
 from shared.join_token import JoinToken
 from shared.keys import RunKeys
-from shared.settings import ConnectionSettings
-from tests.integration.test_coordinator_intake import SMALL_TASK, _good_delta
-from tests.services import serving
+from tests.integration.test_coordinator_intake import _good_delta
+from tests.services import serving, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -141,12 +139,7 @@ def test_a_volunteers_broker_user_publishes_deltas_and_nothing_else(
 
 @pytest.fixture
 def invite_coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
-    config = CoordinatorConfig(
-        auth=AuthMode.INVITE, run=run_name, task_settings=SMALL_TASK,
-        commit=CommitConfig(every_updates=4, interval_s=0.3),
-        connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
-        checkpoint_dir=tmp_path / "ckpt", max_seconds=120,
-    )
+    config = small_config(run_name, tmp_path, auth=AuthMode.INVITE)
     with serving(config) as coord:
         yield coord
 

@@ -43,11 +43,10 @@ from shared.settings import ConnectionSettings, RetryPolicy, connect_redis
 from shared.signing import SigningKey, seal
 from shared.snapshot import SnapshotManifest, SnapshotStore
 from shared.tasks import load_task
-from tests.services import serving
+from tests.services import SMALL_TASK, serving
 
 pytestmark = pytest.mark.integration
 
-SMALL_TASK = {"model_size": "tiny", "batch_size": 4, "eval_sequences": 4, "max_corpus_bytes": 1_000_000}
 FAST_RETRY = RetryPolicy(initial_delay_s=0.1, max_delay_s=0.5)
 REFUSAL = "refusing it"  # in every warning about a manifest that is not the coordinator's
 OTHER = SigningKey.generate()  # an attacker's key

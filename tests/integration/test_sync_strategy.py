@@ -8,28 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import CommitConfig, CoordinatorConfig
-from coordinator.identity import AuthMode
 from coordinator.outer_optimizer import OuterConfig
 from coordinator.service import Coordinator
-from harness.processes import AMQP_URL, REDIS_URL, wait_for
-from shared.settings import ConnectionSettings
-from tests.integration.test_coordinator_intake import SMALL_TASK, _good_delta, _publish, _status
-from tests.services import serving
+from harness.processes import wait_for
+from tests.integration.test_coordinator_intake import _good_delta, _publish, _status
+from tests.services import serving, small_config
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def sync_coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
-    config = CoordinatorConfig(
-        auth=AuthMode.OPEN,
-        run=run_name, task_settings=SMALL_TASK, outer=OuterConfig(strategy="sync"),
-        sync_timeout_s=3.0,
-        commit=CommitConfig(every_updates=4, interval_s=0.3),
-        connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
-        checkpoint_dir=tmp_path / "ckpt", max_seconds=120,
-    )
+    config = small_config(run_name, tmp_path, outer=OuterConfig(strategy="sync"), sync_timeout_s=3.0)
     with serving(config) as coord:
         yield coord
 

@@ -28,12 +28,11 @@ from shared.errors import ConfigError
 from shared.settings import ConnectionSettings, amqp_parameters, connect_redis, open_amqp
 from shared.tls import server_address
 from tests.private_broker import PrivateBroker, rabbitmq_tool
-from tests.services import serving
+from tests.services import SMALL_TASK, serving
 from tests.tls_servers import PrivateTlsRedis, ThrowawayCA
 
 pytestmark = pytest.mark.integration
 
-SMALL_TASK = {"model_size": "tiny", "batch_size": 4, "eval_sequences": 4, "max_corpus_bytes": 1_000_000}
 CLIENT_ARGS = ["--threads", "1", "--device", "cpu", "--log-level", "warning"]
 
 
