@@ -102,9 +102,13 @@ def test_full_queue_refuses_publishes_and_clients_retry_without_losing_work(
         os.kill(coordinator.pid, signal.SIGCONT)
     stopped_s = time.monotonic() - stopped_at
     assert refused_while_stopped, f"no publish was refused in {stopped_s:.0f}s\n{procs.logs()}"
-    # Bounded: a quorum queue admits the delta that crosses the bound, then refuses. Nothing is
-    # consumed while frozen, so the depth at the first refusal is also the peak.
-    assert peak == math.ceil(MAX_QUEUE_BYTES / DELTA_BYTES), f"peak {peak} ready deltas"
+    # Bounded: a quorum queue admits the delta that crosses the bound, then refuses. It learns that
+    # it is over the bound as it applies each enqueue, and publishes from other clients that were
+    # already on their way are still admitted (one CI run saw 4 with three clients), so the peak
+    # lies between the crossing delta and one more per other client. Nothing is consumed while
+    # frozen, so the depth never falls back below it.
+    crossing = math.ceil(MAX_QUEUE_BYTES / DELTA_BYTES)
+    assert crossing <= peak <= crossing + len(CLIENTS) - 1, f"peak {peak} ready deltas"
 
     # Thawed: the queue drains and each refused delta goes through on a later retry (same id:
     # none is given up); then every client confirms two more deltas and is stopped with SIGTERM,
