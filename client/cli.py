@@ -1,8 +1,27 @@
 """``asyncloco-client``: the volunteer's command line.
 
 Every option can also be set through its ``ASYNCLOCO_*`` environment variable. Errors end as one
-line on stderr: exit code 1 for an asyncloco error (bad setting, task, snapshot), 2 for a usage
-error; a second Ctrl-C exits at once with 130.
+line on stderr, with an exit code that says what kind of error it was:
+
+==  =======================================================================================
+0   stopped as asked (``--max-rounds``, ``--max-seconds``, Ctrl-C or SIGTERM)
+1   an asyncloco error: a bad setting, task or snapshot; a refused TLS certificate
+2   a usage error (a bad option or value)
+66  no such run: nothing of it appeared in Redis within ``--run-wait`` (a mistyped run name)
+67  revoked: a server refuses the credentials that it accepted earlier in this process
+68  unknown host: a server's host name does not resolve (checked at first contact)
+69  nothing listens at a server's address, or another kind of server does (at first contact)
+76  protocol mismatch: the coordinator speaks another protocol version (the line says which
+    side to upgrade), for ``--run-wait``
+77  access refused: a wrong user or password, none given, or no permission for the run
+130 a second Ctrl-C (exits at once)
+==  =======================================================================================
+
+66-77 are permanent: restarting cannot cure them (the systemd unit in deploy/ does not restart
+on them: ``RestartPreventExitStatus=``). A server that was reachable and goes away is an outage:
+the client retries it with capped backoff for as long as it takes, and says so at WARNING, the
+default log level, when it goes and when it comes back. ``--version`` prints the package's
+version and the protocol version.
 """
 
 from __future__ import annotations
@@ -21,7 +40,7 @@ from click.core import ParameterSource
 from client.config import DEVICES, LOG_LEVELS, ClientConfig
 from client.credentials import Joined, merge, read_token
 from client.stop import StopSignals
-from shared.cli import OneLineErrors
+from shared.cli import OneLineErrors, version_option
 from shared.codecs import CODECS
 from shared.files import append_line_durably, default_state_dir
 from shared.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, ConnectionSettings
@@ -33,11 +52,16 @@ def _err(text: str) -> None:
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"],
                                                    "max_content_width": 100})
+@version_option()
 def main() -> None:
     """asyncloco volunteer client: lend this machine to an asyncloco training run.
 
     It needs outbound access to the run's Redis and RabbitMQ, nothing else; start with
     `asyncloco-client join --run NAME`.
+
+    Exit codes: 0 stopped as asked, 1 error, 2 usage error; and for mistakes that restarting
+    cannot cure: 66 no such run, 67 invitation revoked, 68 unknown host, 69 nothing listening
+    (wrong port), 76 protocol mismatch, 77 wrong credentials. Outages are retried, not exits.
     """
 
 
@@ -109,6 +133,11 @@ def _option(*decls: str, env: str, **kwargs: Any) -> Any:
               "newer one before the next round (the coordinator takes one delta per base version). 0: "
               "never wait (rounds on an old base are then refused already_sent; fault tests use it to "
               "pile deltas up).")
+@_option("--run-wait", "run_wait_s", env="ASYNCLOCO_RUN_WAIT", default=60.0, show_default=True,
+         type=click.FloatRange(min=0.0), metavar="SECONDS",
+         help="Give up (exit 66) if nothing of the run appears in Redis within this long: a mistyped "
+              "run name. Also how long a coordinator of another protocol version is waited out (exit "
+              "76). 0: wait for ever (e.g. a client started before its run's coordinator).")
 @_option("--log-level", env="ASYNCLOCO_LOG_LEVEL", default="warning", show_default=True,
          type=click.Choice(LOG_LEVELS, case_sensitive=False), help="Logging detail on stderr.")
 @_option("--coordinator-key", env="ASYNCLOCO_COORDINATOR_KEY", default=None, metavar="HEX",
@@ -139,6 +168,7 @@ def join(
     max_seconds: float,
     part_bytes: int,
     include_wait_s: float,
+    run_wait_s: float,
     log_level: str,
     coordinator_key: str | None,
     allow_task: tuple[str, ...],
@@ -151,7 +181,9 @@ def join(
     command line is visible to other users of this machine.
 
     Each round prints one line: the snapshot version it started from (v), local steps run (H),
-    mean training loss, throughput, bytes sent and staleness (versions published meanwhile).
+    mean training loss, throughput, bytes sent, staleness (versions published meanwhile) and the
+    coordinator's verdict: "applied v=N" (the first snapshot that includes it) or "rejected:
+    REASON (why)". Exit codes: see `asyncloco-client --help`.
     If staleness is often high, this machine is slow for the run: that is fine, Dynamic Local
     Updates keeps its rounds short, and the coordinator discards only deltas more than its
     --max-staleness versions behind; --codec int8 helps when the upload is the bottleneck.
@@ -185,6 +217,7 @@ def join(
         max_seconds=max_seconds,
         part_bytes=part_bytes,
         include_wait_s=include_wait_s,
+        run_wait_s=run_wait_s,
         log_level=log_level.lower(),
         coordinator_key=joined.coordinator_key or "",
         allowed_tasks=allow_task,

@@ -58,6 +58,9 @@ class ClientConfig:
     # next round (tests without a coordinator); the coordinator normally commits within ~1 s.
     include_wait_s: float = 10.0
     poll_s: float = 1.0
+    # How long a run that never showed up in Redis, or a coordinator of another protocol version,
+    # is waited for before the client gives up for good (NoSuchRun, ProtocolMismatch). 0: for ever.
+    run_wait_s: float = 60.0
     # A delta message bigger than this is sent as parts of this many bytes (the coordinator puts
     # them together). It must stay under the broker's message limit (16 MiB in RabbitMQ 4.x).
     part_bytes: int = 8 * MiB
@@ -100,6 +103,8 @@ class ClientConfig:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         if self.include_wait_s < 0:
             raise ConfigError("include_wait_s must be >= 0")
+        if not (self.run_wait_s >= 0 and math.isfinite(self.run_wait_s)):
+            raise ConfigError(f"--run-wait must be seconds >= 0 (0: for ever), got {self.run_wait_s}")
         largest = DEFAULT_DELTA_LIMITS.max_message_bytes - PART_HEADER_BYTES
         if not 1024 <= self.part_bytes <= largest:
             raise ConfigError(f"--part-bytes must be within 1024..{largest} (under the broker's "

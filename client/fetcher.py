@@ -1,9 +1,13 @@
 """Reads what the coordinator publishes in Redis (snapshot version, snapshots, round plan), patiently.
 
 Every call survives Redis going away: it logs one warning, retries with capped exponential backoff
-(:class:`shared.settings.RetryPolicy`) and carries on when Redis is back. A stop request ends any
-wait by raising :class:`client.stop.StopRequested`. The waits on the coordinator live here too: for
-the first snapshot, for the round plan, for a warm start to end, for a delta to be included.
+(:class:`shared.settings.RetryPolicy`) and says when Redis is back (both at WARNING, the client's
+default level). A mistake that retrying cannot cure (wrong credentials, an unknown host, nothing
+listening at first contact, a revoked user: :class:`shared.contact.ServerContact`) raises its
+:class:`~shared.errors.PermanentError` instead, as do a run that never shows up and a coordinator
+of another protocol version, each after ``run_wait_s``. A stop request ends any wait by raising
+:class:`client.stop.StopRequested`. The waits on the coordinator live here too: for the first
+snapshot, for the round plan, for a warm start to end, for a delta's verdict and snapshot.
 """
 
 from __future__ import annotations
@@ -16,21 +20,41 @@ from typing import TypeVar
 
 import redis
 
+from client.report import DeltaFate
 from client.stop import StopRequested
-from shared.errors import ServiceUnavailable, SnapshotError, SnapshotMissing, SnapshotUntrusted
+from shared import PROTOCOL_VERSION
+from shared.contact import ServerContact
+from shared.errors import (
+    ConfigError,
+    NoSuchRun,
+    ProtocolError,
+    ProtocolMismatch,
+    ServiceUnavailable,
+    SnapshotError,
+    SnapshotMissing,
+    SnapshotOtherProtocol,
+    SnapshotUntrusted,
+)
 from shared.keys import RunKeys
 from shared.protocol import RoundMode, RoundPlan
 from shared.settings import REDIS_ERRORS as REDIS_OUTAGES
-from shared.settings import RetryPolicy, sleep_interruptibly
+from shared.settings import RetryPolicy, redis_bytes, sleep_interruptibly
 from shared.signing import VerifyKey
 from shared.snapshot import Snapshot, SnapshotManifest, SnapshotStore
+from shared.verdict import Verdict
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# A socket error outside redis-py's own wrapping is an outage too.
-REDIS_ERRORS: tuple[type[Exception], ...] = (*REDIS_OUTAGES, OSError)
+# A socket error outside redis-py's own wrapping is an outage too; a refusal of the credentials
+# (NOPERM) or a reply that is not Redis's may be a permanent mistake (ServerContact tells).
+REDIS_ERRORS: tuple[type[Exception], ...] = (*REDIS_OUTAGES, OSError, redis.exceptions.NoPermissionError,
+                                             redis.exceptions.InvalidResponse)
+# After a snapshot includes a delta, how long to wait for its verdict (written with the snapshot,
+# or at the coordinator's next housekeeping pass, every second).
+VERDICT_GRACE_S = 1.5
+VERDICT_POLL_S = 0.25
 # A snapshot that fails its checks may be a reader racing expiry, or corruption; after this many
 # tries in a row it is reported as an error instead of being retried forever.
 BAD_SNAPSHOT_TRIES = 5
@@ -48,6 +72,12 @@ class SnapshotFetcher:
     its signed hash, or an older version of a run than one already read) is reported once as a
     warning and never used: the fetcher waits, polling every ``poll_s`` seconds, as it would for a
     snapshot not yet published, so a forgery in Redis can neither run anything nor stop training.
+
+    ``contact`` (the Redis URL's :class:`ServerContact`) turns permanent refusals into errors;
+    without one every failure is an outage. ``run_wait_s`` (None: for ever) bounds two waits: for
+    a run that has never shown up (:class:`NoSuchRun`), and on manifests of another protocol
+    version (:class:`ProtocolMismatch`); the envelope's version is not signed, so a forgery in
+    Redis can end a client this way only by hiding every genuine snapshot for that long.
     """
 
     def __init__(
@@ -59,14 +89,22 @@ class SnapshotFetcher:
         should_stop: Callable[[], bool],
         verify_key: VerifyKey,
         poll_s: float = 1.0,
+        contact: ServerContact | None = None,
+        run_wait_s: float | None = None,
     ) -> None:
         self.redis = redis_client
         self.keys = keys
         self.retry = retry
         self.should_stop = should_stop
         self.poll_s = poll_s
+        self.contact = contact
+        self.run_wait_s = run_wait_s
         self.store = SnapshotStore(redis_client, keys, verify_key=verify_key)
-        self._down = False  # inside an outage: warn once, not on every retry
+        self._down_since: float | None = None  # time.monotonic() an outage began: warned once, not per retry
+        self._run_seen = False  # a version, plan or status of the run was seen: it exists
+        self._other_protocol_since: float | None = None  # when manifests of another protocol began
+        # False once a snapshot held a delta whose verdict never came: a coordinator from before them
+        self._verdicts_expected = True
         self._reported: set[str] = set()  # refusals already warned about (one line per forgery)
         self._newest: dict[str, int] = {}  # run id -> newest version read whole (rollback guard)
 
@@ -89,9 +127,12 @@ class SnapshotFetcher:
             try:
                 result = operation()
             except REDIS_ERRORS as exc:
-                if not self._down:
+                refusal = self.contact.refusal(exc) if self.contact is not None else None
+                if refusal is not None:
+                    raise refusal from exc
+                if self._down_since is None:
                     log.warning("Redis unavailable while %s (%s); reconnecting with backoff", what, exc)
-                    self._down = True
+                    self._down_since = time.monotonic()
                 else:
                     log.debug("Redis still unavailable while %s: %s", what, exc)
                 delay = next(delays, None)
@@ -100,10 +141,18 @@ class SnapshotFetcher:
                 if sleep_interruptibly(delay, self.should_stop):
                     raise StopRequested() from None
                 continue
-            if self._down:
-                log.info("Redis is back")
-                self._down = False
+            except redis.exceptions.ResponseError as exc:  # e.g. a database index the server lacks
+                raise ConfigError(f"Redis refused {what}: {exc}") from exc
+            if self.contact is not None:
+                self.contact.answered()
+            if self._down_since is not None:
+                log.warning("Redis is back after %.0f s; carrying on", time.monotonic() - self._down_since)
+                self._down_since = None
             return result
+
+    def ping(self) -> None:
+        """Reach Redis once (the first contact): a permanent mistake raises at once."""
+        self._call("connecting", self.redis.ping)
 
     def current_version(self) -> int | None:
         """Newest complete snapshot version of the run, or None if there is none yet."""
@@ -112,18 +161,36 @@ class SnapshotFetcher:
     def wait_for_version(self, poll_s: float, on_wait: Callable[[], None] | None = None) -> int:
         """Return the current version, polling every ``poll_s`` seconds until there is one.
 
-        ``on_wait`` is called once, the first time there is nothing yet (to tell the user).
+        ``on_wait`` is called once, the first time there is nothing yet (to tell the user). If
+        this fetcher never saw anything of the run (no version, plan or status) and ``run_wait_s``
+        passes without any, raise :class:`NoSuchRun`; a run seen once is waited for as long as it
+        takes (its coordinator restarting, Redis losing its keys).
         """
         told = False
+        started = time.monotonic()
         while True:
             version = self.current_version()
             if version is not None:
+                self._run_seen = True
                 return version
+            if (self.run_wait_s and not self._run_seen
+                    and time.monotonic() - started >= self.run_wait_s and not self._run_exists()):
+                where = "" if self.contact is None else f" at {self.contact.host}:{self.contact.port}"
+                raise NoSuchRun(
+                    f"no run {self.keys.run!r} in Redis{where}: nothing of it was published in "
+                    f"{self.run_wait_s:.0f} s; check the run name (--run or the join token) and the Redis "
+                    "URL, or start the run's coordinator first (--run-wait 0 waits for ever)")
             if not told and on_wait is not None:
                 on_wait()
             told = True
             if sleep_interruptibly(poll_s, self.should_stop):
                 raise StopRequested()
+
+    def _run_exists(self) -> bool:
+        """True if the run's plan or status is in Redis (its coordinator has served it)."""
+        found = self._call("looking for the run", lambda: self.redis.exists(self.keys.plan, self.keys.status))
+        self._run_seen = self._run_seen or bool(found)
+        return self._run_seen
 
     def manifest(self, version: int) -> SnapshotManifest:
         """The manifest of ``version`` (a small read); raises SnapshotError if it is gone or bad."""
@@ -137,10 +204,14 @@ class SnapshotFetcher:
             try:
                 snapshot = self._call("reading a snapshot", self.store.read_latest)
                 self._check_not_older(snapshot.manifest)
+                self._other_protocol_since = None
                 return snapshot
             except SnapshotUntrusted as exc:
                 # Not the coordinator's: wait for the next version (the pointer moves on when the
-                # coordinator publishes), never give up, never count it as corruption.
+                # coordinator publishes), never count it as corruption; another protocol's for no
+                # longer than run_wait_s.
+                if isinstance(exc, SnapshotOtherProtocol):
+                    self._check_protocol_wait(exc.theirs)
                 self._refuse(str(exc))
                 if sleep_interruptibly(self.poll_s, self.should_stop):
                     raise StopRequested() from None
@@ -160,6 +231,22 @@ class SnapshotFetcher:
                 raise last
             if sleep_interruptibly(delay, self.should_stop):
                 raise StopRequested()
+
+    def _check_protocol_wait(self, theirs: int) -> None:
+        """Raise :class:`ProtocolMismatch` once manifests of protocol ``theirs`` have been all there
+        was for ``run_wait_s``, saying which side needs upgrading."""
+        now = time.monotonic()
+        if self._other_protocol_since is None:
+            self._other_protocol_since = now
+        if not self.run_wait_s or now - self._other_protocol_since < self.run_wait_s:
+            return
+        if theirs > PROTOCOL_VERSION:
+            advice = "upgrade asyncloco on this machine (pip install --upgrade asyncloco)"
+        else:
+            advice = ("the coordinator is older: ask the run's operator to upgrade it, or install the "
+                      f"asyncloco release of protocol {theirs} here")
+        raise ProtocolMismatch(f"run {self.keys.run!r}: the coordinator speaks protocol {theirs}, this "
+                               f"client protocol {PROTOCOL_VERSION}: {advice}")
 
     def _check_not_older(self, manifest: SnapshotManifest) -> None:
         """Refuse a version older than one already read of the same run: ``current`` is not signed,
@@ -210,34 +297,79 @@ class SnapshotFetcher:
             if sleep_interruptibly(poll_s, self.should_stop):
                 raise StopRequested()
 
+    def verdict(self, client_id: str) -> Verdict | None:
+        """The coordinator's verdict on this client's newest judged delta, or None if there is none
+        (not judged yet, a coordinator from before verdicts, an invitation whose Redis user may
+        not read them, or one that does not parse)."""
+
+        def read() -> bytes | None:
+            try:
+                return redis_bytes(self.redis.get(self.keys.verdict(client_id)))
+            except redis.exceptions.NoPermissionError:
+                return None  # invited before verdicts were published: its user may not read them
+
+        raw = self._call("reading a verdict", read)
+        if raw is None:
+            return None
+        try:
+            found = Verdict.decode(raw)
+        except ProtocolError as exc:
+            log.debug("unreadable verdict for %s: %s", client_id, exc)
+            return None
+        self._verdicts_expected = True
+        return found
+
     def wait_until_included(
         self, *, client_id: str, run_id: str, seq: int, base_version: int, within_s: float
-    ) -> bool:
-        """Wait (bounded by ``within_s``) until a published snapshot includes delta ``seq``.
+    ) -> DeltaFate:
+        """Wait (bounded by ``within_s``) until a published snapshot includes delta ``seq`` and the
+        coordinator's verdict on it is in; return what was learnt.
 
-        The coordinator lists each active client's newest applied seq in the manifest's progress.
+        The coordinator lists each active client's newest settled seq in the manifest's progress.
         Starting the next round from a base without our own last delta would make the next delta
-        repeat most of it, and Delayed Nesterov would count that work twice.
+        repeat most of it, and Delayed Nesterov would count that work twice. A rejection ends the
+        wait at once (no snapshot will include it); a coordinator that writes no verdicts costs
+        :data:`VERDICT_GRACE_S` once.
         """
         plan = self.plan()
         # A synchronous round completes only when the slowest client has sent: wait for the next
         # version however long that takes (it follows the round whether or not ours made it).
         sync = plan is not None and plan.mode is RoundMode.SYNC
         deadline = time.monotonic() + (math.inf if sync else within_s)
+        included: int | None = None  # the first version after the base that holds it
+        included_at = 0.0  # time.monotonic() when it was seen
+        verdict: Verdict | None = None
+        next_read = 0.0
         while time.monotonic() < deadline and not self.should_stop():
-            version = self.current_version()
-            if sync and version is not None and version > base_version:
-                return True
-            if version is not None and version > base_version:
-                try:
-                    manifest: SnapshotManifest | None = self.manifest(version)
-                except SnapshotError:
-                    manifest = None
-                if manifest is not None and manifest.run_id != run_id:
-                    return False  # a new run: the next round adopts it
-                seqs = manifest.progress.get("client_seqs", {}) if manifest is not None else {}
-                if isinstance(seqs, dict) and int(seqs.get(client_id, -1)) >= seq:
-                    return True
+            now = time.monotonic()
+            if verdict is None and now >= next_read:
+                next_read = now + VERDICT_POLL_S
+                found = self.verdict(client_id)
+                if found is not None and (found.run_id, found.seq) == (run_id, seq):
+                    verdict = found
+            if included is None:
+                version = self.current_version()
+                if version is not None and version > base_version:
+                    try:
+                        manifest: SnapshotManifest | None = self.manifest(version)
+                    except SnapshotError:
+                        manifest = None
+                    if manifest is not None and manifest.run_id != run_id:
+                        return DeltaFate(verdict, None)  # a new run: the next round adopts it
+                    seqs = manifest.progress.get("client_seqs", {}) if manifest is not None else {}
+                    if sync or (isinstance(seqs, dict) and int(seqs.get(client_id, -1)) >= seq):
+                        included, included_at = version, now
+            if verdict is not None and (not verdict.applied or included is not None):
+                return DeltaFate(verdict, included)
+            grace = VERDICT_GRACE_S if self._verdicts_expected else 0.0
+            if included is not None and now - included_at >= grace:
+                found = self.verdict(client_id)  # a last look: it is written just after the snapshot
+                if found is not None and (found.run_id, found.seq) == (run_id, seq):
+                    return DeltaFate(found, included)
+                self._verdicts_expected = False  # a coordinator that writes none: wait no more
+                return DeltaFate(verdict, included)
             time.sleep(0.05)
-        log.info("delta %s:%d not yet in a snapshot after %.0f s; going on", client_id, seq, within_s)
-        return False
+        if verdict is None or included is None:
+            log.info("delta %s:%d not yet %s after %.0f s; going on", client_id, seq,
+                     "judged" if verdict is None else "in a snapshot", within_s)
+        return DeltaFate(verdict, included)

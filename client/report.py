@@ -7,6 +7,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.verdict import Verdict
+
+
+@dataclass(frozen=True)
+class DeltaFate:
+    """What became of a sent delta, as far as the client learnt while it waited: the coordinator's
+    verdict (None: none came) and the first snapshot version seen to include it (None: none yet)."""
+
+    verdict: Verdict | None = None
+    version: int | None = None
+
+    def describe(self) -> str:
+        """``applied v=12``, ``rejected: stale (...)``, ``in v=12`` (a coordinator that writes no
+        verdicts), ``applied, not yet in a snapshot`` or ``outcome=?``."""
+        if self.verdict is not None and not self.verdict.applied:
+            return self.verdict.describe()
+        if self.verdict is not None:
+            return "applied" + (", not yet in a snapshot" if self.version is None else f" v={self.version}")
+        return f"in v={self.version}" if self.version is not None else "outcome=?"
+
 
 @dataclass(frozen=True)
 class RoundReport:
@@ -24,6 +44,7 @@ class RoundReport:
     sent: bool  # False only if a stopping client gave up on the upload
     upload_s: float
     staleness: int | None  # current version just after the publish minus base_version
+    fate: DeltaFate = DeltaFate()  # the coordinator's verdict, if it came while the client waited
 
     @property
     def tokens_per_s(self) -> float:
@@ -35,6 +56,7 @@ class RoundReport:
         return (
             f"round {self.round}  v={self.base_version}  H={self.steps}  loss={self.train_loss:.3f}  "
             f"tok/s={self.tokens_per_s:.0f}  sent={sent}  staleness={stale}"
+            + (f"  {self.fate.describe()}" if self.sent else "")
         )
 
 
@@ -48,10 +70,13 @@ class RunSummary:
     deltas_sent: int
     next_seq: int | None
     stopped_by: str  # "max_rounds", "max_seconds" or "stop"
+    applied: int = 0  # deltas the coordinator said it applied
+    rejected: int = 0  # and rejected
 
     def line(self) -> str:
         return (
             f"stopped ({self.stopped_by}): {self.rounds} rounds, {self.deltas_sent} deltas sent "
             f"as client {self.client_id}"
             + (f", next seq {self.next_seq}" if self.next_seq is not None else "")
+            + (f"; {self.applied} applied, {self.rejected} rejected" if self.applied or self.rejected else "")
         )

@@ -9,7 +9,11 @@ A delta counts as sent only once the broker has confirmed it. Until then the *sa
 trouble: the queue not declared yet (the publish comes back unroutable), the broker refusing it
 (nack, e.g. the queue is full with ``overflow=reject-publish``), or the connection dropping. A
 duplicate that results from a lost confirm is harmless: the coordinator de-duplicates on
-``(client_id, seq)``.
+``(client_id, seq)``. An outage is said once at WARNING (the client's default level), and so is
+its end. A mistake that retrying cannot cure ends the upload with its
+:class:`~shared.errors.PermanentError` instead (:class:`shared.contact.ServerContact`: wrong
+credentials, unknown host, nothing listening at first contact, a revoked user; and a broker that
+refuses this user the run's exchange, 403).
 
 The client never declares the delta queue: the coordinator owns it and its arguments.
 """
@@ -23,8 +27,10 @@ from dataclasses import dataclass
 
 import pika
 import pika.exceptions
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
-from shared.errors import ConfigError, ServiceUnavailable
+from shared.contact import ServerContact
+from shared.errors import AccessRefused, ConfigError, PermanentError, Revoked, ServiceUnavailable
 from shared.keys import RunKeys
 from shared.protocol import (
     DEFAULT_DELTA_LIMITS,
@@ -48,6 +54,9 @@ CONTENT_TYPE = "application/x-msgpack"
 APP_ID = "asyncloco-client"
 # Give up on a broker that blocks publishers (memory or disk alarm) after this long, and reconnect.
 BLOCKED_TIMEOUT_S = 60.0
+# What a failed connection or publish can raise: pika's errors, socket errors, and the connection
+# workflow's own (a handshake that timed out is not an AMQPError).
+AMQP_FAILURES: tuple[type[Exception], ...] = (pika.exceptions.AMQPError, OSError, AMQPConnectorException)
 
 
 @dataclass(frozen=True)
@@ -80,9 +89,12 @@ class DeltaUploader:
         self.user = amqp_parameters(connection).credentials.username
         self.retry = retry
         self.part_bytes = part_bytes
+        self.contact = ServerContact(connection.amqp_url, option="--amqp")
         self._connection: pika.BlockingConnection | None = None
         self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
         self._last_io = 0.0  # time.monotonic() of the last time the connection did I/O
+        self._down_since: float | None = None  # time.monotonic() the connection was lost, until back
+        self._published = False  # the broker confirmed a publish of this user (then a 403 is a revocation)
 
     def _parameters(self) -> pika.URLParameters:
         params = amqp_parameters(self.settings)  # TLS (amqps://) as the settings say
@@ -98,13 +110,39 @@ class DeltaUploader:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self.close()
-        # A refused certificate raises ConfigError here: never retried, it ends the client.
-        self._connection = open_amqp(self.settings, self._parameters())
+        # A refused certificate raises ConfigError here, a refused password or a wrong address a
+        # PermanentError: never retried, they end the client.
+        try:
+            self._connection = open_amqp(self.settings, self._parameters())
+        except AMQP_FAILURES as exc:
+            refusal = self.contact.refusal(exc)
+            if refusal is not None:
+                raise refusal from exc
+            raise
+        self.contact.answered()
+        if self._down_since is not None:
+            log.warning("RabbitMQ is back after %.0f s", time.monotonic() - self._down_since)
+            self._down_since = None
         channel = self._connection.channel()
         channel.confirm_delivery()  # basic_publish now waits for the broker's ack or nack
         self._channel = channel
         self._last_io = time.monotonic()
         return channel
+
+    def connect(self) -> None:
+        """Open the connection now (the first contact), so that a permanent mistake ends the client
+        before it trains; an outage is only logged (sending retries it)."""
+        try:
+            self._open()
+        except AMQP_FAILURES as exc:
+            self._lost(f"RabbitMQ unavailable ({type(exc).__name__}: {exc}); will retry when sending")
+
+    def _lost(self, why: str) -> None:
+        """Say once per outage that the connection is gone."""
+        self.close()
+        if self._down_since is None:
+            log.warning("%s", why)
+            self._down_since = time.monotonic()
 
     def close(self) -> None:
         """Close the connection if open (errors on the way out are irrelevant and ignored)."""
@@ -122,9 +160,9 @@ class DeltaUploader:
         self._last_io = time.monotonic()
         try:
             self._connection.process_data_events(time_limit=0)
-        except (pika.exceptions.AMQPError, OSError) as exc:
-            log.debug("AMQP connection dropped while idle (%s); will reconnect to publish", exc)
-            self.close()
+        except AMQP_FAILURES as exc:
+            self._lost(f"RabbitMQ connection lost while training ({type(exc).__name__}: {exc}); "
+                       "reconnecting to send the delta")
 
     @staticmethod
     def check_payload(tensors: dict[str, bytes], codec: str) -> None:
@@ -193,7 +231,7 @@ class DeltaUploader:
             user_id=self.user,
         )
         delays = self.retry.delays()
-        troubled = False
+        troubled: float | None = None  # time.monotonic() of the first failure
         while True:
             if give_up():
                 return False
@@ -207,22 +245,31 @@ class DeltaUploader:
                     mandatory=True,  # come back unroutable, not dropped, if the queue is missing
                 )
                 self._last_io = time.monotonic()
-                if troubled:
-                    log.info("delta %s confirmed by the broker", message_id)
+                self._published = True
+                if troubled is not None:
+                    log.warning("delta %s confirmed by the broker after %.0f s of retries", message_id,
+                                time.monotonic() - troubled)
                 return True
             except pika.exceptions.UnroutableError:
                 why = f"queue {self.queue!r} does not exist yet (is the coordinator running?)"
             except pika.exceptions.NackError:
                 why = "the broker refused the delta (queue full?)"
             except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == 403:
+                    raise self._forbidden(exc) from exc
                 why = _refused_by_broker(exc, self.keys)
                 self.close()
-            except (pika.exceptions.AMQPError, OSError) as exc:
+            except AMQP_FAILURES as exc:
+                refusal = self.contact.refusal(exc)
+                if refusal is not None:
+                    raise refusal from exc
                 why = f"RabbitMQ unavailable ({type(exc).__name__}: {exc})"
                 self.close()
-            if not troubled:
+                if self._down_since is None:  # said by the warning below; its end by _open
+                    self._down_since = time.monotonic()
+            if troubled is None:
                 log.warning("delta %s not sent: %s; retrying with backoff", message_id, why)
-                troubled = True
+                troubled = time.monotonic()
             else:
                 log.debug("delta %s still not sent: %s", message_id, why)
             delay = next(delays, None)
@@ -231,11 +278,23 @@ class DeltaUploader:
             if sleep_interruptibly(delay, give_up):
                 return False
 
+    def _forbidden(self, exc: pika.exceptions.ChannelClosedByBroker) -> PermanentError:
+        """The broker refuses this user the run's exchange (403): after it took deltas from it, a
+        revocation; before, credentials for another run."""
+        self.close()
+        where = f"RabbitMQ at {self.contact.host}:{self.contact.port}"
+        why = f"{exc.reply_code} {exc.reply_text}"
+        if self._published:
+            return Revoked(f"{where} no longer lets user {self.user!r} publish deltas of run "
+                           f"{self.keys.run!r} ({why}), after it did earlier: this volunteer's invitation "
+                           "was revoked or has expired; ask the run's operator for a new join token")
+        return AccessRefused(f"{where} does not let user {self.user!r} publish deltas of run "
+                             f"{self.keys.run!r} ({why}): the credentials are for another run; check "
+                             "the join token or --amqp")
+
 
 def _refused_by_broker(exc: pika.exceptions.ChannelClosedByBroker, keys: RunKeys) -> str:
     """Why the broker closed the channel on a publish, in a volunteer's words."""
     if exc.reply_code == 404:
         return f"the run's exchange {keys.delta_exchange!r} does not exist yet (is the coordinator running?)"
-    if exc.reply_code == 403:
-        return f"this user may not publish to the run ({exc.reply_text}); was the invitation revoked?"
     return f"RabbitMQ closed the channel ({exc.reply_code} {exc.reply_text})"

@@ -9,6 +9,10 @@ One round::
     train H_i inner steps        (AdamW state kept across rounds, rebuilt only for a new run)
     g = θ_base − θ               compressed with error feedback, tagged (run_id, client_id, seq, v)
     publish with confirms        (retrying the same bytes and seq until the broker confirms)
+    wait for the verdict         (applied and in which version, or rejected and why: the round line)
+
+Before the first round, :meth:`Worker.connect` reaches both servers, so that a permanent mistake
+(a wrong password, host or port) ends the client at once instead of after a round of training.
 
 The worker only orchestrates: the fetcher reads (and waits on) what the coordinator publishes, the
 replica holds the model and θ_base, the uploader encodes and sends. It knows nothing of the
@@ -30,10 +34,11 @@ from client.config import ClientConfig
 from client.fetcher import SnapshotFetcher
 from client.identity import ClientIdentity
 from client.replica import Replica
-from client.report import RoundReport, RunSummary
+from client.report import DeltaFate, RoundReport, RunSummary
 from client.stop import StopRequested
 from client.uploader import DeltaUploader
 from shared.codecs import ErrorFeedback, get_codec
+from shared.contact import ServerContact
 from shared.dylu import SpeedMeter, is_assigned, local_steps_for, round_time_budget_s
 from shared.errors import SnapshotError
 from shared.keys import RunKeys
@@ -73,6 +78,8 @@ class Worker:
         self.fetcher = SnapshotFetcher(
             self.redis, self.keys, retry=config.retry, should_stop=self._should_stop,
             verify_key=VerifyKey.from_hex(config.coordinator_key), poll_s=config.poll_s,
+            contact=ServerContact(config.connection.redis_url, option="--redis"),
+            run_wait_s=config.run_wait_s or None,
         )
         self.uploader = DeltaUploader(
             config.connection, keys=self.keys, retry=config.retry, part_bytes=config.part_bytes
@@ -132,14 +139,20 @@ class Worker:
 
         A first stop request ends the current round at the next step boundary and still sends
         the steps done (trying for ``upload_grace_s``). Errors in the configuration or from the
-        task (:class:`shared.errors.AsyncLocoError`) propagate; service outages never do.
+        task (:class:`shared.errors.AsyncLocoError`) propagate, and so do permanent mistakes
+        (:class:`shared.errors.PermanentError`: refused credentials, an unknown host, nothing
+        listening at first contact, no such run, another protocol); service outages never do.
         """
         if self.config.threads > 0:
             torch.set_num_threads(self.config.threads)
         if self.config.max_seconds > 0:
             self._deadline = time.monotonic() + self.config.max_seconds
-        rounds = sent = 0
+        rounds = sent = applied = rejected = 0
         stopped_by = "stop"
+        try:
+            self.connect()
+        except StopRequested:
+            pass  # the loop below sees the stop
         while True:
             if self.config.max_rounds and rounds >= self.config.max_rounds:
                 stopped_by = "max_rounds"
@@ -154,13 +167,24 @@ class Worker:
                 break  # stopped before a single step of the round
             rounds += 1
             sent += int(report.sent)
+            verdict = report.fate.verdict
+            applied += int(verdict is not None and verdict.applied)
+            rejected += int(verdict is not None and not verdict.applied)
             if on_round is not None:
                 on_round(report)
         if self._deadline is not None and not self.stop.is_set() and stopped_by == "stop":
             stopped_by = "max_seconds"
         run_id = self.replica.run_id
         next_seq = self.identity.next_seq(run_id) if run_id else None
-        return RunSummary(self.client_id, run_id, rounds, sent, next_seq, stopped_by)
+        return RunSummary(self.client_id, run_id, rounds, sent, next_seq, stopped_by, applied, rejected)
+
+    def connect(self) -> None:
+        """The first contact with both servers, before anything is trained: a permanent mistake
+        (wrong credentials, an unknown host, nothing listening) raises its
+        :class:`~shared.errors.PermanentError` now; an outage is waited out (Redis) or left to
+        the first upload (RabbitMQ). Raises :class:`StopRequested` on a stop."""
+        self.fetcher.ping()
+        self.uploader.connect()
 
     def run_round(self, number: int = 1) -> RoundReport | None:
         """Run one round and send its delta; None if stopped before any step was taken.
@@ -186,9 +210,13 @@ class Worker:
             if self.on_confirmed is not None:
                 self.on_confirmed(message.delta_id)
         staleness = None
+        fate = DeltaFate()
         if upload.confirmed and self.config.include_wait_s > 0 and not self._should_stop():
-            self.fetcher.wait_until_included(client_id=self.client_id, run_id=run_id, seq=message.seq,
-                                             base_version=base_version, within_s=self.config.include_wait_s)
+            fate = self.fetcher.wait_until_included(
+                client_id=self.client_id, run_id=run_id, seq=message.seq, base_version=base_version,
+                within_s=self.config.include_wait_s)
+            if fate.verdict is not None and not fate.verdict.applied:
+                self._last_sent = None  # one delta per base counts applied ones: this base is free again
         if upload.confirmed and not self._should_stop():
             current = self.fetcher.current_version()
             staleness = None if current is None else current - base_version
@@ -196,7 +224,7 @@ class Worker:
             round=number, seq=message.seq, base_version=base_version, planned_steps=planned,
             steps=stats.steps, train_loss=stats.train_loss, compute_s=stats.compute_s,
             tokens=stats.tokens, sent_bytes=upload.body_bytes, sent=upload.confirmed,
-            upload_s=upload.upload_s, staleness=staleness,
+            upload_s=upload.upload_s, staleness=staleness, fate=fate,
         )
 
     # -- the parts of a round ---------------------------------------------------------------------

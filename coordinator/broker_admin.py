@@ -9,9 +9,9 @@ What a volunteer may do, and nothing more:
 
 * broker, in the run's vhost: configure nothing, read nothing, write only the run's delta exchange
   (``asyncloco.RUN.deltas.in``); at most 2 connections and 4 channels;
-* Redis: ``GET``/``MGET``/``EXISTS`` on the run's ``current``, ``plan``, ``status`` and
-  ``snapshot:*`` keys, ``PING``, ``HELLO``, ``AUTH``, ``SELECT`` and ``CLIENT SETNAME``: no writes,
-  no admin commands, no other run's keys.
+* Redis: ``GET``/``MGET``/``EXISTS`` on the run's ``current``, ``plan``, ``status``,
+  ``snapshot:*`` and ``verdict:*`` keys, ``PING``, ``HELLO``, ``AUTH``, ``SELECT`` and
+  ``CLIENT SETNAME``: no writes, no admin commands, no other run's keys.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ VOLUNTEER_REDIS_COMMANDS = ("get", "mget", "exists", "ping", "hello", "auth", "s
 
 def volunteer_redis_rules(keys: RunKeys, password: str) -> list[str]:
     """``ACL SETUSER`` rules: read-only access to the run's published keys, nothing else."""
-    published = [keys.current, keys.plan, keys.status, f"{keys.prefix}snapshot:*"]
+    published = [keys.current, keys.plan, keys.status, f"{keys.prefix}snapshot:*", keys.verdict("*")]
     return ["reset", "on", f">{password}", *(f"%R~{k}" for k in published), "resetchannels", "-@all",
             *(f"+{c}" for c in VOLUNTEER_REDIS_COMMANDS)]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from coordinator.applied_log import FILENAME as APPLIED_LOG
@@ -82,22 +83,49 @@ def save_checkpoint(
     return final
 
 
+# Keys every checkpoint's state has; one without them is not a checkpoint this code wrote.
+REQUIRED_STATE = ("version",)
+
+
 def load_checkpoint(directory: Path) -> Checkpoint | None:
-    """The checkpoint in ``directory``, or None if there is none."""
+    """The checkpoint in ``directory``, or None if there is none; a ConfigError (one line) for a
+    file that is not a whole checkpoint of this format."""
     path = checkpoint_path(directory)
     if not path.exists():
         return None
-    data = path.read_bytes()
     try:
+        data = path.read_bytes()
         tensors = load(data)
         header_len = int.from_bytes(data[:8], "little")
         metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
         state = json.loads(metadata["asyncloco"])
-    except (ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"checkpoint {path} is unreadable: {exc}") from exc
+        if not isinstance(state, dict):
+            raise TypeError("its state is not a JSON object")
+        missing = [key for key in REQUIRED_STATE if key not in state]
+        if missing:
+            raise KeyError(", ".join(missing))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+        raise ConfigError(f"checkpoint {path} is unreadable ({reason}); put a good copy in its place, "
+                          "or pass --fresh to set it aside and start a new run") from exc
     if state.get("format") != FORMAT:
         raise ConfigError(f"checkpoint {path} has format {state.get('format')}, expected {FORMAT}")
     return Checkpoint(tensors=tensors, state=state)
+
+
+def prepare_directory(directory: Path) -> None:
+    """Create the checkpoint directory if missing and make sure files can be written in it; a
+    ConfigError (one line) if not: a path through a file, no permission, a read-only file system."""
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"--checkpoint-dir {directory} is a file, not a directory")
+    probe = directory / f".write-test.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--checkpoint-dir {directory}: cannot create it or write in it "
+                          f"({exc.strerror or exc})") from exc
 
 
 def set_aside(directory: Path, *, now: float | None = None) -> Path | None:

@@ -1,4 +1,5 @@
-"""``asyncloco-coordinator``: serve a run, show its status, delete it, or simulate strategies.
+"""``asyncloco-coordinator``: serve a run, show (or watch) its status, export its model, delete it,
+or simulate strategies.
 
 Every option also reads an ``ASYNCLOCO_*`` environment variable (shown in ``--help``); options that
 several commands share are declared once in :mod:`coordinator.options`, and ``simulate`` lives with
@@ -12,6 +13,8 @@ import json
 import logging
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +22,13 @@ import click
 import redis
 
 from coordinator.admission import RATE_BURST_DELTAS, RATE_DELTAS_PER_MINUTE
-from coordinator.checkpoint import set_aside
+from coordinator.checkpoint import prepare_directory, set_aside
 from coordinator.config import CommitConfig, CoordinatorConfig
 from coordinator.consumer import QueueConfig
 from coordinator.faults import CrashPoints
 from coordinator.identity import AuthMode
 from coordinator.intake import IntakeConfig
+from coordinator.metrics import MetricsConfig
 from coordinator.options import (
     option,
     outer_options,
@@ -42,7 +46,7 @@ from coordinator.registry import PlanConfig
 from coordinator.sim.cli import simulate
 from coordinator.status import read_status, render_text
 from coordinator.volunteer_cli import invite_command, revoke_command, volunteers_command
-from shared.cli import OneLineErrors
+from shared.cli import OneLineErrors, version_option
 from shared.errors import ConfigError, ServiceUnavailable
 from shared.keys import RunKeys, validate_run_name
 from shared.local_round import InnerConfig
@@ -52,6 +56,8 @@ from shared.signing import KEY_FILE_NAME, SigningKey
 # Operator commands (status, delete-run) give up on an unreachable Redis after this long.
 ADMIN_TIMEOUT_S = 5.0
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# `status --watch` without a number: seconds between prints.
+WATCH_DEFAULT_S = 2.0
 
 
 def _parse_setting(text: str) -> tuple[str, Any]:
@@ -62,6 +68,14 @@ def _parse_setting(text: str) -> tuple[str, Any]:
         return key, json.loads(raw)
     except json.JSONDecodeError:
         return key, raw
+
+
+def _redis_refused(url: str, exc: redis.exceptions.ResponseError) -> ConfigError:
+    """A Redis that answers but refuses a command (e.g. the URL's database index is one it does not
+    have): one line that says so."""
+    hint = (" (the /N at the end of the URL picks a database; a server has 16 by default, 0-15)"
+            if "DB index" in str(exc) else "")
+    return ConfigError(f"Redis at {url} refused: {exc}{hint}")
 
 
 def _setup_logging(level: str) -> None:
@@ -75,6 +89,7 @@ def _setup_logging(level: str) -> None:
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"],
                                                    "max_content_width": 100})
+@version_option()
 def main() -> None:
     """asyncloco coordinator: owns the global model of a run and applies clients' deltas."""
 
@@ -152,6 +167,11 @@ main.add_command(volunteers_command)
         help="Seconds between evaluations of the global model.")
 @option("--max-seconds", env="MAX_SECONDS", type=click.FloatRange(0), default=0.0,
         help="Stop after this long (0 = serve until stopped).")
+@option("--metrics-port", env="METRICS_PORT", type=click.IntRange(0, 65535), default=0,
+        help="Serve Prometheus metrics on http://HOST:PORT/metrics (0 = off).")
+@option("--metrics-host", env="METRICS_HOST", default="127.0.0.1",
+        help="Address the metrics listen on; 0.0.0.0 for a Prometheus on another machine (they name "
+        "every volunteer: keep them off the open internet).")
 @threads_option(default=None)
 @option("--log-level", env="LOG_LEVEL", default="info",
         type=click.Choice(["debug", "info", "warning", "error"]))
@@ -161,6 +181,8 @@ def serve(**opts: Any) -> None:
     """Serve a run: publish snapshots, apply deltas, commit, evaluate."""
     _setup_logging(opts["log_level"])
     crash = CrashPoints(opts["crash_at"])  # a bad --crash-at fails here, before anything changes
+    # A checkpoint directory that cannot be written fails here, before a key is made in it.
+    prepare_directory(run_checkpoint_dir(opts["run"], opts["checkpoint_dir"]))
     # A key file others can read fails here too, before --fresh sets anything aside.
     signing_key = SigningKey.load_or_create(signing_key_path(opts["signing_key"], opts["checkpoint_dir"],
                                                              opts["run"]))
@@ -181,6 +203,8 @@ def serve(**opts: Any) -> None:
             f"cannot reach Redis at {config.connection.redis_url} ({exc}); start it "
             "(make services) or pass --redis"
         ) from exc
+    except redis.exceptions.ResponseError as exc:
+        raise _redis_refused(config.connection.redis_url, exc) from exc
     finally:
         client.close()
     click.echo(f"coordinator stopped at version {coordinator.version}")
@@ -223,6 +247,7 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
         eval_interval_s=opts["eval_interval_s"],
         max_seconds=opts["max_seconds"],
         auth=AuthMode(opts["auth"]),
+        metrics=MetricsConfig(port=opts["metrics_port"], host=opts["metrics_host"]),
     )
     if opts["fresh"]:
         aside = set_aside(checkpoint_dir)
@@ -248,27 +273,63 @@ def _install_signals(stop: Any) -> None:
 
 @main.command()
 @option("--run", env="RUN", default="default", help="Run name.")
-@option("--json", "as_json", env="STATUS_JSON", is_flag=True, help="Print the stable JSON document.")
+@option("--json", "as_json", env="STATUS_JSON", is_flag=True,
+        help="Print the stable JSON document (with --watch: one document a line).")
+@option("--watch", "watch_s", env="STATUS_WATCH", type=click.FloatRange(0.1), is_flag=False,
+        flag_value=WATCH_DEFAULT_S, default=None, metavar="[SECONDS]",
+        help=f"Print the status again every SECONDS ({WATCH_DEFAULT_S:g} if not given) until Ctrl-C.")
+@option("--count", env="STATUS_COUNT", type=click.IntRange(0), default=0,
+        help="With --watch: stop after this many prints (0 = until Ctrl-C).")
 @server_options(amqp_help="RabbitMQ URL (for the live queue depth).")
 @tls_option()
-def status(run: str, as_json: bool, redis_url: str, amqp_url: str, tls_ca: str | None) -> None:
+def status(run: str, as_json: bool, watch_s: float | None, count: int, redis_url: str, amqp_url: str,
+           tls_ca: str | None) -> None:
     """Show a run: version, eval loss history, clients, rejections, queue depth."""
     keys = RunKeys(run)
     servers = ConnectionSettings(redis_url=redis_url, amqp_url=amqp_url, tls_ca_file=tls_ca,
                                  socket_timeout_s=ADMIN_TIMEOUT_S)
+    if watch_s is None:
+        doc = _status_doc(servers, keys)
+        click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render_text(doc))
+        return
+    on_terminal = sys.stdout.isatty()
+    shown = 0
+    try:
+        while True:
+            doc = _status_doc(servers, keys)
+            if as_json:
+                click.echo(json.dumps(doc, sort_keys=True))
+            else:
+                if on_terminal:
+                    click.clear()
+                elif shown:
+                    click.echo()  # off a terminal: one blank line between prints
+                click.echo(render_text(doc))
+            shown += 1
+            if count and shown >= count:
+                return
+            time.sleep(watch_s)
+    except KeyboardInterrupt:
+        return  # Ctrl-C is how a watch ends: no error
+
+
+def _status_doc(servers: ConnectionSettings, keys: RunKeys) -> dict[str, Any]:
+    """The run's status document from Redis, with the queue depth as the broker counts it now."""
     client = connect_redis(servers)
     try:
         doc = read_status(client, keys)
     except _REDIS_DOWN as exc:
-        raise ServiceUnavailable(f"cannot reach Redis at {redis_url} ({exc})") from exc
+        raise ServiceUnavailable(f"cannot reach Redis at {servers.redis_url} ({exc})") from exc
+    except redis.exceptions.ResponseError as exc:
+        raise _redis_refused(servers.redis_url, exc) from exc
     finally:
         client.close()
     if doc is None:
-        raise ConfigError(f"no status for run {run!r}: no coordinator has served it on this Redis")
+        raise ConfigError(f"no status for run {keys.run!r}: no coordinator has served it on this Redis")
     depth = _live_queue_depth(servers, keys)
     if depth is not None:
         doc["queue"]["depth"] = depth
-    click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else render_text(doc))
+    return doc
 
 
 @main.command("delete-run")
@@ -300,6 +361,8 @@ def delete_run_command(run: str, yes: bool, force: bool, redis_url: str, amqp_ur
         deletion = delete_run(client, servers, run, force=force)
     except _REDIS_DOWN as exc:
         raise ServiceUnavailable(f"cannot reach Redis at {redis_url} ({exc})") from exc
+    except redis.exceptions.ResponseError as exc:
+        raise _redis_refused(redis_url, exc) from exc
     finally:
         client.close()
     queues = ", ".join(deletion.queues_deleted) or "none"
@@ -320,6 +383,25 @@ def key_command(signing_key: Path | None, checkpoint_dir: Path | None, run: str)
     it): clients refuse every snapshot and plan not signed by the matching private key.
     """
     click.echo(SigningKey.load_or_create(signing_key_path(signing_key, checkpoint_dir, run)).public_hex)
+
+
+@main.command("export")
+@click.argument("run")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@option("--checkpoint-dir", env="CHECKPOINT_DIR", type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="The run's checkpoint directory [default: ~/.local/state/asyncloco/coordinator/RUN].")
+def export_command(run: str, directory: Path, checkpoint_dir: Path | None) -> None:
+    """Write the current model of run RUN to DIRECTORY: model.safetensors and config.json.
+
+    Read from the run's checkpoint on this machine (the newest commit), never from the servers;
+    safe while the coordinator serves. config.json holds what builds the model (task, settings).
+    """
+    from coordinator.export import export_model
+
+    exported = export_model(run_checkpoint_dir(run, checkpoint_dir), directory)
+    click.echo(f"exported run {run} version {exported.version} ({exported.parameters} parameters) to "
+               f"{exported.model} and {exported.config}")
 
 
 def _live_queue_depth(servers: ConnectionSettings, keys: RunKeys) -> int | None:

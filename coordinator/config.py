@@ -10,6 +10,7 @@ from coordinator.commit_batch import CommitConfig
 from coordinator.consumer import QueueConfig
 from coordinator.identity import AuthMode
 from coordinator.intake import IntakeConfig
+from coordinator.metrics import MetricsConfig
 from coordinator.outer_optimizer import OuterConfig
 from coordinator.parts import SpoolConfig
 from coordinator.registry import PlanConfig
@@ -45,6 +46,7 @@ class CoordinatorConfig:
     # invite: only invited volunteers, each under its own name (the book lives in checkpoint_dir);
     # open: anyone with the broker's credentials, under any client id (a developer's machine)
     auth: AuthMode = AuthMode.INVITE
+    metrics: MetricsConfig = MetricsConfig()  # /metrics for Prometheus (port 0: not served)
 
     def __post_init__(self) -> None:
         validate_run_name(self.run)

@@ -34,6 +34,7 @@ from coordinator.identity import IDENTITY_REASONS, OpenSenders, SenderCheck
 from coordinator.outcome import Outcome, OutcomeKind
 from coordinator.progress import RunProgress
 from coordinator.registry import ClientRegistry
+from coordinator.verdicts import VerdictBoard
 from shared.codecs import get_codec
 from shared.errors import ConfigError, ProtocolError
 from shared.protocol import DeltaLimits, DeltaMessage, delta_bytes_bound
@@ -109,6 +110,7 @@ class DeltaIntake:
         self.max_delta_bytes = delta_bytes_bound(self.numels)  # what this model's deltas encode to, at most
         self.counts: Counter[str] = Counter()  # by OutcomeKind value: applied, duplicate, rejected
         self.rejected_by_reason: Counter[str] = Counter()
+        self.verdicts = VerdictBoard(run_id)  # each client's newest verdict, for the publisher to write
 
     def handle(self, body: bytes, *, sender: str = "", now: float | None = None,
                parts_of: tuple[str, int] | None = None) -> Outcome:
@@ -127,8 +129,10 @@ class DeltaIntake:
         return outcome
 
     def count(self, outcome: Outcome) -> None:
-        """Count an outcome; a rejection of a known client's delta is remembered as settled."""
+        """Count an outcome; a rejection of a known client's delta is remembered as settled; the
+        client's verdict (applied, or rejected and why) waits to be published."""
         self.counts[outcome.kind.value] += 1
+        self.verdicts.record(outcome, time.time())
         if outcome.kind is not OutcomeKind.REJECTED:
             return
         self.rejected_by_reason[outcome.reason] += 1

@@ -1,4 +1,5 @@
-"""Publishing to Redis: the snapshot of the current version, the round plan and the status.
+"""Publishing to Redis: the snapshot of the current version, the round plan, the status, and the
+verdicts on clients' deltas (:mod:`coordinator.verdicts`).
 
 Redis being unreachable never stops the coordinator: training goes on, a failed publish is logged
 once and retried by the next commit or housekeeping pass, and "Redis is back" is said once.
@@ -26,11 +27,12 @@ log = logging.getLogger(__name__)
 class Publisher:
     """Writes one run's snapshots, plan and status; remembers what Redis has of them.
 
-    ``signing_key`` signs every manifest and plan (clients refuse anything it did not sign).
+    ``signing_key`` signs every manifest and plan (clients refuse anything it did not sign);
+    ``on_published(version, seconds)`` is told of each publish that Redis took (the metrics).
     """
 
     def __init__(self, client: redis.Redis, keys: RunKeys, *, keep_versions: int,
-                 signing_key: SigningKey) -> None:
+                 signing_key: SigningKey, on_published: Callable[[int, float], None] | None = None) -> None:
         self.redis = client
         self.keys = keys
         self.store = SnapshotStore(client, keys, keep_versions=keep_versions, signer=signing_key)
@@ -38,6 +40,7 @@ class Publisher:
                  keys.run, signing_key.public_hex)
         self.published_version = -1
         self.redis_down = False
+        self.on_published = on_published
 
     def publish(self, run: RunState, *, republish: bool = False,
                 before_flip: Callable[[], None] | None = None) -> None:
@@ -45,7 +48,7 @@ class Publisher:
         this version (its keys were lost, or the last publish failed after the flip), so rewrite
         it in place: θ is unchanged since, so are its chunk bytes."""
         try:
-            now = time.time()
+            started, now = time.monotonic(), time.time()
             self.store.publish(
                 run_id=run.run_id, version=run.version, params=run.optimizer.params,
                 config=run.run_config, progress=run.progress_doc(now), republish=republish,
@@ -53,6 +56,9 @@ class Publisher:
             )
             self.store.publish_plan(run.plan(now))
             self.published_version = run.version
+            run.intake.verdicts.publish(self.redis, self.keys)  # an applied delta's, with its snapshot
+            if self.on_published is not None:
+                self.on_published(run.version, time.monotonic() - started)
             if self.redis_down:
                 log.info("Redis is back; snapshot %d published", run.version)
             self.redis_down = False
@@ -68,9 +74,11 @@ class Publisher:
         return lost, current
 
     def refresh(self, run: RunState, status: dict[str, object]) -> None:
-        """Rewrite the plan (speeds change) and the status document."""
+        """Rewrite the plan (speeds change) and the status document; write pending verdicts (a
+        rejection commits no snapshot)."""
         self.store.publish_plan(run.plan(time.time()))
         publish_status(self.redis, self.keys, status)
+        run.intake.verdicts.publish(self.redis, self.keys)
 
     def unreachable(self, message: str) -> None:
         """Log ``message`` once per outage."""

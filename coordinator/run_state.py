@@ -108,6 +108,24 @@ def new_run_config(config: CoordinatorConfig) -> dict[str, Any]:
     }
 
 
+def resume_differences(saved: dict[str, Any], config: CoordinatorConfig) -> list[str]:
+    """What ``config`` changes of the checkpoint's run (``saved``: its state), one item per option,
+    ``name old → new``: the task, its settings given now, the seed and the inner options stay the
+    checkpoint's (every client must build the same model; marked ``kept``); the outer options take
+    effect (marked ``applies``). A checkpoint older than its outer options says nothing of them."""
+    old_run, new_run = saved["run_config"], new_run_config(config)
+    old_settings, old_inner = old_run.get("task_settings") or {}, old_run.get("inner") or {}
+    pairs: list[tuple[str, Any, Any, str]] = [
+        ("task", old_run.get("task"), config.task, "kept"),
+        ("seed", old_run.get("seed"), config.seed, "kept"),
+        *((f"task_settings.{k}", old_settings.get(k), v, "kept") for k, v in config.task_settings.items()),
+        *((f"inner.{k}", old_inner[k], v, "kept") for k, v in new_run["inner"].items() if k in old_inner),
+        *((f"outer.{k}", v, asdict(config.outer).get(k), "applies")
+          for k, v in (saved.get("outer_config") or {}).items()),
+    ]
+    return [f"{name} {old!r} → {new!r} ({effect})" for name, old, new, effect in pairs if old != new]
+
+
 class RunState:
     """Every component of one run, built from the config (and a checkpoint, when resuming)."""
 
@@ -156,6 +174,11 @@ class RunState:
             saved: dict[str, Any] = {}
         else:
             saved = checkpoint.state
+            differences = resume_differences(saved, config)
+            if differences:
+                log.warning("resuming run %s with options that differ from its checkpoint (kept: the "
+                            "checkpoint's value stays; applies: the new one does): %s",
+                            config.run, "; ".join(differences))
             state = cls(config, run_id=saved["run_id"], run_config=saved["run_config"],
                         applied_log=applied_log)
             state.restore(checkpoint)
@@ -250,6 +273,7 @@ class RunState:
             "run_id": self.run_id,
             "version": self.version,
             "run_config": self.run_config,
+            "outer_config": asdict(self.config.outer),  # what a resume compares its options with
             "outer_pending": self.optimizer.pending,
             "outer_arrivals": self.optimizer.arrivals,
             "eval_history": self.eval_history[-EVAL_HISTORY:],

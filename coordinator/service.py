@@ -27,6 +27,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.consumer import Delivery, DeltaConsumer
 from coordinator.faults import CrashPoints
 from coordinator.lease import CoordinatorLease
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.outcome import Outcome, OutcomeKind
 from coordinator.parts import PartSpool, take_part
 from coordinator.publisher import Publisher
@@ -56,15 +57,17 @@ class Coordinator:
         self.redis = redis
         self.crash = crash or CrashPoints(None)
         self.signing_key = signing_key
+        self.consumer: DeltaConsumer | None = None
+        self.state: RunState | None = None  # built by setup()
+        self.metrics = CoordinatorMetrics(config.metrics, run=lambda: self.state,
+                                          consumer=lambda: self.consumer)
         self.publisher = Publisher(redis, self.keys, keep_versions=config.commit.keep_versions,
-                                   signing_key=signing_key)
+                                   signing_key=signing_key, on_published=self.metrics.published)
         self.lease = CoordinatorLease(redis, self.keys.coordinator_lease)
         self.inbox: queue.Queue[Delivery] = queue.Queue()
         self.stop_event = threading.Event()
         self.started_at = time.time()
         self.batch = CommitBatch(config.commit)
-        self.consumer: DeltaConsumer | None = None
-        self.state: RunState | None = None  # built by setup()
         # Parts of big deltas wait here; beside the checkpoint, so that they survive a crash with it.
         self._own_spool_dir = config.checkpoint_dir is None
         spool_dir = (config.checkpoint_dir / "parts" if config.checkpoint_dir is not None
@@ -90,6 +93,9 @@ class Coordinator:
                 f"a checkpoint of run {cfg.run!r} (version {checkpoint.version}) exists in "
                 f"{cfg.checkpoint_dir}; pass --resume to continue it, or --fresh to start over"
             )
+        if checkpoint is None and cfg.resume:
+            raise ConfigError(f"--resume: no checkpoint of run {cfg.run!r} in {cfg.checkpoint_dir}; "
+                              "start without --resume to begin a new run")
         applied_log = AppliedLog(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         self.state = run = RunState.open(cfg, checkpoint, applied_log)
         self.lease.acquire()
@@ -107,6 +113,13 @@ class Coordinator:
     # ---------------------------------------------------------------- main loop
     def serve(self) -> None:
         """Run until :meth:`stop` (or ``max_seconds``); commit what was applied before returning."""
+        self.metrics.start()  # first: a metrics port already taken fails before anything changes
+        try:
+            self._serve()
+        finally:
+            self.metrics.stop()
+
+    def _serve(self) -> None:
         cfg = self.config
         self.setup()
         for key in self.spool.recover(time.time()):  # complete deltas a crash left in the spool
@@ -151,7 +164,7 @@ class Coordinator:
     def _take(self, delivery: Delivery) -> None:
         """Handle one delivery: a whole delta waits for the next commit; a part is spooled."""
         if delivery.message_type != PART_TYPE:
-            self._hold(delivery, self.run.intake.handle(delivery.body, sender=delivery.sender))
+            self._hold(delivery, self._handle(delivery.body, sender=delivery.sender))
             return
         outcome, complete = take_part(self.spool, self.run.intake, delivery.body, time.time(),
                                       sender=delivery.sender)
@@ -170,8 +183,15 @@ class Coordinator:
             outcome = Outcome.rejected(exc.reason, exc.detail, entry.client_id, entry.seq)
             self.run.intake.count(outcome)
         else:
-            outcome = self.run.intake.handle(body, parts_of=(entry.client_id, entry.seq))
+            outcome = self._handle(body, parts_of=(entry.client_id, entry.seq))
         self._hold(Delivery.from_spool(key), outcome)
+
+    def _handle(self, body: bytes, *, sender: str = "", parts_of: tuple[str, int] | None = None) -> Outcome:
+        """One whole delta through the intake, timed for the metrics."""
+        started = time.monotonic()
+        outcome = self.run.intake.handle(body, sender=sender, parts_of=parts_of)
+        self.metrics.delta_handled(outcome, time.monotonic() - started)
+        return outcome
 
     def _hold(self, delivery: Delivery, outcome: Outcome) -> None:
         """Keep an outcome for the next commit, which records it and settles its delivery."""
@@ -219,6 +239,8 @@ class Coordinator:
             run.published(self.publisher.published_version, time.time())  # clients' speeds count from it
         run.commits += 1
         self.batch.committed()
+        seconds = time.monotonic() - started
+        self.metrics.committed(seconds)
         kinds = [o.kind for _, o in batch]
         if OutcomeKind.APPLIED in kinds or theta_changed or force:
             depth = self.consumer.queue_depth if self.consumer else None
@@ -228,7 +250,7 @@ class Coordinator:
                 run.version, kinds.count(OutcomeKind.APPLIED), kinds.count(OutcomeKind.REJECTED),
                 kinds.count(OutcomeKind.DUPLICATE), run.intake.counts["applied"],
                 run.intake.counts["rejected"], len(run.registry.active(time.time())), run.latest_eval,
-                "?" if depth is None else depth, time.monotonic() - started,
+                "?" if depth is None else depth, seconds,
             )
 
     def _check_lease(self) -> None:

@@ -1,18 +1,27 @@
-"""What every command line shares: errors end as one clear line, never a usage block or traceback.
+"""What every command line shares: errors end as one clear line, never a usage block or traceback;
+``--version`` says the package's version and the wire protocol's.
 
 Exit codes: 2 for a usage error (bad option or value), 1 for any
-:class:`~shared.errors.AsyncLocoError` (bad setting, unreachable service, bad checkpoint),
-130 when interrupted before the command's own signal handling is in place.
+:class:`~shared.errors.AsyncLocoError` (bad setting, unreachable service, bad checkpoint) except a
+:class:`~shared.errors.PermanentError`, which exits with its own code (66-77, see
+:data:`shared.errors.PERMANENT_ERRORS`), 130 when interrupted before the command's own signal
+handling is in place.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from typing import Any, TypeVar
 
 import click
 
+from shared import PROTOCOL_VERSION
 from shared.errors import AsyncLocoError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _err(text: str) -> None:
@@ -38,7 +47,7 @@ class _OneLineMain:
             sys.exit(130)
         except AsyncLocoError as exc:
             _err(f"error: {exc}")
-            sys.exit(1)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
             _err("interrupted")
             sys.exit(130)
@@ -50,3 +59,19 @@ class OneLineErrors(_OneLineMain, click.Group):
 
 class OneLineErrorsCommand(_OneLineMain, click.Command):
     """A single click command (a benchmark script) whose errors are one line, as the groups'."""
+
+
+def version_text() -> str:
+    """``0.1.0 (protocol 2)``: the installed package's version, and the wire protocol's (a client
+    and a coordinator must speak the same one)."""
+    try:
+        installed = package_version("asyncloco")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        installed = "unknown"
+    return f"{installed} (protocol {PROTOCOL_VERSION})"
+
+
+def version_option() -> Callable[[F], F]:
+    """The ``--version`` option of a command group: prints ``PROG VERSION (protocol N)``, exits 0."""
+    return click.version_option(version_text(), "--version", message="%(prog)s %(version)s",
+                                help="Show the package's version and the protocol's, and exit.")

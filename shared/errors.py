@@ -1,8 +1,10 @@
 """The one exception hierarchy of asyncloco.
 
-The CLIs turn any :class:`AsyncLocoError` into one clear line and exit code 1. A
-:class:`ProtocolError` carries a short machine-readable ``reason`` that the coordinator counts in
-its status (``rejected_by_reason``).
+The CLIs turn any :class:`AsyncLocoError` into one clear line and its ``exit_code``: 1, except
+for a :class:`PermanentError`, a mistake that no retry or restart can cure, which has its own code
+so that a service manager can be told not to restart (systemd: ``RestartPreventExitStatus=``; the
+codes are those of BSD's sysexits.h). A :class:`ProtocolError` carries a short machine-readable
+``reason`` that the coordinator counts in its status (``rejected_by_reason``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 class AsyncLocoError(Exception):
     """Base class of every error asyncloco raises on purpose."""
+
+    exit_code = 1  # what the CLIs exit with after printing it
 
 
 class ConfigError(AsyncLocoError):
@@ -29,6 +33,15 @@ class ProtocolError(AsyncLocoError):
         self.detail = message
 
 
+class ProtocolVersionError(ProtocolError):
+    """A message of another protocol version: ``theirs`` is the version it says it speaks."""
+
+    def __init__(self, theirs: int, ours: int) -> None:
+        super().__init__("protocol_version", f"protocol {theirs} not supported (expected {ours})")
+        self.theirs = theirs
+        self.ours = ours
+
+
 class SnapshotError(AsyncLocoError):
     """A snapshot could not be read whole (missing chunk, bad hash, bad manifest)."""
 
@@ -43,9 +56,69 @@ class SnapshotUntrusted(SnapshotError):
     hash. It is never used; a client reports it and waits for a good one."""
 
 
+class SnapshotOtherProtocol(SnapshotUntrusted):
+    """A manifest or plan in another protocol version (``theirs``): this program cannot read it,
+    nor check its signature. The envelope's version is not signed, so it is waited out like any
+    unreadable snapshot until the caller decides that it is the run's and not a forgery."""
+
+    def __init__(self, message: str, *, theirs: int) -> None:
+        super().__init__(message)
+        self.theirs = theirs
+
+
 class ServiceUnavailable(AsyncLocoError):
     """Redis or RabbitMQ cannot be reached (after the retries the caller allowed)."""
 
 
 class TaskError(AsyncLocoError):
     """A task cannot be loaded or its data cannot be found."""
+
+
+class PermanentError(AsyncLocoError):
+    """A mistake that retrying cannot fix: the process ends with this class's ``exit_code``."""
+
+
+class NoSuchRun(PermanentError):
+    """Nothing of the run was ever published where the client looks (a mistyped run name or
+    Redis URL), after the grace period it was given."""
+
+    exit_code = 66  # EX_NOINPUT
+
+
+class Revoked(PermanentError):
+    """A server refuses the credentials it accepted earlier in this process: the volunteer's
+    invitation was revoked (or expired)."""
+
+    exit_code = 67  # EX_NOUSER
+
+
+class UnknownHost(PermanentError):
+    """The server's host name does not resolve (DNS says it does not exist), at first contact."""
+
+    exit_code = 68  # EX_NOHOST
+
+
+class NoService(PermanentError):
+    """Nothing at the server's address speaks its protocol at first contact: connection refused
+    (a wrong port, or the server not started), or another kind of server answers."""
+
+    exit_code = 69  # EX_UNAVAILABLE
+
+
+class ProtocolMismatch(PermanentError):
+    """The run's coordinator speaks another protocol version than this program: one of the two
+    needs upgrading (the message says which)."""
+
+    exit_code = 76  # EX_PROTOCOL
+
+
+class AccessRefused(PermanentError):
+    """A server refuses the credentials (wrong user or password, no password given, or no
+    permission for the run) and never accepted them in this process."""
+
+    exit_code = 77  # EX_NOPERM
+
+
+# Every permanent mistake, by exit code (docs, the systemd units' RestartPreventExitStatus=).
+PERMANENT_ERRORS: tuple[type[PermanentError], ...] = (
+    NoSuchRun, Revoked, UnknownHost, NoService, ProtocolMismatch, AccessRefused)

@@ -7,6 +7,7 @@ Layout for run ``R`` (all under the prefix ``asyncloco:R:``)::
     current                   the newest complete version, as a decimal string (the atomic flip)
     plan                      msgpack round plan (Dynamic Local Updates)
     status                    JSON status document written by the coordinator
+    verdict:{client_id}       JSON verdict on the client's newest judged delta (shared/verdict.py)
     coordinator               lease of the running coordinator (its instance id, with a TTL)
 
 AMQP: clients publish to the direct exchange ``asyncloco.R.deltas.in`` (a volunteer's broker user
@@ -65,6 +66,9 @@ class RunKeys:
     @property
     def status(self) -> str:
         return f"{self.prefix}status"
+
+    def verdict(self, client_id: str) -> str:
+        return f"{self.prefix}verdict:{client_id}"
 
     @property
     def coordinator_lease(self) -> str:

@@ -23,7 +23,7 @@ import msgpack
 
 from shared import PROTOCOL_VERSION
 from shared.codecs import CODECS
-from shared.errors import ProtocolError
+from shared.errors import ProtocolError, ProtocolVersionError
 
 MiB = 1024 * 1024
 
@@ -141,9 +141,7 @@ def check_protocol(obj: Any) -> dict[str, Any]:
         raise ProtocolError("wrong_schema", f"top level is {type(obj).__name__}, expected a map")
     version = require_field(obj, "protocol", int)
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            "protocol_version", f"protocol {version} not supported (expected {PROTOCOL_VERSION})"
-        )
+        raise ProtocolVersionError(version, PROTOCOL_VERSION)  # reason "protocol_version"
     return obj
 
 

@@ -28,7 +28,14 @@ import redis
 import torch
 
 from shared import PROTOCOL_VERSION
-from shared.errors import ProtocolError, SnapshotError, SnapshotMissing, SnapshotUntrusted
+from shared.errors import (
+    ProtocolError,
+    ProtocolVersionError,
+    SnapshotError,
+    SnapshotMissing,
+    SnapshotOtherProtocol,
+    SnapshotUntrusted,
+)
 from shared.keys import RunKeys
 from shared.protocol import PLAN_MAX_BYTES, MiB, RoundPlan, check_protocol, require_field, unpack_limited
 from shared.settings import redis_bytes
@@ -242,6 +249,9 @@ class SnapshotStore:
         """The body of the envelope ``raw`` (the signature checked if there is a verify key)."""
         try:
             return open_signed(raw, self.verify_key, max_body_bytes=max_body_bytes)
+        except ProtocolVersionError as exc:
+            raise SnapshotOtherProtocol(f"{what} is in protocol {exc.theirs}, this program speaks "
+                                        f"{exc.ours}", theirs=exc.theirs) from exc
         except ProtocolError as exc:
             if self.verify_key is None:
                 raise SnapshotUntrusted(f"{what} is not a signed envelope ({exc})") from exc

@@ -100,9 +100,10 @@ def speaks_tls(host: str, port: int, timeout_s: float = PROBE_TIMEOUT_S) -> bool
         return False
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    """``exc`` and what it wraps: __cause__/__context__ chains, and exceptions held in ``args``
-    (pika's AMQPConnectionError carries the socket error as an argument)."""
+def causes_of(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: __cause__/__context__ chains, exceptions held in ``args`` (pika's
+    AMQPConnectionError carries the socket error as an argument) or in an ``exception`` attribute
+    (where pika's connection workflow keeps the socket error of a failed phase)."""
     seen: list[BaseException] = []
     todo = [exc]
     while todo and len(seen) < 32:
@@ -111,6 +112,9 @@ def _causes(exc: BaseException) -> list[BaseException]:
             continue
         seen.append(current)
         todo.extend(a for a in current.args if isinstance(a, BaseException))
+        wrapped = getattr(current, "exception", None)
+        if isinstance(wrapped, BaseException):
+            todo.append(wrapped)
         todo.extend(linked for linked in (current.__cause__, current.__context__) if linked is not None)
     return seen
 
@@ -141,7 +145,7 @@ def tls_refusal(exc: BaseException, url: str) -> ConfigError | None:
     service, tls_scheme, plain_scheme, _ = _SCHEMES[scheme]
     host, port = server_address(url)
     where = f"{service} at {host}:{port}"
-    causes = _causes(exc)
+    causes = causes_of(exc)
     for cause in causes:
         if isinstance(cause, ssl.SSLCertVerificationError):
             why = str(getattr(cause, "verify_message", None) or cause).rstrip(".")

@@ -16,6 +16,7 @@ import pytest
 
 from harness.faults import TASK, status
 from harness.processes import ROOT, Processes, wait_for
+from shared.errors import Revoked
 from shared.join_token import JoinToken
 
 pytestmark = pytest.mark.e2e
@@ -65,13 +66,13 @@ def test_invited_volunteers_train_and_a_revoked_one_is_cut_off(
     wait_for(lambda: _updates(run_name)["fast"] >= fast_after + 3, 60, "the other volunteer going on")
     assert _updates(run_name)["slow"] == slow_after, "a revoked volunteer's delta was applied"
     assert time.monotonic() - revoked_at < 60
-    # The broker closed its connection and refuses its credentials since: the client would retry with
-    # backoff until stopped (and a stop tries the round in hand for 30 s more), so end it now.
+    # The servers closed its connections and refuse its credentials since: the client says so in one
+    # line and ends with its own exit code, which its systemd unit does not restart on.
     slow_token = JoinToken.decode((tmp_path / "slow.token").read_text())
     with pytest.raises(pika.exceptions.ProbableAuthenticationError):
         pika.BlockingConnection(pika.URLParameters(slow_token.amqp))
-    clients["slow"].kill()
-    clients["slow"].wait()
+    assert clients["slow"].wait(timeout=60) == Revoked.exit_code, procs.log("slow")
+    assert "invitation was revoked" in procs.log("slow").strip().splitlines()[-1], procs.log("slow")
     listing = _admin("volunteers", *admin)
     states = [line.split()[:2] for line in listing.splitlines()[1:]]
     assert states == [["fast", "active"], ["slow", "revoked"]]

@@ -269,7 +269,9 @@ def test_publish_retries_until_the_queue_exists(rdb, amqp, keys, tmp_path, caplo
     assert summary.deltas_sent == 1 and reports[0].sent
     assert refused.is_set() and reports[0].upload_s > 0.9  # it really waited for the queue
     warnings = [r.getMessage() for r in caplog.records if r.name == "client.uploader"]
-    assert len(warnings) == 1 and "does not exist yet" in warnings[0]  # one line, not one per retry
+    # one line when it starts, one when it ends, not one per retry
+    assert len(warnings) == 2 and "does not exist yet" in warnings[0], warnings
+    assert warnings[1].startswith("delta early-bird:0 confirmed by the broker after ")
     (_, body), = take_messages(amqp, keys.delta_queue, 1)
     message = DeltaMessage.decode(body)
     assert (message.client_id, message.seq) == ("early-bird", 0)  # the retry kept its number
@@ -373,9 +375,15 @@ def test_client_rides_out_rabbitmq_and_redis_outages(rdb, amqp, keys, tmp_path, 
     messages = [DeltaMessage.decode(body) for _, body in take_messages(amqp, keys.delta_queue, 4)]
     assert [m.seq for m in messages] == [0, 1, 2, 3]  # nothing lost, nothing renumbered
     check_delta(messages[1].encode(), manifest, "fp16")
+    # Each outage is said at WARNING, the client's default level, when it starts and when it ends.
     warnings = [(r.name, r.getMessage()) for r in caplog.records if r.levelno == logging.WARNING]
-    assert [name for name, _ in warnings] == ["client.uploader", "client.fetcher"], warnings
-    assert "RabbitMQ unavailable" in warnings[0][1] and "Redis unavailable" in warnings[1][1]
+    said = [(name, message.split(" (")[0].split(" after ")[0].split(" while ")[0])
+            for name, message in warnings]
+    assert said == [("client.uploader", f"delta {messages[1].delta_id} not sent: RabbitMQ unavailable"),
+                    ("client.uploader", "RabbitMQ is back"),
+                    ("client.uploader", f"delta {messages[1].delta_id} confirmed by the broker"),
+                    ("client.fetcher", "Redis unavailable"),
+                    ("client.fetcher", "Redis is back")], warnings
 
 
 def test_cli_waits_for_snapshot_and_ctrl_c_sends_the_partial_round(rdb, amqp, keys, tmp_path):

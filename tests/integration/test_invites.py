@@ -70,7 +70,8 @@ def test_a_volunteers_redis_user_reads_the_snapshot_and_nothing_else(
     run_name: str, invited: dict[str, JoinToken], redis_client: redis.Redis
 ) -> None:
     keys, other = RunKeys(run_name), RunKeys(f"{run_name}-other")
-    for key in (keys.current, keys.plan, keys.status, keys.manifest(3), keys.chunk(3, 0), other.current):
+    for key in (keys.current, keys.plan, keys.status, keys.manifest(3), keys.chunk(3, 0),
+                keys.verdict("alice"), other.current):
         redis_client.set(key, b"x")
     redis_client.set(keys.coordinator_lease, b"host:1:abc", ex=30)
     volunteer = redis.Redis.from_url(invited["alice"].redis)
@@ -78,6 +79,7 @@ def test_a_volunteers_redis_user_reads_the_snapshot_and_nothing_else(
         assert volunteer.ping()
         assert volunteer.get(keys.current) == b"x" and volunteer.exists(keys.plan) == 1
         assert volunteer.mget([keys.manifest(3), keys.chunk(3, 0), keys.status]) == [b"x"] * 3
+        assert volunteer.get(keys.verdict("alice")) == b"x"  # the verdicts on its deltas
         refused = [
             lambda: volunteer.set(keys.current, b"999"),  # point everyone at a forged model
             lambda: volunteer.set(keys.manifest(3), b"forged"),

@@ -1,0 +1,113 @@
+"""What a failure to reach Redis or RabbitMQ means: a permanent mistake, or an outage to wait out.
+
+A :class:`ServerContact` is one process's dealings with one server. It remembers whether the
+server ever let this process in, because the same failure means different things before it did
+and after:
+
+* credentials refused (Redis WRONGPASS, NOAUTH, NOPERM; AMQP ACCESS_REFUSED, no access to the
+  vhost): :class:`AccessRefused` before, :class:`Revoked` after;
+* the host name does not exist (DNS "no such name"): :class:`UnknownHost` before, an outage after;
+* connection refused, or another kind of server answers (a reset on the first bytes, a reply
+  that is not the protocol's): :class:`NoService` before, an outage after;
+* anything else (timeouts, DNS "try again", a server going away mid-way): an outage, always.
+
+So a typo in a URL ends the process at once with one line and its own exit code
+(:class:`~shared.errors.PermanentError`), while a server that was there and went away is retried
+with backoff for as long as it takes. Messages name host, port and user, never a password.
+"""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import unquote, urlparse
+
+import pika.exceptions
+import redis
+from pika.adapters.utils.connection_workflow import AMQPConnectorStackTimeout
+
+from shared.errors import AccessRefused, NoService, PermanentError, Revoked, UnknownHost
+from shared.tls import causes_of, server_address
+
+# getaddrinfo's answers that mean "no such name" (EAI_AGAIN, "try again", is an outage).
+_NO_SUCH_NAME = {getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name)}
+# The credentials are refused, or the user may not do what the client asks of it.
+_REFUSED_CREDENTIALS: tuple[type[BaseException], ...] = (
+    redis.exceptions.AuthenticationError,  # WRONGPASS, NOAUTH (redis-py maps both here)
+    redis.exceptions.NoPermissionError,  # NOPERM: the user may not read the run's keys
+    pika.exceptions.ProbableAuthenticationError,  # ACCESS_REFUSED at login
+    pika.exceptions.ProbableAccessDeniedError,  # no access to the vhost (or it does not exist)
+    pika.exceptions.AuthenticationError,
+)
+# The address answers, but not as the server asked for (another service's port).
+_WRONG_KIND: tuple[type[BaseException], ...] = (
+    redis.exceptions.InvalidResponse,
+    pika.exceptions.IncompatibleProtocolError,
+    AMQPConnectorStackTimeout,  # no AMQP handshake within the stack timeout
+    ConnectionResetError,  # dropped on the first bytes (TLS-only ports are told apart before this)
+)
+
+
+class ServerContact:
+    """One process's dealings with the server of ``url`` (``redis[s]://`` or ``amqp[s]://``).
+
+    Call :meth:`answered` after every success; :meth:`refusal` says what a failure means.
+    ``option`` is the command-line option that sets the URL, named in messages.
+    """
+
+    def __init__(self, url: str, *, option: str) -> None:
+        parsed = urlparse(url)
+        self.service = "Redis" if parsed.scheme.startswith("redis") else "RabbitMQ"
+        self.host, self.port = server_address(url)
+        self.user = unquote(parsed.username) if parsed.username else None
+        self.option = option
+        self.ever_answered = False
+
+    def answered(self) -> None:
+        """The server let this process in (a command or a connection succeeded)."""
+        self.ever_answered = True
+
+    def refusal(self, exc: BaseException) -> PermanentError | None:
+        """The permanent mistake that ``exc``, a failure to talk to the server, reveals; None for an
+        outage (the caller retries)."""
+        chain = causes_of(exc)
+        where = f"{self.service} at {self.host}:{self.port}"
+        refused = next((c for c in chain if isinstance(c, _REFUSED_CREDENTIALS)), None)
+        if refused is not None and not _over_a_limit(refused):
+            why = _short(refused)
+            who = f"user {self.user!r}" if self.user else "this client (no user in the URL)"
+            if self.ever_answered:
+                return Revoked(f"{where} no longer lets {who} in ({why}), after it did earlier: this "
+                               "volunteer's invitation was revoked or has expired; ask the run's "
+                               "operator for a new join token")
+            if isinstance(refused, pika.exceptions.ProbableAccessDeniedError):
+                return AccessRefused(f"{where} refused {who} the virtual host ({why}): check the vhost "
+                                     f"(the URL's path) in the join token or {self.option}")
+            return AccessRefused(f"{where} refused {who} ({why}): check the user and password in the "
+                                 f"join token or {self.option}")
+        if self.ever_answered:
+            return None  # it was there: whatever this is, it is an outage
+        for cause in chain:
+            if isinstance(cause, socket.gaierror) and cause.errno in _NO_SUCH_NAME:
+                return UnknownHost(f"unknown host {self.host!r} for {self.service} ({cause.strerror}): "
+                                   f"check the host name in the join token or {self.option}")
+        if any(isinstance(c, ConnectionRefusedError) for c in chain):
+            return NoService(f"nothing listens at {self.host}:{self.port} for {self.service} (connection "
+                             f"refused): check the port in the join token or {self.option}, and that "
+                             f"the server is running")
+        wrong = next((c for c in chain if isinstance(c, _WRONG_KIND)), None)
+        if wrong is not None:
+            return NoService(f"{self.host}:{self.port} answers, but not as {self.service} "
+                             f"({type(wrong).__name__}): check the port in the join token or {self.option}")
+        return None
+
+
+def _over_a_limit(exc: BaseException) -> bool:
+    """RabbitMQ refuses a user over its connection or channel limit as it refuses a stranger; that
+    is another process of the same volunteer holding them, not a wrong password: wait."""
+    return "limit" in str(exc).lower() and isinstance(exc, pika.exceptions.ProbableAccessDeniedError)
+
+
+def _short(exc: BaseException) -> str:
+    """The server's own words, on one line and not too long."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

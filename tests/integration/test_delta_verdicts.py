@@ -1,0 +1,62 @@
+"""A volunteer learns what became of each delta: applied (and in which version), or rejected and why,
+from a real coordinator serving on the real servers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+
+from client.report import RoundReport
+from client.worker import Worker
+from coordinator.intake import IntakeConfig
+from coordinator.registry import PlanConfig
+from harness.processes import wait_for
+from shared.keys import RunKeys
+from shared.verdict import Verdict
+from tests.integration.test_signed_snapshots import client_config
+from tests.services import serving, small_config
+
+pytestmark = pytest.mark.integration
+
+
+def _rounds(run: str, tmp_path: Path, max_local_steps: int) -> tuple[list[RoundReport], str]:
+    """Two rounds of one client against a coordinator that takes at most ``max_local_steps`` per
+    delta; the round reports, and the summary line."""
+    config = small_config(run, tmp_path, plan=PlanConfig(local_steps=3, min_local_steps=1),
+                          intake=IntakeConfig(max_local_steps=max_local_steps))
+    with serving(config) as coordinator:
+        wait_for(lambda: coordinator.publisher.published_version >= 0, what="the first snapshot")
+        reports: list[RoundReport] = []
+        settings = client_config(run, tmp_path / "client", coordinator.signing_key, client_id="judged",
+                                 max_rounds=2, include_wait_s=10.0)
+        with Worker(settings) as worker:
+            summary = worker.run(on_round=reports.append)
+    return reports, summary.line()
+
+
+def test_every_round_says_its_delta_was_applied_and_in_which_version(
+    run_name: str, tmp_path: Path, redis_client: redis.Redis
+) -> None:
+    reports, summary = _rounds(run_name, tmp_path, max_local_steps=1_000)
+    assert [r.fate.verdict.applied for r in reports if r.fate.verdict] == [True, True], reports
+    for report in reports:
+        assert report.fate.version is not None and report.fate.version > report.base_version
+        assert report.line().endswith(f"  applied v={report.fate.version}")
+    assert summary.endswith("; 2 applied, 0 rejected")
+    stored = redis_client.get(RunKeys(run_name).verdict("judged"))  # what a volunteer's user may read
+    assert isinstance(stored, bytes) and Verdict.decode(stored).seq == reports[-1].seq
+
+
+def test_a_rejected_delta_says_why_at_once(run_name: str, tmp_path: Path) -> None:
+    reports, summary = _rounds(run_name, tmp_path, max_local_steps=1)  # 3 steps a round: too many
+    assert len(reports) == 2
+    for report in reports:
+        verdict = report.fate.verdict
+        assert verdict is not None and not verdict.applied and verdict.reason == "bad_steps"
+        assert report.line().endswith("  rejected: bad_steps (local_steps 3 out of range)"), report.line()
+        assert report.fate.version is None  # no snapshot holds it
+    assert summary.endswith("; 0 applied, 2 rejected")
+    assert json.loads(reports[0].fate.verdict.encode())["reason"] == "bad_steps"  # type: ignore[union-attr]

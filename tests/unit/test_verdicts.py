@@ -1,0 +1,81 @@
+"""The verdict on a delta, without servers: its wire form and limits, which outcomes the coordinator
+tells (only under a checked sender's name), and how the client's round line says it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from client.report import DeltaFate, RoundReport, RunSummary
+from coordinator.outcome import Outcome, OutcomeKind
+from coordinator.verdicts import MAX_PENDING, VerdictBoard
+from shared.errors import ProtocolError
+from shared.verdict import MAX_DETAIL_CHARS, MAX_VERDICT_BYTES, Verdict
+
+
+def test_a_verdict_travels_whole_and_its_detail_is_cut() -> None:
+    verdict = Verdict(run_id="rid-1", seq=7, applied=False, reason="stale", detail="x" * 1000, at=12.5)
+    back = Verdict.decode(verdict.encode())
+    assert (back.run_id, back.seq, back.applied, back.reason, back.at) == ("rid-1", 7, False, "stale", 12.5)
+    assert back.detail == "x" * MAX_DETAIL_CHARS
+    assert len(verdict.encode()) <= MAX_VERDICT_BYTES
+    newer = json.loads(verdict.encode()) | {"credit": 3}  # a newer coordinator's extra field
+    assert Verdict.decode(json.dumps(newer).encode()).seq == 7
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"not json", b"[1, 2]", b'{"run_id": "r"}', b"{" + b" " * MAX_VERDICT_BYTES + b"}",
+    json.dumps({"run_id": "r", "seq": True, "applied": True, "reason": "", "detail": "", "at": 1}).encode(),
+    json.dumps({"run_id": "r", "seq": -1, "applied": True, "reason": "", "detail": "", "at": 1}).encode(),
+    json.dumps({"run_id": "", "seq": 1, "applied": True, "reason": "", "detail": "", "at": 1}).encode(),
+    json.dumps({"run_id": "r", "seq": 1, "applied": "yes", "reason": "", "detail": "", "at": 1}).encode(),
+])
+def test_anything_else_is_refused_as_a_protocol_error(raw: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        Verdict.decode(raw)
+
+
+def test_the_board_keeps_each_clients_newest_verdict_under_a_checked_name_only() -> None:
+    board = VerdictBoard("rid-1")
+    board.record(Outcome(OutcomeKind.APPLIED, client_id="alice", seq=3), now=1.0)
+    board.record(Outcome.rejected("stale", "base 1 is 40 deltas old", "bob", 5), now=2.0)
+    board.record(Outcome.rejected("already_sent", "one per base", "alice", 4), now=3.0)  # alice's newest
+    for outcome in (Outcome(OutcomeKind.DUPLICATE, "duplicate", "", "carol", 1),  # settled before
+                    Outcome.rejected("identity_mismatch", "sent by bob", "carol", 9),  # not carol's doing
+                    Outcome.rejected("wrong_run", "another run", "carol", 9),
+                    Outcome.rejected("undecodable", "garbage")):  # no client to tell
+        board.record(outcome, now=4.0)
+    assert sorted(board.pending) == ["alice", "bob"]
+    assert board.pending["alice"] == Verdict("rid-1", 4, False, "already_sent", "one per base", 3.0)
+    assert board.pending["bob"].describe() == "rejected: stale (base 1 is 40 deltas old)"
+
+
+def test_the_board_holds_a_bounded_number_of_clients() -> None:
+    board = VerdictBoard("rid-1")
+    for i in range(MAX_PENDING + 10):
+        board.record(Outcome(OutcomeKind.APPLIED, client_id=f"c{i}", seq=0), now=0.0)
+    board.record(Outcome(OutcomeKind.APPLIED, client_id="c0", seq=1), now=0.0)  # a waiting one: updated
+    assert len(board.pending) == MAX_PENDING and board.pending["c0"].seq == 1
+
+
+@pytest.mark.parametrize(("fate", "said"), [
+    (DeltaFate(Verdict("r", 1, True), 12), "applied v=12"),
+    (DeltaFate(Verdict("r", 1, True), None), "applied, not yet in a snapshot"),
+    (DeltaFate(Verdict("r", 1, False, "stale", "too old"), None), "rejected: stale (too old)"),
+    (DeltaFate(None, 12), "in v=12"),  # a coordinator that writes no verdicts
+    (DeltaFate(), "outcome=?"),
+])
+def test_the_round_line_ends_in_the_verdict(fate: DeltaFate, said: str) -> None:
+    report = RoundReport(round=2, seq=1, base_version=11, planned_steps=5, steps=5, train_loss=2.0,
+                         compute_s=1.0, tokens=100, sent_bytes=10**6, sent=True, upload_s=0.1,
+                         staleness=1, fate=fate)
+    assert report.line().startswith("round 2  v=11  H=5  ")
+    assert report.line().endswith(f"staleness=1  {said}")
+
+
+def test_the_summary_counts_applied_and_rejected_deltas() -> None:
+    summary = RunSummary("alice", "rid", rounds=3, deltas_sent=3, next_seq=3, stopped_by="max_rounds",
+                         applied=2, rejected=1)
+    assert summary.line() == ("stopped (max_rounds): 3 rounds, 3 deltas sent as client alice, next seq 3; "
+                              "2 applied, 1 rejected")
