@@ -68,7 +68,9 @@ def main() -> None:
     task_settings = {"model_size": "tiny"}
     base = SimConfig(local_steps=args.local_steps, min_local_steps=max(1, args.local_steps // 10),
                      budget_steps=args.budget, eval_every_steps=max(40, args.budget // 8),
-                     outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum), seed=args.seed)
+                     outer=OuterConfig(strategy="dn", lr=args.outer_lr, momentum=args.outer_momentum,
+                                       compute_exponent=0.0),
+                     grace_rounds=0.0, seed=args.seed)  # the paper's methods, as published
     jobs = [(f"{level}/{s}", replace(base, strategy=s, speeds=tuple(speed_profile(level, 4))),
              task_settings, 0) for level in args.levels for s in STRATEGIES]
 

@@ -1,9 +1,13 @@
-"""Real processes: asynchronous DN+DyLU against synchronous DiLoCo at equal wall-clock time.
+"""Real processes: asynchronous runs against synchronous DiLoCo and the fastest client alone.
 
 Starts the real coordinator and 4 real clients (``--slowdown 1,2,4,8``) on the real Redis and
-RabbitMQ, once with ``--strategy dn`` (Dynamic Local Updates on) and once with ``--strategy sync``
-(every round waits for all four), each for ``--seconds`` of training, and prints the global model's
-eval loss at equal wall-clock points; writes a CSV. Every process it starts is stopped by pid.
+RabbitMQ, once per variant, each for ``--seconds`` of training, and prints the global model's eval
+loss at equal wall-clock points; writes a CSV. Every process it starts is stopped by pid. Variants:
+
+* ``edn``: the coordinator's defaults (eager Delayed Nesterov, compute weights p = 1, DyLU);
+* ``dn``: the paper's Delayed Nesterov + DyLU (``--strategy dn --compute-exponent 0``);
+* ``sync``: synchronous DiLoCo (every round waits for all four);
+* ``alone``: the fastest client (slowdown 1) alone, with the defaults: do the volunteers help?
 
     python benchmarks/real_vs_sync.py --seconds 120
 """
@@ -31,6 +35,13 @@ from shared.signing import KEY_FILE_NAME, SigningKey
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOWDOWNS = (1, 2, 4, 8)
+# label -> (coordinator options, client slowdowns)
+VARIANTS: dict[str, tuple[list[str], tuple[int, ...]]] = {
+    "edn": ([], SLOWDOWNS),
+    "dn": (["--strategy", "dn", "--compute-exponent", "0"], SLOWDOWNS),
+    "sync": (["--strategy", "sync"], SLOWDOWNS),
+    "alone": ([], SLOWDOWNS[:1]),
+}
 
 
 def _status(client: redis.Redis, run: str) -> dict:
@@ -50,9 +61,10 @@ def _stop(procs: list[subprocess.Popen], timeout_s: float = 30) -> None:
             proc.wait()
 
 
-def run_one(strategy: str, args: argparse.Namespace, workdir: Path) -> list[tuple[float, float]]:
-    """Train with ``strategy``; return [(seconds since the clients started, eval loss)]."""
-    run = f"bench-{strategy}-{uuid.uuid4().hex[:6]}"
+def run_one(variant: str, args: argparse.Namespace, workdir: Path) -> list[tuple[float, float]]:
+    """Train ``variant``; return [(seconds since the clients started, eval loss)]."""
+    options, slowdowns = VARIANTS[variant]
+    run = f"bench-{variant}-{uuid.uuid4().hex[:6]}"
     env = dict(os.environ, PYTHONUNBUFFERED="1", ASYNCLOCO_REDIS=args.redis, ASYNCLOCO_AMQP=args.amqp)
     r = redis.Redis.from_url(args.redis)
     procs: list[subprocess.Popen] = []
@@ -63,8 +75,8 @@ def run_one(strategy: str, args: argparse.Namespace, workdir: Path) -> list[tupl
         log = open(workdir / f"{run}-coordinator.log", "w")  # noqa: SIM115 - closed below
         logs.append(log)
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "serve", "--run", run, "--auth", "open",
-             "--strategy", strategy, "--model-size", "tiny", "--threads", "1",
+            [sys.executable, "-m", "coordinator.cli", "serve", "--run", run, "--auth", "open", *options,
+             "--model-size", "tiny", "--threads", "1",
              "--checkpoint-dir", str(workdir / run), "--signing-key", str(key_file),
              "--local-steps", str(args.local_steps), "--eval-interval", "5",
              "--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum),
@@ -73,10 +85,10 @@ def run_one(strategy: str, args: argparse.Namespace, workdir: Path) -> list[tupl
         deadline = time.monotonic() + 120
         while not _status(r, run).get("eval", {}).get("latest"):
             if time.monotonic() > deadline or procs[0].poll() is not None:
-                raise RuntimeError(f"coordinator for {strategy} did not come up; see {workdir}")
+                raise RuntimeError(f"coordinator for {variant} did not come up; see {workdir}")
             time.sleep(0.5)
         started_wall = time.time()
-        for slowdown in SLOWDOWNS:
+        for slowdown in slowdowns:
             log = open(workdir / f"{run}-client{slowdown}.log", "w")  # noqa: SIM115 - closed below
             logs.append(log)
             procs.append(subprocess.Popen(
@@ -112,26 +124,31 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=30)
     parser.add_argument("--outer-lr", type=float, default=0.5)
     parser.add_argument("--outer-momentum", type=float, default=0.8)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
     parser.add_argument("--points", type=int, default=6, help="equal wall-clock points to compare")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     parser.add_argument("--out", type=Path, default=Path("results/real_vs_sync.csv"))
     args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or set(variants) - set(VARIANTS):
+        parser.error(f"--variants takes a comma list of {', '.join(VARIANTS)}")
     curves = {}
     with tempfile.TemporaryDirectory(prefix="asyncloco-bench-") as tmp:
-        for strategy in ("dn", "sync"):
-            print(f"running {strategy} for {args.seconds:.0f} s with clients at --slowdown "
-                  f"{','.join(map(str, SLOWDOWNS))} ...", flush=True)
-            curves[strategy] = run_one(strategy, args, Path(tmp))
+        for variant in variants:
+            print(f"running {variant} for {args.seconds:.0f} s with clients at --slowdown "
+                  f"{','.join(map(str, VARIANTS[variant][1]))} ...", flush=True)
+            curves[variant] = run_one(variant, args, Path(tmp))
     points = [args.seconds * (i + 1) / args.points for i in range(args.points)]
-    print(f"\n{'wall s':>7} {'dn+dylu':>9} {'sync':>9}  ahead")
+    print(f"\n{'wall s':>7} " + " ".join(f"{v:>9}" for v in variants) + "  best")
     rows = []
     for t in points:
-        dn, sync = loss_at(curves["dn"], t), loss_at(curves["sync"], t)
-        ahead = "dn+dylu" if dn is not None and (sync is None or dn < sync) else "sync"
-        rows.append({"wall_s": round(t, 1), "dn_dylu_eval": dn, "sync_eval": sync, "ahead": ahead})
-        print(f"{t:>7.0f} {dn if dn is not None else float('nan'):>9.4f} "
-              f"{sync if sync is not None else float('nan'):>9.4f}  {ahead}")
+        losses = {v: loss_at(curves[v], t) for v in variants}
+        known = {v: x for v, x in losses.items() if x is not None}
+        best = min(known, key=lambda v: known[v]) if known else "-"
+        rows.append({"wall_s": round(t, 1), **{f"{v}_eval": losses[v] for v in variants}, "best": best})
+        shown = (f"{x if x is not None else float('nan'):>9.4f}" for x in losses.values())
+        print(f"{t:>7.0f} " + " ".join(shown) + f"  {best}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

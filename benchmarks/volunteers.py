@@ -5,8 +5,10 @@ local steps under Delayed Nesterov with N = 1; together, DN + Dynamic Local Upda
 T x (1 + 1/2 + 1/4 + 1/8) local steps. The ratio is the time the four need to reach the loss the
 fastest reaches alone at T, divided by T: below 1, the volunteers help.
 
-Three starts, each with two outer settings for the four (the paper's ε = 0.5, β = 0.8, and the same
-with ε = 0.7 and the staleness discount (1 + staleness)^-0.5):
+Three starts, each with four outer settings for the four (the paper's DN with ε = 0.5, β = 0.8;
+the same with ε = 0.7 and the staleness discount (1 + staleness)^-0.5; eager DN with compute
+weights (H_i/H)^1, ε = 0.5, β = 0.8; and that with a grace period of a quarter round, the
+coordinator's defaults since benchmarks/parity.py):
 
 * scratch: a fresh model;
 * pretrained: both start from a model trained by one worker for ``--pretrain-steps`` (as the
@@ -18,6 +20,7 @@ Everything runs the project's own round, codec and outer-optimizer code (coordin
 
     python benchmarks/volunteers.py            # ~25 min on 2 cores
     python benchmarks/volunteers.py --seed 1
+    python benchmarks/volunteers.py --starts scratch --settings "dn ε0.5,edn w1"   # one start
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ from coordinator.outer_optimizer import OuterConfig
 from coordinator.sim.report import plot_png, write_csv
 from coordinator.sim.simulator import SimConfig, SimResult, speed_profile
 
-SETTINGS = {  # label -> (outer lr ε, staleness exponent a); β = 0.8 throughout
-    "ε0.5": (0.5, 0.0),
-    "ε0.7 a0.5": (0.7, 0.5),
+SETTINGS = {  # label -> (strategy, outer lr ε, staleness exponent a, compute exponent p, grace rounds)
+    "dn ε0.5": ("dn+dylu", 0.5, 0.0, 0.0, 0.0),
+    "dn ε0.7 a0.5": ("dn+dylu", 0.7, 0.5, 0.0, 0.0),
+    "edn w1": ("edn+dylu", 0.5, 0.0, 1.0, 0.0),
+    "edn w1 g.25": ("edn+dylu", 0.5, 0.0, 1.0, 0.25),
 }
 
 
@@ -48,13 +53,16 @@ def main() -> None:
     parser.add_argument("--warm-start-steps", type=int, default=400, help="K of the coordinator feature")
     parser.add_argument("--local-steps", type=int, default=20, help="H")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--starts", default="scratch,pretrained,warm-start feature")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma list of the settings above")
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes")
     parser.add_argument("--out", type=Path, default=Path("results/volunteers"))
     args = parser.parse_args()
     task = {"model_size": "tiny"}
     speeds = tuple(speed_profile("very", 4))  # 1, 1/2, 1/4, 1/8
-    base = SimConfig(local_steps=args.local_steps, min_local_steps=max(1, args.local_steps // 10),
-                     eval_every_steps=40, outer=OuterConfig(lr=0.5, momentum=0.8), seed=args.seed)
+    base = SimConfig(local_steps=args.local_steps, min_local_steps=min(5, args.local_steps),  # DyLU floor
+                     eval_every_steps=40, outer=OuterConfig(lr=0.5, momentum=0.8, compute_exponent=0.0),
+                     grace_rounds=0.0, seed=args.seed)
     together_steps = int(args.time * sum(speeds))
     k = args.warm_start_steps
     starts = {  # start -> (pretraining steps, warm-start steps, alone's time)
@@ -62,14 +70,21 @@ def main() -> None:
         "pretrained": (args.pretrain_steps, 0, args.time),
         "warm-start feature": (0, k, k + args.time),
     }
+    chosen = [x.strip() for x in args.starts.split(",") if x.strip()]
+    settings = [x.strip() for x in args.settings.split(",") if x.strip()]
+    if not chosen or set(chosen) - set(starts) or not settings or set(settings) - set(SETTINGS):
+        parser.error(f"--starts takes {', '.join(starts)}; --settings takes {', '.join(SETTINGS)}")
+    starts = {name: starts[name] for name in chosen}
     jobs = []
     for start, (pretrain, warm, alone_time) in starts.items():
         alone = replace(base, strategy="dn", speeds=(1.0,), budget_steps=alone_time, eval_every_steps=20)
         jobs.append((f"{start}/alone", alone, task, pretrain))
-        for label, (lr, a) in SETTINGS.items():
-            together = replace(base, strategy="dn+dylu", speeds=speeds, warm_start_steps=warm,
-                               budget_steps=warm + together_steps,
-                               outer=OuterConfig(lr=lr, momentum=0.8, staleness_exponent=a))
+        for label in settings:
+            strategy, lr, a, p, grace = SETTINGS[label]
+            together = replace(base, strategy=strategy, speeds=speeds, warm_start_steps=warm,
+                               grace_rounds=grace, budget_steps=warm + together_steps,
+                               outer=OuterConfig(lr=lr, momentum=0.8, staleness_exponent=a,
+                                                 compute_exponent=p))
             jobs.append((f"{start}/together {label}", together, task, pretrain))
 
     started = time.perf_counter()
@@ -80,7 +95,7 @@ def main() -> None:
             print(f"  done {label:<34} final {result.final_loss:.4f}  ({seconds:.0f} s)", flush=True)
 
     print()
-    print(f"volunteers help? speeds 1, 1/2, 1/4, 1/8 (DN+DyLU, H={args.local_steps}) against the fastest "
+    print(f"volunteers help? speeds 1, 1/2, 1/4, 1/8 (DyLU, H={args.local_steps}) against the fastest "
           f"alone; T={args.time}, seed {args.seed}")
     print(f"{'start':<19} {'four together':<13} {'alone final':>11} {'together final':>14} "
           f"{'ratio':>6}")
@@ -88,7 +103,7 @@ def main() -> None:
     for start in starts:
         alone = results[f"{start}/alone"]
         target, t_alone = alone.final_loss, alone.curve[-1].virtual_time
-        for label in SETTINGS:
+        for label in settings:
             together = results[f"{start}/together {label}"]
             reach = together.time_to_reach(target)
             ratio = None if reach is None else reach / t_alone
@@ -105,11 +120,12 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     write_csv(args.out / "curves.csv", results)
-    plot_png(args.out / "pretrained.png", {k: v for k, v in results.items() if k.startswith("pretrained/")},
-             title=f"volunteers vs the fastest alone, from a pretrained model (seed {args.seed})")
+    shown = chosen[-1]
+    plot_png(args.out / f"{shown}.png", {k: v for k, v in results.items() if k.startswith(f"{shown}/")},
+             title=f"volunteers vs the fastest alone, {shown} (seed {args.seed})")
     print(f"ratio below 1: the four reach the fastest worker's final loss sooner. "
           f"{time.perf_counter() - started:.0f} s; wrote {args.out}/volunteers.csv, curves.csv, "
-          "pretrained.png")
+          f"{shown}.png")
 
 
 if __name__ == "__main__":

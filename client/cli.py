@@ -186,7 +186,7 @@ def join(
     REASON (why)". Exit codes: see `asyncloco-client --help`.
     If staleness is often high, this machine is slow for the run: that is fine, Dynamic Local
     Updates keeps its rounds short, and the coordinator discards only deltas more than its
-    --max-staleness versions behind; --codec int8 helps when the upload is the bottleneck.
+    --max-staleness applied deltas behind; --codec int8 helps when the upload is the bottleneck.
     """
     join_token = read_token(token, token_file)
     if join_token is not None:

@@ -319,6 +319,29 @@ class SnapshotFetcher:
         self._verdicts_expected = True
         return found
 
+    def wait_for_cycle_close(self, *, run_id: str, included: int, grace_s: float) -> bool:
+        """After our delta is in version ``included``: wait at most ``grace_s`` (the plan's grace
+        period) for a version whose manifest says the outer buffer's cycle is closed, so that the
+        next round starts from θ with the cycle's momentum step, as every worker of a sync round
+        does. True if it closed in time (or a new run began); each version's manifest is read once.
+        """
+        deadline = time.monotonic() + grace_s
+        checked = -1
+        while True:
+            version = self.current_version()
+            if version is not None and version >= included and version != checked:
+                checked = version
+                try:
+                    manifest: SnapshotManifest | None = self.manifest(version)
+                except SnapshotError:
+                    manifest = None  # gone or not readable (yet): the next version will do
+                if manifest is not None and (manifest.run_id != run_id
+                                             or not manifest.progress.get("cycle_open", False)):
+                    return True
+            if time.monotonic() >= deadline or self.should_stop():
+                return False
+            time.sleep(0.05)
+
     def wait_until_included(
         self, *, client_id: str, run_id: str, seq: int, base_version: int, within_s: float
     ) -> DeltaFate:

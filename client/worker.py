@@ -217,6 +217,7 @@ class Worker:
                 within_s=self.config.include_wait_s)
             if fate.verdict is not None and not fate.verdict.applied:
                 self._last_sent = None  # one delta per base counts applied ones: this base is free again
+            self._grace(run_id, fate)
         if upload.confirmed and not self._should_stop():
             current = self.fetcher.current_version()
             staleness = None if current is None else current - base_version
@@ -228,6 +229,16 @@ class Worker:
         )
 
     # -- the parts of a round ---------------------------------------------------------------------
+
+    def _grace(self, run_id: str, fate: DeltaFate) -> None:
+        """With a plan grace period: once our delta is in a snapshot whose outer buffer cycle is
+        still open, wait (bounded) for the cycle's momentum step before the next round."""
+        if fate.version is None or self._should_stop():
+            return
+        plan = self.fetcher.plan()
+        if plan is None or plan.grace_s <= 0 or plan.mode not in (RoundMode.DYLU, RoundMode.FIXED):
+            return
+        self.fetcher.wait_for_cycle_close(run_id=run_id, included=fate.version, grace_s=plan.grace_s)
 
     def _wait_for_newer_base(self) -> None:
         """Never start a round from the base the last confirmed delta was computed on.

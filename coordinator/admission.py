@@ -28,10 +28,11 @@ class Arrival:
     client_id: str
     seq: int
     base_version: int
-    staleness: int  # committed version minus base version
+    staleness: int  # deltas applied since its base version was taken (arrivals, not versions)
     local_steps: int
     now: float  # unix time
     from_parts: bool = False  # put together from parts: its first part already passed the rate limit
+    active_clients: int = 1  # clients heard from lately, the sender included
 
 
 Refusal = tuple[str, str]  # (reason slug, detail)
@@ -54,15 +55,29 @@ class FirstPartRule(Protocol):
         """A (reason, detail) if the sender may not start another delta in parts now, else None."""
 
 
+# The automatic staleness bound: this many arrivals per active client, and never below the floor.
+# An asynchronous delta is typically N − 1 arrivals stale (N clients of equal speed); a client 8×
+# slower than the rest without DyLU about 8·N.
+STALENESS_PER_CLIENT = 8
+STALENESS_FLOOR = 32
+
+
 @dataclass(frozen=True)
 class StalenessBound:
-    """Refuse a delta whose base is more than ``max_staleness`` versions behind."""
+    """Refuse a delta whose base is more than ``max_staleness`` applied deltas behind; 0 means
+    automatic: :data:`STALENESS_PER_CLIENT` per active client, at least :data:`STALENESS_FLOOR`."""
 
     max_staleness: int
 
+    def bound(self, active_clients: int) -> int:
+        if self.max_staleness:
+            return self.max_staleness
+        return max(STALENESS_FLOOR, STALENESS_PER_CLIENT * active_clients)
+
     def refuse(self, arrival: Arrival) -> Refusal | None:
-        if arrival.staleness > self.max_staleness:
-            return "stale", f"{arrival.staleness} versions behind (bound {self.max_staleness})"
+        bound = self.bound(arrival.active_clients)
+        if arrival.staleness > bound:
+            return "stale", f"{arrival.staleness} updates behind (bound {bound})"
         return None
 
     def admitted(self, arrival: Arrival) -> None:

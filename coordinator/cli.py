@@ -125,8 +125,9 @@ main.add_command(volunteers_command)
         help="Who may send deltas: 'invite' (only volunteers invited with `invite NAME`, each under its "
         "own name) or 'open' (anyone with the broker's credentials, under any client id: a developer's "
         "machine, never a run open to strangers).")
-@option("--strategy", env="STRATEGY", type=click.Choice(list(STRATEGIES)), default="dn",
-        help="Outer update: Delayed Nesterov, per-arrival Nesterov, plain SGD, or FedBuff.")
+@option("--strategy", env="STRATEGY", type=click.Choice(list(STRATEGIES)), default="edn",
+        help="Outer update: Delayed Nesterov (dn), eager Delayed Nesterov (edn: the momentum part of "
+        "each buffer's step at its first arrival), per-arrival Nesterov, plain SGD, or FedBuff.")
 @outer_options()
 @option("--sync-timeout", "sync_timeout_s", env="SYNC_TIMEOUT", type=click.FloatRange(0, min_open=True),
         default=120.0, help="sync strategy: seconds a round waits for missing clients after its first delta.")
@@ -143,8 +144,9 @@ main.add_command(volunteers_command)
         help="Inner warmup, in each client's own steps.")
 @option("--schedule-steps", env="SCHEDULE_STEPS", type=click.IntRange(0), default=0,
         help="Cosine horizon in global local steps (0 = flat after warmup).")
-@option("--max-staleness", env="MAX_STALENESS", type=click.IntRange(0), default=32,
-        help="Discard deltas based more than this many versions back.")
+@option("--max-staleness", env="MAX_STALENESS", type=click.IntRange(0), default=0,
+        help="Discard deltas whose base is more than this many applied deltas old (0 = automatic: 8 "
+        "per active client, at least 32).")
 @option("--max-deltas-per-minute", env="MAX_DELTAS_PER_MINUTE", type=click.FloatRange(0),
         default=RATE_DELTAS_PER_MINUTE,
         help=f"Each client's sustained pace, after a burst of {RATE_BURST_DELTAS}; faster deltas are "
@@ -229,9 +231,11 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
                           schedule_steps=opts["schedule_steps"]),
         outer=OuterConfig(strategy=opts["strategy"], lr=opts["outer_lr"], momentum=opts["outer_momentum"],
                           buffer_size=opts["buffer_size"], min_buffer=opts["min_buffer"], c=opts["outer_c"],
-                          staleness_exponent=opts["staleness_exponent"]),
+                          staleness_exponent=opts["staleness_exponent"],
+                          compute_exponent=opts["compute_exponent"]),
         plan=PlanConfig(local_steps=opts["local_steps"], min_local_steps=opts["min_local_steps"],
                         dylu=opts["dylu"], warm_start_steps=opts["warm_start_steps"],
+                        grace_rounds=opts["grace_rounds"],
                         warm_start_client=opts["warm_start_client"] or ""),
         sync_timeout_s=opts["sync_timeout_s"],
         intake=IntakeConfig(max_staleness=opts["max_staleness"],

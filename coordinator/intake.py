@@ -55,8 +55,11 @@ _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 class IntakeConfig:
     """Which deltas are accepted.
 
-    ``max_staleness``: a delta whose base is more than this many versions behind is discarded; if
-    slow volunteers see many ``stale`` rejections, raise it (or lower the plan's local steps).
+    ``max_staleness``: a delta whose base is more than this many applied deltas behind is
+    discarded (0: automatic, 8 per active client and at least 32, see
+    :class:`~coordinator.admission.StalenessBound`); if slow volunteers see many ``stale``
+    rejections, raise it (or lower the plan's local steps). Staleness counts arrivals, not
+    snapshot versions, so that it means the same under any commit cadence and in the simulator.
     ``max_norm_ratio``: a delta whose L2 norm exceeds this multiple of the model's own norm is
     refused as absurd. ``max_local_steps``: a delta claiming more local steps is refused.
     ``max_deltas_per_minute`` and ``delta_burst``: each client's token bucket (0 per minute: no
@@ -64,7 +67,7 @@ class IntakeConfig:
     (rounds of a second or two, as in tests), raise the rate.
     """
 
-    max_staleness: int = 32
+    max_staleness: int = 0
     max_norm_ratio: float = 1.0
     max_local_steps: int = 1_000_000
     max_deltas_per_minute: float = RATE_DELTAS_PER_MINUTE
@@ -78,8 +81,11 @@ class IntakeConfig:
             raise ConfigError("--max-deltas-per-minute must be >= 0 (0: no limit) and the burst >= 1")
 
 
-# Moves θ by one admitted delta: (delta, arrival, active clients) → None.
-ApplyDelta = Callable[[dict[str, torch.Tensor], Arrival, int], None]
+# Moves θ by one admitted delta: (delta, arrival, ids of the active clients, sender included) → None.
+ApplyDelta = Callable[[dict[str, torch.Tensor], Arrival, set[str]], None]
+# Versions whose applied-delta count is kept, to count a base's staleness in arrivals: far beyond
+# any sane staleness bound.
+VERSIONS_KEPT = 1024
 
 
 class DeltaIntake:
@@ -106,6 +112,8 @@ class DeltaIntake:
         self.apply = apply
         self.run_id = run_id
         self.version = 0  # the newest committed snapshot version (bases are judged against it)
+        # version -> deltas applied when it was taken: a base's staleness in arrivals
+        self.applied_at: dict[int, int] = {0: 0}
         self.numels = {name: p.numel() for name, p in params.items()}
         self.max_delta_bytes = delta_bytes_bound(self.numels)  # what this model's deltas encode to, at most
         self.counts: Counter[str] = Counter()  # by OutcomeKind value: applied, duplicate, rejected
@@ -127,6 +135,25 @@ class DeltaIntake:
             outcome = Outcome.rejected(exc.reason, exc.detail)
         self.count(outcome)
         return outcome
+
+    def take_version(self, version: int) -> None:
+        """Judge bases against ``version`` from now on; it holds every delta applied so far."""
+        self.version = version
+        self.applied_at.setdefault(version, self.counts[OutcomeKind.APPLIED.value])
+        if len(self.applied_at) > VERSIONS_KEPT:
+            for old in sorted(self.applied_at)[:-VERSIONS_KEPT]:
+                del self.applied_at[old]
+
+    def staleness_of(self, base_version: int) -> int:
+        """Deltas applied since ``base_version`` was taken. For a version no longer (or, after a
+        resume from an older checkpoint, not yet) remembered: since the oldest one after it,
+        which undercounts only where nothing is known."""
+        applied = self.counts[OutcomeKind.APPLIED.value]
+        at = self.applied_at.get(base_version)
+        if at is None:
+            later = [v for v in self.applied_at if v > base_version]
+            at = self.applied_at[min(later)] if later else applied
+        return applied - at
 
     def count(self, outcome: Outcome) -> None:
         """Count an outcome; a rejection of a known client's delta is remembered as settled; the
@@ -173,11 +200,15 @@ class DeltaIntake:
         return None
 
     def save_state(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts), "rejected_by_reason": dict(self.rejected_by_reason)}
+        return {"counts": dict(self.counts), "rejected_by_reason": dict(self.rejected_by_reason),
+                "applied_at": {str(v): n for v, n in self.applied_at.items()}}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.counts = Counter(state.get("counts") or {})
         self.rejected_by_reason = Counter(state.get("rejected_by_reason") or {})
+        # A checkpoint from before staleness counted arrivals has none: bases older than the
+        # resumed version then count from it (see staleness_of).
+        self.applied_at = {int(v): int(n) for v, n in (state.get("applied_at") or {}).items()}
 
     def _handle(self, body: bytes, now: float, limits: DeltaLimits, sender: str,
                 parts_of: tuple[str, int] | None) -> Outcome:
@@ -193,9 +224,10 @@ class DeltaIntake:
         if msg.base_version > self.version:
             return Outcome.rejected("future_version", f"base {msg.base_version} > current {self.version}",
                                     cid, seq)
+        active_ids = {c.client_id for c in self.registry.active(now)} | {cid}  # sender is active now
         arrival = Arrival(client_id=cid, seq=seq, base_version=msg.base_version,
-                          staleness=self.version - msg.base_version, local_steps=msg.local_steps, now=now,
-                          from_parts=parts_of is not None)
+                          staleness=self.staleness_of(msg.base_version), local_steps=msg.local_steps,
+                          now=now, from_parts=parts_of is not None, active_clients=len(active_ids))
 
         def reject(reason: str, detail: str) -> Outcome:
             return Outcome.rejected(reason, detail, cid, seq, arrival.staleness)
@@ -226,11 +258,10 @@ class DeltaIntake:
         if math.sqrt(sq) > self.config.max_norm_ratio * model_norm:
             bound = self.config.max_norm_ratio * model_norm
             return reject("norm_too_large", f"|g| = {math.sqrt(sq):.3g} > {bound:.3g}")
-        active_ids = {c.client_id for c in self.registry.active(now)} | {cid}  # sender is active now
         log.debug("apply %s:%d base=%d staleness=%d steps=%d |g|=%.4f |θ|=%.2f N=%d", cid, seq,
                   msg.base_version, arrival.staleness, msg.local_steps, math.sqrt(sq), model_norm,
                   len(active_ids))
-        self.apply(delta, arrival, len(active_ids))
+        self.apply(delta, arrival, active_ids)
         for rule in self.rules:
             rule.admitted(arrival)
         # Credited no more steps than it was assigned (the slack lets a little more in, uncounted).

@@ -22,7 +22,7 @@ Names (all prefixed ``asyncloco_``): ``run_info``, ``version``, ``snapshot_publi
 ``volunteer_deltas_rejected_total{client}``, ``volunteer_local_steps_total{client}``,
 ``volunteer_tokens_total{client}``, ``volunteer_steps_per_second{client}``,
 ``volunteer_last_seen_timestamp_seconds{client}``, and the histograms
-``delta_staleness_versions``, ``delta_apply_seconds``, ``commit_seconds``,
+``delta_staleness_updates``, ``delta_apply_seconds``, ``commit_seconds``,
 ``snapshot_publish_seconds``.
 """
 
@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # run_state imports config, which imports this module
 log = logging.getLogger(__name__)
 
 PREFIX = "asyncloco_"
-# Versions behind the current one; the default --max-staleness is 32.
+# Deltas applied since the base; the automatic --max-staleness is 8 per active client (at least 32).
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 # Seconds: from a tiny model's milliseconds to a big model's checkpoint and upload.
 TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -172,8 +172,8 @@ class CoordinatorMetrics:
                  consumer: Callable[[], DeltaConsumer | None]) -> None:
         self.config = config
         self.registry = CollectorRegistry()
-        self.staleness = Histogram(PREFIX + "delta_staleness_versions",
-                                   "Staleness of applied deltas: versions from their base to the current.",
+        self.staleness = Histogram(PREFIX + "delta_staleness_updates",
+                                   "Staleness of applied deltas: deltas applied since their base version.",
                                    buckets=STALENESS_BUCKETS, registry=self.registry)
         self.apply_seconds = Histogram(PREFIX + "delta_apply_seconds",
                                        "Seconds the intake took over an applied delta: decode, checks, step.",

@@ -42,13 +42,19 @@ def _group(*options: Callable[[F], F]) -> Callable[[F], F]:
 
 
 def outer_options() -> Callable[[F], F]:
-    """The outer optimizer: --outer-lr, --outer-momentum, --staleness-exponent, --buffer-size,
-    --min-buffer."""
+    """The outer optimizer: --outer-lr, --outer-momentum, --staleness-exponent, --compute-exponent,
+    --buffer-size, --min-buffer."""
     return _group(
-        option("--outer-lr", env="OUTER_LR", type=float, default=0.7, help="Outer learning rate ε."),
-        option("--outer-momentum", env="OUTER_MOMENTUM", type=float, default=0.9, help="Outer momentum β."),
+        option("--outer-lr", env="OUTER_LR", type=float, default=0.5,
+               help="Outer learning rate ε. 0.5 with β 0.8 was best in every run we measured with small H "
+               "(DiLoCo's 0.7/0.9 swung: docs/BENCHMARKS.md)."),
+        option("--outer-momentum", env="OUTER_MOMENTUM", type=float, default=0.8, help="Outer momentum β."),
         option("--staleness-exponent", env="STALENESS_EXPONENT", type=click.FloatRange(0), default=0.0,
                help="Weigh a delta by (1 + staleness)^-a (0 = off)."),
+        option("--compute-exponent", env="COMPUTE_EXPONENT", type=click.FloatRange(0, 4), default=1.0,
+               help="Weigh a delta of H_i local steps by (H_i/H)^p, N counted in those weights "
+               "(0 = every delta alike). Under DyLU it keeps slow clients' short rounds from "
+               "diluting the step (p = 1 measured best: docs/BENCHMARKS.md)."),
         option("--buffer-size", env="BUFFER_SIZE", type=click.IntRange(0), default=0,
                help="Delayed Nesterov N (0 = number of active clients)."),
         option("--min-buffer", env="MIN_BUFFER", type=click.IntRange(1), default=1,
@@ -58,13 +64,18 @@ def outer_options() -> Callable[[F], F]:
 
 
 def round_options() -> Callable[[F], F]:
-    """Round sizes (Dynamic Local Updates) and the warm start: --local-steps, --min-local-steps,
-    --warm-start-steps."""
+    """Round sizes (Dynamic Local Updates), the grace period and the warm start: --local-steps,
+    --min-local-steps, --grace-rounds, --warm-start-steps."""
     return _group(
         option("--local-steps", env="LOCAL_STEPS", type=click.IntRange(1), default=30,
                help="H: local steps per round of the fastest client."),
-        option("--min-local-steps", env="MIN_LOCAL_STEPS", type=click.IntRange(1), default=3,
+        option("--min-local-steps", env="MIN_LOCAL_STEPS", type=click.IntRange(1), default=5,
                help="H_min."),
+        option("--grace-rounds", env="GRACE_ROUNDS", type=click.FloatRange(0, 4), default=0.25,
+               help="A client whose delta did not close the outer buffer's cycle waits up to this many "
+               "rounds of the fastest client for the cycle's momentum step before its next round "
+               "(0 = start at once; 0.25 brought equal-speed clients within 1% of sync per update: "
+               "docs/BENCHMARKS.md)."),
         option("--warm-start-steps", env="WARM_START_STEPS", type=click.IntRange(0), default=0,
                help="Train the first this many local steps as one client alone (ordinary training), "
                "then asynchronously (0 = off)."),

@@ -21,7 +21,7 @@ from typing import Any
 
 from shared.dylu import dylu_steps
 from shared.errors import ConfigError
-from shared.protocol import PLAN_MAX_ASSIGNMENTS, RoundMode, RoundPlan
+from shared.protocol import PLAN_MAX_ASSIGNMENTS, PLAN_MAX_GRACE_S, RoundMode, RoundPlan
 
 CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what a client id may be (client/identity.py)
 SEQ_WINDOW = 4096  # remembered sequence numbers per client (far more than can be in flight)
@@ -78,16 +78,22 @@ class PlanConfig:
     bound or lower ``local_steps``."""
 
     local_steps: int = 30
-    min_local_steps: int = 3
+    min_local_steps: int = 5
     dylu: bool = True
     active_window_s: float = 60.0
     warm_start_steps: int = 0  # ordinary single-worker training for this many local steps first
     # the warm start's holder, the operator's choice ("": whoever sends first, see warm_start.py)
     warm_start_client: str = ""
+    # An asynchronous client whose delta did not close the outer buffer's cycle waits up to this
+    # many rounds of the fastest client for the cycle's momentum step before it trains on (the
+    # plan's grace_s); 0 = start the next round at once. See docs/BENCHMARKS.md (parity).
+    grace_rounds: float = 0.25
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_local_steps or not 1 <= self.local_steps:
             raise ConfigError("local steps and min local steps must be >= 1")
+        if not 0 <= self.grace_rounds <= 4:
+            raise ConfigError("grace rounds must be within [0, 4]")
         if self.warm_start_client and not self.warm_start_steps:
             raise ConfigError("--warm-start-client names the holder of a warm start: it needs "
                               "--warm-start-steps")
@@ -208,6 +214,10 @@ class ClientRegistry:
         active = self.active(now)
         fastest = max((c.steps_per_s for c in active), default=0.0)
         assignments = self.assignments(now) if mode is RoundMode.DYLU else {}
+        grace_s = 0.0
+        if mode in (RoundMode.DYLU, RoundMode.FIXED) and fastest > 0:
+            round_s = self.plan_config.local_steps / fastest  # the fastest client's round
+            grace_s = min(PLAN_MAX_GRACE_S, self.plan_config.grace_rounds * round_s)
         for record in self.clients.values():
             offered = assignments.get(record.client_id, self.plan_config.local_steps)
             if not record.offers or record.offers[-1][1] != offered:
@@ -223,6 +233,7 @@ class ClientRegistry:
             updated_at=now,
             warm_client=warm_client,
             assignments=assignments,
+            grace_s=grace_s,
         )
 
     def save_state(self) -> dict[str, Any]:

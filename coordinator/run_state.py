@@ -84,11 +84,23 @@ def build_intake(config: CoordinatorConfig, *, optimizer: OuterOptimizer, regist
     """The intake of a run: its admission rules, and θ moved by the outer optimizer, or adopted
     whole while the warm start lasts."""
 
-    def apply(delta: dict[str, torch.Tensor], arrival: Arrival, active_clients: int) -> None:
+    outer, full = config.outer, config.plan.local_steps
+
+    def apply(delta: dict[str, torch.Tensor], arrival: Arrival, active_ids: set[str]) -> None:
         if warm.active:
             optimizer.adopt(delta)
-        else:
-            optimizer.step(delta, active_clients=active_clients, staleness=arrival.staleness)
+            return
+        # Compute weights (OuterConfig.weight_of): the sender's from the steps it claims (bounded
+        # by its assignment), the others' from their last applied round (a full one if none yet).
+        weight = outer.weight_of(arrival.local_steps, full)
+        others = (registry.clients[c].last_round_steps if c in registry.clients else 0
+                  for c in active_ids - {arrival.client_id})
+        active_weight = weight + sum(outer.weight_of(steps or full, full) for steps in others)
+        # A sync round's deltas all share its base: arrivals before them in the round are no
+        # staleness (the simulator's sync run never discounts either).
+        staleness = 0 if barrier is not None else arrival.staleness
+        optimizer.step(delta, active_clients=len(active_ids), staleness=staleness, weight=weight,
+                       active_weight=active_weight if outer.compute_exponent else None)
 
     return DeltaIntake(
         config=config.intake, params=optimizer.params, registry=registry, progress=progress,
@@ -204,7 +216,7 @@ class RunState:
     def start_at(self, version: int) -> None:
         """Serve from ``version`` (the first one this process publishes)."""
         self.version = version
-        self.intake.version = version
+        self.intake.take_version(version)
         if self.barrier is not None:
             # θ does not move inside a sync round, so this version is the resumed round's base.
             self.barrier.base_version = version
@@ -215,7 +227,7 @@ class RunState:
             return False
         self._theta_committed = self.optimizer.theta_updates
         self.version += 1  # a sync round's barrier already waits on it (complete_sync_round)
-        self.intake.version = self.version
+        self.intake.take_version(self.version)
         return True
 
     def published(self, version: int, at: float) -> None:
@@ -246,6 +258,8 @@ class RunState:
             "updates": self.intake.counts["applied"],
             **self.progress.as_dict(),
             "client_seqs": {c.client_id: c.max_seq for c in self.registry.active(now)},
+            # the outer buffer holds deltas whose momentum step is still to come (RoundPlan.grace_s)
+            "cycle_open": self.optimizer.pending > 0,
         }
 
     # ---------------------------------------------------------------- evaluation
@@ -276,6 +290,7 @@ class RunState:
             "outer_config": asdict(self.config.outer),  # what a resume compares its options with
             "outer_pending": self.optimizer.pending,
             "outer_arrivals": self.optimizer.arrivals,
+            "outer_filled": self.optimizer.filled,
             "eval_history": self.eval_history[-EVAL_HISTORY:],
             "commits": self.commits,
             "applied_log_bytes": self.applied_log.length if self.applied_log else 0,
@@ -288,7 +303,8 @@ class RunState:
     def restore(self, checkpoint: Checkpoint) -> None:
         state = checkpoint.state
         self.optimizer.load_tensors(checkpoint.tensors, pending=int(state["outer_pending"]),
-                                    arrivals=int(state["outer_arrivals"]))
+                                    arrivals=int(state["outer_arrivals"]),
+                                    filled=state.get("outer_filled"))
         for component in self.components:
             component.load_state(state)
         self.eval_history = state["eval_history"]

@@ -342,6 +342,7 @@ class RoundMode(str, Enum):
 PLAN_MAX_ASSIGNMENTS = 4096
 PLAN_MAX_ID_CHARS = 64
 PLAN_MAX_BYTES = 512 * 1024
+PLAN_MAX_GRACE_S = 60.0  # a client waits at most this long for a buffer cycle to close
 
 
 @dataclass(frozen=True)
@@ -352,7 +353,9 @@ class RoundPlan:
     measured at ``v_i`` steps/s runs ``max(min_local_steps, floor(v_i / fastest_steps_per_s * H))``,
     and ``assignments`` holds exactly that ``H_i`` per active client id, from the speeds the
     coordinator measured itself (a client it does not name runs H). ``fastest_steps_per_s`` is 0
-    while no speed has been measured yet.
+    while no speed has been measured yet. ``grace_s``: how long a client whose delta is in a
+    snapshot whose buffer cycle is still open (the manifest's ``progress["cycle_open"]``) may wait
+    for the cycle's momentum step before its next round (0: start at once).
     """
 
     run_id: str
@@ -364,6 +367,7 @@ class RoundPlan:
     updated_at: float = 0.0
     warm_client: str = ""  # RoundMode.WARM_START: the client that trains alone ("" = anyone may)
     assignments: dict[str, int] = field(default_factory=dict)  # client id -> H_i (RoundMode.DYLU)
+    grace_s: float = 0.0
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -379,6 +383,7 @@ class RoundPlan:
                 "updated_at": float(self.updated_at),
                 "warm_client": self.warm_client,
                 "assignments": self.assignments,
+                "grace_s": float(self.grace_s),
             },
             use_bin_type=True,
         )
@@ -404,9 +409,12 @@ class RoundPlan:
             updated_at=float(require_field(obj, "updated_at", (int, float))),
             warm_client=require_field(obj, "warm_client", str) if "warm_client" in obj else "",
             assignments=require_field(obj, "assignments", dict) if "assignments" in obj else {},
+            grace_s=float(require_field(obj, "grace_s", (int, float))) if "grace_s" in obj else 0.0,
         )
         if not 1 <= plan.min_local_steps <= plan.local_steps:
             raise ProtocolError("wrong_schema", "plan needs 1 <= min_local_steps <= local_steps")
+        if not 0 <= plan.grace_s <= PLAN_MAX_GRACE_S:
+            raise ProtocolError("wrong_schema", f"plan grace_s must be within 0..{PLAN_MAX_GRACE_S}")
         for client_id, steps in plan.assignments.items():
             if not isinstance(client_id, str) or not 1 <= len(client_id) <= PLAN_MAX_ID_CHARS:
                 raise ProtocolError("wrong_schema",

@@ -16,8 +16,8 @@ from shared.errors import ConfigError
 
 
 @click.command()
-@option("--strategies", env="SIM_STRATEGIES", default="sync,nesterov,dn,dn+dylu",
-        help="Comma list: sync, or dn|nesterov|sgd|fedbuff with an optional '+dylu'.")
+@option("--strategies", env="SIM_STRATEGIES", default="sync,dn+dylu,edn+dylu",
+        help="Comma list: sync, or dn|edn|nesterov|sgd|fedbuff with an optional '+dylu'.")
 @option("--workers", env="SIM_WORKERS", type=click.IntRange(1, 1024), default=4, help="Simulated workers.")
 @option("--heterogeneity", env="SIM_HETEROGENEITY", default="very",
         type=click.Choice(["none", "slight", "moderate", "very", "lognormal"]),
@@ -33,6 +33,8 @@ from shared.errors import ConfigError
 @option("--codec", env="CODEC", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16")
 @option("--latency", env="SIM_LATENCY", type=click.FloatRange(0), default=0.0,
         help="Upload latency, in steps of the fastest worker.")
+@option("--jitter", env="SIM_JITTER", type=click.FloatRange(0, 1), default=0.0,
+        help="Round-to-round speed noise: each round's speed is drawn from speed x lognormal(0, jitter).")
 @option("--churn-leave", env="SIM_CHURN_LEAVE", type=click.FloatRange(0, 0.99), default=0.0,
         help="Chance that a worker leaves after a round.")
 @option("--churn-offline", env="SIM_CHURN_OFFLINE", type=click.FloatRange(0), default=0.0,
@@ -61,13 +63,15 @@ def simulate(**opts: Any) -> None:
                                      seed=opts["seed"]))
     outer = OuterConfig(lr=opts["outer_lr"], momentum=opts["outer_momentum"],
                         buffer_size=opts["buffer_size"], min_buffer=opts["min_buffer"],
-                        staleness_exponent=opts["staleness_exponent"])
+                        staleness_exponent=opts["staleness_exponent"],
+                        compute_exponent=opts["compute_exponent"])
     configs = [
         SimConfig(strategy=s.strip(), speeds=speeds, local_steps=opts["local_steps"],
                   min_local_steps=opts["min_local_steps"], budget_steps=opts["budget_steps"],
                   eval_every_steps=opts["eval_every"], outer=outer, codec=opts["codec"],
-                  latency=opts["latency"], churn_leave_prob=opts["churn_leave"],
+                  latency=opts["latency"], jitter=opts["jitter"], churn_leave_prob=opts["churn_leave"],
                   churn_offline_mean=opts["churn_offline"], warm_start_steps=opts["warm_start_steps"],
+                  grace_rounds=opts["grace_rounds"],
                   seed=opts["seed"])
         for s in opts["strategies"].split(",") if s.strip()
     ]

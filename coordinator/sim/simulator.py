@@ -4,7 +4,12 @@ Each worker runs the client's own local round (:class:`shared.local_round.LocalT
 goes through the real codec with error feedback (:mod:`shared.codecs`), and the coordinator's own
 outer optimizer applies it (:mod:`coordinator.outer_optimizer`). Only time is simulated: a local
 step of a worker with speed ``v`` takes ``1 / v`` time units (one unit = one step of a speed-1
-worker), an upload adds ``latency``. A discrete-event queue orders round completions, so 2 CPU cores
+worker), an upload adds ``latency``, and with ``jitter`` each round's speed is the worker's own
+times lognormal(0, jitter) noise (so equal-speed workers do not arrive in one fixed order). As in
+the coordinator, staleness counts arrivals (deltas applied since the round's base) and deltas
+past the staleness bound are discarded (:class:`coordinator.admission.StalenessBound`); compute
+weights (``OuterConfig.compute_exponent``) use the sender's steps and every other online
+worker's last round, as the intake does. A discrete-event queue orders round completions, so 2 CPU cores
 can faithfully simulate 16 or 64 heterogeneous workers: a slow worker's delta arrives late, based
 on an old version, exactly as it would in a real run.
 
@@ -25,6 +30,7 @@ from typing import Any
 
 import torch
 
+from coordinator.admission import StalenessBound
 from coordinator.outer_optimizer import ASYNC_STRATEGIES, STRATEGIES, OuterConfig, make_outer_optimizer
 from shared.codecs import ErrorFeedback, get_codec
 from shared.dylu import local_steps_for
@@ -59,16 +65,22 @@ def speed_profile(level: str, workers: int, *, sigma: float = 0.75, seed: int = 
 class SimConfig:
     """One simulated run. ``budget_steps`` is the total local steps of all workers together."""
 
-    strategy: str = "dn+dylu"
+    strategy: str = "edn+dylu"
     speeds: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
     local_steps: int = 30
-    min_local_steps: int = 3
+    min_local_steps: int = 5
     budget_steps: int = 1200
     eval_every_steps: int = 200
     outer: OuterConfig = OuterConfig()
     inner: InnerConfig = InnerConfig()
     codec: str = "fp16"
     latency: float = 0.0
+    jitter: float = 0.0  # sigma of each round's lognormal speed noise
+    # After its delta, a worker whose arrival did not end the buffer's cycle waits up to this many
+    # full rounds (H steps of the fastest) for the cycle to end, so that it starts from θ with the
+    # cycle's momentum step (0: start at once).
+    grace_rounds: float = 0.25
+    max_staleness: int = 0  # the coordinator's --max-staleness (0: automatic)
     churn_leave_prob: float = 0.0  # chance a worker goes offline after a round
     churn_offline_mean: float = 0.0  # mean offline time (exponential)
     # The coordinator's --warm-start-steps: the fastest worker trains alone (θ -= g) this long first.
@@ -84,10 +96,10 @@ class SimConfig:
             raise ConfigError("speeds must be positive")
         if self.local_steps < 1 or not 1 <= self.min_local_steps <= self.local_steps:
             raise ConfigError("need 1 <= min_local_steps <= local_steps")
-        if self.budget_steps < 1 or self.eval_every_steps < 1 or self.latency < 0:
-            raise ConfigError("budget and eval interval must be >= 1, latency >= 0")
-        if self.warm_start_steps < 0:
-            raise ConfigError("warm start steps must be >= 0")
+        if self.budget_steps < 1 or self.eval_every_steps < 1 or self.latency < 0 or self.jitter < 0:
+            raise ConfigError("budget and eval interval must be >= 1, latency and jitter >= 0")
+        if self.warm_start_steps < 0 or self.grace_rounds < 0:
+            raise ConfigError("warm start steps and grace must be >= 0")
         if not 0 <= self.churn_leave_prob < 1 or self.churn_offline_mean < 0:
             raise ConfigError("churn leave probability must be in [0, 1), offline mean >= 0")
         get_codec(self.codec)
@@ -116,6 +128,7 @@ class SimResult:
     curve: list[SimPoint] = field(default_factory=list)
     steps_per_worker: list[int] = field(default_factory=list)
     max_staleness: int = 0
+    discarded_stale: int = 0
 
     @property
     def final_loss(self) -> float:
@@ -233,6 +246,10 @@ class Simulation:
     def _run_async(self, config: SimConfig, trainers: list[LocalTrainer], feedback: list[ErrorFeedback],
                    state: _RunState, result: SimResult) -> None:
         rng = random.Random(config.seed)
+        noise = random.Random(config.seed + 7919)  # round-to-round speed jitter, its own stream
+        bound = StalenessBound(config.max_staleness)
+        outer_config = config.outer
+        last_steps = [config.local_steps] * len(trainers)  # each worker's last applied round
         # the plan a real coordinator would publish, sized by the client's own DyLU code
         plan = RoundPlan(run_id="simulation", local_steps=config.local_steps,
                          min_local_steps=config.min_local_steps, fastest_steps_per_s=max(config.speeds),
@@ -242,6 +259,8 @@ class Simulation:
         counter = 0
         inflight: dict[int, tuple[dict[str, torch.Tensor], int, int, int]] = {}
         online = set(range(len(trainers)))
+        waiting: dict[int, int] = {}  # worker -> the tie-break of its grace deadline event
+        grace = config.grace_rounds * config.local_steps / max(config.speeds)
 
         def start(i: int) -> None:
             nonlocal counter
@@ -249,20 +268,36 @@ class Simulation:
             delta, ran, tokens = self._round(trainers[i], feedback[i], steps, state)
             inflight[i] = (delta, ran, tokens, state.updates)
             counter += 1
-            heapq.heappush(events, (state.now + ran / config.speeds[i] + config.latency, counter, i, "done"))
+            speed = config.speeds[i] * (math.exp(noise.gauss(0.0, config.jitter)) if config.jitter else 1.0)
+            heapq.heappush(events, (state.now + ran / speed + config.latency, counter, i, "done"))
 
         for i in range(len(trainers)):
             start(i)
         while events and state.steps < config.budget_steps:
-            state.now, _, i, kind = heapq.heappop(events)
+            state.now, tie, i, kind = heapq.heappop(events)
             if kind == "rejoin":
                 online.add(i)
                 start(i)
                 continue
+            if kind == "grace":  # waited long enough for the cycle to end: go on
+                if waiting.get(i) == tie:
+                    del waiting[i]
+                    start(i)
+                continue
             delta, ran, tokens, base = inflight.pop(i)
             staleness = state.updates - base
+            if staleness > bound.bound(len(online)):
+                result.discarded_stale += 1  # the intake refuses it: the work is lost
+                state.steps += ran  # ... but was spent (equal compute counts it)
+                result.steps_per_worker[i] += ran
+                start(i)
+                continue
             result.max_staleness = max(result.max_staleness, staleness)
-            state.outer.step(delta, active_clients=len(online), staleness=staleness)
+            last_steps[i] = ran
+            weight = outer_config.weight_of(ran, config.local_steps)
+            active_weight = sum(outer_config.weight_of(last_steps[j], config.local_steps) for j in online)
+            emptied = state.outer.step(delta, active_clients=len(online), staleness=staleness, weight=weight,
+                                       active_weight=active_weight if outer_config.compute_exponent else None)
             state.updates += 1
             state.steps += ran
             state.tokens += tokens
@@ -273,6 +308,15 @@ class Simulation:
                 counter += 1
                 back = state.now + rng.expovariate(1.0 / max(config.churn_offline_mean, 1e-9))
                 heapq.heappush(events, (back, counter, i, "rejoin"))
+            elif emptied:  # the cycle's step is in θ: everyone waiting for it starts now
+                for j in list(waiting):
+                    del waiting[j]
+                    start(j)
+                start(i)
+            elif grace:
+                counter += 1
+                waiting[i] = counter
+                heapq.heappush(events, (state.now + grace, counter, i, "grace"))
             else:
                 start(i)
 

@@ -125,7 +125,7 @@ def test_metrics_scraped_over_http_match_the_status(coordinator: Coordinator, ru
         assert m["asyncloco_volunteer_tokens_total"][label] == client["tokens"]
     assert {dict(k)["client"] for k in m["asyncloco_volunteer_deltas_applied_total"]} == {"alice", "bob"}
     # the histograms count what happened in this process: every applied delta, commit, publish
-    assert m["asyncloco_delta_staleness_versions_count"][()] == 3
+    assert m["asyncloco_delta_staleness_updates_count"][()] == 3
     assert m["asyncloco_delta_apply_seconds_count"][()] == 3
     assert m["asyncloco_commit_seconds_count"][()] == status["commits"]
     assert m["asyncloco_snapshot_publish_seconds_count"][()] >= 2

@@ -42,15 +42,15 @@ def rig(*, intake: IntakeConfig | None = None, plan: PlanConfig | None = None,
         version: int = 5) -> tuple[DeltaIntake, WarmStart]:
     """An intake wired as a run wires it: every admission rule, a registry, a warm start."""
     config = CoordinatorConfig(auth=AuthMode.OPEN, intake=intake or IntakeConfig(),
-                               outer=OuterConfig(lr=0.01, momentum=0.0, buffer_size=1),
-                               plan=plan or PlanConfig(local_steps=H))
+                               outer=OuterConfig(lr=0.01, momentum=0.0, buffer_size=1, compute_exponent=0.0),
+                               plan=plan or PlanConfig(local_steps=H, min_local_steps=3))
     optimizer = make_outer_optimizer({"a.weight": torch.ones(4, 3), "b": torch.zeros(5)}, config.outer)
     progress = RunProgress()
     warm = WarmStart(config.plan.warm_start_steps, progress=progress,
                      holder=config.plan.warm_start_client)
     handler = build_intake(config, optimizer=optimizer, registry=ClientRegistry(config.plan),
                            progress=progress, warm=warm, barrier=None, run_id=RUN_ID)
-    handler.version = version
+    handler.take_version(version)
     return handler, warm
 
 
@@ -116,7 +116,7 @@ def test_a_second_delta_on_the_same_base_is_refused_already_sent() -> None:
     older = intake.handle(_delta(seq=2, base_version=4), now=102.0)
     assert older.reason == "already_sent" and unchanged(intake, before)
     assert intake.registry.clients["c1"].updates == 1
-    intake.version = 6
+    intake.take_version(6)
     assert intake.handle(_delta(seq=3, base_version=6), now=103.0).kind == "applied"
     assert intake.handle(_delta(client_id="c2", seq=0, base_version=5), now=104.0).kind == "applied"
 
@@ -147,12 +147,12 @@ def test_a_burst_over_the_rate_is_rate_limited() -> None:
     intake, _ = rig(intake=IntakeConfig(max_staleness=10_000))
     outcomes = []
     for seq in range(RATE_BURST_DELTAS + 3):  # all at once, each on its own base
-        intake.version = seq
+        intake.take_version(seq)
         outcomes.append(intake.handle(_delta(seq=seq, base_version=seq), now=100.0 + seq * 0.01))
     assert [o.kind for o in outcomes[:RATE_BURST_DELTAS]] == ["applied"] * RATE_BURST_DELTAS
     assert [o.reason for o in outcomes[RATE_BURST_DELTAS:]] == ["rate_limited"] * 3
     assert intake.rejected_by_reason == {"rate_limited": 3}
-    intake.version += 1  # two seconds later one more token is back (30 a minute)
+    intake.take_version(intake.version + 1)  # two seconds later one more token is back (30 a minute)
     later = 100.0 + RATE_BURST_DELTAS * 0.01 + 2.1
     assert intake.handle(_delta(seq=50, base_version=intake.version), now=later).kind == "applied"
     other = intake.handle(_delta(client_id="c2", seq=0, base_version=intake.version), now=later)
@@ -163,7 +163,7 @@ def test_an_honest_client_at_a_normal_pace_is_never_rate_limited() -> None:
     intake, _ = rig(intake=IntakeConfig(max_staleness=10_000))
     now = 100.0
     for seq in range(200):  # a round every 2.5 s, some back to back after a pause
-        intake.version = seq
+        intake.take_version(seq)
         now += 0.2 if seq % 10 == 1 else 2.5
         assert intake.handle(_delta(seq=seq, base_version=seq), now=now).kind == "applied", seq
     assert intake.rejected_by_reason == {}
@@ -208,7 +208,7 @@ def test_the_operators_holder_trains_alone_and_nobody_else_takes_over() -> None:
     first = intake.handle(_delta(client_id="stranger", seq=0), now=100.0)
     assert (first.kind, first.reason) == ("rejected", "warming_up")
     assert intake.handle(_delta(client_id="chosen", seq=0), now=101.0).kind == "applied"
-    intake.version = 6
+    intake.take_version(6)
     # however long the holder is quiet, a stranger never becomes the holder
     late = intake.handle(_delta(client_id="stranger", seq=1, base_version=6), now=10_000.0)
     assert late.reason == "warming_up" and warm.current_holder(10_000.0) == "chosen"

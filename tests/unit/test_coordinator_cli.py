@@ -98,8 +98,10 @@ def test_serve_and_simulate_share_their_common_options() -> None:
             assert (a.default, b.default) == DIFFERENT_DEFAULTS[name], name
         else:
             assert (a.default, a.help) == (b.default, b.help), name
-    assert serve["outer_lr"].default == 0.7 and serve["local_steps"].default == 30
-    assert serve["min_local_steps"].default == 3 and serve["outer_momentum"].default == 0.9
+    assert serve["outer_lr"].default == 0.5 and serve["local_steps"].default == 30
+    assert serve["min_local_steps"].default == 5 and serve["outer_momentum"].default == 0.8
+    assert serve["strategy"].default == "edn" and serve["compute_exponent"].default == 1.0
+    assert serve["grace_rounds"].default == 0.25
 
 
 @pytest.mark.parametrize("command", ["serve", "simulate"])

@@ -21,12 +21,13 @@ from tests.unit.test_intake import RUN_ID, _delta
 def _intake(book: VolunteerBook) -> DeltaIntake:
     config = CoordinatorConfig(checkpoint_dir=book.path.parent)
     params = {"a.weight": torch.ones(4, 3), "b": torch.zeros(5)}
-    optimizer = make_outer_optimizer(params, OuterConfig(lr=1.0, momentum=0.0, buffer_size=1))
+    plain = OuterConfig(lr=1.0, momentum=0.0, buffer_size=1, compute_exponent=0.0)
+    optimizer = make_outer_optimizer(params, plain)
     progress = RunProgress()
     intake = build_intake(config, optimizer=optimizer, registry=ClientRegistry(config.plan),
                           progress=progress, warm=WarmStart(0, progress=progress), barrier=None,
                           run_id=RUN_ID, senders=InvitedSenders(book))
-    intake.version = 5
+    intake.take_version(5)
     return intake
 
 

@@ -33,14 +33,14 @@ def make_intake(params: dict[str, torch.Tensor], outer: OuterConfig, *, version:
     warm = WarmStart(warm_start_steps, progress=progress, handover_s=handover_s)
     handler = build_intake(config, optimizer=optimizer, registry=ClientRegistry(config.plan),
                            progress=progress, warm=warm, barrier=None, run_id=RUN_ID)
-    handler.version = version
+    handler.take_version(version)
     return handler, optimizer
 
 
 def _intake(**config: object) -> DeltaIntake:
     params = {"a.weight": torch.ones(4, 3), "b": torch.zeros(5)}
-    intake, _ = make_intake(params, OuterConfig(lr=1.0, momentum=0.0, buffer_size=1), version=5,
-                            intake=IntakeConfig(**config))  # type: ignore[arg-type]
+    plain = OuterConfig(lr=1.0, momentum=0.0, buffer_size=1, compute_exponent=0.0)
+    intake, _ = make_intake(params, plain, version=5, intake=IntakeConfig(**config))  # type: ignore[arg-type]
     return intake
 
 
@@ -98,7 +98,6 @@ def test_same_client_and_seq_twice_is_a_duplicate_applied_once() -> None:
         (_delta(run_id="another-run"), "wrong_run"),
         (_delta(client_id="bad id!"), "bad_client_id"),
         (_delta(base_version=6), "future_version"),
-        (_delta(base_version=0), "stale"),
         (_delta(local_steps=0), "bad_steps"),
         (_delta(codec="zip", tensors={"a.weight": b"", "b": b""}), "unknown_codec"),
         (_delta(tensors={"a.weight": b"\0" * 48}), "wrong_names"),
@@ -124,6 +123,46 @@ def test_bad_deltas_are_rejected_with_their_reason_and_change_nothing(body: byte
         assert torch.equal(intake.params[name], tensor)
 
 
+def test_staleness_counts_deltas_applied_since_the_base_not_versions() -> None:
+    """Versions move once per commit (many deltas each under load); staleness counts arrivals, as
+    the simulator does, so the bound and the discount mean the same under any commit cadence."""
+    intake = _intake(max_staleness=3)
+    intake.take_version(9)  # four versions later, but nothing applied since version 5
+    assert intake.handle(_delta(client_id="c1", seq=0, base_version=5)).staleness == 0
+    intake.take_version(10)
+    for seq in range(3):  # three more deltas in one version
+        assert intake.handle(_delta(client_id=f"d{seq}", seq=0, base_version=10)).kind == "applied"
+    intake.take_version(11)
+    ok = intake.handle(_delta(client_id="c2", seq=0, base_version=10))  # 3 applied since 10: at the bound
+    assert (ok.kind, ok.staleness) == ("applied", 3)
+    stale = intake.handle(_delta(client_id="c3", seq=0, base_version=5))  # 5 applied since 5
+    assert (stale.kind, stale.reason, stale.staleness) == ("rejected", "stale", 5)
+    before = {n: p.clone() for n, p in intake.params.items()}
+    assert intake.handle(_delta(client_id="c4", seq=0, base_version=0)).reason == "stale"
+    assert all(torch.equal(intake.params[n], t) for n, t in before.items())
+
+
+def test_automatic_staleness_bound_grows_with_the_active_clients() -> None:
+    from coordinator.admission import STALENESS_FLOOR, STALENESS_PER_CLIENT, StalenessBound
+
+    auto = StalenessBound(0)
+    assert auto.bound(1) == STALENESS_FLOOR
+    assert auto.bound(16) == 16 * STALENESS_PER_CLIENT
+    assert StalenessBound(5).bound(100) == 5
+
+
+def test_the_arrival_count_of_each_version_survives_a_checkpoint() -> None:
+    intake = _intake(max_staleness=3)
+    for seq in range(4):
+        intake.handle(_delta(client_id=f"d{seq}", seq=0, base_version=5))
+    intake.take_version(6)
+    resumed = _intake(max_staleness=3)
+    resumed.load_state(intake.save_state())
+    resumed.take_version(6)
+    assert resumed.staleness_of(5) == 4 and resumed.staleness_of(6) == 0
+
+
+
 def test_int8_delta_is_decoded_within_its_error_bound() -> None:
     intake = _intake()
     assert intake.handle(_delta(codec="int8")).kind == "applied"
@@ -146,7 +185,7 @@ def test_a_rejected_delta_of_a_known_client_is_settled_once() -> None:
     assert intake.handle(_delta(seq=0)).kind == "applied"  # c1 is now known
     stale = _delta(seq=1, base_version=6)  # a base from the future: rejected
     assert intake.handle(stale).reason == "future_version"
-    intake.version = 6  # even once that base exists, the redelivery is not judged again
+    intake.take_version(6)  # even once that base exists, the redelivery is not judged again
     outcome = intake.handle(stale)
     assert outcome.kind == "duplicate"
     assert intake.counts["applied"] == 1 and intake.rejected_by_reason["future_version"] == 1

@@ -52,7 +52,7 @@ def test_a_scrape_shows_the_runs_own_counts(run: RunState, metrics: CoordinatorM
     assert got[("asyncloco_version", ())] == 5 and got[("asyncloco_commits_total", ())] == 2
     assert got[("asyncloco_eval_loss", ())] == pytest.approx(run.latest_eval)
     assert got[("asyncloco_eval_version", ())] == 5
-    assert got[("asyncloco_run_info", (("run", "m"), ("run_id", run.run_id), ("strategy", "dn")))] == 1
+    assert got[("asyncloco_run_info", (("run", "m"), ("run_id", run.run_id), ("strategy", "edn")))] == 1
     # no consumer yet: no queue depth rather than a made-up 0
     assert not any(name == "asyncloco_delta_queue_depth" for name, _ in got)
 
@@ -64,9 +64,9 @@ def test_histograms_count_applied_deltas_commits_and_publishes(metrics: Coordina
     metrics.committed(0.2)
     metrics.published(9, 0.05)
     got = samples(metrics)
-    assert got[("asyncloco_delta_staleness_versions_count", ())] == 2
-    assert got[("asyncloco_delta_staleness_versions_sum", ())] == 3
-    assert got[("asyncloco_delta_staleness_versions_bucket", (("le", "2.0"),))] == 1
+    assert got[("asyncloco_delta_staleness_updates_count", ())] == 2
+    assert got[("asyncloco_delta_staleness_updates_sum", ())] == 3
+    assert got[("asyncloco_delta_staleness_updates_bucket", (("le", "2.0"),))] == 1
     assert got[("asyncloco_delta_apply_seconds_sum", ())] == pytest.approx(0.03)
     assert got[("asyncloco_commit_seconds_count", ())] == 1
     assert got[("asyncloco_snapshot_publish_seconds_count", ())] == 1

@@ -120,15 +120,15 @@ def test_resume_differences_name_each_option_old_to_new(tmp_path: Path) -> None:
     }
     assert resume_differences(saved, first) == []
     changed = dataclasses.replace(
-        first, seed=3, inner=InnerConfig(lr=1e-3), outer=OuterConfig(lr=0.5, momentum=0.8),
+        first, seed=3, inner=InnerConfig(lr=1e-3), outer=OuterConfig(lr=0.7, momentum=0.9),
         task_settings={**first.task_settings, "model_size": "small"},
     )
     assert resume_differences(saved, changed) == [
         "seed 0 → 3 (kept)",
         "task_settings.model_size 'tiny' → 'small' (kept)",
         "inner.lr 0.003 → 0.001 (kept)",
-        "outer.lr 0.7 → 0.5 (applies)",
-        "outer.momentum 0.9 → 0.8 (applies)",
+        "outer.lr 0.5 → 0.7 (applies)",
+        "outer.momentum 0.8 → 0.9 (applies)",
     ]
     del saved["outer_config"]  # a checkpoint from before outer options were saved
     assert all("outer." not in d for d in resume_differences(saved, changed))
@@ -139,13 +139,13 @@ def test_resume_warns_once_with_the_differences_and_keeps_the_checkpoints_task(
 ) -> None:
     first = small_config("r", tmp_path)
     checkpoint = RunState.open(first, None, None).checkpoint()
-    changed = dataclasses.replace(first, resume=True, inner=InnerConfig(lr=1e-3), outer=OuterConfig(lr=0.5))
+    changed = dataclasses.replace(first, resume=True, inner=InnerConfig(lr=1e-3), outer=OuterConfig(lr=0.7))
     with caplog.at_level(logging.WARNING, logger="coordinator.run_state"):
         resumed = RunState.open(changed, checkpoint, None)
     (record,) = [r for r in caplog.records if r.name == "coordinator.run_state"]
     message = record.getMessage()
     assert "\n" not in message
-    assert "inner.lr 0.003 → 0.001 (kept)" in message and "outer.lr 0.7 → 0.5 (applies)" in message
+    assert "inner.lr 0.003 → 0.001 (kept)" in message and "outer.lr 0.5 → 0.7 (applies)" in message
     assert resumed.run_config["inner"]["lr"] == 0.003  # clients keep building the checkpoint's run
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="coordinator.run_state"):

@@ -49,7 +49,7 @@ def test_between_momentum_updates_steps_are_plain_and_momentum_frozen() -> None:
 
 
 def test_c_adds_a_share_of_frozen_momentum() -> None:
-    opt = DelayedNesterov(_params(), OuterConfig(lr=1.0, momentum=0.5, buffer_size=2, c=0.5))
+    opt = DelayedNesterov(_params(), OuterConfig(strategy="dn", lr=1.0, momentum=0.5, buffer_size=2, c=0.5))
     g1, g2, g3 = _grads(3)
     opt.step(g1)
     opt.step(g2)  # momentum moves here
@@ -65,7 +65,7 @@ def test_a_cycle_of_n_arrivals_with_any_c_is_one_nesterov_step_on_their_mean(c: 
     """Algorithm 3: the momentum term weighs (N − 1)·c + (1 − c·N + c) = 1 over a cycle; the only
     difference from one Nesterov step is that c·(N − 1) of it uses the cycle-old momentum."""
     n, eps, beta = 4, 0.5, 0.8
-    opt = DelayedNesterov(_params(), OuterConfig(lr=eps, momentum=beta, buffer_size=n, c=c))
+    opt = DelayedNesterov(_params(), OuterConfig(strategy="dn", lr=eps, momentum=beta, buffer_size=n, c=c))
     for g in _grads(n):  # one cycle first, so that the momentum is not zero
         opt.step(g)
     before = {k: v.clone() for k, v in opt.params.items()}
@@ -87,7 +87,8 @@ def test_with_a_steady_pseudo_gradient_c_no_longer_over_counts_momentum() -> Non
     gave θ = −384 at c = 0.25; Algorithm 3 stays within a few steps of c = 0 (−242)."""
     finals = {}
     for c in (0.0, 0.25):
-        opt = DelayedNesterov({"w": torch.zeros(1)}, OuterConfig(lr=0.5, momentum=0.8, buffer_size=4, c=c))
+        config = OuterConfig(strategy="dn", lr=0.5, momentum=0.8, buffer_size=4, c=c)
+        opt = DelayedNesterov({"w": torch.zeros(1)}, config)
         for _ in range(400):
             opt.step({"w": torch.ones(1)})
         finals[c] = float(opt.params["w"])
@@ -97,10 +98,11 @@ def test_with_a_steady_pseudo_gradient_c_no_longer_over_counts_momentum() -> Non
 
 def test_c_beyond_one_over_n_is_refused_or_capped() -> None:
     with pytest.raises(ConfigError, match="at most 1/N"):
-        OuterConfig(buffer_size=4, c=0.5)
+        OuterConfig(strategy="dn", buffer_size=4, c=0.5)
     # N from active clients: c is capped at 1/N at each arrival (here N = 2, so c = 0.5)
-    capped = DelayedNesterov(_params(), OuterConfig(lr=1.0, momentum=0.5, buffer_size=0, c=1.0))
-    exact = DelayedNesterov(_params(), OuterConfig(lr=1.0, momentum=0.5, buffer_size=2, c=0.5))
+    capped = DelayedNesterov(_params(), OuterConfig(strategy="dn", lr=1.0, momentum=0.5, c=1.0))
+    exact = DelayedNesterov(_params(), OuterConfig(strategy="dn", lr=1.0, momentum=0.5, buffer_size=2,
+                                                   c=0.5))
     for g in _grads(5):
         capped.step(g, active_clients=2)
         exact.step(g)
@@ -229,3 +231,77 @@ def test_theta_updates_count_only_changes_of_theta() -> None:
         fedbuff.step(g)
         dn.step(g)
     assert (fedbuff.theta_updates, dn.theta_updates) == (1, 3)
+
+
+def _nesterov_reference(rounds: list[list[dict[str, torch.Tensor]]], eps: float, beta: float,
+                        weights: list[list[float]] | None = None) -> tuple[dict, dict]:
+    """θ and m after one sync Nesterov step per round on the (weighted) mean of its deltas."""
+    theta = _params()
+    m = {k: torch.zeros_like(v) for k, v in theta.items()}
+    for r, grads in enumerate(rounds):
+        w = weights[r] if weights else [1.0] * len(grads)
+        for name in theta:
+            mean = sum(wi * g[name] for wi, g in zip(w, grads, strict=True)) / sum(w)
+            m[name] = beta * m[name] + mean
+            theta[name] = theta[name] - eps * (beta * m[name] + mean)
+    return theta, m
+
+
+def test_eager_dn_cycle_is_one_nesterov_step_on_the_mean() -> None:
+    n, eps, beta = 4, 0.5, 0.8
+    opt = make_outer_optimizer(_params(), OuterConfig(strategy="edn", lr=eps, momentum=beta, buffer_size=n))
+    rounds = [_grads(n), _grads(n + 1)[1:], _grads(n + 2)[2:]]
+    for r, grads in enumerate(rounds):
+        assert [opt.step(g) for g in grads] == [False] * (n - 1) + [True]
+        theta, m = _nesterov_reference(rounds[: r + 1], eps, beta)
+        for name in theta:
+            torch.testing.assert_close(opt.params[name], theta[name])
+            torch.testing.assert_close(opt.momentum[name], m[name])
+
+
+def test_eager_dn_moves_the_known_momentum_at_the_first_arrival_of_a_cycle() -> None:
+    """What sets it apart from dn: the next worker starts from a θ that holds the momentum."""
+    n, eps, beta = 2, 0.5, 0.8
+    opt = make_outer_optimizer(_params(), OuterConfig(strategy="edn", lr=eps, momentum=beta, buffer_size=n))
+    for g in _grads(n):
+        opt.step(g)
+    m = {k: v.clone() for k, v in opt.momentum.items()}
+    before = {k: v.clone() for k, v in opt.params.items()}
+    g = _grads(3)[2]
+    assert opt.step(g) is False
+    for name in before:
+        expected = before[name] - eps * (beta * beta * m[name] + (1 + beta) * g[name] / n)
+        torch.testing.assert_close(opt.params[name], expected)
+        torch.testing.assert_close(opt.momentum[name], m[name])  # m moves at the cycle's end only
+
+
+@pytest.mark.parametrize("strategy", ["dn", "edn"])
+def test_compute_weighted_cycle_is_one_nesterov_step_on_the_weighted_mean(strategy: str) -> None:
+    """DyLU rounds of H, H/2, H/4, H/8 steps with p = 1: weights 1, ½, ¼, ⅛ fill a buffer of
+    W = 1.875; the cycle's step is on Σ w·g / Σ w, not on the plain mean."""
+    eps, beta = 0.5, 0.8
+    config = OuterConfig(strategy=strategy, lr=eps, momentum=beta, compute_exponent=1.0)
+    steps = [40, 20, 10, 5]
+    weights = [config.weight_of(h, 40) for h in steps]
+    assert weights == [1.0, 0.5, 0.25, 0.125]
+    opt = make_outer_optimizer(_params(), config)
+    rounds = [_grads(4), _grads(5)[1:]]
+    for grads in rounds:
+        done = [opt.step(g, active_clients=4, weight=w, active_weight=sum(weights))
+                for g, w in zip(grads, weights, strict=True)]
+        assert done == [False, False, False, True]
+    theta, m = _nesterov_reference(rounds, eps, beta, [weights, weights])
+    for name in theta:
+        torch.testing.assert_close(opt.momentum[name], m[name])
+        torch.testing.assert_close(opt.params[name], theta[name])
+
+
+def test_compute_weight_is_capped_at_a_full_round_and_off_when_p_is_zero() -> None:
+    assert OuterConfig(compute_exponent=0.0).weight_of(5, 40) == 1.0
+    config = OuterConfig(compute_exponent=0.5)
+    assert config.weight_of(10, 40) == pytest.approx(0.5)
+    assert config.weight_of(400, 40) == 1.0  # a claim beyond the plan weighs no more than a round
+    with pytest.raises(ConfigError):
+        OuterConfig(strategy="edn", c=0.1)
+    with pytest.raises(ConfigError):
+        OuterConfig(compute_exponent=-1)

@@ -193,8 +193,8 @@ def test_incomplete_deltas_expire_after_their_newest_part(tmp_path: Path) -> Non
 
 
 def _intake() -> DeltaIntake:
-    intake, _ = make_intake({"w": torch.ones(300)}, OuterConfig(lr=1.0, momentum=0.0, buffer_size=1),
-                            version=2)
+    plain = OuterConfig(lr=1.0, momentum=0.0, buffer_size=1, compute_exponent=0.0)
+    intake, _ = make_intake({"w": torch.ones(300)}, plain, version=2)
     return intake
 
 

@@ -91,6 +91,19 @@ def test_round_plan_round_trip() -> None:
     assert RoundPlan.decode(plan.encode()) == plan
 
 
+def test_round_plan_carries_a_bounded_grace_period() -> None:
+    plan = RoundPlan(run_id="r", local_steps=5, min_local_steps=1, fastest_steps_per_s=1.0, active_clients=2,
+                     grace_s=1.25)
+    assert RoundPlan.decode(plan.encode()).grace_s == 1.25
+    fields = msgpack.unpackb(plan.encode())
+    del fields["grace_s"]  # a plan from a coordinator without grace periods: start at once
+    assert RoundPlan.decode(msgpack.packb(fields)).grace_s == 0.0
+    for bad in (-1.0, 1e9, "soon"):
+        with pytest.raises(ProtocolError) as info:
+            RoundPlan.decode(msgpack.packb({**fields, "grace_s": bad}))
+        assert info.value.reason == "wrong_schema"
+
+
 @pytest.mark.parametrize("mode", list(RoundMode))
 def test_round_plan_carries_its_mode(mode: RoundMode) -> None:
     plan = RoundPlan(run_id="r", local_steps=5, min_local_steps=1, fastest_steps_per_s=1.0, active_clients=2,

@@ -17,6 +17,7 @@ from coordinator.parts import PartSpool, SpoolConfig
 from coordinator.registry import MIN_ROUND_S, OFFER_HISTORY, PLAN_LAG_S, ClientRegistry, PlanConfig
 from coordinator.run_state import RunState, new_run_config
 from coordinator.status import build_status, render_text
+from shared.errors import ConfigError
 from shared.protocol import RoundMode
 from tests.unit.test_intake import _delta, make_intake
 
@@ -105,6 +106,19 @@ def test_the_plan_assigns_each_measured_active_client_its_dylu_round() -> None:
     assert later.assignments == {}  # nobody active any more
 
 
+def test_the_plan_grace_period_is_a_share_of_the_fastest_clients_round() -> None:
+    reg = registry(grace_rounds=0.25)
+    assert reg.plan("run", 100.0, RoundMode.DYLU).grace_s == 0.0  # no speed measured yet
+    _two_measured(reg)
+    plan = reg.plan("run", 108.0, RoundMode.DYLU)  # fastest 15 steps/s: a round of H = 30 is 2 s
+    assert plan.grace_s == pytest.approx(0.5)
+    assert reg.plan("run", 108.0, RoundMode.FIXED).grace_s == pytest.approx(0.5)
+    assert reg.plan("run", 108.0, RoundMode.SYNC).grace_s == 0.0  # the barrier already waits
+    assert registry().plan("run", 108.0, RoundMode.DYLU).grace_s == 0.0  # off
+    with pytest.raises(ConfigError):
+        PlanConfig(grace_rounds=-1)
+
+
 @pytest.mark.parametrize("mode", [RoundMode.FIXED, RoundMode.SYNC, RoundMode.WARM_START])
 def test_only_a_dylu_plan_assigns(mode: RoundMode) -> None:
     reg = registry()
@@ -124,11 +138,12 @@ def test_a_lying_compute_time_changes_nobody_elses_assignment() -> None:
 def test_a_lying_compute_time_changes_nobody_elses_assignment_through_the_intake() -> None:
     def run(liar_compute_s: float) -> dict[str, int]:
         intake, _ = make_intake({"a.weight": torch.ones(4, 3), "b": torch.zeros(5)},
-                                OuterConfig(lr=0.01, momentum=0.0, buffer_size=1), version=0)
+                                OuterConfig(lr=0.01, momentum=0.0, buffer_size=1, compute_exponent=0.0),
+                                version=0)
         reg = intake.registry
         for version, (published, arrivals) in enumerate([(100.0, (101.0, 101.5, 102.0)),
                                                          (103.0, (105.0, 106.0, 113.0))]):
-            intake.version = version
+            intake.take_version(version)
             reg.note_published(version, published)
             for cid, now, compute_s in zip(("fast", "liar", "slow"), arrivals,
                                            (1.0, liar_compute_s, 1.0), strict=True):
@@ -206,7 +221,8 @@ def test_the_registry_survives_a_checkpoint_as_json() -> None:
 
 def test_a_delta_within_the_slack_is_applied_but_credited_only_its_assignment() -> None:
     intake, _ = make_intake({"a.weight": torch.ones(4, 3), "b": torch.zeros(5)},
-                            OuterConfig(lr=0.01, momentum=0.0, buffer_size=1), version=5)
+                            OuterConfig(lr=0.01, momentum=0.0, buffer_size=1, compute_exponent=0.0),
+                            version=5)
     assert intake.handle(_delta(local_steps=H + 5, tokens=7000), now=100.0).kind == "applied"  # in slack
     assert intake.progress.local_steps == H and intake.progress.tokens == 7000 * H // (H + 5)
     assert intake.registry.clients["c1"].local_steps == H

@@ -108,3 +108,29 @@ def test_warm_start_trains_the_fastest_worker_alone_first() -> None:
     longer = Simulation(LinearRegressionTask()).run(replace(config, budget_steps=120))
     assert longer.steps_per_worker[0] > 0  # afterwards both train
     assert longer.final_loss < longer.curve[0].eval_loss / 10
+
+
+def test_with_a_grace_period_equal_workers_start_each_cycle_from_one_theta() -> None:
+    """Four equal workers with jitter arrive one after another; without grace each restarts from
+    θ right after its own arrival (jitter reorders them: staleness beyond 3), with grace each waits
+    for the cycle's step, so every delta of a cycle shares its base, as in sync DiLoCo (the cycle's
+    last arrival is 3 behind it), and waiting costs virtual time."""
+    config = _config(strategy="dn+dylu", speeds=(1.0,) * 4, jitter=0.2, budget_steps=160)
+    eager = Simulation(LinearRegressionTask()).run(config)
+    patient = Simulation(LinearRegressionTask()).run(replace(config, grace_rounds=1.0))
+    assert eager.max_staleness > 3
+    assert patient.max_staleness == 3
+    assert patient.curve[-1].virtual_time > eager.curve[-1].virtual_time
+    assert patient.steps_per_worker == [40] * 4
+
+
+def test_compute_weights_and_jitter_change_an_async_run() -> None:
+    config = _config(strategy="edn+dylu", speeds=(1.0, 0.5, 0.25, 0.125),
+                     outer=OuterConfig(lr=0.7, momentum=0.5, compute_exponent=0.0))
+    plain = Simulation(LinearRegressionTask()).run(config)
+    weighted = Simulation(LinearRegressionTask()).run(
+        replace(config, outer=replace(config.outer, compute_exponent=1.0)))
+    assert plain.final_loss != weighted.final_loss
+    assert weighted.final_loss < weighted.curve[0].eval_loss / 10  # it learns
+    jittered = Simulation(LinearRegressionTask()).run(replace(config, jitter=0.3))
+    assert [p.virtual_time for p in jittered.curve] != [p.virtual_time for p in plain.curve]

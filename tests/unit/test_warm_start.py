@@ -22,7 +22,8 @@ from tests.unit.test_intake import _delta, make_intake
 def _rig(until_steps: int = 25, handover_s: float = 30.0) -> tuple[DeltaIntake, OuterOptimizer, WarmStart]:
     params = {"a.weight": torch.ones(4, 3), "b": torch.zeros(5)}
     # DN with ε = 0.5, β = 0.5: distinguishable from the warm start's plain θ -= g
-    intake, optimizer = make_intake(params, OuterConfig(lr=0.5, momentum=0.5, buffer_size=1), version=5,
+    intake, optimizer = make_intake(params, OuterConfig(strategy="dn", lr=0.5, momentum=0.5, buffer_size=1,
+                                                    compute_exponent=0.0), version=5,
                                     warm_start_steps=until_steps, handover_s=handover_s)
     warm = next(rule for rule in intake.rules if isinstance(rule, WarmStart))
     return intake, optimizer, warm
@@ -48,7 +49,7 @@ def test_the_first_sender_trains_alone_and_its_delta_replaces_theta() -> None:
 def test_during_the_warm_start_only_deltas_on_the_current_version_count() -> None:
     intake, optimizer, warm = _rig()
     assert intake.handle(_delta(client_id="fast", seq=0), now=100.0).kind == "applied"
-    intake.version = 6
+    intake.take_version(6)
     stale = intake.handle(_delta(client_id="fast", seq=1, base_version=5), now=101.0)
     assert (stale.kind, stale.reason) == ("rejected", "stale")  # 1 behind: ordinary training is serial
 
@@ -56,7 +57,7 @@ def test_during_the_warm_start_only_deltas_on_the_current_version_count() -> Non
 def test_a_quiet_holder_hands_over_to_the_next_client() -> None:
     intake, optimizer, warm = _rig(handover_s=30.0)
     assert intake.handle(_delta(client_id="fast", seq=0), now=100.0).kind == "applied"
-    intake.version = 6
+    intake.take_version(6)
     assert warm.current_holder(131.0) == ""
     outcome = intake.handle(_delta(client_id="slow", seq=0, base_version=6), now=131.0)
     assert outcome.kind == "applied" and warm.current_holder(131.0) == "slow"
@@ -67,7 +68,7 @@ def test_after_the_warm_steps_the_outer_strategy_takes_over() -> None:
     for seq in range(2):  # 2 × 10 local steps
         body = _delta(client_id="fast", seq=seq, base_version=intake.version)
         assert intake.handle(body, now=100.0 + seq).kind == "applied"
-        intake.version += 1
+        intake.take_version(intake.version + 1)
     assert not warm.active
     torch.testing.assert_close(optimizer.params["b"], torch.full((5,), 0.2))
     # now DN (N = 1, ε = 0.5, β = 0.5): m = g; θ -= ε(β·m + g) = 0.75·g, and anyone may send

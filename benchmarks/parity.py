@@ -1,0 +1,168 @@
+"""Per-update parity with synchronous DiLoCo, over seeds: which asynchronous variant comes closest.
+
+4 workers on a virtual clock (coordinator.sim.simulator: the project's own round, codec and outer
+optimizer), each variant run for the same total local steps as sync (equal compute), from scratch
+or from a pretrained start, for several seeds. The table gives each variant's final eval loss as
+mean ± sd over the seeds and its gap to sync's mean (per update), and the virtual time it needed
+to reach sync's final loss as a share of sync's time (on the wall clock; "never" if a seed did not
+reach it within its budget); the CSV has every run.
+
+Variants (all with DyLU, the round sized to the worker's speed, and the chosen ε, β):
+  dn          Delayed Nesterov (Algorithm 3 of Liu et al., 2024, c = 0)
+  edn         eager Delayed Nesterov: the cycle's momentum step at its first arrival
+  edn+w1      edn with compute weights (H_i/H)^1: a short round counts for its share of a round
+  edn+w.5     edn with compute weights (H_i/H)^0.5
+  dn+g.25     dn with a grace period: a worker whose delta did not end the buffer's cycle waits up
+              to a quarter of a round for it to end, then starts from θ with its momentum step
+  edn+g.25    the same for edn
+  dn+w1+g.25  dn with compute weights (p = 1) and the grace period
+  edn+w1+g.25 edn with compute weights (p = 1) and the grace period
+
+    python benchmarks/parity.py                          # none and very, 3 seeds: ~25 min on 2 cores
+    python benchmarks/parity.py --levels very --seeds 0  # one quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from coordinator.outer_optimizer import OuterConfig
+from coordinator.sim.simulator import SimConfig, SimResult, Simulation, speed_profile
+from shared.tasks import load_task
+
+LEVELS = ("none", "slight", "moderate", "very")
+# label -> (simulator strategy, compute exponent, grace in rounds)
+VARIANTS: dict[str, tuple[str, float, float]] = {
+    "sync": ("sync", 0.0, 0.0),
+    "dn": ("dn+dylu", 0.0, 0.0),
+    "edn": ("edn+dylu", 0.0, 0.0),
+    "edn+w1": ("edn+dylu", 1.0, 0.0),
+    "edn+w.5": ("edn+dylu", 0.5, 0.0),
+    "dn+g.25": ("dn+dylu", 0.0, 0.25),
+    "edn+g.25": ("edn+dylu", 0.0, 0.25),
+    "dn+w1+g.25": ("dn+dylu", 1.0, 0.25),
+    "edn+w1+g.25": ("edn+dylu", 1.0, 0.25),
+}
+_SIM: Simulation | None = None
+
+
+def _simulation(task_settings: dict) -> Simulation:
+    global _SIM
+    if _SIM is None:  # one corpus per worker process
+        torch.set_num_threads(1)
+        _SIM = Simulation(load_task("bytelm", task_settings))
+    return _SIM
+
+
+def run_job(args: tuple[str, SimConfig, dict, int]) -> tuple[str, SimResult, float]:
+    """(label, config, task settings, pretraining steps) → (label, result, seconds); for a pool."""
+    label, config, task_settings, pretrain_steps = args
+    sim = _simulation(task_settings)
+    started = time.perf_counter()
+    # the pretrained start is the same for every variant of a seed
+    init = sim.pretrain(pretrain_steps, seed=config.seed) if pretrain_steps else None
+    return label, sim.run(config, init=init), time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=480, help="total local steps per run")
+    parser.add_argument("--local-steps", type=int, default=20, help="H")
+    parser.add_argument("--outer-lr", type=float, default=0.5)
+    parser.add_argument("--outer-momentum", type=float, default=0.8)
+    parser.add_argument("--jitter", type=float, default=0.1, help="round-to-round speed noise (sigma)")
+    parser.add_argument("--pretrain", type=int, default=0, help="single-worker steps before (0: scratch)")
+    parser.add_argument("--levels", default="none,very")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel processes")
+    parser.add_argument("--out", type=Path, default=Path("results/parity"))
+    args = parser.parse_args()
+    levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not levels or set(levels) - set(LEVELS):
+        parser.error(f"--levels takes a comma list of {', '.join(LEVELS)}")
+    if "sync" not in variants or set(variants) - set(VARIANTS):
+        parser.error(f"--variants takes a comma list of {', '.join(VARIANTS)}, sync included")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error("--seeds takes a comma list of integers")
+    if not seeds:
+        parser.error("--seeds names no seed")
+    task_settings = {"model_size": "tiny"}
+    base = SimConfig(local_steps=args.local_steps, min_local_steps=5, budget_steps=args.budget,
+                     eval_every_steps=max(40, args.budget // 8), jitter=args.jitter,
+                     outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum))
+    jobs = []
+    for level in levels:
+        speeds = tuple(speed_profile(level, 4))
+        for variant in variants:
+            strategy, p, grace = VARIANTS[variant]
+            for seed in seeds:
+                config = replace(base, strategy=strategy, speeds=speeds, seed=seed, grace_rounds=grace,
+                                 outer=replace(base.outer, compute_exponent=p))
+                jobs.append((f"{level}/{variant}/{seed}", config, task_settings, args.pretrain))
+
+    started = time.perf_counter()
+    results: dict[str, SimResult] = {}
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for label, result, seconds in pool.map(run_job, jobs):
+            results[label] = result
+            print(f"  done {label:<22} final {result.final_loss:.4f}  ({seconds:.0f} s)", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "runs.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["level", "variant", "seed", "final_eval", "virtual_time", "updates",
+                         "max_staleness", "discarded_stale"])
+        for label, r in results.items():
+            level, variant, seed = label.split("/")
+            writer.writerow([level, variant, seed, round(r.final_loss, 5), round(r.curve[-1].virtual_time, 1),
+                             r.curve[-1].updates, r.max_staleness, r.discarded_stale])
+    rows = _table(results, levels, variants, seeds, args)
+    with (args.out / "parity.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"{time.perf_counter() - started:.0f} s; wrote {args.out}/parity.csv and runs.csv")
+
+
+def _table(results: dict[str, SimResult], levels: list[str], variants: list[str], seeds: list[int],
+           args: argparse.Namespace) -> list[dict]:
+    start = f"pretrained {args.pretrain} steps" if args.pretrain else "from scratch"
+    print()
+    print(f"4 workers, H={args.local_steps}, {args.budget} total local steps (equal compute), {start}, "
+          f"ε={args.outer_lr} β={args.outer_momentum}, jitter {args.jitter}, seeds {seeds}")
+    print(f"{'level':<9} {'variant':<12} {'final eval':>16} {'vs sync':>8} {'virtual time':>12} "
+          f"{'to sync loss':>12}")
+    rows = []
+    for level in levels:
+        sync_mean = statistics.fmean(results[f"{level}/sync/{s}"].final_loss for s in seeds)
+        sync_time = statistics.fmean(results[f"{level}/sync/{s}"].curve[-1].virtual_time for s in seeds)
+        for variant in variants:
+            finals = [results[f"{level}/{variant}/{s}"].final_loss for s in seeds]
+            mean = statistics.fmean(finals)
+            sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
+            vtime = statistics.fmean(results[f"{level}/{variant}/{s}"].curve[-1].virtual_time for s in seeds)
+            gap = 100 * (mean / sync_mean - 1)
+            reach = [results[f"{level}/{variant}/{s}"].time_to_reach(sync_mean) for s in seeds]
+            share = None if None in reach else statistics.fmean(r for r in reach if r is not None) / sync_time
+            rows.append({"level": level, "variant": variant, "start": start, "seeds": len(seeds),
+                         "final_mean": round(mean, 5), "final_sd": round(sd, 5),
+                         "gap_vs_sync_pct": round(gap, 2), "virtual_time": round(vtime, 1),
+                         "time_to_sync_loss_share": None if share is None else round(share, 3)})
+            shown = "never" if share is None else f"{share:.3f}"
+            print(f"{level:<9} {variant:<12} {mean:>9.4f} ± {sd:.3f} {gap:>7.2f}% {vtime:>12.1f} {shown:>12}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
