@@ -23,12 +23,11 @@ import redis
 
 from coordinator.admission import RATE_BURST_DELTAS, RATE_DELTAS_PER_MINUTE
 from coordinator.checkpoint import prepare_directory, set_aside
-from coordinator.config import CommitConfig, CoordinatorConfig
+from coordinator.config import CommitConfig, CoordinatorConfig, MetricsConfig
 from coordinator.consumer import QueueConfig
 from coordinator.faults import CrashPoints
 from coordinator.identity import AuthMode
 from coordinator.intake import IntakeConfig
-from coordinator.metrics import MetricsConfig
 from coordinator.options import (
     option,
     outer_options,

@@ -10,7 +10,6 @@ from coordinator.commit_batch import CommitConfig
 from coordinator.consumer import QueueConfig
 from coordinator.identity import AuthMode
 from coordinator.intake import IntakeConfig
-from coordinator.metrics import MetricsConfig
 from coordinator.outer_optimizer import OuterConfig
 from coordinator.parts import SpoolConfig
 from coordinator.registry import PlanConfig
@@ -19,6 +18,24 @@ from shared.errors import ConfigError
 from shared.keys import validate_run_name
 from shared.local_round import InnerConfig
 from shared.settings import ConnectionSettings, RetryPolicy
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Where Prometheus metrics are served: ``port`` 0 serves none.
+
+    ``host`` 127.0.0.1 keeps them on this machine; pass 0.0.0.0 (or one interface's address) for a
+    Prometheus on another machine. They name every volunteer: keep them off the open internet.
+    """
+
+    port: int = 0
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--metrics-port must be within 0-65535, got {self.port}")
+        if self.port and not self.host:
+            raise ConfigError("--metrics-host must name an address to listen on")
 
 
 @dataclass(frozen=True)

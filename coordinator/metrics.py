@@ -31,21 +31,20 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from coordinator.config import MetricsConfig
+from coordinator.consumer import DeltaConsumer
 from coordinator.outcome import Outcome, OutcomeKind
+from coordinator.run_state import RunState
 from shared.errors import ConfigError
 
-if TYPE_CHECKING:  # run_state imports config, which imports this module
+if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
-
-    from coordinator.consumer import DeltaConsumer
-    from coordinator.run_state import RunState
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +53,6 @@ PREFIX = "asyncloco_"
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 # Seconds: from a tiny model's milliseconds to a big model's checkpoint and upload.
 TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """Where Prometheus metrics are served: ``port`` 0 serves none.
-
-    ``host`` 127.0.0.1 keeps them on this machine; pass 0.0.0.0 (or one interface's address) for a
-    Prometheus on another machine. They name every volunteer: keep them off the open internet.
-    """
-
-    port: int = 0
-    host: str = "127.0.0.1"
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"--metrics-port must be within 0-65535, got {self.port}")
-        if self.port and not self.host:
-            raise ConfigError("--metrics-host must name an address to listen on")
 
 
 class _RunCollector(Collector):

@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 from prometheus_client.parser import text_string_to_metric_families
 
 import coordinator.cli as cli
-from coordinator.metrics import MetricsConfig
+from coordinator.config import MetricsConfig
 from coordinator.service import Coordinator
 from harness.processes import AMQP_URL, REDIS_URL, wait_for
 from shared.codecs import get_codec

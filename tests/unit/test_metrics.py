@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.metrics import CoordinatorMetrics, MetricsConfig
+from coordinator.config import MetricsConfig
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.outcome import Outcome, OutcomeKind
 from coordinator.run_state import RunState
 from shared.errors import ConfigError
