@@ -43,6 +43,8 @@ SETTINGS = {  # label -> (strategy, outer lr ε, staleness exponent a, compute e
     "dn ε0.7 a0.5": ("dn+dylu", 0.7, 0.5, 0.0, 0.0),
     "edn w1": ("edn+dylu", 0.5, 0.0, 1.0, 0.0),
     "edn w1 g.25": ("edn+dylu", 0.5, 0.0, 1.0, 0.25),
+    "edn w2 g.25": ("edn+dylu", 0.5, 0.0, 2.0, 0.25),
+    "edn w1 g.25 ε0.7": ("edn+dylu", 0.7, 0.0, 1.0, 0.25),
 }
 
 
@@ -97,7 +99,7 @@ def main() -> None:
     print()
     print(f"volunteers help? speeds 1, 1/2, 1/4, 1/8 (DyLU, H={args.local_steps}) against the fastest "
           f"alone; T={args.time}, seed {args.seed}")
-    print(f"{'start':<19} {'four together':<13} {'alone final':>11} {'together final':>14} "
+    print(f"{'start':<19} {'four together':<17} {'alone final':>11} {'together final':>14} "
           f"{'ratio':>6}")
     rows = []
     for start in starts:
@@ -113,7 +115,7 @@ def main() -> None:
                          "time_together_to_alone_loss": None if reach is None else round(reach, 1),
                          "ratio": None if ratio is None else round(ratio, 3)})
             shown = "never" if ratio is None else f"{ratio:.3f}"
-            print(f"{start:<19} {label:<13} {target:>11.4f} {together.final_loss:>14.4f} {shown:>6}")
+            print(f"{start:<19} {label:<17} {target:>11.4f} {together.final_loss:>14.4f} {shown:>6}")
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "volunteers.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
