@@ -155,6 +155,8 @@ def _table(results: dict[str, SimResult], levels: list[str], variants: list[str]
             gap = 100 * (mean / sync_mean - 1)
             reach = [results[f"{level}/{variant}/{s}"].time_to_reach(sync_mean) for s in seeds]
             share = None if None in reach else statistics.fmean(r for r in reach if r is not None) / sync_time
+            if variant == "sync":
+                share = 1.0  # the reference itself (a seed ending above the seeds' mean never reaches it)
             rows.append({"level": level, "variant": variant, "start": start, "seeds": len(seeds),
                          "final_mean": round(mean, 5), "final_sd": round(sd, 5),
                          "gap_vs_sync_pct": round(gap, 2), "virtual_time": round(vtime, 1),
