@@ -25,6 +25,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -61,55 +62,82 @@ def _stop(procs: list[subprocess.Popen], timeout_s: float = 30) -> None:
             proc.wait()
 
 
+class BenchRun:
+    """One run on the real servers: its coordinator and clients as processes (stopped by pid on
+    exit), its keys deleted afterwards. Also used by benchmarks/rejoin.py."""
+
+    def __init__(self, name: str, args: argparse.Namespace, workdir: Path) -> None:
+        self.run = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+        self.args, self.workdir = args, workdir
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", ASYNCLOCO_REDIS=args.redis,
+                        ASYNCLOCO_AMQP=args.amqp)
+        self.redis = redis.Redis.from_url(args.redis)
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Any] = []
+        key_file = workdir / f"{self.run}-{KEY_FILE_NAME}"  # made here, so the clients can pin it
+        self.key_file, self.coordinator_key = key_file, SigningKey.load_or_create(key_file).public_hex
+
+    def __enter__(self) -> BenchRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _stop(self.procs)
+        for log in self.logs:
+            log.close()
+        try:
+            delete_run(self.redis, ConnectionSettings(amqp_url=self.args.amqp), self.run)  # stopped
+        finally:
+            self.redis.close()
+
+    def _start(self, label: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{self.run}-{label}.log", "a")  # noqa: SIM115 - closed on exit
+        self.logs.append(log)
+        proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def coordinator(self, options: list[str], seconds: float) -> subprocess.Popen:
+        """Start the coordinator and wait for its first evaluated snapshot."""
+        args = self.args
+        proc = self._start("coordinator", [
+            "coordinator.cli", "serve", "--run", self.run, "--auth", "open", *options,
+            "--model-size", "tiny", "--threads", "1",
+            "--checkpoint-dir", str(self.workdir / self.run), "--signing-key", str(self.key_file),
+            "--local-steps", str(args.local_steps), "--eval-interval", "5",
+            "--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum),
+            "--max-seconds", str(seconds + 120)])
+        deadline = time.monotonic() + 120
+        while not _status(self.redis, self.run).get("eval", {}).get("latest"):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"coordinator of {self.run} did not come up; see {self.workdir}")
+            time.sleep(0.5)
+        return proc
+
+    def client(self, client_id: str, slowdown: int, seconds: float) -> subprocess.Popen:
+        return self._start(client_id, [
+            "client.cli", "join", "--run", self.run, "--client-id", client_id,
+            "--slowdown", str(slowdown), "--threads", "1", "--device", "cpu",
+            "--state-dir", str(self.workdir / "state" / client_id), "--max-seconds", str(seconds),
+            "--coordinator-key", self.coordinator_key])
+
+    def curve(self, since: float) -> list[tuple[float, float]]:
+        """[(seconds since ``since``, eval loss)] from the run's status."""
+        history = _status(self.redis, self.run)["eval"]["history"]
+        return [(h["time"] - since, h["loss"]) for h in history if h["time"] >= since - 1]
+
+
 def run_one(variant: str, args: argparse.Namespace, workdir: Path) -> list[tuple[float, float]]:
     """Train ``variant``; return [(seconds since the clients started, eval loss)]."""
     options, slowdowns = VARIANTS[variant]
-    run = f"bench-{variant}-{uuid.uuid4().hex[:6]}"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", ASYNCLOCO_REDIS=args.redis, ASYNCLOCO_AMQP=args.amqp)
-    r = redis.Redis.from_url(args.redis)
-    procs: list[subprocess.Popen] = []
-    logs = []
-    key_file = workdir / f"{run}-{KEY_FILE_NAME}"  # made here, so the clients can pin it
-    coordinator_key = SigningKey.load_or_create(key_file).public_hex
-    try:
-        log = open(workdir / f"{run}-coordinator.log", "w")  # noqa: SIM115 - closed below
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "coordinator.cli", "serve", "--run", run, "--auth", "open", *options,
-             "--model-size", "tiny", "--threads", "1",
-             "--checkpoint-dir", str(workdir / run), "--signing-key", str(key_file),
-             "--local-steps", str(args.local_steps), "--eval-interval", "5",
-             "--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum),
-             "--max-seconds", str(args.seconds + 120)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 120
-        while not _status(r, run).get("eval", {}).get("latest"):
-            if time.monotonic() > deadline or procs[0].poll() is not None:
-                raise RuntimeError(f"coordinator for {variant} did not come up; see {workdir}")
-            time.sleep(0.5)
+    with BenchRun(variant, args, workdir) as bench:
+        coordinator = bench.coordinator(options, args.seconds)
         started_wall = time.time()
-        for slowdown in slowdowns:
-            log = open(workdir / f"{run}-client{slowdown}.log", "w")  # noqa: SIM115 - closed below
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "client.cli", "join", "--run", run, "--client-id", f"x{slowdown}",
-                 "--slowdown", str(slowdown), "--threads", "1", "--device", "cpu",
-                 "--state-dir", str(workdir / "state"), "--max-seconds", str(args.seconds),
-                 "--coordinator-key", coordinator_key],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-        for proc in procs[1:]:
+        clients = [bench.client(f"x{slowdown}", slowdown, args.seconds) for slowdown in slowdowns]
+        for proc in clients:
             proc.wait(timeout=args.seconds + 120)
-        _stop(procs[:1])
-        history = _status(r, run)["eval"]["history"]
-        return [(h["time"] - started_wall, h["loss"]) for h in history if h["time"] >= started_wall - 1]
-    finally:
-        _stop(procs)
-        for log in logs:
-            log.close()
-        try:
-            delete_run(r, ConnectionSettings(amqp_url=args.amqp), run)  # its processes are stopped
-        finally:
-            r.close()
+        _stop([coordinator])
+        return bench.curve(started_wall)
 
 
 def loss_at(curve: list[tuple[float, float]], t: float) -> float | None:
