@@ -126,7 +126,8 @@ main.add_command(volunteers_command)
         "machine, never a run open to strangers).")
 @option("--strategy", env="STRATEGY", type=click.Choice(list(STRATEGIES)), default="edn",
         help="Outer update: Delayed Nesterov (dn), eager Delayed Nesterov (edn: the momentum part of "
-        "each buffer's step at its first arrival), per-arrival Nesterov, plain SGD, or FedBuff.")
+        "each buffer's step at its first arrival; closest to sync per update in docs/BENCHMARKS.md), "
+        "per-arrival Nesterov, plain SGD, or FedBuff.")
 @outer_options()
 @option("--sync-timeout", "sync_timeout_s", env="SYNC_TIMEOUT", type=click.FloatRange(0, min_open=True),
         default=120.0, help="sync strategy: seconds a round waits for missing clients after its first delta.")

@@ -70,7 +70,8 @@ def round_options() -> Callable[[F], F]:
         option("--local-steps", env="LOCAL_STEPS", type=click.IntRange(1), default=30,
                help="H: local steps per round of the fastest client."),
         option("--min-local-steps", env="MIN_LOCAL_STEPS", type=click.IntRange(1), default=5,
-               help="H_min."),
+               help="H_min: the shortest round DyLU assigns (5, as in every run of the parity table in "
+               "docs/BENCHMARKS.md)."),
         option("--grace-rounds", env="GRACE_ROUNDS", type=click.FloatRange(0, 4), default=0.25,
                help="A client whose delta did not close the outer buffer's cycle waits up to this many "
                "rounds of the fastest client for the cycle's momentum step before its next round "
