@@ -14,13 +14,13 @@ own round, codec and outer-optimizer code (coordinator.sim.simulator).
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from table_csv import write_rows
 
 from coordinator.outer_optimizer import OuterConfig
 from coordinator.sim.report import plot_png, write_csv
@@ -81,11 +81,7 @@ def main() -> None:
             results[label] = result
             print(f"  done {label:<22} final {result.final_loss:.4f}  ({seconds:.0f} s)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = _table(results, args)
-    with (args.out / "paper_table.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.out / "paper_table.csv", _table(results, args))
     write_csv(args.out / "curves.csv", results)
     shown = args.levels[-1]  # the most heterogeneous level that ran
     plot_png(args.out / f"{shown}.png",

@@ -25,20 +25,18 @@ Variants (all with DyLU, the round sized to the worker's speed, and the chosen Î
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+from paper_table import LEVELS, run_job
+from table_csv import write_rows
 
 from coordinator.outer_optimizer import OuterConfig
-from coordinator.sim.simulator import SimConfig, SimResult, Simulation, speed_profile
-from shared.tasks import load_task
+from coordinator.sim.simulator import SimConfig, SimResult, speed_profile
 
-LEVELS = ("none", "slight", "moderate", "very")
 # label -> (simulator strategy, compute exponent, grace in rounds)
 VARIANTS: dict[str, tuple[str, float, float]] = {
     "sync": ("sync", 0.0, 0.0),
@@ -51,27 +49,6 @@ VARIANTS: dict[str, tuple[str, float, float]] = {
     "dn+w1+g.25": ("dn+dylu", 1.0, 0.25),
     "edn+w1+g.25": ("edn+dylu", 1.0, 0.25),
 }
-_SIM: Simulation | None = None
-
-
-def _simulation(task_settings: dict) -> Simulation:
-    global _SIM
-    if _SIM is None:  # one corpus per worker process
-        torch.set_num_threads(1)
-        _SIM = Simulation(load_task("bytelm", task_settings))
-    return _SIM
-
-
-def run_job(args: tuple[str, SimConfig, dict, int]) -> tuple[str, SimResult, float]:
-    """(label, config, task settings, pretraining steps) â†’ (label, result, seconds); for a pool."""
-    label, config, task_settings, pretrain_steps = args
-    sim = _simulation(task_settings)
-    started = time.perf_counter()
-    # the pretrained start is the same for every variant of a seed
-    init = sim.pretrain(pretrain_steps, seed=config.seed) if pretrain_steps else None
-    return label, sim.run(config, init=init), time.perf_counter() - started
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=int, default=480, help="total local steps per run")
@@ -118,20 +95,14 @@ def main() -> None:
         for label, result, seconds in pool.map(run_job, jobs):
             results[label] = result
             print(f"  done {label:<22} final {result.final_loss:.4f}  ({seconds:.0f} s)", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "runs.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["level", "variant", "seed", "final_eval", "virtual_time", "updates",
-                         "max_staleness", "discarded_stale"])
-        for label, r in results.items():
-            level, variant, seed = label.split("/")
-            writer.writerow([level, variant, seed, round(r.final_loss, 5), round(r.curve[-1].virtual_time, 1),
-                             r.curve[-1].updates, r.max_staleness, r.discarded_stale])
-    rows = _table(results, levels, variants, seeds, args)
-    with (args.out / "parity.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    runs = []
+    for label, r in results.items():
+        level, variant, seed = label.split("/")
+        runs.append({"level": level, "variant": variant, "seed": seed, "final_eval": round(r.final_loss, 5),
+                     "virtual_time": round(r.curve[-1].virtual_time, 1), "updates": r.curve[-1].updates,
+                     "max_staleness": r.max_staleness, "discarded_stale": r.discarded_stale})
+    write_rows(args.out / "runs.csv", runs)
+    write_rows(args.out / "parity.csv", _table(results, levels, variants, seeds, args))
     print(f"{time.perf_counter() - started:.0f} s; wrote {args.out}/parity.csv and runs.csv")
 
 

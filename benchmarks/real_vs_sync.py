@@ -15,7 +15,6 @@ loss at equal wall-clock points; writes a CSV. Every process it starts is stoppe
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from table_csv import write_rows
 
 from coordinator.run_admin import delete_run
 from shared.keys import RunKeys
@@ -177,11 +177,7 @@ def main() -> None:
         rows.append({"wall_s": round(t, 1), **{f"{v}_eval": losses[v] for v in variants}, "best": best})
         shown = (f"{x if x is not None else float('nan'):>9.4f}" for x in losses.values())
         print(f"{t:>7.0f} " + " ".join(shown) + f"  {best}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.out, rows)
     print(f"wrote {args.out}")
 
 

@@ -15,7 +15,6 @@ a CSV. Every process it starts is stopped by pid.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import signal
 import tempfile
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 from real_vs_sync import BenchRun, loss_at
+from table_csv import write_rows
 
 
 def run(args: argparse.Namespace, workdir: Path, *, kill: bool) -> list[tuple[float, float]]:
@@ -77,11 +77,7 @@ def main() -> None:
         if before is not None and after:
             print(f"{label}: eval {before:.4f} at {back:.0f} s, highest within {args.window:.0f} s after: "
                   f"{max(after):.4f} (rise {max(after) - before:+.4f})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.out, rows)
     print(f"wrote {args.out}")
 
 

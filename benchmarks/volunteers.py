@@ -26,13 +26,13 @@ Everything runs the project's own round, codec and outer-optimizer code (coordin
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from paper_table import run_job
+from table_csv import write_rows
 
 from coordinator.outer_optimizer import OuterConfig
 from coordinator.sim.report import plot_png, write_csv
@@ -117,10 +117,7 @@ def main() -> None:
             shown = "never" if ratio is None else f"{ratio:.3f}"
             print(f"{start:<19} {label:<17} {target:>11.4f} {together.final_loss:>14.4f} {shown:>6}")
     args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "volunteers.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.out / "volunteers.csv", rows)
     write_csv(args.out / "curves.csv", results)
     shown = chosen[-1]
     plot_png(args.out / f"{shown}.png", {k: v for k, v in results.items() if k.startswith(f"{shown}/")},
