@@ -196,6 +196,14 @@ class SnapshotFetcher:
         """The manifest of ``version`` (a small read); raises SnapshotError if it is gone or bad."""
         return self._call("reading a manifest", lambda: self.store.read_manifest(version))
 
+    def manifest_if_readable(self, version: int) -> SnapshotManifest | None:
+        """The manifest of ``version``, or None if it is gone or not readable (yet): for the waits
+        on the coordinator, where the next version will do."""
+        try:
+            return self.manifest(version)
+        except SnapshotError:
+            return None
+
     def read_latest(self) -> Snapshot:
         """Read and verify the newest snapshot whole, retrying through expiry races and outages."""
         delays = self.retry.delays()
@@ -331,10 +339,7 @@ class SnapshotFetcher:
             version = self.current_version()
             if version is not None and version >= included and version != checked:
                 checked = version
-                try:
-                    manifest: SnapshotManifest | None = self.manifest(version)
-                except SnapshotError:
-                    manifest = None  # gone or not readable (yet): the next version will do
+                manifest = self.manifest_if_readable(version)
                 if manifest is not None and (manifest.run_id != run_id
                                              or not manifest.progress.get("cycle_open", False)):
                     return True
@@ -373,10 +378,7 @@ class SnapshotFetcher:
             if included is None:
                 version = self.current_version()
                 if version is not None and version > base_version:
-                    try:
-                        manifest: SnapshotManifest | None = self.manifest(version)
-                    except SnapshotError:
-                        manifest = None
+                    manifest = self.manifest_if_readable(version)
                     if manifest is not None and manifest.run_id != run_id:
                         return DeltaFate(verdict, None)  # a new run: the next round adopts it
                     seqs = manifest.progress.get("client_seqs", {}) if manifest is not None else {}

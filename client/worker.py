@@ -40,7 +40,6 @@ from client.uploader import DeltaUploader
 from shared.codecs import ErrorFeedback, get_codec
 from shared.contact import ServerContact
 from shared.dylu import SpeedMeter, is_assigned, local_steps_for, round_time_budget_s
-from shared.errors import SnapshotError
 from shared.keys import RunKeys
 from shared.local_round import LocalTrainer, RoundStats, pick_device
 from shared.protocol import DeltaMessage, RoundMode
@@ -259,11 +258,9 @@ class Worker:
                 return
             if version is not None and version != checked:
                 checked = version
-                try:
-                    if self.fetcher.manifest(version).run_id != run_id:
-                        return
-                except SnapshotError:
-                    pass  # gone or not readable (yet): keep waiting for the next version
+                manifest = self.fetcher.manifest_if_readable(version)  # None: wait for the next version
+                if manifest is not None and manifest.run_id != run_id:
+                    return
             if not noticed:
                 self.on_notice(f"waiting for a version newer than {last_base}: the coordinator takes "
                                "one delta per client per version (Ctrl-C to quit)")
