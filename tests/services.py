@@ -12,6 +12,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import pika
 import redis
 
 from coordinator.commit_batch import CommitConfig
@@ -62,6 +63,21 @@ def run_scope(prefix: str = "test") -> Iterator[str]:
             client.close()
         with suppress(ServiceUnavailable):
             delete_run_queues(ConnectionSettings(amqp_url=AMQP_URL), keys)
+
+
+def publish_to_queue(run: str, bodies: list[bytes], *,
+                     properties: pika.BasicProperties | None = None) -> None:
+    """Publish ``bodies`` straight to the run's delta queue, persistent and confirmed, as no client
+    would (hostile input, repeats, parts out of order)."""
+    properties = properties or pika.BasicProperties(delivery_mode=2)
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for body in bodies:
+            channel.basic_publish("", RunKeys(run).delta_queue, body, properties, mandatory=True)
+    finally:
+        connection.close()
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from shared.codecs import get_codec
 from shared.keys import RunKeys
 from shared.protocol import DeltaMessage
 from shared.snapshot import SnapshotStore
+from tests.services import publish_to_queue
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -51,15 +52,8 @@ def _delta_for_current_snapshot(run: str) -> bytes:
 
 
 def _publish(run: str, body: bytes, copies: int) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        for _ in range(copies):
-            channel.basic_publish("", RunKeys(run).delta_queue, body,
-                                  pika.BasicProperties(delivery_mode=2, message_id=DELTA_ID), mandatory=True)
-    finally:
-        connection.close()
+    publish_to_queue(run, [body] * copies,
+                     properties=pika.BasicProperties(delivery_mode=2, message_id=DELTA_ID))
 
 
 def _started(procs: Processes, name: str, args: list[str], run: str, *, since_pid: int | None = None) -> None:

@@ -21,7 +21,7 @@ from shared.keys import RunKeys
 from shared.protocol import DeltaMessage
 from shared.settings import ConnectionSettings
 from shared.snapshot import SnapshotStore
-from tests.services import SMALL_TASK, serving, small_config
+from tests.services import SMALL_TASK, publish_to_queue, serving, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -31,18 +31,6 @@ pytestmark = pytest.mark.integration
 def coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
     with serving(small_config(run_name, tmp_path)) as coord:
         yield coord
-
-
-def _publish(run: str, bodies: list[bytes]) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        for body in bodies:
-            channel.basic_publish("", RunKeys(run).delta_queue, body,
-                                  pika.BasicProperties(delivery_mode=2), mandatory=True)
-    finally:
-        connection.close()
 
 
 def _good_delta(coord: Coordinator, *, client_id: str, seq: int, scale: float = 1e-3) -> bytes:
@@ -80,7 +68,7 @@ def _dead_letters(run: str) -> list[dict]:
 def test_deltas_are_applied_committed_and_acked(coordinator: Coordinator, run_name: str) -> None:
     start_version = coordinator.version
     before = {n: p.clone() for n, p in coordinator.run.optimizer.params.items()}
-    _publish(run_name, [_good_delta(coordinator, client_id=f"c{i}", seq=0) for i in range(3)])
+    publish_to_queue(run_name, [_good_delta(coordinator, client_id=f"c{i}", seq=0) for i in range(3)])
     status = wait_for(lambda: _status(run_name).get("deltas", {}).get("applied") == 3 and _status(run_name),
                       what="3 applied deltas in status")
     assert status["version"] > start_version
@@ -105,7 +93,7 @@ def test_bad_deltas_are_rejected_counted_dead_lettered_and_service_goes_on(
         _good_delta(coordinator, client_id="liar", seq=1, scale=float("nan")),
         _good_delta(coordinator, client_id="liar", seq=2, scale=1e4),
     ]
-    _publish(run_name, bad + [good, good])  # the honest delta twice: applied once
+    publish_to_queue(run_name, bad + [good, good])  # the honest delta twice: applied once
     status = wait_for(
         lambda: (s := _status(run_name)).get("deltas", {}).get("rejected") == 5
         and s["deltas"]["applied"] == 1 and s["deltas"]["duplicate"] == 1 and s,
@@ -119,7 +107,7 @@ def test_bad_deltas_are_rejected_counted_dead_lettered_and_service_goes_on(
     reasons = sorted(h["x-asyncloco-reason"] for h in letters)
     assert reasons == ["empty", "non_finite", "norm_too_large", "truncated", "undecodable"]
     # and it still serves honest clients
-    _publish(run_name, [_good_delta(coordinator, client_id="honest", seq=1)])
+    publish_to_queue(run_name, [_good_delta(coordinator, client_id="honest", seq=1)])
     wait_for(lambda: _status(run_name)["deltas"]["applied"] == 2, what="next honest delta")
 
 
@@ -140,5 +128,5 @@ def test_a_delta_queue_declared_with_other_arguments_is_used_as_it_is(run_name: 
     )
     with serving(config) as coord:
         assert coord.consumer is not None and coord.consumer.fatal is None
-        _publish(run_name, [_good_delta(coord, client_id="c0", seq=0)])
+        publish_to_queue(run_name, [_good_delta(coord, client_id="c0", seq=0)])
         wait_for(lambda: _status(run_name).get("deltas", {}).get("applied") == 1, what="the delta applied")

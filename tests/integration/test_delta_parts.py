@@ -17,11 +17,10 @@ import torch
 
 from coordinator.parts import SpoolConfig
 from coordinator.service import Coordinator
-from harness.processes import AMQP_URL, wait_for
-from shared.keys import RunKeys
+from harness.processes import wait_for
 from shared.protocol import PART_TYPE, DeltaMessage, DeltaPart, split_delta
 from tests.integration.test_coordinator_intake import _dead_letters, _good_delta, _status
-from tests.services import serving, small_config
+from tests.services import publish_to_queue, serving, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -41,15 +40,8 @@ def _parts(coord: Coordinator, *, client_id: str, seq: int) -> list[DeltaPart]:
 
 
 def _publish_parts(run: str, parts: list[DeltaPart]) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        for part in parts:
-            channel.basic_publish("", RunKeys(run).delta_queue, part.encode(),
-                                  pika.BasicProperties(delivery_mode=2, type=PART_TYPE), mandatory=True)
-    finally:
-        connection.close()
+    publish_to_queue(run, [part.encode() for part in parts],
+                     properties=pika.BasicProperties(delivery_mode=2, type=PART_TYPE))
 
 
 def _spool_files(coord: Coordinator) -> list[Path]:

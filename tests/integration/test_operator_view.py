@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pika
 import pytest
 import redis
 import torch
@@ -26,7 +25,7 @@ from shared.codecs import get_codec
 from shared.keys import RunKeys
 from shared.protocol import DeltaMessage
 from shared.snapshot import SnapshotStore
-from tests.services import serving, small_config
+from tests.services import publish_to_queue, serving, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -45,18 +44,6 @@ def coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
     config = small_config(run_name, tmp_path, metrics=MetricsConfig(port=_free_port()), eval_interval_s=3600)
     with serving(config) as coord:
         yield coord
-
-
-def _publish(run: str, bodies: list[bytes]) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        for body in bodies:
-            channel.basic_publish("", RunKeys(run).delta_queue, body,
-                                  pika.BasicProperties(delivery_mode=2), mandatory=True)
-    finally:
-        connection.close()
 
 
 def _delta(coord: Coordinator, *, client_id: str, seq: int, local_steps: int) -> bytes:
@@ -92,11 +79,11 @@ def _scrape(coord: Coordinator) -> dict[str, dict[tuple[tuple[str, str], ...], f
 
 
 def test_metrics_scraped_over_http_match_the_status(coordinator: Coordinator, run_name: str) -> None:
-    _publish(run_name, [_delta(coordinator, client_id="alice", seq=0, local_steps=10),
+    publish_to_queue(run_name, [_delta(coordinator, client_id="alice", seq=0, local_steps=10),
                         _delta(coordinator, client_id="bob", seq=0, local_steps=20)])
     wait_for(lambda: _status(run_name).get("deltas", {}).get("applied") == 2, what="2 applied deltas")
     again = _delta(coordinator, client_id="alice", seq=1, local_steps=10)
-    _publish(run_name, [again, again, b"\x00 not a delta"])  # applied, duplicate, rejected
+    publish_to_queue(run_name, [again, again, b"\x00 not a delta"])  # applied, duplicate, rejected
     # A status written after the last commit, once the broker's counts caught up: nothing changes
     # after it, so the scrape must show the same numbers.
     status = wait_for(

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
 from safetensors.torch import load_file, save
 
 import coordinator.cli as cli
@@ -27,21 +27,9 @@ from coordinator.run_state import RunState, resume_differences
 from shared.local_round import InnerConfig
 from shared.tasks import load_task
 from tests.services import small_config
+from tests.unit.test_coordinator_cli import assert_one_line_error, invoke
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # port 1: refused at once; the probes fail before Redis
-
-
-def invoke(args: list[str], **kwargs: Any) -> Result:
-    return CliRunner().invoke(cli.main, args, prog_name="asyncloco-coordinator", **kwargs)
-
-
-def assert_one_line_error(result: Result, exit_code: int, fragment: str) -> None:
-    assert result.exit_code == exit_code, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
 @pytest.fixture
