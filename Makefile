@@ -19,13 +19,14 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help venv services services-down demo test faults lint clean
+.PHONY: help venv services services-down browser demo test faults lint clean
 
 help:
 	@echo "make venv           create $(VENV): $(TORCH_SPEC) (unless torch is there), then -e .[dev,plot]"
 	@echo "make services       start/reuse Redis and RabbitMQ on 127.0.0.1 (deploy/services.sh up)"
 	@echo "make demo           venv + services, then deploy/demo.py \$$DEMO_ARGS"
-	@echo "make test           venv + services, then pytest -m 'not slow' \$$PYTEST_ARGS"
+	@echo "make test           venv + services + browser, then pytest -m 'not slow' \$$PYTEST_ARGS"
+	@echo "make browser        as root with apt-get, install chromium if missing (the dashboard test; best effort)"
 	@echo "make faults         venv + services, then the fault-injection suite (tests/faults, slow included)"
 	@echo "make lint           ruff check, then mypy on the packages"
 	@echo "make services-down  stop the servers that 'make services' started (only those)"
@@ -55,7 +56,14 @@ services-down:
 demo: venv services
 	$(PY) deploy/demo.py $(DEMO_ARGS)
 
-test: venv services
+# Best effort, never fails: without a chromium the dashboard's browser test is skipped.
+browser:
+	@command -v chromium || command -v chromium-browser || command -v google-chrome || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && echo "installing chromium (apt-get)" && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	echo "no chromium: the dashboard's browser test will be skipped"
+
+test: venv services browser
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 faults: venv services

@@ -23,7 +23,7 @@ import redis
 
 from coordinator.admission import RATE_BURST_DELTAS, RATE_DELTAS_PER_MINUTE
 from coordinator.checkpoint import prepare_directory, set_aside
-from coordinator.config import CommitConfig, CoordinatorConfig, MetricsConfig
+from coordinator.config import CommitConfig, CoordinatorConfig, DashboardConfig, MetricsConfig
 from coordinator.consumer import QueueConfig
 from coordinator.faults import CrashPoints
 from coordinator.identity import AuthMode
@@ -174,6 +174,12 @@ main.add_command(volunteers_command)
 @option("--metrics-host", env="METRICS_HOST", default="127.0.0.1",
         help="Address the metrics listen on; 0.0.0.0 for a Prometheus on another machine (they name "
         "every volunteer: keep them off the open internet).")
+@option("--dashboard", "dashboard_port", env="DASHBOARD", type=click.IntRange(0, 65535), default=0,
+        metavar="PORT", help="Serve the live web dashboard on http://HOST:PORT/ (eval loss, volunteers, "
+        "credit, queue, rejections; 0 = off).")
+@option("--dashboard-host", env="DASHBOARD_HOST", default="127.0.0.1",
+        help="Address the dashboard listens on. It has no login and names every volunteer: keep "
+        "127.0.0.1 and reach it through an SSH tunnel (ssh -L PORT:127.0.0.1:PORT HOST).")
 @threads_option(default=None)
 @option("--log-level", env="LOG_LEVEL", default="info",
         type=click.Choice(["debug", "info", "warning", "error"]))
@@ -252,6 +258,7 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
         max_seconds=opts["max_seconds"],
         auth=AuthMode(opts["auth"]),
         metrics=MetricsConfig(port=opts["metrics_port"], host=opts["metrics_host"]),
+        dashboard=DashboardConfig(port=opts["dashboard_port"], host=opts["dashboard_host"]),
     )
     if opts["fresh"]:
         aside = set_aside(checkpoint_dir)

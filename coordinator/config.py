@@ -39,6 +39,25 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    """Where the operator's web dashboard is served (``serve --dashboard``): ``port`` 0 serves none.
+
+    ``host`` 127.0.0.1 keeps it on this machine (reach it from elsewhere through an SSH tunnel:
+    ``ssh -L PORT:127.0.0.1:PORT coordinator-host``). It names every volunteer and has no login:
+    another address puts it in front of everyone who can reach that interface.
+    """
+
+    port: int = 0
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--dashboard must be a port within 0-65535, got {self.port}")
+        if self.port and not self.host:
+            raise ConfigError("--dashboard-host must name an address to listen on")
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     run: str = "default"
     task: str = "bytelm"
@@ -64,6 +83,7 @@ class CoordinatorConfig:
     # open: anyone with the broker's credentials, under any client id (a developer's machine)
     auth: AuthMode = AuthMode.INVITE
     metrics: MetricsConfig = MetricsConfig()  # /metrics for Prometheus (port 0: not served)
+    dashboard: DashboardConfig = DashboardConfig()  # the operator's web page (port 0: not served)
 
     def __post_init__(self) -> None:
         validate_run_name(self.run)

@@ -25,6 +25,7 @@ from coordinator.checkpoint import load_checkpoint, save_checkpoint
 from coordinator.commit_batch import CommitBatch
 from coordinator.config import CoordinatorConfig
 from coordinator.consumer import Delivery, DeltaConsumer
+from coordinator.dashboard import Dashboard
 from coordinator.faults import CrashPoints
 from coordinator.lease import CoordinatorLease
 from coordinator.metrics import CoordinatorMetrics
@@ -61,6 +62,7 @@ class Coordinator:
         self.state: RunState | None = None  # built by setup()
         self.metrics = CoordinatorMetrics(config.metrics, run=lambda: self.state,
                                           consumer=lambda: self.consumer)
+        self.dashboard = Dashboard(config.dashboard)  # shows each status document status() builds
         self.publisher = Publisher(redis, self.keys, keep_versions=config.commit.keep_versions,
                                    signing_key=signing_key, on_published=self.metrics.published)
         self.lease = CoordinatorLease(redis, self.keys.coordinator_lease)
@@ -115,8 +117,10 @@ class Coordinator:
         """Run until :meth:`stop` (or ``max_seconds``); commit what was applied before returning."""
         self.metrics.start()  # first: a metrics port already taken fails before anything changes
         try:
+            self.dashboard.start()  # so does a dashboard port
             self._serve()
         finally:
+            self.dashboard.stop()
             self.metrics.stop()
 
     def _serve(self) -> None:
@@ -271,8 +275,11 @@ class Coordinator:
 
     # ---------------------------------------------------------------- housekeeping
     def status(self, *, stopped: bool = False) -> dict[str, object]:
-        return build_status(self.run, consumer=self.consumer, spool=self.spool,
-                            started_at=self.started_at, stopped=stopped)
+        """The status document (docs/STATUS.md); the dashboard shows the newest one built."""
+        doc = build_status(self.run, consumer=self.consumer, spool=self.spool,
+                           started_at=self.started_at, stopped=stopped)
+        self.dashboard.show(doc)
+        return doc
 
     def _housekeeping(self) -> None:
         """Keep the lease, the plan and the status fresh; republish if Redis lost our snapshot;
@@ -299,6 +306,7 @@ class Coordinator:
             self.publisher.reachable()
         except REDIS_ERRORS as exc:
             self.publisher.unreachable(f"Redis unreachable ({exc}); training goes on, snapshots wait")
+            self.status()  # the dashboard stays live while Redis is away
         except SnapshotError as exc:
             raise ConfigError(str(exc)) from exc
 
