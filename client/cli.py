@@ -4,7 +4,7 @@ Every option can also be set through its ``ASYNCLOCO_*`` environment variable. E
 line on stderr, with an exit code that says what kind of error it was:
 
 ==  =======================================================================================
-0   stopped as asked (``--max-rounds``, ``--max-seconds``, Ctrl-C or SIGTERM)
+0   stopped as asked (``--max-rounds``, ``--max-seconds``, ``--max-hours``, Ctrl-C or SIGTERM)
 1   an asyncloco error: a bad setting, task or snapshot; a refused TLS certificate
 2   a usage error (a bad option or value)
 66  no such run: nothing of it appeared in Redis within ``--run-wait`` (a mistyped run name)
@@ -22,11 +22,17 @@ on them: ``RestartPreventExitStatus=``). A server that was reachable and goes aw
 the client retries it with capped backoff for as long as it takes, and says so at WARNING, the
 default log level, when it goes and when it comes back. ``--version`` prints the package's
 version and the protocol version.
+
+On a terminal ``join`` shows a live panel (:mod:`client.display`); elsewhere, or with ``--plain``,
+the plain lines. ``--schedule``, ``--idle-only`` and being on battery pause it
+(:mod:`client.politeness`). ``stats`` prints this machine's lifetime contribution
+(:mod:`client.contribution`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -38,10 +44,14 @@ import click
 from click.core import ParameterSource
 
 from client.config import DEVICES, LOG_LEVELS, ClientConfig
+from client.contribution import ContributionBook
 from client.credentials import Joined, merge, read_token
+from client.politeness import PolitenessConfig, Schedule, ScheduleError
+from client.report import RoundReport
 from client.stop import StopSignals
 from shared.cli import OneLineErrors, version_option
 from shared.codecs import CODECS
+from shared.errors import ConfigError
 from shared.files import append_line_durably, default_state_dir
 from shared.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, ConnectionSettings
 
@@ -65,10 +75,14 @@ def main() -> None:
     """
 
 
-def _setup_logging(level: int) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def _setup_logging(level: int, handler: logging.Handler | None = None) -> None:
+    """Log records at ``level`` and above to stderr, or to ``handler`` (the live display's)."""
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if handler is None:
+        logging.basicConfig(level=level, stream=sys.stderr, format=log_format)
+    else:
+        handler.setFormatter(logging.Formatter(log_format))
+        logging.basicConfig(level=level, handlers=[handler])
     if level > logging.DEBUG:
         # pika logs a multi-line story for every failed connect; our own warning line says enough.
         logging.getLogger("pika").setLevel(logging.CRITICAL)
@@ -82,6 +96,23 @@ def _split_tasks(values: tuple[str, ...]) -> tuple[str, ...]:
 def _option(*decls: str, env: str, **kwargs: Any) -> Any:
     """A click option read from ``--flag`` or, failing that, the environment variable ``env``."""
     return click.option(*decls, envvar=env, show_envvar=True, **kwargs)
+
+
+def _schedule(ctx: click.Context, param: click.Parameter, value: str | None) -> Schedule | None:
+    """``--schedule`` read into a :class:`Schedule`; a bad one is a usage error of one line."""
+    if value is None:
+        return None
+    try:
+        return Schedule.parse(value)
+    except ScheduleError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _state_dir_option() -> Any:
+    return _option("--state-dir", env="ASYNCLOCO_STATE_DIR", default=None, metavar="DIR",
+                   type=click.Path(file_okay=False, path_type=Path),
+                   help=f"Client id, sequence numbers and this machine's contribution live here "
+                        f"[default: {default_state_dir()}].")
 
 
 @main.command()
@@ -113,9 +144,7 @@ def _option(*decls: str, env: str, **kwargs: Any) -> Any:
 @_option("--client-id", env="ASYNCLOCO_CLIENT_ID", default=None, metavar="ID",
          help="Stable id of this client (1-64 of A-Z a-z 0-9 _ . -) [default: generated once, kept in the "
               "state dir].")
-@_option("--state-dir", env="ASYNCLOCO_STATE_DIR", default=None, metavar="DIR",
-         type=click.Path(file_okay=False, path_type=Path),
-         help=f"Client id and sequence numbers live here [default: {default_state_dir()}].")
+@_state_dir_option()
 @_option("--threads", env="ASYNCLOCO_THREADS", default=None, type=click.IntRange(min=1), metavar="N",
          help="CPU threads for torch [default: half the cores].")
 @_option("--max-rounds", env="ASYNCLOCO_MAX_ROUNDS", default=0, show_default=True,
@@ -123,6 +152,25 @@ def _option(*decls: str, env: str, **kwargs: Any) -> Any:
 @_option("--max-seconds", env="ASYNCLOCO_MAX_SECONDS", default=0.0, show_default=True,
          type=click.FloatRange(min=0.0), metavar="SECONDS",
          help="Stop after this long, sending the round in hand (0: no limit).")
+@_option("--max-hours", env="ASYNCLOCO_MAX_HOURS", default=0.0, show_default=True,
+         type=click.FloatRange(min=0.0), metavar="HOURS",
+         help="Stop (exit 0) once this process has trained this many hours, sending the round in hand; "
+              "pauses and waits for the coordinator do not count (0: no limit).")
+@_option("--schedule", env="ASYNCLOCO_SCHEDULE", default=None, metavar="WINDOWS", callback=_schedule,
+         help="Train only within these weekly windows of local time, e.g. 'mon-fri 19:00-07:00, sat-sun' "
+              "(windows separated by commas; days, hours or both; hours past midnight end the next "
+              "day). Outside them the client pauses, dropping the round in hand, and resumes by itself.")
+@_option("--idle-only", env="ASYNCLOCO_IDLE_ONLY", is_flag=True,
+         help="Pause while the machine is in use: while other processes keep more than --idle-load "
+              "cores busy (the 1-minute load average, this client's own share taken out).")
+@_option("--idle-load", env="ASYNCLOCO_IDLE_LOAD", default=1.0, show_default=True,
+         type=click.FloatRange(min=0.0, min_open=True), metavar="CORES",
+         help="With --idle-only: busy cores besides this client that mean the machine is in use. If "
+              "it pauses while nobody uses the machine, raise it.")
+@_option("--run-on-battery", env="ASYNCLOCO_RUN_ON_BATTERY", is_flag=True,
+         help="Keep training on battery power (by default a laptop pauses while unplugged; Linux).")
+@_option("--plain", env="ASYNCLOCO_PLAIN", is_flag=True,
+         help="Plain lines even on a terminal (the live panel is only ever shown on one).")
 @_option("--part-bytes", env="ASYNCLOCO_PART_BYTES", default=8 * 1024 * 1024, show_default=True,
          type=click.IntRange(min=1), metavar="BYTES",
          help="Send a delta bigger than this in parts of this size (keep it under the broker's message "
@@ -166,6 +214,12 @@ def join(
     threads: int | None,
     max_rounds: int,
     max_seconds: float,
+    max_hours: float,
+    schedule: Schedule | None,
+    idle_only: bool,
+    idle_load: float,
+    run_on_battery: bool,
+    plain: bool,
     part_bytes: int,
     include_wait_s: float,
     run_wait_s: float,
@@ -183,7 +237,11 @@ def join(
     Each round prints one line: the snapshot version it started from (v), local steps run (H),
     mean training loss, throughput, bytes sent, staleness (versions published meanwhile) and the
     coordinator's verdict: "applied v=N" (the first snapshot that includes it) or "rejected:
-    REASON (why)". Exit codes: see `asyncloco-client --help`.
+    REASON (why)". On a terminal a live panel below the lines shows the round in progress and
+    the totals (--plain: lines only). Exit codes: see `asyncloco-client --help`.
+    A polite guest: --schedule, --idle-only and (unless --run-on-battery) unplugging pause
+    training, dropping the round in hand, and it resumes by itself; `asyncloco-client stats`
+    shows what this machine has given so far.
     If staleness is often high, this machine is slow for the run: that is fine, Dynamic Local
     Updates keeps its rounds short, and the coordinator discards only deltas more than its
     --max-staleness applied deltas behind; --codec int8 helps when the upload is the bottleneck.
@@ -215,6 +273,9 @@ def join(
         threads=threads if threads is not None else max(1, (os.cpu_count() or 2) // 2),
         max_rounds=max_rounds,
         max_seconds=max_seconds,
+        max_hours=max_hours,
+        politeness=PolitenessConfig(schedule=schedule, pause_on_battery=not run_on_battery,
+                                    idle_load=idle_load if idle_only else None),
         part_bytes=part_bytes,
         include_wait_s=include_wait_s,
         run_wait_s=run_wait_s,
@@ -222,19 +283,56 @@ def join(
         coordinator_key=joined.coordinator_key or "",
         allowed_tasks=allow_task,
     )
-    _setup_logging(config.logging_level)
+    from client.display import make_display  # rich, only for join
+    display = make_display(plain=plain, write=click.echo, isatty=sys.stdout.isatty(),
+                           term=os.environ.get("TERM"))
+    _setup_logging(config.logging_level, display.log_handler())
+    book = ContributionBook(config.state_dir)
+    try:
+        display.contribution(book.read())
+    except ConfigError:
+        pass  # an unreadable record is set aside by the first round's record() (with a warning)
+
+    def on_round(report: RoundReport) -> None:
+        display.contribution(book.record(report))
+        display.round_finished(report)
+
     stop = threading.Event()
-    signals = StopSignals(stop, on_first=_err).install()
+    signals = StopSignals(stop, on_first=_err, on_second=display.restore_terminal).install()
     from client.worker import Worker  # torch is imported here, after the options are known good
 
     # The fault tests' half of the durability oracle: every delta the broker confirmed, fsynced.
     on_confirmed = None if journal is None else functools.partial(append_line_durably, journal)
     try:
-        with Worker(config, stop=stop, on_notice=click.echo, on_confirmed=on_confirmed) as worker:
-            summary = worker.run(on_round=lambda report: click.echo(report.line()))
+        # The panel starts once the worker is built: a bad setting ends in its one line without one.
+        with Worker(config, stop=stop, on_notice=display.notice, on_confirmed=on_confirmed,
+                    events=display) as worker, display:
+            summary = worker.run(on_round=on_round)
     finally:
         signals.restore()
     click.echo(summary.line())
+
+
+@main.command()
+@_state_dir_option()
+@_option("--json", "as_json", env="ASYNCLOCO_STATS_JSON", is_flag=True,
+         help="Print the record as JSON (as kept in the state dir; times in Unix seconds).")
+def stats(state_dir: Path | None, as_json: bool) -> None:
+    """This machine's lifetime contribution: rounds, deltas applied and rejected (by reason),
+    local steps, tokens, compute hours, bytes sent and received, first and last seen; in total
+    and per run.
+
+    Every client that used this state dir counts here (it is kept in contribution.json there,
+    updated after each round). What credits you in a run is the coordinator's own count
+    (`asyncloco-coordinator volunteers`).
+    """
+    book = ContributionBook(state_dir if state_dir is not None else default_state_dir())
+    contribution = book.read()
+    if as_json:
+        click.echo(json.dumps({"state_dir": str(book.state_dir), **contribution.to_json()}, indent=1))
+        return
+    for line in contribution.lines():
+        click.echo(line)
 
 
 if __name__ == "__main__":

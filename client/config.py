@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.identity import validate_client_id
+from client.politeness import PolitenessConfig
 from shared.codecs import get_codec
 from shared.errors import ConfigError, ProtocolError
 from shared.files import default_state_dir
@@ -32,10 +33,11 @@ NO_COORDINATOR_KEY = ("no coordinator key: pass --coordinator-key (asyncloco-coo
 class ClientConfig:
     """Everything one client process needs; see ``asyncloco-client join --help`` for each field.
 
-    ``max_rounds`` and ``max_seconds`` of 0 mean "run until stopped". ``threads`` of 0 leaves torch's
-    own thread count alone (the CLI passes half the cores by default). ``upload_grace_s`` bounds how
-    long a stopping client keeps trying to send its last delta; ``poll_s`` is how often it looks for
-    the coordinator's first snapshot and round plan.
+    ``max_rounds``, ``max_seconds`` and ``max_hours`` (of training) of 0 mean "run until stopped".
+    ``threads`` of 0 leaves torch's own thread count alone (the CLI passes half the cores by
+    default). ``upload_grace_s`` bounds how long a stopping client keeps trying to send its last
+    delta; ``poll_s`` is how often it looks for the coordinator's first snapshot and round plan,
+    and how often a paused one asks again whether it may train.
     """
 
     run: str = "default"
@@ -49,6 +51,11 @@ class ClientConfig:
     threads: int = 0
     max_rounds: int = 0
     max_seconds: float = 0.0
+    # Stop once this process has trained this long (rounds' compute time, abandoned ones included;
+    # pauses and waits on the coordinator not), sending the round in hand. 0: no limit.
+    max_hours: float = 0.0
+    # When the owner lets this machine train (--schedule, battery, --idle-only): client/politeness.py.
+    politeness: PolitenessConfig = field(default_factory=PolitenessConfig)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     log_level: str = "warning"
     upload_grace_s: float = 30.0
@@ -99,6 +106,8 @@ class ClientConfig:
             raise ConfigError(f"--threads must be >= 0, got {self.threads}")
         if self.max_rounds < 0 or self.max_seconds < 0 or not math.isfinite(self.max_seconds):
             raise ConfigError("--max-rounds and --max-seconds must be >= 0 (0 = no limit)")
+        if not (math.isfinite(self.max_hours) and self.max_hours >= 0):
+            raise ConfigError(f"--max-hours must be hours >= 0 (0 = no limit), got {self.max_hours}")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         if self.include_wait_s < 0:

@@ -63,7 +63,9 @@ def _try_lock(path: Path) -> IO[bytes] | None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked_file(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block: the other
+    processes that use the same state dir wait (POSIX; elsewhere no lock is taken)."""
     with open(path, "ab") as handle:
         if fcntl is not None:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when the file closes
@@ -146,7 +148,7 @@ class ClientIdentity:
 
     def reserve_seq(self, run_id: str) -> int:
         """Take the next sequence number of ``run_id`` and durably record it as used, then return it."""
-        with _locked(self._seq_lock_path):
+        with locked_file(self._seq_lock_path):
             state = self._read_state()
             runs: dict[str, int] = state["runs"]
             seq = int(runs.pop(run_id, 0))

@@ -45,6 +45,9 @@ class RoundReport:
     upload_s: float
     staleness: int | None  # current version just after the publish minus base_version
     fate: DeltaFate = DeltaFate()  # the coordinator's verdict, if it came while the client waited
+    run: str = ""  # the run's name
+    run_id: str = ""  # and its id (a run restarted afresh gets a new one)
+    received_bytes: int = 0  # snapshot parameters downloaded for this round (0: the replica had them)
 
     @property
     def tokens_per_s(self) -> float:
@@ -69,7 +72,7 @@ class RunSummary:
     rounds: int
     deltas_sent: int
     next_seq: int | None
-    stopped_by: str  # "max_rounds", "max_seconds" or "stop"
+    stopped_by: str  # "max_rounds", "max_seconds", "max_hours" or "stop"
     applied: int = 0  # deltas the coordinator said it applied
     rejected: int = 0  # and rejected
 

@@ -15,9 +15,14 @@ Before the first round, :meth:`Worker.connect` reaches both servers, so that a p
 (a wrong password, host or port) ends the client at once instead of after a round of training.
 
 The worker only orchestrates: the fetcher reads (and waits on) what the coordinator publishes, the
-replica holds the model and θ_base, the uploader encodes and sends. It knows nothing of the
-terminal: it reports each round as a :class:`RoundReport` through a callback, and notices
-("waiting for the first snapshot") through another.
+replica holds the model and θ_base, the uploader encodes and sends, the politeness rules say when
+the owner wants the machine back. It knows nothing of the terminal: it reports each round as a
+:class:`RoundReport` through a callback, notices ("waiting for the first snapshot") through another,
+and progress within a round to a :class:`~client.events.WorkerEvents` (the live display).
+
+Before each round and between training steps it asks :class:`~client.politeness.Politeness`
+whether to pause: a pause abandons the round in hand (no delta is sent for it), is said once, and
+ends when the rules allow again, without a restart.
 """
 
 from __future__ import annotations
@@ -31,17 +36,19 @@ from typing import Any
 import torch
 
 from client.config import ClientConfig
+from client.events import RoundStart, WorkerEvents
 from client.fetcher import SnapshotFetcher
 from client.identity import ClientIdentity
+from client.politeness import Politeness
 from client.replica import Replica
 from client.report import DeltaFate, RoundReport, RunSummary
-from client.stop import StopRequested
+from client.stop import RoundAbandoned, StopRequested
 from client.uploader import DeltaUploader
 from shared.codecs import ErrorFeedback, get_codec
 from shared.contact import ServerContact
 from shared.dylu import SpeedMeter, is_assigned, local_steps_for, round_time_budget_s
 from shared.keys import RunKeys
-from shared.local_round import LocalTrainer, RoundStats, pick_device
+from shared.local_round import LocalTrainer, RoundStats, StepProgress, pick_device
 from shared.protocol import DeltaMessage, RoundMode
 from shared.settings import connect_redis, sleep_interruptibly
 from shared.signing import VerifyKey
@@ -54,8 +61,10 @@ class Worker:
 
     ``stop`` is the event the CLI's signal handlers set; set it from another thread to stop an
     in-process worker. ``on_notice`` gets one-line notices for the user; ``on_confirmed`` gets
-    ``"client_id:seq"`` of every delta the broker confirmed, before the next round starts. Use as
-    a context manager (or call :meth:`close`) to release connections and the client-id slot.
+    ``"client_id:seq"`` of every delta the broker confirmed, before the next round starts;
+    ``events`` hears of progress within rounds and of pauses. ``politeness`` (default: built from
+    ``config.politeness``, reading this machine) says when to pause. Use as a context manager (or
+    call :meth:`close`) to release connections and the client-id slot.
     """
 
     def __init__(
@@ -65,11 +74,15 @@ class Worker:
         stop: threading.Event | None = None,
         on_notice: Callable[[str], None] | None = None,
         on_confirmed: Callable[[str], None] | None = None,
+        events: WorkerEvents | None = None,
+        politeness: Politeness | None = None,
     ) -> None:
         self.config = config
         self.stop = stop or threading.Event()
         self.on_notice = on_notice or (lambda text: log.info("%s", text))
         self.on_confirmed = on_confirmed
+        self.events = events or WorkerEvents()
+        self.politeness = politeness or Politeness(config.politeness)
         self.keys = RunKeys(config.run)
         device = pick_device(config.device)  # before the slot lock: a bad --device takes nothing
         self.identity = ClientIdentity.open(config.state_dir, config.client_id)
@@ -91,6 +104,9 @@ class Worker:
         self._deadline: float | None = None  # time.monotonic() when max_seconds is up
         self._stop_seen: float | None = None  # when a stop or the deadline was first noticed
         self._last_sent: tuple[str, int] | None = None  # (run id, base version) of the last confirmed delta
+        self._trained_s = 0.0  # compute time of this process's rounds, abandoned ones included
+        self._hours_up = False  # max_hours reached: the round in hand is the last
+        self._received_bytes = 0  # snapshot bytes downloaded since the last round's report
 
     @property
     def client_id(self) -> str:
@@ -115,7 +131,8 @@ class Worker:
     # -- stopping ---------------------------------------------------------------------------------
 
     def _should_stop(self) -> bool:
-        """True once a stop was asked for or max_seconds is up (checked between training steps)."""
+        """True once a stop was asked for, or max_seconds or max_hours is up (checked between
+        training steps; max_hours sets ``_stop_seen`` itself, in :meth:`_note_training`)."""
         past = self._deadline is not None and time.monotonic() >= self._deadline
         if (self.stop.is_set() or past) and self._stop_seen is None:
             self._stop_seen = time.monotonic()
@@ -148,20 +165,29 @@ class Worker:
             self._deadline = time.monotonic() + self.config.max_seconds
         rounds = sent = applied = rejected = 0
         stopped_by = "stop"
+        self.events.started(self.keys.run, self.client_id)
         try:
             self.connect()
         except StopRequested:
             pass  # the loop below sees the stop
+        abandoned: RoundAbandoned | None = None  # the round a pause just ended
         while True:
             if self.config.max_rounds and rounds >= self.config.max_rounds:
                 stopped_by = "max_rounds"
                 break
+            self._note_training(0.0)
             if self._should_stop():
                 break
             try:
+                self._wait_while_paused(abandoned, rounds + 1)
+                abandoned = None
                 report = self.run_round(rounds + 1)
             except StopRequested:
                 break
+            except RoundAbandoned as exc:
+                self._trained_s += exc.elapsed_s
+                abandoned = exc
+                continue
             if report is None:
                 break  # stopped before a single step of the round
             rounds += 1
@@ -171,7 +197,9 @@ class Worker:
             rejected += int(verdict is not None and not verdict.applied)
             if on_round is not None:
                 on_round(report)
-        if self._deadline is not None and not self.stop.is_set() and stopped_by == "stop":
+        if self._hours_up and not self.stop.is_set() and stopped_by == "stop":
+            stopped_by = "max_hours"
+        elif self._deadline is not None and not self.stop.is_set() and stopped_by == "stop":
             stopped_by = "max_seconds"
         run_id = self.replica.run_id
         next_seq = self.identity.next_seq(run_id) if run_id else None
@@ -188,19 +216,23 @@ class Worker:
     def run_round(self, number: int = 1) -> RoundReport | None:
         """Run one round and send its delta; None if stopped before any step was taken.
 
-        Raises :class:`StopRequested` if a stop comes while waiting for the coordinator.
+        Raises :class:`StopRequested` if a stop comes while waiting for the coordinator, and
+        :class:`RoundAbandoned` if the politeness rules pause it between two training steps.
         """
         self.fetcher.wait_while_another_warms_up(self.client_id, self.config.poll_s, self.on_notice)
         self._wait_for_newer_base()
         trainer = self._start_from_newest_base()
         base_version, run_id = self.replica.version, self.replica.run_id
         assert base_version is not None and run_id is not None  # set by the base just taken
-        stats, planned = self._train(trainer)
+        stats, planned = self._train(trainer, number)
+        self._trained_s += stats.compute_s
+        self._note_training(0.0)
         if stats.steps == 0:
             return None
         self.speed.update(stats.steps, stats.compute_s)
 
         message = self._delta(trainer, stats, run_id, base_version)
+        self.events.sending(sum(len(blob) for blob in message.tensors.values()))
         upload = self.uploader.send(message, give_up=self._give_up_upload)
         if not upload.confirmed:
             log.warning("gave up sending delta %s after the stop grace period", message.delta_id)
@@ -224,8 +256,54 @@ class Worker:
             round=number, seq=message.seq, base_version=base_version, planned_steps=planned,
             steps=stats.steps, train_loss=stats.train_loss, compute_s=stats.compute_s,
             tokens=stats.tokens, sent_bytes=upload.body_bytes, sent=upload.confirmed,
-            upload_s=upload.upload_s, staleness=staleness, fate=fate,
+            upload_s=upload.upload_s, staleness=staleness, fate=fate, run=self.keys.run, run_id=run_id,
+            received_bytes=self._take_received_bytes(),
         )
+
+    # -- pauses and limits ------------------------------------------------------------------------
+
+    def _on_step(self, progress: StepProgress) -> None:
+        """Between training steps (about every half second): tell the watcher, count the time
+        against max_hours, and abandon the round if the owner's rules say pause."""
+        self.events.step(progress)
+        self._note_training(progress.elapsed_s)
+        reason = self.politeness.pause_reason()
+        if reason is not None:
+            raise RoundAbandoned(reason, steps=progress.steps, elapsed_s=progress.elapsed_s)
+
+    def _note_training(self, round_s: float) -> None:
+        """Once this process has trained ``max_hours`` (``round_s``: the round in hand so far),
+        stop as a first Ctrl-C would: the round in hand ends at the next step and is sent."""
+        limit_s = self.config.max_hours * 3600
+        if limit_s and not self._hours_up and self._trained_s + round_s >= limit_s:
+            self._hours_up = True
+            if self._stop_seen is None:
+                self._stop_seen = time.monotonic()
+
+    def _wait_while_paused(self, abandoned: RoundAbandoned | None, number: int) -> None:
+        """Before round ``number``: while the politeness rules say pause, wait, saying so once (and
+        once more on resuming). ``abandoned``: the round that such a rule just ended."""
+        reason = abandoned.reason if abandoned is not None else self.politeness.pause_reason()
+        if reason is None:
+            return
+        lost = ("" if abandoned is None
+                else f"; round {number} abandoned after {abandoned.steps} steps, no delta sent")
+        self.on_notice(f"paused: {reason}{lost} (resumes by itself; Ctrl-C to quit)")
+        self.events.paused(reason)
+        started = time.monotonic()
+        while True:
+            if sleep_interruptibly(self.config.poll_s, self._should_stop):
+                raise StopRequested()
+            self.uploader.keepalive()  # a pause of hours must not let the AMQP connection time out
+            if self.politeness.pause_reason() is None:
+                break
+        paused_s = time.monotonic() - started
+        self.on_notice(f"resumed after {paused_s / 60:.1f} min of pause")
+        self.events.resumed(paused_s)
+
+    def _take_received_bytes(self) -> int:
+        received, self._received_bytes = self._received_bytes, 0
+        return received
 
     # -- the parts of a round ---------------------------------------------------------------------
 
@@ -279,7 +357,10 @@ class Worker:
         )
         if self.replica.holds(version, self.fetcher.manifest):
             return self.replica.reset()  # every round starts from θ_base of the version it tags
-        if self.replica.adopt(self.fetcher.read_latest()):
+        snapshot = self.fetcher.read_latest()
+        self._received_bytes += snapshot.manifest.total_bytes
+        self.events.snapshot_read(snapshot.version, snapshot.manifest.total_bytes)
+        if self.replica.adopt(snapshot):
             self.feedback.reset()  # a residual of another run's model means nothing here
             self.speed = SpeedMeter()  # nor does a speed measured on another model
             self.on_notice(
@@ -290,15 +371,20 @@ class Worker:
         assert self.replica.trainer is not None  # adopt() built it
         return self.replica.trainer
 
-    def _train(self, trainer: LocalTrainer) -> tuple[RoundStats, int]:
-        """Size the round (DyLU) and run it; return the stats and the planned step count."""
+    def _train(self, trainer: LocalTrainer, number: int) -> tuple[RoundStats, int]:
+        """Size round ``number`` (DyLU) and run it; return the stats and the planned step count."""
         plan = self.fetcher.wait_for_plan(self.config.poll_s)
         global_step = int(self.replica.progress.get("local_steps", 0))
         common: dict[str, Any] = dict(
-            global_step=global_step, slowdown=self.config.slowdown, should_stop=self._train_should_stop
+            global_step=global_step, slowdown=self.config.slowdown, should_stop=self._train_should_stop,
+            on_step=self._on_step,
         )
         # The coordinator's assignment for this client (DyLU), else H (warm start, fixed, sync).
         steps = local_steps_for(plan, self.client_id, self.speed.steps_per_s)
+        assert self.replica.version is not None and self.replica.run_id is not None
+        self.events.round_started(RoundStart(
+            round=number, run=self.keys.run, run_id=self.replica.run_id, client_id=self.client_id,
+            base_version=self.replica.version, planned_steps=steps))
         new = (plan.mode is RoundMode.DYLU and not is_assigned(plan, self.client_id)
                and (bool(plan.assignments) or self.speed.steps_per_s is None))
         if new:

@@ -59,7 +59,9 @@ def main() -> int:
 
     out = ROOT / ".asyncloco" / "demo"
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", ASYNCLOCO_REDIS=args.redis, ASYNCLOCO_AMQP=args.amqp)
+    # the demo's clients train on battery too (a volunteer's default pauses while unplugged)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", ASYNCLOCO_REDIS=args.redis, ASYNCLOCO_AMQP=args.amqp,
+               ASYNCLOCO_RUN_ON_BATTERY="1")
     env.pop("ASYNCLOCO_RUN", None)
     client_env = {k: v for k, v in env.items() if k not in ("ASYNCLOCO_REDIS", "ASYNCLOCO_AMQP")}
     python = sys.executable

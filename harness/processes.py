@@ -72,7 +72,9 @@ class Processes:
     def __init__(self, logdir: Path) -> None:
         self.logdir = logdir
         self.procs: list[subprocess.Popen] = []
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", ASYNCLOCO_REDIS=REDIS_URL, ASYNCLOCO_AMQP=AMQP_URL)
+        # on battery too: a test run on an unplugged laptop must not sit paused (client/politeness.py)
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", ASYNCLOCO_REDIS=REDIS_URL, ASYNCLOCO_AMQP=AMQP_URL,
+                        ASYNCLOCO_RUN_ON_BATTERY="1")
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         """Run ``python ARGS`` in the repository with its output appended to ``logdir/NAME.log``."""

@@ -50,6 +50,17 @@ class InnerConfig:
 
 
 @dataclass(frozen=True)
+class StepProgress:
+    """Where a round stands, handed to ``LocalTrainer.train``'s ``on_step`` now and then."""
+
+    steps: int  # inner steps done so far in this round
+    max_steps: int  # the most it will run (fewer if the time budget or a stop ends it)
+    tokens: int
+    elapsed_s: float  # wall time since the round began, emulated slowdown included
+    loss: float  # the last step's training loss
+
+
+@dataclass(frozen=True)
 class RoundStats:
     steps: int
     samples: int
@@ -108,16 +119,31 @@ class LocalTrainer:
         time_budget_s: float | None = None,
         slowdown: float = 1.0,
         should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[StepProgress], None] | None = None,
+        progress_every_s: float = 0.5,
     ) -> RoundStats:
         """Run up to ``max_steps`` inner steps from the current parameters.
 
         Stops early once ``time_budget_s`` is spent (after at least ``min_steps``), or when
         ``should_stop()`` turns true. ``slowdown`` > 1 emulates slower hardware by sleeping
-        ``(slowdown − 1)×`` the compute time of each step.
+        ``(slowdown − 1)×`` the compute time of each step. ``on_step`` gets a :class:`StepProgress`
+        after the first step, then at most every ``progress_every_s`` seconds, and after the last
+        (reading the loss waits for the device, so not every step); an exception it raises ends
+        the round and propagates, the parameters left mid-round (the caller resets them).
         """
         losses: list[torch.Tensor] = []
         samples = tokens = 0
         start = time.perf_counter()
+        reported_at: float | None = None  # when on_step was last called
+        reported_steps = 0  # and at how many steps
+
+        def report() -> None:
+            nonlocal reported_at, reported_steps
+            assert on_step is not None
+            reported_at, reported_steps = time.perf_counter(), len(losses)
+            on_step(StepProgress(steps=len(losses), max_steps=max_steps, tokens=tokens,
+                                 elapsed_s=reported_at - start, loss=float(losses[-1])))
+
         for step in range(max_steps):
             if should_stop is not None and should_stop():
                 break
@@ -142,6 +168,12 @@ class LocalTrainer:
             if slowdown > 1.0:
                 _synchronize(self.device)
                 time.sleep((slowdown - 1.0) * (time.perf_counter() - step_start))
+            if on_step is not None and (
+                reported_at is None or time.perf_counter() - reported_at >= progress_every_s
+            ):
+                report()
+        if on_step is not None and reported_steps < len(losses):
+            report()  # the last step, unless it was just reported
         _synchronize(self.device)
         compute_s = time.perf_counter() - start
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
