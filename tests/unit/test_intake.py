@@ -10,7 +10,7 @@ import torch
 
 from coordinator.config import CoordinatorConfig
 from coordinator.identity import AuthMode
-from coordinator.intake import DeltaIntake, IntakeConfig
+from coordinator.intake import SQUARES_CHUNK, DeltaIntake, IntakeConfig, exact_sum_of_squares, sum_of_squares
 from coordinator.outer_optimizer import OuterConfig, OuterOptimizer, make_outer_optimizer
 from coordinator.progress import RunProgress
 from coordinator.registry import ClientRegistry, PlanConfig
@@ -189,3 +189,90 @@ def test_a_rejected_delta_of_a_known_client_is_settled_once() -> None:
     outcome = intake.handle(stale)
     assert outcome.kind == "duplicate"
     assert intake.counts["applied"] == 1 and intake.rejected_by_reason["future_version"] == 1
+
+
+def _fp32_tensors(a: torch.Tensor, b: torch.Tensor) -> dict[str, bytes]:
+    codec = get_codec("fp32")
+    return {"a.weight": codec.encode(a), "b": codec.encode(b)}
+
+
+def _int8_blob(scale: float, numel: int) -> bytes:
+    """One int8 block: its fp32 scale as sent (a sender chooses it freely), then numel values of 127."""
+    return torch.tensor([scale], dtype=torch.float32).numpy().astype("<f4").tobytes() + b"\x7f" * numel
+
+
+@pytest.mark.parametrize(
+    ("tensors", "reason"),
+    [
+        # finite values whose float32 squares overflow: too large, as the float64 sums always said
+        (_fp32_tensors(torch.full((4, 3), 1e20), torch.zeros(5)), "norm_too_large"),
+        (_fp32_tensors(torch.full((4, 3), 3e38), torch.full((5,), -3e38)), "norm_too_large"),
+        (_fp32_tensors(torch.tensor([1e30] + [0.01] * 11).view(4, 3), torch.zeros(5)), "norm_too_large"),
+        ({"a.weight": _int8_blob(1e30, 12), "b": _int8_blob(0.0, 5)}, "norm_too_large"),
+        # a NaN or an Inf in one tensor only, the other finite
+        (_fp32_tensors(torch.tensor([0.01] * 11 + [math.nan]).view(4, 3), torch.zeros(5)), "non_finite"),
+        (_fp32_tensors(torch.zeros(4, 3), torch.tensor([0.0, 0.0, math.inf, 0.0, 0.0])), "non_finite"),
+        (_fp32_tensors(torch.zeros(4, 3), torch.full((5,), -math.inf)), "non_finite"),
+        (_fp32_tensors(torch.full((4, 3), 1e20), torch.tensor([math.nan] * 5)), "non_finite"),
+        ({"a.weight": _int8_blob(math.inf, 12), "b": _int8_blob(0.0, 5)}, "non_finite"),
+        ({"a.weight": _int8_blob(0.01, 12), "b": _int8_blob(math.nan, 5)}, "non_finite"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the codec's inf × 0
+def test_overflow_nan_and_inf_get_the_reason_the_float64_check_gave(tensors: dict[str, bytes],
+                                                                    reason: str) -> None:
+    codec = "int8" if len(tensors["b"]) != 20 else "fp32"
+    intake = _intake()
+    before = {n: p.clone() for n, p in intake.params.items()}
+    outcome = intake.handle(_delta(codec=codec, tensors=tensors))
+    assert (outcome.kind, outcome.reason) == ("rejected", reason)
+    assert all(torch.equal(intake.params[n], t) for n, t in before.items())
+
+
+def test_the_fast_sum_of_squares_matches_float64_and_flags_what_it_cannot_hold() -> None:
+    torch.manual_seed(0)
+    big = torch.randn(3 * SQUARES_CHUNK + 7)  # several chunks
+    assert sum_of_squares([big, big[:5]]) == pytest.approx(exact_sum_of_squares([big, big[:5]]), rel=1e-6)
+    assert math.isnan(sum_of_squares([big, torch.tensor([1.0, math.nan])]))
+    assert sum_of_squares([torch.tensor([-math.inf]), big]) == math.inf
+    huge = torch.full((4,), 1e20)  # finite, but 1e40 is not a float32
+    assert sum_of_squares([huge]) == math.inf and exact_sum_of_squares([huge]) == pytest.approx(4e40)
+
+
+def test_a_norm_between_the_fast_and_the_float64_sums_gets_the_float64_verdict() -> None:
+    """A bound placed between the float32 and the float64 |g| of the same values: the float64
+    sums decide, as they did alone before the fast check, whichever of the two is the larger."""
+    generator = torch.Generator().manual_seed(1)
+    found: dict[bool, tuple[torch.Tensor, torch.Tensor, float, float]] = {}
+    for _ in range(1000):  # values whose float32 sum of squares is below, and above, the float64 one
+        a, b = torch.rand(4, 3, generator=generator), torch.rand(5, generator=generator)
+        fast, exact = math.sqrt(sum_of_squares([a, b])), math.sqrt(exact_sum_of_squares([a, b]))
+        if fast != exact:
+            found.setdefault(exact > fast, (a, b, fast, exact))
+        if len(found) == 2:
+            break
+    assert set(found) == {True, False}
+    theta_norm = math.sqrt(12.0)  # θ: a = 1, b = 0 (exact in both)
+    for exact_above, (a, b, fast, exact) in found.items():
+        intake = _intake(max_norm_ratio=(fast + exact) / 2 / theta_norm)
+        outcome = intake.handle(_delta(tensors=_fp32_tensors(a, b)))
+        assert outcome.reason == ("norm_too_large" if exact_above else "")
+
+
+def test_the_norm_bound_follows_every_change_of_theta() -> None:
+    """|θ| is remembered between deltas only while θ is unchanged: after an applied delta, an
+    in-place change from elsewhere (a sync round's step) and new tensors (a restore)."""
+    intake = _intake()  # θ: a = 1 (12 values), b = 0: |θ| = √12 ≈ 3.46
+    big = _fp32_tensors(torch.zeros(4, 3), torch.full((5,), 1.5))  # |g| = 1.5 √5 ≈ 3.35
+    shrink = _fp32_tensors(torch.full((4, 3), 0.5), torch.zeros(5))  # θ: a = 0.5, |θ| ≈ 1.73
+    assert intake.handle(_delta(client_id="c1", tensors=shrink)).kind == "applied"
+    assert intake.handle(_delta(client_id="c2", tensors=big)).reason == "norm_too_large"
+    intake.params["a.weight"].fill_(2.0)  # |θ| = √48
+    assert intake.handle(_delta(client_id="c3", tensors=big)).kind == "applied"
+    intake.params["a.weight"] = torch.full((4, 3), 0.1)  # a restore's tensors: |θ| ≈ 0.35 with b = 0
+    intake.params["b"] = torch.zeros(5)
+    small = _fp32_tensors(torch.zeros(4, 3), torch.full((5,), 0.2))  # |g| ≈ 0.45
+    assert intake.handle(_delta(client_id="c4", tensors=small)).reason == "norm_too_large"
+    intake.take_version(6)
+    intake.params["b"].fill_(1.0)  # |θ| ≈ 2.27
+    assert intake.handle(_delta(client_id="c5", base_version=6, tensors=small)).kind == "applied"
