@@ -4,16 +4,23 @@ All codecs decode to float32 on the coordinator, and every decoder checks the ex
 against the element count that the *receiver* expects (taken from its own manifest), so a sender
 cannot make the receiver allocate more than the model's size.
 
-=========  ===============  ============================================================
-codec      bytes / element  worst-case error per element
-=========  ===============  ============================================================
-fp32       4                0 (exact)
-fp16       2                ~2^-11 relative (values beyond ±65504 are refused)
-int8       1 + 4/block      absmax(block) / 254 (half a quantisation step)
-=========  ===============  ============================================================
+=========  ====================  =======================================================
+codec      bytes / element       worst-case error per element
+=========  ====================  =======================================================
+fp32       4                     0 (exact)
+fp16       2                     ~2^-11 relative (values beyond ±65504 are refused)
+int8       1 + 4/256             absmax(block) / 254 (half a quantisation step)
+int4       0.5 + 2/64            scale(block) / 15, scale = absmax rounded up to bfloat16
+topk       (2 + 15 · 1.5) / 256  kept (15 of 256 per block): scale / 15; the rest: all of it
+=========  ====================  =======================================================
 
 Lossy codecs are used with :class:`ErrorFeedback` on the client, so what is lost in one round is
-sent in the next instead of being dropped.
+sent in the next instead of being dropped: for ``topk`` that is most of each round's delta.
+
+Decoders treat the bytes as hostile: besides the exact length, a non-finite scale is refused
+(``non_finite``), so is a top-k index that is out of its block, repeated or out of order
+(``bad_index``); every other byte pattern decodes to values no larger than their block's scale,
+so nothing a sender writes can make a decoder loop, allocate beyond the tensor or overflow.
 """
 
 from __future__ import annotations
@@ -111,9 +118,190 @@ class Int8BlockCodec:
         return torch.from_numpy(np.ascontiguousarray(values))
 
 
-Codec = Fp32Codec | Fp16Codec | Int8BlockCodec
+INT4_BLOCK = 64  # elements per bfloat16 scale: 0.5 + 2/64 bytes per element
+# The 16 4-bit codes are 16 evenly spaced levels over [-1, 1] (code c: (2c - 15) / 15). There is no
+# exact zero, so every code carries a value; error feedback carries the ±1/15 a small value gets.
+_INT4_LEVELS = (torch.arange(16, dtype=torch.float32) * 2 - 15) / 15
+_BYTE = torch.arange(256)
+_INT4_PAIRS = _INT4_LEVELS[torch.stack((_BYTE & 15, _BYTE >> 4), dim=1)]  # (256, 2): a byte's two levels
+_BF16_MAX = torch.tensor(3.3895313892515355e38, dtype=torch.float32)  # bits 0x7F7F0000
 
-CODECS: dict[str, Codec] = {c.name: c for c in (Fp32Codec(), Fp16Codec(), Int8BlockCodec())}
+TOPK_BLOCK = 256  # offsets within a block are one byte
+TOPK_KEPT = 15  # entries kept per full block: (2 + 15 + 7.5) / 256 = 0.096 bytes per element
+
+
+def _flat_f32(tensor: torch.Tensor) -> torch.Tensor:
+    # (numel,) float32 on the tensor's own device: quantisation runs where the delta is
+    return tensor.detach().to(torch.float32).reshape(-1)
+
+
+def _to_bytes(tensor: torch.Tensor, dtype: str) -> bytes:
+    return tensor.to("cpu").numpy().astype(dtype, copy=False).tobytes()
+
+
+def _bf16_ceil(absmax: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 ≥ ``absmax`` (float32, ≥ 0), as float32; capped at bfloat16's largest
+    finite value; NaN and Inf stay non-finite (the decoder refuses them)."""
+    bits = absmax.view(torch.int32).to(torch.int64)
+    up = ((bits + 0xFFFF) & ~0xFFFF).to(torch.int32).view(torch.float32)
+    up = torch.minimum(up, _BF16_MAX.to(up.device))
+    return torch.where(torch.isfinite(absmax), up, absmax)
+
+
+def _bf16_bytes(scales: torch.Tensor) -> bytes:
+    # scales are bfloat16 values held in float32: their upper 16 bits, little-endian
+    return _to_bytes((scales.view(torch.int32) >> 16) & 0xFFFF, "<u2")
+
+
+def _read_bf16(blob: bytes, count: int, codec: str) -> torch.Tensor:
+    """``count`` bfloat16 scales from the start of ``blob`` as float32; refuse a NaN or an Inf."""
+    bits = np.frombuffer(blob, dtype="<u2", count=count).astype(np.int32) << 16
+    scales = torch.from_numpy(bits.view(np.float32))
+    if not bool(torch.isfinite(scales).all()):
+        raise ProtocolError("non_finite", f"{codec} payload has a NaN or Inf scale")
+    return scales
+
+
+def _int4_codes(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) values and (rows,) scales -> (rows, cols) uint8 codes of the nearest level."""
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    # the nearest level's code is round(x / s · 7.5 + 7.5) = floor(x · (7.5 / s) + 8), within 0..15
+    return (values * (7.5 / safe)[:, None]).add_(8).clamp_(0, 15.5).to(torch.uint8)
+
+
+def _pack_nibbles(codes: torch.Tensor) -> bytes:
+    # (n,) uint8 codes -> ceil(n / 2) bytes, code 2i in the low nibble; a 0 nibble pads an odd n
+    pairs = torch.cat((codes, codes.new_zeros(codes.numel() % 2))).view(-1, 2)
+    return _to_bytes(pairs[:, 0] | (pairs[:, 1] << 4), "u1")
+
+
+def _unpack_levels(blob: bytes, offset: int, count: int) -> torch.Tensor:
+    """The levels of ``count`` 4-bit codes packed two per byte from ``offset``: (count,) float32."""
+    packed = torch.from_numpy(
+        np.frombuffer(blob, dtype=np.uint8, offset=offset, count=(count + 1) // 2).astype(np.int32))
+    return torch.index_select(_INT4_PAIRS, 0, packed).reshape(-1)[:count]
+
+
+@dataclass(frozen=True)
+class Int4BlockCodec:
+    """Blockwise absmax 4-bit: per block of ``block`` elements one bfloat16 scale, then 4-bit codes.
+
+    The scale ``s`` is the block's absmax rounded up to bfloat16; element ``x`` becomes the nearest
+    of the 16 levels ``s · (2c − 15) / 15``, so ``|error| ≤ s / 15``. Layout: ``scales (nblocks,)``
+    as the upper 16 bits of little-endian float32, then ``ceil(numel / 2)`` bytes, two codes per
+    byte (element 2i in the low nibble); the high nibble after an odd last element is ignored.
+    """
+
+    name: str = "int4"
+    block: int = INT4_BLOCK
+
+    def __post_init__(self) -> None:
+        if self.block < 1:
+            raise ValueError("int4 block must be >= 1")
+
+    def _nblocks(self, numel: int) -> int:
+        return (numel + self.block - 1) // self.block
+
+    def encoded_bytes(self, numel: int) -> int:
+        return 2 * self._nblocks(numel) + (numel + 1) // 2
+
+    def encode(self, tensor: torch.Tensor) -> bytes:
+        flat = _flat_f32(tensor)
+        numel = flat.numel()
+        if numel % self.block:
+            flat = torch.nn.functional.pad(flat, (0, self.block - numel % self.block))
+        blocks = flat.view(-1, self.block)  # (nblocks, block)
+        scales = _bf16_ceil(blocks.abs().amax(dim=1))  # (nblocks,)
+        return _bf16_bytes(scales) + _pack_nibbles(_int4_codes(blocks, scales).reshape(-1)[:numel])
+
+    def decode(self, blob: bytes, numel: int) -> torch.Tensor:
+        _expect_len(blob, self.encoded_bytes(numel), self.name)
+        nblocks = self._nblocks(numel)
+        scales = _read_bf16(blob, nblocks, self.name)
+        levels = torch.nn.functional.pad(_unpack_levels(blob, 2 * nblocks, numel), (0, (-numel) % self.block))
+        return (levels.view(nblocks, self.block) * scales[:, None]).reshape(-1)[:numel]
+
+
+@dataclass(frozen=True)
+class TopKCodec:
+    """Top-k by magnitude within blocks, 4-bit values: the ``kept`` largest entries of each block of
+    ``block`` elements (of a last partial block of ``r``: ``ceil(r · kept / block)``) are sent, the
+    rest as zero, for error feedback to send later.
+
+    Each kept entry is its offset in the block (one byte) and an int4 code of the block's scale
+    (as :class:`Int4BlockCodec`: ``|error| ≤ scale / 15``). Layout: ``scales (nblocks,)`` bfloat16,
+    ``offsets (K,) uint8`` (strictly increasing within each block, blocks in order), then the K
+    codes packed two per byte. K and the blocks follow from ``numel`` alone, so the length is
+    exact; a decoder refuses an offset beyond its block, repeated or out of order (``bad_index``).
+    """
+
+    name: str = "topk"
+    block: int = TOPK_BLOCK
+    kept: int = TOPK_KEPT
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.kept <= self.block <= 256:
+            raise ValueError("topk needs 1 <= kept <= block <= 256 (offsets are one byte)")
+
+    def _layout(self, numel: int) -> tuple[int, int, int]:
+        """(full blocks, elements of the last partial block, entries kept of it)."""
+        full, rest = divmod(numel, self.block)
+        return full, rest, -(-rest * self.kept // self.block)
+
+    def encoded_bytes(self, numel: int) -> int:
+        full, rest, kept_rest = self._layout(numel)
+        kept = full * self.kept + kept_rest
+        return 2 * (full + (rest > 0)) + kept + (kept + 1) // 2
+
+    def encode(self, tensor: torch.Tensor) -> bytes:
+        flat = _flat_f32(tensor)
+        full, rest, kept_rest = self._layout(flat.numel())
+        groups = []  # (blocks, kept of each): the full blocks, then the partial one
+        if full:
+            groups.append((flat[: full * self.block].view(full, self.block), self.kept))
+        if rest:
+            groups.append((flat[full * self.block:].view(1, rest), kept_rest))
+        if not groups:
+            return b""
+        offsets, values = [], []
+        for blocks, kept in groups:
+            top = blocks.abs().topk(kept, dim=1, sorted=False).indices.sort(dim=1).values  # (n, kept)
+            offsets.append(top)
+            values.append(blocks.gather(1, top))
+        scales = [_bf16_ceil(v.abs().amax(dim=1)) for v in values]
+        codes = torch.cat([_int4_codes(v, s).reshape(-1) for v, s in zip(values, scales, strict=True)])
+        return (_bf16_bytes(torch.cat(scales)) + _to_bytes(torch.cat([o.reshape(-1) for o in offsets]), "u1")
+                + _pack_nibbles(codes))
+
+    def decode(self, blob: bytes, numel: int) -> torch.Tensor:
+        _expect_len(blob, self.encoded_bytes(numel), self.name)
+        full, rest, kept_rest = self._layout(numel)
+        nblocks, kept = full + (rest > 0), full * self.kept + kept_rest
+        scales = _read_bf16(blob, nblocks, self.name)
+        offsets = torch.from_numpy(
+            np.frombuffer(blob, dtype=np.uint8, offset=2 * nblocks, count=kept).astype(np.int64))
+        levels = _unpack_levels(blob, 2 * nblocks + kept, kept)
+        groups = [(offsets[: full * self.kept].view(full, self.kept), self.block)] if full else []
+        if rest:
+            groups.append((offsets[full * self.kept:].view(1, kept_rest), rest))
+        for group, length in groups:
+            if not bool((group[:, 1:] > group[:, :-1]).all()) or int(group[:, -1].max()) >= length:
+                raise ProtocolError("bad_index", f"{self.name} payload has an offset beyond its block, "
+                                                 "repeated or out of order")
+        per_block = torch.full((nblocks,), self.kept, dtype=torch.int64)
+        if rest:
+            per_block[-1] = kept_rest
+        block_of = torch.repeat_interleave(torch.arange(nblocks), per_block)  # (kept,)
+        out = torch.zeros(numel, dtype=torch.float32)
+        out[block_of * self.block + offsets] = levels * scales[block_of]
+        return out
+
+
+Codec = Fp32Codec | Fp16Codec | Int8BlockCodec | Int4BlockCodec | TopKCodec
+
+CODECS: dict[str, Codec] = {
+    c.name: c for c in (Fp32Codec(), Fp16Codec(), Int8BlockCodec(), Int4BlockCodec(), TopKCodec())
+}
 
 
 def get_codec(name: str) -> Codec:
@@ -130,7 +318,9 @@ class ErrorFeedback:
     """Carries the compression error of each tensor into the next round.
 
     ``encode(name, g)`` sends ``C(g + e)`` and keeps ``e ← (g + e) − D(C(g + e))``. With a lossless
-    codec ``e`` stays zero. The residual lives on the CPU in float32 (same size as the model).
+    codec ``e`` stays zero. The residual lives on the CPU in float32 (same size as the model). A
+    ``g + e`` with a NaN or an Inf (a diverged round) is sent as it is, for the coordinator to
+    refuse, and leaves no residual: one bad round must not poison every later one.
     """
 
     def __init__(self, codec: Codec) -> None:
@@ -143,6 +333,9 @@ class ErrorFeedback:
             return self.codec.encode(flat)
         corrected = flat + self._residual.get(name, torch.zeros_like(flat))
         blob = self.codec.encode(corrected)
+        if not bool(torch.isfinite(corrected).all()):
+            self._residual.pop(name, None)
+            return blob
         self._residual[name] = corrected - self.codec.decode(blob, corrected.numel())
         return blob
 
