@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import load
 
 from coordinator.applied_log import FILENAME as APPLIED_LOG
-from shared.errors import ConfigError
-from shared.files import fsync_directory
+from shared.errors import CheckpointUnusable
+from shared.files import fsync_directory, make_directory
 
 FILENAME = "checkpoint.safetensors"
 FORMAT = 1
@@ -49,25 +50,20 @@ def save_checkpoint(
 ) -> Path:
     """Atomically replace the checkpoint in ``directory`` (temp file, fsync, rename, fsync dir).
 
+    The file is streamed from the tensors' own memory (:func:`write_safetensors`), so a commit
+    needs no second copy of the optimizer's state: its memory peak is the steady one plus a few
+    buffers, whatever the model's size.
+
     ``on_partial`` (fault tests only) is called when half of the temp file is written and flushed,
     before the rest, the fsync and the rename: a crash there must leave the old checkpoint intact.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    if not directory.is_dir():
+        make_directory(directory)
     state = dict(checkpoint.state, format=FORMAT)
-    data = save(
-        {k: t.contiguous() for k, t in checkpoint.tensors.items()},
-        metadata={"asyncloco": json.dumps(state)},
-    )
     final = checkpoint_path(directory)
     tmp = directory / f".{FILENAME}.{os.getpid()}.tmp"
     with open(tmp, "wb") as fh:
-        if on_partial is not None:
-            half = len(data) // 2
-            fh.write(data[:half])
-            fh.flush()
-            on_partial()
-            data = data[half:]
-        fh.write(data)
+        write_safetensors(fh, checkpoint.tensors, {"asyncloco": json.dumps(state)}, on_half=on_partial)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, final)
@@ -83,13 +79,87 @@ def save_checkpoint(
     return final
 
 
+# safetensors' names of the dtypes a checkpoint may hold
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The little-endian bytes of ``tensor``: a view of its own memory when it is a contiguous CPU
+    tensor (a checkpoint's always are), no copy."""
+    t = tensor.detach().to("cpu").contiguous()
+    if not t.numel():
+        return memoryview(b"")
+    # reshape(-1): a 0-d tensor cannot be viewed as bytes directly
+    return t.reshape(-1).view(torch.uint8).numpy().data
+
+
+def safetensors_header(tensors: dict[str, torch.Tensor],
+                       metadata: dict[str, str]) -> tuple[bytes, list[str]]:
+    """The header of a safetensors file of ``tensors`` (its 8-byte length included) and the order
+    in which their bytes follow it.
+
+    Laid out as safetensors' own writer does: tensors sorted by element size, largest first (each
+    then starts aligned), then by name; the JSON without spaces, ``__metadata__`` first, padded
+    with spaces to a multiple of 8 bytes. For tensors of one dtype (a checkpoint's are float32)
+    the file is byte for byte what ``safetensors.torch.save`` writes; for mixed dtypes the order
+    may differ, which every reader accepts (offsets are explicit).
+    """
+    if sys.byteorder != "little":  # the tensors' bytes are written as they are in memory
+        raise NotImplementedError("checkpoints are little-endian; this machine is big-endian")
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"checkpoint tensor {name} has dtype {tensor.dtype}, not one safetensors stores")
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        end = offset + t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, order
+
+
+def write_safetensors(fh: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *,
+                      on_half: Callable[[], None] | None = None) -> int:
+    """Write ``tensors`` and ``metadata`` to ``fh`` as a safetensors file, one tensor at a time
+    from its own memory (no serialized copy of the whole file, as ``safetensors.torch.save``
+    makes); returns the bytes written.
+
+    ``on_half``: called once, when exactly half of the file's bytes are written and flushed.
+    """
+    header, order = safetensors_header(tensors, metadata)
+    pieces = [memoryview(header)] + [_raw_bytes(tensors[name]) for name in order]
+    total = sum(len(p) for p in pieces)
+    half = total // 2 if on_half is not None else -1
+    written = 0
+    for piece in pieces:
+        if written < half <= written + len(piece):
+            cut = half - written
+            fh.write(piece[:cut])
+            fh.flush()
+            assert on_half is not None
+            on_half()
+            piece, written = piece[cut:], written + cut
+        fh.write(piece)
+        written += len(piece)
+    return written
+
+
 # Keys every checkpoint's state has; one without them is not a checkpoint this code wrote.
 REQUIRED_STATE = ("version",)
 
 
 def load_checkpoint(directory: Path) -> Checkpoint | None:
-    """The checkpoint in ``directory``, or None if there is none; a ConfigError (one line) for a
-    file that is not a whole checkpoint of this format."""
+    """The checkpoint in ``directory``, or None if there is none; a CheckpointUnusable (one line,
+    exit 65) for a file that is not a whole checkpoint of this format."""
     path = checkpoint_path(directory)
     if not path.exists():
         return None
@@ -106,26 +176,27 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
             raise KeyError(", ".join(missing))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
-        raise ConfigError(f"checkpoint {path} is unreadable ({reason}); put a good copy in its place, "
-                          "or pass --fresh to set it aside and start a new run") from exc
+        raise CheckpointUnusable(f"checkpoint {path} is unreadable ({reason}); put a good copy in its "
+                                 "place, or pass --fresh to set it aside and start a new run") from exc
     if state.get("format") != FORMAT:
-        raise ConfigError(f"checkpoint {path} has format {state.get('format')}, expected {FORMAT}")
+        raise CheckpointUnusable(f"checkpoint {path} has format {state.get('format')}, expected {FORMAT}")
     return Checkpoint(tensors=tensors, state=state)
 
 
 def prepare_directory(directory: Path) -> None:
     """Create the checkpoint directory if missing and make sure files can be written in it; a
-    ConfigError (one line) if not: a path through a file, no permission, a read-only file system."""
+    CheckpointUnusable (one line, exit 65) if not: a path through a file, no permission, a
+    read-only file system."""
     if directory.exists() and not directory.is_dir():
-        raise ConfigError(f"--checkpoint-dir {directory} is a file, not a directory")
+        raise CheckpointUnusable(f"--checkpoint-dir {directory} is a file, not a directory")
     probe = directory / f".write-test.{os.getpid()}"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_directory(directory)  # a new one durably: its parent fsynced
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"--checkpoint-dir {directory}: cannot create it or write in it "
-                          f"({exc.strerror or exc})") from exc
+        raise CheckpointUnusable(f"--checkpoint-dir {directory}: cannot create it or write in it "
+                                 f"({exc.strerror or exc})") from exc
 
 
 def set_aside(directory: Path, *, now: float | None = None) -> Path | None:

@@ -415,6 +415,35 @@ def export_command(run: str, directory: Path, checkpoint_dir: Path | None) -> No
                f"{exported.model} and {exported.config}")
 
 
+@main.command("sample")
+@click.argument("run")
+@option("--prompt", env="SAMPLE_PROMPT", required=True, help="Text the model continues (UTF-8).")
+@option("--bytes", "n_bytes", env="SAMPLE_BYTES", type=click.IntRange(1, 65536), default=256,
+        help="How many bytes to generate after the prompt.")
+@option("--temperature", env="SAMPLE_TEMPERATURE", type=click.FloatRange(0), default=0.8,
+        help="Sampling temperature; 0 = greedy (always the likeliest next byte).")
+@option("--seed", env="SAMPLE_SEED", type=int, default=0,
+        help="Seed of the sampling: the same model, prompt, temperature and seed give the same text.")
+@option("--checkpoint-dir", env="CHECKPOINT_DIR", type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="The run's checkpoint directory [default: ~/.local/state/asyncloco/coordinator/RUN].")
+def sample_command(run: str, prompt: str, n_bytes: int, temperature: float, seed: int,
+                   checkpoint_dir: Path | None) -> None:
+    """Print the prompt and N bytes that run RUN's newest committed model (built-in task) adds.
+
+    Read from the run's checkpoint on this machine, like `export`; safe while the coordinator
+    serves. Bytes that are not printable UTF-8 are shown as U+FFFD.
+    """
+    from coordinator.sample import SampleConfig, printable, sample_run
+
+    config = SampleConfig(prompt=prompt.encode(), n_bytes=n_bytes, temperature=temperature, seed=seed)
+    done = sample_run(run_checkpoint_dir(run, checkpoint_dir), config)
+    loss = "no eval yet" if done.eval_loss is None else f"eval loss {done.eval_loss:.4f}"
+    click.echo(f"run {run} version {done.version} ({loss}), temperature {temperature:g}, seed {seed}:",
+               err=True)
+    click.echo(printable(done.text))
+
+
 def _live_queue_depth(servers: ConnectionSettings, keys: RunKeys) -> int | None:
     """The delta queue's depth as the broker counts it now; None if the broker cannot say.
 

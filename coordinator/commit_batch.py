@@ -19,6 +19,12 @@ class CommitConfig:
     last commit: under light load every delta is published at once (clients start their next round
     from a model that includes their last delta), under heavy load commits batch up. Fresher
     snapshots mean less staleness but more disk and Redis writes; with big models raise both.
+
+    ``keep_versions``: snapshots Redis holds, counting the one being written (the oldest is
+    deleted when the next starts), so Redis needs about ``keep_versions`` times the snapshot's
+    bytes. A client must read a snapshot before the ``keep_versions``-th newer one starts: if
+    clients keep starting their reads over ("expired while reading" in their debug log: a big
+    model, a slow link, frequent commits), raise it or the commit intervals.
     """
 
     every_updates: int = 16

@@ -5,7 +5,8 @@ into an in-process inbox (bounded by the prefetch), and settles them when the se
 ``add_callback_threadsafe``. The service applies deltas on its own thread and settles a delivery
 only after a commit includes it. Every reconnect starts a new *generation*: deliveries of an older
 generation can no longer be acked (their tags died with the channel); the broker redelivers them
-and the (client id, seq) de-duplication makes that harmless.
+and the (client id, seq) de-duplication makes that harmless. A rejected delivery is acked only
+once the broker confirmed its dead letter (publisher confirms on the consuming channel).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import pika
 import pika.exceptions
 
 from coordinator.outcome import Outcome
-from shared.errors import ConfigError
+from shared.contact import ServerContact
+from shared.errors import AccessRefused, ConfigError
 from shared.keys import RunKeys
 from shared.settings import ConnectionSettings, RetryPolicy, amqp_parameters, open_amqp
 
@@ -131,6 +133,8 @@ class DeltaConsumer(threading.Thread):
         self.generation = 0
         self.connected = threading.Event()
         self.fatal: BaseException | None = None  # set when retrying cannot help
+        # Whether the broker ever let us in: before it did, a refusal is a permanent mistake.
+        self.contact = ServerContact(connection.amqp_url, option="--amqp", token=False)
         self.queue_depth: int | None = None
         self.dead_letters: int | None = None
         self.reconnects = 0
@@ -154,13 +158,19 @@ class DeltaConsumer(threading.Thread):
                 return
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code in (403, 406):  # access refused, precondition failed: fatal
-                    self.fatal = ConfigError(
-                        f"RabbitMQ refused queue {self.keys.delta_queue}: {exc.reply_text}"
-                    )
+                    refused = f"RabbitMQ refused queue {self.keys.delta_queue}: {exc.reply_text}"
+                    self.fatal = AccessRefused(refused) if exc.reply_code == 403 else ConfigError(refused)
                     self.connected.clear()
                     return
                 log.warning("RabbitMQ closed the channel (%s); reconnecting", exc)
             except (pika.exceptions.AMQPError, OSError) as exc:
+                # Wrong credentials, an unknown host, nothing listening: at first contact these
+                # are mistakes in --amqp that no retry cures; after it, outages.
+                refusal = None if self.contact.ever_answered else self.contact.refusal(exc)
+                if refusal is not None:
+                    self.fatal = refusal
+                    self.connected.clear()
+                    return
                 log.warning("RabbitMQ connection lost (%s); reconnecting", str(exc) or type(exc).__name__)
             finally:
                 with self._lock:
@@ -180,6 +190,7 @@ class DeltaConsumer(threading.Thread):
         params.heartbeat = self.settings.heartbeat_s
         params.client_properties = {"connection_name": f"asyncloco-coordinator:{self.keys.run}"}
         connection = open_amqp(self.settings, params)
+        self.contact.answered()
         try:
             channel = connection.channel()
             try:
@@ -195,6 +206,7 @@ class DeltaConsumer(threading.Thread):
                 channel = connection.channel()
                 declare_queues(channel, self.keys, self.config, keep_existing=True)
             channel.basic_qos(prefetch_count=self.config.prefetch)
+            channel.confirm_delivery()  # a dead letter is confirmed before its delivery is acked
             generation = self.generation
             channel.basic_consume(
                 self.keys.delta_queue,
@@ -229,7 +241,8 @@ class DeltaConsumer(threading.Thread):
                                 message_type=props.type or "", sender=props.user_id or ""))
 
     def settle(self, items: list[tuple[Delivery, Outcome]]) -> int:
-        """Ack applied, duplicate and spooled deliveries; dead-letter rejected ones with their reason.
+        """Ack applied, duplicate and spooled deliveries; dead-letter rejected ones with their reason
+        (each acked only after the broker confirmed its dead letter).
 
         Runs on the I/O thread. Deliveries of a dead generation are skipped (the broker will
         redeliver them). Returns how many were handed to the I/O thread.
@@ -257,8 +270,18 @@ class DeltaConsumer(threading.Thread):
                     "x-asyncloco-detail": outcome.detail[:500],
                     "x-asyncloco-delta-id": outcome.delta_id,
                 }
-                channel.basic_publish(
-                    "", self.keys.dead_letter_queue, delivery.body,
-                    pika.BasicProperties(delivery_mode=2, headers=headers),
-                )
+                try:
+                    # Confirm mode and mandatory: this returns once the dead-letter queue holds the
+                    # message (persisted), and raises if the broker refused it or had no such queue.
+                    channel.basic_publish(
+                        "", self.keys.dead_letter_queue, delivery.body,
+                        pika.BasicProperties(delivery_mode=2, headers=headers), mandatory=True,
+                    )
+                except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
+                    # Unacked, the delivery comes back after the reconnect, which also declares
+                    # the dead-letter queue again; the intake rejects it once more.
+                    log.warning("RabbitMQ did not take the dead letter of %s (%s); leaving the "
+                                "delivery unacked and reconnecting", outcome.delta_id or "a delivery",
+                                type(exc).__name__)
+                    raise
             channel.basic_ack(delivery.tag)

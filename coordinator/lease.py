@@ -16,7 +16,7 @@ import uuid
 
 import redis
 
-from shared.errors import ConfigError
+from shared.errors import RunTaken
 from shared.processes import pid_alive
 from shared.settings import redis_bytes
 
@@ -86,7 +86,7 @@ class CoordinatorLease:
                 self.refreshed_at = time.monotonic()
                 return
             if time.monotonic() >= deadline:
-                raise ConfigError(
+                raise RunTaken(
                     f"another coordinator ({holder_s}) is serving this run; stop it first "
                     f"(or wait {self.ttl_s} s if it was killed on another machine)"
                 )

@@ -36,7 +36,7 @@ from coordinator.admission import FirstPartRule
 from coordinator.intake import DeltaIntake
 from coordinator.outcome import Outcome, OutcomeKind
 from shared.errors import ConfigError, ProtocolError
-from shared.files import write_atomically
+from shared.files import fsync_directory, make_directory, write_atomically
 from shared.protocol import DeltaPart
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,9 @@ class PartSpool:
         An entry the spool cannot read (a crash while its first part was written) is removed: its
         parts were never acked, so the broker delivers them again.
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_directory(self.directory)
+        # Also when it was there: a process that crashed may have made it without this fsync.
+        fsync_directory(self.directory.parent)
         for path in sorted(p for p in self.directory.iterdir() if p.is_dir()):
             try:
                 meta = json.loads((path / META).read_text())
@@ -179,7 +181,7 @@ class PartSpool:
             entry = SpoolEntry(key=key, client_id=part.client_id, seq=part.seq, count=part.count,
                                total_bytes=part.total_bytes, sha256=part.sha256, last_at=now,
                                first_at=now)
-            (self.directory / key).mkdir(parents=True, exist_ok=True)
+            make_directory(self.directory / key)  # the spool fsynced: the entry outlives a power loss
             write_atomically(self.directory / key / META, json.dumps(entry.meta()).encode())
             self.entries[key] = entry
         elif (part.count, part.total_bytes, part.sha256) != (entry.count, entry.total_bytes, entry.sha256):

@@ -34,7 +34,8 @@ from coordinator.parts import PartSpool, take_part
 from coordinator.publisher import Publisher
 from coordinator.run_state import RunState
 from coordinator.status import build_status
-from shared.errors import ConfigError, ProtocolError, SnapshotError
+from shared.contact import ServerContact
+from shared.errors import CheckpointUnusable, ConfigError, ProtocolError, RunTaken, SnapshotError
 from shared.keys import RunKeys
 from shared.protocol import PART_TYPE
 from shared.settings import REDIS_ERRORS
@@ -91,16 +92,16 @@ class Coordinator:
         cfg = self.config
         checkpoint = load_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         if checkpoint is not None and not cfg.resume:
-            raise ConfigError(
+            raise CheckpointUnusable(
                 f"a checkpoint of run {cfg.run!r} (version {checkpoint.version}) exists in "
                 f"{cfg.checkpoint_dir}; pass --resume to continue it, or --fresh to start over"
             )
         if checkpoint is None and cfg.resume:
-            raise ConfigError(f"--resume: no checkpoint of run {cfg.run!r} in {cfg.checkpoint_dir}; "
-                              "start without --resume to begin a new run")
+            raise CheckpointUnusable(f"--resume: no checkpoint of run {cfg.run!r} in {cfg.checkpoint_dir}; "
+                                     "start without --resume to begin a new run")
         applied_log = AppliedLog(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
         self.state = run = RunState.open(cfg, checkpoint, applied_log)
-        self.lease.acquire()
+        self._first_contact_with_redis()
         redis_version = self.publisher.store.current_version()
         first = max(run.version, -1 if redis_version is None else redis_version) + 1
         if checkpoint is None and redis_version is None:
@@ -111,6 +112,19 @@ class Coordinator:
         run.start_at(first)
         run.evaluate()
         self._commit(force=True)
+
+    def _first_contact_with_redis(self) -> None:
+        """Take the run's lease: the first command to Redis. A mistake there that no restart can
+        cure (credentials refused, unknown host, nothing listening) raises its PermanentError."""
+        refused: tuple[type[Exception], ...] = (*REDIS_ERRORS, redis.exceptions.ResponseError)  # NOPERM
+        try:
+            self.lease.acquire()
+        except refused as exc:
+            refusal = ServerContact(self.config.connection.redis_url, option="--redis",
+                                    token=False).refusal(exc)
+            if refusal is not None:
+                raise refusal from exc
+            raise
 
     # ---------------------------------------------------------------- main loop
     def serve(self) -> None:
@@ -268,10 +282,10 @@ class Coordinator:
         except REDIS_ERRORS:
             return  # Redis is down: nobody can take the run over through it; commit locally
         if not ours:
-            raise ConfigError("another coordinator took over this run; stopping before this commit")
+            raise RunTaken("another coordinator took over this run; stopping before this commit")
         if current is not None and current > self.run.version:
-            raise ConfigError(f"another coordinator published version {current} while this one was "
-                              f"paused at {self.run.version}; stopping before this commit")
+            raise RunTaken(f"another coordinator published version {current} while this one was "
+                           f"paused at {self.run.version}; stopping before this commit")
 
     # ---------------------------------------------------------------- housekeeping
     def status(self, *, stopped: bool = False) -> dict[str, object]:
@@ -289,7 +303,7 @@ class Coordinator:
             log.info("volunteer book read: %d volunteers", len(run.volunteers.volunteers))
         try:
             if not self.lease.refresh():
-                raise ConfigError("another coordinator took over this run; stopping")
+                raise RunTaken("another coordinator took over this run; stopping")
             lost, current = self.publisher.snapshot_lost(run)
             published = self.publisher.published_version
             if lost or current is None or current < run.version or published < run.version:

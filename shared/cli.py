@@ -2,10 +2,10 @@
 ``--version`` says the package's version and the wire protocol's.
 
 Exit codes: 2 for a usage error (bad option or value), 1 for any
-:class:`~shared.errors.AsyncLocoError` (bad setting, unreachable service, bad checkpoint) except a
-:class:`~shared.errors.PermanentError`, which exits with its own code (66-77, see
-:data:`shared.errors.PERMANENT_ERRORS`), 130 when interrupted before the command's own signal
-handling is in place.
+:class:`~shared.errors.AsyncLocoError` (bad setting, unreachable service) except a
+:class:`~shared.errors.PermanentError`, which exits with its own code (65-77, see
+:data:`shared.errors.PERMANENT_ERRORS` for the client, ``SERVE_PERMANENT_ERRORS`` for ``serve``),
+130 when interrupted before the command's own signal handling is in place.
 """
 
 from __future__ import annotations

@@ -51,15 +51,17 @@ class ServerContact:
     """One process's dealings with the server of ``url`` (``redis[s]://`` or ``amqp[s]://``).
 
     Call :meth:`answered` after every success; :meth:`refusal` says what a failure means.
-    ``option`` is the command-line option that sets the URL, named in messages.
+    ``option`` is the command-line option that sets the URL, named in messages, with the join
+    token unless ``token`` is False (the coordinator's own URLs come from options alone).
     """
 
-    def __init__(self, url: str, *, option: str) -> None:
+    def __init__(self, url: str, *, option: str, token: bool = True) -> None:
         parsed = urlparse(url)
         self.service = "Redis" if parsed.scheme.startswith("redis") else "RabbitMQ"
         self.host, self.port = server_address(url)
         self.user = unquote(parsed.username) if parsed.username else None
         self.option = option
+        self.source = f"the join token or {option}" if token else option  # where to fix the URL
         self.ever_answered = False
 
     def answered(self) -> None:
@@ -81,23 +83,23 @@ class ServerContact:
                                "operator for a new join token")
             if isinstance(refused, pika.exceptions.ProbableAccessDeniedError):
                 return AccessRefused(f"{where} refused {who} the virtual host ({why}): check the vhost "
-                                     f"(the URL's path) in the join token or {self.option}")
-            return AccessRefused(f"{where} refused {who} ({why}): check the user and password in the "
-                                 f"join token or {self.option}")
+                                     f"(the URL's path) in {self.source}")
+            return AccessRefused(f"{where} refused {who} ({why}): check the user and password in "
+                                 f"{self.source}")
         if self.ever_answered:
             return None  # it was there: whatever this is, it is an outage
         for cause in chain:
             if isinstance(cause, socket.gaierror) and cause.errno in _NO_SUCH_NAME:
                 return UnknownHost(f"unknown host {self.host!r} for {self.service} ({cause.strerror}): "
-                                   f"check the host name in the join token or {self.option}")
+                                   f"check the host name in {self.source}")
         if any(isinstance(c, ConnectionRefusedError) for c in chain):
             return NoService(f"nothing listens at {self.host}:{self.port} for {self.service} (connection "
-                             f"refused): check the port in the join token or {self.option}, and that "
+                             f"refused): check the port in {self.source}, and that "
                              f"the server is running")
         wrong = next((c for c in chain if isinstance(c, _WRONG_KIND)), None)
         if wrong is not None:
             return NoService(f"{self.host}:{self.port} answers, but not as {self.service} "
-                             f"({type(wrong).__name__}): check the port in the join token or {self.option}")
+                             f"({type(wrong).__name__}): check the port in {self.source}")
         return None
 
 

@@ -119,6 +119,25 @@ class AccessRefused(PermanentError):
     exit_code = 77  # EX_NOPERM
 
 
-# Every permanent mistake, by exit code (docs, the systemd units' RestartPreventExitStatus=).
+class CheckpointUnusable(ConfigError, PermanentError):
+    """The coordinator's checkpoint cannot be used as asked: unreadable or of another format,
+    missing under ``--resume``, present without ``--resume`` or ``--fresh``, or its directory
+    cannot be written. A ConfigError too, so that callers that catch those still do."""
+
+    exit_code = 65  # EX_DATAERR
+
+
+class RunTaken(ConfigError, PermanentError):
+    """Another live coordinator serves the run: it holds the run's lease past the wait, or took
+    the run over while this one was paused. A ConfigError too, as :class:`CheckpointUnusable`."""
+
+    exit_code = 73  # EX_CANTCREAT: the run's lease cannot be created
+
+
+# Every permanent mistake of the client, by exit code (docs, its systemd unit's
+# RestartPreventExitStatus=).
 PERMANENT_ERRORS: tuple[type[PermanentError], ...] = (
     NoSuchRun, Revoked, UnknownHost, NoService, ProtocolMismatch, AccessRefused)
+# Those of `asyncloco-coordinator serve` (README's operator table, deploy/systemd's coordinator unit).
+SERVE_PERMANENT_ERRORS: tuple[type[PermanentError], ...] = (
+    CheckpointUnusable, UnknownHost, NoService, RunTaken, AccessRefused)

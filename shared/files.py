@@ -28,6 +28,26 @@ def fsync_directory(path: Path) -> None:
             os.close(dir_fd)
 
 
+def make_directory(path: Path) -> None:
+    """Create ``path`` and any missing parents so that they survive a power loss.
+
+    A new directory is an entry in its parent, durable only once the parent is fsynced (without
+    it, a crash of the machine can take the directory away with every fsynced file in it). So
+    each directory made here is followed by an fsync of its parent. An existing ``path`` is left
+    as it is (no fsync).
+    """
+    missing = []
+    current = path
+    while not current.is_dir():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)  # raises if a file is in the way
+        fsync_directory(directory.parent)
+
+
 def write_atomically(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file whole.
 

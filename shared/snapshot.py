@@ -5,7 +5,11 @@ Publishing version ``v`` writes the chunks of the flat parameter bytes and then 
 never moves it backwards). A reader takes ``current``, reads that version's manifest and chunks, and
 checks every chunk's sha256 against the manifest, so it can never load a torn or mixed snapshot; if a
 chunk expired under it, it starts again from the new ``current``. The newest ``keep_versions`` are
-kept; older ones get a short expiry so that a slow reader can still finish.
+kept, counting the one being written: publishing ``v`` first deletes ``v - keep_versions`` (with
+``keep_versions`` 1, only after the flip: readers are on it until then). So Redis holds at most
+``keep_versions`` snapshots, and a reader has until the ``keep_versions``-th newer version starts
+to be written to read one whole. The chunks are written straight from the tensors' memory, a few
+at a time, never as one serialized copy of the model.
 
 The manifest and the round plan are stored signed (:class:`shared.signing.SignedEnvelope`): a
 store with a ``verify_key`` (a client's) refuses, with :class:`SnapshotUntrusted`, anything that is
@@ -19,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +45,12 @@ from shared.protocol import PLAN_MAX_BYTES, MiB, RoundPlan, check_protocol, requ
 from shared.settings import redis_bytes
 from shared.signing import SigningKey, VerifyKey, open_signed, seal
 
-DEFAULT_CHUNK_BYTES = 4 * MiB
+# Just under 4 MiB: Redis stores a value of exactly 4 MiB (plus its few bytes of header) in a
+# 5 MiB allocation of jemalloc, so 4 MiB chunks cost ~1.25x their bytes in used_memory (measured:
+# benchmarks/commit_memory.py --redis); 1 KiB less fits the 4 MiB size class. Readers take the
+# chunk size from the manifest.
+DEFAULT_CHUNK_BYTES = 4 * MiB - 1024
+PIPELINE_CHUNKS = 8  # chunks written per round trip: at most 32 MiB in flight
 MAX_MANIFEST_BYTES = 8 * MiB
 MAX_PLAN_BYTES = PLAN_MAX_BYTES  # RoundPlan.decode's own limit
 MAX_SNAPSHOT_BYTES = 8 * 1024 * MiB
@@ -167,10 +176,12 @@ class SnapshotManifest:
         return manifest
 
 
-def flatten(params: dict[str, torch.Tensor]) -> tuple[tuple[ParamEntry, ...], bytes]:
-    """Parameter entries and the flat little-endian bytes of ``params`` (in the given order)."""
+def byte_views(params: dict[str, torch.Tensor]) -> tuple[tuple[ParamEntry, ...], list[memoryview]]:
+    """Parameter entries and, per tensor, its little-endian bytes (in the given order): a view of
+    the tensor's own memory when it is a contiguous CPU tensor (the coordinator's θ is), so that
+    nothing is copied. The flat snapshot is the views one after the other."""
     entries = []
-    parts = []
+    views = []
     offset = 0
     for name, tensor in params.items():
         t = tensor.detach().to("cpu").contiguous()
@@ -179,11 +190,37 @@ def flatten(params: dict[str, torch.Tensor]) -> tuple[tuple[ParamEntry, ...], by
             raise SnapshotError(f"parameter {name} has unsupported dtype {dtype}")
         entry = ParamEntry(name, tuple(t.shape), dtype, offset)
         # reshape(-1): a 0-d tensor (a scalar parameter) cannot be viewed as bytes directly
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        parts.append(raw)
-        offset += len(raw)
+        view = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
+        views.append(view)
+        offset += len(view)
         entries.append(entry)
-    return tuple(entries), b"".join(parts)
+    return tuple(entries), views
+
+
+def flatten(params: dict[str, torch.Tensor]) -> tuple[tuple[ParamEntry, ...], bytes]:
+    """Parameter entries and the flat little-endian bytes of ``params`` (in the given order)."""
+    entries, views = byte_views(params)
+    return entries, b"".join(views)
+
+
+def chunked(views: list[memoryview], chunk_bytes: int) -> Iterator[memoryview | bytes]:
+    """The flat bytes of ``views`` cut into ``chunk_bytes`` pieces (the last one shorter) without
+    putting them together whole: a chunk inside one view is a slice of it (no copy), one across
+    views is joined (one chunk's worth)."""
+    pending: list[memoryview] = []
+    size = 0
+    for view in views:
+        start = 0
+        while start < len(view):
+            take = min(chunk_bytes - size, len(view) - start)
+            pending.append(view[start : start + take])
+            size += take
+            start += take
+            if size == chunk_bytes:
+                yield pending[0] if len(pending) == 1 else b"".join(pending)
+                pending, size = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else b"".join(pending)
 
 
 def unflatten(entries: tuple[ParamEntry, ...], flat: bytes) -> dict[str, torch.Tensor]:
@@ -217,7 +254,9 @@ class SnapshotStore:
     ``signer`` (the coordinator's key) signs what :meth:`publish` and :meth:`publish_plan` write;
     a store without one cannot publish. ``verify_key`` (the key a client pinned) is checked on
     every manifest and plan read; without one (the coordinator reading back its own writes, test
-    probes) an envelope is only unwrapped.
+    probes) an envelope is only unwrapped. ``expire_grace_s`` (0: none) lets a version pushed out
+    of the newest ``keep_versions`` live that much longer, for slow readers, at the cost of every
+    version published meanwhile staying in Redis memory too.
     """
 
     def __init__(
@@ -226,7 +265,7 @@ class SnapshotStore:
         keys: RunKeys,
         *,
         keep_versions: int = 3,
-        expire_grace_s: int = 60,
+        expire_grace_s: int = 0,
         signer: SigningKey | None = None,
         verify_key: VerifyKey | None = None,
     ) -> None:
@@ -240,10 +279,13 @@ class SnapshotStore:
         self.verify_key = verify_key
         self._flip = client.register_script(_FLIP_FORWARD)
 
-    def _signed(self, body: bytes) -> bytes:
+    def _signer(self) -> SigningKey:
         if self.signer is None:
             raise SnapshotError("this snapshot store has no signing key: only the coordinator publishes")
-        return seal(body, self.signer)
+        return self.signer
+
+    def _signed(self, body: bytes) -> bytes:
+        return seal(body, self._signer())
 
     def _open(self, raw: bytes, what: str, *, max_body_bytes: int) -> bytes:
         """The body of the envelope ``raw`` (the signature checked if there is a verify key)."""
@@ -290,24 +332,34 @@ class SnapshotStore:
         ``before_flip`` (fault tests only) is called between the chunk/manifest writes and the
         pointer flip: a crash there must leave readers on the previous version.
         """
-        entries, flat = flatten(params)
-        chunks = [flat[i : i + chunk_bytes] for i in range(0, len(flat), chunk_bytes)]
+        self._signer()  # before anything is written
+        if chunk_bytes < 1:
+            raise SnapshotError("chunk_bytes must be >= 1")
+        entries, views = byte_views(params)
+        old = version - self.keep_versions
+        if old < version - 1:  # not the version readers are on now (keep_versions >= 2)
+            self._drop(old)  # first: Redis then never holds more than keep_versions snapshots
+        # Chunk by chunk from θ's own memory, a few per round trip: the serialized snapshot never
+        # exists whole in this process (a commit's memory stays near the steady one).
+        digests = []
+        pipe = self.redis.pipeline(transaction=False)
+        for index, chunk in enumerate(chunked(views, chunk_bytes)):
+            digests.append(hashlib.sha256(chunk).hexdigest())
+            pipe.set(self.keys.chunk(version, index), chunk)
+            if len(pipe) >= PIPELINE_CHUNKS:
+                pipe.execute()
         manifest = SnapshotManifest(
             run=self.keys.run,
             run_id=run_id,
             version=version,
             params=entries,
             chunk_bytes=chunk_bytes,
-            chunk_sha256=tuple(hashlib.sha256(c).hexdigest() for c in chunks),
+            chunk_sha256=tuple(digests),
             config=config,
             progress=progress,
             created_at=time.time(),
         )
-        signed = self._signed(manifest.encode())  # before anything is written
-        pipe = self.redis.pipeline(transaction=False)
-        for index, chunk in enumerate(chunks):
-            pipe.set(self.keys.chunk(version, index), chunk)
-        pipe.set(self.keys.manifest(version), signed)
+        pipe.set(self.keys.manifest(version), self._signed(manifest.encode()))  # after every chunk
         pipe.execute()
         if before_flip is not None:
             before_flip()
@@ -316,11 +368,13 @@ class SnapshotStore:
                 f"Redis already points at a version >= {version}; another coordinator may be "
                 "running this run"
             )
-        self._expire_old(version)
+        if old == version - 1:  # keep_versions 1: readers were on it until the flip
+            self._drop(old)
         return manifest
 
-    def _expire_old(self, newest: int) -> None:
-        old = newest - self.keep_versions
+    def _drop(self, old: int) -> None:
+        """Delete version ``old``, manifest and chunks (at once, or after ``expire_grace_s`` if
+        that is set)."""
         if old < 0:
             return
         raw = redis_bytes(self.redis.get(self.keys.manifest(old)))
@@ -330,9 +384,14 @@ class SnapshotStore:
             count = len(SnapshotManifest.decode(open_signed(raw, None)).chunk_sha256)
         except ProtocolError:
             count = 0
+        keys = [self.keys.manifest(old)] + [self.keys.chunk(old, i) for i in range(count)]
         pipe = self.redis.pipeline(transaction=False)
-        for key in [self.keys.manifest(old)] + [self.keys.chunk(old, i) for i in range(count)]:
-            pipe.expire(key, self.expire_grace_s)
+        for start in range(0, len(keys), 512):
+            if self.expire_grace_s:
+                for key in keys[start : start + 512]:
+                    pipe.expire(key, self.expire_grace_s)
+            else:
+                pipe.delete(*keys[start : start + 512])  # DEL frees at once (UNLINK would lag)
         pipe.execute()
 
     def read_manifest(self, version: int) -> SnapshotManifest:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import tracemalloc
 
 import pytest
 import redis
@@ -44,19 +45,80 @@ def test_corrupted_chunk_is_detected(redis_client: redis.Redis, run_name: str) -
         store.read()
 
 
-def test_pointer_never_moves_backwards_and_old_versions_expire(
+def test_pointer_never_moves_backwards_and_old_versions_go_at_once(
     redis_client: redis.Redis, run_name: str
 ) -> None:
+    keys = RunKeys(run_name)
+    store = SnapshotStore(redis_client, keys, keep_versions=2, signer=KEY)
+    for v in range(6):
+        manifest = store.publish(run_id="r", version=v, params=_params(float(v)), config={}, progress={},
+                                 chunk_bytes=65536)
+        # only the newest keep_versions are left, manifest and every chunk, none with an expiry
+        for old in range(v + 1):
+            there = [redis_client.exists(keys.manifest(old))] + [
+                redis_client.exists(keys.chunk(old, i)) for i in range(len(manifest.chunk_sha256))]
+            assert set(there) == ({1} if old > v - 2 else {0}), (v, old)
+            if old > v - 2:
+                assert redis_client.ttl(keys.chunk(old, 0)) == -1
+    assert store.current_version() == 5
+    with pytest.raises(SnapshotError, match="already points"):
+        store.publish(run_id="r", version=4, params=_params(9.0, 1000), config={}, progress={})
+    assert store.current_version() == 5
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_redis_never_holds_more_than_keep_versions_and_readers_always_have_one(
+    redis_client: redis.Redis, run_name: str, keep: int
+) -> None:
+    keys = RunKeys(run_name)
+    store = SnapshotStore(redis_client, keys, keep_versions=keep, signer=KEY, verify_key=KEY.verify_key)
+
+    def held() -> set[int]:
+        return {v for v in range(8) if redis_client.exists(keys.manifest(v), keys.chunk(v, 0)) == 2}
+
+    def readable() -> int:
+        try:
+            return store.read().version
+        except SnapshotMissing:
+            return -1
+
+    during: list[tuple[set[int], int]] = []
+    for v in range(8):
+        store.publish(run_id="r", version=v, params=_params(float(v), 1000), config={}, progress={},
+                      before_flip=lambda: during.append((held(), readable())))
+        assert held() == set(range(max(0, v - keep + 1), v + 1))
+    for v, (keys_held, read_version) in enumerate(during):
+        # while v is written: the version readers are on (v - 1) is whole, and with v at most
+        # max(keep, 2) versions are in Redis (keep 1: v - 1 goes only after the flip)
+        assert read_version == v - 1 and len(keys_held) <= max(keep, 2)
+        assert v in keys_held and (v == 0 or v - 1 in keys_held)
+
+
+def test_a_grace_keeps_pushed_out_versions_a_while(redis_client: redis.Redis, run_name: str) -> None:
     keys = RunKeys(run_name)
     store = SnapshotStore(redis_client, keys, keep_versions=2, expire_grace_s=30, signer=KEY)
     for v in range(4):
         store.publish(run_id="r", version=v, params=_params(float(v), 1000), config={}, progress={})
-    assert store.current_version() == 3
     assert 0 < redis_client.ttl(keys.manifest(1)) <= 30  # 3 - keep_versions
+    assert 0 < redis_client.ttl(keys.chunk(1, 0)) <= 30
     assert redis_client.ttl(keys.manifest(2)) == -1  # kept without expiry
-    with pytest.raises(SnapshotError, match="already points"):
-        store.publish(run_id="r", version=2, params=_params(9.0, 1000), config={}, progress={})
-    assert store.current_version() == 3
+
+
+def test_publishing_makes_no_copy_of_the_model(redis_client: redis.Redis, run_name: str) -> None:
+    # 12 MB of float32 in 1 MiB chunks. Before, the flat bytes and the list of chunks were both
+    # Python bytes (24 MB seen by tracemalloc); now only a chunk that spans two tensors is joined.
+    params = {f"w{i}": torch.full((1_000_000,), float(i)) for i in range(3)}
+    store = SnapshotStore(redis_client, RunKeys(run_name), signer=KEY, verify_key=KEY.verify_key)
+    store.publish(run_id="r", version=0, params=params, config={}, progress={}, chunk_bytes=2**20)
+    tracemalloc.start()
+    try:
+        store.publish(run_id="r", version=1, params=params, config={}, progress={}, chunk_bytes=2**20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, f"{peak} bytes allocated while publishing a 12 MB snapshot"
+    snap = store.read()
+    assert snap.version == 1 and all(torch.equal(snap.params[k], v) for k, v in params.items())
 
 
 def test_reader_racing_a_publisher_never_sees_a_torn_or_mixed_snapshot(

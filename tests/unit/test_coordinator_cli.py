@@ -18,8 +18,9 @@ import coordinator.cli as cli
 from coordinator.applied_log import FILENAME as APPLIED_LOG
 from coordinator.checkpoint import FILENAME as CHECKPOINT
 from coordinator.checkpoint import set_aside
+from coordinator.lease import CoordinatorLease
 from coordinator.sim.cli import simulate
-from shared.errors import ConfigError
+from shared.errors import ConfigError, RunTaken
 from shared.settings import ConnectionSettings
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # port 1: connection refused at once, no server needed
@@ -80,7 +81,7 @@ def test_set_aside_without_a_checkpoint(tmp_path: Path) -> None:
 # --- help and shared options --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["simulate"], ["status"], ["delete-run"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["simulate"], ["status"], ["delete-run"], ["sample"]])
 def test_help(command: list[str]) -> None:
     result = invoke([*command, "--help"])
     assert result.exit_code == 0, result.output
@@ -200,11 +201,40 @@ def test_serve_reports_an_unreachable_redis_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_service: list[FakeCoordinator]
 ) -> None:
     def refuse(self: FakeCoordinator) -> None:
-        self.redis.ping()
+        self.redis.ping()  # past the real one's first contact, a Redis away is an outage: exit 1
 
     monkeypatch.setattr(FakeCoordinator, "serve", refuse)
     result = invoke(["serve", "--checkpoint-dir", str(tmp_path), "--redis", UNREACHABLE_REDIS])
     assert_one_line_error(result, 1, "cannot reach Redis at redis://127.0.0.1:1/0")
+
+
+class LeasedRedis:
+    """Just enough of a Redis client for CoordinatorLease: another live coordinator holds the key."""
+
+    def __init__(self, holder: bytes) -> None:
+        self.holder = holder
+
+    def register_script(self, script: str) -> Any:
+        return lambda keys, args: 0  # a refresh never finds the lease ours
+
+    def set(self, key: str, value: str, **kwargs: Any) -> bool | None:
+        return None  # SET NX: taken
+
+    def get(self, key: str) -> bytes:
+        return self.holder
+
+
+def test_a_run_another_coordinator_serves_ends_serve_with_its_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_service: list[FakeCoordinator]
+) -> None:
+    def serve(self: FakeCoordinator) -> None:
+        # A holder on another machine is never known dead: its lease runs out with the TTL.
+        CoordinatorLease(LeasedRedis(b"elsewhere.example:4242:cafe0123"), "k").acquire(wait_s=0)
+
+    monkeypatch.setattr(FakeCoordinator, "serve", serve)
+    result = invoke(["serve", "--checkpoint-dir", str(tmp_path)])
+    assert_one_line_error(result, RunTaken.exit_code,
+                          "another coordinator (elsewhere.example:4242:cafe0123) is serving this run")
 
 
 def test_serve_signs_with_the_key_that_the_key_command_prints(

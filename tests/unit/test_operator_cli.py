@@ -24,6 +24,7 @@ from coordinator.checkpoint import save_checkpoint
 from coordinator.export import CONFIG_FILE, MODEL_FILE
 from coordinator.outer_optimizer import OuterConfig
 from coordinator.run_state import RunState, resume_differences
+from shared.errors import CheckpointUnusable
 from shared.local_round import InnerConfig
 from shared.tasks import load_task
 from tests.services import small_config
@@ -61,7 +62,8 @@ def test_serve_refuses_a_corrupt_checkpoint_in_one_line(
 ) -> None:
     (tmp_path / CHECKPOINT).write_bytes(content)
     result = _serve(tmp_path, *(["--resume"] if resume else []))
-    assert_one_line_error(result, 1, f"checkpoint {tmp_path / CHECKPOINT} is unreadable")
+    assert_one_line_error(result, CheckpointUnusable.exit_code,
+                          f"checkpoint {tmp_path / CHECKPOINT} is unreadable")
     assert "--fresh" in result.stderr
     assert (tmp_path / CHECKPOINT).read_bytes() == content  # left for the operator to judge
 
@@ -70,20 +72,20 @@ def test_serve_resume_without_a_checkpoint_refuses_rather_than_starting_afresh(
     tmp_path: Path, no_signals: None
 ) -> None:
     result = _serve(tmp_path / "empty", "--resume")
-    assert_one_line_error(result, 1, "--resume: no checkpoint of run 'probe'")
+    assert_one_line_error(result, 65, "--resume: no checkpoint of run 'probe'")
     assert not (tmp_path / "empty" / CHECKPOINT).exists()
 
 
 def test_serve_refuses_a_checkpoint_dir_through_a_file(tmp_path: Path, no_signals: None) -> None:
     (tmp_path / "file").write_text("x")
-    assert_one_line_error(_serve(tmp_path / "file" / "ckpt"), 1, "cannot create it or write in it")
+    assert_one_line_error(_serve(tmp_path / "file" / "ckpt"), 65, "cannot create it or write in it")
     # the file itself: click's own check, one line too
     assert_one_line_error(_serve(tmp_path / "file"), 2, "is a file")
 
 
 def test_serve_refuses_a_checkpoint_dir_that_cannot_be_created(no_signals: None) -> None:
     # /proc takes no new directories, not even from root
-    assert_one_line_error(_serve(Path("/proc/asyncloco-probe")), 1, "cannot create it or write in it")
+    assert_one_line_error(_serve(Path("/proc/asyncloco-probe")), 65, "cannot create it or write in it")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory anyway")
@@ -91,7 +93,7 @@ def test_serve_refuses_an_unwritable_checkpoint_dir(tmp_path: Path, no_signals: 
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     try:
-        assert_one_line_error(_serve(locked), 1, "cannot create it or write in it")
+        assert_one_line_error(_serve(locked), 65, "cannot create it or write in it")
     finally:
         locked.chmod(0o700)
 

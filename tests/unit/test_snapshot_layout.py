@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shared.errors import ProtocolError, SnapshotError
-from shared.snapshot import ParamEntry, SnapshotManifest, flatten, unflatten
+from shared.snapshot import ParamEntry, SnapshotManifest, byte_views, chunked, flatten, unflatten
 
 
 def mixed_params() -> dict[str, torch.Tensor]:
@@ -60,6 +60,30 @@ def test_unflatten_copies() -> None:
 def test_flatten_refuses_other_dtypes() -> None:
     with pytest.raises(SnapshotError, match="unsupported dtype"):
         flatten({"steps": torch.arange(3)})
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 4, 64, 80, 10_000])
+def test_chunks_cut_from_the_tensors_are_the_flat_bytes_cut(chunk_bytes: int) -> None:
+    params = mixed_params()
+    entries, views = byte_views(params)
+    _, flat = flatten(params)
+    assert entries == flatten(params)[0]
+    chunks = [bytes(c) for c in chunked(views, chunk_bytes)]
+    assert chunks == [flat[i : i + chunk_bytes] for i in range(0, len(flat), chunk_bytes)]
+
+
+def test_a_chunk_inside_one_tensor_is_a_view_of_it_not_a_copy() -> None:
+    w = torch.zeros(64)  # 256 bytes: four chunks of 64, all inside w
+    _, views = byte_views({"w": w})
+    chunks = list(chunked(views, 64))
+    assert len(chunks) == 4 and all(isinstance(c, memoryview) for c in chunks)
+    w[0] = 1.5
+    assert bytes(chunks[0][:4]) == b"\x00\x00\xc0\x3f"  # sees the tensor's memory
+
+
+def test_no_params_no_chunks() -> None:
+    assert list(chunked(byte_views({})[1], 64)) == []
+    assert list(chunked(byte_views({"e": torch.zeros(0)})[1], 64)) == []
 
 
 def test_unflatten_refuses_short_bytes() -> None:
