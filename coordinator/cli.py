@@ -26,9 +26,11 @@ from coordinator.checkpoint import prepare_directory, set_aside
 from coordinator.config import CommitConfig, CoordinatorConfig, DashboardConfig, MetricsConfig
 from coordinator.consumer import QueueConfig
 from coordinator.faults import CrashPoints
+from coordinator.guard import GuardConfig
 from coordinator.identity import AuthMode
 from coordinator.intake import IntakeConfig
 from coordinator.options import (
+    guard_options,
     option,
     outer_options,
     round_options,
@@ -135,6 +137,7 @@ main.add_command(volunteers_command)
         help="Delayed Nesterov c in [0, 1/N]: the share of the momentum step spread over a buffer's "
         "arrivals (Algorithm 3); capped at 1/N when N follows the active clients.")
 @round_options()
+@guard_options()
 @option("--warm-start-client", env="WARM_START_CLIENT", default=None, metavar="ID",
         help="The client that trains the warm start alone; others wait [default: whoever sends first, "
         "with a warning].")
@@ -246,6 +249,8 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
         sync_timeout_s=opts["sync_timeout_s"],
         intake=IntakeConfig(max_staleness=opts["max_staleness"],
                             max_deltas_per_minute=opts["max_deltas_per_minute"]),
+        guard=GuardConfig(mode=opts["guard"], reject_ratio=opts["guard_reject_ratio"],
+                          clip_ratio=opts["guard_clip_ratio"], min_cosine=opts["guard_min_cosine"]),
         commit=CommitConfig(every_updates=opts["commit_every"], interval_s=opts["commit_interval_s"],
                             idle_interval_s=opts["commit_idle_s"]),
         queue=QueueConfig(prefetch=opts["prefetch"], max_queue_bytes=opts["max_queue_bytes"]),

@@ -8,6 +8,7 @@ from typing import Any
 
 from coordinator.commit_batch import CommitConfig
 from coordinator.consumer import QueueConfig
+from coordinator.guard import GuardConfig
 from coordinator.identity import AuthMode
 from coordinator.intake import IntakeConfig
 from coordinator.outer_optimizer import OuterConfig
@@ -67,6 +68,7 @@ class CoordinatorConfig:
     outer: OuterConfig = OuterConfig()
     plan: PlanConfig = PlanConfig()
     intake: IntakeConfig = IntakeConfig()
+    guard: GuardConfig = GuardConfig()  # screening and clipping of deltas (coordinator/guard.py)
     commit: CommitConfig = CommitConfig()
     queue: QueueConfig = QueueConfig()
     spool: SpoolConfig = SpoolConfig()

@@ -6,7 +6,8 @@ limits (:mod:`shared.protocol` names those reasons); right run; a client id we c
 replay; base version neither in the future nor beyond the staleness bound (during a warm start:
 from its holder and on the current version, see :mod:`coordinator.warm_start`); a known codec; exactly
 the model's parameter names; payloads of exactly the right size; finite values; a norm that is not
-absurd next to the model's own.
+absurd next to the model's own. Then the guard (:mod:`coordinator.guard`, inside ``apply``) may
+still refuse a delta that is well-formed but an outlier, or clip it.
 
 Whether a delta that passed those checks may touch the model *now* is up to the admission rules
 (:mod:`coordinator.admission`: the rate limit, the sync round's barrier or the warm start and one
@@ -81,8 +82,9 @@ class IntakeConfig:
             raise ConfigError("--max-deltas-per-minute must be >= 0 (0: no limit) and the burst >= 1")
 
 
-# Moves θ by one admitted delta: (delta, arrival, ids of the active clients, sender included) → None.
-ApplyDelta = Callable[[dict[str, torch.Tensor], Arrival, set[str]], None]
+# Moves θ by one admitted delta: (delta, arrival, ids of the active clients, sender included) → None,
+# or refuses it (the guard, coordinator.guard): → (reason, detail), θ untouched.
+ApplyDelta = Callable[[dict[str, torch.Tensor], Arrival, set[str]], tuple[str, str] | None]
 # Versions whose applied-delta count is kept, to count a base's staleness in arrivals: far beyond
 # any sane staleness bound.
 VERSIONS_KEPT = 1024
@@ -291,7 +293,9 @@ class DeltaIntake:
         log.debug("apply %s:%d base=%d staleness=%d steps=%d |g|=%.4f |θ|=%.2f N=%d", cid, seq,
                   msg.base_version, arrival.staleness, msg.local_steps, math.sqrt(sq), model_norm,
                   len(active_ids))
-        self.apply(delta, arrival, active_ids)
+        refused = self.apply(delta, arrival, active_ids)
+        if refused is not None:
+            return reject(*refused)
         for rule in self.rules:
             rule.admitted(arrival)
         # Credited no more steps than it was assigned (the slack lets a little more in, uncounted).

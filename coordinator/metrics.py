@@ -84,6 +84,11 @@ class _RunCollector(Collector):
         for reason, count in sorted(dict(run.intake.rejected_by_reason).items()):
             reasons.add_metric([reason], count)
         yield reasons
+        guard = CounterMetricFamily(PREFIX + "guard_decisions", "The guard's decisions on deltas (judged, "
+                                    "accepted, clipped, and each refusal reason).", labels=["decision"])
+        for decision, count in sorted(dict(run.guard.counts).items()):
+            guard.add_metric([decision], count)
+        yield guard
         progress = run.progress
         yield CounterMetricFamily(PREFIX + "local_steps", "Local steps credited to applied deltas.",
                                   value=progress.local_steps)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
+from coordinator.guard import GUARD_MODES, GuardConfig
 from shared.files import default_state_dir
 from shared.keys import validate_run_name
 from shared.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
@@ -60,6 +61,28 @@ def outer_options() -> Callable[[F], F]:
         option("--min-buffer", env="MIN_BUFFER", type=click.IntRange(1), default=1,
                help="With --buffer-size 0: N is at least this (so the run's first deltas, from the one "
                "client heard from so far, do not each take a whole momentum step)."),
+    )
+
+
+def guard_options() -> Callable[[F], F]:
+    """The delta guard (coordinator/guard.py): --guard, --guard-reject-ratio, --guard-clip-ratio,
+    --guard-min-cosine."""
+    return _group(
+        option("--guard", env="GUARD", type=click.Choice(GUARD_MODES), default="clip",
+               help="Judge each delta before it moves θ: 'screen' refuses outliers (norm, one tensor's "
+               "share, direction against the server's momentum), 'clip' also clips the rest around the "
+               "momentum (centered clipping), 'off' keeps only the absolute checks (docs/SECURITY.md)."),
+        option("--guard-reject-ratio", env="GUARD_REJECT_RATIO", type=click.FloatRange(1, min_open=True),
+               default=GuardConfig.reject_ratio,
+               help="Refuse a delta whose norm (scaled to a full round) is beyond this many times the "
+               "median of recent accepted ones; raise it if honest volunteers see norm_outlier."),
+        option("--guard-clip-ratio", env="GUARD_CLIP_RATIO", type=click.FloatRange(0, min_open=True),
+               default=GuardConfig.clip_ratio,
+               help="Clip a delta's distance to the momentum's mean at this many times the median "
+               "distance; raise it if status shows many honest deltas clipped."),
+        option("--guard-min-cosine", env="GUARD_MIN_COSINE", type=click.FloatRange(-1, 1),
+               default=GuardConfig.min_cosine,
+               help="Refuse a delta whose cosine to the server's momentum is below this (-1: never)."),
     )
 
 

@@ -33,6 +33,7 @@ from coordinator.admission import (
 from coordinator.applied_log import AppliedLog
 from coordinator.checkpoint import Checkpoint
 from coordinator.config import CoordinatorConfig
+from coordinator.guard import DeltaGuard, momentum_centre
 from coordinator.identity import AuthMode, InvitedSenders, OpenSenders, SenderCheck
 from coordinator.intake import DeltaIntake
 from coordinator.outer_optimizer import OuterOptimizer, SyncNesterov, make_outer_optimizer
@@ -80,16 +81,27 @@ def admission_rules(config: CoordinatorConfig, *, barrier: SyncBarrier | None,
 
 def build_intake(config: CoordinatorConfig, *, optimizer: OuterOptimizer, registry: ClientRegistry,
                  progress: RunProgress, warm: WarmStart, barrier: SyncBarrier | None,
-                 run_id: str, senders: SenderCheck | None = None) -> DeltaIntake:
-    """The intake of a run: its admission rules, and θ moved by the outer optimizer, or adopted
-    whole while the warm start lasts."""
+                 run_id: str, guard: DeltaGuard | None = None,
+                 senders: SenderCheck | None = None) -> DeltaIntake:
+    """The intake of a run: its admission rules, and θ moved by the outer optimizer after the
+    guard's judgement, or adopted whole while the warm start lasts (its holder is trusted: the
+    guard learns from its deltas)."""
 
     outer, full = config.outer, config.plan.local_steps
+    if guard is None:  # the run state hands in its own, which it checkpoints
+        guard = DeltaGuard(config.guard, list(optimizer.params), centre=momentum_centre(optimizer),
+                           full_steps=full)
 
-    def apply(delta: dict[str, torch.Tensor], arrival: Arrival, active_ids: set[str]) -> None:
+    def apply(delta: dict[str, torch.Tensor], arrival: Arrival,
+              active_ids: set[str]) -> tuple[str, str] | None:
         if warm.active:
+            guard.observe(delta)
             optimizer.adopt(delta)
-            return
+            return None
+        decision = guard.judge(delta, local_steps=arrival.local_steps, sender=arrival.client_id)
+        if decision.delta is None:
+            return decision.reason, decision.detail
+        delta = decision.delta
         # Compute weights (OuterConfig.weight_of): the sender's from the steps it claims (bounded
         # by its assignment), the others' from their last applied round (a full one if none yet).
         weight = outer.weight_of(arrival.local_steps, full)
@@ -101,6 +113,7 @@ def build_intake(config: CoordinatorConfig, *, optimizer: OuterOptimizer, regist
         staleness = 0 if barrier is not None else arrival.staleness
         optimizer.step(delta, active_clients=len(active_ids), staleness=staleness, weight=weight,
                        active_weight=active_weight if outer.compute_exponent else None)
+        return None
 
     return DeltaIntake(
         config=config.intake, params=optimizer.params, registry=registry, progress=progress,
@@ -163,11 +176,14 @@ class RunState:
         self.volunteers = (VolunteerBook.open(config.checkpoint_dir)
                            if config.auth is AuthMode.INVITE and config.checkpoint_dir is not None else None)
         senders = InvitedSenders(self.volunteers) if self.volunteers is not None else OpenSenders()
+        # Judges each delta before it moves θ, around the optimizer's momentum (coordinator.guard).
+        self.guard = DeltaGuard(config.guard, list(self.optimizer.params),
+                                centre=momentum_centre(self.optimizer), full_steps=config.plan.local_steps)
         self.intake = build_intake(config, optimizer=self.optimizer, registry=self.registry,
                                    progress=self.progress, warm=self.warm, barrier=self.barrier,
-                                   run_id=run_id, senders=senders)
+                                   run_id=run_id, guard=self.guard, senders=senders)
         self.applied_log = applied_log
-        self.components: list[Persistent] = [self.registry, self.progress, self.intake, self.warm]
+        self.components: list[Persistent] = [self.registry, self.progress, self.intake, self.warm, self.guard]
         if self.barrier is not None:
             self.components.append(self.barrier)
         self.version = 0

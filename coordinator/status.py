@@ -59,6 +59,8 @@ def build_status(run: RunState, *, consumer: DeltaConsumer | None, spool: PartSp
             "duplicate": intake.counts["duplicate"],
             "rejected": intake.counts["rejected"],
             "rejected_by_reason": dict(sorted(intake.rejected_by_reason.items())),
+            # the guard's decisions (judged, accepted, clipped, and each refusal reason)
+            "guard": {"mode": run.guard.mode.value, **dict(sorted(run.guard.counts.items()))},
         },
         "progress": run.progress_doc(now),
         "eval": {
@@ -180,4 +182,7 @@ def render_text(doc: dict[str, Any], *, now: float | None = None) -> str:
         lines.append("no clients yet")
     if d["rejected_by_reason"]:
         lines.append("rejected: " + ", ".join(f"{k}={v}" for k, v in d["rejected_by_reason"].items()))
+    guard = d.get("guard") or {}
+    if guard.get("judged"):
+        lines.append(f"guard ({guard['mode']}): judged={guard['judged']} clipped={guard.get('clipped', 0)}")
     return "\n".join(lines)

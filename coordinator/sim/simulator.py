@@ -1,17 +1,19 @@
 """A virtual-clock simulator of asyncloco: W workers in one process, real code, simulated time.
 
 Each worker runs the client's own local round (:class:`shared.local_round.LocalTrainer`), its delta
-goes through the real codec with error feedback (:mod:`shared.codecs`), and the coordinator's own
-outer optimizer applies it (:mod:`coordinator.outer_optimizer`). Only time is simulated: a local
-step of a worker with speed ``v`` takes ``1 / v`` time units (one unit = one step of a speed-1
-worker), an upload adds ``latency``, and with ``jitter`` each round's speed is the worker's own
-times lognormal(0, jitter) noise (so equal-speed workers do not arrive in one fixed order). As in
-the coordinator, staleness counts arrivals (deltas applied since the round's base) and deltas
-past the staleness bound are discarded (:class:`coordinator.admission.StalenessBound`); compute
-weights (``OuterConfig.compute_exponent``) use the sender's steps and every other online
-worker's last round, as the intake does. A discrete-event queue orders round completions, so 2 CPU cores
-can faithfully simulate 16 or 64 heterogeneous workers: a slow worker's delta arrives late, based
-on an old version, exactly as it would in a real run.
+goes through the real codec with error feedback (:mod:`shared.codecs`), the intake's absolute norm
+bound and the coordinator's own delta guard (:mod:`coordinator.guard`), and the coordinator's own
+outer optimizer applies it (:mod:`coordinator.outer_optimizer`). Some workers may lie
+(:mod:`coordinator.sim.attacks`); the budget counts honest workers' steps only. Only time is
+simulated: a local step of a worker with speed ``v`` takes ``1 / v`` time units (one unit = one step
+of a speed-1 worker), an upload adds ``latency``, and with ``jitter`` each round's speed is the
+worker's own times lognormal(0, jitter) noise (so equal-speed workers do not arrive in one fixed
+order). As in the coordinator, staleness counts arrivals (deltas applied since the round's base) and
+deltas past the staleness bound are discarded (:class:`coordinator.admission.StalenessBound`);
+compute weights (``OuterConfig.compute_exponent``) use the sender's steps and every other online
+worker's last round, as the intake does. A discrete-event queue orders round completions, so 2 CPU
+cores can faithfully simulate 16 or 64 heterogeneous workers: a slow worker's delta arrives late,
+based on an old version, exactly as it would in a real run.
 
 Strategies: ``dn``, ``nesterov``, ``sgd``, ``fedbuff`` (asynchronous, see
 :mod:`coordinator.outer_optimizer`), each optionally ``+dylu`` (Dynamic Local Updates: H_i from the
@@ -25,13 +27,17 @@ import heapq
 import logging
 import math
 import random
+import statistics
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from coordinator.admission import StalenessBound
+from coordinator.guard import DeltaGuard, GuardConfig, momentum_centre
+from coordinator.intake import IntakeConfig
 from coordinator.outer_optimizer import ASYNC_STRATEGIES, STRATEGIES, OuterConfig, make_outer_optimizer
+from coordinator.sim.attacks import AttackConfig, Forger, backdoor_batches, trigger_loss
 from shared.codecs import ErrorFeedback, get_codec
 from shared.dylu import local_steps_for
 from shared.errors import ConfigError
@@ -63,7 +69,8 @@ def speed_profile(level: str, workers: int, *, sigma: float = 0.75, seed: int = 
 
 @dataclass(frozen=True)
 class SimConfig:
-    """One simulated run. ``budget_steps`` is the total local steps of all workers together."""
+    """One simulated run. ``budget_steps`` is the total local steps of the honest workers together
+    (all workers', without attackers)."""
 
     strategy: str = "edn+dylu"
     speeds: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
@@ -85,6 +92,12 @@ class SimConfig:
     churn_offline_mean: float = 0.0  # mean offline time (exponential)
     # The coordinator's --warm-start-steps: the fastest worker trains alone (θ -= g) this long first.
     warm_start_steps: int = 0
+    # The coordinator's guard (coordinator.guard) and the intake's absolute norm bound, which
+    # every delta passes through; attackers among the workers (coordinator.sim.attacks).
+    guard: GuardConfig = GuardConfig()
+    max_norm_ratio: float = IntakeConfig().max_norm_ratio
+    attack: AttackConfig = AttackConfig()
+    measure_trigger: bool = False  # record the backdoor's trigger loss at every eval
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,6 +116,8 @@ class SimConfig:
         if not 0 <= self.churn_leave_prob < 1 or self.churn_offline_mean < 0:
             raise ConfigError("churn leave probability must be in [0, 1), offline mean >= 0")
         get_codec(self.codec)
+        if self.attack.attackers >= len(self.speeds):
+            raise ConfigError("at least one worker must be honest")
 
     @property
     def base_strategy(self) -> str:
@@ -120,6 +135,7 @@ class SimPoint:
     local_steps: int
     tokens: int
     eval_loss: float
+    trigger_loss: float | None = None
 
 
 @dataclass
@@ -129,6 +145,8 @@ class SimResult:
     steps_per_worker: list[int] = field(default_factory=list)
     max_staleness: int = 0
     discarded_stale: int = 0
+    # honest_/attack_ + judged, refused (by the guard or the absolute bound), clipped
+    guard_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def final_loss(self) -> float:
@@ -169,9 +187,16 @@ class Simulation:
                          shard=i % self.task.num_shards, seed=config.seed * 1000 + i)
             for i in range(workers)
         ]
+        if config.attack.kind == "backdoor":
+            for i in range(config.attack.attackers):
+                trainers[i].batches = backdoor_batches(trainers[i].batches, rate=config.attack.backdoor_rate,
+                                                       seed=config.seed * 1000 + i)
         feedback = [ErrorFeedback(codec) for _ in range(workers)]
         result = SimResult(config, steps_per_worker=[0] * workers)
-        state = _RunState(model=model, outer=outer)
+        guard = DeltaGuard(config.guard, list(outer.params), centre=momentum_centre(outer),
+                           full_steps=config.local_steps)
+        state = _RunState(model=model, outer=outer, guard=guard,
+                          forger=Forger(config.attack, seed=config.seed))
         state.record(self.task, 0.0, result)
         self._warm_start(config, trainers, feedback, state, result)
         if config.base_strategy == "sync":
@@ -180,6 +205,7 @@ class Simulation:
             self._run_async(config, trainers, feedback, state, result)
         if result.curve[-1].local_steps != state.steps:
             state.record(self.task, state.now, result)
+        result.guard_counts.update({f"guard_{k}": v for k, v in sorted(state.guard.counts.items())})
         return result
 
     def pretrain(
@@ -210,6 +236,7 @@ class Simulation:
         while state.steps < min(config.warm_start_steps, config.budget_steps):
             delta, ran, tokens = self._round(trainers[fastest], feedback[fastest], config.local_steps, state)
             state.now += ran / config.speeds[fastest] + config.latency
+            state.guard.observe(delta)  # the holder is trusted
             state.outer.adopt(delta)
             state.updates += 1
             state.steps += ran
@@ -233,11 +260,13 @@ class Simulation:
                 result.steps_per_worker[i] += steps
                 state.tokens += tokens
             state.now += max(config.local_steps / config.speeds[i] for i in online) + config.latency
-            for delta in deltas:
-                state.outer.step(delta, active_clients=len(online))
-                state.updates += 1
+            for i, delta in zip(online, deltas, strict=True):
+                admitted = state.admit(config, i, delta, config.local_steps, result)
+                if admitted is not None:
+                    state.outer.step(admitted, active_clients=len(online))
+                    state.updates += 1
             state.outer.complete_round()  # the barrier: one Nesterov step on the round's mean
-            state.steps += config.local_steps * len(online)
+            state.steps += config.local_steps * sum(not config.attack.is_attacker(i) for i in online)
             for i in online:
                 if config.churn_leave_prob and rng.random() < config.churn_leave_prob:
                     online_until[i] = state.now + rng.expovariate(1.0 / max(config.churn_offline_mean, 1e-9))
@@ -285,13 +314,21 @@ class Simulation:
                     start(i)
                 continue
             delta, ran, tokens, base = inflight.pop(i)
-            staleness = state.updates - base
+            lies = config.attack.kind == "base_lie" and config.attack.is_attacker(i)
+            staleness = 0 if lies else state.updates - base  # the liar claims the newest base
             if staleness > bound.bound(len(online)):
                 result.discarded_stale += 1  # the intake refuses it: the work is lost
-                state.steps += ran  # ... but was spent (equal compute counts it)
+                state.steps += state.honest(config, i, ran)  # ... but was spent (equal compute counts it)
                 result.steps_per_worker[i] += ran
                 start(i)
                 continue
+            admitted = state.admit(config, i, delta, ran, result)
+            if admitted is None:  # refused by the guard or the intake's bound: the work is lost
+                state.steps += state.honest(config, i, ran)
+                result.steps_per_worker[i] += ran
+                start(i)
+                continue
+            delta = admitted
             result.max_staleness = max(result.max_staleness, staleness)
             last_steps[i] = ran
             weight = outer_config.weight_of(ran, config.local_steps)
@@ -299,7 +336,7 @@ class Simulation:
             emptied = state.outer.step(delta, active_clients=len(online), staleness=staleness, weight=weight,
                                        active_weight=active_weight if outer_config.compute_exponent else None)
             state.updates += 1
-            state.steps += ran
+            state.steps += state.honest(config, i, ran)
             state.tokens += tokens
             result.steps_per_worker[i] += ran
             state.maybe_record(self.task, config, result)
@@ -325,6 +362,8 @@ class Simulation:
 class _RunState:
     model: torch.nn.Module
     outer: Any
+    guard: DeltaGuard
+    forger: Forger
     now: float = 0.0
     updates: int = 0
     steps: int = 0
@@ -336,9 +375,48 @@ class _RunState:
             for name, param in self.model.named_parameters():
                 param.copy_(self.outer.params[name])
         loss = float(task.evaluate(self.model, next(self.model.parameters()).device))
-        result.curve.append(SimPoint(now, self.updates, self.steps, self.tokens, loss))
+        config = result.config
+        trigger = (trigger_loss(task, self.model)
+                   if config.measure_trigger or config.attack.kind == "backdoor" else None)
+        result.curve.append(SimPoint(now, self.updates, self.steps, self.tokens, loss, trigger))
+
+    @staticmethod
+    def honest(config: SimConfig, worker: int, steps: int) -> int:
+        """The steps that count toward the budget: an attacker's do not (equal honest compute)."""
+        return 0 if config.attack.is_attacker(worker) else steps
+
+    def admit(self, config: SimConfig, worker: int, delta: dict[str, torch.Tensor], steps: int,
+              result: SimResult) -> dict[str, torch.Tensor] | None:
+        """What the coordinator applies of worker ``worker``'s delta of ``steps`` local steps
+        (forged if it lies): the intake's absolute norm bound, then the guard; None if refused."""
+        attacker = config.attack.is_attacker(worker)
+        bound = config.max_norm_ratio * _norm(self.outer.params)
+        full_round = config.local_steps / max(1, min(steps, config.local_steps))
+        if attacker:
+            passing = bound
+            if self.guard.mode.screens and len(self.guard.norms) >= config.guard.min_history:
+                screen = config.guard.reject_ratio * statistics.median(self.guard.norms) / full_round
+                passing = min(bound, screen)
+            delta = self.forger.forge(delta, passing_norm=passing)
+        else:
+            self.forger.saw_honest(delta)
+        who = "attack" if attacker else "honest"
+        counts = result.guard_counts
+        counts[f"{who}_judged"] = counts.get(f"{who}_judged", 0) + 1
+        decision = (self.guard.judge(delta, local_steps=steps, sender=f"worker-{worker}")
+                    if _norm(delta) <= bound else None)
+        if decision is None or decision.refused:
+            counts[f"{who}_refused"] = counts.get(f"{who}_refused", 0) + 1
+            return None
+        if decision.clipped:
+            counts[f"{who}_clipped"] = counts.get(f"{who}_clipped", 0) + 1
+        return decision.delta
 
     def maybe_record(self, task: Any, config: SimConfig, result: SimResult) -> None:
         if self.steps >= self.next_eval + config.eval_every_steps:
             self.next_eval = self.steps - self.steps % config.eval_every_steps
             self.record(task, self.now, result)
+
+
+def _norm(tensors: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors.values()))

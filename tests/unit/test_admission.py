@@ -20,6 +20,7 @@ from coordinator.admission import (
     steps_allowed,
 )
 from coordinator.config import CoordinatorConfig
+from coordinator.guard import GuardConfig
 from coordinator.identity import AuthMode
 from coordinator.intake import DeltaIntake, IntakeConfig
 from coordinator.outer_optimizer import OuterConfig, make_outer_optimizer
@@ -41,9 +42,11 @@ H = 30
 def rig(*, intake: IntakeConfig | None = None, plan: PlanConfig | None = None,
         version: int = 5) -> tuple[DeltaIntake, WarmStart]:
     """An intake wired as a run wires it: every admission rule, a registry, a warm start."""
+    # The rules alone: the deltas here are made up, of any size (the guard: test_guard.py).
     config = CoordinatorConfig(auth=AuthMode.OPEN, intake=intake or IntakeConfig(),
                                outer=OuterConfig(lr=0.01, momentum=0.0, buffer_size=1, compute_exponent=0.0),
-                               plan=plan or PlanConfig(local_steps=H, min_local_steps=3))
+                               plan=plan or PlanConfig(local_steps=H, min_local_steps=3),
+                               guard=GuardConfig(mode="off"))
     optimizer = make_outer_optimizer({"a.weight": torch.ones(4, 3), "b": torch.zeros(5)}, config.outer)
     progress = RunProgress()
     warm = WarmStart(config.plan.warm_start_steps, progress=progress,

@@ -1,0 +1,284 @@
+"""The delta guard: bounded damage from a volunteer that lies, before its delta touches θ.
+
+The intake's own checks (:mod:`coordinator.intake`) refuse what is malformed or absurd: names,
+sizes, NaN, a norm above the model's own. Delayed Nesterov still moves θ on every arrival, so a
+delta that is well-formed but hostile (scaled up, sign-flipped, noise, a boosted backdoor) would
+move the model by up to ε/N of its whole norm, every round. Robust aggregators that vote over a
+synchronous cohort (Krum, trimmed mean: more than 2f + 2 updates at once) do not fit an asynchronous
+buffer of four, so the guard judges each arrival on its own against robust statistics of the
+deltas it accepted recently, and the server's own momentum:
+
+1. **Screening** (any mode but ``off``): a delta whose L2 norm is beyond ``reject_ratio`` times the
+   median norm of the last ``window`` accepted deltas is refused (``norm_outlier``), and so is one
+   in which a single tensor holds more than ``reject_ratio`` times its median share of the norm
+   (``tensor_outlier``: an attack on one small layer hides in the whole norm). A delta pointing
+   against the server's momentum (cosine below ``min_cosine``) is refused as ``against_momentum``:
+   honest pseudo-gradients keep a positive cosine with the momentum they add up to (at least 0.09
+   in every clean run measured); a sign-flipped one does not.
+2. **Centered clipping** (mode ``clip``, the default): ``g' = c + clip(g − c, τ)`` around the
+   centre ``c = (1 − β)·m`` (the server momentum's running mean of deltas), with τ =
+   ``clip_ratio`` times the median distance |g − c| of recent accepted deltas. A delta then moves
+   θ by at most ε(τ + |c|)/N, whatever it holds; the cost is O(d) per arrival.
+
+The statistics hold only what was accepted (a clipped delta counts at its clipped size), so an
+attacker cannot inflate them with its own rejected deltas; a minority of attackers cannot move a
+median. Until ``min_history`` deltas were accepted there is no statistic and only the intake's
+absolute bounds hold: that is what a warm start from a trusted holder covers. Every decision is
+counted by reason (``status``, ``/metrics``).
+
+If honest volunteers see ``norm_outlier`` or ``tensor_outlier`` rejections (rounds of very
+different lengths: a full round's delta is several times a short one's), raise ``reject_ratio``;
+if many honest deltas are clipped (``status`` shows ``clipped``), raise ``clip_ratio``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+
+from shared.errors import ConfigError
+
+# Centre tensors (the server's running mean of deltas) for the arriving delta; None: no centre yet.
+Centre = Callable[[], dict[str, torch.Tensor] | None]
+
+
+class GuardMode(str, Enum):
+    OFF = "off"  # only the intake's absolute checks
+    SCREEN = "screen"  # refuse outliers, apply the rest as sent
+    CLIP = "clip"  # refuse outliers, clip the rest around the server's momentum
+
+    @property
+    def screens(self) -> bool:
+        return self is not GuardMode.OFF
+
+
+GUARD_MODES = tuple(m.value for m in GuardMode)
+# Weight of the newest trusted delta in their running mean (about the last 1/w rounds).
+TRUSTED_MEAN_WEIGHT = 0.3
+# Judgements the direction check's safety valve looks back over (a few rounds of a few senders).
+DIRECTIONS_KEPT = 16
+# Reasons the guard refuses a delta for (each counted in ``rejected_by_reason``).
+GUARD_REASONS = ("norm_outlier", "tensor_outlier", "against_momentum")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """How the guard judges deltas (module docstring). The defaults are the measured ones
+    (docs/SECURITY.md, "Poisoned updates")."""
+
+    mode: str = GuardMode.CLIP.value
+    reject_ratio: float = 4.0
+    clip_ratio: float = 2.0
+    min_cosine: float = 0.0
+    window: int = 64
+    min_history: int = 3
+
+    def __post_init__(self) -> None:
+        if self.mode not in GUARD_MODES:
+            raise ConfigError(f"unknown guard mode {self.mode!r} (known: {', '.join(GUARD_MODES)})")
+        if not self.reject_ratio > 1 or not self.clip_ratio > 0:
+            raise ConfigError("the guard's reject ratio must be > 1 and its clip ratio > 0")
+        if not -1 <= self.min_cosine <= 1:
+            raise ConfigError("the guard's minimum cosine must be in [-1, 1]")
+        if self.window < 3 or not 1 <= self.min_history <= self.window:
+            raise ConfigError("the guard's window must be >= 3 and its history in [1, window]")
+
+    @property
+    def guard_mode(self) -> GuardMode:
+        return GuardMode(self.mode)
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    """What the guard made of a delta: refused (``reason`` says why), or the delta to apply
+    (clipped when ``clipped``)."""
+
+    delta: dict[str, torch.Tensor] | None
+    reason: str = ""
+    detail: str = ""
+    clipped: bool = False
+
+    @property
+    def refused(self) -> bool:
+        return self.delta is None
+
+
+class DeltaGuard:
+    """Screens and clips arriving deltas against the recent accepted ones (module docstring)."""
+
+    def __init__(self, config: GuardConfig, names: list[str], *, centre: Centre | None = None,
+                 full_steps: int = 1) -> None:
+        self.config = config
+        self.centre: Centre = centre or (lambda: None)  # see momentum_centre
+        self.full_steps = max(1, full_steps)  # H, a full round's local steps
+        self.mode = config.guard_mode
+        self.names = list(names)
+        self.norms: deque[float] = deque(maxlen=config.window)  # accepted deltas' L2 norms
+        # each tensor's share of an accepted delta's norm, |g_t| / |g|: free of the delta's size
+        self.tensor_shares = {n: deque[float](maxlen=config.window) for n in self.names}
+        self.distances: deque[float] = deque(maxlen=config.window)  # accepted |g − c|, clipped at τ
+        # the running mean of trusted deltas (a warm start's): the centre until the momentum has one
+        self.trusted: dict[str, torch.Tensor] | None = None
+        self.counts: Counter[str] = Counter()  # judged, accepted, clipped, and each refusal reason
+        # (sender, refused against_momentum) of the last judgements: the direction check's valve
+        self.directions: deque[tuple[str, bool]] = deque(maxlen=DIRECTIONS_KEPT)
+
+    def judge(self, delta: dict[str, torch.Tensor], *, local_steps: int | None = None,
+              sender: str = "") -> GuardDecision:
+        """Refuse, clip or pass ``delta`` (already decoded and finite) of ``local_steps`` steps.
+
+        A delta of H_i local steps (the steps it claims, at most its assignment) is judged as
+        H/H_i times itself, the size of a full round's, so that a slow volunteer's short rounds
+        and a fast one's full ones share one statistic. A sender that claims fewer steps than it
+        ran only makes its delta look bigger. ``sender`` names who sent it (the direction check's
+        safety valve counts distinct senders).
+        """
+        if not self.mode.screens:
+            return GuardDecision(delta)
+        self.counts["judged"] += 1
+        k = self.full_steps / max(1, min(local_steps or self.full_steps, self.full_steps))
+        centre = self._centre()
+        tensor_norms = {n: k * float(torch.linalg.vector_norm(g)) for n, g in delta.items()}
+        norm = math.sqrt(sum(v * v for v in tensor_norms.values()))
+        refused = self._screen(delta, norm, tensor_norms, centre, sender)
+        if refused is not None:
+            self.counts[refused.reason] += 1
+            return refused
+        clipped = False
+        distance = None
+        if self.mode is GuardMode.CLIP:
+            # |k·g − c|, around 0 (plain norm clipping) until the server has a momentum
+            distance = (math.sqrt(sum(float(torch.linalg.vector_norm(g * k - centre[n])) ** 2
+                                      for n, g in delta.items())) if centre is not None else norm)
+            tau = self._tau()
+            if tau is not None and distance > tau:
+                shrink = tau / distance
+                # k·g' = c + (k·g − c)·shrink, back in the delta's own size
+                delta = ({n: (centre[n] + (g * k - centre[n]) * shrink) / k for n, g in delta.items()}
+                         if centre is not None else {n: g * shrink for n, g in delta.items()})
+                tensor_norms = {n: k * float(torch.linalg.vector_norm(g)) for n, g in delta.items()}
+                norm = math.sqrt(sum(v * v for v in tensor_norms.values()))
+                distance, clipped = tau, True
+                self.counts["clipped"] += 1
+        self.counts["accepted"] += 1
+        self._remember(norm, tensor_norms, distance)
+        detail = f"clipped to |g − c| = {distance:.3g}" if clipped else ""
+        return GuardDecision(delta, "clipped" if clipped else "", detail, clipped)
+
+    def observe(self, delta: dict[str, torch.Tensor]) -> None:
+        """Learn from a delta that is trusted, not judged (a warm start's, from its holder): a run
+        that starts with one has statistics, and a direction to judge by, before the first
+        stranger's delta (until the momentum has a direction of its own)."""
+        if not self.mode.screens:
+            return
+        centre = self._centre()
+        if self.trusted is None:
+            self.trusted = {n: g.detach().clone() for n, g in delta.items()}
+        else:  # an exponential mean over the last few trusted rounds
+            for name, g in delta.items():
+                self.trusted[name].mul_(1 - TRUSTED_MEAN_WEIGHT).add_(g, alpha=TRUSTED_MEAN_WEIGHT)
+        tensor_norms = {n: float(torch.linalg.vector_norm(g)) for n, g in delta.items()}
+        norm = math.sqrt(sum(v * v for v in tensor_norms.values()))
+        distance = (math.sqrt(sum(float(torch.linalg.vector_norm(g - centre[n])) ** 2
+                                  for n, g in delta.items())) if centre is not None else norm)
+        self._remember(norm, tensor_norms, distance if self.mode is GuardMode.CLIP else None)
+
+    def _centre(self) -> dict[str, torch.Tensor] | None:
+        centre = self.centre()
+        return centre if centre is not None else self.trusted
+
+    def _remember(self, norm: float, tensor_norms: dict[str, float], distance: float | None) -> None:
+        self.norms.append(norm)
+        for name, value in tensor_norms.items():
+            self.tensor_shares[name].append(value / norm if norm > 0 else 0.0)
+        if distance is not None:
+            self.distances.append(distance)
+
+    def _screen(self, delta: dict[str, torch.Tensor], norm: float, tensor_norms: dict[str, float],
+                centre: dict[str, torch.Tensor] | None, sender: str) -> GuardDecision | None:
+        """The screen's refusal of a delta judged at ``norm`` (a full round's size), or None."""
+        if len(self.norms) >= self.config.min_history:  # else: the intake's absolute bounds only
+            k = self.config.reject_ratio
+            median = statistics.median(self.norms)
+            if norm > k * median:
+                return GuardDecision(None, "norm_outlier", f"|g| = {norm:.3g} > {k:g} × median {median:.3g}")
+            for name, value in tensor_norms.items():
+                seen = self.tensor_shares[name]
+                share = value / norm if norm > 0 else 0.0
+                median_share = statistics.median(seen) if seen else 0.0
+                if median_share > 0 and share > k * median_share:
+                    return GuardDecision(None, "tensor_outlier", f"tensor {name!r} holds {share:.3g} of |g|, "
+                                         f"> {k:g} × median {median_share:.3g}")
+        cosine = _cosine(delta, centre)
+        against = cosine is not None and cosine < self.config.min_cosine
+        if against and self._momentum_suspect(sender):
+            # Most recent senders point against it: the momentum, not they, is wrong (an attacker
+            # got into it). Refusing them would lock the honest out and keep it wrong for good.
+            self.counts["momentum_suspect"] += 1
+            against = False
+        self.directions.append((sender, against))
+        if against:
+            return GuardDecision(None, "against_momentum", f"cosine to the server's momentum "
+                                 f"{cosine:.2f} < {self.config.min_cosine:g}")
+        return None
+
+    def _momentum_suspect(self, sender: str) -> bool:
+        """True when this sender and others, more than half of the recent distinct senders, were
+        refused ``against_momentum`` in the last judgements."""
+        senders = {s for s, _ in self.directions} | {sender}
+        against = {s for s, refused in self.directions if refused} | {sender}
+        return len(senders) >= 2 and 2 * len(against) > len(senders)
+
+    def _tau(self) -> float | None:
+        if len(self.distances) < self.config.min_history:
+            return None
+        return self.config.clip_ratio * statistics.median(self.distances)
+
+    def save_state(self) -> dict[str, Any]:
+        """The statistics, for a checkpoint: a restart must not reopen the start-up window."""
+        return {"guard": {"norms": list(self.norms), "distances": list(self.distances),
+                          "tensor_shares": {n: list(v) for n, v in self.tensor_shares.items()},
+                          "counts": dict(self.counts)}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        state = state.get("guard") or {}  # a checkpoint from before the guard: no statistics yet
+        self.norms.clear()
+        self.norms.extend(float(v) for v in state.get("norms") or [])
+        self.distances.clear()
+        self.distances.extend(float(v) for v in state.get("distances") or [])
+        saved = state.get("tensor_shares") or {}
+        for name, seen in self.tensor_shares.items():
+            seen.clear()
+            seen.extend(float(v) for v in saved.get(name) or [])
+        self.counts = Counter({str(k): int(v) for k, v in (state.get("counts") or {}).items()})
+
+
+def _cosine(delta: dict[str, torch.Tensor], centre: dict[str, torch.Tensor] | None) -> float | None:
+    """cos(delta, centre) over all tensors; None without a centre or with a zero vector."""
+    if centre is None:
+        return None
+    dot = sum(float(torch.dot(g.reshape(-1), centre[n].reshape(-1))) for n, g in delta.items())
+    norm = math.sqrt(sum(float(torch.linalg.vector_norm(g)) ** 2 for g in delta.values()))
+    centre_norm = math.sqrt(sum(float(torch.linalg.vector_norm(c)) ** 2 for c in centre.values()))
+    return dot / (norm * centre_norm) if norm > 0 and centre_norm > 0 else None
+
+
+def momentum_centre(optimizer: Any) -> Centre:
+    """The centre for :meth:`DeltaGuard.judge` from an outer optimizer: ``(1 − β)·m``, its
+    momentum's running mean of deltas (m = β·m + ḡ adds up to ḡ/(1 − β)); None while m is zero
+    (strategies without momentum, and before the first cycle ends)."""
+
+    def centre() -> dict[str, torch.Tensor] | None:
+        momentum = optimizer.momentum
+        if not any(bool(m.any()) for m in momentum.values()):
+            return None
+        return {n: m * (1.0 - optimizer.config.momentum) for n, m in momentum.items()}
+
+    return centre

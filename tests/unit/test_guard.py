@@ -1,0 +1,201 @@
+"""The delta guard: screening against recent accepted deltas, centered clipping, its persistence,
+and its place in the intake (a refused delta leaves θ untouched, with its reason counted)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from coordinator.guard import DeltaGuard, GuardConfig, momentum_centre
+from coordinator.outer_optimizer import OuterConfig, make_outer_optimizer
+from shared.codecs import get_codec
+from shared.errors import ConfigError
+from shared.protocol import DeltaMessage
+from tests.unit.test_intake import RUN_ID, make_intake
+
+NAMES = ["w", "b"]
+H = 20
+
+
+def _delta(scale: float = 1.0, *, seed: int = 0, b_share: float = 0.1) -> dict[str, torch.Tensor]:
+    """A made-up delta of norm ~``scale``: most of it in ``w``, ``b_share`` of it in ``b``."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(100, generator=gen)
+    b = torch.randn(10, generator=gen)
+    w = w / w.norm() * scale * math.sqrt(1 - b_share**2)
+    b = b / b.norm() * scale * b_share
+    return {"w": w, "b": b}
+
+
+def _norm(delta: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.norm()) ** 2 for t in delta.values()))
+
+
+def _guard(mode: str = "clip", centre: dict[str, torch.Tensor] | None = None, **kwargs: object) -> DeltaGuard:
+    config = GuardConfig(mode=mode, **kwargs)  # type: ignore[arg-type]
+    return DeltaGuard(config, NAMES, centre=lambda: centre, full_steps=H)
+
+
+def _warm(guard: DeltaGuard, count: int = 8, centre: dict[str, torch.Tensor] | None = None) -> None:
+    """Honest deltas: norms 1.0-1.35 (around ``centre`` when there is one)."""
+    for seed in range(count):
+        delta = _delta(1.0 + 0.05 * seed, seed=seed)
+        if centre is not None:
+            delta = {n: centre[n] + 0.3 * t for n, t in delta.items()}
+        assert not guard.judge(delta, local_steps=H).refused
+
+
+def test_off_passes_everything_and_counts_nothing() -> None:
+    guard = _guard("off")
+    huge = _delta(1e6)
+    decision = guard.judge(huge, local_steps=H)
+    assert decision.delta is huge and not guard.counts
+
+
+def test_an_outlier_norm_is_refused_once_there_is_a_history() -> None:
+    guard = _guard("screen")
+    assert not guard.judge(_delta(50.0), local_steps=H).refused  # no statistic yet: passes
+    guard = _guard("screen")
+    _warm(guard)
+    decision = guard.judge(_delta(10.0, seed=99), local_steps=H)
+    assert decision.refused and decision.reason == "norm_outlier"
+    assert guard.counts["norm_outlier"] == 1
+    assert not guard.judge(_delta(3.0, seed=98), local_steps=H).refused  # within 4x the median
+
+
+def test_a_short_round_is_judged_at_the_size_of_a_full_one() -> None:
+    guard = _guard("screen")
+    _warm(guard)
+    # 1.5 for a round of H/4 steps stands for 6 in a full round: beyond 4x the median of ~1.2
+    assert guard.judge(_delta(1.5, seed=50), local_steps=H // 4).reason == "norm_outlier"
+    # the honest size of a quarter round passes
+    assert not guard.judge(_delta(0.3, seed=51), local_steps=H // 4).refused
+    # claiming more steps than a full round does not shrink the bar
+    assert guard.judge(_delta(10.0, seed=52), local_steps=10 * H).reason == "norm_outlier"
+
+
+def test_one_tensor_out_of_proportion_is_refused_though_the_whole_norm_is_ordinary() -> None:
+    guard = _guard("screen")
+    _warm(guard)
+    decision = guard.judge(_delta(1.0, seed=60, b_share=0.9), local_steps=H)
+    assert decision.reason == "tensor_outlier" and "'b'" in decision.detail
+
+
+def test_a_delta_against_the_momentum_is_refused() -> None:
+    centre = _delta(1.0, seed=70)
+    guard = _guard("screen", centre=centre)
+    _warm(guard, centre=centre)
+    flipped = {n: -t for n, t in _delta(1.0, seed=70).items()}
+    assert guard.judge(flipped, local_steps=H).reason == "against_momentum"
+    along = {n: t + 0.3 * torch.randn(t.shape) for n, t in centre.items()}
+    assert not guard.judge(along, local_steps=H).refused
+    with pytest.raises(ConfigError):
+        GuardConfig(min_cosine=1.5)
+
+
+def test_clipping_bounds_a_delta_s_distance_to_the_centre() -> None:
+    centre = {n: t * 0.5 for n, t in _delta(1.0, seed=80).items()}
+    guard = _guard("clip", centre=centre)
+    for seed in range(8):  # honest deltas near the centre: distances ~0.5
+        near = {n: c + t for (n, c), t in zip(centre.items(), _delta(0.5, seed=seed).values(), strict=True)}
+        assert not guard.judge(near, local_steps=H).refused
+    tau = guard.config.clip_ratio * 0.5
+    far = {n: c + t for (n, c), t in zip(centre.items(), _delta(1.9, seed=81).values(), strict=True)}
+    decision = guard.judge(far, local_steps=H)
+    assert decision.clipped and decision.delta is not None and guard.counts["clipped"] == 1
+    distance = _norm({n: decision.delta[n] - centre[n] for n in NAMES})
+    assert distance == pytest.approx(tau, rel=1e-4)
+    # the direction away from the centre is kept, only shortened
+    away = torch.cat([far[n] - centre[n] for n in NAMES])
+    kept = torch.cat([decision.delta[n] - centre[n] for n in NAMES])
+    assert float(torch.nn.functional.cosine_similarity(away, kept, dim=0)) == pytest.approx(1.0, abs=1e-5)
+    # the statistic remembers the clipped distance, not the attacker's
+    assert max(guard.distances) == pytest.approx(tau, rel=1e-4)
+
+
+def test_without_a_centre_clipping_is_plain_norm_clipping() -> None:
+    guard = _guard("clip")
+    _warm(guard)  # distances = norms 1.0-1.35
+    tau = guard.config.clip_ratio * statistics.median(guard.distances)
+    decision = guard.judge(_delta(3.5, seed=90), local_steps=H)  # under 4x: screened in, clipped
+    assert decision.clipped and decision.delta is not None
+    assert _norm(decision.delta) == pytest.approx(tau, rel=1e-4) and tau < 3.5
+
+
+def test_the_statistics_survive_a_checkpoint_and_a_warm_start_seeds_them() -> None:
+    guard = _guard("clip")
+    for seed in range(5):
+        guard.observe(_delta(1.0, seed=seed))  # a trusted holder's deltas: learnt, not judged
+    assert len(guard.norms) == 5 and not guard.counts["judged"]
+    assert guard.judge(_delta(10.0, seed=9), local_steps=H).reason == "norm_outlier"
+    restored = _guard("clip")
+    restored.load_state(guard.save_state())
+    assert list(restored.norms) == list(guard.norms) and restored.counts == guard.counts
+    assert restored.judge(_delta(10.0, seed=10), local_steps=H).reason == "norm_outlier"
+    fresh = _guard("clip")
+    fresh.load_state({})  # a checkpoint from before the guard
+    assert not fresh.norms
+
+
+def test_the_centre_is_the_momentum_s_running_mean_of_deltas() -> None:
+    params = {"w": torch.zeros(3)}
+    optimizer = make_outer_optimizer(params, OuterConfig(strategy="dn", lr=0.5, momentum=0.8, buffer_size=1))
+    centre = momentum_centre(optimizer)
+    assert centre() is None  # no momentum yet
+    g = {"w": torch.tensor([1.0, 2.0, 3.0])}
+    for _ in range(60):
+        optimizer.step(g)
+    # m = 0.8 m + g converges to g / 0.2: the centre (1 - 0.8) m to g itself
+    assert torch.allclose(centre()["w"], g["w"], rtol=1e-3)  # type: ignore[index]
+
+
+def test_in_the_intake_a_refused_delta_leaves_theta_untouched_and_is_counted_by_reason() -> None:
+    params = {"a.weight": torch.ones(4, 3) * 10, "b": torch.ones(5) * 10}
+    plain = OuterConfig(lr=1.0, momentum=0.0, buffer_size=1, compute_exponent=0.0)
+    intake, optimizer = make_intake(params, plain, version=5)
+    codec = get_codec("fp32")
+
+    def body(seq: int, scale: float) -> bytes:
+        tensors = {"a.weight": torch.full((4, 3), 0.01 * scale), "b": torch.full((5,), 0.01 * scale)}
+        return DeltaMessage(run_id=RUN_ID, client_id=f"c{seq}", seq=0, base_version=5, local_steps=10,
+                            samples=1, tokens=1, compute_s=1.0, train_loss=1.0, codec="fp32",
+                            tensors={n: codec.encode(t) for n, t in tensors.items()}).encode()
+
+    for seq in range(4):
+        assert intake.handle(body(seq, 1.0 + 0.1 * seq), now=100.0).kind == "applied"
+    before = {n: t.clone() for n, t in optimizer.params.items()}
+    outcome = intake.handle(body(10, 20.0), now=100.0)  # 20x: far beyond the recent median
+    assert outcome.kind == "rejected" and outcome.reason == "norm_outlier"
+    assert intake.rejected_by_reason["norm_outlier"] == 1
+    for name, tensor in optimizer.params.items():
+        torch.testing.assert_close(tensor, before[name])
+
+
+def test_the_direction_is_judged_from_the_first_delta_when_a_trusted_warm_start_gave_one() -> None:
+    guard = _guard("clip")
+    trusted = _delta(1.0, seed=3)
+    guard.observe(trusted)  # one round of the trusted holder: too few for the norm statistics
+    flipped = {n: -t for n, t in trusted.items()}
+    assert guard.judge(flipped, local_steps=H, sender="liar").reason == "against_momentum"
+    along = {n: t + 0.2 * torch.randn(t.shape) for n, t in trusted.items()}
+    assert not guard.judge(along, local_steps=H, sender="honest").refused
+
+
+def test_when_most_senders_point_against_the_momentum_the_momentum_is_suspect_not_they() -> None:
+    wrong = _delta(1.0, seed=4)  # a momentum an attacker got into
+    guard = _guard("screen", centre={n: -t for n, t in wrong.items()})
+    honest = [{n: t + 0.1 * torch.randn(t.shape) for n, t in wrong.items()} for _ in range(6)]
+    verdicts = [guard.judge(d, local_steps=H, sender=f"c{i % 3}").reason for i, d in enumerate(honest)]
+    # the first sender is refused; once a second of three is, the check stands aside
+    assert verdicts[0] == "against_momentum"
+    assert verdicts[-1] == "" and guard.counts["momentum_suspect"] >= 1
+    # one sender of four against it stays refused
+    guard = _guard("screen", centre=wrong)
+    for i in range(3):
+        assert not guard.judge(honest[i], local_steps=H, sender=f"c{i}").refused
+    flipped = {n: -t for n, t in honest[3].items()}
+    for _ in range(3):
+        assert guard.judge(flipped, local_steps=H, sender="liar").reason == "against_momentum"
