@@ -176,7 +176,7 @@ class DeltaUploader:
         if payload + DELTA_ENVELOPE_BYTES > limit:
             raise ConfigError(
                 f"a delta of this model is {payload / MiB:.1f} MiB with codec {codec}, over the "
-                f"{limit // MiB} MiB limit of a delta; use --codec int8"
+                f"{limit // MiB} MiB limit of a delta; use --codec int8 or int4"
             )
 
     def send(self, message: DeltaMessage, *, give_up: Callable[[], bool] = lambda: False) -> Upload:
@@ -191,7 +191,7 @@ class DeltaUploader:
         if len(body) > limit:
             raise ConfigError(
                 f"delta message is {len(body) / MiB:.1f} MiB, over the {limit // MiB} MiB limit of a delta; "
-                "use --codec int8"
+                "use --codec int8 or int4"
             )
         started = time.monotonic()
         message_id = message.delta_id
