@@ -6,12 +6,16 @@ need no Docker.)"""
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
 
 import click
 
+import client.cli as client_cli
 import coordinator.cli as cli
+from client.politeness import Schedule
 from coordinator.volunteer_cli import invite_command
+from shared.errors import PERMANENT_ERRORS
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = (DEPLOY / "compose.yaml").read_text()
@@ -48,3 +52,20 @@ def test_the_image_pins_the_makefiles_cpu_torch_and_lets_a_build_arg_change_it()
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert f"ARG TORCH_SPEC={torch}\n" in dockerfile
     assert f"TORCH_SPEC: ${{TORCH_SPEC:-{torch}}}" in COMPOSE
+
+
+def test_the_after_hours_user_unit_agrees_with_the_client() -> None:
+    unit = (DEPLOY / "systemd" / "user" / "asyncloco-client.service").read_text()
+    timer = (DEPLOY / "systemd" / "user" / "asyncloco-client.timer").read_text()
+    assert "Unit=asyncloco-client.service" in timer and "OnCalendar=Mon..Fri 19:00" in timer
+    (command,) = re.findall(r"^ExecStart=(.*)$", unit, flags=re.MULTILINE)
+    schedule = Schedule.parse(re.findall(r'--schedule "([^"]+)"', command)[0])
+    # the timer's starts fall inside the schedule, twelve hours before its windows close
+    assert schedule.allows(datetime(2026, 11, 30, 19, 1)) and not schedule.allows(datetime(2026, 12, 1, 7, 1))
+    assert schedule.allows(datetime(2026, 12, 5, 7, 1)) and not schedule.allows(datetime(2026, 12, 5, 19, 1))
+    assert "RuntimeMaxSec=12h" in unit
+    # every option it passes is one the client's join reads
+    options = {o for p in client_cli.join.params if isinstance(p, click.Option) for o in p.opts}
+    assert set(re.findall(r"(--[a-z-]+)", command)) <= options
+    (line,) = re.findall(r"^RestartPreventExitStatus=(.*)$", unit, flags=re.MULTILINE)
+    assert {int(c) for c in line.split()} == {2} | {error.exit_code for error in PERMANENT_ERRORS}
