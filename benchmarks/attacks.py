@@ -50,7 +50,6 @@ ATTACK_SET: dict[str, tuple[str, float]] = {
     "base lie": ("base_lie", 1.0),
 }
 STRATEGIES = {"edn": "edn+dylu", "dn": "dn+dylu", "sync": "sync"}
-GUARDS = {"off": GuardConfig(mode="off"), "on": GuardConfig()}
 
 
 def main() -> None:
@@ -69,6 +68,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes")
     parser.add_argument("--out", type=Path, default=Path("results/attacks"))
     parser.add_argument("--plot", type=Path, default=None, help="also draw the damage figure here (PNG)")
+    parser.add_argument("--clip-ratio", type=float, default=GuardConfig.clip_ratio,
+                        help="the guard's --guard-clip-ratio in the guarded runs")
     args = parser.parse_args()
     levels = _names(parser, args.levels, LEVELS, "--levels")
     strategies = _names(parser, args.strategies, STRATEGIES, "--strategies")
@@ -87,11 +88,12 @@ def main() -> None:
     base = SimConfig(local_steps=args.local_steps, min_local_steps=5, budget_steps=args.budget,
                      eval_every_steps=max(40, args.budget // 4), jitter=args.jitter,
                      warm_start_steps=args.warm_start, outer=OuterConfig(), measure_trigger=True)
+    guards = {"off": GuardConfig(mode="off"), "on": GuardConfig(clip_ratio=args.clip_ratio)}
     jobs = []
     for level in levels:
         speeds = tuple(speed_profile(level, args.workers))
         for strategy in strategies:
-            for guard_name, guard in GUARDS.items():
+            for guard_name, guard in guards.items():
                 for attack in attacks:
                     kind, strength = ATTACK_SET[attack]
                     attack_config = AttackConfig(kind=kind, attackers=args.attackers if kind else 0,
@@ -163,7 +165,8 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def _table(results: dict[str, SimResult], levels: list[str], strategies: list[str], attacks: list[str],
            seeds: list[int], args: argparse.Namespace) -> list[dict]:
     print()
-    print(f"{args.attackers} of {args.workers} workers lie (the fastest); H={args.local_steps}, "
+    print(f"guard clip ratio {args.clip_ratio:g}; {args.attackers} of {args.workers} workers lie "
+          f"(the fastest); H={args.local_steps}, "
           f"{args.budget} honest local steps, from scratch after a trusted warm start of {args.warm_start} "
           f"steps, jitter {args.jitter}, seeds {seeds}")
     print("damage = share of the clean run's improvement lost (mean ± sd over seeds)")

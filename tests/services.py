@@ -17,6 +17,7 @@ import redis
 
 from coordinator.commit_batch import CommitConfig
 from coordinator.config import CoordinatorConfig
+from coordinator.guard import GuardConfig
 from coordinator.identity import AuthMode
 from coordinator.run_admin import delete_run_keys, delete_run_queues
 from coordinator.service import Coordinator
@@ -32,10 +33,12 @@ SMALL_TASK = {"model_size": "tiny", "batch_size": 4, "eval_sequences": 4, "max_c
 
 def small_config(run: str, tmp_path: Path, **overrides: Any) -> CoordinatorConfig:
     """A coordinator of ``run`` on the tiny model as the in-thread tests serve it: open to the test's
-    own senders, quick commits, a checkpoint under ``tmp_path``, 120 s at most; ``overrides``
-    replace any field."""
+    own senders, quick commits, a checkpoint under ``tmp_path``, 120 s at most, no delta guard (the
+    deltas these tests send are made up, of random directions; the guard's own tests are
+    test_guard.py, test_attacks.py, e2e/test_poisoned_client.py, and every end-to-end test runs
+    it); ``overrides`` replace any field."""
     fields: dict[str, Any] = dict(
-        auth=AuthMode.OPEN, run=run, task_settings=SMALL_TASK,
+        auth=AuthMode.OPEN, run=run, task_settings=SMALL_TASK, guard=GuardConfig(mode="off"),
         commit=CommitConfig(every_updates=4, interval_s=0.3),
         connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
         checkpoint_dir=tmp_path / "ckpt", max_seconds=120,

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import coordinator.cli as cli
 from coordinator.config import MetricsConfig
+from coordinator.guard import GuardConfig
 from coordinator.service import Coordinator
 from harness.processes import AMQP_URL, REDIS_URL, wait_for
 from shared.codecs import get_codec
@@ -41,21 +42,25 @@ def _free_port() -> int:
 @pytest.fixture
 def coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
     # One eval (at the start): a later one between the status and the scrape would tell them apart.
-    config = small_config(run_name, tmp_path, metrics=MetricsConfig(port=_free_port()), eval_interval_s=3600)
+    config = small_config(run_name, tmp_path, metrics=MetricsConfig(port=_free_port()), eval_interval_s=3600,
+                          guard=GuardConfig())  # on, as served: its deltas share a direction
     with serving(config) as coord:
         yield coord
 
 
 def _delta(coord: Coordinator, *, client_id: str, seq: int, local_steps: int) -> bytes:
-    """A small, well-formed delta on the newest snapshot."""
+    """A small, well-formed delta on the newest snapshot: one direction all deltas share, as honest
+    ones do (the guard refuses one against the momentum), plus noise of its own."""
     snap = SnapshotStore(redis.Redis.from_url(REDIS_URL), coord.keys).read_latest()
     codec = get_codec("fp16")
+    shared = torch.Generator().manual_seed(7)
     gen = torch.Generator().manual_seed(seq + 100 * len(client_id))
     return DeltaMessage(
         run_id=snap.manifest.run_id, client_id=client_id, seq=seq, base_version=snap.version,
         local_steps=local_steps, samples=4 * local_steps, tokens=516 * local_steps, compute_s=1.0,
         train_loss=3.0, codec="fp16",
-        tensors={e.name: codec.encode(1e-3 * torch.randn(e.numel, generator=gen))
+        tensors={e.name: codec.encode(1e-3 * (torch.randn(e.numel, generator=shared)
+                                              + 0.5 * torch.randn(e.numel, generator=gen)))
                  for e in snap.manifest.params},
     ).encode()
 
