@@ -28,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from paper_table import LEVELS, run_job
+from paper_table import LEVELS, parse_seeds, run_job
 from table_csv import write_rows
 
 from coordinator.guard import GuardConfig
@@ -78,12 +78,7 @@ def main() -> None:
         parser.error("--attacks must include clean (the reference)")
     if not 0 < args.attackers < args.workers:
         parser.error("--attackers must be at least 1 and fewer than --workers")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        parser.error("--seeds takes a comma list of integers")
-    if not seeds:
-        parser.error("--seeds names no seed")
+    seeds = parse_seeds(parser, args.seeds)
     task_settings = {"model_size": "tiny"}
     base = SimConfig(local_steps=args.local_steps, min_local_steps=5, budget_steps=args.budget,
                      eval_every_steps=max(40, args.budget // 4), jitter=args.jitter,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from paper_table import run_job
+from paper_table import parse_seeds, run_job
 from table_csv import write_rows
 
 from coordinator.sim.simulator import SimConfig, SimResult, speed_profile
@@ -96,12 +96,9 @@ def main() -> None:
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
     if "fp32" not in codecs or set(codecs) - set(CODECS):
         parser.error(f"--codecs takes a comma list of {', '.join(CODECS)}, fp32 included")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        parser.error("--seeds takes a comma list of integers")
-    if not seeds or args.repeats < 1 or args.threads < 1:
-        parser.error("need at least one seed, one repeat and one thread")
+    seeds = parse_seeds(parser, args.seeds)
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("need at least one repeat and one thread")
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)

@@ -40,6 +40,18 @@ def _simulation(task_settings: dict) -> Simulation:
     return _SIM
 
 
+def parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """``--seeds`` of the simulator benchmarks: a comma list of at least one integer (else the
+    parser's one-line error)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        parser.error("--seeds takes a comma list of integers")
+    if not seeds:
+        parser.error("--seeds names no seed")
+    return seeds
+
+
 def run_job(args: tuple[str, SimConfig, dict, int]) -> tuple[str, SimResult, float]:
     """(label, config, task settings, pretraining steps) → (label, result, seconds); for a pool."""
     label, config, task_settings, warm_steps = args

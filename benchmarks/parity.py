@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from paper_table import LEVELS, run_job
+from paper_table import LEVELS, parse_seeds, run_job
 from table_csv import write_rows
 
 from coordinator.outer_optimizer import OuterConfig
@@ -69,12 +69,7 @@ def main() -> None:
         parser.error(f"--levels takes a comma list of {', '.join(LEVELS)}")
     if "sync" not in variants or set(variants) - set(VARIANTS):
         parser.error(f"--variants takes a comma list of {', '.join(VARIANTS)}, sync included")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        parser.error("--seeds takes a comma list of integers")
-    if not seeds:
-        parser.error("--seeds names no seed")
+    seeds = parse_seeds(parser, args.seeds)
     task_settings = {"model_size": "tiny"}
     base = SimConfig(local_steps=args.local_steps, min_local_steps=5, budget_steps=args.budget,
                      eval_every_steps=max(40, args.budget // 8), jitter=args.jitter,
