@@ -165,8 +165,9 @@ def _read_bf16(blob: bytes, count: int, codec: str) -> torch.Tensor:
 def _int4_codes(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """(rows, cols) values and (rows,) scales -> (rows, cols) uint8 codes of the nearest level."""
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    # the nearest level's code is round(x / s · 7.5 + 7.5) = floor(x · (7.5 / s) + 8), within 0..15
-    return (values * (7.5 / safe)[:, None]).add_(8).clamp_(0, 15.5).to(torch.uint8)
+    # the nearest level's code is round(x / s · 7.5 + 7.5) = floor(x / s · 7.5 + 8), within 0..15.
+    # Divide first: 7.5 / s overflows float32 for a scale near the smallest normal (x / s never: |x| ≤ s).
+    return (values / safe[:, None]).mul_(7.5).add_(8).clamp_(0, 15.5).to(torch.uint8)
 
 
 def _pack_nibbles(codes: torch.Tensor) -> bytes:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -272,6 +272,8 @@ def test_int4_error_within_scale_over_15_per_block(numel: int) -> None:
         elements=st.floats(-(2.0**100), 2.0**100, width=32, allow_nan=False, allow_infinity=False),
     )
 )
+# a scale at float32's smallest normal: 7.5 / scale overflowed, and a 0 beside it became -scale
+@example(np.array([1.1754944e-38, 0.0], dtype=np.float32))
 def test_int4_error_bound_holds_for_arbitrary_arrays(values: np.ndarray) -> None:
     x = torch.from_numpy(values.copy())
     codec = Int4BlockCodec()
