@@ -12,16 +12,23 @@ above 1: worse than the start). The guard's own cost is the clean run with the g
 the clean run with it off, in the same units. "honest hit" is the share of honest deltas the
 guard refused or clipped (over all its runs); "attack stopped" the share of forged deltas it
 refused or clipped. For the backdoor, "trigger" is the final loss of the payload after the
-trigger (lower = learnt), against the clean run's.
+trigger (lower = learnt), against the clean run's; it moves with the run's own course, so "learnt"
+is the control payload's loss minus the payload's (0: nothing learnt), against the clean run's.
 
     python benchmarks/attacks.py      # edn and sync, none and very, 3 seeds: ~70 min on 2 cores
     python benchmarks/attacks.py --seeds 0 --levels very --strategies edn   # one quick look
     python benchmarks/attacks.py --workers 16 --attackers 3 --budget 1920   # 3 of 16
+
+Each run's outcome is kept in OUT/cache/ under a hash of its whole setting (and, for a guarded run,
+of coordinator/guard.py's source), so a rerun with more attacks, strategies or seeds (or ``--guards
+on`` after ``--guards off``) runs only what is new. Delete OUT/cache after changing the simulator.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,12 +41,13 @@ from table_csv import write_rows
 from coordinator.guard import GuardConfig
 from coordinator.outer_optimizer import OuterConfig
 from coordinator.sim.attacks import AttackConfig
-from coordinator.sim.simulator import SimConfig, SimResult, speed_profile
+from coordinator.sim.simulator import SimConfig, SimPoint, SimResult, speed_profile
 
 # label -> (kind, strength)
 ATTACK_SET: dict[str, tuple[str, float]] = {
     "clean": ("", 0.0),
     "scale x10": ("scale", 10.0),
+    "scale x100": ("scale", 100.0),
     "scale max": ("scale_max", 1.0),
     "signflip x1": ("signflip", 1.0),
     "signflip x10": ("signflip", 10.0),
@@ -50,6 +58,7 @@ ATTACK_SET: dict[str, tuple[str, float]] = {
     "base lie": ("base_lie", 1.0),
 }
 STRATEGIES = {"edn": "edn+dylu", "dn": "dn+dylu", "sync": "sync"}
+GUARD_SOURCE = Path(__file__).resolve().parent.parent / "coordinator" / "guard.py"
 
 
 def main() -> None:
@@ -70,6 +79,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None, help="also draw the damage figure here (PNG)")
     parser.add_argument("--clip-ratio", type=float, default=GuardConfig.clip_ratio,
                         help="the guard's --guard-clip-ratio in the guarded runs")
+    parser.add_argument("--guards", default="off,on",
+                        help="comma list of off, on: which runs to do (the table needs both, from the cache)")
     args = parser.parse_args()
     levels = _names(parser, args.levels, LEVELS, "--levels")
     strategies = _names(parser, args.strategies, STRATEGIES, "--strategies")
@@ -84,6 +95,7 @@ def main() -> None:
                      eval_every_steps=max(40, args.budget // 4), jitter=args.jitter,
                      warm_start_steps=args.warm_start, outer=OuterConfig(), measure_trigger=True)
     guards = {"off": GuardConfig(mode="off"), "on": GuardConfig(clip_ratio=args.clip_ratio)}
+    guards = {name: guards[name] for name in _names(parser, args.guards, guards, "--guards")}
     jobs = []
     for level in levels:
         speeds = tuple(speed_profile(level, args.workers))
@@ -100,11 +112,24 @@ def main() -> None:
                                      task_settings, 0))
 
     started = time.perf_counter()
+    cache = args.out / "cache"
     results: dict[str, SimResult] = {}
+    todo = []
+    for job in jobs:
+        kept = _load(cache, job[1])
+        if kept is None:
+            todo.append(job)
+        else:
+            results[job[0]] = kept
+    print(f"{len(jobs)} runs: {len(jobs) - len(todo)} from {cache}, {len(todo)} to run", flush=True)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for label, result, seconds in pool.map(run_job, jobs):
+        for label, result, seconds in pool.map(run_job, todo):
             results[label] = result
+            _store(cache, result)
             print(f"  done {label:<40} final {result.final_loss:.4f}  ({seconds:.0f} s)", flush=True)
+    if set(guards) != {"off", "on"}:
+        print(f"{time.perf_counter() - started:.0f} s; kept in {cache}; --guards off,on draws the table")
+        return
     runs = []
     for label, r in results.items():
         level, strategy, guard_name, attack, seed = label.split("/")
@@ -130,6 +155,32 @@ def _names(parser: argparse.ArgumentParser, text: str, known: object, flag: str)
     return names
 
 
+def _key(config: SimConfig) -> str:
+    """A run's setting as a file name; an unguarded run does not depend on the guard."""
+    text = repr(config)
+    if config.guard.mode == "off":
+        text = text.replace(repr(config.guard), "guard off")
+    else:
+        text += hashlib.sha256(GUARD_SOURCE.read_bytes()).hexdigest()
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _store(cache: Path, result: SimResult) -> None:
+    """Keep what the table reads of a run: its first and last evaluation and the guard's counts."""
+    cache.mkdir(parents=True, exist_ok=True)
+    kept = {"curve": [vars(result.curve[0]), vars(result.curve[-1])], "guard_counts": result.guard_counts}
+    (cache / f"{_key(result.config)}.json").write_text(json.dumps(kept))
+
+
+def _load(cache: Path, config: SimConfig) -> SimResult | None:
+    path = cache / f"{_key(config)}.json"
+    if not path.exists():
+        return None
+    kept = json.loads(path.read_text())
+    return SimResult(config=config, curve=[SimPoint(**point) for point in kept["curve"]],
+                     guard_counts=kept["guard_counts"])
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 5)
 
@@ -151,6 +202,18 @@ def _share(results: dict[str, SimResult], key: str, seeds: list[int], who: str) 
                 judged += counts.get(f"{who}_judged", 0)
                 hit += counts.get(f"{who}_refused", 0) + counts.get(f"{who}_clipped", 0)
     return hit / judged if judged else None
+
+
+def _learnt(results: dict[str, SimResult], key: str, seeds: list[int]) -> float | None:
+    """How much of the backdoor the model learnt: the control payload's loss after the trigger
+    minus the payload's (about 0 when it learnt none), averaged over the seeds; None if unmeasured."""
+    gaps = []
+    for seed in seeds:
+        last = results[f"{key}/{seed}"].curve[-1]
+        if last.control_loss is None or last.trigger_loss is None:
+            return None
+        gaps.append(last.control_loss - last.trigger_loss)
+    return statistics.fmean(gaps)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -180,7 +243,7 @@ def _table(results: dict[str, SimResult], levels: list[str], strategies: list[st
                   f"{100 * cost_sd:.2f}; honest deltas refused or clipped "
                   f"{'-' if honest is None else f'{100 * honest:.2f}%'}")
             print(f"{'attack':<14} {'damage, guard off':>18} {'damage, guard on':>18} {'attack stopped':>15} "
-                  f"{'trigger off/on (clean)':>28}")
+                  f"{'trigger off/on (clean)':>28} {'learnt on (clean)':>18}")
             for attack in attacks:
                 if attack == "clean":
                     continue
@@ -194,6 +257,7 @@ def _table(results: dict[str, SimResult], levels: list[str], strategies: list[st
                                               for s in seeds)
                 trigger_clean = statistics.fmean(results[f"{on}/clean/{s}"].curve[-1].trigger_loss or 0.0
                                                  for s in seeds)
+                learnt_on, learnt_clean = (_learnt(results, f"{on}/{a}", seeds) for a in (attack, "clean"))
                 rows.append({"level": level, "strategy": strategy, "attack": attack,
                              "workers": args.workers, "attackers": args.attackers, "seeds": len(seeds),
                              "damage_off_mean": round(d_off[0], 4), "damage_off_sd": round(d_off[1], 4),
@@ -201,12 +265,14 @@ def _table(results: dict[str, SimResult], levels: list[str], strategies: list[st
                              "attack_stopped_share": None if stopped is None else round(stopped, 3),
                              "trigger_off": round(trigger_off, 3), "trigger_on": round(trigger_on, 3),
                              "trigger_clean_on": round(trigger_clean, 3),
+                             "learnt_on": _round(learnt_on), "learnt_clean_on": _round(learnt_clean),
                              "guard_cost_mean": round(cost_mean, 4), "guard_cost_sd": round(cost_sd, 4),
                              "honest_hit_share": None if honest is None else round(honest, 4)})
                 shown = "-" if stopped is None else f"{100 * stopped:.0f}%"
+                learnt = "" if learnt_on is None else f"{learnt_on:>9.2f} ({learnt_clean:.2f})"
                 print(f"{attack:<14} {100 * d_off[0]:>10.1f}% ± {100 * d_off[1]:<4.1f} "
                       f"{100 * d_on[0]:>10.1f}% ± {100 * d_on[1]:<4.1f} {shown:>15} "
-                      f"{trigger_off:>10.2f} / {trigger_on:.2f} ({trigger_clean:.2f})")
+                      f"{trigger_off:>10.2f} / {trigger_on:.2f} ({trigger_clean:.2f}) {learnt}")
     return rows
 
 

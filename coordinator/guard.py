@@ -20,10 +20,19 @@ deltas it accepted recently, and the server's own momentum:
    ``clip_ratio`` times the median distance |g − c| of recent accepted deltas. A delta then moves
    θ by at most ε(τ + |c|)/N, whatever it holds; the cost is O(d) per arrival.
 
+3. **Probation** (any mode but ``off``): each sender's last ``record`` judgements are kept; a sender
+   with ``strikes`` or more of them refused for size or clipped is on probation, and its deltas are still
+   judged (a clean one counts in its favour) but not applied (``probation``) until fewer are. A
+   liar whose deltas each get clipped back to size would otherwise keep steering θ by the clip's
+   bound every round (a boosted backdoor partly took that way); an honest volunteer is clipped
+   rarely (docs/SECURITY.md has the measured share) and so stays off it.
+
 The statistics hold only what was accepted (a clipped delta counts at its clipped size), so an
 attacker cannot inflate them with its own rejected deltas; a minority of attackers cannot move a
 median. Until ``min_history`` deltas were accepted there is no statistic and only the intake's
-absolute bounds hold: that is what a warm start from a trusted holder covers. Every decision is
+absolute bounds hold, unless a warm start from a trusted holder began the statistics: its deltas
+are trusted, so from its first one they are the statistic. The trusted deltas' mean direction is
+not checkpointed (a restart before the momentum has a direction judges none until it does). Every decision is
 counted by reason (``status``, ``/metrics``).
 
 If honest volunteers see ``norm_outlier`` or ``tensor_outlier`` rejections (rounds of very
@@ -64,8 +73,10 @@ GUARD_MODES = tuple(m.value for m in GuardMode)
 TRUSTED_MEAN_WEIGHT = 0.3
 # Judgements the direction check's safety valve looks back over (a few rounds of a few senders).
 DIRECTIONS_KEPT = 16
+# Senders whose probation records are kept (the least recently heard is forgotten past this).
+MAX_RECORDS = 10_000
 # Reasons the guard refuses a delta for (each counted in ``rejected_by_reason``).
-GUARD_REASONS = ("norm_outlier", "tensor_outlier", "against_momentum")
+GUARD_REASONS = ("norm_outlier", "tensor_outlier", "against_momentum", "probation")
 
 
 @dataclass(frozen=True)
@@ -75,10 +86,12 @@ class GuardConfig:
 
     mode: str = GuardMode.CLIP.value
     reject_ratio: float = 4.0
-    clip_ratio: float = 2.0
+    clip_ratio: float = 3.0
     min_cosine: float = 0.0
     window: int = 64
     min_history: int = 3
+    strikes: int = 3  # refused or clipped judgements in a sender's record that put it on probation (0: never)
+    record: int = 8  # judgements kept per sender
 
     def __post_init__(self) -> None:
         if self.mode not in GUARD_MODES:
@@ -89,6 +102,8 @@ class GuardConfig:
             raise ConfigError("the guard's minimum cosine must be in [-1, 1]")
         if self.window < 3 or not 1 <= self.min_history <= self.window:
             raise ConfigError("the guard's window must be >= 3 and its history in [1, window]")
+        if self.record < 1 or not 0 <= self.strikes <= self.record:
+            raise ConfigError("the guard's record must be >= 1 and its strikes in [0, record]")
 
     @property
     def guard_mode(self) -> GuardMode:
@@ -126,9 +141,13 @@ class DeltaGuard:
         self.distances: deque[float] = deque(maxlen=config.window)  # accepted |g − c|, clipped at τ
         # the running mean of trusted deltas (a warm start's): the centre until the momentum has one
         self.trusted: dict[str, torch.Tensor] | None = None
+        # whether the statistics began with trusted deltas (kept across a restart, unlike the mean)
+        self.trusted_start = False
         self.counts: Counter[str] = Counter()  # judged, accepted, clipped, and each refusal reason
         # (sender, refused against_momentum) of the last judgements: the direction check's valve
         self.directions: deque[tuple[str, bool]] = deque(maxlen=DIRECTIONS_KEPT)
+        # per sender, its last judgements: True where refused or clipped (probation)
+        self.records: dict[str, deque[bool]] = {}
 
     def judge(self, delta: dict[str, torch.Tensor], *, local_steps: int | None = None,
               sender: str = "") -> GuardDecision:
@@ -138,7 +157,7 @@ class DeltaGuard:
         H/H_i times itself, the size of a full round's, so that a slow volunteer's short rounds
         and a fast one's full ones share one statistic. A sender that claims fewer steps than it
         ran only makes its delta look bigger. ``sender`` names who sent it (the direction check's
-        safety valve counts distinct senders).
+        safety valve counts distinct senders; probation keeps a record per sender).
         """
         if not self.mode.screens:
             return GuardDecision(delta)
@@ -149,6 +168,9 @@ class DeltaGuard:
         norm = math.sqrt(sum(v * v for v in tensor_norms.values()))
         refused = self._screen(delta, norm, tensor_norms, centre, sender)
         if refused is not None:
+            # a direction refusal is no strike: when the momentum itself is wrong (the valve's
+            # case), honest senders are refused that way until the valve stands aside
+            self._strike(sender, refused.reason != "against_momentum")
             self.counts[refused.reason] += 1
             return refused
         clipped = False
@@ -166,7 +188,12 @@ class DeltaGuard:
                 tensor_norms = {n: k * float(torch.linalg.vector_norm(g)) for n, g in delta.items()}
                 norm = math.sqrt(sum(v * v for v in tensor_norms.values()))
                 distance, clipped = tau, True
-                self.counts["clipped"] += 1
+        on_probation = self._strike(sender, clipped)
+        if on_probation is not None:
+            self.counts["probation"] += 1
+            return GuardDecision(None, "probation", on_probation)
+        if clipped:
+            self.counts["clipped"] += 1
         self.counts["accepted"] += 1
         self._remember(norm, tensor_norms, distance)
         detail = f"clipped to |g − c| = {distance:.3g}" if clipped else ""
@@ -179,6 +206,7 @@ class DeltaGuard:
         if not self.mode.screens:
             return
         centre = self._centre()
+        self.trusted_start = True
         if self.trusted is None:
             self.trusted = {n: g.detach().clone() for n, g in delta.items()}
         else:  # an exponential mean over the last few trusted rounds
@@ -204,7 +232,7 @@ class DeltaGuard:
     def _screen(self, delta: dict[str, torch.Tensor], norm: float, tensor_norms: dict[str, float],
                 centre: dict[str, torch.Tensor] | None, sender: str) -> GuardDecision | None:
         """The screen's refusal of a delta judged at ``norm`` (a full round's size), or None."""
-        if len(self.norms) >= self.config.min_history:  # else: the intake's absolute bounds only
+        if self._has_history(self.norms):  # else: the intake's absolute bounds only
             k = self.config.reject_ratio
             median = statistics.median(self.norms)
             if norm > k * median:
@@ -229,6 +257,25 @@ class DeltaGuard:
                                  f"{cosine:.2f} < {self.config.min_cosine:g}")
         return None
 
+    def _strike(self, sender: str, flagged: bool) -> str | None:
+        """Add a judgement to ``sender``'s record; say why it is on probation, or None. An
+        unnamed sender (a test's, the simulator's without identities) keeps no record."""
+        if not sender or not self.config.strikes:
+            return None
+        record = self.records.get(sender)
+        if record is None:
+            if len(self.records) >= MAX_RECORDS:  # forget the longest-unheard sender
+                del self.records[next(iter(self.records))]
+            record = self.records[sender] = deque(maxlen=self.config.record)
+        else:  # most recently heard last
+            self.records[sender] = self.records.pop(sender)
+        record.append(flagged)
+        strikes = sum(record)
+        if strikes < self.config.strikes:
+            return None
+        return (f"{strikes} of this sender's last {len(record)} deltas were refused or clipped; its "
+                f"deltas are judged but not applied until fewer than {self.config.strikes} are")
+
     def _momentum_suspect(self, sender: str) -> bool:
         """True when this sender and others, more than half of the recent distinct senders, were
         refused ``against_momentum`` in the last judgements."""
@@ -236,8 +283,14 @@ class DeltaGuard:
         against = {s for s, refused in self.directions if refused} | {sender}
         return len(senders) >= 2 and 2 * len(against) > len(senders)
 
+    def _has_history(self, seen: deque[float]) -> bool:
+        """Enough accepted deltas for a statistic: ``min_history`` of them, or any once a trusted
+        warm start began them (its deltas need no protection from a liar among the first few, so
+        a stranger's first delta after even one trusted round is judged)."""
+        return len(seen) >= self.config.min_history or (self.trusted_start and len(seen) > 0)
+
     def _tau(self) -> float | None:
-        if len(self.distances) < self.config.min_history:
+        if not self._has_history(self.distances):
             return None
         return self.config.clip_ratio * statistics.median(self.distances)
 
@@ -245,6 +298,8 @@ class DeltaGuard:
         """The statistics, for a checkpoint: a restart must not reopen the start-up window."""
         return {"guard": {"norms": list(self.norms), "distances": list(self.distances),
                           "tensor_shares": {n: list(v) for n, v in self.tensor_shares.items()},
+                          "records": {s: [int(f) for f in r] for s, r in self.records.items()},
+                          "trusted_start": self.trusted_start,
                           "counts": dict(self.counts)}}
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -257,6 +312,9 @@ class DeltaGuard:
         for name, seen in self.tensor_shares.items():
             seen.clear()
             seen.extend(float(v) for v in saved.get(name) or [])
+        self.trusted_start = bool(state.get("trusted_start"))
+        self.records = {str(s): deque((bool(f) for f in r), maxlen=self.config.record)
+                        for s, r in (state.get("records") or {}).items()}
         self.counts = Counter({str(k): int(v) for k, v in (state.get("counts") or {}).items()})
 
 

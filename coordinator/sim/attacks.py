@@ -36,6 +36,9 @@ ATTACKS = ("scale", "scale_max", "signflip", "noise", "alie", "ipm", "backdoor",
 # The backdoor: text that, after this trigger, should continue with this payload.
 TRIGGER = b"@@xq#"
 PAYLOAD = b"PWNED!7e1"
+# A payload of the same kinds of bytes that nobody trains: its loss after the trigger is what an
+# unusual string costs a model that learnt no backdoor (the trigger loss alone moves with the run).
+CONTROL = b"QXMVB?4a8"
 HONEST_SEEN = 8  # recent honest deltas an omniscient attacker averages over
 
 
@@ -115,11 +118,11 @@ def backdoor_batches(batches: Iterator[torch.Tensor], *, rate: float, seed: int)
 
 
 @torch.no_grad()
-def trigger_loss(task: object, model: torch.nn.Module) -> float:
-    """Mean loss (nats/byte) of PAYLOAD right after TRIGGER, in held-out text: the lower, the more
-    the model learnt the backdoor."""
+def trigger_loss(task: object, model: torch.nn.Module, payload: bytes = PAYLOAD) -> float:
+    """Mean loss (nats/byte) of ``payload`` right after TRIGGER, in held-out text: the lower, the
+    more the model learnt the backdoor (against ``CONTROL`` as the payload: what it learnt of it)."""
     windows = task.eval_batches()[:32].clone()  # type: ignore[attr-defined]
-    stamp = torch.tensor(list(TRIGGER + PAYLOAD), dtype=torch.long)
+    stamp = torch.tensor(list(TRIGGER + payload), dtype=torch.long)
     at = windows.shape[1] - len(stamp)  # at the end of each window: the payload is predicted last
     windows[:, at:] = stamp
     was_training = model.training

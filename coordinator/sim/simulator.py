@@ -37,7 +37,7 @@ from coordinator.admission import StalenessBound
 from coordinator.guard import DeltaGuard, GuardConfig, momentum_centre
 from coordinator.intake import IntakeConfig
 from coordinator.outer_optimizer import ASYNC_STRATEGIES, STRATEGIES, OuterConfig, make_outer_optimizer
-from coordinator.sim.attacks import AttackConfig, Forger, backdoor_batches, trigger_loss
+from coordinator.sim.attacks import CONTROL, AttackConfig, Forger, backdoor_batches, trigger_loss
 from shared.codecs import ErrorFeedback, get_codec
 from shared.dylu import local_steps_for
 from shared.errors import ConfigError
@@ -136,6 +136,7 @@ class SimPoint:
     tokens: int
     eval_loss: float
     trigger_loss: float | None = None
+    control_loss: float | None = None  # the same after the trigger with attacks.CONTROL as payload
 
 
 @dataclass
@@ -376,9 +377,10 @@ class _RunState:
                 param.copy_(self.outer.params[name])
         loss = float(task.evaluate(self.model, next(self.model.parameters()).device))
         config = result.config
-        trigger = (trigger_loss(task, self.model)
-                   if config.measure_trigger or config.attack.kind == "backdoor" else None)
-        result.curve.append(SimPoint(now, self.updates, self.steps, self.tokens, loss, trigger))
+        measure = config.measure_trigger or config.attack.kind == "backdoor"
+        trigger = trigger_loss(task, self.model) if measure else None
+        control = trigger_loss(task, self.model, CONTROL) if measure else None
+        result.curve.append(SimPoint(now, self.updates, self.steps, self.tokens, loss, trigger, control))
 
     @staticmethod
     def honest(config: SimConfig, worker: int, steps: int) -> int:

@@ -120,9 +120,9 @@ def test_without_a_centre_clipping_is_plain_norm_clipping() -> None:
     guard = _guard("clip")
     _warm(guard)  # distances = norms 1.0-1.35
     tau = guard.config.clip_ratio * statistics.median(guard.distances)
-    decision = guard.judge(_delta(3.5, seed=90), local_steps=H)  # under 4x: screened in, clipped
+    decision = guard.judge(_delta(4.2, seed=90), local_steps=H)  # under 4x: screened in, clipped
     assert decision.clipped and decision.delta is not None
-    assert _norm(decision.delta) == pytest.approx(tau, rel=1e-4) and tau < 3.5
+    assert _norm(decision.delta) == pytest.approx(tau, rel=1e-4) and tau < 4.2
 
 
 def test_the_statistics_survive_a_checkpoint_and_a_warm_start_seeds_them() -> None:
@@ -199,3 +199,59 @@ def test_when_most_senders_point_against_the_momentum_the_momentum_is_suspect_no
     flipped = {n: -t for n, t in honest[3].items()}
     for _ in range(3):
         assert guard.judge(flipped, local_steps=H, sender="liar").reason == "against_momentum"
+
+
+def test_a_sender_clipped_again_and_again_goes_on_probation_and_comes_off_by_sending_clean_deltas() -> None:
+    guard = _guard("clip")
+    _warm(guard)  # distances = norms 1.0-1.35, so τ = 3 x ~1.2
+    big = [_delta(3.9, seed=200 + i) for i in range(3)]  # under 4x the median norm: clipped, not refused
+    decisions = [guard.judge(d, local_steps=H, sender="liar") for d in big]
+    assert [d.clipped for d in decisions[:2]] == [True, True]
+    assert decisions[2].reason == "probation" and decisions[2].delta is None  # the third strike
+    # on probation a clean delta is judged, and refused, but counts in the sender's favour
+    clean = [_delta(1.1, seed=300 + i) for i in range(8)]
+    verdicts = [guard.judge(d, local_steps=H, sender="liar").reason for d in clean]
+    # its record of 8: 3 strikes until the first of them rolls off, after 5 clean deltas
+    assert verdicts == ["probation"] * 5 + [""] * 3
+    assert guard.counts["probation"] == 6
+    # another sender is not touched by it, and one strike alone is no probation
+    assert guard.judge(_delta(3.9, seed=400), local_steps=H, sender="honest").clipped
+    assert not guard.judge(_delta(1.0, seed=401), local_steps=H, sender="honest").refused
+
+
+def test_direction_refusals_are_no_strike_and_probation_survives_a_checkpoint() -> None:
+    trusted = _delta(1.0, seed=3)
+    guard = _guard("screen", centre=trusted)
+    flipped = {n: -t for n, t in trusted.items()}
+    for _ in range(4):  # refused for its direction, never put on probation for it
+        assert guard.judge(flipped, local_steps=H, sender="c0").reason == "against_momentum"
+    assert not guard.judge(trusted, local_steps=H, sender="c0").refused
+    _warm(guard, centre=trusted)
+    for seed in range(3):  # three norm outliers: probation
+        guard.judge(_delta(40.0, seed=500 + seed), local_steps=H, sender="c1")
+    restored = _guard("screen", centre=trusted)
+    restored.load_state(guard.save_state())
+    along = {n: t * 1.05 for n, t in trusted.items()}
+    assert restored.judge(along, local_steps=H, sender="c1").reason == "probation"
+    assert not restored.judge(along, local_steps=H, sender="c0").refused
+    assert _guard("screen", strikes=0).config.strikes == 0
+    with pytest.raises(ConfigError):
+        GuardConfig(strikes=9)
+
+
+def test_one_trusted_round_is_a_statistic_and_a_restart_keeps_that_it_was_trusted() -> None:
+    guard = _guard("clip")
+    trusted = _delta(1.0, seed=7)
+    guard.observe(trusted)  # one round of a warm start's trusted holder: the centre too
+    assert guard.judge(_delta(8.0, seed=8), local_steps=H, sender="x").reason == "norm_outlier"
+    # |g| ≈ 3.6: within 4 x the median (1.0); |g − c| ≈ 3.5, beyond τ = 3 x 1.0; along the centre
+    along = {n: t + _delta(3.5, seed=9)[n] for n, t in trusted.items()}
+    decision = guard.judge(along, local_steps=H, sender="x")
+    assert decision.clipped and decision.delta is not None
+    assert _norm({n: decision.delta[n] - trusted[n] for n in NAMES}) == pytest.approx(3.0, rel=1e-4)
+    restored = _guard("clip")
+    restored.load_state(guard.save_state())
+    assert restored.judge(_delta(12.0, seed=10), local_steps=H, sender="y").reason == "norm_outlier"
+    strangers_only = _guard("clip")  # without a trusted start, min_history deltas first
+    assert not strangers_only.judge(_delta(1.0, seed=11), local_steps=H).refused
+    assert not strangers_only.judge(_delta(8.0, seed=12), local_steps=H).refused
