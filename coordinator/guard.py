@@ -20,7 +20,10 @@ deltas it accepted recently, and the server's own momentum:
    ``clip_ratio`` times the median distance |g − c| of recent accepted deltas. A delta then moves
    θ by at most ε(τ + |c|)/N, whatever it holds; the cost is O(d) per arrival.
 
-3. **Probation** (any mode but ``off``): each sender's last ``record`` judgements are kept; a sender
+3. **Descent check** (optional, ``descent_every`` > 0): every so many deltas that pass are tried
+   on a batch of the operator's own data (:mod:`coordinator.descent`); one that raises its loss
+   is refused (``no_descent``).
+4. **Probation** (any mode but ``off``): each sender's last ``record`` judgements are kept; a sender
    with ``strikes`` or more of them refused for size or clipped is on probation, and its deltas are still
    judged (a clean one counts in its favour) but not applied (``probation``) until fewer are. A
    liar whose deltas each get clipped back to size would otherwise keep steering θ by the clip's
@@ -56,6 +59,8 @@ from shared.errors import ConfigError
 
 # Centre tensors (the server's running mean of deltas) for the arriving delta; None: no centre yet.
 Centre = Callable[[], dict[str, torch.Tensor] | None]
+# Why a delta (as it would be applied) fails the descent check, or None (coordinator.descent).
+Descent = Callable[[dict[str, torch.Tensor]], str | None]
 
 
 class GuardMode(str, Enum):
@@ -76,7 +81,7 @@ DIRECTIONS_KEPT = 16
 # Senders whose probation records are kept (the least recently heard is forgotten past this).
 MAX_RECORDS = 10_000
 # Reasons the guard refuses a delta for (each counted in ``rejected_by_reason``).
-GUARD_REASONS = ("norm_outlier", "tensor_outlier", "against_momentum", "probation")
+GUARD_REASONS = ("norm_outlier", "tensor_outlier", "against_momentum", "no_descent", "probation")
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,8 @@ class GuardConfig:
     min_history: int = 3
     strikes: int = 3  # refused or clipped judgements in a sender's record that put it on probation (0: never)
     record: int = 8  # judgements kept per sender
+    descent_every: int = 0  # check every so many passing deltas on trusted data (0: never)
+    descent_tolerance: float = 0.005  # the rise of the trusted loss, relative, that refuses
 
     def __post_init__(self) -> None:
         if self.mode not in GUARD_MODES:
@@ -104,6 +111,8 @@ class GuardConfig:
             raise ConfigError("the guard's window must be >= 3 and its history in [1, window]")
         if self.record < 1 or not 0 <= self.strikes <= self.record:
             raise ConfigError("the guard's record must be >= 1 and its strikes in [0, record]")
+        if self.descent_every < 0 or not self.descent_tolerance >= 0:
+            raise ConfigError("the guard's descent check needs every >= 0 and a tolerance >= 0")
 
     @property
     def guard_mode(self) -> GuardMode:
@@ -129,9 +138,12 @@ class DeltaGuard:
     """Screens and clips arriving deltas against the recent accepted ones (module docstring)."""
 
     def __init__(self, config: GuardConfig, names: list[str], *, centre: Centre | None = None,
-                 full_steps: int = 1) -> None:
+                 full_steps: int = 1, descent: Descent | None = None) -> None:
         self.config = config
         self.centre: Centre = centre or (lambda: None)  # see momentum_centre
+        # the descent check, where the operator's data is at hand and config.descent_every > 0
+        self.descent = descent if config.descent_every else None
+        self.passed_since_descent = 0
         self.full_steps = max(1, full_steps)  # H, a full round's local steps
         self.mode = config.guard_mode
         self.names = list(names)
@@ -188,6 +200,11 @@ class DeltaGuard:
                 tensor_norms = {n: k * float(torch.linalg.vector_norm(g)) for n, g in delta.items()}
                 norm = math.sqrt(sum(v * v for v in tensor_norms.values()))
                 distance, clipped = tau, True
+        why = self._descent(delta)
+        if why is not None:
+            self._strike(sender, True)
+            self.counts["no_descent"] += 1
+            return GuardDecision(None, "no_descent", why)
         on_probation = self._strike(sender, clipped)
         if on_probation is not None:
             self.counts["probation"] += 1
@@ -256,6 +273,17 @@ class DeltaGuard:
             return GuardDecision(None, "against_momentum", f"cosine to the server's momentum "
                                  f"{cosine:.2f} < {self.config.min_cosine:g}")
         return None
+
+    def _descent(self, delta: dict[str, torch.Tensor]) -> str | None:
+        """The descent check's refusal of every ``descent_every``-th delta that got this far."""
+        if self.descent is None:
+            return None
+        self.passed_since_descent += 1
+        if self.passed_since_descent < self.config.descent_every:
+            return None
+        self.passed_since_descent = 0
+        self.counts["descent_checked"] += 1
+        return self.descent(delta)
 
     def _strike(self, sender: str, flagged: bool) -> str | None:
         """Add a judgement to ``sender``'s record; say why it is on probation, or None. An

@@ -66,7 +66,7 @@ def outer_options() -> Callable[[F], F]:
 
 def guard_options() -> Callable[[F], F]:
     """The delta guard (coordinator/guard.py): --guard, --guard-reject-ratio, --guard-clip-ratio,
-    --guard-min-cosine, --guard-strikes."""
+    --guard-min-cosine, --guard-strikes, --guard-descent-every, --guard-descent-tolerance."""
     return _group(
         option("--guard", env="GUARD", type=click.Choice(GUARD_MODES), default="clip",
                help="Judge each delta before it moves θ: 'screen' refuses outliers (norm, one tensor's "
@@ -87,6 +87,14 @@ def guard_options() -> Callable[[F], F]:
                default=GuardConfig.strikes,
                help=f"Put a volunteer on probation (its deltas judged, not applied) while this many of its "
                f"last {GuardConfig.record} were refused for size or clipped (0: never)."),
+        option("--guard-descent-every", env="GUARD_DESCENT_EVERY", type=click.IntRange(0),
+               default=GuardConfig.descent_every,
+               help="Try every K-th delta that passes on a fresh batch of the task's data drawn with the "
+               "coordinator's secret seed, and refuse it if the loss rises (two forward passes on the "
+               "coordinator; 0: off)."),
+        option("--guard-descent-tolerance", env="GUARD_DESCENT_TOLERANCE", type=click.FloatRange(0),
+               default=GuardConfig.descent_tolerance,
+               help="The rise of that loss, as a share of it, that refuses a delta."),
     )
 
 

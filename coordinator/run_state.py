@@ -33,6 +33,7 @@ from coordinator.admission import (
 from coordinator.applied_log import AppliedLog
 from coordinator.checkpoint import Checkpoint
 from coordinator.config import CoordinatorConfig
+from coordinator.descent import DescentCheck
 from coordinator.guard import DeltaGuard, momentum_centre
 from coordinator.identity import AuthMode, InvitedSenders, OpenSenders, SenderCheck
 from coordinator.intake import DeltaIntake
@@ -177,8 +178,12 @@ class RunState:
                            if config.auth is AuthMode.INVITE and config.checkpoint_dir is not None else None)
         senders = InvitedSenders(self.volunteers) if self.volunteers is not None else OpenSenders()
         # Judges each delta before it moves θ, around the optimizer's momentum (coordinator.guard).
+        # With --guard-descent-every, it also tries deltas on the operator's own data (coordinator.descent).
+        descent = DescentCheck(self.task, self.eval_model, self.optimizer.params, step_share=self._step_share,
+                               tolerance=config.guard.descent_tolerance, device=self.device)
         self.guard = DeltaGuard(config.guard, list(self.optimizer.params),
-                                centre=momentum_centre(self.optimizer), full_steps=config.plan.local_steps)
+                                centre=momentum_centre(self.optimizer), full_steps=config.plan.local_steps,
+                                descent=descent)
         self.intake = build_intake(config, optimizer=self.optimizer, registry=self.registry,
                                    progress=self.progress, warm=self.warm, barrier=self.barrier,
                                    run_id=run_id, guard=self.guard, senders=senders)
@@ -277,6 +282,11 @@ class RunState:
             # the outer buffer holds deltas whose momentum step is still to come (RoundPlan.grace_s)
             "cycle_open": self.optimizer.pending > 0,
         }
+
+    def _step_share(self) -> float:
+        """γ of the descent check: the share of a delta one arrival's outer step applies, ε/N."""
+        active = len(self.registry.active(time.time()))
+        return self.config.outer.lr / self.optimizer.buffer_weight(max(1, active), None)
 
     # ---------------------------------------------------------------- evaluation
     def eval_is_stale(self) -> bool:

@@ -154,7 +154,7 @@ class LocalTrainer:
             lr = self.inner.lr_at(self.own_steps, global_step + step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            batch = _to_device(next(self.batches), self.device)
+            batch = to_device(next(self.batches), self.device)
             loss = self.task.loss(self.model, batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -188,11 +188,12 @@ class LocalTrainer:
             }
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A task's batch (a tensor, or a tuple or list of them) moved to ``device``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(b, device) for b in batch)
+        return type(batch)(to_device(b, device) for b in batch)
     return batch
 
 

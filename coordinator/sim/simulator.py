@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from coordinator.admission import StalenessBound
+from coordinator.descent import DescentCheck
 from coordinator.guard import DeltaGuard, GuardConfig, momentum_centre
 from coordinator.intake import IntakeConfig
 from coordinator.outer_optimizer import ASYNC_STRATEGIES, STRATEGIES, OuterConfig, make_outer_optimizer
@@ -194,8 +195,12 @@ class Simulation:
                                                        seed=config.seed * 1000 + i)
         feedback = [ErrorFeedback(codec) for _ in range(workers)]
         result = SimResult(config, steps_per_worker=[0] * workers)
+        # the descent check (with guard.descent_every) on the task's data, as the coordinator's
+        descent = DescentCheck(self.task, model, outer.params, seed=config.seed + 7919,
+                               step_share=lambda: config.outer.lr / workers,
+                               tolerance=config.guard.descent_tolerance)
         guard = DeltaGuard(config.guard, list(outer.params), centre=momentum_centre(outer),
-                           full_steps=config.local_steps)
+                           full_steps=config.local_steps, descent=descent)
         state = _RunState(model=model, outer=outer, guard=guard,
                           forger=Forger(config.attack, seed=config.seed))
         state.record(self.task, 0.0, result)

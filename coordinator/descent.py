@@ -1,0 +1,72 @@
+"""The guard's descent check (Zeno++-style, Xie et al. 2020): does a delta lower the loss on data
+only the coordinator holds?
+
+Screening and clipping judge a delta by its size and direction against other deltas; an attack
+that hides inside honest spread (ALIE, a small backdoor) passes both. An operator who holds the
+task's data can ask the question that matters instead: does θ moved along the delta do better on a
+batch the volunteer never saw? Every ``every``-th delta the guard lets through is checked on a
+fresh batch drawn with the coordinator's own secret seed (a volunteer cannot tune a delta to it):
+
+    refused (``no_descent``) when  L(θ − γ·g) − L(θ) > tolerance · L(θ)
+
+with γ the share of the delta the outer step applies at once (ε/N). Two forward passes of one
+batch on the coordinator's evaluation model per checked delta; 0 turns it off (the default). The
+loss before the move is computed on the same batch, so the batch's own difficulty cancels.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from shared.local_round import to_device
+
+# The part of a delta the outer step applies at the arrival (γ): e.g. ε/N.
+StepShare = Callable[[], float]
+
+
+class DescentCheck:
+    """Checks a delta against fresh trusted batches of ``task`` (module docstring)."""
+
+    def __init__(self, task: Any, model: torch.nn.Module, params: dict[str, torch.Tensor], *,
+                 step_share: StepShare, tolerance: float, device: torch.device | str = "cpu",
+                 seed: int | None = None) -> None:
+        self.task = task
+        self.model = model  # the coordinator's evaluation model: θ is copied in for each check
+        self.params = params  # θ, as the outer optimizer holds it
+        self.step_share = step_share
+        self.tolerance = tolerance
+        self.device = torch.device(device)
+        self.seed = secrets.randbits(62) if seed is None else seed  # the simulator passes its own
+        self._batches: Iterator[torch.Tensor] | None = None
+
+    def __call__(self, delta: dict[str, torch.Tensor]) -> str | None:
+        """Why ``delta`` is refused (it raises the trusted loss beyond the tolerance), or None."""
+        batch = to_device(next(self._stream()), self.device)
+        gamma = self.step_share()
+        named = dict(self.model.named_parameters())
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for name, param in named.items():
+                    param.copy_(self.params[name])
+                before = float(self.task.loss(self.model, batch))
+                for name, param in named.items():
+                    param.sub_(delta[name].to(param.device, param.dtype), alpha=gamma)
+                after = float(self.task.loss(self.model, batch))
+        finally:
+            self.model.train(was_training)
+        if after - before > self.tolerance * abs(before):
+            return (f"the trusted loss rose from {before:.4g} to {after:.4g} along it "
+                    f"(tolerance {100 * self.tolerance:g}%)")
+        return None
+
+    def _stream(self) -> Iterator[torch.Tensor]:
+        if self._batches is None:  # a secret seed and shard: no volunteer can fit a delta to them
+            shard = self.seed % max(1, int(getattr(self.task, "num_shards", 1)))
+            self._batches = self.task.train_batches(shard, self.seed)
+        return self._batches

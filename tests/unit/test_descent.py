@@ -1,0 +1,79 @@
+"""The guard's descent check: a delta is tried on the operator's own data before it moves θ."""
+
+from __future__ import annotations
+
+import torch
+
+from coordinator.descent import DescentCheck
+from coordinator.guard import DeltaGuard, GuardConfig
+from coordinator.sim.attacks import AttackConfig
+from coordinator.sim.simulator import Simulation
+from tests.unit.test_attacks import _config
+from tests.unit.test_local_round import LinearRegressionTask
+
+
+def _check(tolerance: float = 0.0) -> tuple[DescentCheck, dict[str, torch.Tensor]]:
+    task = LinearRegressionTask()
+    model = task.build_model()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return DescentCheck(task, model, params, step_share=lambda: 0.1, tolerance=tolerance, seed=3), params
+
+
+def _descent_direction(task: LinearRegressionTask, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The full-batch gradient at θ: a delta (θ −= γ·g) that lowers the loss."""
+    model = task.build_model()
+    model.load_state_dict(params)
+    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(5))
+    loss = torch.nn.functional.mse_loss(model(x), x @ task.w_true + 0.25)
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}  # type: ignore[union-attr]
+
+
+def test_a_delta_that_lowers_the_trusted_loss_passes_and_its_opposite_is_refused() -> None:
+    check, params = _check()
+    good = _descent_direction(check.task, params)
+    before = {n: t.clone() for n, t in params.items()}
+    assert check(good) is None
+    why = check({n: -g for n, g in good.items()})
+    assert why is not None and "trusted loss rose" in why
+    for name, tensor in params.items():  # θ itself is never touched by the check
+        assert torch.equal(tensor, before[name])
+
+
+def test_the_tolerance_lets_a_small_rise_through() -> None:
+    strict, params = _check(tolerance=0.0)
+    loose, _ = _check(tolerance=10.0)
+    loose.params = params
+    bad = {n: -0.01 * g for n, g in _descent_direction(strict.task, params).items()}
+    assert strict(bad) is not None and loose(bad) is None
+
+
+def test_the_guard_checks_every_kth_passing_delta_and_counts_it() -> None:
+    calls: list[int] = []
+
+    def descent(delta: dict[str, torch.Tensor]) -> str | None:
+        calls.append(1)
+        return "rose" if len(calls) == 2 else None
+
+    guard = DeltaGuard(GuardConfig(descent_every=2), ["w"], full_steps=1, descent=descent)
+    verdicts = [guard.judge({"w": torch.ones(3)}, local_steps=1, sender=f"c{i}").reason for i in range(4)]
+    assert verdicts == ["", "", "", "no_descent"] and len(calls) == 2
+    assert guard.counts["descent_checked"] == 2 and guard.counts["no_descent"] == 1
+    off = DeltaGuard(GuardConfig(), ["w"], full_steps=1, descent=descent)  # descent_every 0: never asked
+    off.judge({"w": torch.ones(3)}, local_steps=1)
+    assert len(calls) == 2
+
+
+def test_in_the_simulator_it_refuses_a_sign_flipper_that_the_other_rules_let_through() -> None:
+    sim = Simulation(LinearRegressionTask())
+    liar = AttackConfig("signflip", attackers=1, scale=1.0)
+    # screening without the direction check, no clipping: only the descent check can stop it
+    blind = GuardConfig(mode="screen", min_cosine=-1.0, strikes=0)
+    without = sim.run(_config(attack=liar, guard=blind))
+    with_check = sim.run(_config(attack=liar, guard=GuardConfig(mode="screen", min_cosine=-1.0, strikes=0,
+                                                                 descent_every=1)))
+    assert without.guard_counts.get("attack_refused", 0) <= 1
+    counts = with_check.guard_counts
+    assert counts["attack_refused"] >= counts["attack_judged"] - 1 > 0
+    assert counts.get("honest_refused", 0) <= counts["honest_judged"] // 10
+    assert with_check.final_loss < without.final_loss
