@@ -70,10 +70,10 @@ class Fp16Codec:
         return 2 * numel
 
     def encode(self, tensor: torch.Tensor) -> bytes:
-        flat = _as_flat_f32(tensor)
-        if flat.size and float(np.abs(flat).max()) > 65504.0:
+        flat = _flat_f32(tensor)  # converted where it is: only the fp16 bytes leave a device
+        if flat.numel() and float(flat.abs().max()) > 65504.0:
             raise ValueError("delta has values beyond the fp16 range; use --codec fp32")
-        return flat.astype("<f2").tobytes()
+        return _to_bytes(flat.to(torch.float16), "<f2")
 
     def decode(self, blob: bytes, numel: int) -> torch.Tensor:
         _expect_len(blob, self.encoded_bytes(numel), self.name)
@@ -97,15 +97,14 @@ class Int8BlockCodec:
         return 4 * self._nblocks(numel) + numel
 
     def encode(self, tensor: torch.Tensor) -> bytes:
-        flat = _as_flat_f32(tensor).astype(np.float32)
-        numel = flat.size
-        padded = np.zeros(self._nblocks(numel) * self.block, dtype=np.float32)
-        padded[:numel] = flat
-        blocks = padded.reshape(-1, self.block)  # (nblocks, block)
-        scales = np.abs(blocks).max(axis=1) / 127.0  # (nblocks,)
-        safe = np.where(scales > 0, scales, 1.0)[:, None]
-        q = np.clip(np.rint(blocks / safe), -127, 127).astype(np.int8).reshape(-1)[:numel]
-        return scales.astype("<f4").tobytes() + q.tobytes()
+        flat = _flat_f32(tensor)  # quantised where it is: only the int8 bytes leave a device
+        numel = flat.numel()
+        blocks = torch.nn.functional.pad(flat, (0, (-numel) % self.block)).view(-1, self.block)
+        scales = blocks.abs().amax(dim=1) / 127.0  # (nblocks,)
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))[:, None]
+        # round half to even, as numpy's rint (the layout this codec always had)
+        q = torch.round(blocks / safe).clamp_(-127, 127).to(torch.int8).reshape(-1)[:numel]
+        return _to_bytes(scales, "<f4") + _to_bytes(q, "i1")
 
     def decode(self, blob: bytes, numel: int) -> torch.Tensor:
         _expect_len(blob, self.encoded_bytes(numel), self.name)
@@ -319,7 +318,8 @@ class ErrorFeedback:
     """Carries the compression error of each tensor into the next round.
 
     ``encode(name, g)`` sends ``C(g + e)`` and keeps ``e ← (g + e) − D(C(g + e))``. With a lossless
-    codec ``e`` stays zero. The residual lives on the CPU in float32 (same size as the model). A
+    codec ``e`` stays zero. The residual lives where ``g`` is (a GPU's delta is corrected and
+    quantised there: only the encoded bytes reach the host), in float32, the model's size. A
     ``g + e`` with a NaN or an Inf (a diverged round) is sent as it is, for the coordinator to
     refuse, and leaves no residual: one bad round must not poison every later one.
     """
@@ -329,15 +329,17 @@ class ErrorFeedback:
         self._residual: dict[str, torch.Tensor] = {}
 
     def encode(self, name: str, delta: torch.Tensor) -> bytes:
-        flat = delta.detach().to("cpu", torch.float32).reshape(-1)
+        flat = delta.detach().to(torch.float32).reshape(-1)
         if isinstance(self.codec, Fp32Codec):
             return self.codec.encode(flat)
-        corrected = flat + self._residual.get(name, torch.zeros_like(flat))
+        residual = self._residual.get(name)
+        corrected = flat + residual.to(flat.device) if residual is not None else flat
         blob = self.codec.encode(corrected)
         if not bool(torch.isfinite(corrected).all()):
             self._residual.pop(name, None)
             return blob
-        self._residual[name] = corrected - self.codec.decode(blob, corrected.numel())
+        decoded = self.codec.decode(blob, corrected.numel()).to(corrected.device, non_blocking=True)
+        self._residual[name] = corrected - decoded
         return blob
 
     def reset(self) -> None:

@@ -8,6 +8,7 @@ steps (a fresh AdamW needs it) and follows a cosine over the run's global progre
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -70,7 +71,14 @@ class RoundStats:
 
 
 class LocalTrainer:
-    """Owns one replica: model on the device, its AdamW, its data stream and θ_base (CPU fp32)."""
+    """Owns one replica: model on the device, its AdamW, its data stream and θ_base (fp32, on the
+    device too, so the pseudo-gradient is taken there).
+
+    On CUDA the round runs the fast path unless ``mixed_precision`` is off: bf16 autocast where the
+    GPU supports it (parameters, AdamW state and θ_base stay fp32), TF32 matmuls, the fused AdamW,
+    batches staged through pinned host memory. No step waits for the device except to report
+    progress (at most every ``progress_every_s``) and to emulate ``slowdown``.
+    """
 
     def __init__(
         self,
@@ -80,10 +88,18 @@ class LocalTrainer:
         device: torch.device,
         shard: int,
         seed: int,
+        mixed_precision: bool = True,
     ) -> None:
         self.task = task
         self.inner = inner
         self.device = device
+        cuda = device.type == "cuda"
+        if cuda and mixed_precision:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        # bf16 autocast on a GPU that has it; None: plain fp32
+        self.autocast_dtype = (torch.bfloat16 if cuda and mixed_precision and torch.cuda.is_bf16_supported()
+                               else None)
         self.model = task.build_model().to(device)
         self.model.train()
         self.names = [n for n, _ in self.model.named_parameters()]
@@ -92,17 +108,18 @@ class LocalTrainer:
             lr=inner.lr,
             betas=(inner.beta1, inner.beta2),
             weight_decay=inner.weight_decay,
+            fused=True if cuda else None,  # one kernel for all parameters (CUDA only)
         )
         self.batches: Iterator[Any] = task.train_batches(shard, seed)
         self.base: dict[str, torch.Tensor] = {}
         self.own_steps = 0  # inner steps this replica ever ran (drives the warmup)
 
     def load_base(self, params: dict[str, torch.Tensor]) -> None:
-        """Set θ_base and the model's parameters to ``params`` (CPU float32 tensors)."""
+        """Set θ_base and the model's parameters to ``params`` (float32 tensors, any device)."""
         missing = set(self.names) - set(params)
         if missing:
             raise ConfigError(f"snapshot lacks parameters: {sorted(missing)[:5]}")
-        self.base = {n: params[n].detach().to("cpu", torch.float32).clone() for n in self.names}
+        self.base = {n: params[n].detach().to(self.device, torch.float32, copy=True) for n in self.names}
         self.reset_to_base()
 
     def reset_to_base(self) -> None:
@@ -155,7 +172,8 @@ class LocalTrainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             batch = to_device(next(self.batches), self.device)
-            loss = self.task.loss(self.model, batch)
+            with self._precision():
+                loss = self.task.loss(self.model, batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.inner.grad_clip > 0:
@@ -179,18 +197,26 @@ class LocalTrainer:
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         return RoundStats(len(losses), samples, tokens, compute_s, mean_loss)
 
-    def pseudo_gradient(self) -> dict[str, torch.Tensor]:
-        """``θ_base − θ_local`` per parameter, CPU float32."""
+    def _precision(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def pseudo_gradient(self, *, on_device: bool = False) -> dict[str, torch.Tensor]:
+        """``θ_base − θ_local`` per parameter, float32: taken on the device, and copied to the CPU
+        unless ``on_device`` (a codec then quantises it there: only its bytes cross to the host)."""
         with torch.no_grad():
-            return {
-                name: self.base[name] - param.detach().to("cpu", torch.float32)
-                for name, param in self.model.named_parameters()
-            }
+            gradient = {name: self.base[name] - param.detach().float()
+                        for name, param in self.model.named_parameters()}
+        return gradient if on_device else {name: g.to("cpu") for name, g in gradient.items()}
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """A task's batch (a tensor, or a tuple or list of them) moved to ``device``."""
+    """A task's batch (a tensor, or a tuple or list of them) moved to ``device``; to a GPU through
+    pinned host memory, so the copy runs without holding up the host."""
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu":
+            batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(b, device) for b in batch)
@@ -217,7 +243,17 @@ def _synchronize(device: torch.device) -> None:
 
 
 def pick_device(choice: str) -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; other values are taken as given."""
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; ``cuda:N`` one GPU of several; other
+    values are taken as given."""
+    if choice.startswith("cuda:"):
+        index = choice[len("cuda:"):]
+        if not index.isdigit():
+            raise ConfigError(f"--device cuda:N takes a GPU number, not {choice!r}")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(index) >= count:
+            raise ConfigError(f"--device {choice} asked for, but torch sees {count} CUDA GPU(s)"
+                              + (f": cuda:0 to cuda:{count - 1}" if count else ""))
+        return torch.device("cuda", int(index))
     if choice == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -231,5 +267,5 @@ def pick_device(choice: str) -> torch.device:
     ):
         raise ConfigError("--device mps asked for, but this torch build has no MPS backend")
     if choice not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"--device must be auto, cpu, cuda or mps, not {choice!r}")
+        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {choice!r}")
     return torch.device(choice)

@@ -252,6 +252,36 @@ def test_pick_device_refuses_missing_accelerator(monkeypatch: pytest.MonkeyPatch
         pick_device(choice)
 
 
+def test_pick_device_takes_one_gpu_of_several(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_accelerators(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="sees 2 CUDA GPU.*cuda:0 to cuda:1"):
+        pick_device("cuda:2")
+    with pytest.raises(ConfigError, match="GPU number"):
+        pick_device("cuda:x")
+
+
+def test_pick_device_cuda_n_without_a_gpu_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_accelerators(monkeypatch)
+    with pytest.raises(ConfigError, match="sees 0 CUDA GPU"):
+        pick_device("cuda:0")
+
+
+def test_on_the_cpu_the_round_is_plain_fp32_and_the_pseudo_gradient_is_where_asked() -> None:
+    trainer = make_trainer()
+    assert trainer.autocast_dtype is None  # bf16 autocast is for GPUs that have it
+    assert trainer.optimizer.defaults.get("fused") in (None, False)
+    trainer.load_base({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    trainer.train(3)
+    on_device = trainer.pseudo_gradient(on_device=True)
+    on_host = trainer.pseudo_gradient()
+    for name, g in on_host.items():
+        assert g.device.type == "cpu" and g.dtype == torch.float32 and bool(g.abs().sum() > 0)
+        assert torch.equal(g, on_device[name].cpu())
+
+
 @pytest.mark.parametrize("choice", ["nonsense", "gpu", ""])
 def test_pick_device_refuses_unknown_names(choice: str) -> None:
     with pytest.raises(ConfigError):
