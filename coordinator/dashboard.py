@@ -15,9 +15,10 @@ fetched from anywhere else) polls two JSON endpoints of this server:
 Safe to leave running: it binds 127.0.0.1 unless told otherwise and then refuses any ``Host`` that
 is not a loopback name (a web page cannot reach it by DNS rebinding); it answers GET and HEAD
 only, of three fixed paths, reflects nothing of a request; the page puts every string from the run
-(volunteers' ids, reasons) into the DOM as text, under a Content-Security-Policy that runs no
-script but its own; a response is at most :data:`MAX_BODY_BYTES`; at most :data:`MAX_CONNECTIONS`
-connections are served at once, each for at most :data:`CONNECTION_TIMEOUT_S` of silence.
+(volunteers' ids and reported devices, reasons) into the DOM as text, under a
+Content-Security-Policy that runs no script but its own; a response is at most
+:data:`MAX_BODY_BYTES`; at most :data:`MAX_CONNECTIONS` connections are served at once, each for at
+most :data:`CONNECTION_TIMEOUT_S` of silence.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ own clock, as the local steps it credited over the wall time of the round,
 in), and assigns each active client its round length ``H_i`` by the Dynamic Local Updates rule
 (:func:`shared.dylu.dylu_steps`) in the plan's ``assignments``. A client's self-reported
 ``compute_s`` is kept for ``status`` only. A delta is credited at most the steps some plan offered
-its sender since its base was published (:meth:`ClientRegistry.assignment_limit`).
+its sender since its base was published (:meth:`ClientRegistry.assignment_limit`). Its reported
+``device`` ("cuda: NVIDIA H200") is likewise kept for ``status`` and the dashboard only.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class ClientRecord:
     last_arrival: float = 0.0  # unix time its newest applied delta arrived (0: none yet)
     last_base: int = -1  # base version of its newest applied delta (one delta per base: OnePerBase)
     reported_compute_s: float = 0.0  # what it said its last round's compute took: shown, never used
+    reported_device: str = ""  # what it said its last applied delta was trained on: shown, never used
     # (since unix time, local steps): the round lengths plans offered it, newest last, on change only
     offers: list[tuple[float, int]] = field(default_factory=list)
 
@@ -154,14 +156,14 @@ class ClientRegistry:
 
     def record_applied(
         self, *, client_id: str, seq: int, base_version: int, local_steps: int, compute_s: float,
-        tokens: int, train_loss: float, staleness: int, now: float,
+        tokens: int, train_loss: float, staleness: int, now: float, device: str = "",
     ) -> None:
         """Record an applied delta, credited ``local_steps`` and ``tokens``; measure the round.
 
-        ``compute_s`` is the client's own claim: kept for ``status``, never used. The speed is
-        ``local_steps`` over the round's wall time on this machine's clock (see the module
-        docstring); a client's first delta measures nothing (its round included joining, and its
-        base may be older than its arrival in the run).
+        ``compute_s`` and ``device`` are the client's own claims: kept for ``status``, never used.
+        The speed is ``local_steps`` over the round's wall time on this machine's clock (see the
+        module docstring); a client's first delta measures nothing (its round included joining, and
+        its base may be older than its arrival in the run).
         """
         record = self.get(client_id)
         if record.last_arrival > 0 and local_steps > 0:
@@ -173,6 +175,7 @@ class ClientRegistry:
         record.last_arrival = now
         record.last_base = max(record.last_base, base_version)
         record.reported_compute_s = compute_s
+        record.reported_device = device
         record.local_steps += local_steps
         record.tokens += tokens
         record.updates += 1

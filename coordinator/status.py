@@ -86,6 +86,7 @@ def build_status(run: RunState, *, consumer: DeltaConsumer | None, spool: PartSp
                 # the round length the plan assigns it now (null: none, it runs H)
                 "assigned_steps": plan.assignments.get(c.client_id),
                 "reported_compute_s": _num(c.reported_compute_s),  # its own claim: shown, never used
+                "reported_device": c.reported_device,  # likewise ("": it has not said)
             }
             for c in sorted(registry.clients.values(), key=lambda c: c.client_id)
         ],
@@ -169,14 +170,15 @@ def render_text(doc: dict[str, Any], *, now: float | None = None) -> str:
     )
     if doc["clients"]:
         lines.append(f"{'client':<24} {'active':<6} {'steps/s':>8} {'H next':>6} {'H last':>6} {'steps':>8} "
-                     f"{'updates':>7} {'rejected':>8}  last seen")
+                     f"{'updates':>7} {'rejected':>8}  {'last seen':<9}  device (reported)")
         for c in doc["clients"]:
             assigned = c.get("assigned_steps")  # a document of an older coordinator has none
             lines.append(
                 f"{c['client_id']:<24} {'yes' if c['active'] else 'no':<6} "
                 f"{c['steps_per_s'] or 0:>8.2f} {'-' if assigned is None else assigned:>6} "
                 f"{c['last_round_steps']:>6} {c['local_steps']:>8} "
-                f"{c['updates']:>7} {c['rejected']:>8}  {_ago(now - c['last_seen'])}"
+                f"{c['updates']:>7} {c['rejected']:>8}  {_ago(now - c['last_seen']):<9}  "
+                f"{c.get('reported_device') or '-'}"  # none from an older coordinator or client
             )
     else:
         lines.append("no clients yet")

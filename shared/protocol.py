@@ -52,9 +52,13 @@ class DeltaLimits:
 DEFAULT_DELTA_LIMITS = DeltaLimits()
 
 # What an encoded delta holds besides its tensors' payloads: its msgpack fields (ids of at most
-# 128 chars, counts, floats), with room to spare; and, per tensor, the headers of its name and bytes.
+# 128 chars, a device label of at most 64, counts, floats), with room to spare; and, per tensor, the
+# headers of its name and bytes.
 DELTA_ENVELOPE_BYTES = 4096
 TENSOR_ENVELOPE_BYTES = 16
+# A delta's ``device`` label ("cpu (8 threads)", "cuda: NVIDIA H200"): at most this many printable
+# characters. The decoder refuses more; a client cuts its own label to fit (:func:`device_label`).
+DEVICE_MAX_CHARS = 64
 
 
 def delta_bytes_bound(numels: Mapping[str, int]) -> int:
@@ -63,6 +67,13 @@ def delta_bytes_bound(numels: Mapping[str, int]) -> int:
     payloads = max(sum(codec.encoded_bytes(n) for n in numels.values()) for codec in CODECS.values())
     names = sum(len(name.encode()) + TENSOR_ENVELOPE_BYTES for name in numels)
     return payloads + names + DELTA_ENVELOPE_BYTES
+
+
+def device_label(text: str) -> str:
+    """``text`` made fit for a delta's ``device`` field: its printable characters only (no control
+    or format characters: no terminal escapes, no bidi overrides), trimmed, at most
+    :data:`DEVICE_MAX_CHARS` of them: whatever it returns, :meth:`DeltaMessage.decode` accepts."""
+    return "".join(ch for ch in text if ch.isprintable()).strip()[:DEVICE_MAX_CHARS].strip()
 
 
 class _ExtTypeRefused(ValueError):
@@ -151,7 +162,10 @@ class DeltaMessage:
 
     ``tensors`` maps parameter name to the codec's encoded bytes; shapes and dtypes are *not* sent:
     the coordinator takes them from its own manifest. ``(client_id, seq)`` identifies the delta
-    for de-duplication: a retried publish reuses its ``seq``.
+    for de-duplication: a retried publish reuses its ``seq``. ``device`` is what the client says it
+    trains on ("cpu (8 threads)", "cuda: NVIDIA H200", "mps"; at most :data:`DEVICE_MAX_CHARS`
+    printable characters): its claim, shown to the operator, never used; optional on the wire (a
+    client that predates it sends none: ``""``).
     """
 
     run_id: str
@@ -166,6 +180,7 @@ class DeltaMessage:
     codec: str
     tensors: dict[str, bytes] = field(repr=False)
     sent_at: float = 0.0
+    device: str = ""
 
     @property
     def delta_id(self) -> str:
@@ -188,6 +203,7 @@ class DeltaMessage:
                 "codec": self.codec,
                 "tensors": self.tensors,
                 "sent_at": float(self.sent_at),
+                "device": self.device,
             },
             use_bin_type=True,
         )
@@ -220,6 +236,13 @@ class DeltaMessage:
                 raise ProtocolError("wrong_schema", f"field {name!r} is empty")
             if len(value) > limits.max_id_chars:
                 raise ProtocolError("too_large", f"field {name!r} over {limits.max_id_chars} chars")
+        # Optional (a client that predates it sends none); refused rather than cleaned when off,
+        # like every other field: an honest client cuts its label with device_label().
+        device = require_field(obj, "device", str) if "device" in obj else ""
+        if len(device) > DEVICE_MAX_CHARS:
+            raise ProtocolError("too_large", f"field 'device' over {DEVICE_MAX_CHARS} chars")
+        if not device.isprintable():
+            raise ProtocolError("wrong_schema", "field 'device' holds a character that is not printable")
         tensors = require_field(obj, "tensors", dict)
         if not tensors:
             raise ProtocolError("wrong_schema", "no tensors in delta")
@@ -233,7 +256,7 @@ class DeltaMessage:
             if not isinstance(blob, bytes):
                 raise ProtocolError("wrong_schema", f"tensor {name!r} payload is not bytes")
         fields: dict[str, Any] = {**strs, **ints, **floats}  # each checked above
-        return cls(tensors=tensors, **fields)
+        return cls(tensors=tensors, device=device, **fields)
 
 
 PART_TYPE = "delta_part"  # the message type (msgpack "type" and the AMQP type property) of a part

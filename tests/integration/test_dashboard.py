@@ -14,6 +14,7 @@ import subprocess
 import sys
 import types
 from collections.abc import Iterator
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import coordinator.cli as cli
 from coordinator.config import DashboardConfig
 from coordinator.service import Coordinator
 from harness.processes import AMQP_URL, REDIS_URL, wait_for
+from shared.protocol import DeltaMessage
 from tests.integration.test_operator_view import _delta, _free_port, _status, invoke
 from tests.services import publish_to_queue, serving, small_config
 from tests.unit.test_coordinator_cli import assert_one_line_error
@@ -35,16 +37,19 @@ CHROMIUM = next((path for name in BROWSERS if (path := shutil.which(name))), Non
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason=f"no headless browser: none of {', '.join(BROWSERS)} is on PATH "
     "(`make browser` installs chromium as root with apt-get)")
+ALICE_DEVICE = "cuda: NVIDIA H200"  # what alice says it trains on; bob says nothing
 
 
 @pytest.fixture
 def coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
     """A coordinator with a dashboard that applied two volunteers' deltas and rejected one, all
-    committed and settled; one eval (at the start), so that no later one tells documents apart."""
+    committed and settled; one eval (at the start), so that no later one tells documents apart.
+    alice reports its device, bob none."""
     config = small_config(run_name, tmp_path, dashboard=DashboardConfig(port=_free_port()),
                           eval_interval_s=3600)
     with serving(config) as coord:
-        publish_to_queue(run_name, [_delta(coord, client_id="alice", seq=0, local_steps=10),
+        alice = DeltaMessage.decode(_delta(coord, client_id="alice", seq=0, local_steps=10))
+        publish_to_queue(run_name, [replace(alice, device=ALICE_DEVICE).encode(),
                                     _delta(coord, client_id="bob", seq=0, local_steps=20),
                                     b"\x00 not a delta"])
         wait_for(lambda: (s := _status(run_name)).get("deltas", {}).get("applied") == 2
@@ -88,6 +93,7 @@ def test_api_status_is_the_document_status_json_prints(coordinator: Coordinator,
     assert served == printed
     assert served["deltas"]["applied"] == 2 and served["deltas"]["rejected_by_reason"] == {"undecodable": 1}
     assert [c["client_id"] for c in served["clients"]] == ["alice", "bob"]
+    assert [c["reported_device"] for c in served["clients"]] == [ALICE_DEVICE, ""]
     # the charts' ring holds the one eval, with the applied deltas of the first document that held it
     code, _, body = _get(coordinator, "/api/history")
     points = json.loads(body)["points"]
@@ -157,7 +163,10 @@ def test_the_page_in_chromium_shows_the_status_numbers(coordinator: Coordinator,
     volunteers = {row[0]: row for row in page.rows["volunteers"]}
     assert set(volunteers) == {c["client_id"] for c in status["clients"]} == {"alice", "bob"}
     for c in status["clients"]:
-        assert volunteers[c["client_id"]][8] == str(c["updates"])  # the "applied" column
+        assert volunteers[c["client_id"]][9] == str(c["updates"])  # the "applied" column
+    # the "device (reported)" column: the volunteer's claim, a dash where it made none
+    assert [volunteers[name][1] for name in ("alice", "bob")] == [ALICE_DEVICE, "–"]
+    assert [c["reported_device"] for c in status["clients"]] == [ALICE_DEVICE, ""]
     # the leaderboard: by accepted tokens, most first
     board = [(row[1], int(row[2].replace(",", ""))) for row in page.rows["leaderboard"]]
     assert board == sorted(((c["client_id"], c["tokens"]) for c in status["clients"]), key=lambda t: -t[1])

@@ -12,7 +12,16 @@ from hypothesis import strategies as st
 
 from shared import PROTOCOL_VERSION
 from shared.errors import ProtocolError
-from shared.protocol import DeltaLimits, DeltaMessage, RoundMode, RoundPlan
+from shared.protocol import (
+    DELTA_ENVELOPE_BYTES,
+    DEVICE_MAX_CHARS,
+    TENSOR_ENVELOPE_BYTES,
+    DeltaLimits,
+    DeltaMessage,
+    RoundMode,
+    RoundPlan,
+    device_label,
+)
 
 
 def make_delta(**changes: Any) -> DeltaMessage:
@@ -29,6 +38,7 @@ def make_delta(**changes: Any) -> DeltaMessage:
         codec="int8",
         tensors={"tok.weight": b"\x01\x02\x03", "ln_f.bias": b""},
         sent_at=1_700_000_000.5,
+        device="cuda: NVIDIA H200",
     )
     fields.update(changes)
     return DeltaMessage(**fields)
@@ -70,6 +80,61 @@ def test_delta_round_trip_with_integral_floats() -> None:
     # ints are accepted where floats are meant, and come back as floats
     decoded = DeltaMessage.decode(pack(delta_dict(compute_s=3, sent_at=0)))
     assert decoded.compute_s == 3.0 and isinstance(decoded.compute_s, float)
+
+
+def test_a_delta_without_a_device_decodes_with_none_reported() -> None:
+    # a client that predates the field sends no "device": its deltas decode as before
+    decoded = DeltaMessage.decode(pack(delta_dict(device=...)))
+    assert decoded.device == "" and decoded == make_delta(device="")
+    assert DeltaMessage.decode(make_delta(device="").encode()).device == ""
+
+
+@pytest.mark.parametrize("device", ["cpu (8 threads)", "mps", "cuda: NVIDIA GeForce RTX 4090 — 24 GB",
+                                    "d" * DEVICE_MAX_CHARS])
+def test_the_device_label_round_trips(device: str) -> None:
+    assert DeltaMessage.decode(make_delta(device=device).encode()).device == device
+
+
+@pytest.mark.parametrize(
+    ("device", "reason"),
+    [
+        ("d" * (DEVICE_MAX_CHARS + 1), "too_large"),  # over the field's own limit
+        ("d" * 300, "too_large"),  # over every string's limit: refused by the unpacker itself
+        ("\x1b[2J\x1b[31mcuda", "wrong_schema"),  # terminal escapes for the operator's `status`
+        ("cpu\nclient-2 yes", "wrong_schema"),  # a forged line in the status table
+        ("cuda\u202e", "wrong_schema"),  # a bidi override (a format character)
+        ("cpu\x00", "wrong_schema"),
+        (17, "wrong_schema"),
+        (b"cpu", "wrong_schema"),
+        (None, "wrong_schema"),
+        (["cpu"], "wrong_schema"),
+    ],
+)
+def test_a_bad_device_label_refuses_the_delta(device: Any, reason: str) -> None:
+    assert reason_of(pack(delta_dict(device=device))) == reason
+
+
+def test_device_label_keeps_printable_characters_and_cuts_to_the_limit() -> None:
+    assert device_label("  \x1b[31mcuda:\tNVIDIA\u202e H200\n") == "[31mcuda:NVIDIA H200"
+    assert device_label("x" * 500) == "x" * DEVICE_MAX_CHARS
+    assert device_label("\x00\x07") == ""
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.text(max_size=200))
+def test_whatever_device_label_returns_the_decoder_accepts(text: str) -> None:
+    label = device_label(text)
+    assert len(label) <= DEVICE_MAX_CHARS and label.isprintable()
+    assert DeltaMessage.decode(make_delta(device=label).encode()).device == label
+
+
+def test_the_envelope_bound_holds_the_longest_ids_and_device() -> None:
+    # delta_bytes_bound (the parts' quota) counts on DELTA_ENVELOPE_BYTES for everything but payloads
+    tensors = {"w": b"\x00" * 10}
+    longest = make_delta(run_id="r" * 128, client_id="c" * 128, codec="k" * 128, seq=2**63 - 1,
+                         device="\U0001f680" * DEVICE_MAX_CHARS, tensors=tensors)  # 4 bytes a char
+    payloads = sum(len(name.encode()) + TENSOR_ENVELOPE_BYTES + len(b) for name, b in tensors.items())
+    assert len(longest.encode()) - payloads <= DELTA_ENVELOPE_BYTES
 
 
 def test_delta_decode_accepts_bytearray_and_memoryview() -> None:

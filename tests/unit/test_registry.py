@@ -29,9 +29,10 @@ def registry(**plan: object) -> ClientRegistry:
 
 
 def applied(reg: ClientRegistry, client_id: str, seq: int, *, base: int, steps: int, now: float,
-            compute_s: float = 1.0) -> None:
+            compute_s: float = 1.0, device: str = "") -> None:
     reg.record_applied(client_id=client_id, seq=seq, base_version=base, local_steps=steps,
-                       compute_s=compute_s, tokens=steps * 100, train_loss=2.0, staleness=0, now=now)
+                       compute_s=compute_s, tokens=steps * 100, train_loss=2.0, staleness=0, now=now,
+                       device=device)
 
 
 # ------------------------------------------------------------------ the measured speed
@@ -61,6 +62,27 @@ def test_the_claimed_compute_time_is_shown_and_never_used() -> None:
     assert record.reported_compute_s == pytest.approx(1e-9)
 
 
+def test_the_last_reported_device_is_kept_and_nothing_else_done_with_it() -> None:
+    reg = registry()
+    reg.note_published(0, at=100.0)
+    reg.note_published(1, at=110.0)
+    applied(reg, "c1", 0, base=0, steps=30, now=105.0, device="cpu (8 threads)")
+    assert reg.clients["c1"].reported_device == "cpu (8 threads)"
+    applied(reg, "c1", 1, base=1, steps=30, now=120.0, device="cuda: NVIDIA H200")  # moved to a GPU
+    assert reg.clients["c1"].reported_device == "cuda: NVIDIA H200"
+    assert reg.clients["c1"].steps_per_s == pytest.approx(3.0)  # measured here, whatever it says
+    applied(reg, "c1", 2, base=1, steps=30, now=130.0)  # a client that predates the field: says nothing
+    assert reg.clients["c1"].reported_device == ""
+
+
+def test_the_intake_records_the_device_an_applied_delta_reports() -> None:
+    intake, _ = make_intake({"a.weight": torch.ones(4, 3), "b": torch.zeros(5)},
+                            OuterConfig(lr=0.01, momentum=0.0, buffer_size=1, compute_exponent=0.0),
+                            version=5)
+    assert intake.handle(_delta(device="mps"), now=100.0).kind == "applied"
+    assert intake.registry.clients["c1"].reported_device == "mps"
+
+
 def test_a_round_shorter_than_the_clock_noise_is_no_measurement() -> None:
     reg = registry()
     reg.note_published(0, at=100.0)
@@ -85,13 +107,15 @@ def test_a_republish_keeps_the_first_publish_time_and_old_versions_are_forgotten
 
 
 def _two_measured(reg: ClientRegistry, *, slow_compute_s: float = 1.0, t0: float = 0.0) -> None:
-    """fast: 30 steps in 2 s (15 steps/s); slow: 10 steps in 5 s (2 steps/s); from ``t0`` + 100 s."""
+    """fast: 30 steps in 2 s (15 steps/s); slow: 10 steps in 5 s (2 steps/s); from ``t0`` + 100 s.
+    Each reports its device: fast a GPU, slow a CPU."""
+    gpu, cpu = "cuda: NVIDIA H200", "cpu (8 threads)"
     reg.note_published(0, at=t0 + 100.0)
-    applied(reg, "fast", 0, base=0, steps=30, now=t0 + 101.0)
-    applied(reg, "slow", 0, base=0, steps=10, now=t0 + 101.0, compute_s=slow_compute_s)
+    applied(reg, "fast", 0, base=0, steps=30, now=t0 + 101.0, device=gpu)
+    applied(reg, "slow", 0, base=0, steps=10, now=t0 + 101.0, compute_s=slow_compute_s, device=cpu)
     reg.note_published(1, at=t0 + 102.0)
-    applied(reg, "fast", 1, base=1, steps=30, now=t0 + 104.0)
-    applied(reg, "slow", 1, base=1, steps=10, now=t0 + 107.0, compute_s=slow_compute_s)
+    applied(reg, "fast", 1, base=1, steps=30, now=t0 + 104.0, device=gpu)
+    applied(reg, "slow", 1, base=1, steps=10, now=t0 + 107.0, compute_s=slow_compute_s, device=cpu)
 
 
 def test_the_plan_assigns_each_measured_active_client_its_dylu_round() -> None:
@@ -213,10 +237,12 @@ def test_the_registry_survives_a_checkpoint_as_json() -> None:
     restored.load_state(json.loads(json.dumps(reg.save_state())))
     assert restored.published_at == reg.published_at == {0: 100.0, 1: 102.0}
     assert restored.clients == reg.clients
+    assert restored.clients["fast"].reported_device == "cuda: NVIDIA H200"
     assert restored.plan("run", 108.0, RoundMode.DYLU).assignments == {"fast": 30, "slow": 4}
     old = {"clients": {"c1": {"client_id": "c1", "steps_per_s": 2.0, "updates": 3}}}  # before these fields
     restored.load_state(old)
     assert restored.clients["c1"].last_base == -1 and restored.published_at == {}
+    assert restored.clients["c1"].reported_device == ""
 
 
 def test_a_delta_within_the_slack_is_applied_but_credited_only_its_assignment() -> None:
@@ -244,10 +270,16 @@ def test_status_shows_each_clients_measured_speed_and_assignment(tmp_path: Path)
     assert clients["slow"]["steps_per_s"] == pytest.approx(2.0)
     assert (clients["fast"]["assigned_steps"], clients["slow"]["assigned_steps"]) == (30, 4)
     assert clients["slow"]["reported_compute_s"] == pytest.approx(0.001)  # shown, and that is all
+    assert (clients["fast"]["reported_device"], clients["slow"]["reported_device"]) == (
+        "cuda: NVIDIA H200", "cpu (8 threads)")
     assert doc["plan"]["assigned_clients"] == 2 and doc["schema"] == 1
     text = render_text(doc)
-    assert "H next" in text
-    assert any(line.startswith("slow") and " 4 " in line for line in text.splitlines())
+    header = next(line for line in text.splitlines() if line.startswith("client "))
+    assert "H next" in header and header.endswith("  device (reported)")
+    assert any(line.startswith("slow") and " 4 " in line and line.endswith("  cpu (8 threads)")
+               for line in text.splitlines())
+    assert any(line.startswith("fast") and line.endswith("  cuda: NVIDIA H200") for line in text.splitlines())
     for c in doc["clients"]:  # a document of an older coordinator, without the new keys, still renders
-        del c["assigned_steps"]
-    assert "slow" in render_text(doc)
+        del c["assigned_steps"], c["reported_device"]
+    slow = next(line for line in render_text(doc).splitlines() if line.startswith("slow"))
+    assert slow.endswith("  -")  # no device reported
