@@ -36,6 +36,8 @@ class ModelShape:
 MODEL_SIZES = {
     "tiny": ModelShape(d_model=128, n_layer=2, n_head=4, seq_len=128),
     "small": ModelShape(d_model=256, n_layer=6, n_head=8, seq_len=256),
+    "medium": ModelShape(d_model=512, n_layer=8, n_head=8, seq_len=256),  # 25M parameters
+    "large": ModelShape(d_model=768, n_layer=14, n_head=12, seq_len=256),  # 100M: GPU boxes, scale tests
 }
 
 

@@ -19,7 +19,8 @@ def _check(tolerance: float = 0.0) -> tuple[DescentCheck, dict[str, torch.Tensor
     return DescentCheck(task, model, params, step_share=lambda: 0.1, tolerance=tolerance, seed=3), params
 
 
-def _descent_direction(task: LinearRegressionTask, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _descent_direction(task: LinearRegressionTask,
+                       params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The full-batch gradient at θ: a delta (θ −= γ·g) that lowers the loss."""
     model = task.build_model()
     model.load_state_dict(params)
