@@ -38,6 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from coordinator.config import DashboardConfig
+from coordinator.http_serving import stop_server
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -149,12 +150,7 @@ class Dashboard:
         log.info("serving the dashboard on %s", self.url)
 
     def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        stop_server(self._server, self._thread)
         self._server = self._thread = None
 
 

@@ -39,6 +39,7 @@ from prometheus_client.registry import Collector
 
 from coordinator.config import MetricsConfig
 from coordinator.consumer import DeltaConsumer
+from coordinator.http_serving import stop_server
 from coordinator.outcome import Outcome, OutcomeKind
 from coordinator.run_state import RunState
 from shared.errors import ConfigError
@@ -214,10 +215,5 @@ class CoordinatorMetrics:
         log.info("serving Prometheus metrics on http://%s:%d/metrics", host, port)
 
     def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        stop_server(self._server, self._thread)
         self._server = self._thread = None

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from harness.processes import REDIS_URL, Processes, ensure_services
-from tests.services import run_scope
+from tests.services import FakeCoordinator, run_scope, stand_in_coordinator
 
 SERVER_FOLDERS = ("integration", "e2e", "faults")
 
@@ -24,6 +24,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def real_services() -> None:
     ensure_services()
+
+
+@pytest.fixture
+def fake_service(monkeypatch: pytest.MonkeyPatch) -> list[FakeCoordinator]:
+    """``serve`` builds a stand-in coordinator that records its config (tests of the CLI)."""
+    return stand_in_coordinator(monkeypatch)
 
 
 @pytest.fixture

@@ -6,15 +6,19 @@ in :mod:`coordinator.run_admin`.
 
 from __future__ import annotations
 
+import sys
 import threading
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pika
 import redis
 
+import coordinator.cli as cli
 from coordinator.commit_batch import CommitConfig
 from coordinator.config import CoordinatorConfig
 from coordinator.guard import GuardConfig
@@ -105,3 +109,36 @@ def serving(config: CoordinatorConfig, *, signing_key: SigningKey | None = None)
             assert not thread.is_alive(), "the coordinator did not stop"
     finally:
         client.close()
+
+
+@dataclass
+class FakeCoordinator:
+    """Stands in for coordinator.service.Coordinator: records how the CLI built it."""
+
+    config: Any
+    redis: Any
+    crash: Any
+    version: int = 0
+    signing_key: Any = None
+
+    def serve(self) -> None:
+        self.version = 3
+
+    def stop(self) -> None:
+        pass
+
+
+def stand_in_coordinator(monkeypatch: Any) -> list[FakeCoordinator]:
+    """Make ``serve`` build :class:`FakeCoordinator` s (collected in the returned list) and keep
+    pytest's own signal handlers: the ``fake_service`` fixture."""
+    built: list[FakeCoordinator] = []
+
+    def construct(config: Any, *, redis: Any, signing_key: Any, crash: Any) -> FakeCoordinator:
+        built.append(FakeCoordinator(config, redis, crash, signing_key=signing_key))
+        return built[-1]
+
+    module = types.ModuleType("coordinator.service")
+    module.Coordinator = construct  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "coordinator.service", module)
+    monkeypatch.setattr(cli, "_install_signals", lambda stop: None)
+    return built

@@ -11,8 +11,6 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
-import types
 from collections.abc import Iterator
 from dataclasses import replace
 from html.parser import HTMLParser
@@ -27,7 +25,7 @@ from coordinator.service import Coordinator
 from harness.processes import AMQP_URL, REDIS_URL, wait_for
 from shared.protocol import DeltaMessage
 from tests.integration.test_operator_view import _delta, _free_port, _status, invoke
-from tests.services import publish_to_queue, serving, small_config
+from tests.services import FakeCoordinator, publish_to_queue, serving, small_config
 from tests.unit.test_coordinator_cli import assert_one_line_error
 
 pytestmark = pytest.mark.integration
@@ -204,31 +202,15 @@ def test_the_dashboard_stops_with_the_coordinator(run_name: str, tmp_path: Path)
         pass
 
 
-def test_serve_takes_the_dashboard_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    built: list[Any] = []
-
-    class Fake:
-        version = 0
-
-        def __init__(self, config: Any, **kwargs: Any) -> None:
-            built.append(config.dashboard)
-
-        def serve(self) -> None:
-            pass
-
-        def stop(self) -> None:
-            pass
-
-    module = types.ModuleType("coordinator.service")
-    module.Coordinator = Fake  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "coordinator.service", module)
-    monkeypatch.setattr(cli, "_install_signals", lambda stop: None)
+def test_serve_takes_the_dashboard_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           fake_service: list[FakeCoordinator]) -> None:
     base = ["serve", "--checkpoint-dir", str(tmp_path), "--redis", REDIS_URL]
     assert invoke(base).exit_code == 0
     assert invoke([*base, "--dashboard", "8050", "--dashboard-host", "::1"]).exit_code == 0
     monkeypatch.setenv("ASYNCLOCO_DASHBOARD", "8051")
     assert invoke(base).exit_code == 0
-    assert built == [DashboardConfig(), DashboardConfig(8050, "::1"), DashboardConfig(8051)]
+    dashboards = [c.config.dashboard for c in fake_service]
+    assert dashboards == [DashboardConfig(), DashboardConfig(8050, "::1"), DashboardConfig(8051)]
     assert_one_line_error(invoke([*base, "--dashboard", "70000"]), 2, "--dashboard")
 
 

@@ -22,6 +22,7 @@ from coordinator.lease import CoordinatorLease
 from coordinator.sim.cli import simulate
 from shared.errors import ConfigError, RunTaken
 from shared.settings import ConnectionSettings
+from tests.services import FakeCoordinator
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # port 1: connection refused at once, no server needed
 
@@ -143,38 +144,6 @@ def test_serve_refuses_bad_arguments_in_one_line(
     assert_one_line_error(result, exit_code, fragment)
     assert fake_service == []  # refused before a coordinator was built
     assert (tmp_path / CHECKPOINT).read_bytes() == b"kept"  # and before anything was set aside
-
-
-@dataclass
-class FakeCoordinator:
-    """Stands in for coordinator.service.Coordinator: records how the CLI built it."""
-
-    config: Any
-    redis: Any
-    crash: Any
-    version: int = 0
-    signing_key: Any = None
-
-    def serve(self) -> None:
-        self.version = 3
-
-    def stop(self) -> None:
-        pass
-
-
-@pytest.fixture
-def fake_service(monkeypatch: pytest.MonkeyPatch) -> list[FakeCoordinator]:
-    built: list[FakeCoordinator] = []
-
-    def construct(config: Any, *, redis: Any, signing_key: Any, crash: Any) -> FakeCoordinator:
-        built.append(FakeCoordinator(config, redis, crash, signing_key=signing_key))
-        return built[-1]
-
-    module = types.ModuleType("coordinator.service")
-    module.Coordinator = construct  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "coordinator.service", module)
-    monkeypatch.setattr(cli, "_install_signals", lambda stop: None)  # keep pytest's own handlers
-    return built
 
 
 def test_serve_fresh_sets_the_old_run_aside_and_builds_the_coordinator(

@@ -8,8 +8,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from coordinator.run_state import RunState, resume_differences
 from shared.errors import CheckpointUnusable
 from shared.local_round import InnerConfig
 from shared.tasks import load_task
-from tests.services import small_config
+from tests.services import FakeCoordinator, small_config
 from tests.unit.test_coordinator_cli import assert_one_line_error, invoke
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"  # port 1: refused at once; the probes fail before Redis
@@ -233,30 +231,14 @@ def test_export_without_a_checkpoint_is_one_line(tmp_path: Path) -> None:
 
 
 def test_serve_hands_the_metrics_options_to_the_coordinator(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_signals: None
+    tmp_path: Path, fake_service: list[FakeCoordinator]
 ) -> None:
-    built: list[Any] = []
-
-    class Fake:
-        version = 0
-
-        def __init__(self, config: Any, **kwargs: Any) -> None:
-            built.append(config)
-
-        def serve(self) -> None:
-            pass
-
-        def stop(self) -> None:
-            pass
-
-    module = types.ModuleType("coordinator.service")
-    module.Coordinator = Fake  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "coordinator.service", module)
     assert invoke(["serve", "--checkpoint-dir", str(tmp_path)]).exit_code == 0
     result = invoke(["serve", "--checkpoint-dir", str(tmp_path), "--metrics-port", "9109",
                      "--metrics-host", "0.0.0.0"])
     assert result.exit_code == 0, result.output
-    assert [(c.metrics.port, c.metrics.host) for c in built] == [(0, "127.0.0.1"), (9109, "0.0.0.0")]
+    assert [(c.config.metrics.port, c.config.metrics.host) for c in fake_service] == [
+        (0, "127.0.0.1"), (9109, "0.0.0.0")]
     assert_one_line_error(invoke(["serve", "--checkpoint-dir", str(tmp_path), "--metrics-port", "70000"]),
                           2, "--metrics-port")
 
