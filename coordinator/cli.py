@@ -160,6 +160,10 @@ main.add_command(volunteers_command)
         help="... or this many seconds after the first uncommitted one.")
 @option("--commit-idle", "commit_idle_s", env="COMMIT_IDLE", type=click.FloatRange(0), default=0.25,
         help="... or, when no delivery waits, this many seconds after the last commit.")
+@option("--commit-max-share", env="COMMIT_MAX_SHARE", type=click.FloatRange(0, 1, min_open=True),
+        default=0.25,
+        help="Space commits so that they take at most this share of the coordinator's time (a big "
+        "model's slow commits come less often than the three rules above would make them).")
 @option("--part-timeout", "part_timeout_s", env="PART_TIMEOUT", type=click.FloatRange(0, min_open=True),
         default=900.0, help="Discard a delta sent in parts this many seconds after its newest part.")
 @option("--part-deadline", "part_deadline_s", env="PART_DEADLINE", type=click.FloatRange(0, min_open=True),
@@ -254,7 +258,7 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
                           strikes=opts["guard_strikes"], descent_every=opts["guard_descent_every"],
                           descent_tolerance=opts["guard_descent_tolerance"]),
         commit=CommitConfig(every_updates=opts["commit_every"], interval_s=opts["commit_interval_s"],
-                            idle_interval_s=opts["commit_idle_s"]),
+                            idle_interval_s=opts["commit_idle_s"], max_share=opts["commit_max_share"]),
         queue=QueueConfig(prefetch=opts["prefetch"], max_queue_bytes=opts["max_queue_bytes"]),
         spool=SpoolConfig(timeout_s=opts["part_timeout_s"], deadline_s=opts["part_deadline_s"]),
         connection=ConnectionSettings(redis_url=opts["redis_url"], amqp_url=opts["amqp_url"],

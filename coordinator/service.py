@@ -256,8 +256,8 @@ class Coordinator:
             self.publisher.publish(run, before_flip=lambda: self.crash.hit("mid_snapshot"))
             run.published(self.publisher.published_version, time.time())  # clients' speeds count from it
         run.commits += 1
-        self.batch.committed()
         seconds = time.monotonic() - started
+        self.batch.committed(seconds)
         self.metrics.committed(seconds)
         kinds = [o.kind for _, o in batch]
         if OutcomeKind.APPLIED in kinds or theta_changed or force:
