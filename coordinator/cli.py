@@ -29,8 +29,11 @@ from coordinator.faults import CrashPoints
 from coordinator.guard import GuardConfig
 from coordinator.identity import AuthMode
 from coordinator.intake import IntakeConfig
+from coordinator.model_cli import export_command, key_command, sample_command
 from coordinator.options import (
+    commit_options,
     guard_options,
+    monitoring_options,
     option,
     outer_options,
     round_options,
@@ -99,6 +102,9 @@ main.add_command(simulate)
 main.add_command(invite_command)
 main.add_command(revoke_command)
 main.add_command(volunteers_command)
+main.add_command(key_command)
+main.add_command(export_command)
+main.add_command(sample_command)
 
 
 @main.command()
@@ -154,16 +160,7 @@ main.add_command(volunteers_command)
         default=RATE_DELTAS_PER_MINUTE,
         help=f"Each client's sustained pace, after a burst of {RATE_BURST_DELTAS}; faster deltas are "
         "refused rate_limited (0 = no limit). Raise it for rounds of a second or two.")
-@option("--commit-every", env="COMMIT_EVERY", type=click.IntRange(1), default=16,
-        help="Commit after this many deltas ...")
-@option("--commit-interval", "commit_interval_s", env="COMMIT_INTERVAL", type=float, default=2.0,
-        help="... or this many seconds after the first uncommitted one.")
-@option("--commit-idle", "commit_idle_s", env="COMMIT_IDLE", type=click.FloatRange(0), default=0.25,
-        help="... or, when no delivery waits, this many seconds after the last commit.")
-@option("--commit-max-share", env="COMMIT_MAX_SHARE", type=click.FloatRange(0, 1, min_open=True),
-        default=0.25,
-        help="Space commits so that they take at most this share of the coordinator's time (a big "
-        "model's slow commits come less often than the three rules above would make them).")
+@commit_options()
 @option("--part-timeout", "part_timeout_s", env="PART_TIMEOUT", type=click.FloatRange(0, min_open=True),
         default=900.0, help="Discard a delta sent in parts this many seconds after its newest part.")
 @option("--part-deadline", "part_deadline_s", env="PART_DEADLINE", type=click.FloatRange(0, min_open=True),
@@ -176,17 +173,7 @@ main.add_command(volunteers_command)
         help="Seconds between evaluations of the global model.")
 @option("--max-seconds", env="MAX_SECONDS", type=click.FloatRange(0), default=0.0,
         help="Stop after this long (0 = serve until stopped).")
-@option("--metrics-port", env="METRICS_PORT", type=click.IntRange(0, 65535), default=0,
-        help="Serve Prometheus metrics on http://HOST:PORT/metrics (0 = off).")
-@option("--metrics-host", env="METRICS_HOST", default="127.0.0.1",
-        help="Address the metrics listen on; 0.0.0.0 for a Prometheus on another machine (they name "
-        "every volunteer: keep them off the open internet).")
-@option("--dashboard", "dashboard_port", env="DASHBOARD", type=click.IntRange(0, 65535), default=0,
-        metavar="PORT", help="Serve the live web dashboard on http://HOST:PORT/ (eval loss, volunteers, "
-        "credit, queue, rejections; 0 = off).")
-@option("--dashboard-host", env="DASHBOARD_HOST", default="127.0.0.1",
-        help="Address the dashboard listens on. It has no login and names every volunteer: keep "
-        "127.0.0.1 and reach it through an SSH tunnel (ssh -L PORT:127.0.0.1:PORT HOST).")
+@monitoring_options()
 @threads_option(default=None)
 @option("--log-level", env="LOG_LEVEL", default="info",
         type=click.Choice(["debug", "info", "warning", "error"]))
@@ -389,70 +376,6 @@ def delete_run_command(run: str, yes: bool, force: bool, redis_url: str, amqp_ur
         client.close()
     queues = ", ".join(deletion.queues_deleted) or "none"
     click.echo(f"deleted run {run}: {deletion.keys_deleted} Redis keys; queues: {queues}")
-
-
-@main.command("key")
-@option("--signing-key", env="SIGNING_KEY", type=click.Path(dir_okay=False, path_type=Path), default=None,
-        help=f"The coordinator's private key file [default: CHECKPOINT_DIR/{KEY_FILE_NAME}].")
-@option("--checkpoint-dir", env="CHECKPOINT_DIR", type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help="The run's checkpoint directory [default: ~/.local/state/asyncloco/coordinator/RUN].")
-@option("--run", env="RUN", default="default", help="Run name (picks the default checkpoint directory).")
-def key_command(signing_key: Path | None, checkpoint_dir: Path | None, run: str) -> None:
-    """Print the coordinator's public key (64 hex digits), creating the key file if missing.
-
-    Give it to volunteers (`asyncloco-client join --coordinator-key HEX`; an invite token carries
-    it): clients refuse every snapshot and plan not signed by the matching private key.
-    """
-    click.echo(SigningKey.load_or_create(signing_key_path(signing_key, checkpoint_dir, run)).public_hex)
-
-
-@main.command("export")
-@click.argument("run")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@option("--checkpoint-dir", env="CHECKPOINT_DIR", type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help="The run's checkpoint directory [default: ~/.local/state/asyncloco/coordinator/RUN].")
-def export_command(run: str, directory: Path, checkpoint_dir: Path | None) -> None:
-    """Write the current model of run RUN to DIRECTORY: model.safetensors and config.json.
-
-    Read from the run's checkpoint on this machine (the newest commit), never from the servers;
-    safe while the coordinator serves. config.json holds what builds the model (task, settings).
-    """
-    from coordinator.export import export_model
-
-    exported = export_model(run_checkpoint_dir(run, checkpoint_dir), directory)
-    click.echo(f"exported run {run} version {exported.version} ({exported.parameters} parameters) to "
-               f"{exported.model} and {exported.config}")
-
-
-@main.command("sample")
-@click.argument("run")
-@option("--prompt", env="SAMPLE_PROMPT", required=True, help="Text the model continues (UTF-8).")
-@option("--bytes", "n_bytes", env="SAMPLE_BYTES", type=click.IntRange(1, 65536), default=256,
-        help="How many bytes to generate after the prompt.")
-@option("--temperature", env="SAMPLE_TEMPERATURE", type=click.FloatRange(0), default=0.8,
-        help="Sampling temperature; 0 = greedy (always the likeliest next byte).")
-@option("--seed", env="SAMPLE_SEED", type=int, default=0,
-        help="Seed of the sampling: the same model, prompt, temperature and seed give the same text.")
-@option("--checkpoint-dir", env="CHECKPOINT_DIR", type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help="The run's checkpoint directory [default: ~/.local/state/asyncloco/coordinator/RUN].")
-def sample_command(run: str, prompt: str, n_bytes: int, temperature: float, seed: int,
-                   checkpoint_dir: Path | None) -> None:
-    """Print the prompt and N bytes that run RUN's newest committed model (built-in task) adds.
-
-    Read from the run's checkpoint on this machine, like `export`; safe while the coordinator
-    serves. Bytes that are not printable UTF-8 are shown as U+FFFD.
-    """
-    from coordinator.sample import SampleConfig, printable, sample_run
-
-    config = SampleConfig(prompt=prompt.encode(), n_bytes=n_bytes, temperature=temperature, seed=seed)
-    done = sample_run(run_checkpoint_dir(run, checkpoint_dir), config)
-    loss = "no eval yet" if done.eval_loss is None else f"eval loss {done.eval_loss:.4f}"
-    click.echo(f"run {run} version {done.version} ({loss}), temperature {temperature:g}, seed {seed}:",
-               err=True)
-    click.echo(printable(done.text))
 
 
 def _live_queue_depth(servers: ConnectionSettings, keys: RunKeys) -> int | None:

@@ -98,6 +98,40 @@ def guard_options() -> Callable[[F], F]:
     )
 
 
+def commit_options() -> Callable[[F], F]:
+    """When ``serve`` commits (coordinator.commit_batch): --commit-every, --commit-interval,
+    --commit-idle, --commit-max-share."""
+    return _group(
+        option("--commit-every", env="COMMIT_EVERY", type=click.IntRange(1), default=16,
+               help="Commit after this many deltas ..."),
+        option("--commit-interval", "commit_interval_s", env="COMMIT_INTERVAL", type=float, default=2.0,
+               help="... or this many seconds after the first uncommitted one."),
+        option("--commit-idle", "commit_idle_s", env="COMMIT_IDLE", type=click.FloatRange(0), default=0.25,
+               help="... or, when no delivery waits, this many seconds after the last commit."),
+        option("--commit-max-share", env="COMMIT_MAX_SHARE", type=click.FloatRange(0, 1, min_open=True),
+               default=0.25,
+               help="Space commits so that they take at most this share of the coordinator's time (a big "
+               "model's slow commits come less often than the three rules above would make them)."),
+    )
+
+
+def monitoring_options() -> Callable[[F], F]:
+    """Where ``serve`` shows itself: --metrics-port, --metrics-host, --dashboard, --dashboard-host."""
+    return _group(
+        option("--metrics-port", env="METRICS_PORT", type=click.IntRange(0, 65535), default=0,
+               help="Serve Prometheus metrics on http://HOST:PORT/metrics (0 = off)."),
+        option("--metrics-host", env="METRICS_HOST", default="127.0.0.1",
+               help="Address the metrics listen on; 0.0.0.0 for a Prometheus on another machine (they name "
+               "every volunteer: keep them off the open internet)."),
+        option("--dashboard", "dashboard_port", env="DASHBOARD", type=click.IntRange(0, 65535), default=0,
+               metavar="PORT", help="Serve the live web dashboard on http://HOST:PORT/ (eval loss, "
+               "volunteers, credit, queue, rejections; 0 = off)."),
+        option("--dashboard-host", env="DASHBOARD_HOST", default="127.0.0.1",
+               help="Address the dashboard listens on. It has no login and names every volunteer: keep "
+               "127.0.0.1 and reach it through an SSH tunnel (ssh -L PORT:127.0.0.1:PORT HOST)."),
+    )
+
+
 def round_options() -> Callable[[F], F]:
     """Round sizes (Dynamic Local Updates), the grace period and the warm start: --local-steps,
     --min-local-steps, --grace-rounds, --warm-start-steps."""
@@ -160,6 +194,13 @@ def server_options(*, amqp_help: str = "RabbitMQ URL.") -> Callable[[F], F]:
         option("--redis", "redis_url", env="REDIS", default=DEFAULT_REDIS_URL, help="Redis URL."),
         option("--amqp", "amqp_url", env="AMQP", default=DEFAULT_AMQP_URL, help=amqp_help),
     )
+
+
+def checkpoint_dir_option() -> Callable[[F], F]:
+    """``--checkpoint-dir`` of the commands that read a run's directory (key, export, sample)."""
+    return option("--checkpoint-dir", env="CHECKPOINT_DIR", type=click.Path(file_okay=False, path_type=Path),
+                  default=None,
+                  help="The run's checkpoint directory [default: ~/.local/state/asyncloco/coordinator/RUN].")
 
 
 def run_checkpoint_dir(run: str, checkpoint_dir: Path | None) -> Path:
