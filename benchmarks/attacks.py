@@ -28,6 +28,7 @@ simulator does.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import statistics
@@ -80,9 +81,16 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None, help="also draw the damage figure here (PNG)")
     parser.add_argument("--clip-ratio", type=float, default=GuardConfig.clip_ratio,
                         help="the guard's --guard-clip-ratio in the guarded runs")
+    parser.add_argument("--replot", type=Path, default=None, metavar="CSV",
+                        help="draw --plot from an attacks.csv this script wrote (give the same --budget)")
     parser.add_argument("--guards", default="off,on",
                         help="comma list of off, on: which runs to do (the table needs both, from the cache)")
     args = parser.parse_args()
+    if args.replot is not None:
+        if args.plot is None:
+            parser.error("--replot needs --plot")
+        _replot(args)
+        return
     levels = _names(parser, args.levels, LEVELS, "--levels")
     strategies = _names(parser, args.strategies, STRATEGIES, "--strategies")
     attacks = _names(parser, args.attacks, ATTACK_SET, "--attacks")
@@ -273,6 +281,25 @@ def _table(results: dict[str, SimResult], levels: list[str], strategies: list[st
                       f"{100 * d_on[0]:>10.1f}% ± {100 * d_on[1]:<4.1f} {shown:>15} "
                       f"{trigger_off:>10.2f} / {trigger_on:.2f} ({trigger_clean:.2f}) {learnt}")
     return rows
+
+
+def _replot(args: argparse.Namespace) -> None:
+    with args.replot.open(newline="") as fh:
+        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    if not rows:
+        raise SystemExit(f"{args.replot} holds no rows")
+    args.workers, args.attackers = int(rows[0]["workers"]), int(rows[0]["attackers"])
+    levels, strategies, attacks = ([*dict.fromkeys(str(r[key]) for r in rows)]  # in first-seen order
+                                   for key in ("level", "strategy", "attack"))
+    _plot(args.plot, rows, levels, strategies, ["clean", *attacks], args)
+    print(f"drew {args.plot} from {args.replot}")
+
+
+def _number(text: str) -> object:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _plot(path: Path, rows: list[dict], levels: list[str], strategies: list[str], attacks: list[str],
