@@ -25,7 +25,8 @@ version and the protocol version.
 
 On a terminal ``join`` shows a live panel (:mod:`client.display`); elsewhere, or with ``--plain``,
 the plain lines. ``--schedule``, ``--idle-only`` and being on battery pause it
-(:mod:`client.politeness`). ``stats`` prints this machine's lifetime contribution
+(:mod:`client.politeness`); ``--max-memory`` and ``--max-gpu-memory`` cap its memory
+(:mod:`client.memory_caps`). ``stats`` prints this machine's lifetime contribution
 (:mod:`client.contribution`).
 """
 
@@ -46,6 +47,7 @@ from click.core import ParameterSource
 from client.config import DEVICES, LOG_LEVELS, ClientConfig
 from client.contribution import ContributionBook
 from client.credentials import Joined, merge, read_token
+from client.memory_caps import GIB, MemoryCaps
 from client.politeness import PolitenessConfig, Schedule, ScheduleError
 from client.report import RoundReport
 from client.stop import StopSignals
@@ -134,8 +136,10 @@ def _state_dir_option() -> Any:
 @_option("--data", env="ASYNCLOCO_DATA", default=None, metavar="GLOB",
          help="Train on these text files instead of the run's corpus (e.g. '~/notes/**/*.md').")
 @_option("--device", env="ASYNCLOCO_DEVICE", default="auto", show_default=True,
-         type=click.Choice(DEVICES, case_sensitive=False),
-         help="Where to train; auto picks CUDA, then Apple MPS, then the CPU.")
+         metavar="|".join([*DEVICES, "cuda:N"]),
+         help="Where to train; auto picks CUDA, then Apple MPS, then the CPU; cuda:N one GPU of several. "
+         "On CUDA the round runs bf16 autocast (where the GPU has it), TF32 and the fused AdamW, and the "
+         "delta is quantised on the GPU.")
 @_option("--codec", env="ASYNCLOCO_CODEC", default="fp16", show_default=True,
          type=click.Choice(sorted(CODECS), case_sensitive=False),
          help="Delta compression (the error is fed into the next round): int8 sends ~4x less than fp32, "
@@ -163,11 +167,31 @@ def _state_dir_option() -> Any:
               "day). Outside them the client pauses, dropping the round in hand, and resumes by itself.")
 @_option("--idle-only", env="ASYNCLOCO_IDLE_ONLY", is_flag=True,
          help="Pause while the machine is in use: while other processes keep more than --idle-load "
-              "cores busy (the 1-minute load average, this client's own share taken out).")
+              "cores busy (the 1-minute load average, this client's own share taken out); while a "
+              "keyboard, mouse or terminal was used within --idle-after minutes (Linux: the times of "
+              "/dev/input/event*, /dev/input/mice, /dev/pts/N and /dev/ttyN, and logind's idle hints "
+              "through loginctl; on macOS, Windows or in a container input is unknown and never "
+              "pauses); and while another process computes on an NVIDIA GPU (nvidia-smi, if on PATH).")
 @_option("--idle-load", env="ASYNCLOCO_IDLE_LOAD", default=1.0, show_default=True,
          type=click.FloatRange(min=0.0, min_open=True), metavar="CORES",
          help="With --idle-only: busy cores besides this client that mean the machine is in use. If "
               "it pauses while nobody uses the machine, raise it.")
+@_option("--idle-after", "idle_after_min", env="ASYNCLOCO_IDLE_AFTER", default=5.0, show_default=True,
+         type=click.FloatRange(min=0.0, min_open=True), metavar="MINUTES",
+         help="With --idle-only: minutes without keyboard, mouse or terminal input before the machine "
+              "counts as idle (started by hand in a terminal, the client so waits that long after the "
+              "last key pressed there).")
+@_option("--max-memory", "max_memory_gb", env="ASYNCLOCO_MAX_MEMORY", default=0.0, show_default=True,
+         type=click.FloatRange(min=0.0), metavar="GB",
+         help="Abandon the round in hand (no delta sent; the next one starts at once) whenever this "
+              "client's resident memory is over this many GB (of 2^30 bytes), checked between training "
+              "steps. If every round ends so, the run's model or batch is too big for this cap: a "
+              "smaller one (the run's operator's choice) or a higher cap is the fix (0: no cap).")
+@_option("--max-gpu-memory", "max_gpu_fraction", env="ASYNCLOCO_MAX_GPU_MEMORY", default=0.0,
+         show_default=True, type=click.FloatRange(min=0.0, max=1.0), metavar="FRACTION",
+         help="On CUDA, let torch allocate at most this fraction of the GPU's memory (a step that needs "
+              "more ends the client with CUDA's out-of-memory error: leave room for the run's model); "
+              "ignored, with a warning, on the CPU or MPS (0: no cap).")
 @_option("--run-on-battery", env="ASYNCLOCO_RUN_ON_BATTERY", is_flag=True,
          help="Keep training on battery power (by default a laptop pauses while unplugged; Linux).")
 @_option("--plain", env="ASYNCLOCO_PLAIN", is_flag=True,
@@ -219,6 +243,9 @@ def join(
     schedule: Schedule | None,
     idle_only: bool,
     idle_load: float,
+    idle_after_min: float,
+    max_memory_gb: float,
+    max_gpu_fraction: float,
     run_on_battery: bool,
     plain: bool,
     part_bytes: int,
@@ -276,7 +303,9 @@ def join(
         max_seconds=max_seconds,
         max_hours=max_hours,
         politeness=PolitenessConfig(schedule=schedule, pause_on_battery=not run_on_battery,
-                                    idle_load=idle_load if idle_only else None),
+                                    idle_load=idle_load if idle_only else None,
+                                    idle_after_s=idle_after_min * 60),
+        memory=MemoryCaps(max_rss_bytes=int(max_memory_gb * GIB), max_gpu_fraction=max_gpu_fraction),
         part_bytes=part_bytes,
         include_wait_s=include_wait_s,
         run_wait_s=run_wait_s,

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.identity import validate_client_id
+from client.memory_caps import MemoryCaps
 from client.politeness import PolitenessConfig
 from shared.codecs import get_codec
 from shared.errors import ConfigError, ProtocolError
@@ -24,6 +26,7 @@ from shared.signing import VerifyKey
 from shared.tasks import BUILTIN, TASK_IMPORT_PATH
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+CUDA_INDEX = re.compile(r"cuda:\d{1,3}")  # one GPU of several
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NO_COORDINATOR_KEY = ("no coordinator key: pass --coordinator-key (asyncloco-coordinator key prints it) "
                       "or a join token")
@@ -56,6 +59,8 @@ class ClientConfig:
     max_hours: float = 0.0
     # When the owner lets this machine train (--schedule, battery, --idle-only): client/politeness.py.
     politeness: PolitenessConfig = field(default_factory=PolitenessConfig)
+    # How much memory it may take (--max-memory, --max-gpu-memory): client/memory_caps.py.
+    memory: MemoryCaps = field(default_factory=MemoryCaps)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     log_level: str = "warning"
     upload_grace_s: float = 30.0
@@ -90,8 +95,8 @@ class ClientConfig:
             if not (isinstance(name, str) and (name == BUILTIN or TASK_IMPORT_PATH.fullmatch(name))):
                 raise ConfigError(f"--allow-task takes 'package.module:factory', not {str(name)[:80]!r}")
         object.__setattr__(self, "allowed_tasks", allowed)
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.device not in DEVICES and not CUDA_INDEX.fullmatch(self.device):
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)} or cuda:N, not {self.device!r}")
         try:
             get_codec(self.codec)
         except ProtocolError as exc:

@@ -237,6 +237,10 @@ class LiveDisplay(Display):
     def resumed(self, paused_s: float) -> None:
         self.state.status = "resuming"
 
+    def abandoned(self, reason: str) -> None:
+        self.state.status = f"round {self.state.round} abandoned: {reason}"
+        self.state.planned = 0
+
 
 def wants_live(*, plain: bool, isatty: bool, term: str | None) -> bool:
     """The live panel only on a terminal that can redraw, and only when not asked for plain lines."""

@@ -46,7 +46,12 @@ class WorkerEvents:
         """The round's delta (``nbytes`` encoded) is being published."""
 
     def paused(self, reason: str) -> None:
-        """Training is paused (``reason``: outside the schedule, on battery, the machine is busy)."""
+        """Training is paused (``reason``: outside the schedule, on battery, the machine is in use:
+        by load, input or another GPU process)."""
+
+    def abandoned(self, reason: str) -> None:
+        """The round in hand was abandoned without a pause (``reason``: over --max-memory); the next
+        one starts at once."""
 
     def resumed(self, paused_s: float) -> None:
         """Training resumes after ``paused_s`` seconds of pause."""

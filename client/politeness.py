@@ -6,11 +6,18 @@ Three rules, asked before every round and between training steps (about every ha
   them the client pauses.
 * On battery (Linux: every AC or USB supply in ``/sys/class/power_supply`` reports ``online`` 0)
   the client pauses, unless ``--run-on-battery``. A machine without such files is never on battery.
-* ``--idle-only``: pause while other processes keep more than ``--idle-load`` cores busy: the
-  1-minute load average less this process's own share, which is its CPU use smoothed as the kernel
-  smooths the load (so that the client's own work never reads as the owner's, and its pause does
-  not read as the owner leaving). A pause for load lasts at least ``idle_pause_s`` (the load
-  average needs about that long to show that the owner is gone).
+* ``--idle-only``: pause while the machine is in use, which is any of
+
+  - other processes keep more than ``--idle-load`` cores busy: the 1-minute load average less this
+    process's own share, which is its CPU use smoothed as the kernel smooths the load (so that the
+    client's own work never reads as the owner's, and its pause does not read as the owner
+    leaving). A pause for load lasts at least ``idle_pause_s`` (the load average needs about that
+    long to show that the owner is gone);
+  - a keyboard, mouse or terminal was used within the last ``--idle-after`` minutes;
+  - another process computes on an NVIDIA GPU (``nvidia-smi``).
+
+  How the last two are read, and when they are unknown (then they never pause), is
+  :mod:`client.owner_activity`; they are read at most every ``PROBE_EVERY_S``.
 
 Pausing abandons the round in hand (no delta is sent for it) and resumes without a restart; the
 worker does that, this module only answers :meth:`Politeness.pause_reason`. It is pure logic: the
@@ -28,7 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Generic, TypeVar
 
+from client.owner_activity import last_input_s, other_gpu_processes
 from shared.errors import ConfigError
 
 DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")  # datetime.weekday()
@@ -36,6 +45,8 @@ DAY_ALIASES = {"daily": range(7), "weekdays": range(5), "weekend": range(5, 7)}
 MINUTES_PER_DAY = 24 * 60
 POWER_SUPPLY = Path("/sys/class/power_supply")
 LOAD_WINDOW_S = 60.0  # the time constant of the kernel's 1-minute load average
+IDLE_AFTER_S = 5 * 60.0
+PROBE_EVERY_S = 10.0  # input and GPU use are read at most this often (loginctl, nvidia-smi are processes)
 _HOURS = re.compile(r"^(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})$")
 _DAY_HELP = "mon..sun, a range such as mon-fri or fri-mon, weekdays, weekend or daily"
 
@@ -181,22 +192,30 @@ def _load_1min() -> float:
     return os.getloadavg()[0]
 
 
+def _last_input_now() -> float | None:
+    return last_input_s(time.time())
+
+
 @dataclass(frozen=True)
 class Sensors:
     """Where the rules read the world; the defaults read this machine (local time, the load
-    average, this process's CPU time, the power supplies)."""
+    average, this process's CPU time, the power supplies, the last input, other GPU processes)."""
 
     local_time: Callable[[], datetime] = datetime.now
     monotonic: Callable[[], float] = time.monotonic
     load_1min: Callable[[], float] = _load_1min
     own_cpu_s: Callable[[], float] = time.process_time  # all threads of this process
     on_battery: Callable[[], bool] = on_battery
+    wall_s: Callable[[], float] = time.time  # Unix seconds, as file and logind times are
+    last_input_s: Callable[[], float | None] = _last_input_now  # Unix seconds; None: unknown
+    other_gpu_pids: Callable[[], frozenset[int] | None] = other_gpu_processes  # None: unknown
 
 
 @dataclass(frozen=True)
 class PolitenessConfig:
     """The owner's rules. ``idle_load`` None: ``--idle-only`` is off; else pause while other
-    processes keep more than that many cores busy. ``idle_pause_s``: the shortest pause for load.
+    processes keep more than that many cores busy, while input was seen within ``idle_after_s``
+    and while another process computes on a GPU. ``idle_pause_s``: the shortest pause for load.
     ``pause_on_battery`` is off here (in-process workers, tests) and on in ``asyncloco-client join``
     unless ``--run-on-battery``."""
 
@@ -204,10 +223,13 @@ class PolitenessConfig:
     pause_on_battery: bool = False
     idle_load: float | None = None
     idle_pause_s: float = LOAD_WINDOW_S
+    idle_after_s: float = IDLE_AFTER_S
 
     def __post_init__(self) -> None:
         if self.idle_load is not None and not (math.isfinite(self.idle_load) and self.idle_load > 0):
             raise ConfigError(f"--idle-load must be a number of cores > 0, got {self.idle_load}")
+        if not (math.isfinite(self.idle_after_s) and self.idle_after_s > 0):
+            raise ConfigError(f"--idle-after must be minutes > 0, got {self.idle_after_s / 60:g}")
         if not (math.isfinite(self.idle_pause_s) and self.idle_pause_s >= 0):
             raise ConfigError(f"idle_pause_s must be >= 0, got {self.idle_pause_s}")
         if self.idle_load is not None and not hasattr(os, "getloadavg"):  # pragma: no cover (Windows)
@@ -233,6 +255,27 @@ class OwnLoad:
         return self.cores
 
 
+T = TypeVar("T")
+
+
+class Throttled(Generic[T]):
+    """``probe``'s answer, asked again only once ``every_s`` have passed by ``monotonic``."""
+
+    def __init__(self, probe: Callable[[], T], every_s: float, monotonic: Callable[[], float]) -> None:
+        self.probe, self.every_s, self.monotonic = probe, every_s, monotonic
+        self._asked: tuple[float, T] | None = None  # (monotonic s, answer) of the last probe
+
+    def __call__(self) -> T:
+        now = self.monotonic()
+        if self._asked is None or now - self._asked[0] >= self.every_s:
+            self._asked = (now, self.probe())
+        return self._asked[1]
+
+
+def _ago(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
 class Politeness:
     """Answers "may this machine train now?" from ``config`` and ``sensors``."""
 
@@ -241,6 +284,8 @@ class Politeness:
         self.sensors = sensors or Sensors()
         self.own = OwnLoad()
         self._busy_until = -math.inf  # monotonic time before which a pause for load goes on
+        self._last_input = Throttled(self.sensors.last_input_s, PROBE_EVERY_S, self.sensors.monotonic)
+        self._gpu_pids = Throttled(self.sensors.other_gpu_pids, PROBE_EVERY_S, self.sensors.monotonic)
 
     def pause_reason(self) -> str | None:
         """Why training must pause now (one line), or None if it may go on."""
@@ -254,7 +299,7 @@ class Politeness:
         if self.config.pause_on_battery and self.sensors.on_battery():
             return "on battery (--run-on-battery trains anyway)"
         if self.config.idle_load is not None:
-            return self._busy()
+            return self._busy() or self._input() or self._gpu()
         return None
 
     def _busy(self) -> str | None:
@@ -269,3 +314,20 @@ class Politeness:
         if now < self._busy_until:
             return f"the machine was in use {self.config.idle_pause_s - (self._busy_until - now):.0f} s ago"
         return None
+
+    def _input(self) -> str | None:
+        last = self._last_input()
+        if last is None:
+            return None  # unknown: never a reason to pause
+        ago = max(0.0, self.sensors.wall_s() - last)
+        if ago < self.config.idle_after_s:
+            return (f"the machine is in use (keyboard, mouse or terminal input {_ago(ago)} ago, within "
+                    f"--idle-after {self.config.idle_after_s / 60:g} min)")
+        return None
+
+    def _gpu(self) -> str | None:
+        pids = self._gpu_pids()
+        if not pids:
+            return None  # none, or unknown
+        shown = ", ".join(str(pid) for pid in sorted(pids)[:3]) + (", ..." if len(pids) > 3 else "")
+        return f"another process computes on the GPU (pid {shown}, by nvidia-smi)"

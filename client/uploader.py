@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import pika
 import pika.exceptions
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
+from shared.codecs import Codec
 from shared.contact import ServerContact
 from shared.errors import AccessRefused, ConfigError, PermanentError, Revoked, ServiceUnavailable
 from shared.keys import RunKeys
@@ -171,13 +172,13 @@ class DeltaUploader:
         Checked before a sequence number is reserved for them: a number is not spent on a delta
         that could not be sent.
         """
-        limit = DEFAULT_DELTA_LIMITS.max_delta_bytes
-        payload = sum(len(blob) for blob in tensors.values())
-        if payload + DELTA_ENVELOPE_BYTES > limit:
-            raise ConfigError(
-                f"a delta of this model is {payload / MiB:.1f} MiB with codec {codec}, over the "
-                f"{limit // MiB} MiB limit of a delta; use --codec int8 or int4"
-            )
+        _check_delta_size(sum(len(blob) for blob in tensors.values()), codec)
+
+    @staticmethod
+    def check_model(numels: Mapping[str, int], codec: Codec) -> None:
+        """Raise :class:`ConfigError` if this model's deltas (tensors of ``numels`` elements) can
+        never be sent with ``codec``: checked when a run's model is built, before any training."""
+        _check_delta_size(sum(codec.encoded_bytes(n) for n in numels.values()), codec.name)
 
     def send(self, message: DeltaMessage, *, give_up: Callable[[], bool] = lambda: False) -> Upload:
         """Encode ``message`` and publish it whole, or in parts if over ``part_bytes``, until confirmed.
@@ -298,3 +299,12 @@ def _refused_by_broker(exc: pika.exceptions.ChannelClosedByBroker, keys: RunKeys
     if exc.reply_code == 404:
         return f"the run's exchange {keys.delta_exchange!r} does not exist yet (is the coordinator running?)"
     return f"RabbitMQ closed the channel ({exc.reply_code} {exc.reply_text})"
+
+
+def _check_delta_size(payload: int, codec: str) -> None:
+    limit = DEFAULT_DELTA_LIMITS.max_delta_bytes
+    if payload + DELTA_ENVELOPE_BYTES > limit:
+        raise ConfigError(
+            f"a delta of this model is {payload / MiB:.1f} MiB with codec {codec}, over the "
+            f"{limit // MiB} MiB limit of a delta; use --codec int8 or int4"
+        )

@@ -22,7 +22,9 @@ and progress within a round to a :class:`~client.events.WorkerEvents` (the live 
 
 Before each round and between training steps it asks :class:`~client.politeness.Politeness`
 whether to pause: a pause abandons the round in hand (no delta is sent for it), is said once, and
-ends when the rules allow again, without a restart.
+ends when the rules allow again, without a restart. Between training steps it also checks
+``--max-memory`` (:mod:`client.memory_caps`): over it, the round is abandoned the same way, said,
+and the next one starts at once.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from client.config import ClientConfig
 from client.events import RoundStart, WorkerEvents
 from client.fetcher import SnapshotFetcher
 from client.identity import ClientIdentity
+from client.memory_caps import MemoryGuard, OverMemory, cap_gpu_memory
 from client.politeness import Politeness
 from client.replica import Replica
 from client.report import DeltaFate, RoundReport, RunSummary
@@ -49,7 +52,7 @@ from shared.contact import ServerContact
 from shared.dylu import SpeedMeter, is_assigned, local_steps_for, round_time_budget_s
 from shared.keys import RunKeys
 from shared.local_round import LocalTrainer, RoundStats, StepProgress, pick_device
-from shared.protocol import DeltaMessage, RoundMode
+from shared.protocol import DeltaMessage, RoundMode, device_label
 from shared.settings import connect_redis, sleep_interruptibly
 from shared.signing import VerifyKey
 
@@ -85,6 +88,8 @@ class Worker:
         self.politeness = politeness or Politeness(config.politeness)
         self.keys = RunKeys(config.run)
         device = pick_device(config.device)  # before the slot lock: a bad --device takes nothing
+        cap_gpu_memory(device, config.memory.max_gpu_fraction)
+        self.memory = MemoryGuard(config.memory)
         self.identity = ClientIdentity.open(config.state_dir, config.client_id)
         self.redis = connect_redis(config.connection)
         self.fetcher = SnapshotFetcher(
@@ -264,12 +269,14 @@ class Worker:
 
     def _on_step(self, progress: StepProgress) -> None:
         """Between training steps (about every half second): tell the watcher, count the time
-        against max_hours, and abandon the round if the owner's rules say pause."""
+        against max_hours, and abandon the round if the owner's rules say pause or this process
+        is over --max-memory."""
         self.events.step(progress)
         self._note_training(progress.elapsed_s)
         reason = self.politeness.pause_reason()
         if reason is not None:
             raise RoundAbandoned(reason, steps=progress.steps, elapsed_s=progress.elapsed_s)
+        self.memory.check(steps=progress.steps, elapsed_s=progress.elapsed_s)
 
     def _note_training(self, round_s: float) -> None:
         """Once this process has trained ``max_hours`` (``round_s``: the round in hand so far),
@@ -282,7 +289,12 @@ class Worker:
 
     def _wait_while_paused(self, abandoned: RoundAbandoned | None, number: int) -> None:
         """Before round ``number``: while the politeness rules say pause, wait, saying so once (and
-        once more on resuming). ``abandoned``: the round that such a rule just ended."""
+        once more on resuming). ``abandoned``: the round that such a rule, or --max-memory, just ended."""
+        if isinstance(abandoned, OverMemory):  # said, but not waited on: a pause gives no memory back
+            self.on_notice(f"round {number} abandoned after {abandoned.steps} steps, no delta sent: "
+                           f"{abandoned.reason}")
+            self.events.abandoned(abandoned.reason)
+            abandoned = None
         reason = abandoned.reason if abandoned is not None else self.politeness.pause_reason()
         if reason is None:
             return
@@ -361,6 +373,8 @@ class Worker:
         self._received_bytes += snapshot.manifest.total_bytes
         self.events.snapshot_read(snapshot.version, snapshot.manifest.total_bytes)
         if self.replica.adopt(snapshot):
+            # a model whose deltas this codec cannot fit in the protocol: refused before training
+            self.uploader.check_model({n: t.numel() for n, t in snapshot.params.items()}, self.codec)
             self.feedback.reset()  # a residual of another run's model means nothing here
             self.speed = SpeedMeter()  # nor does a speed measured on another model
             self.on_notice(
@@ -402,7 +416,8 @@ class Worker:
         self, trainer: LocalTrainer, stats: RoundStats, run_id: str, base_version: int
     ) -> DeltaMessage:
         """Compress g = θ_base − θ with error feedback and tag it with a freshly reserved seq."""
-        gradient = trainer.pseudo_gradient()
+        # taken and quantised where the model is: from a GPU only the encoded bytes come back
+        gradient = trainer.pseudo_gradient(on_device=True)
         tensors = {name: self.feedback.encode(name, g) for name, g in gradient.items()}
         self.uploader.check_payload(tensors, self.codec.name)  # before a number is spent on it
         seq = self.identity.reserve_seq(run_id)  # durable before the publish: never reused
@@ -410,5 +425,15 @@ class Worker:
             run_id=run_id, client_id=self.client_id, seq=seq, base_version=base_version,
             local_steps=stats.steps, samples=stats.samples, tokens=stats.tokens,
             compute_s=stats.compute_s, train_loss=stats.train_loss, codec=self.codec.name,
-            tensors=tensors, sent_at=time.time(),
+            tensors=tensors, sent_at=time.time(), device=describe_device(trainer.device),
         )
+
+
+def describe_device(device: torch.device) -> str:
+    """What a delta says it was trained on, for the operator's ``status`` and dashboard: "cpu (8
+    threads)", "cuda: NVIDIA H200", "mps"; cut to what the protocol carries (:func:`device_label`)."""
+    if device.type == "cpu":
+        return device_label(f"cpu ({torch.get_num_threads()} threads)")
+    if device.type == "cuda":
+        return device_label(f"cuda: {torch.cuda.get_device_name(device)}")
+    return device_label(device.type)

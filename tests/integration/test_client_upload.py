@@ -6,6 +6,7 @@ queue on RabbitMQ) under a fresh run name; ``run_scope`` removes its keys and qu
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -27,12 +28,14 @@ import pytest
 import redis
 import torch
 
+import client.uploader
 from client.config import ClientConfig
 from client.report import RoundReport, RunSummary
 from client.worker import Worker
 from coordinator.consumer import QueueConfig, declare_queues
 from harness.processes import AMQP_URL, REDIS_URL
 from shared.codecs import get_codec
+from shared.errors import ConfigError
 from shared.keys import RunKeys
 from shared.protocol import DEFAULT_DELTA_LIMITS, PART_TYPE, DeltaMessage, DeltaPart, MiB, RoundPlan
 from shared.settings import ConnectionSettings, RetryPolicy
@@ -431,3 +434,20 @@ def test_cli_waits_for_snapshot_and_ctrl_c_sends_the_partial_round(rdb, amqp, ke
     assert (message.client_id, message.seq) == ("cli-test", 0)
     assert 0 < message.local_steps < 100_000
     check_delta(body, manifest, "int8")
+
+
+def test_a_model_whose_deltas_cannot_fit_is_refused_before_any_training(
+    rdb, amqp, keys, tmp_path, monkeypatch
+):
+    publish_run(rdb, keys, local_steps=3)  # the tiny model: 0.45M parameters, 1.8 MB in fp32
+    declare_delta_queue(amqp, keys)
+    small = dataclasses.replace(DEFAULT_DELTA_LIMITS, max_delta_bytes=1 * MiB)
+    monkeypatch.setattr(client.uploader, "DEFAULT_DELTA_LIMITS", small)  # as if the model were 600x bigger
+    with Worker(client_config(keys, tmp_path, codec="fp32", max_rounds=1)) as worker:
+        with pytest.raises(ConfigError, match=r"1\.7 MiB with codec fp32, over the 1 MiB limit.*int8"):
+            worker.run()
+        assert worker.trainer is not None and worker.trainer.own_steps == 0  # not one step trained
+    assert amqp.queue_declare(keys.delta_queue, passive=True).method.message_count == 0
+    with Worker(client_config(keys, tmp_path / "int4", codec="int4", max_rounds=1)) as worker:
+        worker.run()  # 0.53 bytes a parameter: fits
+    assert len(take_messages(amqp, keys.delta_queue, 1)) == 1

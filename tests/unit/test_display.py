@@ -122,6 +122,20 @@ def test_the_live_display_redraws_the_panel_with_lines_above_it() -> None:
     assert "received 4.0MB" in final and "1 applied, 0 rejected" in final
 
 
+def test_the_panel_says_why_a_round_was_abandoned_and_drops_its_progress() -> None:
+    display = LiveDisplay(Console(file=io.StringIO(), width=160, color_system=None))
+    display.round_started(START)
+    display.step(StepProgress(steps=30, max_steps=100, tokens=15_000, elapsed_s=3.0, loss=2.5))
+    display.abandoned("this client uses 5.00 GB of memory, over --max-memory 4 GB")
+    text = text_of(display.state, width=160)
+    assert "round 3 abandoned: this client uses 5.00 GB of memory, over --max-memory 4 GB" in text
+    assert "30/100 steps" not in text  # its progress was thrown away
+    display.paused("the machine is in use (keyboard, mouse or terminal input 42 s ago, within "
+                   "--idle-after 5 min)")
+    assert "paused: the machine is in use (keyboard, mouse or terminal input 42 s ago" in text_of(
+        display.state, width=160)
+
+
 def test_a_second_ctrl_c_gets_the_cursor_back_that_the_live_panel_hid() -> None:
     out = io.StringIO()
     display = LiveDisplay(Console(file=out, force_terminal=True, width=80, color_system=None))

@@ -1,6 +1,7 @@
 """The polite guest's rules without a machine in that state: --schedule windows (parsed, wrapping
 midnight, the next window), the battery as /sys/class/power_supply tells it, and --idle-only's
-load with this process's own share taken out; the clock and sensors are handed in."""
+load with this process's own share taken out, its recent input (--idle-after) and other GPU
+processes; the clock and sensors are handed in. And join's options, as they reach the config."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from client import cli
+from client.config import ClientConfig
+from client.memory_caps import GIB
 from client.politeness import (
+    PROBE_EVERY_S,
     OwnLoad,
     Politeness,
     PolitenessConfig,
@@ -145,18 +151,35 @@ class Machine:
     def __init__(self) -> None:
         self.now = at(MON, 12)
         self.mono = 1000.0
+        self.wall = 1_717_400_000.0
         self.load = 0.0
         self.cpu_s = 0.0
         self.battery = False
+        self.input_at: float | None = None  # the owner's last input (Unix s); None: unknown
+        self.gpu: frozenset[int] | None = None  # other processes on a GPU; None: unknown
+        self.probes = {"input": 0, "gpu": 0}
+
+    def last_input(self) -> float | None:
+        self.probes["input"] += 1
+        return self.input_at
+
+    def gpu_pids(self) -> frozenset[int] | None:
+        self.probes["gpu"] += 1
+        return self.gpu
 
     def sensors(self) -> Sensors:
         return Sensors(local_time=lambda: self.now, monotonic=lambda: self.mono, load_1min=lambda: self.load,
-                       own_cpu_s=lambda: self.cpu_s, on_battery=lambda: self.battery)
+                       own_cpu_s=lambda: self.cpu_s, on_battery=lambda: self.battery,
+                       wall_s=lambda: self.wall, last_input_s=self.last_input, other_gpu_pids=self.gpu_pids)
+
+    def wait(self, seconds: float) -> None:
+        self.mono += seconds
+        self.wall += seconds
 
     def run(self, seconds: float, *, own_cores: float, others: float) -> None:
         """Let ``seconds`` pass with this process keeping ``own_cores`` busy and other processes
         ``others``; the load average moves towards the sum as the kernel's does (e^(-t/60))."""
-        self.mono += seconds
+        self.wait(seconds)
         self.cpu_s += own_cores * seconds
         keep = math.exp(-seconds / 60.0)
         self.load = keep * self.load + (1 - keep) * (own_cores + others)
@@ -230,7 +253,109 @@ def test_a_pause_for_load_lasts_at_least_the_load_averages_minute() -> None:
     assert polite.pause_reason() is None
 
 
-@pytest.mark.parametrize("kwargs", [{"idle_load": 0.0}, {"idle_load": float("nan")}, {"idle_pause_s": -1.0}])
+@pytest.mark.parametrize("kwargs", [{"idle_load": 0.0}, {"idle_load": float("nan")}, {"idle_pause_s": -1.0},
+                                    {"idle_after_s": 0.0}, {"idle_after_s": float("inf")}])
 def test_a_bad_politeness_config_is_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         PolitenessConfig(**kwargs)  # type: ignore[arg-type]
+
+
+# --- --idle-only: input and other GPU processes ---------------------------------------------------
+
+
+def idle_only(machine: Machine, idle_after_s: float = 300.0) -> Politeness:
+    return Politeness(PolitenessConfig(idle_load=1.0, idle_after_s=idle_after_s), machine.sensors())
+
+
+def test_input_within_idle_after_pauses_until_that_long_has_passed() -> None:
+    machine = Machine()
+    polite = idle_only(machine)
+    machine.input_at = machine.wall - 42  # a key pressed 42 s ago
+    assert polite.pause_reason() == ("the machine is in use (keyboard, mouse or terminal input 42 s ago, "
+                                     "within --idle-after 5 min)")
+    machine.wait(200)
+    reason = polite.pause_reason()
+    assert reason is not None and "input 4.0 min ago" in reason
+    machine.wait(60)  # 302 s since the key: idle
+    assert polite.pause_reason() is None
+    machine.input_at = machine.wall - 1  # the owner is back
+    machine.wait(PROBE_EVERY_S)
+    assert polite.pause_reason() is not None
+
+
+def test_unknown_input_never_pauses() -> None:
+    machine = Machine()
+    polite = idle_only(machine)
+    assert machine.input_at is None and polite.pause_reason() is None  # macOS, Windows, a container
+    assert machine.probes["input"] == 1
+
+
+def test_input_and_gpu_are_read_at_most_every_probe_interval() -> None:
+    machine = Machine()
+    polite = idle_only(machine)
+    for _ in range(int(PROBE_EVERY_S / 0.5)):  # a step every half second
+        assert polite.pause_reason() is None
+        machine.wait(0.5)
+    assert machine.probes == {"input": 1, "gpu": 1}
+    machine.gpu = frozenset({4242})  # seen at the next probe, not before
+    assert polite.pause_reason() is not None and machine.probes == {"input": 2, "gpu": 2}
+
+
+def test_another_process_on_the_gpu_pauses_until_it_ends() -> None:
+    machine = Machine()
+    polite = idle_only(machine)
+    machine.gpu = frozenset({31337, 4242, 777, 9})
+    assert polite.pause_reason() == ("another process computes on the GPU (pid 9, 777, 4242, ..., by "
+                                     "nvidia-smi)")
+    machine.gpu = frozenset()
+    machine.wait(PROBE_EVERY_S)
+    assert polite.pause_reason() is None
+    machine.gpu = None  # nvidia-smi failed or timed out: unknown, no pause
+    machine.wait(PROBE_EVERY_S)
+    assert polite.pause_reason() is None
+
+
+def test_without_idle_only_input_and_gpu_are_never_read() -> None:
+    machine = Machine()
+    machine.input_at, machine.gpu = machine.wall, frozenset({1})
+    assert Politeness(PolitenessConfig(), machine.sensors()).pause_reason() is None
+    assert machine.probes == {"input": 0, "gpu": 0}
+
+
+# --- join's options ---------------------------------------------------------------------------------
+
+
+def test_joins_idle_and_memory_options_reach_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[ClientConfig] = []
+
+    class NoWorker:
+        """Takes the config join built, then ends join as a bad setting would (one line, exit 1)."""
+
+        def __init__(self, config: ClientConfig, **kwargs: object) -> None:
+            seen.append(config)
+            raise ConfigError("enough")
+
+    monkeypatch.setattr("client.worker.Worker", NoWorker)
+    args = ["join", "--coordinator-key", "ab" * 32, "--state-dir", str(tmp_path), "--plain", "--idle-only",
+            "--idle-after", "2.5", "--max-memory", "3", "--max-gpu-memory", "0.5"]
+    result = CliRunner().invoke(cli.main, args, prog_name="asyncloco-client")
+    assert result.exit_code == 1 and "enough" in result.output
+    politeness, memory = seen[0].politeness, seen[0].memory
+    assert (politeness.idle_load, politeness.idle_after_s) == (1.0, 150.0)
+    assert (memory.max_rss_bytes, memory.max_gpu_fraction) == (3 * GIB, 0.5)
+
+    result = CliRunner().invoke(cli.main, args[:5], prog_name="asyncloco-client")  # none of them
+    assert result.exit_code == 1
+    politeness, memory = seen[1].politeness, seen[1].memory
+    assert politeness.idle_load is None and politeness.idle_after_s == 300.0
+    assert (memory.max_rss_bytes, memory.max_gpu_fraction) == (0, 0.0)
+
+
+@pytest.mark.parametrize("option", [["--idle-after", "0"], ["--max-memory", "-1"],
+                                    ["--max-gpu-memory", "1.5"]])
+def test_bad_idle_and_memory_options_are_usage_errors(option: list[str]) -> None:
+    result = CliRunner().invoke(cli.main, ["join", "--coordinator-key", "ab" * 32, *option],
+                                prog_name="asyncloco-client")
+    assert result.exit_code == 2 and option[0] in result.output

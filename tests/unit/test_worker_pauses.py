@@ -1,7 +1,8 @@
 """Progress within a round and the polite guest's pauses, in the worker's real code paths: the
 trainer's per-step callback; a pause abandons the round in hand (no delta, no sequence number)
 and the worker resumes by itself; a stop while paused ends it; --max-hours ends it after the
-round in hand. A real LocalTrainer on a tiny task; stand-ins play Redis, RabbitMQ and the clock."""
+round in hand; --max-memory abandons the round in hand and the next starts at once. A real
+LocalTrainer on a tiny task; stand-ins play Redis, RabbitMQ and the clock."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from client.config import ClientConfig
 from client.events import RoundStart, WorkerEvents
+from client.memory_caps import GIB, MemoryCaps, MemoryGuard
 from client.uploader import Upload
 from client.worker import Worker
 from shared.codecs import ErrorFeedback, get_codec
@@ -95,6 +97,9 @@ class Heard(WorkerEvents):
     def resumed(self, paused_s: float) -> None:
         self.said.append(("resumed", paused_s >= 0))
 
+    def abandoned(self, reason: str) -> None:
+        self.said.append(("abandoned", reason))
+
 
 class Sent:
     """The uploader's stand-in: every delta "confirmed" at once, and kept."""
@@ -127,8 +132,10 @@ class Seqs:
 
 
 def worker(tmp_path: Path, politeness: Script, *, steps: int = 5, loss_sleep_s: float = 0.0,
-           snapshot_bytes: int = 0, **config: Any) -> tuple[Worker, list[str], Heard, Sent, LocalTrainer]:
-    """A Worker whose servers are stand-ins: version 0 of run "rid" and a fixed plan of ``steps``."""
+           snapshot_bytes: int = 0, memory: MemoryGuard | None = None,
+           **config: Any) -> tuple[Worker, list[str], Heard, Sent, LocalTrainer]:
+    """A Worker whose servers are stand-ins: version 0 of run "rid" and a fixed plan of ``steps``;
+    ``memory``: its --max-memory check (default: no cap)."""
     trainer = make_trainer(LinearRegressionTask(loss_sleep_s=loss_sleep_s))
     plan = RoundPlan(run_id="rid", local_steps=steps, min_local_steps=1, fastest_steps_per_s=0.0,
                      active_clients=1, mode=RoundMode.FIXED)
@@ -145,6 +152,7 @@ def worker(tmp_path: Path, politeness: Script, *, steps: int = 5, loss_sleep_s: 
     w.stop, notices, w.events = threading.Event(), [], Heard()
     w.on_notice, w.on_confirmed = notices.append, None
     w.politeness = politeness  # type: ignore[assignment]
+    w.memory = memory or MemoryGuard(MemoryCaps())
     w.keys, w.identity, w.uploader = RunKeys("demo"), Seqs(), Sent()  # type: ignore[assignment]
     w.fetcher = SimpleNamespace(  # type: ignore[assignment]
         ping=lambda: None, wait_while_another_warms_up=lambda *a: None, wait_for_version=lambda *a, **k: 0,
@@ -202,3 +210,35 @@ def test_max_hours_ends_the_round_in_hand_sends_it_and_stops(tmp_path: Path) -> 
     assert (summary.rounds, summary.deltas_sent, summary.stopped_by) == (1, 1, "max_hours")
     assert 1 <= sent.messages[0].local_steps < 100  # cut at the next step after the limit was seen
     assert summary.line().startswith("stopped (max_hours): 1 rounds, 1 deltas sent")
+
+
+def over_4_gb_once() -> MemoryGuard:
+    """A --max-memory 4 check that reads 5 GB of resident memory once, then 3 GB."""
+    readings = [5 * GIB, 3 * GIB]
+    return MemoryGuard(MemoryCaps(max_rss_bytes=4 * GIB),
+                       rss_bytes=lambda: readings.pop(0) if len(readings) > 1 else readings[0])
+
+
+def test_over_max_memory_the_round_is_abandoned_and_the_next_starts_at_once(tmp_path: Path) -> None:
+    guard = over_4_gb_once()  # over after round 1's first step; under from then on
+    w, notices, heard, sent, trainer = worker(tmp_path, Script(None), steps=5, max_rounds=1, memory=guard)
+    summary = w.run()
+    reason = ("this client uses 5.00 GB of memory, over --max-memory 4 GB (if every round ends so, a "
+              "smaller model or batch is the fix: the run's operator sets them; or raise --max-memory)")
+    assert notices == [f"round 1 abandoned after 1 steps, no delta sent: {reason}"]  # no pause, no resume
+    assert heard.said[:4] == [("round_started", 1), ("step", 1), ("abandoned", reason), ("round_started", 1)]
+    assert not any(event == "paused" for event, _ in heard.said)
+    assert [(m.seq, m.local_steps) for m in sent.messages] == [(0, 5)]  # the abandoned round cost no seq
+    assert (summary.rounds, summary.deltas_sent, summary.stopped_by) == (1, 1, "max_rounds")
+    assert trainer.own_steps == 6
+
+
+def test_a_pause_after_a_round_over_memory_is_still_waited_out(tmp_path: Path) -> None:
+    guard = over_4_gb_once()
+    # before round 1: go; its first step: go (then over memory); before the next: on battery, then go
+    politeness = Script(None, None, "on battery", None)
+    w, notices, heard, sent, _ = worker(tmp_path, politeness, max_rounds=1, memory=guard)
+    w.run()
+    assert notices[0].startswith("round 1 abandoned after 1 steps, no delta sent: this client uses 5.00 GB")
+    assert notices[1] == "paused: on battery (resumes by itself; Ctrl-C to quit)"
+    assert notices[2].startswith("resumed after ") and len(sent.messages) == 1
