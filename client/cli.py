@@ -46,7 +46,7 @@ from click.core import ParameterSource
 
 from client.config import DEVICES, LOG_LEVELS, ClientConfig
 from client.contribution import ContributionBook
-from client.credentials import Joined, merge, read_token
+from client.credentials import Joined, merge, read_token, snapshot_source
 from client.memory_caps import GIB, MemoryCaps
 from client.politeness import PolitenessConfig, Schedule, ScheduleError
 from client.report import RoundReport
@@ -127,6 +127,10 @@ def _state_dir_option() -> Any:
 @_option("--redis", "redis_url", env="ASYNCLOCO_REDIS", default=None,
          metavar="URL", help=f"Redis where the coordinator publishes snapshots [default: the token's, else "
          f"{DEFAULT_REDIS_URL}].")
+@_option("--snapshot-url", env="ASYNCLOCO_SNAPSHOT_URL", default=None, metavar="URL",
+         help="Read snapshots (and plan, verdicts) from this read-only replica of the run's Redis instead: "
+              "they are signed, so a replica is as safe. Without a user or database in it, the token's "
+              "(or --redis's) are used.")
 @_option("--amqp", "amqp_url", env="ASYNCLOCO_AMQP", default=None,
          metavar="URL", help="RabbitMQ that deltas are sent to [default: the token's, else "
          "amqp://guest:guest@127.0.0.1:5672/%2F].")
@@ -228,6 +232,7 @@ def join(
     token_file: Path | None,
     run: str | None,
     redis_url: str | None,
+    snapshot_url: str | None,
     amqp_url: str | None,
     tls_ca: str | None,
     data: str | None,
@@ -290,8 +295,8 @@ def join(
                                    client_id=None, coordinator_key=None))
     config = ClientConfig(
         run=joined.run,
-        connection=ConnectionSettings(redis_url=joined.redis_url, amqp_url=joined.amqp_url,
-                                      tls_ca_file=tls_ca),
+        connection=ConnectionSettings(redis_url=snapshot_source(snapshot_url, joined.redis_url),
+                                      amqp_url=joined.amqp_url, tls_ca_file=tls_ca),
         data=data,
         device=device.lower(),
         codec=codec.lower(),

@@ -12,6 +12,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from shared.errors import ConfigError
 from shared.join_token import MAX_TOKEN_CHARS, JoinToken
@@ -59,3 +60,31 @@ def merge(token: JoinToken | None, *, run: str | None, redis_url: str | None, am
     # under another host name, say).
     return Joined(run=token.run, redis_url=redis_url or token.redis, amqp_url=amqp_url or token.amqp,
                   client_id=token.client_id, coordinator_key=token.coordinator_key)
+
+
+def snapshot_source(snapshot_url: str | None, redis_url: str) -> str:
+    """The Redis URL the client reads from: the run's ``redis_url`` (the token's or ``--redis``), or
+    ``snapshot_url`` (``--snapshot-url``), a read-only replica of it.
+
+    The client only ever reads Redis, and what it reads is signed, so a replica serves it as well
+    as the primary. A replica URL without a user takes ``redis_url``'s user and password (so the
+    token's password stays off the command line; ACL users are not replicated: the operator
+    creates them on the replica too), and one without a database number ``redis_url``'s. Those
+    credentials are never sent in the clear to a replica when the run's Redis is reached over TLS.
+    """
+    if not snapshot_url:
+        return redis_url
+    replica, run = urlsplit(snapshot_url), urlsplit(redis_url)
+    if replica.scheme not in ("redis", "rediss") or not replica.hostname:
+        raise ConfigError(f"--snapshot-url must be a redis:// or rediss:// URL with a host, got "
+                          f"{snapshot_url!r}")
+    netloc, path = replica.netloc, replica.path
+    if run.scheme in ("redis", "rediss"):
+        if replica.username is None and replica.password is None and "@" in run.netloc:
+            if run.scheme == "rediss" and replica.scheme != "rediss":
+                raise ConfigError("--snapshot-url: the run's Redis is reached over TLS; name the replica "
+                                  "with rediss:// so that the password is not sent in the clear")
+            netloc = f"{run.netloc.rpartition('@')[0]}@{replica.netloc}"
+        if path in ("", "/"):
+            path = run.path
+    return urlunsplit((replica.scheme, netloc, path, replica.query, ""))

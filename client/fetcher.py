@@ -48,9 +48,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # A socket error outside redis-py's own wrapping is an outage too; a refusal of the credentials
-# (NOPERM) or a reply that is not Redis's may be a permanent mistake (ServerContact tells).
+# (NOPERM) or a reply that is not Redis's may be a permanent mistake (ServerContact tells). A
+# replica cut off from its primary with replica-serve-stale-data off answers MASTERDOWN: an outage.
 REDIS_ERRORS: tuple[type[Exception], ...] = (*REDIS_OUTAGES, OSError, redis.exceptions.NoPermissionError,
-                                             redis.exceptions.InvalidResponse)
+                                             redis.exceptions.InvalidResponse,
+                                             redis.exceptions.MasterDownError)
 # After a snapshot includes a delta, how long to wait for its verdict (written with the snapshot,
 # or at the coordinator's next housekeeping pass, every second).
 VERDICT_GRACE_S = 1.5
@@ -65,7 +67,11 @@ class SnapshotFetcher:
     """Snapshots and round plans of one run, read from Redis with reconnects.
 
     ``redis_client`` (made without ``decode_responses``: snapshots are bytes) belongs to the caller,
-    who closes it; give it a ``socket_timeout`` so that a dead server is noticed and retried.
+    who closes it; give it a ``socket_timeout`` so that a dead server is noticed and retried. It
+    may be a read-only replica of the run's Redis (``--snapshot-url``): the fetcher only reads, it
+    reads ``current`` and the chunks it names through this one connection (a replica applies the
+    chunks before the flip, so it never names a version it lacks), and what it reads is signed.
+    A replica behind its primary only serves older versions, each whole.
 
     Every manifest and plan is checked against ``verify_key``, the coordinator's key that the
     volunteer pinned. One that fails (unsigned, forged, replayed under another version, a chunk off
@@ -188,7 +194,9 @@ class SnapshotFetcher:
 
     def _run_exists(self) -> bool:
         """True if the run's plan or status is in Redis (its coordinator has served it)."""
-        found = self._call("looking for the run", lambda: self.redis.exists(self.keys.plan, self.keys.status))
+        # One key per EXISTS: in a Redis Cluster the two lie in different slots (CROSSSLOT).
+        found = self._call("looking for the run",
+                           lambda: self.redis.exists(self.keys.plan) + self.redis.exists(self.keys.status))
         self._run_seen = self._run_seen or bool(found)
         return self._run_seen
 

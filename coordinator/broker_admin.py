@@ -44,7 +44,7 @@ VOLUNTEER_REDIS_COMMANDS = ("get", "mget", "exists", "ping", "hello", "auth", "s
 
 def volunteer_redis_rules(keys: RunKeys, password: str) -> list[str]:
     """``ACL SETUSER`` rules: read-only access to the run's published keys, nothing else."""
-    published = [keys.current, keys.plan, keys.status, f"{keys.prefix}snapshot:*", keys.verdict("*")]
+    published = [keys.current, keys.plan, keys.status, keys.snapshot_pattern, keys.verdict("*")]
     return ["reset", "on", f">{password}", *(f"%R~{k}" for k in published), "resetchannels", "-@all",
             *(f"+{c}" for c in VOLUNTEER_REDIS_COMMANDS)]
 

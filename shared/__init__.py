@@ -5,4 +5,6 @@ the local training round itself, connection settings and the retry policy. Nothi
 from ``coordinator`` or ``client``.
 """
 
-PROTOCOL_VERSION = 2  # 2: the round plan carries one `mode` instead of sync/dylu/warm_start flags
+# 2: the round plan carries one `mode` instead of sync/dylu/warm_start flags; 3: a snapshot's Redis
+# keys carry a cluster hash tag (shared/keys.py), so a protocol-2 peer cannot find them
+PROTOCOL_VERSION = 3

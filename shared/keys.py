@@ -2,13 +2,22 @@
 
 Layout for run ``R`` (all under the prefix ``asyncloco:R:``)::
 
-    snapshot:{v}:manifest     msgpack manifest of version v (immutable)
-    snapshot:{v}:chunk:{i}    i-th chunk of version v's flat parameter bytes (immutable)
+    snapshot:{R:vV}:manifest  signed manifest of version V (immutable)
+    snapshot:{R:vV}:chunk:I   I-th chunk of version V's flat parameter bytes (immutable)
     current                   the newest complete version, as a decimal string (the atomic flip)
     plan                      msgpack round plan (Dynamic Local Updates)
     status                    JSON status document written by the coordinator
     verdict:{client_id}       JSON verdict on the client's newest judged delta (shared/verdict.py)
     coordinator               lease of the running coordinator (its instance id, with a TTL)
+
+``{R:vV}`` is a Redis Cluster hash tag (the braces are literal): Redis Cluster hashes only what is
+between the first ``{`` and the next ``}``, so every key of one version lands in one slot, and the
+reader's ``MGET`` of chunks and the publisher's ``DEL`` of an old version never fail with CROSSSLOT.
+A run name holds no braces or colons, so the tag names exactly one run and version. The keys still
+start with ``asyncloco:R:snapshot:``, so the volunteers' ACL pattern of that prefix (and
+``delete_run_keys``'s scan) covers them as before. Versions written before the tag
+(``snapshot:V:manifest``, ``snapshot:V:chunk:I``) are named by :meth:`RunKeys.legacy_snapshot`,
+only so that an upgraded coordinator deletes them.
 
 AMQP: clients publish to the direct exchange ``asyncloco.R.deltas.in`` (a volunteer's broker user
 may write to it and to nothing else), bound to the durable queue ``asyncloco.R.deltas``; rejected
@@ -49,11 +58,26 @@ class RunKeys:
     def prefix(self) -> str:
         return f"asyncloco:{self.run}:"
 
+    def snapshot_key(self, version: int, item: str) -> str:
+        """The key of ``item`` (``manifest``, ``chunk:I``) of snapshot ``version``: the one place
+        they are built. The hash tag ``{RUN:vVERSION}`` puts a version's keys in one cluster slot."""
+        return f"{self.prefix}snapshot:{{{self.run}:v{version}}}:{item}"
+
     def manifest(self, version: int) -> str:
-        return f"{self.prefix}snapshot:{version}:manifest"
+        return self.snapshot_key(version, "manifest")
 
     def chunk(self, version: int, index: int) -> str:
-        return f"{self.prefix}snapshot:{version}:chunk:{index}"
+        return self.snapshot_key(version, f"chunk:{index}")
+
+    @property
+    def snapshot_pattern(self) -> str:
+        """Glob of every snapshot key of the run, in either layout (a volunteer's ACL key pattern)."""
+        return f"{self.prefix}snapshot:*"
+
+    def legacy_snapshot(self, version: int, item: str) -> str:
+        """``item`` of ``version`` as written before the hash tag (one slot per key in a cluster):
+        only for deleting what a coordinator of that layout left behind."""
+        return f"{self.prefix}snapshot:{version}:{item}"
 
     @property
     def current(self) -> str:

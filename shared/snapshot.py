@@ -11,6 +11,11 @@ kept, counting the one being written: publishing ``v`` first deletes ``v - keep_
 to be written to read one whole. The chunks are written straight from the tensors' memory, a few
 at a time, never as one serialized copy of the model.
 
+A version's keys share one Redis Cluster slot (a hash tag, :meth:`shared.keys.RunKeys.snapshot_key`),
+so its chunks are read with MGET and deleted with DEL on a cluster too. ``current`` and the chunks
+are read through one connection: from a replica, the replication stream brings the chunks and the
+manifest before the flip that names them, so a reader never sees a pointer ahead of its snapshot.
+
 The manifest and the round plan are stored signed (:class:`shared.signing.SignedEnvelope`): a
 store with a ``verify_key`` (a client's) refuses, with :class:`SnapshotUntrusted`, anything that is
 not signed by that key, a signed manifest found under another version's key, and a chunk that
@@ -377,26 +382,43 @@ class SnapshotStore:
         that is set)."""
         if old < 0:
             return
-        raw = redis_bytes(self.redis.get(self.keys.manifest(old)))
+        self._drop_keys(self.keys.manifest(old), lambda i: self.keys.chunk(old, i), one_slot=True)
+        # The same version as a coordinator from before hash-tagged keys wrote it (one upgraded in
+        # place left up to keep_versions of them): its keys lie in different cluster slots.
+        self._drop_keys(self.keys.legacy_snapshot(old, "manifest"),
+                        lambda i: self.keys.legacy_snapshot(old, f"chunk:{i}"), one_slot=False)
+
+    def _drop_keys(self, manifest_key: str, chunk_key: Callable[[int], str], *, one_slot: bool) -> None:
+        """Delete (or expire) the manifest at ``manifest_key`` and the chunks it counts;
+        ``one_slot``: the keys share a cluster slot, so one DEL may name many of them."""
+        raw = redis_bytes(self.redis.get(manifest_key))
         if raw is None:
             return
         try:
             count = len(SnapshotManifest.decode(open_signed(raw, None)).chunk_sha256)
         except ProtocolError:
             count = 0
-        keys = [self.keys.manifest(old)] + [self.keys.chunk(old, i) for i in range(count)]
+        keys = [manifest_key] + [chunk_key(i) for i in range(count)]
         pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(keys), 512):
+            batch = keys[start : start + 512]
             if self.expire_grace_s:
-                for key in keys[start : start + 512]:
+                for key in batch:
                     pipe.expire(key, self.expire_grace_s)
+            elif one_slot:
+                pipe.delete(*batch)  # DEL frees at once (UNLINK would lag)
             else:
-                pipe.delete(*keys[start : start + 512])  # DEL frees at once (UNLINK would lag)
+                for key in batch:
+                    pipe.delete(key)
         pipe.execute()
 
     def read_manifest(self, version: int) -> SnapshotManifest:
         raw = redis_bytes(self.redis.get(self.keys.manifest(version)))
         if raw is None:
+            if self.redis.exists(self.keys.legacy_snapshot(version, "manifest")):
+                # a coordinator of protocol 2 (snapshot keys without the hash tag) serves the run
+                raise SnapshotOtherProtocol(f"snapshot {version} of run {self.keys.run!r} is laid out in "
+                                            f"protocol 2, this program speaks {PROTOCOL_VERSION}", theirs=2)
             raise SnapshotMissing(f"snapshot {version} of run {self.keys.run!r} is gone")
         body = self._open(raw, f"snapshot {version}", max_body_bytes=MAX_MANIFEST_BYTES)
         try:

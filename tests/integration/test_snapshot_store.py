@@ -9,7 +9,7 @@ import pytest
 import redis
 import torch
 
-from shared.errors import SnapshotError, SnapshotMissing
+from shared.errors import SnapshotError, SnapshotMissing, SnapshotOtherProtocol
 from shared.keys import RunKeys
 from shared.signing import SigningKey
 from shared.snapshot import SnapshotStore
@@ -159,3 +159,34 @@ def test_reader_racing_a_publisher_never_sees_a_torn_or_mixed_snapshot(
     assert not errors
     assert len(seen) >= 2  # the reader really raced several versions
     assert reader.read_latest().version == 39
+
+
+class _KeysBeforeHashTags(RunKeys):
+    """The key layout of a coordinator from before hash tags (``snapshot:V:manifest``)."""
+
+    def snapshot_key(self, version: int, item: str) -> str:
+        return self.legacy_snapshot(version, item)
+
+
+def test_an_upgraded_coordinator_serves_readers_and_deletes_the_old_layouts_versions(
+    redis_client: redis.Redis, run_name: str
+) -> None:
+    keys = RunKeys(run_name)
+    old = SnapshotStore(redis_client, _KeysBeforeHashTags(run_name), keep_versions=3, signer=KEY)
+    for v in range(3):  # what Redis holds when the old coordinator stops: versions 0-2, current 2
+        old.publish(run_id="r", version=v, params=_params(float(v), 1000), config={}, progress={})
+    legacy = f"{keys.prefix}snapshot:[0-9]*"
+    assert len(list(redis_client.scan_iter(match=legacy))) == 3 * 2  # a manifest and a chunk each
+    reader = SnapshotStore(redis_client, keys, verify_key=KEY.verify_key)
+    # an upgraded reader sees the old layout's protocol: its fetcher waits run_wait_s for an
+    # upgraded coordinator, then says which side to upgrade (ProtocolMismatch)
+    with pytest.raises(SnapshotOtherProtocol) as refused:
+        reader.read()
+    assert refused.value.theirs == 2
+    new = SnapshotStore(redis_client, keys, keep_versions=3, signer=KEY)
+    for v in range(3, 6):  # the upgraded coordinator starts at current + 1
+        new.publish(run_id="r", version=v, params=_params(float(v), 1000), config={}, progress={})
+        assert reader.read().version == v
+        # each publish deletes the version pushed out of the kept three, in either layout
+        assert {int(k.split(b":")[3]) for k in redis_client.scan_iter(match=legacy)} == set(range(v - 2, 3))
+    assert list(redis_client.scan_iter(match=legacy)) == []
