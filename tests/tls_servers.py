@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
-import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.tls import speaks_tls
-from tests.private_broker import free_port
+from tests.private_redis import RedisProcess
 
 # Long enough for any test run, short enough that a leaked file is worthless soon.
 VALIDITY = datetime.timedelta(days=2)
@@ -123,7 +119,7 @@ class ThrowawayCA:
         return files
 
 
-class PrivateTlsRedis:
+class PrivateTlsRedis(RedisProcess):
     """A ``redis-server`` on 127.0.0.1 with a TLS port and no plain port, all of it under ``root``.
 
     Nothing is persisted (no RDB, no AOF). :meth:`start` waits until a client that trusts the CA
@@ -131,16 +127,8 @@ class PrivateTlsRedis:
     """
 
     def __init__(self, root: Path, tls: TlsFiles) -> None:
-        server = shutil.which("redis-server")
-        if server is None:
-            raise FileNotFoundError("redis-server is not installed")
-        self.server = server
-        self.root = root
+        super().__init__(root, scheme="rediss")
         self.tls = tls
-        self.port = free_port()
-        self.url = f"rediss://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-        root.mkdir(parents=True, exist_ok=True)
 
     def start(self, timeout_s: float = 20.0) -> None:
         """Start the server and wait until its port completes TLS handshakes.
@@ -148,37 +136,15 @@ class PrivateTlsRedis:
         Only the protocol is awaited, not a verified PING: a test may start a server with a
         certificate that its clients must refuse.
         """
-        assert self.proc is None, "this server was started already"
-        log = open(self.root / "redis.log", "wb")  # noqa: SIM115 - the process owns it
-        self.proc = subprocess.Popen(
-            [self.server, "--port", "0", "--bind", "127.0.0.1", "--tls-port", str(self.port),
-             "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
-             "--tls-ca-cert-file", str(self.tls.ca_cert), "--tls-auth-clients", "no",
-             "--save", "", "--appendonly", "no", "--dir", str(self.root), "--daemonize", "no"],
-            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
+        proc = self.launch(["--port", "0", "--tls-port", str(self.port),
+                            "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
+                            "--tls-ca-cert-file", str(self.tls.ca_cert), "--tls-auth-clients", "no"])
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}:\n{self.logs()}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {proc.returncode}:\n{self.logs()}")
             if speaks_tls("127.0.0.1", self.port, timeout_s=1.0):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"redis-server did not answer on TLS port {self.port} within {timeout_s:.0f}s:\n"
                            f"{self.logs()}")
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM the server started here, SIGKILL it if it lingers. Idempotent."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout_s)
-
-    def logs(self, tail_chars: int = 4000) -> str:
-        path = self.root / "redis.log"
-        return path.read_text(errors="replace")[-tail_chars:] if path.exists() else ""
