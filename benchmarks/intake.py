@@ -43,11 +43,9 @@ import math
 import multiprocessing
 import os
 import shutil
-import socket
 import statistics
 import tempfile
 import time
-import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +54,7 @@ from typing import Any
 import redis
 import torch
 from ceilings import PART_BYTES, broker_rows
+from served import cpu_seconds, first_snapshot, free_port, scrape
 from table_csv import write_rows
 
 from client.uploader import DeltaUploader
@@ -71,11 +70,11 @@ from coordinator.warm_start import WarmStart
 from harness.faults import coordinator_args, status
 from harness.processes import AMQP_URL, REDIS_URL, Processes, new_run_name, wait_for
 from shared.codecs import ErrorFeedback, get_codec
-from shared.errors import ProtocolError, SnapshotError
+from shared.errors import ProtocolError
 from shared.keys import RunKeys
 from shared.protocol import DEFAULT_DELTA_LIMITS, DeltaMessage
 from shared.settings import ConnectionSettings, RetryPolicy
-from shared.snapshot import Snapshot, SnapshotStore
+from shared.snapshot import SnapshotStore
 
 RUN_ID = "bench-intake"
 SIZES = {"0.5M": 500_000, "5M": 5_000_000, "50M": 50_000_000}
@@ -233,34 +232,16 @@ def publish_deltas(run: str, run_id: str, index: int, ids: int, payloads: list[d
         client.close()
 
 
-def _snapshot(store: SnapshotStore) -> Snapshot | None:
-    try:
-        return store.read()
-    except SnapshotError:
-        return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _sample(run: str, pid: int, port: int, confirmed: Any) -> dict[str, Any]:
     """The coordinator's applied count (at its status document's time), its clocks and CPU
     seconds, the machine's idle seconds, the publishers' confirmed deltas."""
-    doc, tick = status(run), os.sysconf("SC_CLK_TCK")
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        metrics = dict(line.split(" ", 1) for line in reply.read().decode().splitlines()
-                       if line and not line.startswith("#"))
-    with open(f"/proc/{pid}/stat") as fh:
-        own = fh.read().rsplit(")", 1)[1].split()  # utime, stime: fields 14, 15
+    doc, tick, metrics = status(run), os.sysconf("SC_CLK_TCK"), scrape(port)
     with open("/proc/stat") as fh:
         machine = [int(v) for v in fh.readline().split()[1:]]  # cpu: user nice system idle iowait ...
     return {"at": float(doc["updated_at"]), "applied": doc["deltas"]["applied"], "doc": doc,
-            **{f"{k}_{part}": float(metrics.get(f"{name}_{part}", 0)) for k, name in CLOCKS.items()
+            **{f"{k}_{part}": metrics.get(f"{name}_{part}", 0.0) for k, name in CLOCKS.items()
                for part in ("sum", "count")},
-            "cpu_s": (int(own[11]) + int(own[12])) / tick, "idle_s": (machine[3] + machine[4]) / tick,
+            "cpu_s": cpu_seconds(pid), "idle_s": (machine[3] + machine[4]) / tick,
             "wall": time.time(), "confirmed": confirmed.value}
 
 
@@ -269,7 +250,7 @@ def through_broker(model: str, codec: str, *, publishers: int, ids: int, seconds
     """One row: a real coordinator serving ``model``, fed by ``publishers`` processes."""
     run = new_run_name("bench-intake")
     (workdir / run).mkdir(parents=True)
-    procs, client, port = Processes(workdir / run), redis.Redis.from_url(REDIS_URL), _free_port()
+    procs, client, port = Processes(workdir / run), redis.Redis.from_url(REDIS_URL), free_port()
     context = multiprocessing.get_context("fork")  # the children only publish: no torch
     start, stop, confirmed = context.Event(), context.Event(), context.Value("i", 0)
     workers: list[Any] = []
@@ -278,7 +259,7 @@ def through_broker(model: str, codec: str, *, publishers: int, ids: int, seconds
             run, workdir / run / "checkpoint", "--model-size", model, "--max-deltas-per-minute", "0",
             "--max-staleness", "1000000", "--eval-interval", "3600", "--no-dylu",
             "--max-queue-bytes", str(QUEUE_BYTES), "--metrics-port", str(port)))
-        snapshot = wait_for(lambda: _snapshot(SnapshotStore(client, RunKeys(run))), timeout_s=120,
+        snapshot = wait_for(lambda: first_snapshot(SnapshotStore(client, RunKeys(run))), timeout_s=120,
                             what="the coordinator's first snapshot")
         assert snapshot is not None
         run_id, generator = snapshot.manifest.run_id, torch.Generator().manual_seed(0)

@@ -20,6 +20,7 @@ from shared.files import default_state_dir
 from shared.keys import validate_run_name
 from shared.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
 from shared.signing import KEY_FILE_NAME
+from shared.tasks.bytelm import MODEL_SIZES
 
 ENV = "ASYNCLOCO_"
 
@@ -159,12 +160,13 @@ def task_options(*, model_size: str | None, data: str | None) -> Callable[[F], F
     leaves the value to ``--task-setting`` or, failing that, to the task (tiny, stdlib);
     ``simulate`` passes ``"tiny"`` and ``"stdlib"``, which it hands to the task as they are.
     """
-    size_help = "Size of the built-in byte-level LM" + (" [default: tiny]." if model_size is None else ".")
+    size_help = ("Size of the built-in byte-level LM: tiny 0.45M, small 4.9M, medium 25M, large 100M "
+                 "parameters" + (" [default: tiny]." if model_size is None else "."))
     data_help = "Corpus: 'stdlib' (this Python's own sources) or a glob of text files" + (
         " [default: stdlib]." if data is None else "."
     )
     return _group(
-        option("--model-size", env="MODEL_SIZE", type=click.Choice(["tiny", "small"]), default=model_size,
+        option("--model-size", env="MODEL_SIZE", type=click.Choice(list(MODEL_SIZES)), default=model_size,
                help=size_help),
         option("--data", env="DATA", default=data, help=data_help),
         option("--seed", env="SEED", type=int, default=0,

@@ -1,0 +1,83 @@
+"""A real coordinator served for a benchmark, and what the benchmark reads of it.
+
+Shared by ``intake.py --broker`` and ``scale.py``: the coordinator's command line at any bytelm
+size (``serve --model-size`` offers tiny and small; medium and large go in as a task setting),
+its first snapshot or manifest, its ``/metrics``, and a process's CPU seconds and memory from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.request
+from pathlib import Path
+
+from harness.faults import coordinator_args
+from shared.errors import SnapshotError
+from shared.snapshot import Snapshot, SnapshotManifest, SnapshotStore
+
+SERVE_SIZES = ("tiny", "small")  # what `serve --model-size` takes; the other sizes are task settings
+
+
+def serve_args(run: str, checkpoint_dir: Path, model_size: str, *extra: str) -> list[str]:
+    """``python`` arguments of the harness's coordinator (one thread, ``--auth open``) serving the
+    bytelm model of ``model_size`` (any of ``shared.tasks.bytelm.MODEL_SIZES``)."""
+    args = coordinator_args(run, checkpoint_dir, *extra)
+    at = args.index("--model-size")  # the harness's tiny task
+    if model_size in SERVE_SIZES:
+        args[at + 1] = model_size
+    else:
+        args[at:at + 2] = ["--task-setting", f"model_size={model_size}"]
+    return args
+
+
+def first_snapshot(store: SnapshotStore) -> Snapshot | None:
+    """The current snapshot, or None while there is none (a :func:`harness.processes.wait_for` probe)."""
+    try:
+        return store.read()
+    except SnapshotError:
+        return None
+
+
+def first_manifest(store: SnapshotStore) -> SnapshotManifest | None:
+    """The current version's manifest (names, shapes, run id: a small read, whatever the model's
+    size), or None while there is none (a :func:`harness.processes.wait_for` probe)."""
+    try:
+        version = store.current_version()
+        return None if version is None else store.read_manifest(version)
+    except SnapshotError:
+        return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for ``--metrics-port``)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The coordinator's ``/metrics`` on ``port``: sample (with its labels, as written) → value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        lines = reply.read().decode().splitlines()
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in lines
+                                                   if line and not line.startswith("#"))}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid``, all its threads (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()  # after the command name: utime, stime are 14, 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_bytes(pid: int, field: str = "VmRSS") -> int | None:
+    """``field`` of ``/proc/PID/status`` in bytes (VmRSS: now; VmHWM: the peak), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
