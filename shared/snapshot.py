@@ -60,6 +60,8 @@ MAX_MANIFEST_BYTES = 8 * MiB
 MAX_PLAN_BYTES = PLAN_MAX_BYTES  # RoundPlan.decode's own limit
 MAX_SNAPSHOT_BYTES = 8 * 1024 * MiB
 
+# Chunks asked for in one MGET: few round trips, and few chunk copies held besides the model's bytes.
+CHUNKS_PER_READ = 4
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Move ``current`` forward only: a stale coordinator can never roll readers back. ARGV[2] == '1'
@@ -230,7 +232,12 @@ def chunked(views: list[memoryview], chunk_bytes: int) -> Iterator[memoryview | 
 
 def unflatten(entries: tuple[ParamEntry, ...], flat: bytes) -> dict[str, torch.Tensor]:
     """Inverse of :func:`flatten`: new tensors, shapes and dtypes from the trusted ``entries``."""
-    buffer = bytearray(flat)  # writable, so torch.frombuffer shares without a warning
+    return tensors_over(entries, bytearray(flat))  # a copy of its own, writable
+
+
+def tensors_over(entries: tuple[ParamEntry, ...], buffer: bytearray) -> dict[str, torch.Tensor]:
+    """The tensors of ``entries`` as views of ``buffer`` (no copy: they keep it alive, and each
+    owns its own bytes of it), shapes and dtypes from the trusted ``entries``."""
     out = {}
     for e in entries:
         if e.offset + e.nbytes > len(buffer):
@@ -239,7 +246,7 @@ def unflatten(entries: tuple[ParamEntry, ...], flat: bytes) -> dict[str, torch.T
             out[e.name] = torch.empty(e.shape, dtype=_DTYPES[e.dtype])
             continue
         t = torch.frombuffer(buffer, dtype=_DTYPES[e.dtype], count=e.numel, offset=e.offset)
-        out[e.name] = t.reshape(e.shape).clone()
+        out[e.name] = t.reshape(e.shape)
     return out
 
 
@@ -457,15 +464,23 @@ class SnapshotStore:
                 raise SnapshotMissing(f"run {self.keys.run!r} has no snapshot yet")
         manifest = self.read_manifest(version)
         keys = [self.keys.chunk(version, i) for i in range(len(manifest.chunk_sha256))]
-        parts: list[bytes | None] = []
-        for start in range(0, len(keys), 16):  # a few chunks per round trip
-            parts.extend(redis_bytes(r) for r in self.redis.mget(keys[start : start + 16]))
-        for index, (chunk, digest) in enumerate(zip(parts, manifest.chunk_sha256, strict=True)):
-            if chunk is None:
-                raise SnapshotMissing(f"chunk {index} of version {version} expired while reading")
-            if hashlib.sha256(chunk).hexdigest() != digest:
-                raise SnapshotUntrusted(f"chunk {index} of version {version} fails its sha256")
-        return Snapshot(manifest, unflatten(manifest.params, b"".join(p for p in parts if p is not None)))
+        # Each chunk checked and copied into its place as it comes: the model's bytes once, plus
+        # one round trip's chunks, never all the chunks and their join besides.
+        buffer = bytearray(manifest.total_bytes)
+        for start in range(0, len(keys), CHUNKS_PER_READ):
+            for index, reply in enumerate(self.redis.mget(keys[start : start + CHUNKS_PER_READ]), start):
+                chunk = redis_bytes(reply)
+                if chunk is None:
+                    raise SnapshotMissing(f"chunk {index} of version {version} expired while reading")
+                if hashlib.sha256(chunk).hexdigest() != manifest.chunk_sha256[index]:
+                    raise SnapshotUntrusted(f"chunk {index} of version {version} fails its sha256")
+                at = index * manifest.chunk_bytes
+                size = min(manifest.chunk_bytes, len(buffer) - at)  # the last one is shorter
+                if len(chunk) != size:
+                    raise SnapshotError(f"chunk {index} of version {version} is {len(chunk)} bytes, "
+                                        f"not the manifest's {size}")
+                buffer[at:at + size] = chunk
+        return Snapshot(manifest, tensors_over(manifest.params, buffer))
 
     def read_latest(self, *, attempts: int = 5) -> Snapshot:
         """Read the current version, starting over if it expires mid-read."""
