@@ -3,7 +3,8 @@
 On a terminal (stdout a TTY, ``TERM`` not ``dumb``, neither ``--plain`` nor ``ASYNCLOCO_PLAIN``)
 :class:`LiveDisplay` keeps one panel up to date: progress within the round (steps done of those
 planned), the snapshot version, tokens/s, loss, this process's local steps, bytes sent and
-received, deltas applied and rejected, and this machine's lifetime contribution (from
+received, deltas applied and rejected, where the last round's time went (fetch, compute, encode,
+upload, wait on the coordinator), and this machine's lifetime contribution (from
 :mod:`client.contribution`). Notices, log records and each round's line scroll above the panel.
 Anywhere else (systemd's journal, a pipe, a file, a test) :class:`PlainDisplay` prints the plain
 lines: the notices and one line per round, exactly as without a display.
@@ -103,6 +104,7 @@ class PanelState:
     applied: int = 0
     rejected: int = 0
     last_fate: str = ""
+    last_round_s: str = ""  # where the last finished round's time went
     lifetime: Contribution | None = None
 
     def started(self, start: RoundStart) -> None:
@@ -128,6 +130,9 @@ class PanelState:
         self.steps, self.tokens_per_s = report.steps, report.tokens_per_s
         self.loss = report.train_loss if math.isfinite(report.train_loss) else self.loss
         self.status = "waiting for the next round"
+        self.last_round_s = (f"fetch {report.fetch_s:.2f}s, compute {report.compute_s:.2f}s, "
+                             f"encode {report.encode_s:.2f}s, upload {report.upload_s:.2f}s, "
+                             f"wait {report.wait_s:.2f}s")
 
 
 def render_panel(state: PanelState) -> Panel:
@@ -149,6 +154,8 @@ def render_panel(state: PanelState) -> Panel:
     grid.add_row("traffic", f"sent {si_prefixed(state.bytes_up)}B, received {si_prefixed(state.bytes_down)}B")
     grid.add_row("deltas", f"{state.applied} applied, {state.rejected} rejected"
                            + (f"  (last: {state.last_fate})" if state.last_fate else ""))
+    if state.last_round_s:
+        grid.add_row("last round", state.last_round_s)
     if state.lifetime is not None and state.lifetime.first_seen is not None:
         total = state.lifetime.total
         grid.add_row("this machine", f"{total.rounds} rounds, {compute_time(total.compute_s)}, "

@@ -56,11 +56,58 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (*REDIS_OUTAGES, OSError, redis.exce
 # After a snapshot includes a delta, how long to wait for its verdict (written with the snapshot,
 # or at the coordinator's next housekeeping pass, every second).
 VERDICT_GRACE_S = 1.5
-VERDICT_POLL_S = 0.25
+# While it waits on the coordinator after sending (for its delta's verdict and snapshot, then for
+# its buffer cycle to close), a client sends Redis at most this many commands for each second of the
+# wait (small GETs: the version, the verdict, a new version's manifest), however many versions go by.
+# Raise it and a client notices its delta's snapshot sooner, at more cost to Redis per waiting client.
+WAIT_COMMANDS_PER_S = 2.0
+# A version read this recently stands for the current one where a second read would tell little
+# (the staleness in a round's line, read just after the waits).
+RECENT_VERSION_S = 1.5
 # A snapshot that fails its checks may be a reader racing expiry, or corruption; after this many
 # tries in a row it is reported as an error instead of being retried forever.
 BAD_SNAPSHOT_TRIES = 5
 MAX_REPORTED = 1000  # distinct refusals remembered (so each is warned about once), then forgotten
+
+
+class WaitBudget:
+    """The Redis commands of a wait on the coordinator: at most ``per_s`` of them for each second
+    since :meth:`restart` (a token bucket that starts empty and holds at most
+    :attr:`CAPACITY`), so that over any wait, however short, the rate stays within ``per_s``."""
+
+    CAPACITY = 2.0  # a version and its manifest, read one after the other
+
+    def __init__(self, per_s: float, should_stop: Callable[[], bool]) -> None:
+        self.per_s = per_s
+        self.should_stop = should_stop
+        self.restart()
+
+    def restart(self) -> None:
+        """A new wait begins: nothing spent yet, nothing saved up."""
+        self._tokens, self._at = 0.0, time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.CAPACITY, self._tokens + (now - self._at) * self.per_s)
+        self._at = now
+
+    def take(self, commands: int, deadline: float = math.inf) -> bool:
+        """Sleep until ``commands`` may be sent, and count them as sent; False instead (nothing
+        counted) once ``deadline`` (a ``time.monotonic()``) comes first, or a stop is asked for."""
+        self._refill()
+        ready_at = time.monotonic() + max(0.0, commands - self._tokens) / self.per_s
+        if ready_at > deadline:
+            sleep_interruptibly(deadline - time.monotonic(), self.should_stop)
+            return False
+        if sleep_interruptibly(ready_at - time.monotonic(), self.should_stop):
+            return False
+        self._refill()
+        self._tokens -= commands
+        return True
+
+    def give_back(self, commands: int = 1) -> None:
+        """``commands`` taken were not sent after all (no manifest to read after ``current``)."""
+        self._tokens += commands
 
 
 class SnapshotFetcher:
@@ -113,6 +160,9 @@ class SnapshotFetcher:
         self._verdicts_expected = True
         self._reported: set[str] = set()  # refusals already warned about (one line per forgery)
         self._newest: dict[str, int] = {}  # run id -> newest version read whole (rollback guard)
+        self._wait_budget = WaitBudget(WAIT_COMMANDS_PER_S, should_stop)  # of the waits after a send
+        self._included_in: SnapshotManifest | None = None  # the manifest that held the last delta waited on
+        self._version_read: tuple[float, int | None] = (-math.inf, None)  # (time.monotonic(), version)
 
     def _refuse(self, what: str) -> None:
         """Warn about a refused manifest or plan, once for each distinct refusal."""
@@ -160,9 +210,15 @@ class SnapshotFetcher:
         """Reach Redis once (the first contact): a permanent mistake raises at once."""
         self._call("connecting", self.redis.ping)
 
-    def current_version(self) -> int | None:
-        """Newest complete snapshot version of the run, or None if there is none yet."""
-        return self._call("reading the snapshot version", self.store.current_version)
+    def current_version(self, max_age_s: float = 0.0) -> int | None:
+        """Newest complete snapshot version of the run, or None if there is none yet; one read
+        within the last ``max_age_s`` seconds is answered again without asking Redis."""
+        read_at, version = self._version_read
+        if time.monotonic() - read_at <= max_age_s:
+            return version
+        version = self._call("reading the snapshot version", self.store.current_version)
+        self._version_read = (time.monotonic(), version)
+        return version
 
     def wait_for_version(self, poll_s: float, on_wait: Callable[[], None] | None = None) -> int:
         """Return the current version, polling every ``poll_s`` seconds until there is one.
@@ -339,24 +395,32 @@ class SnapshotFetcher:
         """After our delta is in version ``included``: wait at most ``grace_s`` (the plan's grace
         period) for a version whose manifest says the outer buffer's cycle is closed, so that the
         next round starts from θ with the cycle's momentum step, as every worker of a sync round
-        does. True if it closed in time (or a new run began); each version's manifest is read once.
+        does. True if it closed in time (or a new run began); each version's manifest is read once,
+        and the one :meth:`wait_until_included` found the delta in is not read again. Within the
+        budget of the waits after a send (:data:`WAIT_COMMANDS_PER_S`).
         """
         deadline = time.monotonic() + grace_s
         checked = -1
-        while True:
+        known, self._included_in = self._included_in, None
+        if known is not None and known.version == included:
+            if known.run_id != run_id or not known.progress.get("cycle_open", False):
+                return True
+            checked = included
+        while self._wait_budget.take(2, deadline):  # ``current``, and a new version's manifest
             version = self.current_version()
-            if version is not None and version >= included and version != checked:
-                checked = version
-                manifest = self.manifest_if_readable(version)
-                if manifest is not None and (manifest.run_id != run_id
-                                             or not manifest.progress.get("cycle_open", False)):
-                    return True
-            if time.monotonic() >= deadline or self.should_stop():
-                return False
-            time.sleep(0.05)
+            if version is None or version < included or version == checked:
+                self._wait_budget.give_back()
+                continue
+            checked = version
+            manifest = self.manifest_if_readable(version)
+            if manifest is not None and (manifest.run_id != run_id
+                                         or not manifest.progress.get("cycle_open", False)):
+                return True
+        return False
 
     def wait_until_included(
-        self, *, client_id: str, run_id: str, seq: int, base_version: int, within_s: float
+        self, *, client_id: str, run_id: str, seq: int, base_version: int, within_s: float,
+        sync: bool | None = None,
     ) -> DeltaFate:
         """Wait (bounded by ``within_s``) until a published snapshot includes delta ``seq`` and the
         coordinator's verdict on it is in; return what was learnt.
@@ -366,42 +430,57 @@ class SnapshotFetcher:
         repeat most of it, and Delayed Nesterov would count that work twice. A rejection ends the
         wait at once (no snapshot will include it); a coordinator that writes no verdicts costs
         :data:`VERDICT_GRACE_S` once.
+
+        At most :data:`WAIT_COMMANDS_PER_S` Redis commands a second of waiting: ``current`` and
+        the verdict in turn (then only the one still missing), and each newer version's manifest
+        once, read as soon as ``current`` names it. ``sync``: whether the run's rounds are
+        synchronous (None: read the plan to tell).
         """
-        plan = self.plan()
+        budget = self._wait_budget
+        budget.restart()
+        self._included_in = None
+        if sync is None:
+            plan = self.plan() if budget.take(1) else None
+            sync = plan is not None and plan.mode is RoundMode.SYNC
         # A synchronous round completes only when the slowest client has sent: wait for the next
         # version however long that takes (it follows the round whether or not ours made it).
-        sync = plan is not None and plan.mode is RoundMode.SYNC
         deadline = time.monotonic() + (math.inf if sync else within_s)
         included: int | None = None  # the first version after the base that holds it
         included_at = 0.0  # time.monotonic() when it was seen
         verdict: Verdict | None = None
-        next_read = 0.0
-        while time.monotonic() < deadline and not self.should_stop():
-            now = time.monotonic()
-            if verdict is None and now >= next_read:
-                next_read = now + VERDICT_POLL_S
+        checked = base_version  # the newest version looked at (none after the base yet)
+        verdict_next = False  # whose turn it is while both are unknown: the version's first
+        while True:
+            if verdict is None and (included is not None or verdict_next):
+                if not budget.take(1, deadline):
+                    break
+                verdict_next = False
                 found = self.verdict(client_id)
                 if found is not None and (found.run_id, found.seq) == (run_id, seq):
                     verdict = found
-            if included is None:
+            else:
+                if not budget.take(2, deadline):  # ``current``, and a new version's manifest
+                    break
+                verdict_next = True
                 version = self.current_version()
-                if version is not None and version > base_version:
+                if version is None or version <= checked:
+                    budget.give_back()
+                else:
+                    checked = version
                     manifest = self.manifest_if_readable(version)
                     if manifest is not None and manifest.run_id != run_id:
                         return DeltaFate(verdict, None)  # a new run: the next round adopts it
                     seqs = manifest.progress.get("client_seqs", {}) if manifest is not None else {}
                     if sync or (isinstance(seqs, dict) and int(seqs.get(client_id, -1)) >= seq):
-                        included, included_at = version, now
+                        included, included_at = version, time.monotonic()
+                        self._included_in = manifest
             if verdict is not None and (not verdict.applied or included is not None):
                 return DeltaFate(verdict, included)
+            # The verdict is written just after the snapshot: looked for this long after it.
             grace = VERDICT_GRACE_S if self._verdicts_expected else 0.0
-            if included is not None and now - included_at >= grace:
-                found = self.verdict(client_id)  # a last look: it is written just after the snapshot
-                if found is not None and (found.run_id, found.seq) == (run_id, seq):
-                    return DeltaFate(found, included)
+            if included is not None and time.monotonic() - included_at >= grace:
                 self._verdicts_expected = False  # a coordinator that writes none: wait no more
                 return DeltaFate(verdict, included)
-            time.sleep(0.05)
         if verdict is None or included is None:
             log.info("delta %s:%d not yet %s after %.0f s; going on", client_id, seq,
                      "judged" if verdict is None else "in a snapshot", within_s)

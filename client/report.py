@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.protocol import round_timings
 from shared.verdict import Verdict
 
 
@@ -30,7 +31,15 @@ class DeltaFate:
 
 @dataclass(frozen=True)
 class RoundReport:
-    """What one finished round did; ``line()`` is the progress line the CLI prints."""
+    """What one finished round did; ``line()`` is the progress line the CLI prints.
+
+    Besides ``compute_s``, a round's wall time goes to ``fetch_s`` (reading the plan, the version
+    and, when it changed, the snapshot, before training), ``encode_s`` (the pseudo-gradient, error
+    feedback and codec), ``upload_s`` (publishing until the broker confirmed every part) and
+    ``wait_s`` (waiting on the coordinator: for a newer base before training, for the delta's
+    verdict and snapshot, and for its buffer cycle to close, after sending). The next delta
+    carries them to the coordinator (:meth:`timings`), whose ``status`` shows them as reported.
+    """
 
     round: int  # 1-based count of rounds this process ran
     seq: int
@@ -48,17 +57,27 @@ class RoundReport:
     run: str = ""  # the run's name
     run_id: str = ""  # and its id (a run restarted afresh gets a new one)
     received_bytes: int = 0  # snapshot parameters downloaded for this round (0: the replica had them)
+    fetch_s: float = 0.0
+    encode_s: float = 0.0
+    wait_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.compute_s if self.compute_s > 0 else 0.0
+
+    def timings(self) -> dict[str, float]:
+        """This round's seconds as the next delta's ``previous_timings`` carry them."""
+        return round_timings(fetch_s=self.fetch_s, encode_s=self.encode_s, upload_s=self.upload_s,
+                             wait_s=self.wait_s)
 
     def line(self) -> str:
         stale = "?" if self.staleness is None else str(self.staleness)
         sent = f"{self.sent_bytes / 1e6:.1f}MB" if self.sent else "NOT-SENT"
         return (
             f"round {self.round}  v={self.base_version}  H={self.steps}  loss={self.train_loss:.3f}  "
-            f"tok/s={self.tokens_per_s:.0f}  sent={sent}  staleness={stale}"
+            f"tok/s={self.tokens_per_s:.0f}  sent={sent}  fetch={self.fetch_s:.2f}s "
+            f"encode={self.encode_s:.2f}s upload={self.upload_s:.2f}s wait={self.wait_s:.2f}s  "
+            f"staleness={stale}"
             + (f"  {self.fate.describe()}" if self.sent else "")
         )
 

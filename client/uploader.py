@@ -4,13 +4,19 @@
 limit of a delta, and publishes it as one message or, if it is bigger than ``part_bytes``, as
 :class:`~shared.protocol.DeltaPart` messages in order (the coordinator puts them together).
 
-A delta counts as sent only once the broker has confirmed it. Until then the *same bytes* (same
-``seq``, same ``message_id``) are retried with capped exponential backoff through every kind of
-trouble: the queue not declared yet (the publish comes back unroutable), the broker refusing it
-(nack, e.g. the queue is full with ``overflow=reject-publish``), or the connection dropping. A
-duplicate that results from a lost confirm is harmless: the coordinator de-duplicates on
-``(client_id, seq)``. An outage is said once at WARNING (the client's default level), and so is
-its end. A mistake that retrying cannot cure ends the upload with its
+The parts of a delta go out with up to ``max_unconfirmed`` (4) of them awaiting the broker's
+confirm at once (:class:`client.confirms.ConfirmedChannel`), so that the broker persists and
+confirms one part while the next ones are on the wire, instead of a round trip per part.
+
+A delta counts as sent only once the broker has confirmed it, every part of it. Until then the
+*same bytes* (same ``seq``, same ``message_id``) are retried with capped exponential backoff
+through every kind of trouble: the queue not declared yet (the publish comes back unroutable),
+the broker refusing it (nack, e.g. the queue is full with ``overflow=reject-publish``), or the
+connection dropping. A part the broker confirmed is not sent again; after any trouble the parts
+not yet confirmed are, once those in flight are settled. A duplicate that results from a lost
+confirm is harmless: the coordinator de-duplicates on ``(client_id, seq)`` (and parts by their
+index). An outage is said once at WARNING (the client's default level), and so is its end. A
+mistake that retrying cannot cure ends the upload with its
 :class:`~shared.errors.PermanentError` instead (:class:`shared.contact.ServerContact`: wrong
 credentials, unknown host, nothing listening at first contact, a revoked user; and a broker that
 refuses this user the run's exchange, 403).
@@ -20,15 +26,18 @@ The client never declares the delta queue: the coordinator owns it and its argum
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pika
 import pika.exceptions
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
+from client.confirms import ConfirmedChannel
 from shared.codecs import Codec
 from shared.contact import ServerContact
 from shared.errors import AccessRefused, ConfigError, PermanentError, Revoked, ServiceUnavailable
@@ -38,8 +47,8 @@ from shared.protocol import (
     DELTA_ENVELOPE_BYTES,
     PART_TYPE,
     DeltaMessage,
+    DeltaSplit,
     MiB,
-    split_delta,
 )
 from shared.settings import (
     ConnectionSettings,
@@ -58,6 +67,10 @@ BLOCKED_TIMEOUT_S = 60.0
 # What a failed connection or publish can raise: pika's errors, socket errors, and the connection
 # workflow's own (a handshake that timed out is not an AMQPError).
 AMQP_FAILURES: tuple[type[Exception], ...] = (pika.exceptions.AMQPError, OSError, AMQPConnectorException)
+# Parts of a delta awaiting the broker's confirm at once: enough to keep the broker busy persisting
+# one part while the next arrive (benchmarks/part_upload.py); each is at most ``part_bytes`` more
+# that the broker holds unconfirmed for this client.
+MAX_UNCONFIRMED = 4
 
 
 @dataclass(frozen=True)
@@ -78,21 +91,27 @@ class DeltaUploader:
 
     The connection is opened lazily and reopened after any failure. :meth:`keepalive` lets a
     caller that is busy training service heartbeats, so an idle connection is not dropped.
-    ``part_bytes`` is the most a message of a delta carries; a bigger delta goes in parts.
+    ``part_bytes`` is the most a message of a delta carries; a bigger delta goes in parts, up to
+    ``max_unconfirmed`` of them awaiting their confirms at once (1: each waits for the one before).
     """
 
     def __init__(
-        self, connection: ConnectionSettings, *, keys: RunKeys, retry: RetryPolicy, part_bytes: int
+        self, connection: ConnectionSettings, *, keys: RunKeys, retry: RetryPolicy, part_bytes: int,
+        max_unconfirmed: int = MAX_UNCONFIRMED,
     ) -> None:
+        if max_unconfirmed < 1:
+            raise ConfigError(f"max_unconfirmed must be >= 1, got {max_unconfirmed}")
         self.settings = connection
         self.keys = keys
         self.queue = keys.delta_queue  # the routing key: the exchange's one binding
         self.user = amqp_parameters(connection).credentials.username
         self.retry = retry
         self.part_bytes = part_bytes
+        self.max_unconfirmed = max_unconfirmed
         self.contact = ServerContact(connection.amqp_url, option="--amqp")
         self._connection: pika.BlockingConnection | None = None
         self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
+        self._confirms: ConfirmedChannel | None = None  # the channel, in confirm mode
         self._last_io = 0.0  # time.monotonic() of the last time the connection did I/O
         self._down_since: float | None = None  # time.monotonic() the connection was lost, until back
         self._published = False  # the broker confirmed a publish of this user (then a 403 is a revocation)
@@ -107,9 +126,9 @@ class DeltaUploader:
         params.client_properties = {"connection_name": f"asyncloco-client {self.queue}"}
         return params
 
-    def _open(self) -> pika.adapters.blocking_connection.BlockingChannel:
-        if self._channel is not None and self._channel.is_open:
-            return self._channel
+    def _open(self) -> ConfirmedChannel:
+        if self._confirms is not None and self._channel is not None and self._channel.is_open:
+            return self._confirms
         self.close()
         # A refused certificate raises ConfigError here, a refused password or a wrong address a
         # PermanentError: never retried, they end the client.
@@ -125,10 +144,10 @@ class DeltaUploader:
             log.warning("RabbitMQ is back after %.0f s", time.monotonic() - self._down_since)
             self._down_since = None
         channel = self._connection.channel()
-        channel.confirm_delivery()  # basic_publish now waits for the broker's ack or nack
+        self._confirms = ConfirmedChannel(channel)  # confirm mode: every publish gets an ack or a nack
         self._channel = channel
         self._last_io = time.monotonic()
-        return channel
+        return self._confirms
 
     def connect(self) -> None:
         """Open the connection now (the first contact), so that a permanent mistake ends the client
@@ -147,7 +166,7 @@ class DeltaUploader:
 
     def close(self) -> None:
         """Close the connection if open (errors on the way out are irrelevant and ignored)."""
-        connection, self._connection, self._channel = self._connection, None, None
+        connection, self._connection, self._channel, self._confirms = self._connection, None, None, None
         if connection is not None and connection.is_open:
             try:
                 connection.close()
@@ -199,14 +218,14 @@ class DeltaUploader:
         if len(body) <= self.part_bytes:
             confirmed = self.publish(body, message_id=message_id, give_up=give_up)
         else:
-            parts = split_delta(body, part_bytes=self.part_bytes, run_id=message.run_id,
-                                client_id=message.client_id, seq=message.seq)
-            log.info("delta %s is %.1f MiB: sending it in %d parts", message_id, len(body) / MiB, len(parts))
-            confirmed = all(
-                self.publish(part.encode(), message_id=f"{message_id}/{part.index}",
-                             message_type=PART_TYPE, give_up=give_up)
-                for part in parts
-            )
+            split = DeltaSplit.of(body, part_bytes=self.part_bytes, run_id=message.run_id,
+                                  client_id=message.client_id, seq=message.seq)
+            log.info("delta %s is %.1f MiB: sending it in %d parts", message_id, len(body) / MiB, split.count)
+            # each part encoded as it is sent, straight from the delta's bytes (and again, byte for
+            # byte, if it must be sent again)
+            confirmed = self._publish_all(
+                [(f"{message_id}/{i}", functools.partial(split.encoded, i)) for i in range(split.count)],
+                name=message_id, message_type=PART_TYPE, give_up=give_up)
         return Upload(confirmed=confirmed, body_bytes=len(body), upload_s=time.monotonic() - started)
 
     def publish(
@@ -223,7 +242,11 @@ class DeltaUploader:
         is spent. The caller must pass the same ``body`` and ``message_id`` for a retried delta.
         ``message_type`` becomes the AMQP type property (the coordinator routes parts by it).
         """
-        properties = pika.BasicProperties(
+        return self._publish_all([(message_id, lambda: body)], name=message_id, message_type=message_type,
+                                 give_up=give_up)
+
+    def _properties(self, message_id: str, message_type: str | None) -> pika.BasicProperties:
+        return pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
             content_type=CONTENT_TYPE,
             message_id=message_id,
@@ -231,26 +254,40 @@ class DeltaUploader:
             app_id=APP_ID,
             user_id=self.user,
         )
+
+    def _publish_all(
+        self,
+        messages: Sequence[tuple[str, Callable[[], bytes]]],
+        *,
+        name: str,
+        message_type: str | None,
+        give_up: Callable[[], bool],
+    ) -> bool:
+        """Publish ``messages`` (message id, and how to make its body) until the broker confirmed
+        every one, up to ``max_unconfirmed`` awaiting theirs at once; True then, False if
+        ``give_up()`` first. ``name`` (the delta's id) is what the log lines say. After trouble of
+        any kind, the ones not yet confirmed go again, after the retry policy's backoff.
+        """
+        confirmed: set[str] = set()
         delays = self.retry.delays()
         troubled: float | None = None  # time.monotonic() of the first failure
         while True:
             if give_up():
+                if self._confirms is not None and self._confirms.outstanding:
+                    self.close()  # their confirms would come to a later delta's publishes
                 return False
             try:
                 channel = self._open()
-                channel.basic_publish(
-                    exchange=self.keys.delta_exchange,
-                    routing_key=self.queue,
-                    body=body,
-                    properties=properties,
-                    mandatory=True,  # come back unroutable, not dropped, if the queue is missing
-                )
-                self._last_io = time.monotonic()
-                self._published = True
-                if troubled is not None:
-                    log.warning("delta %s confirmed by the broker after %.0f s of retries", message_id,
-                                time.monotonic() - troubled)
-                return True
+                failure = self._publish_window(
+                    channel, [m for m in messages if m[0] not in confirmed], message_type, confirmed, give_up)
+                if failure is None and len(confirmed) == len(messages):
+                    if troubled is not None:
+                        log.warning("delta %s confirmed by the broker after %.0f s of retries", name,
+                                    time.monotonic() - troubled)
+                    return True
+                if failure is not None:
+                    raise failure  # a nack or a return: told apart below, like any other trouble
+                continue  # gave up between two publishes: said at the top
             except pika.exceptions.UnroutableError:
                 why = f"queue {self.queue!r} does not exist yet (is the coordinator running?)"
             except pika.exceptions.NackError:
@@ -269,15 +306,53 @@ class DeltaUploader:
                 if self._down_since is None:  # said by the warning below; its end by _open
                     self._down_since = time.monotonic()
             if troubled is None:
-                log.warning("delta %s not sent: %s; retrying with backoff", message_id, why)
+                log.warning("delta %s not sent: %s; retrying with backoff", name, why)
                 troubled = time.monotonic()
             else:
-                log.debug("delta %s still not sent: %s", message_id, why)
+                log.debug("delta %s still not sent: %s", name, why)
             delay = next(delays, None)
             if delay is None:
-                raise ServiceUnavailable(f"gave up sending delta {message_id}: {why}")
+                raise ServiceUnavailable(f"gave up sending delta {name}: {why}")
             if sleep_interruptibly(delay, give_up):
-                return False
+                return False  # nothing in flight: the window was settled, or the connection closed
+
+    def _publish_window(
+        self,
+        channel: ConfirmedChannel,
+        messages: Sequence[tuple[str, Callable[[], bytes]]],
+        message_type: str | None,
+        confirmed: set[str],
+        give_up: Callable[[], bool],
+    ) -> Exception | None:
+        """Publish ``messages`` in order, up to ``max_unconfirmed`` awaiting confirms, adding each
+        confirmed one's id to ``confirmed``. At the first nack or return no more are sent; those in
+        flight are settled, and that first failure is returned (None: none). Connection and
+        channel failures raise. Returns with nothing in flight and every outcome taken in."""
+        assert not channel.outstanding and not channel.settled(), "a previous upload left confirms behind"
+        waiting = deque(messages)
+        failure: Exception | None = None
+        settled: dict[str, Exception | None] = {}
+        while True:
+            for message_id, refusal in settled.items():  # acks and nacks came in as parts went out
+                if refusal is None:
+                    confirmed.add(message_id)
+                    self._published = True
+                elif failure is None:
+                    failure = refusal
+            if waiting and failure is None and channel.outstanding < self.max_unconfirmed:
+                if give_up():
+                    waiting.clear()  # those in flight are still settled: the channel stays usable
+                else:
+                    message_id, body = waiting.popleft()
+                    channel.publish(exchange=self.keys.delta_exchange, routing_key=self.queue, body=body(),
+                                    properties=self._properties(message_id, message_type))
+                    self._last_io = time.monotonic()
+                settled = channel.settled()
+                continue
+            if not channel.outstanding:
+                return failure
+            settled = channel.wait()
+            self._last_io = time.monotonic()
 
     def _forbidden(self, exc: pika.exceptions.ChannelClosedByBroker) -> PermanentError:
         """The broker refuses this user the run's exchange (403): after it took deltas from it, a

@@ -39,7 +39,7 @@ import torch
 
 from client.config import ClientConfig
 from client.events import RoundStart, WorkerEvents
-from client.fetcher import SnapshotFetcher
+from client.fetcher import RECENT_VERSION_S, SnapshotFetcher
 from client.identity import ClientIdentity
 from client.memory_caps import MemoryGuard, OverMemory, cap_gpu_memory
 from client.politeness import Politeness
@@ -52,7 +52,7 @@ from shared.contact import ServerContact
 from shared.dylu import SpeedMeter, is_assigned, local_steps_for, round_time_budget_s
 from shared.keys import RunKeys
 from shared.local_round import LocalTrainer, RoundStats, StepProgress, pick_device
-from shared.protocol import DeltaMessage, RoundMode, device_label
+from shared.protocol import DeltaMessage, RoundMode, RoundPlan, device_label
 from shared.settings import connect_redis, sleep_interruptibly
 from shared.signing import VerifyKey
 
@@ -112,6 +112,8 @@ class Worker:
         self._trained_s = 0.0  # compute time of this process's rounds, abandoned ones included
         self._hours_up = False  # max_hours reached: the round in hand is the last
         self._received_bytes = 0  # snapshot bytes downloaded since the last round's report
+        # the last finished round's timings, which the next delta reports (previous_timings)
+        self._previous_timings: dict[str, float] = {}
 
     @property
     def client_id(self) -> str:
@@ -223,20 +225,29 @@ class Worker:
 
         Raises :class:`StopRequested` if a stop comes while waiting for the coordinator, and
         :class:`RoundAbandoned` if the politeness rules pause it between two training steps.
+        The report times each part of the round (fetch, compute, encode, upload, wait); the next
+        delta reports them to the coordinator.
         """
+        started = time.monotonic()
         self.fetcher.wait_while_another_warms_up(self.client_id, self.config.poll_s, self.on_notice)
         self._wait_for_newer_base()
+        fetching = time.monotonic()
+        wait_s = fetching - started
         trainer = self._start_from_newest_base()
         base_version, run_id = self.replica.version, self.replica.run_id
         assert base_version is not None and run_id is not None  # set by the base just taken
-        stats, planned = self._train(trainer, number)
+        plan = self.fetcher.wait_for_plan(self.config.poll_s)
+        fetch_s = time.monotonic() - fetching
+        stats, planned = self._train(trainer, number, plan)
         self._trained_s += stats.compute_s
         self._note_training(0.0)
         if stats.steps == 0:
             return None
         self.speed.update(stats.steps, stats.compute_s)
 
+        encoding = time.monotonic()
         message = self._delta(trainer, stats, run_id, base_version)
+        encode_s = time.monotonic() - encoding
         self.events.sending(sum(len(blob) for blob in message.tensors.values()))
         upload = self.uploader.send(message, give_up=self._give_up_upload)
         if not upload.confirmed:
@@ -247,23 +258,28 @@ class Worker:
                 self.on_confirmed(message.delta_id)
         staleness = None
         fate = DeltaFate()
+        waiting = time.monotonic()
         if upload.confirmed and self.config.include_wait_s > 0 and not self._should_stop():
             fate = self.fetcher.wait_until_included(
                 client_id=self.client_id, run_id=run_id, seq=message.seq, base_version=base_version,
-                within_s=self.config.include_wait_s)
+                within_s=self.config.include_wait_s, sync=plan.mode is RoundMode.SYNC)
             if fate.verdict is not None and not fate.verdict.applied:
                 self._last_sent = None  # one delta per base counts applied ones: this base is free again
-            self._grace(run_id, fate)
+            self._grace(run_id, fate, plan)
         if upload.confirmed and not self._should_stop():
-            current = self.fetcher.current_version()
+            # the waits just read it (at most 2 Redis commands a second of waiting: client/fetcher.py)
+            current = self.fetcher.current_version(max_age_s=RECENT_VERSION_S)
             staleness = None if current is None else current - base_version
-        return RoundReport(
+        wait_s += time.monotonic() - waiting
+        report = RoundReport(
             round=number, seq=message.seq, base_version=base_version, planned_steps=planned,
             steps=stats.steps, train_loss=stats.train_loss, compute_s=stats.compute_s,
             tokens=stats.tokens, sent_bytes=upload.body_bytes, sent=upload.confirmed,
             upload_s=upload.upload_s, staleness=staleness, fate=fate, run=self.keys.run, run_id=run_id,
-            received_bytes=self._take_received_bytes(),
+            received_bytes=self._take_received_bytes(), fetch_s=fetch_s, encode_s=encode_s, wait_s=wait_s,
         )
+        self._previous_timings = report.timings()
+        return report
 
     # -- pauses and limits ------------------------------------------------------------------------
 
@@ -319,13 +335,13 @@ class Worker:
 
     # -- the parts of a round ---------------------------------------------------------------------
 
-    def _grace(self, run_id: str, fate: DeltaFate) -> None:
-        """With a plan grace period: once our delta is in a snapshot whose outer buffer cycle is
-        still open, wait (bounded) for the cycle's momentum step before the next round."""
+    def _grace(self, run_id: str, fate: DeltaFate, plan: RoundPlan) -> None:
+        """With a grace period in ``plan`` (the round's): once our delta is in a snapshot whose outer
+        buffer cycle is still open, wait (bounded) for the cycle's momentum step before the next
+        round."""
         if fate.version is None or self._should_stop():
             return
-        plan = self.fetcher.plan()
-        if plan is None or plan.grace_s <= 0 or plan.mode not in (RoundMode.DYLU, RoundMode.FIXED):
+        if plan.grace_s <= 0 or plan.mode not in (RoundMode.DYLU, RoundMode.FIXED):
             return
         self.fetcher.wait_for_cycle_close(run_id=run_id, included=fate.version, grace_s=plan.grace_s)
 
@@ -385,9 +401,9 @@ class Worker:
         assert self.replica.trainer is not None  # adopt() built it
         return self.replica.trainer
 
-    def _train(self, trainer: LocalTrainer, number: int) -> tuple[RoundStats, int]:
-        """Size round ``number`` (DyLU) and run it; return the stats and the planned step count."""
-        plan = self.fetcher.wait_for_plan(self.config.poll_s)
+    def _train(self, trainer: LocalTrainer, number: int, plan: RoundPlan) -> tuple[RoundStats, int]:
+        """Size round ``number`` by ``plan`` (DyLU) and run it; return the stats and the planned step
+        count."""
         global_step = int(self.replica.progress.get("local_steps", 0))
         common: dict[str, Any] = dict(
             global_step=global_step, slowdown=self.config.slowdown, should_stop=self._train_should_stop,
@@ -426,6 +442,7 @@ class Worker:
             local_steps=stats.steps, samples=stats.samples, tokens=stats.tokens,
             compute_s=stats.compute_s, train_loss=stats.train_loss, codec=self.codec.name,
             tensors=tensors, sent_at=time.time(), device=describe_device(trainer.device),
+            previous_timings=self._previous_timings,
         )
 
 

@@ -304,7 +304,7 @@ class DeltaIntake:
         self.registry.record_applied(
             client_id=cid, seq=seq, base_version=msg.base_version, local_steps=steps,
             compute_s=msg.compute_s, tokens=tokens, train_loss=msg.train_loss,
-            staleness=arrival.staleness, now=now, device=msg.device,
+            staleness=arrival.staleness, now=now, device=msg.device, timings=msg.previous_timings,
         )
         self.progress.add(local_steps=steps, tokens=tokens, samples=samples)
         return Outcome(OutcomeKind.APPLIED, "", "", cid, seq, arrival.staleness)

@@ -11,12 +11,14 @@ in), and assigns each active client its round length ``H_i`` by the Dynamic Loca
 (:func:`shared.dylu.dylu_steps`) in the plan's ``assignments``. A client's self-reported
 ``compute_s`` is kept for ``status`` only. A delta is credited at most the steps some plan offered
 its sender since its base was published (:meth:`ClientRegistry.assignment_limit`). Its reported
-``device`` ("cuda: NVIDIA H200") is likewise kept for ``status`` and the dashboard only.
+``device`` ("cuda: NVIDIA H200") is likewise kept for ``status`` and the dashboard only, and so are
+the timings it reports of its previous round (``fetch_s``, ``encode_s``, ``upload_s``, ``wait_s``).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,6 +58,9 @@ class ClientRecord:
     last_base: int = -1  # base version of its newest applied delta (one delta per base: OnePerBase)
     reported_compute_s: float = 0.0  # what it said its last round's compute took: shown, never used
     reported_device: str = ""  # what it said its last applied delta was trained on: shown, never used
+    # what its last applied delta said of the round before (fetch_s, encode_s, upload_s, wait_s;
+    # empty: it said nothing): shown, never used
+    reported_timings: dict[str, float] = field(default_factory=dict)
     # (since unix time, local steps): the round lengths plans offered it, newest last, on change only
     offers: list[tuple[float, int]] = field(default_factory=list)
 
@@ -157,10 +162,12 @@ class ClientRegistry:
     def record_applied(
         self, *, client_id: str, seq: int, base_version: int, local_steps: int, compute_s: float,
         tokens: int, train_loss: float, staleness: int, now: float, device: str = "",
+        timings: Mapping[str, float] | None = None,
     ) -> None:
         """Record an applied delta, credited ``local_steps`` and ``tokens``; measure the round.
 
-        ``compute_s`` and ``device`` are the client's own claims: kept for ``status``, never used.
+        ``compute_s``, ``device`` and ``timings`` (of the client's previous round) are the client's
+        own claims: kept for ``status``, never used.
         The speed is ``local_steps`` over the round's wall time on this machine's clock (see the
         module docstring); a client's first delta measures nothing (its round included joining, and
         its base may be older than its arrival in the run).
@@ -176,6 +183,7 @@ class ClientRegistry:
         record.last_base = max(record.last_base, base_version)
         record.reported_compute_s = compute_s
         record.reported_device = device
+        record.reported_timings = dict(timings or {})
         record.local_steps += local_steps
         record.tokens += tokens
         record.updates += 1

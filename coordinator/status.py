@@ -20,7 +20,7 @@ from coordinator.consumer import DeltaConsumer
 from coordinator.parts import PartSpool
 from coordinator.run_state import RunState
 from shared.keys import RunKeys
-from shared.protocol import RoundMode
+from shared.protocol import ROUND_TIMINGS, RoundMode
 
 SCHEMA = 1
 STATUS_TTL_S = 7 * 24 * 3600
@@ -87,6 +87,8 @@ def build_status(run: RunState, *, consumer: DeltaConsumer | None, spool: PartSp
                 "assigned_steps": plan.assignments.get(c.client_id),
                 "reported_compute_s": _num(c.reported_compute_s),  # its own claim: shown, never used
                 "reported_device": c.reported_device,  # likewise ("": it has not said)
+                # and its previous round's fetch_s, encode_s, upload_s, wait_s, likewise ({}: none said)
+                "reported_timings": {name: _num(value) for name, value in c.reported_timings.items()},
             }
             for c in sorted(registry.clients.values(), key=lambda c: c.client_id)
         ],
@@ -139,6 +141,19 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
+# The text view's column of a client's reported round timings (its claim, as the device is).
+ROUND_SECONDS = "fetch/enc/up/wait s"
+
+
+def _round_seconds(timings: dict[str, Any] | None) -> str:
+    """``0.12/0.30/0.21/1.05`` (seconds: fetch, encode, upload, wait) or ``-`` when none was said
+    (or by an older coordinator, whose document lacks them)."""
+    if not timings or any(not isinstance(timings.get(n), (int, float)) for n in ROUND_TIMINGS):
+        return "-"
+    return "/".join(f"{t:.2f}" if t < 10 else f"{t:.1f}" if t < 1000 else f"{t:.0f}"
+                    for t in (float(timings[n]) for n in ROUND_TIMINGS))
+
+
 def render_text(doc: dict[str, Any], *, now: float | None = None) -> str:
     """Human-readable status: a header, eval history, clients table, rejection counts."""
     now = time.time() if now is None else now
@@ -170,7 +185,8 @@ def render_text(doc: dict[str, Any], *, now: float | None = None) -> str:
     )
     if doc["clients"]:
         lines.append(f"{'client':<24} {'active':<6} {'steps/s':>8} {'H next':>6} {'H last':>6} {'steps':>8} "
-                     f"{'updates':>7} {'rejected':>8}  {'last seen':<9}  device (reported)")
+                     f"{'updates':>7} {'rejected':>8}  {'last seen':<9}  {ROUND_SECONDS:<23}  "
+                     "device (reported)")
         for c in doc["clients"]:
             assigned = c.get("assigned_steps")  # a document of an older coordinator has none
             lines.append(
@@ -178,6 +194,7 @@ def render_text(doc: dict[str, Any], *, now: float | None = None) -> str:
                 f"{c['steps_per_s'] or 0:>8.2f} {'-' if assigned is None else assigned:>6} "
                 f"{c['last_round_steps']:>6} {c['local_steps']:>8} "
                 f"{c['updates']:>7} {c['rejected']:>8}  {_ago(now - c['last_seen']):<9}  "
+                f"{_round_seconds(c.get('reported_timings')):<23}  "
                 f"{c.get('reported_device') or '-'}"  # none from an older coordinator or client
             )
     else:

@@ -52,13 +52,18 @@ class DeltaLimits:
 DEFAULT_DELTA_LIMITS = DeltaLimits()
 
 # What an encoded delta holds besides its tensors' payloads: its msgpack fields (ids of at most
-# 128 chars, a device label of at most 64, counts, floats), with room to spare; and, per tensor, the
-# headers of its name and bytes.
+# 128 chars, a device label of at most 64, counts, floats, four timings), with room to spare; and,
+# per tensor, the headers of its name and bytes.
 DELTA_ENVELOPE_BYTES = 4096
 TENSOR_ENVELOPE_BYTES = 16
 # A delta's ``device`` label ("cpu (8 threads)", "cuda: NVIDIA H200"): at most this many printable
 # characters. The decoder refuses more; a client cuts its own label to fit (:func:`device_label`).
 DEVICE_MAX_CHARS = 64
+# What a delta may say of its sender's previous round (``DeltaMessage.previous_timings``): seconds
+# spent on each of these, each finite and within 0..TIMING_MAX_S. The decoder refuses anything
+# else; a client makes its own fit (:func:`round_timings`).
+ROUND_TIMINGS = ("fetch_s", "encode_s", "upload_s", "wait_s")
+TIMING_MAX_S = 7 * 24 * 3600.0
 
 
 def delta_bytes_bound(numels: Mapping[str, int]) -> int:
@@ -74,6 +79,37 @@ def device_label(text: str) -> str:
     or format characters: no terminal escapes, no bidi overrides), trimmed, at most
     :data:`DEVICE_MAX_CHARS` of them: whatever it returns, :meth:`DeltaMessage.decode` accepts."""
     return "".join(ch for ch in text if ch.isprintable()).strip()[:DEVICE_MAX_CHARS].strip()
+
+
+def round_timings(*, fetch_s: float, encode_s: float, upload_s: float, wait_s: float) -> dict[str, float]:
+    """A delta's ``previous_timings``: the seconds of one round, each made fit for the protocol
+    (not finite: 0; below 0 or above :data:`TIMING_MAX_S`: cut to it): whatever it returns,
+    :meth:`DeltaMessage.decode` accepts."""
+    seconds = {"fetch_s": fetch_s, "encode_s": encode_s, "upload_s": upload_s, "wait_s": wait_s}
+    return {name: min(TIMING_MAX_S, max(0.0, float(value))) if math.isfinite(value) else 0.0
+            for name, value in seconds.items()}
+
+
+def _decode_timings(obj: dict[str, Any]) -> dict[str, float]:
+    """The optional ``previous_timings`` map: absent (a client that predates it, or a first round)
+    is ``{}``; present, it names exactly :data:`ROUND_TIMINGS`, each a number within
+    0..:data:`TIMING_MAX_S`, or the delta is refused."""
+    if "previous_timings" not in obj:
+        return {}
+    raw = require_field(obj, "previous_timings", dict)
+    if set(raw) != set(ROUND_TIMINGS):
+        raise ProtocolError("wrong_schema",
+                            f"field 'previous_timings' must name exactly {', '.join(ROUND_TIMINGS)}")
+    timings = {}
+    for name in ROUND_TIMINGS:
+        value = raw[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProtocolError("wrong_schema", f"previous_timings[{name!r}] has type {type(value).__name__}")
+        if not (math.isfinite(value) and 0 <= value <= TIMING_MAX_S):
+            raise ProtocolError("wrong_schema",
+                                f"previous_timings[{name!r}] must be within 0..{TIMING_MAX_S:.0f} s")
+        timings[name] = float(value)
+    return timings
 
 
 class _ExtTypeRefused(ValueError):
@@ -165,7 +201,10 @@ class DeltaMessage:
     for de-duplication: a retried publish reuses its ``seq``. ``device`` is what the client says it
     trains on ("cpu (8 threads)", "cuda: NVIDIA H200", "mps"; at most :data:`DEVICE_MAX_CHARS`
     printable characters): its claim, shown to the operator, never used; optional on the wire (a
-    client that predates it sends none: ``""``).
+    client that predates it sends none: ``""``). ``previous_timings`` is likewise a claim, shown
+    only: the seconds the client's previous round spent on each of :data:`ROUND_TIMINGS` (reading
+    snapshots, encoding, uploading, waiting on the coordinator); optional (``{}``: none said, as by
+    a client that predates it or in a client's first round).
     """
 
     run_id: str
@@ -181,6 +220,7 @@ class DeltaMessage:
     tensors: dict[str, bytes] = field(repr=False)
     sent_at: float = 0.0
     device: str = ""
+    previous_timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def delta_id(self) -> str:
@@ -204,6 +244,9 @@ class DeltaMessage:
                 "tensors": self.tensors,
                 "sent_at": float(self.sent_at),
                 "device": self.device,
+                # left out when empty: an empty map would be refused, and an older peer ignores it
+                **({"previous_timings": {name: float(value) for name, value in self.previous_timings.items()}}
+                   if self.previous_timings else {}),
             },
             use_bin_type=True,
         )
@@ -243,6 +286,7 @@ class DeltaMessage:
             raise ProtocolError("too_large", f"field 'device' over {DEVICE_MAX_CHARS} chars")
         if not device.isprintable():
             raise ProtocolError("wrong_schema", "field 'device' holds a character that is not printable")
+        timings = _decode_timings(obj)  # optional too, and as strictly checked
         tensors = require_field(obj, "tensors", dict)
         if not tensors:
             raise ProtocolError("wrong_schema", "no tensors in delta")
@@ -256,7 +300,7 @@ class DeltaMessage:
             if not isinstance(blob, bytes):
                 raise ProtocolError("wrong_schema", f"tensor {name!r} payload is not bytes")
         fields: dict[str, Any] = {**strs, **ints, **floats}  # each checked above
-        return cls(tensors=tensors, device=device, **fields)
+        return cls(tensors=tensors, device=device, previous_timings=timings, **fields)
 
 
 PART_TYPE = "delta_part"  # the message type (msgpack "type" and the AMQP type property) of a part
@@ -283,6 +327,11 @@ class DeltaPart:
     data: bytes = field(repr=False)
 
     def encode(self) -> bytes:
+        return self.encode_with(self.data)
+
+    def encode_with(self, data: bytes | memoryview) -> bytes:
+        """This part's encoding with ``data`` in place of its own: how a sender packs a slice of its
+        delta's bytes (a memoryview) without copying them first (:meth:`DeltaSplit.encoded`)."""
         return msgpack.packb(
             {
                 "protocol": PROTOCOL_VERSION,
@@ -295,7 +344,7 @@ class DeltaPart:
                 "offset": self.offset,
                 "total_bytes": self.total_bytes,
                 "sha256": self.sha256,
-                "data": self.data,
+                "data": data,
             },
             use_bin_type=True,
         )
@@ -331,17 +380,49 @@ class DeltaPart:
         return cls(sha256=sha, data=body, **strs, **ints)
 
 
+@dataclass(frozen=True)
+class DeltaSplit:
+    """How an encoded delta ``body`` is cut into parts of at most ``part_bytes`` data bytes each,
+    each made only when asked for: :meth:`part` (a copy of its bytes), or :meth:`encoded` (packed
+    straight from the delta's bytes), so that a sender holds no more than the parts it has in
+    flight."""
+
+    body: bytes = field(repr=False)
+    part_bytes: int
+    run_id: str
+    client_id: str
+    seq: int
+    sha256: bytes
+
+    @classmethod
+    def of(cls, body: bytes, *, part_bytes: int, run_id: str, client_id: str, seq: int) -> DeltaSplit:
+        if part_bytes < 1:
+            raise ValueError("part_bytes must be >= 1")
+        return cls(body=body, part_bytes=part_bytes, run_id=run_id, client_id=client_id, seq=seq,
+                   sha256=hashlib.sha256(body).digest())
+
+    @property
+    def count(self) -> int:
+        return -(-len(self.body) // self.part_bytes)
+
+    def part(self, index: int) -> DeltaPart:
+        return self._part(index, self.body[index * self.part_bytes:(index + 1) * self.part_bytes])
+
+    def encoded(self, index: int) -> bytes:
+        """``part(index).encode()``, byte for byte, without the copy of the part's data."""
+        offset = index * self.part_bytes
+        return self._part(index, b"").encode_with(memoryview(self.body)[offset:offset + self.part_bytes])
+
+    def _part(self, index: int, data: bytes) -> DeltaPart:
+        return DeltaPart(run_id=self.run_id, client_id=self.client_id, seq=self.seq, index=index,
+                         count=self.count, offset=index * self.part_bytes, total_bytes=len(self.body),
+                         sha256=self.sha256, data=data)
+
+
 def split_delta(body: bytes, *, part_bytes: int, run_id: str, client_id: str, seq: int) -> list[DeltaPart]:
     """Cut an encoded delta into parts of at most ``part_bytes`` data bytes each."""
-    if part_bytes < 1:
-        raise ValueError("part_bytes must be >= 1")
-    digest = hashlib.sha256(body).digest()
-    offsets = range(0, len(body), part_bytes)
-    return [
-        DeltaPart(run_id=run_id, client_id=client_id, seq=seq, index=i, count=len(offsets), offset=offset,
-                  total_bytes=len(body), sha256=digest, data=body[offset:offset + part_bytes])
-        for i, offset in enumerate(offsets)
-    ]
+    split = DeltaSplit.of(body, part_bytes=part_bytes, run_id=run_id, client_id=client_id, seq=seq)
+    return [split.part(i) for i in range(split.count)]
 
 
 class RoundMode(str, Enum):

@@ -16,6 +16,7 @@ from coordinator.registry import PlanConfig
 from harness.processes import wait_for
 from shared.keys import RunKeys
 from shared.verdict import Verdict
+from tests.integration.test_coordinator_intake import _status
 from tests.integration.test_signed_snapshots import client_config
 from tests.services import serving, small_config
 
@@ -48,6 +49,26 @@ def test_every_round_says_its_delta_was_applied_and_in_which_version(
     assert summary.endswith("; 2 applied, 0 rejected")
     stored = redis_client.get(RunKeys(run_name).verdict("judged"))  # what a volunteer's user may read
     assert isinstance(stored, bytes) and Verdict.decode(stored).seq == reports[-1].seq
+
+
+def test_the_coordinators_status_shows_each_clients_reported_round_timings(
+    run_name: str, tmp_path: Path
+) -> None:
+    config = small_config(run_name, tmp_path, plan=PlanConfig(local_steps=3, min_local_steps=1))
+    with serving(config) as coordinator:
+        wait_for(lambda: coordinator.publisher.published_version >= 0, what="the first snapshot")
+        reports: list[RoundReport] = []
+        settings = client_config(run_name, tmp_path / "client", coordinator.signing_key, client_id="timed",
+                                 max_rounds=3, include_wait_s=10.0)
+        with Worker(settings) as worker:
+            worker.run(on_round=reports.append)
+        # the last applied delta (round 3's) said what round 2 took; status shows it as reported
+        status = wait_for(lambda: (s := _status(run_name)) and s["deltas"]["applied"] == 3 and s,
+                          what="the third delta applied")
+    (client,) = status["clients"]
+    assert client["reported_timings"] == pytest.approx(reports[1].timings(), abs=1e-6)
+    assert set(client["reported_timings"]) == {"fetch_s", "encode_s", "upload_s", "wait_s"}
+    assert reports[1].wait_s > 0 and reports[1].upload_s > 0
 
 
 def test_a_rejected_delta_says_why_at_once(run_name: str, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ one, fed by the worker's events; which of the two is chosen."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 
@@ -88,6 +89,17 @@ def test_the_panel_counts_finished_rounds_and_the_lifetime() -> None:
     assert "sent 6.0MB, received 0B" in text  # the unsent delta sent nothing
     assert "1 applied, 1 rejected  (last: round 3: not sent)" in text
     assert "4 rounds, 0.7 min, 200.0k tokens, 4 applied (all runs)" in text  # 4 x 10 s
+
+
+def test_the_panel_says_where_the_last_rounds_time_went() -> None:
+    state = PanelState()
+    state.started(START)
+    assert "last round" not in text_of(state)  # none finished yet
+    timed = dataclasses.replace(report(Verdict("rid-1", 7, True)), fetch_s=0.5, encode_s=0.25, wait_s=1.75)
+    state.finished(timed)
+    assert ("last round    fetch 0.50s, compute 10.00s, encode 0.25s, upload 0.20s, wait 1.75s"
+            in text_of(state, width=160))
+    assert "fetch=0.50s encode=0.25s upload=0.20s wait=1.75s  staleness=1  applied v=13" in timed.line()
 
 
 def test_the_live_display_redraws_the_panel_with_lines_above_it() -> None:

@@ -24,6 +24,7 @@ from shared.protocol import (
     DeltaLimits,
     DeltaMessage,
     DeltaPart,
+    DeltaSplit,
     delta_bytes_bound,
     split_delta,
 )
@@ -65,6 +66,16 @@ def test_split_parts_decode_and_join_back_to_the_body(body: bytes, part_bytes: i
     assert b"".join(p.data for p in decoded) == body
     assert all(p.sha256 == hashlib.sha256(body).digest() and p.total_bytes == len(body) for p in decoded)
     assert [p.offset for p in decoded] == list(range(0, len(body), part_bytes))
+
+
+@given(st.binary(min_size=1, max_size=300), st.integers(min_value=1, max_value=64))
+@settings(max_examples=60, deadline=None)
+def test_a_split_made_part_by_part_gives_the_same_bytes(body: bytes, part_bytes: int) -> None:
+    # what the uploader sends: each part made as it goes out, packed straight from the delta's bytes
+    split = DeltaSplit.of(body, part_bytes=part_bytes, run_id=RUN_ID, client_id="c1", seq=0)
+    parts = _parts(body, part_bytes)
+    assert split.count == len(parts) and [split.part(i) for i in range(split.count)] == parts
+    assert [split.encoded(i) for i in range(split.count)] == [p.encode() for p in parts]
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,15 @@ from shared.errors import ProtocolError
 from shared.protocol import (
     DELTA_ENVELOPE_BYTES,
     DEVICE_MAX_CHARS,
+    ROUND_TIMINGS,
     TENSOR_ENVELOPE_BYTES,
+    TIMING_MAX_S,
     DeltaLimits,
     DeltaMessage,
     RoundMode,
     RoundPlan,
     device_label,
+    round_timings,
 )
 
 
@@ -128,11 +131,73 @@ def test_whatever_device_label_returns_the_decoder_accepts(text: str) -> None:
     assert DeltaMessage.decode(make_delta(device=label).encode()).device == label
 
 
+TIMINGS = {"fetch_s": 0.25, "encode_s": 0.125, "upload_s": 1.5, "wait_s": 3.0}
+
+
+def test_the_previous_rounds_timings_round_trip() -> None:
+    decoded = DeltaMessage.decode(make_delta(previous_timings=TIMINGS).encode())
+    assert decoded.previous_timings == TIMINGS and decoded == make_delta(previous_timings=TIMINGS)
+    ints = DeltaMessage.decode(pack(delta_dict(previous_timings={n: 2 for n in ROUND_TIMINGS})))
+    assert ints.previous_timings == dict.fromkeys(ROUND_TIMINGS, 2.0)
+    assert all(isinstance(v, float) for v in ints.previous_timings.values())
+
+
+def test_timings_are_optional_both_ways() -> None:
+    # a client that predates them (or in its first round) sends none: its deltas decode as before
+    assert "previous_timings" not in delta_dict()  # none said: the key is left out, not sent empty
+    assert DeltaMessage.decode(make_delta().encode()).previous_timings == {}
+    # a coordinator that predates them reads its named fields only: with the timings, a delta holds
+    # every one of them unchanged, and one more key it never looks at
+    with_timings = msgpack.unpackb(make_delta(previous_timings=TIMINGS).encode(), raw=False)
+    assert with_timings.pop("previous_timings") == TIMINGS and with_timings == delta_dict()
+
+
+@pytest.mark.parametrize(
+    "timings",
+    [
+        {**TIMINGS, "wait_s": -0.001},
+        {**TIMINGS, "fetch_s": float("nan")},
+        {**TIMINGS, "upload_s": float("inf")},
+        {**TIMINGS, "encode_s": TIMING_MAX_S + 1},
+        {**TIMINGS, "wait_s": True},
+        {**TIMINGS, "wait_s": "1.0"},
+        {**TIMINGS, "wait_s": None},
+        {n: v for n, v in TIMINGS.items() if n != "wait_s"},  # one missing
+        {**TIMINGS, "compute_s": 1.0},  # one that is not a timing
+        {},
+        [0.25, 0.125, 1.5, 3.0],
+        3.0,
+    ],
+)
+def test_bad_timings_refuse_the_delta(timings: Any) -> None:
+    assert reason_of(pack(delta_dict(previous_timings=timings))) == "wrong_schema"
+
+
+def test_timings_keyed_by_bytes_refuse_the_delta() -> None:
+    body = pack(delta_dict(previous_timings={n.encode(): v for n, v in TIMINGS.items()}))
+    assert reason_of(body) == "wrong_schema"
+
+
+def test_round_timings_cuts_each_value_to_what_the_decoder_accepts() -> None:
+    made = round_timings(fetch_s=-1.0, encode_s=float("nan"), upload_s=TIMING_MAX_S * 2, wait_s=2.5)
+    assert made == {"fetch_s": 0.0, "encode_s": 0.0, "upload_s": TIMING_MAX_S, "wait_s": 2.5}
+    assert round_timings(fetch_s=float("inf"), encode_s=0, upload_s=0, wait_s=0)["fetch_s"] == 0.0
+    assert list(made) == list(ROUND_TIMINGS)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=4, max_size=4))
+def test_whatever_round_timings_returns_the_decoder_accepts(values: list[float]) -> None:
+    made = round_timings(**dict(zip(ROUND_TIMINGS, values, strict=True)))
+    assert DeltaMessage.decode(make_delta(previous_timings=made).encode()).previous_timings == made
+
+
 def test_the_envelope_bound_holds_the_longest_ids_and_device() -> None:
     # delta_bytes_bound (the parts' quota) counts on DELTA_ENVELOPE_BYTES for everything but payloads
     tensors = {"w": b"\x00" * 10}
     longest = make_delta(run_id="r" * 128, client_id="c" * 128, codec="k" * 128, seq=2**63 - 1,
-                         device="\U0001f680" * DEVICE_MAX_CHARS, tensors=tensors)  # 4 bytes a char
+                         device="\U0001f680" * DEVICE_MAX_CHARS, tensors=tensors,  # 4 bytes a char
+                         previous_timings=dict.fromkeys(ROUND_TIMINGS, TIMING_MAX_S))
     payloads = sum(len(name.encode()) + TENSOR_ENVELOPE_BYTES + len(b) for name, b in tensors.items())
     assert len(longest.encode()) - payloads <= DELTA_ENVELOPE_BYTES
 

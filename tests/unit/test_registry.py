@@ -29,10 +29,13 @@ def registry(**plan: object) -> ClientRegistry:
 
 
 def applied(reg: ClientRegistry, client_id: str, seq: int, *, base: int, steps: int, now: float,
-            compute_s: float = 1.0, device: str = "") -> None:
+            compute_s: float = 1.0, device: str = "", timings: dict[str, float] | None = None) -> None:
     reg.record_applied(client_id=client_id, seq=seq, base_version=base, local_steps=steps,
                        compute_s=compute_s, tokens=steps * 100, train_loss=2.0, staleness=0, now=now,
-                       device=device)
+                       device=device, timings=timings)
+
+
+TIMINGS = {"fetch_s": 0.5, "encode_s": 0.25, "upload_s": 1.25, "wait_s": 2.0}
 
 
 # ------------------------------------------------------------------ the measured speed
@@ -83,6 +86,33 @@ def test_the_intake_records_the_device_an_applied_delta_reports() -> None:
     assert intake.registry.clients["c1"].reported_device == "mps"
 
 
+def test_the_last_reported_round_timings_are_kept_and_nothing_else_done_with_them() -> None:
+    reg = registry()
+    reg.note_published(0, at=100.0)
+    reg.note_published(1, at=110.0)
+    applied(reg, "c1", 0, base=0, steps=30, now=105.0)  # a first round: nothing to say yet
+    assert reg.clients["c1"].reported_timings == {}
+    # "I waited a week and uploaded in no time": shown as said, while the speed stays measured here
+    claim = {"fetch_s": 0.0, "encode_s": 0.0, "upload_s": 0.0, "wait_s": 604800.0}
+    applied(reg, "c1", 1, base=1, steps=30, now=120.0, timings=claim)
+    assert reg.clients["c1"].reported_timings == claim
+    assert reg.clients["c1"].steps_per_s == pytest.approx(3.0)
+    assert reg.plan("run", 121.0, RoundMode.DYLU).assignments == {"c1": H}
+    applied(reg, "c1", 2, base=1, steps=30, now=130.0)  # a client that predates them says nothing
+    assert reg.clients["c1"].reported_timings == {}
+
+
+def test_the_intake_records_the_timings_an_applied_delta_reports_and_not_a_rejected_ones() -> None:
+    intake, _ = make_intake({"a.weight": torch.ones(4, 3), "b": torch.zeros(5)},
+                            OuterConfig(lr=0.01, momentum=0.0, buffer_size=1, compute_exponent=0.0),
+                            version=5)
+    assert intake.handle(_delta(previous_timings=TIMINGS), now=100.0).kind == "applied"
+    assert intake.registry.clients["c1"].reported_timings == TIMINGS
+    stale = {**TIMINGS, "wait_s": 9.0}
+    assert intake.handle(_delta(seq=1, previous_timings=stale, local_steps=0), now=101.0).kind == "rejected"
+    assert intake.registry.clients["c1"].reported_timings == TIMINGS
+
+
 def test_a_round_shorter_than_the_clock_noise_is_no_measurement() -> None:
     reg = registry()
     reg.note_published(0, at=100.0)
@@ -114,7 +144,7 @@ def _two_measured(reg: ClientRegistry, *, slow_compute_s: float = 1.0, t0: float
     applied(reg, "fast", 0, base=0, steps=30, now=t0 + 101.0, device=gpu)
     applied(reg, "slow", 0, base=0, steps=10, now=t0 + 101.0, compute_s=slow_compute_s, device=cpu)
     reg.note_published(1, at=t0 + 102.0)
-    applied(reg, "fast", 1, base=1, steps=30, now=t0 + 104.0, device=gpu)
+    applied(reg, "fast", 1, base=1, steps=30, now=t0 + 104.0, device=gpu, timings=TIMINGS)
     applied(reg, "slow", 1, base=1, steps=10, now=t0 + 107.0, compute_s=slow_compute_s, device=cpu)
 
 
@@ -238,11 +268,12 @@ def test_the_registry_survives_a_checkpoint_as_json() -> None:
     assert restored.published_at == reg.published_at == {0: 100.0, 1: 102.0}
     assert restored.clients == reg.clients
     assert restored.clients["fast"].reported_device == "cuda: NVIDIA H200"
+    assert restored.clients["fast"].reported_timings == TIMINGS
     assert restored.plan("run", 108.0, RoundMode.DYLU).assignments == {"fast": 30, "slow": 4}
     old = {"clients": {"c1": {"client_id": "c1", "steps_per_s": 2.0, "updates": 3}}}  # before these fields
     restored.load_state(old)
     assert restored.clients["c1"].last_base == -1 and restored.published_at == {}
-    assert restored.clients["c1"].reported_device == ""
+    assert restored.clients["c1"].reported_device == "" and restored.clients["c1"].reported_timings == {}
 
 
 def test_a_delta_within_the_slack_is_applied_but_credited_only_its_assignment() -> None:
@@ -272,14 +303,17 @@ def test_status_shows_each_clients_measured_speed_and_assignment(tmp_path: Path)
     assert clients["slow"]["reported_compute_s"] == pytest.approx(0.001)  # shown, and that is all
     assert (clients["fast"]["reported_device"], clients["slow"]["reported_device"]) == (
         "cuda: NVIDIA H200", "cpu (8 threads)")
+    assert (clients["fast"]["reported_timings"], clients["slow"]["reported_timings"]) == (TIMINGS, {})
     assert doc["plan"]["assigned_clients"] == 2 and doc["schema"] == 1
     text = render_text(doc)
     header = next(line for line in text.splitlines() if line.startswith("client "))
-    assert "H next" in header and header.endswith("  device (reported)")
-    assert any(line.startswith("slow") and " 4 " in line and line.endswith("  cpu (8 threads)")
+    assert "H next" in header and header.endswith("  fetch/enc/up/wait s      device (reported)")
+    no_timings = " -" + " " * 22  # the column's "-", padded
+    assert any(line.startswith("slow") and " 4 " in line and line.endswith(no_timings + "  cpu (8 threads)")
                for line in text.splitlines())
-    assert any(line.startswith("fast") and line.endswith("  cuda: NVIDIA H200") for line in text.splitlines())
+    assert any(line.startswith("fast") and line.endswith("  0.50/0.25/1.25/2.00      cuda: NVIDIA H200")
+               for line in text.splitlines())
     for c in doc["clients"]:  # a document of an older coordinator, without the new keys, still renders
-        del c["assigned_steps"], c["reported_device"]
-    slow = next(line for line in render_text(doc).splitlines() if line.startswith("slow"))
-    assert slow.endswith("  -")  # no device reported
+        del c["assigned_steps"], c["reported_device"], c["reported_timings"]
+    fast = next(line for line in render_text(doc).splitlines() if line.startswith("fast"))
+    assert fast.endswith(no_timings + "  -")  # no timings, no device reported

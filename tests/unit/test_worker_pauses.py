@@ -156,7 +156,7 @@ def worker(tmp_path: Path, politeness: Script, *, steps: int = 5, loss_sleep_s: 
     w.keys, w.identity, w.uploader = RunKeys("demo"), Seqs(), Sent()  # type: ignore[assignment]
     w.fetcher = SimpleNamespace(  # type: ignore[assignment]
         ping=lambda: None, wait_while_another_warms_up=lambda *a: None, wait_for_version=lambda *a, **k: 0,
-        manifest=None, wait_for_plan=lambda poll_s: plan, current_version=lambda: 0,
+        manifest=None, wait_for_plan=lambda poll_s: plan, current_version=lambda max_age_s=0.0: 0,
         read_latest=lambda: snapshot)
     w.replica = SimpleNamespace(  # type: ignore[assignment]
         holds=holds, reset=lambda: trainer, adopt=lambda s: False, trainer=trainer, version=0, run_id="rid",
@@ -164,7 +164,7 @@ def worker(tmp_path: Path, politeness: Script, *, steps: int = 5, loss_sleep_s: 
     w.codec = get_codec("fp32")
     w.feedback, w.speed = ErrorFeedback(w.codec), SpeedMeter()
     w._deadline = w._stop_seen = w._last_sent = None
-    w._trained_s, w._hours_up, w._received_bytes = 0.0, False, 0
+    w._trained_s, w._hours_up, w._received_bytes, w._previous_timings = 0.0, False, 0, {}
     return w, notices, w.events, w.uploader, trainer  # type: ignore[return-value]
 
 

@@ -1,0 +1,136 @@
+"""A TCP relay in front of the real Redis that counts the commands one client sends through it.
+
+Every command a client sends crosses the relay as a RESP array (``*N`` then N bulk strings); the
+relay parses that stream as it forwards it, unchanged, and notes each command's name and when it
+went by. Only the clients pointed at the relay are counted, whatever else talks to the same server
+(other tests, a publisher in the same test), which ``INFO commandstats`` cannot tell apart; and no
+MONITOR is involved.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from types import TracebackType
+
+from tests.private_broker import free_port
+
+
+class RespCommands:
+    """Incremental parser of a client's RESP request stream: the commands it holds, as they end."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        """Take the next bytes of the stream; return the names of the commands they completed."""
+        self._buffer += data
+        names = []
+        while (name := self._one()) is not None:
+            names.append(name)
+        return names
+
+    def _one(self) -> str | None:
+        buffer = self._buffer
+        if not buffer:
+            return None
+        if not buffer.startswith(b"*"):
+            raise ValueError(f"not a RESP array: {buffer[:32]!r}")
+        end = buffer.find(b"\r\n")
+        if end < 0:
+            return None
+        count, position, words = int(buffer[1:end]), end + 2, []
+        for _ in range(count):
+            end = buffer.find(b"\r\n", position)
+            if end < 0:
+                return None
+            if buffer[position:position + 1] != b"$":
+                raise ValueError(f"not a bulk string: {buffer[position:position + 32]!r}")
+            start = end + 2
+            stop = start + int(buffer[position + 1:end])
+            if len(buffer) < stop + 2:
+                return None
+            words.append(buffer[start:stop])
+            position = stop + 2
+        self._buffer = buffer[position:]
+        return words[0].decode(errors="replace").upper() if words else ""
+
+
+class CountingRelay:
+    """127.0.0.1:``port`` relays to Redis at 127.0.0.1:``target_port`` and notes every command sent
+    through it, with its ``time.monotonic()``. A context manager: listening on entry, every socket
+    closed on exit."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.commands: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def between(self, start: float, end: float) -> list[str]:
+        """Names of the commands sent from ``start`` to ``end`` (``time.monotonic()``)."""
+        with self._lock:
+            return [name for at, name in self.commands if start <= at <= end]
+
+    def __enter__(self) -> CountingRelay:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(16)
+        self._sockets.append(server)
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for sock in self._sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # also wakes the thread blocked in accept()
+            except OSError:
+                pass
+            sock.close()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                downstream, _ = server.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                return
+            self._sockets += [downstream, upstream]
+            threading.Thread(target=self._requests, args=(downstream, upstream), daemon=True).start()
+            threading.Thread(target=self._replies, args=(upstream, downstream), daemon=True).start()
+
+    def _requests(self, source: socket.socket, sink: socket.socket) -> None:
+        parser = RespCommands()
+        try:
+            while data := source.recv(65536):
+                names = parser.feed(data)
+                now = time.monotonic()
+                with self._lock:
+                    self.commands.extend((now, name) for name in names)
+                sink.sendall(data)
+        except OSError:
+            pass
+        self._close(source, sink)
+
+    def _replies(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        self._close(source, sink)
+
+    @staticmethod
+    def _close(*sockets: socket.socket) -> None:
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
