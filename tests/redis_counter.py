@@ -9,12 +9,11 @@ MONITOR is involved.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from types import TracebackType
 
-from tests.private_broker import free_port
+from tests.relay import Relay
 
 
 class RespCommands:
@@ -57,17 +56,16 @@ class RespCommands:
         return words[0].decode(errors="replace").upper() if words else ""
 
 
-class CountingRelay:
+class CountingRelay(Relay):
     """127.0.0.1:``port`` relays to Redis at 127.0.0.1:``target_port`` and notes every command sent
     through it, with its ``time.monotonic()``. A context manager: listening on entry, every socket
     closed on exit."""
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
+        super().__init__(target_port)
         self.commands: list[tuple[float, str]] = []
         self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
+        self._parsers: dict[int, RespCommands] = {}
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
@@ -77,60 +75,18 @@ class CountingRelay:
         with self._lock:
             return [name for at, name in self.commands if start <= at <= end]
 
+    def on_request(self, data: bytes) -> None:
+        # one parser per connection: each relaying thread is one connection's request stream
+        parser = self._parsers.setdefault(threading.get_ident(), RespCommands())
+        names = parser.feed(data)
+        now = time.monotonic()
+        with self._lock:
+            self.commands.extend((now, name) for name in names)
+
     def __enter__(self) -> CountingRelay:
-        server = socket.socket()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", self.port))
-        server.listen(16)
-        self._sockets.append(server)
-        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+        self.up()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        for sock in self._sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # also wakes the thread blocked in accept()
-            except OSError:
-                pass
-            sock.close()
-
-    def _accept(self, server: socket.socket) -> None:
-        while True:
-            try:
-                downstream, _ = server.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                return
-            self._sockets += [downstream, upstream]
-            threading.Thread(target=self._requests, args=(downstream, upstream), daemon=True).start()
-            threading.Thread(target=self._replies, args=(upstream, downstream), daemon=True).start()
-
-    def _requests(self, source: socket.socket, sink: socket.socket) -> None:
-        parser = RespCommands()
-        try:
-            while data := source.recv(65536):
-                names = parser.feed(data)
-                now = time.monotonic()
-                with self._lock:
-                    self.commands.extend((now, name) for name in names)
-                sink.sendall(data)
-        except OSError:
-            pass
-        self._close(source, sink)
-
-    def _replies(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        self._close(source, sink)
-
-    @staticmethod
-    def _close(*sockets: socket.socket) -> None:
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self.down()

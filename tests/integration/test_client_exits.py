@@ -37,9 +37,9 @@ from shared.errors import (
     UnknownHost,
 )
 from shared.keys import RunKeys
-from tests.integration.test_client_upload import OutageProxy
 from tests.integration.test_invites import SERVERS
 from tests.private_broker import free_port
+from tests.relay import OutageProxy
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +41,7 @@ from shared.settings import ConnectionSettings, RetryPolicy
 from shared.signing import SigningKey
 from shared.snapshot import SnapshotManifest, SnapshotStore
 from shared.tasks import load_task
+from tests.relay import OutageProxy
 
 pytestmark = pytest.mark.integration
 
@@ -279,72 +279,6 @@ def test_publish_retries_until_the_queue_exists(rdb, amqp, keys, tmp_path, caplo
     message = DeltaMessage.decode(body)
     assert (message.client_id, message.seq) == ("early-bird", 0)  # the retry kept its number
     check_delta(body, manifest, "fp16")
-
-
-class OutageProxy:
-    """A TCP relay in front of a real server that can cut every connection and refuse new ones.
-
-    It lets a test take Redis or RabbitMQ away from the client (and only from the client) without
-    disturbing the servers that other tests share.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
-        self._server: socket.socket | None = None
-        self._sockets: list[socket.socket] = []
-
-    def up(self) -> None:
-        server = socket.socket()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", self.port))
-        server.listen(16)
-        self._server = server
-        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
-
-    def down(self) -> None:
-        """Refuse new connections and reset the open ones."""
-        for sock in [self._server, *self._sockets]:
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)  # also wakes the thread blocked in accept()
-                except OSError:
-                    pass
-                sock.close()
-        self._server, self._sockets = None, []
-
-    def down_for(self, seconds: float) -> None:
-        self.down()
-        timer = threading.Timer(seconds, self.up)
-        timer.daemon = True
-        timer.start()
-
-    def _accept(self, server: socket.socket) -> None:
-        while True:
-            try:
-                downstream, _ = server.accept()
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                return
-            self._sockets += [downstream, upstream]
-            for a, b in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 def test_client_rides_out_rabbitmq_and_redis_outages(rdb, amqp, keys, tmp_path, caplog):

@@ -23,7 +23,7 @@ from harness.processes import AMQP_URL
 from shared.keys import RunKeys
 from shared.protocol import PART_TYPE, DeltaMessage, DeltaPart
 from shared.settings import ConnectionSettings, RetryPolicy
-from tests.integration.test_client_upload import OutageProxy
+from tests.relay import OutageProxy
 
 pytestmark = pytest.mark.integration
 
