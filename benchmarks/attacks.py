@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None, help="also draw the damage figure here (PNG)")
     parser.add_argument("--clip-ratio", type=float, default=GuardConfig.clip_ratio,
                         help="the guard's --guard-clip-ratio in the guarded runs")
+    parser.add_argument("--descent-every", type=int, default=GuardConfig.descent_every,
+                        help="the guard's --guard-descent-every in the guarded runs (0: off)")
     parser.add_argument("--replot", type=Path, default=None, metavar="CSV",
                         help="draw --plot from an attacks.csv this script wrote (give the same --budget)")
     parser.add_argument("--guards", default="off,on",
@@ -103,7 +105,8 @@ def main() -> None:
     base = SimConfig(local_steps=args.local_steps, min_local_steps=5, budget_steps=args.budget,
                      eval_every_steps=max(40, args.budget // 4), jitter=args.jitter,
                      warm_start_steps=args.warm_start, outer=OuterConfig(), measure_trigger=True)
-    guards = {"off": GuardConfig(mode="off"), "on": GuardConfig(clip_ratio=args.clip_ratio)}
+    guards = {"off": GuardConfig(mode="off"),
+              "on": GuardConfig(clip_ratio=args.clip_ratio, descent_every=args.descent_every)}
     guards = {name: guards[name] for name in _names(parser, args.guards, guards, "--guards")}
     jobs = []
     for level in levels:
@@ -230,8 +233,8 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def _table(results: dict[str, SimResult], levels: list[str], strategies: list[str], attacks: list[str],
            seeds: list[int], args: argparse.Namespace) -> list[dict]:
     print()
-    print(f"guard clip ratio {args.clip_ratio:g}; {args.attackers} of {args.workers} workers lie "
-          f"(the fastest); H={args.local_steps}, "
+    print(f"guard clip ratio {args.clip_ratio:g}, descent check every {args.descent_every or '-'}; "
+          f"{args.attackers} of {args.workers} workers lie (the fastest); H={args.local_steps}, "
           f"{args.budget} honest local steps, from scratch after a trusted warm start of {args.warm_start} "
           f"steps, jitter {args.jitter}, seeds {seeds}")
     print("damage = share of the clean run's improvement lost (mean ± sd over seeds)")
