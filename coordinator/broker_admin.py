@@ -23,11 +23,13 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from coordinator.volunteers import Volunteer
 from shared.errors import ConfigError, ServiceUnavailable
 from shared.keys import RunKeys
 from shared.settings import REDIS_ERRORS
@@ -42,11 +44,30 @@ HTTP_TIMEOUT_S = 10.0
 VOLUNTEER_REDIS_COMMANDS = ("get", "mget", "exists", "ping", "hello", "auth", "select", "client|setname")
 
 
-def volunteer_redis_rules(keys: RunKeys, password: str) -> list[str]:
-    """``ACL SETUSER`` rules: read-only access to the run's published keys, nothing else."""
+def volunteer_redis_rules(keys: RunKeys, password: str = "", *, password_sha256: str = "") -> list[str]:
+    """``ACL SETUSER`` rules: read-only access to the run's published keys, nothing else; the
+    password given as itself or as its SHA-256 (hex)."""
+    secret = f">{password}" if password else f"#{password_sha256}"
     published = [keys.current, keys.plan, keys.status, keys.snapshot_pattern, keys.verdict("*")]
-    return ["reset", "on", f">{password}", *(f"%R~{k}" for k in published), "resetchannels", "-@all",
+    return ["reset", "on", secret, *(f"%R~{k}" for k in published), "resetchannels", "-@all",
             *(f"+{c}" for c in VOLUNTEER_REDIS_COMMANDS)]
+
+
+def restore_redis_users(client: redis.Redis, keys: RunKeys, volunteers: Iterable[Volunteer],
+                        now: float) -> list[str]:
+    """Create again the Redis users of the welcome ``volunteers`` that Redis no longer has (it
+    restarted without an ACL file: users made by ``ACL SETUSER`` live in its memory only), from
+    their passwords' hashes; return their names. Raises what the Redis client raises."""
+    present = {u.decode() if isinstance(u, bytes) else str(u) for u in client.execute_command("ACL", "USERS")}
+    restored = []
+    for volunteer in volunteers:
+        welcome = volunteer.refusal(now) is None and volunteer.redis_password_sha256
+        if volunteer.user in present or not welcome:
+            continue
+        client.execute_command("ACL", "SETUSER", volunteer.user,
+                               *volunteer_redis_rules(keys, password_sha256=volunteer.redis_password_sha256))
+        restored.append(volunteer.name)
+    return restored
 
 
 def volunteer_broker_permissions(keys: RunKeys) -> dict[str, str]:

@@ -10,6 +10,7 @@ they need the coordinator's own credentials, which never reach a volunteer.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 import urllib.parse
@@ -55,10 +56,11 @@ def invite(*, run: str, name: str, servers: Servers, redis_client: redis.Redis, 
     keys = RunKeys(run)
     user = service_user(run, name)
     now = time.time()
-    volunteer = Volunteer(name=name, user=user, invited_at=now,
-                          expires_at=None if expires_s is None else now + expires_s)
-    book.add(volunteer)  # first: refuses a name already in use before any user is touched
     redis_password, broker_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    volunteer = Volunteer(name=name, user=user, invited_at=now,
+                          expires_at=None if expires_s is None else now + expires_s,
+                          redis_password_sha256=hashlib.sha256(redis_password.encode()).hexdigest())
+    book.add(volunteer)  # first: refuses a name already in use before any user is touched
     create_redis_user(redis_client, user, keys, redis_password)
     servers.broker_admin().create_user(user, broker_password, keys)
     return JoinToken(

@@ -21,6 +21,7 @@ from pathlib import Path
 import redis
 
 from coordinator.applied_log import AppliedLog
+from coordinator.broker_admin import restore_redis_users
 from coordinator.checkpoint import load_checkpoint, save_checkpoint
 from coordinator.commit_batch import CommitBatch
 from coordinator.config import CoordinatorConfig
@@ -42,6 +43,8 @@ from shared.settings import REDIS_ERRORS
 from shared.signing import SigningKey
 
 log = logging.getLogger(__name__)
+# How often the coordinator looks for invited volunteers' Redis users that Redis lost (one ACL USERS).
+USER_CHECK_S = 30.0
 
 
 class Coordinator:
@@ -76,6 +79,7 @@ class Coordinator:
         spool_dir = (config.checkpoint_dir / "parts" if config.checkpoint_dir is not None
                      else Path(tempfile.mkdtemp(prefix="asyncloco-parts-")))
         self.spool = PartSpool(spool_dir, config.spool)
+        self._next_user_check = 0.0  # time.monotonic() of the next look for lost volunteer users
 
     @property
     def run(self) -> RunState:
@@ -295,6 +299,24 @@ class Coordinator:
         self.dashboard.show(doc)
         return doc
 
+    def _restore_volunteer_users(self) -> None:
+        """Every USER_CHECK_S: give Redis back the invited volunteers' users it lost (a restart
+        without an ACL file), so that they read snapshots again without a new invitation."""
+        volunteers = self.run.volunteers
+        if volunteers is None or time.monotonic() < self._next_user_check:
+            return
+        self._next_user_check = time.monotonic() + USER_CHECK_S
+        try:
+            restored = restore_redis_users(self.redis, self.keys, volunteers.volunteers.values(), time.time())
+        except redis.exceptions.ResponseError as exc:  # no +acl: said once an hour
+            self._next_user_check = time.monotonic() + 3600
+            log.warning("cannot check the volunteers' Redis users (%s): the coordinator's Redis user "
+                        "needs +acl", exc)
+            return
+        if restored:
+            log.warning("Redis had lost the users of %d invited volunteers (restarted without an ACL "
+                        "file?); created them again: %s", len(restored), ", ".join(sorted(restored)))
+
     def _housekeeping(self) -> None:
         """Keep the lease, the plan and the status fresh; republish if Redis lost our snapshot;
         see what `invite` and `revoke` changed in the volunteer book."""
@@ -317,6 +339,7 @@ class Coordinator:
                     self.publisher.publish(run, republish=current == run.version)
                     run.published(self.publisher.published_version, time.time())
             self.publisher.refresh(run, self.status())
+            self._restore_volunteer_users()
             self.publisher.reachable()
         except REDIS_ERRORS as exc:
             self.publisher.unreachable(f"Redis unreachable ({exc}); training goes on, snapshots wait")

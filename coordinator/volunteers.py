@@ -48,6 +48,9 @@ class Volunteer:
     invited_at: float
     expires_at: float | None = None  # unix time; None = never
     revoked_at: float | None = None
+    # SHA-256 (hex) of its Redis password, never the password: enough for the coordinator to
+    # create its Redis user again (ACL SETUSER #hash) after a Redis that kept no ACL file restarts
+    redis_password_sha256: str = ""
 
     def refusal(self, now: float) -> tuple[str, str] | None:
         """Why this volunteer's deltas are refused now, or None if they are welcome."""

@@ -17,6 +17,7 @@ import pika.exceptions
 import pytest
 import redis
 
+from coordinator.broker_admin import restore_redis_users
 from coordinator.consumer import QueueConfig, declare_queues
 from coordinator.identity import AuthMode
 from coordinator.invites import Servers, invite, revoke
@@ -195,3 +196,27 @@ def test_deltas_are_credited_to_their_sender_only_and_revoke_cuts_it_off(
     # and the serving coordinator has re-read the book: her deltas still queued would be `revoked`
     wait_for(lambda: coord.run.volunteers is not None
              and coord.run.volunteers.volunteers["alice"].revoked_at is not None, 10, "the book re-read")
+
+
+def test_a_redis_that_lost_its_users_gets_the_invited_ones_back_from_their_hashes(
+    run_name: str, invited: dict[str, JoinToken], book: VolunteerBook, redis_client: redis.Redis
+) -> None:
+    keys = RunKeys(run_name)
+    redis_client.set(keys.current, b"7")
+    assert "alice" in book.volunteers and book.volunteers["alice"].redis_password_sha256
+    assert invited["alice"].redis.split("@")[0].split(":")[-1] not in (book.path.read_text())  # no password
+    revoke(run=run_name, name="bob", servers=SERVERS, redis_client=redis_client, book=book)
+    for volunteer in book.volunteers.values():  # what a Redis restart without an ACL file does
+        redis_client.execute_command("ACL", "DELUSER", volunteer.user)
+    restored = restore_redis_users(redis_client, keys, book.volunteers.values(), time.time())
+    assert restored == ["alice"]  # bob was revoked: not given back
+    alice = redis.Redis.from_url(invited["alice"].redis)
+    try:
+        assert alice.get(keys.current) == b"7"  # the token's password works again, same rights
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            alice.set(keys.current, b"999")
+    finally:
+        alice.close()
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(invited["bob"].redis).ping()
+    assert restore_redis_users(redis_client, keys, book.volunteers.values(), time.time()) == []
