@@ -181,6 +181,19 @@ def test_deltas_are_credited_to_their_sender_only_and_revoke_cuts_it_off(
     _publish_as(invited["bob"], run_name, [_good_delta(coord, client_id="bob", seq=0)])
     wait_for(lambda: status(run_name)["deltas"]["applied"] == 2, 30, "bob's own delta applied")
 
+    # Redis forgets bob's user (a restart without an ACL file): the serving coordinator gives it back
+    redis_client.execute_command("ACL", "DELUSER", book.volunteers["bob"].user)
+    coord._next_user_check = 0.0  # its next look, at once instead of within 30 s
+
+    def bob_reads() -> bool:
+        try:
+            with redis.Redis.from_url(invited["bob"].redis) as bob:
+                return bool(bob.ping())
+        except redis.exceptions.AuthenticationError:
+            return False
+
+    wait_for(bob_reads, 10, "bob's Redis user created again by the coordinator")
+
     # revoke: alice's open connection is closed at once and she cannot come back
     listening = pika.BlockingConnection(pika.URLParameters(alice.amqp))
     started = time.monotonic()
