@@ -31,10 +31,9 @@ from coordinator.sync_round import SyncBarrier
 from coordinator.warm_start import WarmStart
 from shared.errors import ConfigError
 from shared.protocol import RoundMode
-from tests.unit.test_coordinator_cli import FakeCoordinator, assert_one_line_error, fake_service, invoke
+from tests.services import FakeCoordinator
+from tests.unit.test_coordinator_cli import assert_one_line_error, invoke
 from tests.unit.test_intake import RUN_ID, _delta
-
-__all__ = ["fake_service"]  # a fixture, used by name below
 
 H = 30
 
