@@ -24,8 +24,8 @@ def forge(scale: float) -> Callable[[LocalTrainer], dict[str, torch.Tensor]]:
     """A ``pseudo_gradient`` that returns the honest one times ``scale``."""
     honest = LocalTrainer.pseudo_gradient
 
-    def forged(self: LocalTrainer) -> dict[str, torch.Tensor]:
-        return {name: g * scale for name, g in honest(self).items()}
+    def forged(self: LocalTrainer, **how: bool) -> dict[str, torch.Tensor]:
+        return {name: g * scale for name, g in honest(self, **how).items()}
 
     return forged
 

@@ -286,3 +286,16 @@ def test_on_the_cpu_the_round_is_plain_fp32_and_the_pseudo_gradient_is_where_ask
 def test_pick_device_refuses_unknown_names(choice: str) -> None:
     with pytest.raises(ConfigError):
         pick_device(choice)
+
+
+def test_the_attack_harness_forges_the_pseudo_gradient_however_the_client_asks_for_it() -> None:
+    from harness.attacker import forge
+
+    trainer = make_trainer()
+    trainer.load_base({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    trainer.train(2)
+    honest = trainer.pseudo_gradient()
+    for how in ({}, {"on_device": True}):  # the worker asks for it on the device
+        forged = forge(-10.0)(trainer, **how)
+        for name, g in honest.items():
+            assert torch.allclose(forged[name].cpu(), -10.0 * g)
