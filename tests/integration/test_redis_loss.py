@@ -342,8 +342,10 @@ def test_loss_while_deltas_arrive_never_reuses_a_version_number(
     snap = store.read()
     for name, tensor in snap.params.items():
         assert torch.equal(tensor, coordinator.run.optimizer.params[name].detach())
-    status = json.loads(redis_client.get(keys.status))
-    assert status["deltas"]["applied"] == 12 and status["deltas"]["rejected"] == 0
+    # the status document is rewritten at each housekeeping pass (every second): wait for the last
+    status = wait_for(lambda: (s := json.loads(redis_client.get(keys.status) or b"{}"))
+                      and s.get("deltas", {}).get("applied") == 12 and s, what="the status of all 12")
+    assert status["deltas"]["rejected"] == 0
 
 
 def test_client_keeps_training_through_the_loss(

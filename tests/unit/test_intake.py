@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from coordinator.config import CoordinatorConfig
+from coordinator.guard import GuardConfig
 from coordinator.identity import AuthMode
 from coordinator.intake import SQUARES_CHUNK, DeltaIntake, IntakeConfig, exact_sum_of_squares, sum_of_squares
 from coordinator.outer_optimizer import OuterConfig, OuterOptimizer, make_outer_optimizer
@@ -23,11 +24,12 @@ RUN_ID = "unit-run"
 
 
 def make_intake(params: dict[str, torch.Tensor], outer: OuterConfig, *, version: int,
-                intake: IntakeConfig | None = None,
-                warm_start_steps: int = 0, handover_s: float = 30.0) -> tuple[DeltaIntake, OuterOptimizer]:
-    """An intake wired as a run wires it (admission rules, warm start), on ``params``."""
+                intake: IntakeConfig | None = None, warm_start_steps: int = 0, handover_s: float = 30.0,
+                guard: GuardConfig | None = None) -> tuple[DeltaIntake, OuterOptimizer]:
+    """An intake wired as a run wires it (admission rules, warm start, the guard), on ``params``."""
     config = CoordinatorConfig(auth=AuthMode.OPEN, outer=outer, intake=intake or IntakeConfig(),
-                               plan=PlanConfig(warm_start_steps=warm_start_steps))
+                               plan=PlanConfig(warm_start_steps=warm_start_steps),
+                               guard=guard or GuardConfig())
     optimizer = make_outer_optimizer(params, outer)
     progress = RunProgress()
     warm = WarmStart(warm_start_steps, progress=progress, handover_s=handover_s)
