@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import redis
 import torch
+from served import memory_bytes
 from table_csv import write_rows
 
 from shared.keys import RunKeys
@@ -101,20 +103,15 @@ def _probe(url: str, run: str, public_hex: str) -> dict[str, float]:
     started = time.perf_counter()
     got = sum(len(client.get(name) or b"") for name in chunk_keys)
     raw_s = time.perf_counter() - started
-    before = _status_kb("VmRSS")
+    before = memory_bytes(os.getpid(), "VmRSS") or 0
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     started = time.perf_counter()
     snapshot = store.read(version)
     fetch_s = time.perf_counter() - started
-    peak = _status_kb("VmHWM")
+    peak = memory_bytes(os.getpid(), "VmHWM") or 0
     assert sum(t.numel() for t in snapshot.params.values()) * 4 == got
     return {"raw_mb_s": round(got / MB / raw_s, 1), "fetch_mb_s": round(got / MB / fetch_s, 1),
-            "fetch_s": round(fetch_s, 3), "fetch_peak_mb": round((peak - before) * 1024 / MB, 1)}
-
-
-def _status_kb(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(text.split(f"{field}:")[1].split()[0])
+            "fetch_s": round(fetch_s, 3), "fetch_peak_mb": round((peak - before) / MB, 1)}
 
 
 def _count(text: str) -> int:
