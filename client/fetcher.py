@@ -7,7 +7,8 @@ listening at first contact, a revoked user: :class:`shared.contact.ServerContact
 :class:`~shared.errors.PermanentError` instead, as do a run that never shows up and a coordinator
 of another protocol version, each after ``run_wait_s``. A stop request ends any wait by raising
 :class:`client.stop.StopRequested`. The waits on the coordinator live here too: for the first
-snapshot, for the round plan, for a warm start to end, for a delta's verdict and snapshot.
+snapshot, for the round plan, for a warm start to end (those after a send, for a delta's verdict
+and snapshot: :mod:`client.inclusion`).
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ from typing import TypeVar
 
 import redis
 
-from client.report import DeltaFate
 from client.stop import StopRequested
 from shared import PROTOCOL_VERSION
 from shared.contact import ServerContact
 from shared.errors import (
     ConfigError,
     NoSuchRun,
-    ProtocolError,
     ProtocolMismatch,
     ServiceUnavailable,
     SnapshotError,
@@ -38,10 +37,9 @@ from shared.errors import (
 from shared.keys import RunKeys
 from shared.protocol import RoundMode, RoundPlan
 from shared.settings import REDIS_ERRORS as REDIS_OUTAGES
-from shared.settings import RetryPolicy, redis_bytes, sleep_interruptibly
+from shared.settings import RetryPolicy, sleep_interruptibly
 from shared.signing import VerifyKey
 from shared.snapshot import Snapshot, SnapshotManifest, SnapshotStore
-from shared.verdict import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +51,6 @@ T = TypeVar("T")
 REDIS_ERRORS: tuple[type[Exception], ...] = (*REDIS_OUTAGES, OSError, redis.exceptions.NoPermissionError,
                                              redis.exceptions.InvalidResponse,
                                              redis.exceptions.MasterDownError)
-# After a snapshot includes a delta, how long to wait for its verdict (written with the snapshot,
-# or at the coordinator's next housekeeping pass, every second).
-VERDICT_GRACE_S = 1.5
-# While it waits on the coordinator after sending (for its delta's verdict and snapshot, then for
-# its buffer cycle to close), a client sends Redis at most this many commands for each second of the
-# wait (small GETs: the version, the verdict, a new version's manifest), however many versions go by.
-# Raise it and a client notices its delta's snapshot sooner, at more cost to Redis per waiting client.
-WAIT_COMMANDS_PER_S = 2.0
 # A version read this recently stands for the current one where a second read would tell little
 # (the staleness in a round's line, read just after the waits).
 RECENT_VERSION_S = 1.5
@@ -68,46 +58,6 @@ RECENT_VERSION_S = 1.5
 # tries in a row it is reported as an error instead of being retried forever.
 BAD_SNAPSHOT_TRIES = 5
 MAX_REPORTED = 1000  # distinct refusals remembered (so each is warned about once), then forgotten
-
-
-class WaitBudget:
-    """The Redis commands of a wait on the coordinator: at most ``per_s`` of them for each second
-    since :meth:`restart` (a token bucket that starts empty and holds at most
-    :attr:`CAPACITY`), so that over any wait, however short, the rate stays within ``per_s``."""
-
-    CAPACITY = 2.0  # a version and its manifest, read one after the other
-
-    def __init__(self, per_s: float, should_stop: Callable[[], bool]) -> None:
-        self.per_s = per_s
-        self.should_stop = should_stop
-        self.restart()
-
-    def restart(self) -> None:
-        """A new wait begins: nothing spent yet, nothing saved up."""
-        self._tokens, self._at = 0.0, time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self._tokens = min(self.CAPACITY, self._tokens + (now - self._at) * self.per_s)
-        self._at = now
-
-    def take(self, commands: int, deadline: float = math.inf) -> bool:
-        """Sleep until ``commands`` may be sent, and count them as sent; False instead (nothing
-        counted) once ``deadline`` (a ``time.monotonic()``) comes first, or a stop is asked for."""
-        self._refill()
-        ready_at = time.monotonic() + max(0.0, commands - self._tokens) / self.per_s
-        if ready_at > deadline:
-            sleep_interruptibly(deadline - time.monotonic(), self.should_stop)
-            return False
-        if sleep_interruptibly(ready_at - time.monotonic(), self.should_stop):
-            return False
-        self._refill()
-        self._tokens -= commands
-        return True
-
-    def give_back(self, commands: int = 1) -> None:
-        """``commands`` taken were not sent after all (no manifest to read after ``current``)."""
-        self._tokens += commands
 
 
 class SnapshotFetcher:
@@ -156,12 +106,8 @@ class SnapshotFetcher:
         self._down_since: float | None = None  # time.monotonic() an outage began: warned once, not per retry
         self._run_seen = False  # a version, plan or status of the run was seen: it exists
         self._other_protocol_since: float | None = None  # when manifests of another protocol began
-        # False once a snapshot held a delta whose verdict never came: a coordinator from before them
-        self._verdicts_expected = True
         self._reported: set[str] = set()  # refusals already warned about (one line per forgery)
         self._newest: dict[str, int] = {}  # run id -> newest version read whole (rollback guard)
-        self._wait_budget = WaitBudget(WAIT_COMMANDS_PER_S, should_stop)  # of the waits after a send
-        self._included_in: SnapshotManifest | None = None  # the manifest that held the last delta waited on
         self._version_read: tuple[float, int | None] = (-math.inf, None)  # (time.monotonic(), version)
 
     def _refuse(self, what: str) -> None:
@@ -174,7 +120,7 @@ class SnapshotFetcher:
         self._reported.add(what)
         log.warning("%s; waiting for one signed by the coordinator", what)
 
-    def _call(self, what: str, operation: Callable[[], T]) -> T:
+    def call(self, what: str, operation: Callable[[], T]) -> T:
         """Run ``operation``, retrying through Redis outages until it works or a stop is asked for."""
         delays = self.retry.delays()
         while True:
@@ -208,7 +154,7 @@ class SnapshotFetcher:
 
     def ping(self) -> None:
         """Reach Redis once (the first contact): a permanent mistake raises at once."""
-        self._call("connecting", self.redis.ping)
+        self.call("connecting", self.redis.ping)
 
     def current_version(self, max_age_s: float = 0.0) -> int | None:
         """Newest complete snapshot version of the run, or None if there is none yet; one read
@@ -216,9 +162,14 @@ class SnapshotFetcher:
         read_at, version = self._version_read
         if time.monotonic() - read_at <= max_age_s:
             return version
-        version = self._call("reading the snapshot version", self.store.current_version)
+        version = self.call("reading the snapshot version", self.store.current_version)
         self._version_read = (time.monotonic(), version)
         return version
+
+    def saw_version(self, version: int) -> None:
+        """``version`` was current a moment ago (a verdict just written with it said so): a
+        :meth:`current_version` with a ``max_age_s`` answers it without asking Redis."""
+        self._version_read = (time.monotonic(), version)
 
     def wait_for_version(self, poll_s: float, on_wait: Callable[[], None] | None = None) -> int:
         """Return the current version, polling every ``poll_s`` seconds until there is one.
@@ -251,14 +202,14 @@ class SnapshotFetcher:
     def _run_exists(self) -> bool:
         """True if the run's plan or status is in Redis (its coordinator has served it)."""
         # One key per EXISTS: in a Redis Cluster the two lie in different slots (CROSSSLOT).
-        found = self._call("looking for the run",
+        found = self.call("looking for the run",
                            lambda: self.redis.exists(self.keys.plan) + self.redis.exists(self.keys.status))
         self._run_seen = self._run_seen or bool(found)
         return self._run_seen
 
     def manifest(self, version: int) -> SnapshotManifest:
         """The manifest of ``version`` (a small read); raises SnapshotError if it is gone or bad."""
-        return self._call("reading a manifest", lambda: self.store.read_manifest(version))
+        return self.call("reading a manifest", lambda: self.store.read_manifest(version))
 
     def manifest_if_readable(self, version: int) -> SnapshotManifest | None:
         """The manifest of ``version``, or None if it is gone or not readable (yet): for the waits
@@ -274,7 +225,7 @@ class SnapshotFetcher:
         failures = 0
         while True:
             try:
-                snapshot = self._call("reading a snapshot", self.store.read_latest)
+                snapshot = self.call("reading a snapshot", self.store.read_latest)
                 self._check_not_older(snapshot.manifest)
                 self._other_protocol_since = None
                 return snapshot
@@ -337,7 +288,7 @@ class SnapshotFetcher:
         """The coordinator's current round plan, or None if it has not published one or what Redis
         holds is not signed by the coordinator (reported once, then treated as no plan yet)."""
         try:
-            return self._call("reading the round plan", self.store.read_plan)
+            return self.call("reading the round plan", self.store.read_plan)
         except SnapshotError as exc:  # SnapshotUntrusted, or a signed plan this client cannot read
             self._refuse(str(exc))
             return None
@@ -368,120 +319,3 @@ class SnapshotFetcher:
                 noticed = True
             if sleep_interruptibly(poll_s, self.should_stop):
                 raise StopRequested()
-
-    def verdict(self, client_id: str) -> Verdict | None:
-        """The coordinator's verdict on this client's newest judged delta, or None if there is none
-        (not judged yet, a coordinator from before verdicts, an invitation whose Redis user may
-        not read them, or one that does not parse)."""
-
-        def read() -> bytes | None:
-            try:
-                return redis_bytes(self.redis.get(self.keys.verdict(client_id)))
-            except redis.exceptions.NoPermissionError:
-                return None  # invited before verdicts were published: its user may not read them
-
-        raw = self._call("reading a verdict", read)
-        if raw is None:
-            return None
-        try:
-            found = Verdict.decode(raw)
-        except ProtocolError as exc:
-            log.debug("unreadable verdict for %s: %s", client_id, exc)
-            return None
-        self._verdicts_expected = True
-        return found
-
-    def wait_for_cycle_close(self, *, run_id: str, included: int, grace_s: float) -> bool:
-        """After our delta is in version ``included``: wait at most ``grace_s`` (the plan's grace
-        period) for a version whose manifest says the outer buffer's cycle is closed, so that the
-        next round starts from θ with the cycle's momentum step, as every worker of a sync round
-        does. True if it closed in time (or a new run began); each version's manifest is read once,
-        and the one :meth:`wait_until_included` found the delta in is not read again. Within the
-        budget of the waits after a send (:data:`WAIT_COMMANDS_PER_S`).
-        """
-        deadline = time.monotonic() + grace_s
-        checked = -1
-        known, self._included_in = self._included_in, None
-        if known is not None and known.version == included:
-            if known.run_id != run_id or not known.progress.get("cycle_open", False):
-                return True
-            checked = included
-        while self._wait_budget.take(2, deadline):  # ``current``, and a new version's manifest
-            version = self.current_version()
-            if version is None or version < included or version == checked:
-                self._wait_budget.give_back()
-                continue
-            checked = version
-            manifest = self.manifest_if_readable(version)
-            if manifest is not None and (manifest.run_id != run_id
-                                         or not manifest.progress.get("cycle_open", False)):
-                return True
-        return False
-
-    def wait_until_included(
-        self, *, client_id: str, run_id: str, seq: int, base_version: int, within_s: float,
-        sync: bool | None = None,
-    ) -> DeltaFate:
-        """Wait (bounded by ``within_s``) until a published snapshot includes delta ``seq`` and the
-        coordinator's verdict on it is in; return what was learnt.
-
-        The coordinator lists each active client's newest settled seq in the manifest's progress.
-        Starting the next round from a base without our own last delta would make the next delta
-        repeat most of it, and Delayed Nesterov would count that work twice. A rejection ends the
-        wait at once (no snapshot will include it); a coordinator that writes no verdicts costs
-        :data:`VERDICT_GRACE_S` once.
-
-        At most :data:`WAIT_COMMANDS_PER_S` Redis commands a second of waiting: ``current`` and
-        the verdict in turn (then only the one still missing), and each newer version's manifest
-        once, read as soon as ``current`` names it. ``sync``: whether the run's rounds are
-        synchronous (None: read the plan to tell).
-        """
-        budget = self._wait_budget
-        budget.restart()
-        self._included_in = None
-        if sync is None:
-            plan = self.plan() if budget.take(1) else None
-            sync = plan is not None and plan.mode is RoundMode.SYNC
-        # A synchronous round completes only when the slowest client has sent: wait for the next
-        # version however long that takes (it follows the round whether or not ours made it).
-        deadline = time.monotonic() + (math.inf if sync else within_s)
-        included: int | None = None  # the first version after the base that holds it
-        included_at = 0.0  # time.monotonic() when it was seen
-        verdict: Verdict | None = None
-        checked = base_version  # the newest version looked at (none after the base yet)
-        verdict_next = False  # whose turn it is while both are unknown: the version's first
-        while True:
-            if verdict is None and (included is not None or verdict_next):
-                if not budget.take(1, deadline):
-                    break
-                verdict_next = False
-                found = self.verdict(client_id)
-                if found is not None and (found.run_id, found.seq) == (run_id, seq):
-                    verdict = found
-            else:
-                if not budget.take(2, deadline):  # ``current``, and a new version's manifest
-                    break
-                verdict_next = True
-                version = self.current_version()
-                if version is None or version <= checked:
-                    budget.give_back()
-                else:
-                    checked = version
-                    manifest = self.manifest_if_readable(version)
-                    if manifest is not None and manifest.run_id != run_id:
-                        return DeltaFate(verdict, None)  # a new run: the next round adopts it
-                    seqs = manifest.progress.get("client_seqs", {}) if manifest is not None else {}
-                    if sync or (isinstance(seqs, dict) and int(seqs.get(client_id, -1)) >= seq):
-                        included, included_at = version, time.monotonic()
-                        self._included_in = manifest
-            if verdict is not None and (not verdict.applied or included is not None):
-                return DeltaFate(verdict, included)
-            # The verdict is written just after the snapshot: looked for this long after it.
-            grace = VERDICT_GRACE_S if self._verdicts_expected else 0.0
-            if included is not None and time.monotonic() - included_at >= grace:
-                self._verdicts_expected = False  # a coordinator that writes none: wait no more
-                return DeltaFate(verdict, included)
-        if verdict is None or included is None:
-            log.info("delta %s:%d not yet %s after %.0f s; going on", client_id, seq,
-                     "judged" if verdict is None else "in a snapshot", within_s)
-        return DeltaFate(verdict, included)

@@ -14,9 +14,10 @@ One round::
 Before the first round, :meth:`Worker.connect` reaches both servers, so that a permanent mistake
 (a wrong password, host or port) ends the client at once instead of after a round of training.
 
-The worker only orchestrates: the fetcher reads (and waits on) what the coordinator publishes, the
-replica holds the model and θ_base, the uploader encodes and sends, the politeness rules say when
-the owner wants the machine back. It knows nothing of the terminal: it reports each round as a
+The worker only orchestrates: the fetcher reads (and waits on) what the coordinator publishes,
+the inclusion wait follows each send to its verdict (:mod:`client.inclusion`), the replica holds
+the model and θ_base, the uploader encodes and sends, the politeness rules say when the owner
+wants the machine back. It knows nothing of the terminal: it reports each round as a
 :class:`RoundReport` through a callback, notices ("waiting for the first snapshot") through another,
 and progress within a round to a :class:`~client.events.WorkerEvents` (the live display).
 
@@ -41,6 +42,7 @@ from client.config import ClientConfig
 from client.events import RoundStart, WorkerEvents
 from client.fetcher import RECENT_VERSION_S, SnapshotFetcher
 from client.identity import ClientIdentity
+from client.inclusion import InclusionWait
 from client.memory_caps import MemoryGuard, OverMemory, cap_gpu_memory
 from client.politeness import Politeness
 from client.replica import Replica
@@ -98,6 +100,7 @@ class Worker:
             contact=ServerContact(config.connection.redis_url, option="--redis"),
             run_wait_s=config.run_wait_s or None,
         )
+        self.waits = InclusionWait(self.fetcher, self.identity.client_id)
         self.uploader = DeltaUploader(
             config.connection, keys=self.keys, retry=config.retry, part_bytes=config.part_bytes
         )
@@ -260,14 +263,14 @@ class Worker:
         fate = DeltaFate()
         waiting = time.monotonic()
         if upload.confirmed and self.config.include_wait_s > 0 and not self._should_stop():
-            fate = self.fetcher.wait_until_included(
-                client_id=self.client_id, run_id=run_id, seq=message.seq, base_version=base_version,
+            fate = self.waits.until_included(
+                run_id=run_id, seq=message.seq, base_version=base_version,
                 within_s=self.config.include_wait_s, sync=plan.mode is RoundMode.SYNC)
             if fate.verdict is not None and not fate.verdict.applied:
                 self._last_sent = None  # one delta per base counts applied ones: this base is free again
             self._grace(run_id, fate, plan)
         if upload.confirmed and not self._should_stop():
-            # the waits just read it (at most 2 Redis commands a second of waiting: client/fetcher.py)
+            # the waits just read it (or the verdict named it: client/inclusion.py)
             current = self.fetcher.current_version(max_age_s=RECENT_VERSION_S)
             staleness = None if current is None else current - base_version
         wait_s += time.monotonic() - waiting
@@ -343,7 +346,7 @@ class Worker:
             return
         if plan.grace_s <= 0 or plan.mode not in (RoundMode.DYLU, RoundMode.FIXED):
             return
-        self.fetcher.wait_for_cycle_close(run_id=run_id, included=fate.version, grace_s=plan.grace_s)
+        self.waits.for_cycle_close(run_id=run_id, included=fate.version, grace_s=plan.grace_s)
 
     def _wait_for_newer_base(self) -> None:
         """Never start a round from the base the last confirmed delta was computed on.

@@ -9,9 +9,10 @@ What a volunteer may do, and nothing more:
 
 * broker, in the run's vhost: configure nothing, read nothing, write only the run's delta exchange
   (``asyncloco.RUN.deltas.in``); at most 2 connections and 4 channels;
-* Redis: ``GET``/``MGET``/``EXISTS`` on the run's ``current``, ``plan``, ``status``,
-  ``snapshot:*`` and ``verdict:*`` keys, ``PING``, ``HELLO``, ``AUTH``, ``SELECT`` and
-  ``CLIENT SETNAME``: no writes, no admin commands, no other run's keys.
+* Redis: ``GET``/``MGET``/``EXISTS`` on the run's ``current``, ``plan``, ``status`` and
+  ``snapshot:*`` keys, ``XREAD`` (blocking or not) of its ``verdict:*`` streams, ``PING``,
+  ``HELLO``, ``AUTH``, ``SELECT`` and ``CLIENT SETNAME``: no writes, no admin commands, no other
+  run's keys.
 """
 
 from __future__ import annotations
@@ -41,14 +42,15 @@ VOLUNTEER_MAX_CONNECTIONS = 2
 VOLUNTEER_MAX_CHANNELS = 4
 HTTP_TIMEOUT_S = 10.0
 # What the client really calls: reads of the snapshot, plan and status; the connection's own set-up.
-VOLUNTEER_REDIS_COMMANDS = ("get", "mget", "exists", "ping", "hello", "auth", "select", "client|setname")
+VOLUNTEER_REDIS_COMMANDS = ("get", "mget", "exists", "xread", "ping", "hello", "auth", "select",
+                            "client|setname")
 
 
 def volunteer_redis_rules(keys: RunKeys, password: str = "", *, password_sha256: str = "") -> list[str]:
     """``ACL SETUSER`` rules: read-only access to the run's published keys, nothing else; the
     password given as itself or as its SHA-256 (hex)."""
     secret = f">{password}" if password else f"#{password_sha256}"
-    published = [keys.current, keys.plan, keys.status, keys.snapshot_pattern, keys.verdict("*")]
+    published = [keys.current, keys.plan, keys.status, keys.snapshot_pattern, keys.verdicts("*")]
     return ["reset", "on", secret, *(f"%R~{k}" for k in published), "resetchannels", "-@all",
             *(f"+{c}" for c in VOLUNTEER_REDIS_COMMANDS)]
 

@@ -56,7 +56,8 @@ class Publisher:
             )
             self.store.publish_plan(run.plan(now))
             self.published_version = run.version
-            run.intake.verdicts.publish(self.redis, self.keys)  # an applied delta's, with its snapshot
+            run.intake.verdicts.publish(self.redis, self.keys, version=run.version,  # with its snapshot
+                                        cycle_open=run.cycle_open)
             if self.on_published is not None:
                 self.on_published(run.version, time.monotonic() - started)
             if self.redis_down:
@@ -74,8 +75,8 @@ class Publisher:
         return lost, current
 
     def refresh(self, run: RunState, status: dict[str, object]) -> None:
-        """Rewrite the plan (speeds change) and the status document; write pending verdicts (a
-        rejection commits no snapshot)."""
+        """Rewrite the plan (speeds change) and the status document; write pending rejections (a
+        rejection commits no snapshot; an applied delta's verdict waits for the one that has it)."""
         self.store.publish_plan(run.plan(time.time()))
         publish_status(self.redis, self.keys, status)
         run.intake.verdicts.publish(self.redis, self.keys)

@@ -279,9 +279,13 @@ class RunState:
             "updates": self.intake.counts["applied"],
             **self.progress.as_dict(),
             "client_seqs": {c.client_id: c.max_seq for c in self.registry.active(now)},
-            # the outer buffer holds deltas whose momentum step is still to come (RoundPlan.grace_s)
-            "cycle_open": self.optimizer.pending > 0,
+            "cycle_open": self.cycle_open,
         }
+
+    @property
+    def cycle_open(self) -> bool:
+        """The outer buffer holds deltas whose momentum step is still to come (RoundPlan.grace_s)."""
+        return self.optimizer.pending > 0
 
     def _step_share(self) -> float:
         """γ of the descent check: the share of a delta one arrival's outer step applies, ε/N."""

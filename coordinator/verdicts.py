@@ -1,26 +1,29 @@
 """The verdicts waiting to be told to their clients: each client's newest applied or rejected delta.
 
-The intake records one per judged delta (:meth:`VerdictBoard.record`); the publisher writes them
-to Redis (:meth:`VerdictBoard.publish`) with each snapshot and at every housekeeping pass, one
-small key per client (:mod:`shared.verdict`), so a client learns the fate of its delta by one GET.
-A verdict may be written up to a second before the commit that records it: if the coordinator
-dies in between, the delta is delivered again and judged again.
+The intake records one per judged delta (:meth:`VerdictBoard.record`); the publisher appends them
+to each client's verdict stream in Redis (:mod:`shared.verdict`), where the client's blocking read
+waits for it. An applied delta's verdict is written only with a snapshot (:meth:`VerdictBoard.publish`
+with its version): θ already holds every delta the intake applied, and the commit before the
+publish made them durable, so that snapshot is the first to include it. A rejection's is written
+at the next housekeeping pass too (:meth:`VerdictBoard.publish` without a version), up to a second
+before the commit that records it: if the coordinator dies in between, the delta is delivered again
+and judged again.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import redis
 
 from coordinator.identity import IDENTITY_REASONS
 from coordinator.outcome import Outcome, OutcomeKind
 from shared.keys import RunKeys
-from shared.verdict import Verdict
+from shared.verdict import Verdict, append
 
 log = logging.getLogger(__name__)
 
-VERDICT_TTL_S = 24 * 3600
 # Clients waiting for a write between two publishes; past it the newest verdicts of further
 # clients are dropped (their round lines then say "?"), so a flood of client ids grows nothing.
 MAX_PENDING = 10_000
@@ -50,13 +53,20 @@ class VerdictBoard:
             run_id=self.run_id, seq=outcome.seq, applied=applied, reason="" if applied else outcome.reason,
             detail="" if applied else outcome.detail, at=now)
 
-    def publish(self, client: redis.Redis, keys: RunKeys) -> None:
-        """Write the pending verdicts in one round trip. Redis errors propagate (the publisher's
-        outage handling); the verdicts then stay pending for the next try."""
-        if not self.pending:
+    def publish(self, client: redis.Redis, keys: RunKeys, *, version: int | None = None,
+                cycle_open: bool = False) -> None:
+        """Write the pending verdicts in one round trip: with snapshot ``version`` just published
+        (whose outer buffer cycle is open or not) all of them, applied ones naming it; without,
+        the rejections only. Redis errors propagate (the publisher's outage handling); the
+        verdicts then stay pending for the next try."""
+        ready = {c: v for c, v in self.pending.items() if version is not None or not v.applied}
+        if not ready:
             return
         pipe = client.pipeline(transaction=False)
-        for client_id, verdict in self.pending.items():
-            pipe.set(keys.verdict(client_id), verdict.encode(), ex=VERDICT_TTL_S)
+        for client_id, verdict in ready.items():
+            if verdict.applied and version is not None:
+                verdict = replace(verdict, version=version, cycle_open=cycle_open)
+            append(pipe, keys.verdicts(client_id), verdict)
         pipe.execute()
-        self.pending.clear()
+        for client_id in ready:
+            del self.pending[client_id]

@@ -6,5 +6,6 @@ from ``coordinator`` or ``client``.
 """
 
 # 2: the round plan carries one `mode` instead of sync/dylu/warm_start flags; 3: a snapshot's Redis
-# keys carry a cluster hash tag (shared/keys.py), so a protocol-2 peer cannot find them
-PROTOCOL_VERSION = 3
+# keys carry a cluster hash tag (shared/keys.py), so a protocol-2 peer cannot find them; 4: verdicts
+# are a stream per client that names the snapshot holding an applied delta (shared/verdict.py)
+PROTOCOL_VERSION = 4

@@ -7,7 +7,7 @@ Layout for run ``R`` (all under the prefix ``asyncloco:R:``)::
     current                   the newest complete version, as a decimal string (the atomic flip)
     plan                      msgpack round plan (Dynamic Local Updates)
     status                    JSON status document written by the coordinator
-    verdict:{client_id}       JSON verdict on the client's newest judged delta (shared/verdict.py)
+    verdicts:{client_id}      stream of the verdicts on the client's judged deltas (shared/verdict.py)
     coordinator               lease of the running coordinator (its instance id, with a TTL)
 
 ``{R:vV}`` is a Redis Cluster hash tag (the braces are literal): Redis Cluster hashes only what is
@@ -91,8 +91,8 @@ class RunKeys:
     def status(self) -> str:
         return f"{self.prefix}status"
 
-    def verdict(self, client_id: str) -> str:
-        return f"{self.prefix}verdict:{client_id}"
+    def verdicts(self, client_id: str) -> str:
+        return f"{self.prefix}verdicts:{client_id}"
 
     @property
     def coordinator_lease(self) -> str:

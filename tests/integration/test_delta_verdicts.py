@@ -12,10 +12,12 @@ import redis
 from client.report import RoundReport
 from client.worker import Worker
 from coordinator.intake import IntakeConfig
+from coordinator.outcome import Outcome, OutcomeKind
 from coordinator.registry import PlanConfig
+from coordinator.verdicts import VerdictBoard
 from harness.processes import wait_for
 from shared.keys import RunKeys
-from shared.verdict import Verdict
+from shared.verdict import VERDICT_STREAM_LEN, VERDICT_TTL_S, parse_entries
 from tests.integration.test_coordinator_intake import _status
 from tests.integration.test_signed_snapshots import client_config
 from tests.services import serving, small_config
@@ -47,8 +49,11 @@ def test_every_round_says_its_delta_was_applied_and_in_which_version(
         assert report.fate.version is not None and report.fate.version > report.base_version
         assert report.line().endswith(f"  applied v={report.fate.version}")
     assert summary.endswith("; 2 applied, 0 rejected")
-    stored = redis_client.get(RunKeys(run_name).verdict("judged"))  # what a volunteer's user may read
-    assert isinstance(stored, bytes) and Verdict.decode(stored).seq == reports[-1].seq
+    # what a volunteer's user may read: one entry per verdict, each naming its snapshot
+    entries = redis_client.xrange(RunKeys(run_name).verdicts("judged"))
+    verdicts, _ = parse_entries(entries)
+    assert [(v.seq, v.applied, v.version) for v in verdicts] == [
+        (r.seq, True, r.fate.version) for r in reports]
 
 
 def test_the_coordinators_status_shows_each_clients_reported_round_timings(
@@ -81,3 +86,22 @@ def test_a_rejected_delta_says_why_at_once(run_name: str, tmp_path: Path) -> Non
         assert report.fate.version is None  # no snapshot holds it
     assert summary.endswith("; 0 applied, 2 rejected")
     assert json.loads(reports[0].fate.verdict.encode())["reason"] == "bad_steps"  # type: ignore[union-attr]
+
+
+def test_a_rejection_is_told_at_once_and_an_applied_delta_with_the_snapshot_that_holds_it(
+    run_name: str, redis_client: redis.Redis
+) -> None:
+    keys, board = RunKeys(run_name), VerdictBoard("rid-1")
+    board.record(Outcome(OutcomeKind.APPLIED, client_id="alice", seq=3), now=1.0)
+    board.record(Outcome.rejected("stale", "too old", "bob", 5), now=2.0)
+    board.publish(redis_client, keys)  # a housekeeping pass: no snapshot yet
+    assert parse_entries(redis_client.xrange(keys.verdicts("bob")))[0][0].reason == "stale"
+    assert redis_client.xrange(keys.verdicts("alice")) == [] and list(board.pending) == ["alice"]
+    board.publish(redis_client, keys, version=9, cycle_open=True)  # with snapshot 9
+    (told,), _ = parse_entries(redis_client.xrange(keys.verdicts("alice")))
+    assert (told.seq, told.applied, told.version, told.cycle_open) == (3, True, 9, True)
+    assert board.pending == {} and 0 < redis_client.ttl(keys.verdicts("alice")) <= VERDICT_TTL_S
+    for seq in range(4, 4 + 2 * VERDICT_STREAM_LEN):  # a long-lived client's stream stays short
+        board.record(Outcome(OutcomeKind.APPLIED, client_id="alice", seq=seq), now=3.0)
+        board.publish(redis_client, keys, version=seq + 6)
+    assert redis_client.xlen(keys.verdicts("alice")) == VERDICT_STREAM_LEN

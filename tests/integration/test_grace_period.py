@@ -12,6 +12,7 @@ import redis
 import torch
 
 from client.fetcher import SnapshotFetcher
+from client.inclusion import InclusionWait
 from harness.processes import AMQP_URL, REDIS_URL
 from shared.keys import RunKeys
 from shared.settings import ConnectionSettings, RetryPolicy, connect_redis
@@ -35,6 +36,7 @@ def test_a_client_waits_for_the_cycle_to_close_then_goes_on(run_name: str, redis
     store = SnapshotStore(redis_client, keys, signer=key)
     store.publish(run_id="r", version=1, params=PARAMS, config={}, progress={"cycle_open": True})
     fetcher, reader = _fetcher(keys, key)
+    waits = InclusionWait(fetcher, "me")
     try:
         # version 2 closes the cycle 0.4 s later: the wait ends then, well before its 10 s grace
         closer = threading.Timer(0.4, lambda: store.publish(
@@ -42,7 +44,7 @@ def test_a_client_waits_for_the_cycle_to_close_then_goes_on(run_name: str, redis
         started = time.monotonic()
         closer.start()
         try:
-            assert fetcher.wait_for_cycle_close(run_id="r", included=1, grace_s=10.0) is True
+            assert waits.for_cycle_close(run_id="r", included=1, grace_s=10.0) is True
         finally:
             closer.join()
         assert 0.3 < time.monotonic() - started < 5.0
@@ -50,13 +52,13 @@ def test_a_client_waits_for_the_cycle_to_close_then_goes_on(run_name: str, redis
         # open, and nothing closes it: the grace runs out and the client goes on
         store.publish(run_id="r", version=3, params=PARAMS, config={}, progress={"cycle_open": True})
         started = time.monotonic()
-        assert fetcher.wait_for_cycle_close(run_id="r", included=3, grace_s=0.5) is False
+        assert waits.for_cycle_close(run_id="r", included=3, grace_s=0.5) is False
         assert 0.45 < time.monotonic() - started < 3.0
 
         # our delta closed the cycle itself (or a coordinator without grace periods): no wait at all
         store.publish(run_id="r", version=4, params=PARAMS, config={}, progress={})
         started = time.monotonic()
-        assert fetcher.wait_for_cycle_close(run_id="r", included=4, grace_s=10.0) is True
+        assert waits.for_cycle_close(run_id="r", included=4, grace_s=10.0) is True
         assert time.monotonic() - started < 2.0
     finally:
         reader.close()

@@ -71,16 +71,18 @@ def test_a_volunteers_redis_user_reads_the_snapshot_and_nothing_else(
     run_name: str, invited: dict[str, JoinToken], redis_client: redis.Redis
 ) -> None:
     keys, other = RunKeys(run_name), RunKeys(f"{run_name}-other")
-    for key in (keys.current, keys.plan, keys.status, keys.manifest(3), keys.chunk(3, 0),
-                keys.verdict("alice"), other.current):
+    for key in (keys.current, keys.plan, keys.status, keys.manifest(3), keys.chunk(3, 0), other.current):
         redis_client.set(key, b"x")
+    redis_client.xadd(keys.verdicts("alice"), {b"v": b"x"})
+    redis_client.xadd(other.verdicts("alice"), {b"v": b"x"})
     redis_client.set(keys.coordinator_lease, b"host:1:abc", ex=30)
     volunteer = redis.Redis.from_url(invited["alice"].redis)
     try:
         assert volunteer.ping()
         assert volunteer.get(keys.current) == b"x" and volunteer.exists(keys.plan) == 1
         assert volunteer.mget([keys.manifest(3), keys.chunk(3, 0), keys.status]) == [b"x"] * 3
-        assert volunteer.get(keys.verdict("alice")) == b"x"  # the verdicts on its deltas
+        (_, [(_, fields)]), = volunteer.xread({keys.verdicts("alice"): "0-0"}, block=100)
+        assert fields == {b"v": b"x"}  # the verdicts on its deltas, read by a blocking XREAD
         refused = [
             lambda: volunteer.set(keys.current, b"999"),  # point everyone at a forged model
             lambda: volunteer.set(keys.manifest(3), b"forged"),
@@ -88,6 +90,9 @@ def test_a_volunteers_redis_user_reads_the_snapshot_and_nothing_else(
             lambda: volunteer.set(keys.coordinator_lease, b"mine"),  # stop the coordinator
             lambda: volunteer.get(keys.coordinator_lease),
             lambda: volunteer.get(other.current),  # another run's keys
+            lambda: volunteer.xread({other.verdicts("alice"): "0-0"}),
+            lambda: volunteer.xadd(keys.verdicts("alice"), {b"v": b"forged"}),  # its own verdicts
+            lambda: volunteer.xtrim(keys.verdicts("alice"), maxlen=0),
             lambda: volunteer.flushall(),
             lambda: volunteer.config_get("*"),
             lambda: volunteer.keys("*"),
@@ -103,7 +108,7 @@ def test_a_volunteers_redis_user_reads_the_snapshot_and_nothing_else(
         assert redis_client.get(keys.coordinator_lease) == b"host:1:abc"
     finally:
         volunteer.close()
-        redis_client.delete(other.current)
+        redis_client.delete(other.current, other.verdicts("alice"))
 
 
 def test_a_volunteers_broker_user_publishes_deltas_and_nothing_else(

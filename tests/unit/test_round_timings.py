@@ -40,7 +40,7 @@ def timed_worker(tmp_path: Path, rounds: int) -> tuple[Any, list[DeltaMessage], 
         time.sleep(UPLOAD_S)
         return Upload(confirmed=True, body_bytes=1000, upload_s=UPLOAD_S)
 
-    w.fetcher.wait_for_plan, w.fetcher.wait_until_included = slow_plan, slow_wait
+    w.fetcher.wait_for_plan, w.waits.until_included = slow_plan, slow_wait
     w.fetcher.current_version = lambda max_age_s=0.0: next(versions)
     w.uploader.send = slow_send
     reports: list[RoundReport] = []

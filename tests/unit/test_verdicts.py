@@ -4,6 +4,7 @@ tells (only under a checked sender's name), and how the client's round line says
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -11,7 +12,14 @@ from client.report import DeltaFate, RoundReport, RunSummary
 from coordinator.outcome import Outcome, OutcomeKind
 from coordinator.verdicts import MAX_PENDING, VerdictBoard
 from shared.errors import ProtocolError
-from shared.verdict import MAX_DETAIL_CHARS, MAX_VERDICT_BYTES, Verdict
+from shared.verdict import (
+    MAX_DETAIL_CHARS,
+    MAX_ENTRIES_READ,
+    MAX_VERDICT_BYTES,
+    VERDICT_FIELD,
+    Verdict,
+    parse_entries,
+)
 
 
 def test_a_verdict_travels_whole_and_its_detail_is_cut() -> None:
@@ -30,10 +38,42 @@ def test_a_verdict_travels_whole_and_its_detail_is_cut() -> None:
     json.dumps({"run_id": "r", "seq": -1, "applied": True, "reason": "", "detail": "", "at": 1}).encode(),
     json.dumps({"run_id": "", "seq": 1, "applied": True, "reason": "", "detail": "", "at": 1}).encode(),
     json.dumps({"run_id": "r", "seq": 1, "applied": "yes", "reason": "", "detail": "", "at": 1}).encode(),
+    json.dumps({"run_id": "r", "seq": 1, "applied": True, "reason": "", "detail": "", "at": 1,
+                "version": -2}).encode(),
+    json.dumps({"run_id": "r", "seq": 1, "applied": True, "reason": "", "detail": "", "at": 1,
+                "version": 3.5}).encode(),
+    json.dumps({"run_id": "r", "seq": 1, "applied": True, "reason": "", "detail": "", "at": 1,
+                "cycle_open": 1}).encode(),
 ])
 def test_anything_else_is_refused_as_a_protocol_error(raw: bytes) -> None:
     with pytest.raises(ProtocolError):
         Verdict.decode(raw)
+
+
+def test_an_applied_verdict_names_its_snapshot_and_its_cycle() -> None:
+    back = Verdict.decode(Verdict("rid-1", 7, True, at=1.0, version=12, cycle_open=True).encode())
+    assert (back.version, back.cycle_open) == (12, True)
+    older = {"run_id": "r", "seq": 1, "applied": False, "reason": "stale", "detail": "", "at": 1}
+    assert Verdict.decode(json.dumps(older).encode()).version == -1  # a rejection names none
+
+
+def test_stream_entries_from_a_server_a_client_must_not_trust_yield_only_verdicts() -> None:
+    good = Verdict("rid-1", 7, True, at=1.0, version=3)
+    entries = [
+        (b"1-0", {VERDICT_FIELD: good.encode()}),
+        (b"2-0", {VERDICT_FIELD: b"not json"}),  # skipped, but read past
+        (b"3-0", {b"other": good.encode()}),
+        (b"4-0", "not a dict"),
+        ("5-0", {VERDICT_FIELD: 12}),
+        ["too", "many", "items"],
+        (b"9" * 100, {VERDICT_FIELD: good.encode()}),  # an id too long to be one
+        (b"6-0", {VERDICT_FIELD: replace(good, seq=8).encode()}),
+    ]
+    verdicts, last = parse_entries(entries)
+    assert [v.seq for v in verdicts] == [7, 8] and last == b"6-0"
+    assert parse_entries(None) == ([], None) and parse_entries(b"junk") == ([], None)
+    many = [(f"{i}-0".encode(), {VERDICT_FIELD: good.encode()}) for i in range(MAX_ENTRIES_READ * 10)]
+    assert len(parse_entries(many)[0]) == MAX_ENTRIES_READ
 
 
 def test_the_board_keeps_each_clients_newest_verdict_under_a_checked_name_only() -> None:
