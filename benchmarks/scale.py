@@ -95,8 +95,8 @@ class ServedRun:
     be killed)."""
 
     def __init__(self, *, model: str, extra: list[str], workdir: Path, start_timeout_s: float,
-                 lifetime_s: float) -> None:
-        self.run = new_run_name("bench-scale")
+                 lifetime_s: float, prefix: str = "bench-scale") -> None:
+        self.run = new_run_name(prefix)
         self.workdir = workdir / self.run
         self.workdir.mkdir(parents=True)
         self.checkpoint = self.workdir / "checkpoint"
