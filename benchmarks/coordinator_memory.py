@@ -1,0 +1,156 @@
+"""Where a coordinator's memory goes, stage by stage, in units of the model's fp32 bytes (issue 13).
+
+``scale.py --large`` measured a coordinator serving the 100M model at 7.8× the model's fp32 bytes
+(peak RSS). This script builds the same coordinator's parts one after the other in this process,
+with the code the service runs, and reads VmRSS after each stage, the peak during it (VmHWM,
+reset before each stage through ``/proc/self/clear_refs``), and VmRSS again after glibc's
+``malloc_trim`` (``live``: what the allocator kept of freed memory handed back, so the rest is held
+by live objects):
+
+1. Python, torch and the coordinator's modules imported;
+2. ``RunState.open``: the task, its eval model and data, the outer optimizer (θ, momentum and the
+   buffer's sum), the guard, the registry;
+3. one int8 delta of the model's shapes held as its message bytes (as the consumer hands it over);
+4. ``DeltaIntake.handle`` of it, as the body assembled from its parts (decode, checks, guard, the
+   outer step), twice more with fresh deltas (what a steady stream leaves behind);
+5. ``save_checkpoint`` (streamed to a temp file, fsync, rename);
+6. ``Publisher.publish`` of the signed snapshot to Redis (a run of its own, deleted afterwards).
+
+    .venv/bin/python benchmarks/coordinator_memory.py                   # large (100M): ~2 min, 4 GB
+    .venv/bin/python benchmarks/coordinator_memory.py --model-size small
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+from served import memory_bytes
+from table_csv import write_rows
+
+from coordinator.checkpoint import save_checkpoint
+from coordinator.config import AuthMode, CoordinatorConfig
+from coordinator.outcome import OutcomeKind
+from coordinator.publisher import Publisher
+from coordinator.run_admin import delete_run
+from coordinator.run_state import RunState
+from harness.processes import AMQP_URL, REDIS_URL, ensure_services, new_run_name
+from shared.codecs import get_codec
+from shared.keys import RunKeys
+from shared.protocol import DeltaMessage
+from shared.settings import ConnectionSettings
+from shared.signing import SigningKey
+
+RESULTS = Path(__file__).resolve().parent / "results" / "coordinator_memory"
+MB = 1e6
+LIBC = ctypes.CDLL("libc.so.6")  # glibc's malloc_trim (Linux, as /proc is)
+
+
+def _reset_peak() -> None:
+    """Set VmHWM back to the current VmRSS (Linux 4.0+)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+class Stages:
+    """Rows of (stage, RSS after, peak during), each also in units of ``model_bytes``."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.model_bytes = 0
+        _reset_peak()
+
+    def done(self, stage: str) -> None:
+        rss, peak = memory_bytes(os.getpid()) or 0, memory_bytes(os.getpid(), "VmHWM") or 0
+        gc.collect()
+        LIBC.malloc_trim(0)  # what the allocator kept of freed memory goes back: the rest is live
+        live = memory_bytes(os.getpid()) or 0
+        previous = self.rows[-1]["live_mb"] * MB if self.rows else 0
+        self.rows.append({"stage": stage, "rss_mb": round(rss / MB, 1), "live_mb": round(live / MB, 1),
+                          "added_mb": round((live - previous) / MB, 1), "peak_mb": round(peak / MB, 1)})
+        print(f"{stage}: RSS {rss / MB:.0f} MB ({live / MB:.0f} live), peak {peak / MB:.0f}", flush=True)
+        _reset_peak()
+
+    def in_models(self) -> list[dict[str, Any]]:
+        per = self.model_bytes / MB
+        kinds = ("rss", "live", "added", "peak")
+        return [{**row, **{f"{k}_x": round(row[f"{k}_mb"] / per, 2) for k in kinds}} for row in self.rows]
+
+
+def delta_message(run: RunState, seq: int) -> bytes:
+    """An honest-sized int8 delta of the model's shapes (a small step: the guard passes it), from a
+    client of its own (one delta per client per base)."""
+    codec = get_codec("int8")
+    torch.manual_seed(0)  # one direction for all (the guard refuses one against the momentum)
+    tensors = {name: codec.encode(torch.randn_like(p) * 1e-4 * (p.abs().mean() + 1e-3))
+               for name, p in run.optimizer.params.items()}
+    steps = run.config.plan.local_steps
+    return DeltaMessage(run_id=run.run_id, client_id=f"probe-{seq}", seq=0, base_version=run.version,
+                        local_steps=steps, samples=steps, tokens=steps * 256, compute_s=float(steps),
+                        train_loss=3.0, codec="int8", tensors=tensors, sent_at=time.time()).encode()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-size", default="large", help="bytelm size: tiny, small, medium, large")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    stages = Stages()
+    stages.done("python, torch and the coordinator imported")
+    ensure_services()
+    workdir = Path(tempfile.mkdtemp(prefix="asyncloco-coordmem-"))
+    name = new_run_name("bench-coordmem")
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        servers = ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL)
+        config = CoordinatorConfig(auth=AuthMode.OPEN, run=name, connection=servers,
+                                   task_settings={"model_size": args.model_size},
+                                   checkpoint_dir=workdir / "ckpt")
+        run = RunState.open(config, None, None)
+        run.start_at(0)
+        stages.model_bytes = sum(p.numel() * 4 for p in run.optimizer.params.values())
+        stages.done("RunState: task, eval model, outer optimizer, guard")
+        for seq in range(3):
+            body = delta_message(run, seq)
+            stages.done(f"delta {seq}: its int8 message held ({len(body) / MB:.0f} MB)")
+            # past one message's limit a delta comes in parts, and the assembled body is judged
+            outcome = run.intake.handle(body, parts_of=(f"probe-{seq}", 0))
+            del body
+            if outcome.kind is not OutcomeKind.APPLIED:
+                raise RuntimeError(f"the probe's delta was not applied: {outcome}")
+            stages.done(f"delta {seq}: judged and applied")
+        run.advance_version()
+        save_checkpoint(config.checkpoint_dir, run.checkpoint())
+        stages.done("checkpoint written")
+        publisher = Publisher(client, RunKeys(name), keep_versions=3, signing_key=SigningKey.generate())
+        publisher.publish(run)
+        stages.done("snapshot published")
+    finally:
+        delete_run(client, ConnectionSettings(amqp_url=AMQP_URL), name, force=True)
+        client.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    rows = stages.in_models()
+    out = args.out or RESULTS / f"coordinator_memory_{args.model_size}.csv"
+    write_rows(out, rows)
+    print(f"\nmodel: bytelm {args.model_size}, {stages.model_bytes / MB:.0f} MB of fp32 parameters\n")
+    print("| stage | RSS MB | live MB | added MB | peak MB | RSS × model | live × model | peak × model |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['stage']} | {row['rss_mb']} | {row['live_mb']} | {row['added_mb']} | "
+              f"{row['peak_mb']} | {row['rss_x']} | {row['live_x']} | {row['peak_x']} |")
+    print(f"CSV: {out}")
+
+
+if __name__ == "__main__":
+    main()
