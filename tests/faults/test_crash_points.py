@@ -16,7 +16,7 @@ from harness.processes import Processes, wait_for
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 CLIENTS = ("alpha", "beta")
-CLIENT_SECONDS = 22
+CLIENT_SECONDS = 16
 
 # The pass of each point that crashes: late enough that both clients have deltas in flight
 # (the initial commit passes the checkpoint and snapshot points once before any delta).
