@@ -10,12 +10,15 @@ fresh batch drawn with the coordinator's own secret seed (a volunteer cannot tun
     refused (``no_descent``) when  L(θ − γ·g) − L(θ) > tolerance · L(θ)
 
 with γ the share of the delta the outer step applies at once (ε/N). Two forward passes of one
-batch on the coordinator's evaluation model per checked delta; 0 turns it off (the default). The
-loss before the move is computed on the same batch, so the batch's own difficulty cancels.
+batch per checked delta, on a copy of the coordinator's evaluation model made at the first check
+(the evaluation model's parameters are θ itself: moving them would move θ); 0 turns it off (the
+default). The loss before the move is computed on the same batch, so the batch's own difficulty
+cancels.
 """
 
 from __future__ import annotations
 
+import copy
 import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,7 +38,8 @@ class DescentCheck:
                  step_share: StepShare, tolerance: float, device: torch.device | str = "cpu",
                  seed: int | None = None) -> None:
         self.task = task
-        self.model = model  # the coordinator's evaluation model: θ is copied in for each check
+        self.template = model  # the coordinator's evaluation model, copied at the first check
+        self._model: torch.nn.Module | None = None  # that copy: θ is copied in for each check
         self.params = params  # θ, as the outer optimizer holds it
         self.step_share = step_share
         self.tolerance = tolerance
@@ -47,19 +51,17 @@ class DescentCheck:
         """Why ``delta`` is refused (it raises the trusted loss beyond the tolerance), or None."""
         batch = to_device(next(self._stream()), self.device)
         gamma = self.step_share()
-        named = dict(self.model.named_parameters())
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for name, param in named.items():
-                    param.copy_(self.params[name])
-                before = float(self.task.loss(self.model, batch))
-                for name, param in named.items():
-                    param.sub_(delta[name].to(param.device, param.dtype), alpha=gamma)
-                after = float(self.task.loss(self.model, batch))
-        finally:
-            self.model.train(was_training)
+        if self._model is None:
+            self._model = copy.deepcopy(self.template).eval()  # storage of its own, never θ's
+        model = self._model
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, param in named.items():
+                param.copy_(self.params[name])
+            before = float(self.task.loss(model, batch))
+            for name, param in named.items():
+                param.sub_(delta[name].to(param.device, param.dtype), alpha=gamma)
+            after = float(self.task.loss(model, batch))
         if after - before > self.tolerance * abs(before):
             return (f"the trusted loss rose from {before:.4g} to {after:.4g} along it "
                     f"(tolerance {100 * self.tolerance:g}%)")

@@ -199,7 +199,7 @@ class OuterOptimizer:
                 key = prefix + name
                 if key not in tensors or tensors[key].shape != group[name].shape:
                     raise ConfigError(f"checkpoint does not match the model: {key}")
-                group[name] = tensors[key].to(torch.float32).clone()
+                group[name].copy_(tensors[key])  # in place: whatever shares θ's storage sees it
         self.pending = pending
         self.filled = float(pending if filled is None else filled)  # older checkpoints: weights of 1
         self.arrivals = arrivals

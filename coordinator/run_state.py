@@ -167,6 +167,7 @@ class RunState:
         self.device = torch.device(config.device)
         self.eval_model = self.task.build_model().to(self.device)
         self.optimizer = make_outer_optimizer(dict(self.eval_model.named_parameters()), config.outer)
+        self._share_theta()
         self.registry = ClientRegistry(config.plan)
         self.progress = RunProgress()
         self.warm = WarmStart(config.plan.warm_start_steps, progress=self.progress,
@@ -297,10 +298,23 @@ class RunState:
         """True when the newest committed version has not been evaluated yet."""
         return not self.eval_history or self.eval_history[-1][0] != self.version
 
+    def _share_theta(self) -> None:
+        """On the CPU, the evaluation model's parameters become θ's tensors (one copy of the model
+        less: docs/BENCHMARKS.md, coordinator_memory.py); elsewhere θ is copied in to evaluate."""
+        if self.device.type != "cpu":
+            return
+        with torch.no_grad():
+            for name, param in self.eval_model.named_parameters():
+                theta = self.optimizer.params[name]
+                if param.shape == theta.shape and param.dtype == theta.dtype:
+                    param.data = theta
+
     def evaluate(self) -> float:
         with torch.no_grad():
             for name, param in self.eval_model.named_parameters():
-                param.copy_(self.optimizer.params[name])
+                theta = self.optimizer.params[name]
+                if param.data_ptr() != theta.data_ptr():  # not shared (another device)
+                    param.copy_(theta)
         loss = float(self.task.evaluate(self.eval_model, self.device))
         self.eval_history.append([self.version, time.time(), loss])
         del self.eval_history[:-EVAL_HISTORY]

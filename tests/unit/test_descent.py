@@ -16,6 +16,8 @@ def _check(tolerance: float = 0.0) -> tuple[DescentCheck, dict[str, torch.Tensor
     task = LinearRegressionTask()
     model = task.build_model()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, param in model.named_parameters():  # as the coordinator's evaluation model: θ itself
+        param.data = params[name]
     return DescentCheck(task, model, params, step_share=lambda: 0.1, tolerance=tolerance, seed=3), params
 
 
