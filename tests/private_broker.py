@@ -56,6 +56,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop_epmd(port: int) -> None:
+    """Ask exactly the epmd on ``port`` to exit (a no-op if none runs there; epmd refuses while a
+    node is still registered with it)."""
+    epmd = shutil.which("epmd")
+    if epmd is not None:
+        subprocess.run([epmd, "-port", str(port), "-kill"], env=dict(os.environ, ERL_EPMD_PORT=str(port)),
+                       capture_output=True, timeout=30, check=False)
+
+
 def _tls_listener_conf(port: int, tls: TlsFiles) -> str:
     """rabbitmq.conf of a node whose one listener, 127.0.0.1:``port``, speaks TLS with ``tls``.
 
@@ -80,7 +89,8 @@ class PrivateBroker:
     :meth:`stop` shuts the node down cleanly, killing the VM if it does not go.
     """
 
-    def __init__(self, root: Path, tls: TlsFiles | None = None) -> None:
+    def __init__(self, root: Path, tls: TlsFiles | None = None, *, epmd_port: int | None = None,
+                 cookie: str | None = None) -> None:
         server, ctl = rabbitmq_tool("rabbitmq-server"), rabbitmq_tool("rabbitmqctl")
         if server is None or ctl is None:
             raise FileNotFoundError("rabbitmq-server / rabbitmqctl are not installed")
@@ -89,8 +99,10 @@ class PrivateBroker:
         self.port = free_port()
         self.dist_port = free_port()  # Erlang distribution (rabbitmqctl talks to the node on it)
         # A port mapper daemon (epmd) of its own, so that the node neither needs nor leaves
-        # behind a shared one; :meth:`stop` ends it.
-        self.epmd_port = free_port()
+        # behind a shared one; :meth:`stop` ends it. Nodes of one cluster share theirs
+        # (``epmd_port``): a node finds another's distribution port through the epmd it knows.
+        self.epmd_port = free_port() if epmd_port is None else epmd_port
+        self.owns_epmd = epmd_port is None  # else whoever handed the port in ends that epmd
         self.node = f"asyncloco-{self.port}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
         self.tls = tls
@@ -99,6 +111,10 @@ class PrivateBroker:
         self._starts = 0
         for sub in ("home", "mnesia", "log"):
             (root / sub).mkdir(parents=True, exist_ok=True)
+        if cookie is not None:  # nodes of one cluster (and their rabbitmqctl) share one cookie
+            cookie_file = root / "home" / ".erlang.cookie"
+            cookie_file.write_text(cookie)
+            cookie_file.chmod(0o400)  # Erlang refuses a cookie file that others can read
         # The system rabbitmq.conf may pin a listener to 5672, and rabbitmq-env.conf may name
         # the node: this node reads neither.
         conf = f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
@@ -134,12 +150,21 @@ class PrivateBroker:
 
     def start(self, timeout_s: float = 120.0) -> None:
         """Start the node (on the data it has, if any) and wait until it accepts AMQP logins."""
+        self.launch()
+        self.wait_until_up(timeout_s)
+
+    def launch(self) -> None:
+        """Start the node's process and return at once (:meth:`wait_until_up` waits for it)."""
         assert self.proc is None or self.proc.poll() is not None, "the node is already running"
         self._starts += 1
         log = open(self.root / f"server-{self._starts}.out", "wb")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen([self.server], cwd=self.root, env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
+
+    def wait_until_up(self, timeout_s: float = 120.0) -> None:
+        """Wait until the launched node accepts AMQP logins; raise if it exits or takes too long."""
+        assert self.proc is not None, "launch() the node first"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -159,6 +184,15 @@ class PrivateBroker:
             return False
         connection.close()
         return True
+
+    def ready_messages(self, queue: str) -> int:
+        """Messages ready in ``queue`` (not delivered to any consumer), as this node sees them."""
+        connection = pika.BlockingConnection(
+            amqp_parameters(ConnectionSettings(amqp_url=self.url, tls_ca_file=self.tls_ca_file)))
+        try:
+            return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+        finally:
+            connection.close()
 
     def ctl(self, *args: str, timeout_s: float = 60.0) -> str:
         """Run ``rabbitmqctl -n NODE ARGS`` against this node and return its output."""
@@ -186,14 +220,12 @@ class PrivateBroker:
         return pid
 
     def stop(self) -> None:
-        """Stop the node cleanly (kill its VM if it does not stop), then its epmd. Idempotent."""
+        """Stop the node cleanly (kill its VM if it does not stop), then its own epmd. Idempotent."""
         try:
             self._stop_node()
         finally:
-            epmd = shutil.which("epmd")
-            if epmd is not None:  # asks exactly the epmd on our port to exit (no-op if none)
-                subprocess.run([epmd, "-port", str(self.epmd_port), "-kill"], env=self.env,
-                               capture_output=True, timeout=30, check=False)
+            if self.owns_epmd:
+                stop_epmd(self.epmd_port)
 
     def _stop_node(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -19,6 +19,7 @@ import pytest
 from harness.faults import client_args, coordinator_args, queue_depth, run_key, status, verify_snapshot
 from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import Processes, wait_for
+from tests.faults.journals import confirmed_ids
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -35,9 +36,6 @@ REFUSED = re.compile(r"delta (\S+) not sent: the broker refused")
 LOGGED = re.compile(r"^(\S+ \S+) \w+ client\.uploader: delta (\S+) "
                     r"(not sent: the broker refused|confirmed by the broker)", re.MULTILINE)
 
-
-def _confirmed(journals: dict[str, Path]) -> set[str]:
-    return {i for j in journals.values() for i in read_journal(j)}
 
 
 def _refused(procs: Processes) -> set[str]:
@@ -113,12 +111,12 @@ def test_full_queue_refuses_publishes_and_clients_retry_without_losing_work(
     # Thawed: the queue drains and each refused delta goes through on a later retry (same id:
     # none is given up); then every client confirms two more deltas and is stopped with SIGTERM,
     # which sends the round in hand and exits.
-    wait_for(lambda: _refused(procs) <= _confirmed(journals), 90, "the refused deltas to be confirmed")
+    wait_for(lambda: _refused(procs) <= confirmed_ids(journals), 90, "the refused deltas to be confirmed")
     thawed = {cid: len(read_journal(j)) for cid, j in journals.items()}
     wait_for(lambda: all(len(read_journal(j)) >= thawed[cid] + 2 for cid, j in journals.items()), 90,
              "every client to carry on")
     assert [procs.terminate(c) for c in clients] == [0] * len(CLIENTS), procs.logs()
-    confirmed, refused = _confirmed(journals), _refused(procs)
+    confirmed, refused = confirmed_ids(journals), _refused(procs)
     assert refused <= confirmed, f"refused and never confirmed: {sorted(refused - confirmed)}"
     assert "gave up sending delta" not in "".join(procs.log(cid) for cid in CLIENTS)
 

@@ -14,13 +14,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pika
 import pytest
 
 from harness.faults import client_args, coordinator_args, run_key, status, verify_snapshot
 from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import Processes, wait_for
 from shared.keys import RunKeys
+from tests.faults.journals import confirmed_ids
 from tests.private_broker import PrivateBroker, rabbitmq_tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -43,19 +43,6 @@ def private_broker(tmp_path: Path) -> Iterator[PrivateBroker]:
             broker.stop()
         finally:
             shutil.rmtree(broker.root, ignore_errors=True)
-
-
-def _ready(amqp_url: str, queue: str) -> int:
-    """Messages ready in ``queue`` (not delivered to any consumer)."""
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
-    finally:
-        connection.close()
-
-
-def _confirmed(journals: dict[str, Path]) -> set[str]:
-    return {i for j in journals.values() for i in read_journal(j)}
 
 
 # private_broker comes before procs, so its teardown runs after the processes are stopped
@@ -81,9 +68,9 @@ def test_broker_killed_under_load_loses_nothing(
     delta_queue = RunKeys(run_name).delta_queue
     os.kill(coordinator.pid, signal.SIGSTOP)
     try:
-        waiting = wait_for(lambda: (n := _ready(broker.url, delta_queue)) >= 2 and n, 60,
+        waiting = wait_for(lambda: (n := broker.ready_messages(delta_queue)) >= 2 and n, 60,
                            "confirmed deltas to wait in the queue")
-        before = _confirmed(journals)
+        before = confirmed_ids(journals)
         killed = broker.kill_vm()
     finally:
         os.kill(coordinator.pid, signal.SIGCONT)
@@ -98,7 +85,7 @@ def test_broker_killed_under_load_loses_nothing(
     wait_for(lambda: all(len(set(read_journal(j)) - before) >= 2 for j in journals.values()), 90,
              "every client to have deltas confirmed after the restart")
     assert [procs.terminate(c) for c in clients] == [0] * len(CLIENTS), procs.logs()
-    confirmed = _confirmed(journals)
+    confirmed = confirmed_ids(journals)
     after = confirmed - before
     wait_for(lambda: confirmed <= settled_ids(ckpt), 90, "the queue to drain")
     assert procs.terminate(coordinator) == 0, procs.logs()

@@ -12,6 +12,7 @@ from coordinator.faults import EXIT_CODE
 from harness.faults import client_args, coordinator_args, run_key, status, verify_snapshot
 from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import Processes, wait_for
+from tests.faults.journals import confirmed_ids
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -53,7 +54,7 @@ def test_kill_at_crash_point_loses_nothing_and_applies_nothing_twice(
     second = procs.start("coordinator-2", *serve, "--resume")
     wait_for(lambda: all(c.poll() is not None for c in clients), CLIENT_SECONDS + 40, "clients to finish")
     assert [c.returncode for c in clients] == [0, 0], procs.logs()
-    confirmed = {i for j in journals.values() for i in read_journal(j)}
+    confirmed = confirmed_ids(journals)
     assert len(confirmed) > confirmed_at_crash, "no delta was confirmed after the crash"
     # every confirmed delta reaches a commit before the clean stop (else it would only be queued)
     wait_for(lambda: confirmed <= settled_ids(ckpt), 30, "the queue to drain")

@@ -1,0 +1,144 @@
+"""A node of a 3-node RabbitMQ cluster killed with kill -9 under load: the delta queue, a quorum
+queue with a replica on each node, elects a new leader on the two nodes left, and every confirmed
+delta is applied once, none twice.
+
+The cluster is this test's own (tests/private_cluster.py: three nodes on spare loopback ports),
+never the shared broker on 5672. The coordinator consumes from node 1; client theta publishes to
+node 2 and client iota to node 3. The delta queue is declared through node 3 before the
+coordinator starts, so its Raft leader lives there (RabbitMQ places a quorum queue's leader on the
+declaring connection's node), and node 3 is the node killed: the queue loses its leader and iota
+its only broker (``--amqp`` takes one URL), while the coordinator and theta keep theirs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika
+import pytest
+
+from coordinator.consumer import QueueConfig, delta_queue_arguments
+from harness.faults import client_args, coordinator_args, run_key, status, verify_snapshot
+from harness.oracle import judge, read_committed, read_journal, settled_ids
+from harness.processes import Processes, wait_for
+from shared.keys import RunKeys
+from tests.faults.journals import confirmed_ids
+from tests.private_broker import PrivateBroker
+from tests.private_cluster import PrivateCluster, missing_tools, private_cluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+
+CLIENT_NODES = {"theta": 1, "iota": 2}  # client id → index in cluster.nodes of the node it publishes to
+KILLED = 2  # node 3: the queue's leader and iota's broker, neither the coordinator's nor theta's
+CLIENT_SECONDS = 240  # a safety bound: the test stops the clients with SIGTERM well before
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[PrivateCluster]:
+    """A 3-node RabbitMQ cluster of this test's own; stopped and its state removed whatever happens."""
+    reason = missing_tools()
+    if reason is not None:
+        pytest.skip(reason)
+    with private_cluster(tmp_path / "rabbitmq") as started:
+        yield started
+
+
+def _declare_delta_queue_through(node: PrivateBroker, keys: RunKeys) -> None:
+    """Declare the run's delta queue through ``node``, with the arguments the coordinator declares
+    it with (its defaults), so the coordinator finds it as its own, with the leader on ``node``.
+
+    Only that queue: the dead-letter queue is a classic queue, which lives on the node that
+    declared it alone, and the coordinator (re)declares it on every connect; left to the
+    coordinator it lives on node 1, as it would on a single broker.
+    """
+    connection = pika.BlockingConnection(pika.URLParameters(node.url))
+    try:
+        connection.channel().queue_declare(keys.delta_queue, durable=True,
+                                           arguments=delta_queue_arguments(keys, QueueConfig()))
+    finally:
+        connection.close()
+
+
+def _applied(checkpoint_dir: Path) -> set[str]:
+    """Ids of the deltas that a landed commit recorded as applied."""
+    return {e["id"] for e in read_committed(checkpoint_dir) if e["outcome"] == "applied"}
+
+
+def _leader(cluster: PrivateCluster, queue: str) -> str | None:
+    """The node that holds the Raft leader of ``queue``, as node 1 sees it (None while electing)."""
+    return next((n for n, state in cluster.quorum_status(queue).items() if state == "leader"), None)
+
+
+# cluster comes before procs, so its teardown runs after the processes are stopped
+def test_killing_a_cluster_node_loses_and_doubles_nothing(
+    cluster: PrivateCluster, procs: Processes, run_name: str, tmp_path: Path
+) -> None:
+    keys = RunKeys(run_name)
+    home, killed_node = cluster.nodes[0], cluster.nodes[KILLED]
+    _declare_delta_queue_through(killed_node, keys)
+    members = cluster.quorum_status(keys.delta_queue)
+    assert set(members) == {n.node for n in cluster.nodes}, members  # a replica on every node
+    assert members[killed_node.node] == "leader", members
+
+    ckpt, state = tmp_path / "ckpt", tmp_path / "state"
+    # prefetch 2: once the coordinator holds two deliveries, further deltas wait in the queue itself
+    coordinator = procs.start("coordinator", *coordinator_args(
+        run_name, ckpt, "--amqp", home.url, "--prefetch", "2", "--commit-every", "1"))
+    journals = {cid: tmp_path / f"{cid}.journal" for cid in CLIENT_NODES}
+    _, key = run_key(tmp_path)  # the one coordinator_args signs with (beside ckpt)
+    # --include-wait 0: clients go on training on the base they have while the coordinator is frozen,
+    # so deltas pile up (the repeats on one base are refused already_sent once it thaws)
+    clients = {cid: procs.start(cid, *client_args(run_name, cid, state, journals[cid], CLIENT_SECONDS,
+                                                  coordinator_key=key),
+                                "--amqp", cluster.nodes[i].url, "--include-wait", "0")
+               for cid, i in CLIENT_NODES.items()}
+    wait_for(lambda: all(len(read_journal(j)) >= 2 for j in journals.values()), 60, "deltas before")
+
+    # Freeze the coordinator so that confirmed deltas wait in the queue (and two sit unacked with
+    # it), then kill the node holding the leader: the followers on nodes 1 and 2 must have them.
+    os.kill(coordinator.pid, signal.SIGSTOP)
+    try:
+        waiting = wait_for(lambda: (n := home.ready_messages(keys.delta_queue)) >= 2 and n, 60,
+                           "confirmed deltas to wait in the queue")
+        before = confirmed_ids(journals)
+        killed = killed_node.kill_vm()
+    finally:
+        os.kill(coordinator.pid, signal.SIGCONT)
+    # iota retries against its dead broker (it knows no other). Asked to stop, a client keeps
+    # trying to send the delta in hand for its upload grace period (30 s), then gives it up (never
+    # confirmed, so never promised) and exits 0; asked now, that runs while theta goes on.
+    clients["iota"].send_signal(signal.SIGTERM)
+    leader = wait_for(lambda: _leader(cluster, keys.delta_queue), 30, "a new leader of the delta queue")
+    assert leader in {n.node for n in cluster.nodes} - {killed_node.node}
+
+    # theta's broker lives: two deltas confirmed after the kill (one may have been confirmed by
+    # the old leader just before it) show the queue takes publishes under its new leader.
+    wait_for(lambda: len(set(read_journal(journals["theta"])) - before) >= 2, 60,
+             "theta to have deltas confirmed after the kill")
+    # ... and the coordinator still consumes: a delta sent after the kill gets applied (theta's
+    # repeats on a base it already has a delta applied on are refused already_sent meanwhile).
+    applied_after = wait_for(lambda: _applied(ckpt) & (set(read_journal(journals["theta"])) - before), 60,
+                             "a delta theta sent after the kill to be applied")
+    assert procs.terminate(clients["theta"]) == 0, procs.logs()  # sends the round in hand, exits
+    # Not to wait out iota's grace period: a second SIGTERM quits at once (exit 128 + 15).
+    if clients["iota"].poll() is None:
+        clients["iota"].send_signal(signal.SIGTERM)
+    assert clients["iota"].wait(timeout=30) in (0, 128 + signal.SIGTERM), procs.log("iota")
+    confirmed = confirmed_ids(journals)
+    after = confirmed - before
+    wait_for(lambda: confirmed <= settled_ids(ckpt), 60, "the queue to drain")
+    assert procs.terminate(coordinator) == 0, procs.logs()
+
+    verdict = judge(confirmed, read_committed(ckpt))
+    final = status(run_name)
+    print(f"kill -9 of {killed_node.node} (pid {killed}, the queue's leader) with {waiting} confirmed "
+          f"deltas waiting in the queue; new leader {leader}; confirmed before={len(before)} "
+          f"after={len(after)} (applied by then {len(applied_after)}); coordinator reconnects="
+          f"{final['coordinator']['amqp_reconnects']}; " + verdict.summary())
+    assert verdict.ok, verdict.summary() + "\n" + procs.logs() + "\n" + cluster.logs()
+    assert set(final["deltas"]["rejected_by_reason"]) <= {"already_sent"}
+    assert verify_snapshot(run_name) == final["version"]
+    assert "exists with other arguments" not in procs.log("coordinator")  # the queue is as declared
