@@ -35,8 +35,9 @@ from table_csv import write_rows
 from client.uploader import APP_ID, CONTENT_TYPE, DeltaUploader
 from coordinator.consumer import QueueConfig, declare_queues
 from harness.processes import AMQP_URL
+from shared.delta_parts import PART_TYPE, split_delta
 from shared.keys import RunKeys
-from shared.protocol import PART_TYPE, DeltaMessage, MiB, split_delta
+from shared.protocol import DeltaMessage, MiB
 from shared.settings import ConnectionSettings, RetryPolicy, amqp_parameters
 
 RESULTS = Path(__file__).resolve().parent / "results" / "part_upload"

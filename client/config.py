@@ -17,10 +17,11 @@ from client.identity import validate_client_id
 from client.memory_caps import MemoryCaps
 from client.politeness import PolitenessConfig
 from shared.codecs import get_codec
+from shared.delta_parts import PART_HEADER_BYTES
 from shared.errors import ConfigError, ProtocolError
 from shared.files import default_state_dir
 from shared.keys import validate_run_name
-from shared.protocol import DEFAULT_DELTA_LIMITS, PART_HEADER_BYTES, MiB
+from shared.protocol import DEFAULT_DELTA_LIMITS, MiB
 from shared.settings import ConnectionSettings, RetryPolicy
 from shared.signing import VerifyKey
 from shared.tasks import BUILTIN, TASK_IMPORT_PATH

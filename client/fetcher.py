@@ -35,7 +35,7 @@ from shared.errors import (
     SnapshotUntrusted,
 )
 from shared.keys import RunKeys
-from shared.protocol import RoundMode, RoundPlan
+from shared.round_plan import RoundMode, RoundPlan
 from shared.settings import REDIS_ERRORS as REDIS_OUTAGES
 from shared.settings import RetryPolicy, sleep_interruptibly
 from shared.signing import VerifyKey

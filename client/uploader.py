@@ -2,7 +2,7 @@
 
 :meth:`DeltaUploader.send` encodes a :class:`~shared.protocol.DeltaMessage`, holds it to the size
 limit of a delta, and publishes it as one message or, if it is bigger than ``part_bytes``, as
-:class:`~shared.protocol.DeltaPart` messages in order (the coordinator puts them together).
+:class:`~shared.delta_parts.DeltaPart` messages in order (the coordinator puts them together).
 
 The parts of a delta go out with up to ``max_unconfirmed`` (4) of them awaiting the broker's
 confirm at once (:class:`client.confirms.ConfirmedChannel`), so that the broker persists and
@@ -40,16 +40,10 @@ from pika.adapters.utils.connection_workflow import AMQPConnectorException
 from client.confirms import ConfirmedChannel
 from shared.codecs import Codec
 from shared.contact import ServerContact
+from shared.delta_parts import PART_TYPE, DeltaSplit
 from shared.errors import AccessRefused, ConfigError, PermanentError, Revoked, ServiceUnavailable
 from shared.keys import RunKeys
-from shared.protocol import (
-    DEFAULT_DELTA_LIMITS,
-    DELTA_ENVELOPE_BYTES,
-    PART_TYPE,
-    DeltaMessage,
-    DeltaSplit,
-    MiB,
-)
+from shared.protocol import DEFAULT_DELTA_LIMITS, DELTA_ENVELOPE_BYTES, DeltaMessage, MiB
 from shared.settings import (
     ConnectionSettings,
     RetryPolicy,

@@ -54,7 +54,8 @@ from shared.contact import ServerContact
 from shared.dylu import SpeedMeter, is_assigned, local_steps_for, round_time_budget_s
 from shared.keys import RunKeys
 from shared.local_round import LocalTrainer, RoundStats, StepProgress, pick_device
-from shared.protocol import DeltaMessage, RoundMode, RoundPlan, device_label
+from shared.protocol import DeltaMessage, device_label
+from shared.round_plan import RoundMode, RoundPlan
 from shared.settings import connect_redis, sleep_interruptibly
 from shared.signing import VerifyKey
 

@@ -35,9 +35,9 @@ from pathlib import Path
 from coordinator.admission import FirstPartRule
 from coordinator.intake import DeltaIntake
 from coordinator.outcome import Outcome, OutcomeKind
+from shared.delta_parts import DeltaPart
 from shared.errors import ConfigError, ProtocolError
 from shared.files import fsync_directory, make_directory, write_atomically
-from shared.protocol import DeltaPart
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from shared.dylu import dylu_steps
 from shared.errors import ConfigError
-from shared.protocol import PLAN_MAX_ASSIGNMENTS, PLAN_MAX_GRACE_S, RoundMode, RoundPlan
+from shared.round_plan import PLAN_MAX_ASSIGNMENTS, PLAN_MAX_GRACE_S, RoundMode, RoundPlan
 
 CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what a client id may be (client/identity.py)
 SEQ_WINDOW = 4096  # remembered sequence numbers per client (far more than can be in flight)

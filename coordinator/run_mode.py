@@ -3,7 +3,7 @@
 ``RunMode.SYNC`` (``--strategy sync``): synchronous DiLoCo; every round waits for all clients
 (:mod:`coordinator.sync_round`). ``RunMode.ASYNC`` (every other strategy): nobody waits; with
 ``--warm-start-steps`` the run begins with single-worker training (:mod:`coordinator.warm_start`).
-What a client must do next round is the plan's :class:`shared.protocol.RoundMode`, from
+What a client must do next round is the plan's :class:`shared.round_plan.RoundMode`, from
 :func:`round_mode` and nowhere else.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from shared.protocol import RoundMode
+from shared.round_plan import RoundMode
 
 
 class RunMode(str, Enum):

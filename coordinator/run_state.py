@@ -44,7 +44,7 @@ from coordinator.run_mode import RunMode, round_mode
 from coordinator.sync_round import SyncBarrier
 from coordinator.volunteers import VolunteerBook
 from coordinator.warm_start import WarmStart
-from shared.protocol import RoundPlan
+from shared.round_plan import RoundPlan
 from shared.tasks import load_task
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,9 @@ from coordinator.publisher import Publisher
 from coordinator.run_state import RunState
 from coordinator.status import build_status
 from shared.contact import ServerContact
+from shared.delta_parts import PART_TYPE
 from shared.errors import CheckpointUnusable, ConfigError, ProtocolError, RunTaken, SnapshotError
 from shared.keys import RunKeys
-from shared.protocol import PART_TYPE
 from shared.settings import REDIS_ERRORS
 from shared.signing import SigningKey
 

@@ -20,7 +20,8 @@ from coordinator.consumer import DeltaConsumer
 from coordinator.parts import PartSpool
 from coordinator.run_state import RunState
 from shared.keys import RunKeys
-from shared.protocol import ROUND_TIMINGS, RoundMode
+from shared.protocol import ROUND_TIMINGS
+from shared.round_plan import RoundMode
 
 SCHEMA = 1
 STATUS_TTL_S = 7 * 24 * 3600

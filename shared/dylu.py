@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from shared.protocol import RoundMode, RoundPlan
+from shared.round_plan import RoundMode, RoundPlan
 
 
 def dylu_steps(speed: float, fastest: float, local_steps: int, min_local_steps: int) -> int:

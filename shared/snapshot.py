@@ -46,7 +46,8 @@ from shared.errors import (
     SnapshotUntrusted,
 )
 from shared.keys import RunKeys
-from shared.protocol import PLAN_MAX_BYTES, MiB, RoundPlan, check_protocol, require_field, unpack_limited
+from shared.protocol import MiB, check_protocol, require_field, unpack_limited
+from shared.round_plan import PLAN_MAX_BYTES, RoundPlan
 from shared.settings import redis_bytes
 from shared.signing import SigningKey, VerifyKey, open_signed, seal
 

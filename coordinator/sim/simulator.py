@@ -43,7 +43,7 @@ from shared.codecs import ErrorFeedback, get_codec
 from shared.dylu import local_steps_for
 from shared.errors import ConfigError
 from shared.local_round import InnerConfig, LocalTrainer
-from shared.protocol import RoundMode, RoundPlan
+from shared.round_plan import RoundMode, RoundPlan
 
 log = logging.getLogger(__name__)
 

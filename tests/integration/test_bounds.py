@@ -14,7 +14,7 @@ import pytest
 from coordinator.parts import GiB, SpoolConfig
 from coordinator.service import Coordinator
 from harness.processes import wait_for
-from shared.protocol import DeltaPart
+from shared.delta_parts import DeltaPart
 from tests.integration.test_coordinator_intake import _dead_letters, _status
 from tests.integration.test_delta_parts import _parts, _publish_parts, _spool_files
 from tests.services import serving, small_config

@@ -34,9 +34,11 @@ from client.worker import Worker
 from coordinator.consumer import QueueConfig, declare_queues
 from harness.processes import AMQP_URL, REDIS_URL
 from shared.codecs import get_codec
+from shared.delta_parts import PART_TYPE, DeltaPart
 from shared.errors import ConfigError
 from shared.keys import RunKeys
-from shared.protocol import DEFAULT_DELTA_LIMITS, PART_TYPE, DeltaMessage, DeltaPart, MiB, RoundPlan
+from shared.protocol import DEFAULT_DELTA_LIMITS, DeltaMessage, MiB
+from shared.round_plan import RoundPlan
 from shared.settings import ConnectionSettings, RetryPolicy
 from shared.signing import SigningKey
 from shared.snapshot import SnapshotManifest, SnapshotStore

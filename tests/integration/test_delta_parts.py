@@ -18,7 +18,8 @@ import torch
 from coordinator.parts import SpoolConfig
 from coordinator.service import Coordinator
 from harness.processes import wait_for
-from shared.protocol import PART_TYPE, DeltaMessage, DeltaPart, split_delta
+from shared.delta_parts import PART_TYPE, DeltaPart, split_delta
+from shared.protocol import DeltaMessage
 from tests.integration.test_coordinator_intake import _dead_letters, _good_delta, _status
 from tests.services import publish_to_queue, serving, small_config
 

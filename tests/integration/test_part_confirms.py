@@ -20,8 +20,9 @@ import client.confirms
 from client.uploader import DeltaUploader
 from coordinator.consumer import QueueConfig, declare_queues
 from harness.processes import AMQP_URL
+from shared.delta_parts import PART_TYPE, DeltaPart
 from shared.keys import RunKeys
-from shared.protocol import PART_TYPE, DeltaMessage, DeltaPart
+from shared.protocol import DeltaMessage
 from shared.settings import ConnectionSettings, RetryPolicy
 from tests.relay import OutageProxy
 

@@ -38,7 +38,7 @@ from coordinator.service import Coordinator
 from harness.processes import AMQP_URL, REDIS_URL, Processes, wait_for
 from shared.errors import ConfigError
 from shared.keys import RunKeys
-from shared.protocol import RoundPlan
+from shared.round_plan import RoundPlan
 from shared.settings import ConnectionSettings, RetryPolicy, connect_redis
 from shared.signing import SigningKey, seal
 from shared.snapshot import SnapshotManifest, SnapshotStore

@@ -30,7 +30,7 @@ from coordinator.run_state import admission_rules, build_intake
 from coordinator.sync_round import SyncBarrier
 from coordinator.warm_start import WarmStart
 from shared.errors import ConfigError
-from shared.protocol import RoundMode
+from shared.round_plan import RoundMode
 from tests.services import FakeCoordinator
 from tests.unit.test_coordinator_cli import assert_one_line_error, invoke
 from tests.unit.test_intake import RUN_ID, _delta

@@ -16,8 +16,8 @@ import torch
 
 from coordinator.checkpoint import Checkpoint, prepare_directory, save_checkpoint
 from coordinator.parts import PartSpool, SpoolConfig
+from shared.delta_parts import split_delta
 from shared.files import make_directory
-from shared.protocol import split_delta
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/self/fd")
 

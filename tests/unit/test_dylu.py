@@ -9,7 +9,7 @@ import pytest
 from shared import dylu
 from shared.dylu import SpeedMeter, is_assigned, round_time_budget_s
 from shared.errors import ProtocolError
-from shared.protocol import PLAN_MAX_ASSIGNMENTS, PLAN_MAX_BYTES, RoundMode, RoundPlan
+from shared.round_plan import PLAN_MAX_ASSIGNMENTS, PLAN_MAX_BYTES, RoundMode, RoundPlan
 
 
 def plan(

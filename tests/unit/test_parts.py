@@ -18,16 +18,9 @@ from coordinator.outer_optimizer import OuterConfig
 from coordinator.parts import GiB, PartSpool, SpoolConfig, take_part
 from shared import PROTOCOL_VERSION
 from shared.codecs import get_codec
+from shared.delta_parts import DeltaPart, DeltaSplit, split_delta
 from shared.errors import ProtocolError
-from shared.protocol import (
-    DELTA_ENVELOPE_BYTES,
-    DeltaLimits,
-    DeltaMessage,
-    DeltaPart,
-    DeltaSplit,
-    delta_bytes_bound,
-    split_delta,
-)
+from shared.protocol import DELTA_ENVELOPE_BYTES, DeltaLimits, DeltaMessage, delta_bytes_bound
 from tests.unit.test_intake import make_intake
 
 RUN_ID = "unit-run"

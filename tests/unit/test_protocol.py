@@ -20,11 +20,10 @@ from shared.protocol import (
     TIMING_MAX_S,
     DeltaLimits,
     DeltaMessage,
-    RoundMode,
-    RoundPlan,
     device_label,
     round_timings,
 )
+from shared.round_plan import RoundMode, RoundPlan
 
 
 def make_delta(**changes: Any) -> DeltaMessage:

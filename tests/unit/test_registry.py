@@ -18,7 +18,7 @@ from coordinator.registry import MIN_ROUND_S, OFFER_HISTORY, PLAN_LAG_S, ClientR
 from coordinator.run_state import RunState, new_run_config
 from coordinator.status import build_status, render_text
 from shared.errors import ConfigError
-from shared.protocol import RoundMode
+from shared.round_plan import RoundMode
 from tests.unit.test_intake import _delta, make_intake
 
 H, H_MIN = 30, 3

@@ -16,7 +16,7 @@ from coordinator.progress import RunProgress
 from coordinator.registry import PlanConfig
 from coordinator.warm_start import WarmStart
 from shared.errors import ConfigError
-from shared.protocol import RoundMode, RoundPlan
+from shared.round_plan import RoundMode, RoundPlan
 from tests.unit.test_intake import _delta, make_intake
 
 

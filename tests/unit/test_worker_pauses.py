@@ -23,7 +23,8 @@ from shared.codecs import ErrorFeedback, get_codec
 from shared.dylu import SpeedMeter
 from shared.keys import RunKeys
 from shared.local_round import LocalTrainer, StepProgress
-from shared.protocol import DeltaMessage, RoundMode, RoundPlan
+from shared.protocol import DeltaMessage
+from shared.round_plan import RoundMode, RoundPlan
 from tests.unit.test_local_round import LinearRegressionTask, make_trainer
 
 # --- the trainer's progress callback ---------------------------------------------------------------
