@@ -37,45 +37,58 @@ from scale import ServedRun
 from table_csv import write_rows
 
 from client.config import ClientConfig
+from client.events import RoundStart, WorkerEvents
 from client.report import RoundReport
 from client.worker import Worker
-from harness.faults import run_key
+from harness.faults import run_key, status
 from harness.processes import AMQP_URL, REDIS_URL, ensure_services
 from shared.settings import ConnectionSettings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "duty_cycle"
-DEFAULT_CASES = "tiny:1,tiny:4,tiny:16,medium:1"
+DEFAULT_CASES = "tiny:1,tiny:1:overlap,tiny:4,tiny:4:overlap,medium:1,medium:1:overlap"
 FIELDS = ("fetch_s", "compute_s", "encode_s", "upload_s", "wait_s")
 COMMUNICATION = ("fetch_s", "encode_s", "upload_s", "wait_s")
 
 
-def measure(model: str, slowdown: float, *, local_steps: int, rounds: int, workdir: Path) -> dict[str, Any]:
-    """One run: ``rounds`` counted rounds (plus the first) of one client; the row of the table."""
+class RoundStarts(WorkerEvents):
+    """When each round's training began (``time.monotonic()``)."""
+
+    def __init__(self) -> None:
+        self.at: list[float] = []
+
+    def round_started(self, start: RoundStart) -> None:
+        self.at.append(time.monotonic())
+
+
+def measure(model: str, slowdown: float, *, overlap: bool, local_steps: int, rounds: int,
+            workdir: Path) -> dict[str, Any]:
+    """One run: ``rounds`` counted rounds of one client (the first is not counted, and the last
+    ends no wall: the next round's start ends a round's); the row of the table."""
     extra = ["--eval-interval", "3600", "--local-steps", str(local_steps), "--no-dylu"]
     with ServedRun(model=model, extra=extra, workdir=workdir, start_timeout_s=300, lifetime_s=3600,
                    prefix="bench-duty") as served:
         config = ClientConfig(
             run=served.run, connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
             device="cpu", codec="int8", slowdown=slowdown, state_dir=served.workdir / "client",
-            threads=1, max_rounds=rounds + 1, coordinator_key=run_key(served.workdir)[1])
-        ended: list[float] = []
+            threads=1, max_rounds=rounds + 2, coordinator_key=run_key(served.workdir)[1], overlap=overlap)
+        starts = RoundStarts()
         reports: list[RoundReport] = []
-
-        def finished(report: RoundReport) -> None:
-            ended.append(time.monotonic())
-            reports.append(report)
-
-        with Worker(config) as worker:
-            worker.run(on_round=finished)
-    counted = reports[1:]
-    walls = [b - a for a, b in zip(ended, ended[1:], strict=False)]
-    if len(counted) < rounds or not all(r.sent for r in counted):
-        raise RuntimeError(f"{model} x{slowdown}: {len(counted)} rounds, sent {[r.sent for r in counted]}")
+        with Worker(config, events=starts) as worker:
+            worker.run(on_round=reports.append)
+        served.stop_coordinator()  # a clean stop evaluates the last version
+        history = status(served.run).get("eval", {}).get("history", [])
+    # a round's wall: from its start to the next one's (compute, encode, upload, wait, and the
+    # next round's fetch)
+    walls = [b - a for a, b in zip(starts.at[1:], starts.at[2:], strict=False)]
+    counted = reports[1:1 + len(walls)]
+    if len(counted) < rounds or not all(r.sent for r in reports):
+        raise RuntimeError(f"{model} x{slowdown}: {len(counted)} rounds, sent {[r.sent for r in reports]}")
     per_round = {f: statistics.median(getattr(r, f) for r in counted) for f in FIELDS}
     compute, wall = sum(r.compute_s for r in counted), sum(walls)
     communication = sum(getattr(r, f) for r in counted for f in COMMUNICATION)
     return {
-        "model": model, "slowdown": slowdown, "local_steps": local_steps, "rounds": len(counted),
+        "model": model, "slowdown": slowdown, "overlap": overlap, "local_steps": local_steps,
+        "rounds": len(counted),
         "wall_s": round(statistics.median(walls), 3),
         **{f: round(v, 3) for f, v in per_round.items()},
         "other_s": round(statistics.median(w - sum(getattr(r, f) for f in FIELDS)
@@ -84,6 +97,8 @@ def measure(model: str, slowdown: float, *, local_steps: int, rounds: int, workd
         "compute_share": round(compute / wall, 4),
         "sent_mb": round(statistics.median(r.sent_bytes for r in counted) / 1e6, 2),
         "received_mb": round(statistics.median(r.received_bytes for r in counted) / 1e6, 2),
+        "applied": sum(1 for r in reports if r.fate.verdict is not None and r.fate.verdict.applied),
+        "final_eval": round(history[-1]["loss"], 4) if history and history[-1]["loss"] is not None else None,
     }
 
 
@@ -101,7 +116,8 @@ def target(row: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=DEFAULT_CASES, help="model:slowdown pairs, comma-separated")
+    parser.add_argument("--cases", default=DEFAULT_CASES,
+                        help="model:slowdown[:overlap] cases, comma-separated")
     parser.add_argument("--local-steps", type=int, default=12,
                         help="steps a round (tiny); medium takes a third")
     parser.add_argument("--rounds", type=int, default=6, help="rounds counted per case (after the first)")
@@ -112,19 +128,19 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="asyncloco-duty-"))
     try:
         for case in args.cases.split(","):
-            model, _, slowdown = case.partition(":")
+            model, slowdown, *more = case.split(":")
             steps = args.local_steps if model == "tiny" else max(1, args.local_steps // 3)
             started = time.monotonic()
-            row = measure(model, float(slowdown or 1), local_steps=steps, rounds=args.rounds,
-                          workdir=workdir)
+            row = measure(model, float(slowdown or 1), overlap=more == ["overlap"], local_steps=steps,
+                          rounds=args.rounds, workdir=workdir)
             rows.append({**row, "target": target(row)})
             took = time.monotonic() - started
             print(f"{case}: compute share {row['compute_share']:.1%} ({took:.0f} s)", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     write_rows(args.out, rows)
-    columns = ("model", "slowdown", "local_steps", "wall_s", *FIELDS, "other_s", "compute_per_comm",
-               "compute_share", "target")
+    columns = ("model", "slowdown", "overlap", "local_steps", "wall_s", *FIELDS, "other_s",
+               "compute_per_comm", "compute_share", "target", "applied", "final_eval")
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")

@@ -210,6 +210,11 @@ def _state_dir_option() -> Any:
               "newer one before the next round (the coordinator takes one delta per base version). 0: "
               "never wait (rounds on an old base are then refused already_sent; fault tests use it to "
               "pile deltas up).")
+@_option("--overlap/--no-overlap", env="ASYNCLOCO_OVERLAP", default=False, show_default=True,
+         help="Start the next round as soon as a delta is confirmed, from the newest snapshot moved by "
+              "this client's own deltas as the coordinator will move it, instead of waiting for a "
+              "snapshot that includes them (asynchronous runs; each round's line then comes one round "
+              "late, with its verdict).")
 @_option("--run-wait", "run_wait_s", env="ASYNCLOCO_RUN_WAIT", default=60.0, show_default=True,
          type=click.FloatRange(min=0.0), metavar="SECONDS",
          help="Give up (exit 66) if nothing of the run appears in Redis within this long: a mistyped "
@@ -255,6 +260,7 @@ def join(
     plain: bool,
     part_bytes: int,
     include_wait_s: float,
+    overlap: bool,
     run_wait_s: float,
     log_level: str,
     coordinator_key: str | None,
@@ -313,6 +319,7 @@ def join(
         memory=MemoryCaps(max_rss_bytes=int(max_memory_gb * GIB), max_gpu_fraction=max_gpu_fraction),
         part_bytes=part_bytes,
         include_wait_s=include_wait_s,
+        overlap=overlap,
         run_wait_s=run_wait_s,
         log_level=log_level.lower(),
         coordinator_key=joined.coordinator_key or "",

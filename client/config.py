@@ -70,6 +70,9 @@ class ClientConfig:
     # send nearly the same delta twice). 0 disables this and the wait for a newer base before the
     # next round (tests without a coordinator); the coordinator normally commits within ~1 s.
     include_wait_s: float = 10.0
+    # Start the next round before the last delta is in a snapshot, from the newest snapshot moved
+    # by the client's own deltas as the coordinator will move it (client/overlap.py).
+    overlap: bool = False
     poll_s: float = 1.0
     # How long a run that never showed up in Redis, or a coordinator of another protocol version,
     # is waited for before the client gives up for good (NoSuchRun, ProtocolMismatch). 0: for ever.

@@ -23,6 +23,7 @@ import redis
 
 from client.fetcher import SnapshotFetcher
 from client.report import DeltaFate
+from client.stop import StopRequested
 from shared.settings import sleep_interruptibly
 from shared.verdict import MAX_ENTRIES_READ, Verdict, parse_entries
 
@@ -38,6 +39,7 @@ VERDICT_BLOCK_S = 2.0
 # After a snapshot is seen to include the delta (without its verdict), how long to wait for the
 # verdict still (written with the snapshot, so a lost one: the wait ends without it).
 VERDICT_GRACE_S = 1.5
+SEEN_KEPT = 64  # verdicts remembered after they were read (client.overlap asks for older ones)
 
 
 class WaitBudget:
@@ -88,6 +90,8 @@ class InclusionWait:
         self._verdicts_expected = True  # False once a snapshot held a delta whose verdict never came
         # (run id, version, cycle still open) of the snapshot that held the last delta waited on
         self._included: tuple[str, int, bool] | None = None
+        # every verdict read lately, by (run id, seq): a wait for one delta reads the others' too
+        self.seen: dict[tuple[str, int], Verdict] = {}
 
     # -- the verdict stream -----------------------------------------------------------------------
 
@@ -113,6 +117,10 @@ class InclusionWait:
         verdicts, last = parse_entries(entries)
         if last is not None:
             self._cursor = last
+        for verdict in verdicts:
+            self.seen[(verdict.run_id, verdict.seq)] = verdict
+        while len(self.seen) > SEEN_KEPT:
+            del self.seen[next(iter(self.seen))]
         return verdicts
 
     def _block_s(self, deadline: float) -> float:
@@ -204,6 +212,31 @@ class InclusionWait:
                                          or not manifest.progress.get("cycle_open", False)):
                 return True
         return False
+
+    def for_newer_base(self, *, run_id: str, last_base: int, poll_s: float,
+                       on_notice: Callable[[str], None]) -> None:
+        """Wait, however long it takes (until a stop: :class:`StopRequested`), for a version newer
+        than ``last_base`` or another run, saying so once. The coordinator takes one delta per
+        client per base version (a second is refused ``already_sent``: it would repeat most of
+        the first), so a client whose wait for inclusion ran out, or that had none, waits here."""
+        fetcher = self.fetcher
+        noticed = False
+        checked = -1  # the version whose run id was read last (a new run may count from 0 again)
+        while True:
+            version = fetcher.current_version()
+            if version is not None and version > last_base:
+                return
+            if version is not None and version != checked:
+                checked = version
+                manifest = fetcher.manifest_if_readable(version)  # None: wait for the next version
+                if manifest is not None and manifest.run_id != run_id:
+                    return
+            if not noticed:
+                on_notice(f"waiting for a version newer than {last_base}: the coordinator takes "
+                          "one delta per client per version (Ctrl-C to quit)")
+                noticed = True
+            if sleep_interruptibly(poll_s, fetcher.should_stop):
+                raise StopRequested()
 
 
 def _settled(progress: dict[str, object], client_id: str) -> int:

@@ -5,6 +5,7 @@ Both are plain values with a ``line()`` for the terminal; the worker itself neve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.protocol import round_timings
@@ -102,3 +103,21 @@ class RunSummary:
             + (f", next seq {self.next_seq}" if self.next_seq is not None else "")
             + (f"; {self.applied} applied, {self.rejected} rejected" if self.applied or self.rejected else "")
         )
+
+
+@dataclass
+class Tally:
+    """The round reports handed out so far: each passed on to ``on_round``, and counted."""
+
+    on_round: Callable[[RoundReport], None] | None = None
+    sent: int = 0
+    applied: int = 0
+    rejected: int = 0
+
+    def add(self, report: RoundReport) -> None:
+        verdict = report.fate.verdict
+        self.sent += int(report.sent)
+        self.applied += int(verdict is not None and verdict.applied)
+        self.rejected += int(verdict is not None and not verdict.applied)
+        if self.on_round is not None:
+            self.on_round(report)

@@ -44,9 +44,10 @@ from client.fetcher import RECENT_VERSION_S, SnapshotFetcher
 from client.identity import ClientIdentity
 from client.inclusion import InclusionWait
 from client.memory_caps import MemoryGuard, OverMemory, cap_gpu_memory
+from client.overlap import InFlight, Overlap
 from client.politeness import Politeness
 from client.replica import Replica
-from client.report import DeltaFate, RoundReport, RunSummary
+from client.report import DeltaFate, RoundReport, RunSummary, Tally
 from client.stop import RoundAbandoned, StopRequested
 from client.uploader import DeltaUploader
 from shared.codecs import ErrorFeedback, get_codec
@@ -102,6 +103,8 @@ class Worker:
             run_wait_s=config.run_wait_s or None,
         )
         self.waits = InclusionWait(self.fetcher, self.identity.client_id)
+        self.overlap = Overlap(self.waits)  # deltas in flight while the next round trains (--overlap)
+        self._fresh_base = False  # the round's base was just read from a snapshot (not held)
         self.uploader = DeltaUploader(
             config.connection, keys=self.keys, retry=config.retry, part_bytes=config.part_bytes
         )
@@ -174,7 +177,7 @@ class Worker:
             torch.set_num_threads(self.config.threads)
         if self.config.max_seconds > 0:
             self._deadline = time.monotonic() + self.config.max_seconds
-        rounds = sent = applied = rejected = 0
+        rounds, tally = 0, Tally(on_round)
         stopped_by = "stop"
         self.events.started(self.keys.run, self.client_id)
         try:
@@ -202,19 +205,27 @@ class Worker:
             if report is None:
                 break  # stopped before a single step of the round
             rounds += 1
-            sent += int(report.sent)
-            verdict = report.fate.verdict
-            applied += int(verdict is not None and verdict.applied)
-            rejected += int(verdict is not None and not verdict.applied)
-            if on_round is not None:
-                on_round(report)
+            for done in self._reports_of(report):
+                tally.add(done)
+        for done in self.overlap.drain(self.config.include_wait_s):  # the last rounds' verdicts
+            tally.add(done)
         if self._hours_up and not self.stop.is_set() and stopped_by == "stop":
             stopped_by = "max_hours"
         elif self._deadline is not None and not self.stop.is_set() and stopped_by == "stop":
             stopped_by = "max_seconds"
         run_id = self.replica.run_id
         next_seq = self.identity.next_seq(run_id) if run_id else None
-        return RunSummary(self.client_id, run_id, rounds, sent, next_seq, stopped_by, applied, rejected)
+        return RunSummary(self.client_id, run_id, rounds, tally.sent, next_seq, stopped_by, tally.applied,
+                          tally.rejected)
+
+    def _reports_of(self, report: RoundReport) -> list[RoundReport]:
+        """The round reports to hand out after ``report``'s round: itself, unless its delta is in
+        flight (``--overlap``: its report waits for its verdict), after those of earlier in-flight
+        deltas whose fate is known by now (all of them, waited for, before a round that did not
+        overlap)."""
+        if any(entry.report is report for entry in self.overlap.in_flight):
+            return self.overlap.settled_reports()
+        return [*self.overlap.drain(self.config.include_wait_s), report]
 
     def connect(self) -> None:
         """The first contact with both servers, before anything is trained: a permanent mistake
@@ -241,6 +252,14 @@ class Worker:
         base_version, run_id = self.replica.version, self.replica.run_id
         assert base_version is not None and run_id is not None  # set by the base just taken
         plan = self.fetcher.wait_for_plan(self.config.poll_s)
+        stacking = self.config.overlap and self.config.include_wait_s > 0 and plan.arrival_share > 0
+        stacked_on = -1
+        if self.overlap.active:
+            self.overlap.learn(run_id=run_id, version=base_version,
+                               client_seqs=self.replica.progress.get("client_seqs"))
+            if stacking:
+                stacked_on = self.overlap.stack(trainer, run_id=run_id, version=base_version,
+                                                fresh_base=self._fresh_base)
         fetch_s = time.monotonic() - fetching
         stats, planned = self._train(trainer, number, plan)
         self._trained_s += stats.compute_s
@@ -250,7 +269,7 @@ class Worker:
         self.speed.update(stats.steps, stats.compute_s)
 
         encoding = time.monotonic()
-        message = self._delta(trainer, stats, run_id, base_version)
+        message = self._delta(trainer, stats, run_id, base_version, stacked_on)
         encode_s = time.monotonic() - encoding
         self.events.sending(sum(len(blob) for blob in message.tensors.values()))
         upload = self.uploader.send(message, give_up=self._give_up_upload)
@@ -263,7 +282,7 @@ class Worker:
         staleness = None
         fate = DeltaFate()
         waiting = time.monotonic()
-        if upload.confirmed and self.config.include_wait_s > 0 and not self._should_stop():
+        if upload.confirmed and self.config.include_wait_s > 0 and not self._should_stop() and not stacking:
             fate = self.waits.until_included(
                 run_id=run_id, seq=message.seq, base_version=base_version,
                 within_s=self.config.include_wait_s, sync=plan.mode is RoundMode.SYNC)
@@ -283,6 +302,11 @@ class Worker:
             received_bytes=self._take_received_bytes(), fetch_s=fetch_s, encode_s=encode_s, wait_s=wait_s,
         )
         self._previous_timings = report.timings()
+        if stacking and upload.confirmed:
+            self.overlap.add(InFlight(
+                run_id=run_id, seq=message.seq, share=plan.arrival_share * stats.steps / plan.local_steps,
+                delta=self._as_sent(message, trainer), report=report))
+            self.overlap.wait_for_room(self.config.include_wait_s)
         return report
 
     # -- pauses and limits ------------------------------------------------------------------------
@@ -350,33 +374,13 @@ class Worker:
         self.waits.for_cycle_close(run_id=run_id, included=fate.version, grace_s=plan.grace_s)
 
     def _wait_for_newer_base(self) -> None:
-        """Never start a round from the base the last confirmed delta was computed on.
-
-        The coordinator takes one delta per client per base version (a second is refused
-        ``already_sent``: it would repeat most of the first). So when the include wait ran out, or
-        there was none, wait for any newer version, or another run, however long it takes (until a
-        stop), saying so once.
-        """
-        if self._last_sent is None or self.config.include_wait_s == 0:
+        """Never start a round from the base the last confirmed delta was computed on (unless it is
+        stacked on that delta: ``--overlap``); see :meth:`InclusionWait.for_newer_base`."""
+        if self._last_sent is None or self.config.include_wait_s == 0 or self.overlap.active:
             return  # include_wait_s 0: no waiting on the coordinator between rounds (see ClientConfig)
         run_id, last_base = self._last_sent
-        noticed = False
-        checked = -1  # the version whose run id was read last (a new run may count from 0 again)
-        while True:
-            version = self.fetcher.current_version()
-            if version is not None and version > last_base:
-                return
-            if version is not None and version != checked:
-                checked = version
-                manifest = self.fetcher.manifest_if_readable(version)  # None: wait for the next version
-                if manifest is not None and manifest.run_id != run_id:
-                    return
-            if not noticed:
-                self.on_notice(f"waiting for a version newer than {last_base}: the coordinator takes "
-                               "one delta per client per version (Ctrl-C to quit)")
-                noticed = True
-            if sleep_interruptibly(self.config.poll_s, self._should_stop):
-                raise StopRequested()
+        self.waits.for_newer_base(run_id=run_id, last_base=last_base, poll_s=self.config.poll_s,
+                                  on_notice=self.on_notice)
 
     def _start_from_newest_base(self) -> LocalTrainer:
         """θ ← θ_base of the newest version; download the snapshot only if the replica lacks it."""
@@ -387,7 +391,8 @@ class Worker:
                 f"{self.keys.run!r} (Ctrl-C to quit)"
             ),
         )
-        if self.replica.holds(version, self.fetcher.manifest):
+        self._fresh_base = not self.replica.holds(version, self.fetcher.manifest)
+        if not self._fresh_base:
             return self.replica.reset()  # every round starts from θ_base of the version it tags
         snapshot = self.fetcher.read_latest()
         self._received_bytes += snapshot.manifest.total_bytes
@@ -433,7 +438,7 @@ class Worker:
         return stats, steps
 
     def _delta(
-        self, trainer: LocalTrainer, stats: RoundStats, run_id: str, base_version: int
+        self, trainer: LocalTrainer, stats: RoundStats, run_id: str, base_version: int, stacked_on: int
     ) -> DeltaMessage:
         """Compress g = θ_base − θ with error feedback and tag it with a freshly reserved seq."""
         # taken and quantised where the model is: from a GPU only the encoded bytes come back
@@ -446,8 +451,13 @@ class Worker:
             local_steps=stats.steps, samples=stats.samples, tokens=stats.tokens,
             compute_s=stats.compute_s, train_loss=stats.train_loss, codec=self.codec.name,
             tensors=tensors, sent_at=time.time(), device=describe_device(trainer.device),
-            previous_timings=self._previous_timings,
+            previous_timings=self._previous_timings, stacked_on=stacked_on,
         )
+
+    def _as_sent(self, message: DeltaMessage, trainer: LocalTrainer) -> dict[str, torch.Tensor]:
+        """The delta as the coordinator will decode it (the codec's rounding included), on the CPU."""
+        return {name: self.codec.decode(blob, trainer.base[name].numel())
+                for name, blob in message.tensors.items()}
 
 
 def describe_device(device: torch.device) -> str:

@@ -33,6 +33,7 @@ class Arrival:
     now: float  # unix time
     from_parts: bool = False  # put together from parts: its first part already passed the rate limit
     active_clients: int = 1  # clients heard from lately, the sender included
+    stacked_on: int = -1  # the sender's delta its round started on top of (DeltaMessage.stacked_on)
 
 
 Refusal = tuple[str, str]  # (reason slug, detail)
@@ -133,16 +134,22 @@ class AssignmentBound:
 class OnePerBase:
     """At most one applied delta per client per base version (asynchronous runs; a sync round has
     its own ``already_in_round``): a second round on the same base repeats most of the first, and
-    would be counted twice. Refused ``already_sent``."""
+    would be counted twice. Refused ``already_sent``. Unless it is stacked on that first one: its
+    round started from the base moved by the first delta as θ moves at its arrival (``--overlap``),
+    so it holds new work only; it must name the client's newest applied delta on that very base."""
 
     registry: ClientRegistry
 
     def refuse(self, arrival: Arrival) -> Refusal | None:
         record = self.registry.clients.get(arrival.client_id)
-        if record is not None and arrival.base_version <= record.last_base:
-            return ("already_sent", f"{arrival.client_id} already has a delta applied on version "
-                    f"{record.last_base}; this one is on {arrival.base_version}")
-        return None
+        if record is None or arrival.base_version > record.last_base:
+            return None
+        if arrival.base_version == record.last_base and 0 <= arrival.stacked_on == record.last_applied_seq:
+            return None
+        return ("already_sent", f"{arrival.client_id} already has a delta applied on version "
+                f"{record.last_base}; this one is on {arrival.base_version}"
+                + (f" and stacked on {arrival.stacked_on}, not {record.last_applied_seq}"
+                   if arrival.stacked_on >= 0 else ""))
 
     def admitted(self, arrival: Arrival) -> None:
         pass  # the registry records the base of every applied delta

@@ -262,7 +262,8 @@ class DeltaIntake:
         active_ids = {c.client_id for c in self.registry.active(now)} | {cid}  # sender is active now
         arrival = Arrival(client_id=cid, seq=seq, base_version=msg.base_version,
                           staleness=self.staleness_of(msg.base_version), local_steps=msg.local_steps,
-                          now=now, from_parts=parts_of is not None, active_clients=len(active_ids))
+                          now=now, from_parts=parts_of is not None, active_clients=len(active_ids),
+                          stacked_on=msg.stacked_on)
 
         def reject(reason: str, detail: str) -> Outcome:
             return Outcome.rejected(reason, detail, cid, seq, arrival.staleness)

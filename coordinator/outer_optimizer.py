@@ -180,6 +180,11 @@ class OuterOptimizer:
     # True where every arrival moves θ (dn, nesterov, sgd); buffered strategies say so themselves.
     moves_theta_on_arrival = True
 
+    def arrival_share(self, n: float) -> float:
+        """The share of a full-weight delta θ moves by when it arrives, buffer weight ``n``
+        (RoundPlan.arrival_share): ε/N for dn and outer SGD; 0 where θ waits for a buffer."""
+        return self.config.lr / n if self.moves_theta_on_arrival and n > 0 else 0.0
+
     def _apply(self, delta: dict[str, torch.Tensor], n: float) -> bool:
         raise NotImplementedError
 
@@ -233,6 +238,9 @@ class DelayedNesterov(OuterOptimizer):
 class EagerDelayedNesterov(OuterOptimizer):
     """``edn``: the momentum part of a cycle's step at its first arrival (module docstring)."""
 
+    def arrival_share(self, n: float) -> float:
+        return self.config.lr * (1.0 + self.config.momentum) / n if n > 0 else 0.0
+
     def _apply(self, delta: dict[str, torch.Tensor], n: float) -> bool:
         eps, beta = self.config.lr, self.config.momentum
         first = self.pending == 1
@@ -251,6 +259,9 @@ class EagerDelayedNesterov(OuterOptimizer):
 
 
 class PerArrivalNesterov(OuterOptimizer):
+    def arrival_share(self, n: float) -> float:
+        return self.config.lr * (1.0 + self.config.momentum) / n if n > 0 else 0.0
+
     def _apply(self, delta: dict[str, torch.Tensor], n: float) -> bool:
         eps, beta = self.config.lr, self.config.momentum
         for name, g in delta.items():

@@ -56,6 +56,7 @@ class ClientRecord:
     recent_seqs: list[int] = field(default_factory=list)  # applied seqs, newest last
     last_arrival: float = 0.0  # unix time its newest applied delta arrived (0: none yet)
     last_base: int = -1  # base version of its newest applied delta (one delta per base: OnePerBase)
+    last_applied_seq: int = -1  # seq of that delta (a delta stacked on it may share its base)
     reported_compute_s: float = 0.0  # what it said its last round's compute took: shown, never used
     reported_device: str = ""  # what it said its last applied delta was trained on: shown, never used
     # what its last applied delta said of the round before (fetch_s, encode_s, upload_s, wait_s;
@@ -180,7 +181,8 @@ class ClientRegistry:
                 record.steps_per_s = (speed if record.steps_per_s <= 0
                                       else SPEED_EMA * speed + (1 - SPEED_EMA) * record.steps_per_s)
         record.last_arrival = now
-        record.last_base = max(record.last_base, base_version)
+        if base_version >= record.last_base:
+            record.last_base, record.last_applied_seq = base_version, seq
         record.reported_compute_s = compute_s
         record.reported_device = device
         record.reported_timings = dict(timings or {})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Protocol
 
 import torch
@@ -44,7 +44,7 @@ from coordinator.run_mode import RunMode, round_mode
 from coordinator.sync_round import SyncBarrier
 from coordinator.volunteers import VolunteerBook
 from coordinator.warm_start import WarmStart
-from shared.round_plan import RoundPlan
+from shared.round_plan import RoundMode, RoundPlan
 from shared.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -270,8 +270,20 @@ class RunState:
         """The round plan to publish, in the mode the run is in now."""
         warming = self.warm.active
         mode = round_mode(self.mode, dylu=self.config.plan.dylu, warming_up=warming)
-        return self.registry.plan(self.run_id, now, mode,
+        plan = self.registry.plan(self.run_id, now, mode,
                                   warm_client=self.warm.current_holder(now) if warming else "")
+        if mode not in (RoundMode.DYLU, RoundMode.FIXED):
+            return plan
+        return replace(plan, arrival_share=self._arrival_share(now))
+
+    def _arrival_share(self, now: float) -> float:
+        """The share of a full round's delta θ moves by at its arrival, with the buffer weight of
+        the clients active now (as the intake's outer step counts it: in compute weights)."""
+        outer, full = self.config.outer, self.config.plan.local_steps
+        active = self.registry.active(now)
+        weights = (sum(outer.weight_of(c.last_round_steps or full, full) for c in active)
+                   if outer.compute_exponent and active else None)
+        return self.optimizer.arrival_share(self.optimizer.buffer_weight(max(1, len(active)), weights))
 
     def progress_doc(self, now: float) -> dict[str, Any]:
         """Global progress, and each active client's newest applied seq (so that a client can see

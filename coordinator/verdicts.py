@@ -20,7 +20,7 @@ import redis
 from coordinator.identity import IDENTITY_REASONS
 from coordinator.outcome import Outcome, OutcomeKind
 from shared.keys import RunKeys
-from shared.verdict import Verdict, append
+from shared.verdict import VERDICT_STREAM_LEN, Verdict, append
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,16 @@ _UNVERIFIED = frozenset({"wrong_run", "bad_client_id", *IDENTITY_REASONS})
 
 
 class VerdictBoard:
-    """The verdicts of run ``run_id`` not yet written to Redis, newest per client."""
+    """The verdicts of run ``run_id`` not yet written to Redis, the last few per client."""
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
-        self.pending: dict[str, Verdict] = {}
+        self.pending: dict[str, list[Verdict]] = {}  # by client id, oldest first
 
     def record(self, outcome: Outcome, now: float) -> None:
-        """Keep the verdict on an applied or rejected delta whose sender was checked."""
+        """Keep the verdict on an applied or rejected delta whose sender was checked (a client's
+        last :data:`~shared.verdict.VERDICT_STREAM_LEN`: one that overlaps its rounds may have
+        several judged between two snapshots)."""
         if outcome.kind not in (OutcomeKind.APPLIED, OutcomeKind.REJECTED) or not outcome.client_id:
             return
         if outcome.reason in _UNVERIFIED or outcome.seq < 0:
@@ -49,9 +51,11 @@ class VerdictBoard:
                       MAX_PENDING)
             return
         applied = outcome.kind is OutcomeKind.APPLIED
-        self.pending[outcome.client_id] = Verdict(
+        waiting = self.pending.setdefault(outcome.client_id, [])
+        waiting.append(Verdict(
             run_id=self.run_id, seq=outcome.seq, applied=applied, reason="" if applied else outcome.reason,
-            detail="" if applied else outcome.detail, at=now)
+            detail="" if applied else outcome.detail, at=now))
+        del waiting[:-VERDICT_STREAM_LEN]
 
     def publish(self, client: redis.Redis, keys: RunKeys, *, version: int | None = None,
                 cycle_open: bool = False) -> None:
@@ -59,14 +63,20 @@ class VerdictBoard:
         (whose outer buffer cycle is open or not) all of them, applied ones naming it; without,
         the rejections only. Redis errors propagate (the publisher's outage handling); the
         verdicts then stay pending for the next try."""
-        ready = {c: v for c, v in self.pending.items() if version is not None or not v.applied}
-        if not ready:
+        ready = {c: [v for v in waiting if version is not None or not v.applied]
+                 for c, waiting in self.pending.items()}
+        if not any(ready.values()):
             return
         pipe = client.pipeline(transaction=False)
-        for client_id, verdict in ready.items():
-            if verdict.applied and version is not None:
-                verdict = replace(verdict, version=version, cycle_open=cycle_open)
-            append(pipe, keys.verdicts(client_id), verdict)
+        for client_id, verdicts in ready.items():
+            for verdict in verdicts:
+                if verdict.applied and version is not None:
+                    verdict = replace(verdict, version=version, cycle_open=cycle_open)
+                append(pipe, keys.verdicts(client_id), verdict)
         pipe.execute()
-        for client_id in ready:
-            del self.pending[client_id]
+        for client_id, verdicts in ready.items():
+            left = [v for v in self.pending[client_id] if v not in verdicts]
+            if left:
+                self.pending[client_id] = left
+            else:
+                del self.pending[client_id]

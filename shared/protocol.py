@@ -202,7 +202,10 @@ class DeltaMessage:
     client that predates it sends none: ``""``). ``previous_timings`` is likewise a claim, shown
     only: the seconds the client's previous round spent on each of :data:`ROUND_TIMINGS` (reading
     snapshots, encoding, uploading, waiting on the coordinator); optional (``{}``: none said, as by
-    a client that predates it or in a client's first round).
+    a client that predates it or in a client's first round). ``stacked_on``: the seq of this
+    client's previous delta when this one's round started from ``base_version`` moved by that
+    delta as the coordinator moves θ at its arrival (``--overlap``: the round began before that
+    delta was in a snapshot); -1 (left out on the wire) otherwise.
     """
 
     run_id: str
@@ -219,6 +222,7 @@ class DeltaMessage:
     sent_at: float = 0.0
     device: str = ""
     previous_timings: dict[str, float] = field(default_factory=dict)
+    stacked_on: int = -1
 
     @property
     def delta_id(self) -> str:
@@ -245,6 +249,7 @@ class DeltaMessage:
                 # left out when empty: an empty map would be refused, and an older peer ignores it
                 **({"previous_timings": {name: float(value) for name, value in self.previous_timings.items()}}
                    if self.previous_timings else {}),
+                **({"stacked_on": self.stacked_on} if self.stacked_on >= 0 else {}),
             },
             use_bin_type=True,
         )
@@ -285,6 +290,9 @@ class DeltaMessage:
         if not device.isprintable():
             raise ProtocolError("wrong_schema", "field 'device' holds a character that is not printable")
         timings = _decode_timings(obj)  # optional too, and as strictly checked
+        stacked_on = require_field(obj, "stacked_on", int) if "stacked_on" in obj else -1
+        if not 0 <= stacked_on < 2**63 and stacked_on != -1:
+            raise ProtocolError("wrong_schema", f"field 'stacked_on' out of range: {stacked_on}")
         tensors = require_field(obj, "tensors", dict)
         if not tensors:
             raise ProtocolError("wrong_schema", "no tensors in delta")
@@ -298,4 +306,4 @@ class DeltaMessage:
             if not isinstance(blob, bytes):
                 raise ProtocolError("wrong_schema", f"tensor {name!r} payload is not bytes")
         fields: dict[str, Any] = {**strs, **ints, **floats}  # each checked above
-        return cls(tensors=tensors, device=device, previous_timings=timings, **fields)
+        return cls(tensors=tensors, device=device, previous_timings=timings, stacked_on=stacked_on, **fields)

@@ -36,6 +36,7 @@ PLAN_MAX_ASSIGNMENTS = 4096
 PLAN_MAX_ID_CHARS = 64
 PLAN_MAX_BYTES = 512 * 1024
 PLAN_MAX_GRACE_S = 60.0  # a client waits at most this long for a buffer cycle to close
+PLAN_MAX_ARRIVAL_SHARE = 2.0  # ε(1 + β)/N with ε ≤ 1, β < 1, N ≥ 1 stays below it
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,12 @@ class RoundPlan:
     coordinator measured itself (a client it does not name runs H). ``fastest_steps_per_s`` is 0
     while no speed has been measured yet. ``grace_s``: how long a client whose delta is in a
     snapshot whose buffer cycle is still open (the manifest's ``progress["cycle_open"]``) may wait
-    for the cycle's momentum step before its next round (0: start at once).
+    for the cycle's momentum step before its next round (0: start at once). ``arrival_share``:
+    the share of a full round's delta that the outer step moves θ by when it arrives (edn:
+    ε(1 + β)/N, dn: ε/N; 0: the strategy moves θ later or never at arrival, as sync and FedBuff
+    do): a client that starts its next round before its delta is in a snapshot (``--overlap``)
+    starts from the newest snapshot moved by that share of its delta, as the coordinator will
+    move it, and says so (:attr:`~shared.protocol.DeltaMessage.stacked_on`).
     """
 
     run_id: str
@@ -61,6 +67,7 @@ class RoundPlan:
     warm_client: str = ""  # RoundMode.WARM_START: the client that trains alone ("" = anyone may)
     assignments: dict[str, int] = field(default_factory=dict)  # client id -> H_i (RoundMode.DYLU)
     grace_s: float = 0.0
+    arrival_share: float = 0.0
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -77,6 +84,7 @@ class RoundPlan:
                 "warm_client": self.warm_client,
                 "assignments": self.assignments,
                 "grace_s": float(self.grace_s),
+                "arrival_share": float(self.arrival_share),
             },
             use_bin_type=True,
         )
@@ -103,11 +111,16 @@ class RoundPlan:
             warm_client=require_field(obj, "warm_client", str) if "warm_client" in obj else "",
             assignments=require_field(obj, "assignments", dict) if "assignments" in obj else {},
             grace_s=float(require_field(obj, "grace_s", (int, float))) if "grace_s" in obj else 0.0,
+            arrival_share=(float(require_field(obj, "arrival_share", (int, float)))
+                           if "arrival_share" in obj else 0.0),
         )
         if not 1 <= plan.min_local_steps <= plan.local_steps:
             raise ProtocolError("wrong_schema", "plan needs 1 <= min_local_steps <= local_steps")
         if not 0 <= plan.grace_s <= PLAN_MAX_GRACE_S:
             raise ProtocolError("wrong_schema", f"plan grace_s must be within 0..{PLAN_MAX_GRACE_S}")
+        if not 0 <= plan.arrival_share <= PLAN_MAX_ARRIVAL_SHARE:
+            raise ProtocolError("wrong_schema",
+                                f"plan arrival_share must be within 0..{PLAN_MAX_ARRIVAL_SHARE}")
         for client_id, steps in plan.assignments.items():
             if not isinstance(client_id, str) or not 1 <= len(client_id) <= PLAN_MAX_ID_CHARS:
                 raise ProtocolError("wrong_schema",

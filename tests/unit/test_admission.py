@@ -123,6 +123,24 @@ def test_a_second_delta_on_the_same_base_is_refused_already_sent() -> None:
     assert intake.handle(_delta(client_id="c2", seq=0, base_version=5), now=104.0).kind == "applied"
 
 
+def test_a_delta_stacked_on_the_last_applied_one_may_share_its_base() -> None:
+    """--overlap: a round started from base 5 moved by the client's own delta 0 (not yet in a
+    snapshot) holds new work only; naming delta 0 it is taken on base 5, once per predecessor."""
+    intake, _ = rig()
+    assert intake.handle(_delta(seq=0, base_version=5), now=100.0).kind == "applied"
+    assert intake.handle(_delta(seq=1, base_version=5, stacked_on=0), now=101.0).kind == "applied"
+    assert intake.handle(_delta(seq=2, base_version=5, stacked_on=1), now=102.0).kind == "applied"
+    for seq, stacked_on, base in ((3, 1, 5),  # not on its newest applied delta: a repeat of 2's work
+                                  (4, 2, 4),  # on an older base than that delta's
+                                  (5, -1, 5)):  # stacked on nothing
+        refused = intake.handle(_delta(seq=seq, base_version=base, stacked_on=stacked_on), now=103.0)
+        assert refused.reason == "already_sent", (seq, refused)
+    wrong = intake.handle(_delta(seq=6, base_version=5, stacked_on=1), now=104.0)
+    assert "stacked on 1, not 2" in wrong.detail
+    intake.take_version(6)
+    assert intake.handle(_delta(seq=7, base_version=6, stacked_on=2), now=105.0).kind == "applied"
+
+
 def test_a_rejected_delta_does_not_use_up_its_base() -> None:
     intake, _ = rig()
     too_big = _delta(seq=0, tensors={"a.weight": torch.full((12,), 1e3).numpy().tobytes(), "b": b"\0" * 20})

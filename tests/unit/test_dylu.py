@@ -9,7 +9,13 @@ import pytest
 from shared import dylu
 from shared.dylu import SpeedMeter, is_assigned, round_time_budget_s
 from shared.errors import ProtocolError
-from shared.round_plan import PLAN_MAX_ASSIGNMENTS, PLAN_MAX_BYTES, RoundMode, RoundPlan
+from shared.round_plan import (
+    PLAN_MAX_ARRIVAL_SHARE,
+    PLAN_MAX_ASSIGNMENTS,
+    PLAN_MAX_BYTES,
+    RoundMode,
+    RoundPlan,
+)
 
 
 def plan(
@@ -19,8 +25,10 @@ def plan(
     fastest: float = 20.0,
     mode: RoundMode = RoundMode.DYLU,
     assignments: dict[str, int] | None = None,
+    arrival_share: float = 0.0,
 ) -> RoundPlan:
     return RoundPlan(
+        arrival_share=arrival_share,
         run_id="r",
         local_steps=local_steps,
         min_local_steps=min_local_steps,
@@ -174,3 +182,14 @@ def test_a_plan_with_bad_assignments_is_refused(assignments: object) -> None:
     fields["assignments"] = assignments
     with pytest.raises(ProtocolError):
         RoundPlan.decode(msgpack.packb(fields))
+
+
+def test_the_arrival_share_travels_in_the_plan_within_bounds() -> None:
+    assert RoundPlan.decode(plan(arrival_share=0.45).encode()).arrival_share == 0.45
+    fields = msgpack.unpackb(plan().encode())
+    del fields["arrival_share"]
+    assert RoundPlan.decode(msgpack.packb(fields)).arrival_share == 0.0  # none said: no stacking
+    for bad in (-0.1, PLAN_MAX_ARRIVAL_SHARE + 0.1, float("nan"), float("inf"), "0.5", True):
+        fields["arrival_share"] = bad
+        with pytest.raises(ProtocolError):
+            RoundPlan.decode(msgpack.packb(fields))

@@ -25,7 +25,7 @@ def timed_worker(tmp_path: Path, rounds: int) -> tuple[Any, list[DeltaMessage], 
     w, _, _, sent, _ = worker(tmp_path, Script(None), steps=2, max_rounds=rounds)
     w.config = dataclasses.replace(w.config, include_wait_s=5.0)
     plan = w.fetcher.wait_for_plan(0.0)
-    versions = itertools.count(1)  # every look finds a newer version: no wait for a newer base
+    versions = itertools.count(1)  # the staleness each round reads
 
     def slow_plan(poll_s: float) -> Any:
         time.sleep(PLAN_S)
@@ -42,6 +42,7 @@ def timed_worker(tmp_path: Path, rounds: int) -> tuple[Any, list[DeltaMessage], 
 
     w.fetcher.wait_for_plan, w.waits.until_included = slow_plan, slow_wait
     w.fetcher.current_version = lambda max_age_s=0.0: next(versions)
+    w.waits.for_newer_base = lambda **kwargs: None  # a newer version is there each time
     w.uploader.send = slow_send
     reports: list[RoundReport] = []
     w.run(on_round=reports.append)

@@ -17,6 +17,7 @@ from shared.verdict import (
     MAX_ENTRIES_READ,
     MAX_VERDICT_BYTES,
     VERDICT_FIELD,
+    VERDICT_STREAM_LEN,
     Verdict,
     parse_entries,
 )
@@ -76,7 +77,7 @@ def test_stream_entries_from_a_server_a_client_must_not_trust_yield_only_verdict
     assert len(parse_entries(many)[0]) == MAX_ENTRIES_READ
 
 
-def test_the_board_keeps_each_clients_newest_verdict_under_a_checked_name_only() -> None:
+def test_the_board_keeps_each_clients_verdicts_under_a_checked_name_only() -> None:
     board = VerdictBoard("rid-1")
     board.record(Outcome(OutcomeKind.APPLIED, client_id="alice", seq=3), now=1.0)
     board.record(Outcome.rejected("stale", "base 1 is 40 deltas old", "bob", 5), now=2.0)
@@ -87,16 +88,20 @@ def test_the_board_keeps_each_clients_newest_verdict_under_a_checked_name_only()
                     Outcome.rejected("undecodable", "garbage")):  # no client to tell
         board.record(outcome, now=4.0)
     assert sorted(board.pending) == ["alice", "bob"]
-    assert board.pending["alice"] == Verdict("rid-1", 4, False, "already_sent", "one per base", 3.0)
-    assert board.pending["bob"].describe() == "rejected: stale (base 1 is 40 deltas old)"
+    assert board.pending["alice"] == [Verdict("rid-1", 3, True, at=1.0),  # both of alice's, in order
+                                      Verdict("rid-1", 4, False, "already_sent", "one per base", 3.0)]
+    assert [v.describe() for v in board.pending["bob"]] == ["rejected: stale (base 1 is 40 deltas old)"]
 
 
 def test_the_board_holds_a_bounded_number_of_clients() -> None:
     board = VerdictBoard("rid-1")
     for i in range(MAX_PENDING + 10):
         board.record(Outcome(OutcomeKind.APPLIED, client_id=f"c{i}", seq=0), now=0.0)
-    board.record(Outcome(OutcomeKind.APPLIED, client_id="c0", seq=1), now=0.0)  # a waiting one: updated
-    assert len(board.pending) == MAX_PENDING and board.pending["c0"].seq == 1
+    board.record(Outcome(OutcomeKind.APPLIED, client_id="c0", seq=1), now=0.0)  # a waiting one: kept
+    assert len(board.pending) == MAX_PENDING and [v.seq for v in board.pending["c0"]] == [0, 1]
+    for seq in range(2, 2 + 2 * VERDICT_STREAM_LEN):  # and its last few only
+        board.record(Outcome(OutcomeKind.APPLIED, client_id="c0", seq=seq), now=0.0)
+    assert len(board.pending["c0"]) == VERDICT_STREAM_LEN and board.pending["c0"][-1].seq == seq
 
 
 @pytest.mark.parametrize(("fate", "said"), [

@@ -5,11 +5,14 @@ saying so once, until a stop. A stand-in fetcher plays Redis (a pure unit test).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
 
+from client.inclusion import InclusionWait
+from client.overlap import Overlap
 from client.stop import StopRequested
 from client.worker import Worker
 
@@ -21,6 +24,7 @@ class Versions:
     sequence: list[int | None]
     runs: dict[int, str] = field(default_factory=dict)
     calls: int = 0
+    should_stop: Callable[[], bool] = lambda: False
 
     def current_version(self) -> int | None:
         value = self.sequence[min(self.calls, len(self.sequence) - 1)]
@@ -39,6 +43,9 @@ def worker(versions: Versions,
     stop = threading.Event()
     w = Worker.__new__(Worker)  # no servers: only what the wait uses
     w.fetcher = versions  # type: ignore[assignment]
+    versions.should_stop = stop.is_set  # the fetcher's stop, as the waits see it
+    w.waits = InclusionWait(versions, "me")  # type: ignore[arg-type]
+    w.overlap = Overlap(w.waits)
     w.config = SimpleNamespace(poll_s=0.001, include_wait_s=10.0)  # type: ignore[assignment]
     w.on_notice = notices.append
     w.stop = stop

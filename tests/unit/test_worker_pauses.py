@@ -17,6 +17,7 @@ import pytest
 from client.config import ClientConfig
 from client.events import RoundStart, WorkerEvents
 from client.memory_caps import GIB, MemoryCaps, MemoryGuard
+from client.overlap import Overlap
 from client.uploader import Upload
 from client.worker import Worker
 from shared.codecs import ErrorFeedback, get_codec
@@ -160,6 +161,7 @@ def worker(tmp_path: Path, politeness: Script, *, steps: int = 5, loss_sleep_s: 
         manifest=None, wait_for_plan=lambda poll_s: plan, current_version=lambda max_age_s=0.0: 0,
         read_latest=lambda: snapshot)
     w.waits = SimpleNamespace(until_included=None, for_cycle_close=None)  # type: ignore[assignment]
+    w.overlap, w._fresh_base = Overlap(w.waits), False
     w.replica = SimpleNamespace(  # type: ignore[assignment]
         holds=holds, reset=lambda: trainer, adopt=lambda s: False, trainer=trainer, version=0, run_id="rid",
         progress={})

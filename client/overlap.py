@@ -1,0 +1,168 @@
+"""Rounds that start before the last delta is in a snapshot (``--overlap``).
+
+Without it a client waits, after each send, until a snapshot includes its delta: starting the next
+round from a base without its own last delta would make the next delta repeat most of it, and the
+coordinator would count that work twice. The wait is the commit's latency (seconds for a large
+model), idle on a GPU box.
+
+With it the next round starts at once, from the newest snapshot *moved by the client's own
+in-flight deltas as the coordinator will move θ when they arrive*: θ_start = θ_snapshot −
+Σ s_i·ĝ_i over its deltas the snapshot does not hold yet, ĝ_i the delta as sent (decoded from its
+codec bytes) and s_i the plan's ``arrival_share`` (ε(1 + β)/N for edn) times the delta's share of
+a full round (steps/H: the coordinator's default compute weight). The next delta then holds new
+work only; it names the delta it was stacked on (``DeltaMessage.stacked_on``), so the coordinator
+takes it on the same base (``coordinator.admission.OnePerBase``). The momentum step a closing
+buffer cycle adds later is not anticipated, and a stacked delta that the coordinator rejects
+leaves its share in the base until the next snapshot: both only move where a round starts.
+
+At most :data:`MAX_IN_FLIGHT` of a client's deltas are outstanding (each holds a copy of the
+model); the oldest is waited for (``InclusionWait.until_included``) before another goes out.
+Each round's report waits for its delta's verdict, read without blocking at the start of the
+next rounds, so round lines come out one round late, each with its verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+
+from client.inclusion import InclusionWait
+from client.report import DeltaFate, RoundReport
+from shared.local_round import LocalTrainer
+from shared.verdict import Verdict
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 1  # deltas not yet known to be in a snapshot while a round trains
+
+
+@dataclass
+class InFlight:
+    """One sent delta whose snapshot or verdict is not known yet, with its round's report."""
+
+    run_id: str
+    seq: int
+    share: float  # how far θ moves along ``delta`` at its arrival (plan's arrival_share × steps/H)
+    delta: dict[str, torch.Tensor]  # as sent: decoded from its codec bytes, on the CPU
+    report: RoundReport
+    verdict: Verdict | None = None
+    included: int | None = None  # the snapshot version that holds it (or settled it: a manifest)
+    given_up: bool = False  # waited for in vain: its fate stays unknown
+
+    @property
+    def rejected(self) -> bool:
+        return self.verdict is not None and not self.verdict.applied
+
+    @property
+    def pending(self) -> bool:
+        """Not known to be in a snapshot, nor rejected, nor given up on: still in flight."""
+        return not (self.rejected or self.included is not None or self.given_up)
+
+    @property
+    def settled(self) -> bool:
+        """Its report may go: the verdict is in (a manifest may show the snapshot first: its verdict
+        is written just after it), or it was given up on."""
+        return self.given_up or (self.verdict is not None and not self.pending)
+
+    def in_base(self, run_id: str, version: int) -> bool:
+        """Snapshot ``version`` of ``run_id`` holds it (or it never will: rejected, another run)."""
+        return (self.run_id != run_id or self.rejected or self.given_up
+                or (self.included is not None and self.included <= version))
+
+    def final_report(self) -> RoundReport:
+        return replace(self.report, fate=DeltaFate(self.verdict, self.included))
+
+
+class Overlap:
+    """The in-flight deltas of one client, and which of them its current base was moved by."""
+
+    def __init__(self, waits: InclusionWait) -> None:
+        self.waits = waits
+        self.in_flight: list[InFlight] = []
+        self._base_key: tuple[str, int] | None = None  # (run id, version) of the base moved
+        self._folded: set[int] = set()  # seqs of the in-flight deltas that moved it
+
+    @property
+    def active(self) -> bool:
+        return bool(self.in_flight)
+
+    def add(self, entry: InFlight) -> None:
+        self.in_flight.append(entry)
+
+    def learn(self, *, run_id: str, version: int, client_seqs: object) -> None:
+        """What the verdicts written since the last read (one read that does not block) and the
+        base's manifest (its progress's ``client_seqs``: each client's newest settled seq) say of
+        the in-flight deltas: applied in a snapshot, or rejected."""
+        self.waits.read_verdicts(0.0)
+        settled_seq = client_seqs.get(self.waits.client_id, -1) if isinstance(client_seqs, dict) else -1
+        for entry in self.in_flight:
+            if entry.run_id != run_id:  # another run took over: its fate will never be told
+                entry.given_up = True
+                continue
+            verdict = self.waits.seen.get((entry.run_id, entry.seq))
+            if verdict is not None and entry.verdict is None:
+                entry.verdict = verdict
+                if verdict.applied and verdict.version >= 0:
+                    entry.included = verdict.version
+            if (entry.included is None and not entry.rejected and isinstance(settled_seq, int)
+                    and settled_seq >= entry.seq):
+                entry.included = version
+
+    def stack(self, trainer: LocalTrainer, *, run_id: str, version: int, fresh_base: bool) -> int:
+        """Move the trainer's base (snapshot ``version`` of ``run_id``) by the in-flight deltas it
+        does not hold and it was not moved by yet; return the newest seq it is now stacked on (-1:
+        none). ``fresh_base``: the base was just loaded from the snapshot."""
+        if fresh_base or self._base_key != (run_id, version):
+            self._base_key, self._folded = (run_id, version), set()
+        moved = False
+        with torch.no_grad():
+            for entry in self.in_flight:
+                if entry.in_base(run_id, version) or entry.seq in self._folded:
+                    continue
+                for name, base in trainer.base.items():
+                    base.sub_(entry.delta[name].to(base.device).view_as(base), alpha=entry.share)
+                self._folded.add(entry.seq)
+                moved = True
+        if moved:
+            trainer.reset_to_base()
+        return max(self._folded, default=-1)
+
+    def settled_reports(self, *, force: bool = False) -> list[RoundReport]:
+        """The reports of the oldest in-flight deltas whose fate is known (all of them with
+        ``force``: a stop, another run), in order; they are forgotten."""
+        done: list[RoundReport] = []
+        while self.in_flight and (force or self.in_flight[0].settled):
+            entry = self.in_flight.pop(0)
+            self._folded.discard(entry.seq)
+            done.append(entry.final_report())
+        return done
+
+    def drain(self, within_s: float) -> list[RoundReport]:
+        """Every in-flight delta's report, each waited for (bounded by ``within_s``) until its
+        fate is known: before a round that does not overlap, and when the client stops."""
+        for entry in self.in_flight:
+            if not entry.settled:
+                self._wait_for(entry, within_s)
+        return self.settled_reports(force=True)
+
+    def wait_for_room(self, within_s: float) -> None:
+        """While more than :data:`MAX_IN_FLIGHT` deltas are pending, wait (bounded by ``within_s``
+        each) for the oldest; one whose fate does not come in time is given up on."""
+        for entry in self.in_flight:
+            if sum(e.pending for e in self.in_flight) <= MAX_IN_FLIGHT:
+                return
+            if entry.pending:
+                self._wait_for(entry, within_s)
+
+    def _wait_for(self, entry: InFlight, within_s: float) -> None:
+        known = self.waits.seen.get((entry.run_id, entry.seq))
+        if known is not None and (not known.applied or known.version >= 0):
+            entry.verdict, entry.included = known, (known.version if known.applied else None)
+            return
+        fate = self.waits.until_included(run_id=entry.run_id, seq=entry.seq,
+                                         base_version=entry.report.base_version, within_s=within_s)
+        entry.verdict = fate.verdict or entry.verdict
+        entry.included = fate.version if fate.version is not None else entry.included
+        entry.given_up = not entry.settled

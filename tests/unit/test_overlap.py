@@ -1,0 +1,102 @@
+"""``--overlap`` without servers: where a stacked round starts (the newest snapshot moved by the
+client's in-flight deltas as the coordinator moves θ at their arrival), which deltas count as in
+flight, and the outer optimizers' arrival shares that say how far."""
+
+from __future__ import annotations
+
+import torch
+
+from client.overlap import InFlight, Overlap
+from client.report import RoundReport
+from coordinator.outer_optimizer import OuterConfig, make_outer_optimizer
+from shared.local_round import InnerConfig, LocalTrainer
+from shared.verdict import Verdict
+from tests.unit.test_local_round import LinearRegressionTask
+
+
+class Waits:
+    """The inclusion wait's verdicts, as a test sets them."""
+
+    client_id = "me"
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, int], Verdict] = {}
+
+    def read_verdicts(self, block_s: float) -> list[Verdict]:
+        return []
+
+
+def _report(seq: int) -> RoundReport:
+    return RoundReport(round=seq + 1, seq=seq, base_version=0, planned_steps=3, steps=3, train_loss=1.0,
+                       compute_s=1.0, tokens=10, sent_bytes=10, sent=True, upload_s=0.1, staleness=0)
+
+
+def _trainer() -> LocalTrainer:
+    task = LinearRegressionTask()
+    trainer = LocalTrainer(task=task, inner=InnerConfig(), device=torch.device("cpu"), shard=0, seed=0)
+    trainer.load_base({n: torch.zeros_like(p) for n, p in trainer.model.named_parameters()})
+    return trainer
+
+
+def _entry(trainer: LocalTrainer, seq: int, value: float, share: float = 0.5) -> InFlight:
+    delta = {n: torch.full_like(b, value) for n, b in trainer.base.items()}
+    return InFlight(run_id="r", seq=seq, share=share, delta=delta, report=_report(seq))
+
+
+def test_a_round_starts_from_the_snapshot_moved_by_each_in_flight_delta_once() -> None:
+    trainer, waits = _trainer(), Waits()
+    overlap = Overlap(waits)  # type: ignore[arg-type]
+    overlap.add(_entry(trainer, 0, 1.0))
+    assert overlap.stack(trainer, run_id="r", version=3, fresh_base=True) == 0
+    assert all(torch.equal(b, torch.full_like(b, -0.5)) for b in trainer.base.values())
+    assert all(torch.equal(p, torch.full_like(p, -0.5)) for p in trainer.model.parameters())
+    overlap.add(_entry(trainer, 1, 2.0))
+    # the same snapshot again: only the new delta moves it further
+    assert overlap.stack(trainer, run_id="r", version=3, fresh_base=False) == 1
+    assert all(torch.equal(b, torch.full_like(b, -1.5)) for b in trainer.base.values())
+    # a newer snapshot holds delta 0 (its manifest settles seqs up to 0): only delta 1 moves it
+    trainer.load_base({n: torch.zeros_like(b) for n, b in trainer.base.items()})
+    overlap.learn(run_id="r", version=4, client_seqs={"me": 0})
+    assert overlap.stack(trainer, run_id="r", version=4, fresh_base=True) == 1
+    assert all(torch.equal(b, torch.full_like(b, -1.0)) for b in trainer.base.values())
+
+
+def test_reports_wait_for_their_verdict_and_come_out_in_order() -> None:
+    trainer, waits = _trainer(), Waits()
+    overlap = Overlap(waits)  # type: ignore[arg-type]
+    overlap.add(_entry(trainer, 0, 1.0))
+    overlap.add(_entry(trainer, 1, 1.0))
+    waits.seen[("r", 1)] = Verdict("r", 1, True, version=7)
+    overlap.learn(run_id="r", version=6, client_seqs={"me": 0})  # 0 in snapshot 6, no verdict yet
+    assert overlap.settled_reports() == []  # 0's verdict is written just after its snapshot: wait
+    assert not overlap.in_flight[0].pending and not overlap.in_flight[1].pending
+    waits.seen[("r", 0)] = Verdict("r", 0, False, "stale")  # rejected after all
+    overlap.learn(run_id="r", version=6, client_seqs={"me": 0})
+    done = overlap.settled_reports()
+    assert [(r.seq, r.fate.describe()) for r in done] == [(0, "rejected: stale"), (1, "applied v=7")]
+    assert not overlap.active
+
+
+def test_a_rejected_or_foreign_delta_never_moves_a_base() -> None:
+    trainer, waits = _trainer(), Waits()
+    overlap = Overlap(waits)  # type: ignore[arg-type]
+    overlap.add(_entry(trainer, 0, 1.0))
+    waits.seen[("r", 0)] = Verdict("r", 0, False, "bad_norm")
+    overlap.learn(run_id="r", version=2, client_seqs={})
+    assert overlap.stack(trainer, run_id="r", version=2, fresh_base=True) == -1
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in trainer.base.values())
+    overlap.add(_entry(trainer, 1, 1.0))
+    overlap.learn(run_id="other", version=0, client_seqs={})  # a new run: the old one's fate is lost
+    assert overlap.stack(trainer, run_id="other", version=0, fresh_base=True) == -1
+    assert [r.fate.describe() for r in overlap.settled_reports()] == ["rejected: bad_norm", "outcome=?"]
+
+
+def test_the_arrival_share_is_what_the_outer_step_moves_theta_by_at_once() -> None:
+    params = {"w": torch.zeros(3)}
+    for strategy, expected in (("edn", 0.5 * 1.8 / 4), ("dn", 0.5 / 4), ("sync", 0.0), ("fedbuff", 0.0)):
+        config = OuterConfig(strategy=strategy, lr=0.5, momentum=0.8)
+        optimizer = make_outer_optimizer(params, config)
+        assert abs(optimizer.arrival_share(4.0) - expected) < 1e-12, strategy
+        if expected:  # a first arrival (no momentum yet) moves θ by exactly that share of it
+            optimizer.step({"w": torch.ones(3)}, active_clients=4)
+            assert torch.allclose(optimizer.params["w"], torch.full((3,), -expected)), strategy
