@@ -15,8 +15,9 @@ takes it on the same base (``coordinator.admission.OnePerBase``). The momentum s
 buffer cycle adds later is not anticipated, and a stacked delta that the coordinator rejects
 leaves its share in the base until the next snapshot: both only move where a round starts.
 
-At most :data:`MAX_IN_FLIGHT` of a client's deltas are outstanding (each holds a copy of the
-model); the oldest is waited for (``InclusionWait.until_included``) before another goes out.
+At most :data:`MAX_IN_FLIGHT` of a client's deltas are pending while a round trains (each holds
+a copy of the model); the oldest is waited for (``InclusionWait.until_included``) before another
+goes out, and a stalled coordinator holds the client there (:meth:`Overlap.wait_for_room`).
 Each round's report waits for its delta's verdict, read without blocking at the start of the
 next rounds, so round lines come out one round late, each with its verdict.
 """
@@ -24,6 +25,7 @@ next rounds, so round lines come out one round late, each with its verdict.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -147,14 +149,22 @@ class Overlap:
                 self._wait_for(entry, within_s)
         return self.settled_reports(force=True)
 
-    def wait_for_room(self, within_s: float) -> None:
+    def wait_for_room(self, within_s: float, *, poll_s: float, on_notice: Callable[[str], None]) -> None:
         """While more than :data:`MAX_IN_FLIGHT` deltas are pending, wait (bounded by ``within_s``
-        each) for the oldest; one whose fate does not come in time is given up on."""
+        each) for the oldest. One whose fate does not come in time is given up on, once a version
+        newer than the newest delta's base shows up, however long that takes (until a stop): a
+        stalled coordinator holds an overlapping client to two deltas in flight, as it holds
+        every client to one (``InclusionWait.for_newer_base``)."""
         for entry in self.in_flight:
             if sum(e.pending for e in self.in_flight) <= MAX_IN_FLIGHT:
                 return
-            if entry.pending:
-                self._wait_for(entry, within_s)
+            if not entry.pending:
+                continue
+            self._wait_for(entry, within_s)
+            if entry.given_up:
+                newest = self.in_flight[-1]
+                self.waits.for_newer_base(run_id=newest.run_id, last_base=newest.report.base_version,
+                                          poll_s=poll_s, on_notice=on_notice)
 
     def _wait_for(self, entry: InFlight, within_s: float) -> None:
         known = self.waits.seen.get((entry.run_id, entry.seq))

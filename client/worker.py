@@ -306,7 +306,8 @@ class Worker:
             self.overlap.add(InFlight(
                 run_id=run_id, seq=message.seq, share=plan.arrival_share * stats.steps / plan.local_steps,
                 delta=self._as_sent(message, trainer), report=report))
-            self.overlap.wait_for_room(self.config.include_wait_s)
+            self.overlap.wait_for_room(self.config.include_wait_s, poll_s=self.config.poll_s,
+                                       on_notice=self.on_notice)
         return report
 
     # -- pauses and limits ------------------------------------------------------------------------

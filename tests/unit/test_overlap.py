@@ -4,10 +4,12 @@ flight, and the outer optimizers' arrival shares that say how far."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from client.overlap import InFlight, Overlap
-from client.report import RoundReport
+from client.report import DeltaFate, RoundReport
 from coordinator.outer_optimizer import OuterConfig, make_outer_optimizer
 from shared.local_round import InnerConfig, LocalTrainer
 from shared.verdict import Verdict
@@ -15,15 +17,23 @@ from tests.unit.test_local_round import LinearRegressionTask
 
 
 class Waits:
-    """The inclusion wait's verdicts, as a test sets them."""
+    """The inclusion wait's verdicts, as a test sets them; its waits, recorded (nothing comes)."""
 
     client_id = "me"
 
     def __init__(self) -> None:
         self.seen: dict[tuple[str, int], Verdict] = {}
+        self.waited: list[tuple[str, int]] = []
 
     def read_verdicts(self, block_s: float) -> list[Verdict]:
         return []
+
+    def until_included(self, *, run_id: str, seq: int, base_version: int, within_s: float) -> DeltaFate:
+        self.waited.append(("included", seq))
+        return DeltaFate()
+
+    def for_newer_base(self, *, run_id: str, last_base: int, poll_s: float, on_notice: object) -> None:
+        self.waited.append(("newer than", last_base))
 
 
 def _report(seq: int) -> RoundReport:
@@ -100,3 +110,17 @@ def test_the_arrival_share_is_what_the_outer_step_moves_theta_by_at_once() -> No
         if expected:  # a first arrival (no momentum yet) moves θ by exactly that share of it
             optimizer.step({"w": torch.ones(3)}, active_clients=4)
             assert torch.allclose(optimizer.params["w"], torch.full((3,), -expected)), strategy
+
+
+def test_a_stalled_coordinator_holds_an_overlapping_client_to_two_deltas_in_flight() -> None:
+    trainer, waits = _trainer(), Waits()
+    overlap = Overlap(waits)  # type: ignore[arg-type]
+    overlap.add(_entry(trainer, 0, 1.0))
+    overlap.wait_for_room(5.0, poll_s=0.1, on_notice=print)
+    assert waits.waited == []  # one pending while the next round trains: no wait
+    overlap.add(replace(_entry(trainer, 1, 1.0), report=replace(_report(1), base_version=4)))
+    overlap.wait_for_room(5.0, poll_s=0.1, on_notice=print)
+    # the oldest waited for in vain, then a version newer than the newest delta's base
+    assert waits.waited == [("included", 0), ("newer than", 4)]
+    assert overlap.in_flight[0].given_up and overlap.in_flight[1].pending
+    assert [r.fate.describe() for r in overlap.settled_reports()] == ["outcome=?"]
