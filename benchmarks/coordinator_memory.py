@@ -12,7 +12,8 @@ by live objects):
    buffer's sum), the guard, the registry;
 3. one int8 delta of the model's shapes held as its message bytes (as the consumer hands it over);
 4. ``DeltaIntake.handle`` of it, as the body assembled from its parts (decode, checks, guard, the
-   outer step), twice more with fresh deltas (what a steady stream leaves behind);
+   outer step), then ``malloc_trim`` as the service does after such a delta (``--no-trim``: not),
+   twice more with fresh deltas (what a steady stream leaves behind);
 5. ``save_checkpoint`` (streamed to a temp file, fsync, rename);
 6. ``Publisher.publish`` of the signed snapshot to Redis (a run of its own, deleted afterwards).
 
@@ -39,6 +40,7 @@ from table_csv import write_rows
 
 from coordinator.checkpoint import save_checkpoint
 from coordinator.config import AuthMode, CoordinatorConfig
+from coordinator.memory_trim import trim as trim_memory
 from coordinator.outcome import OutcomeKind
 from coordinator.publisher import Publisher
 from coordinator.run_admin import delete_run
@@ -104,6 +106,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-size", default="large", help="bytelm size: tiny, small, medium, large")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-trim", dest="trim", action="store_false",
+                        help="leave out the malloc_trim the service calls after a delta in parts")
     args = parser.parse_args()
     torch.set_num_threads(1)
     stages = Stages()
@@ -127,6 +131,8 @@ def main() -> None:
             # past one message's limit a delta comes in parts, and the assembled body is judged
             outcome = run.intake.handle(body, parts_of=(f"probe-{seq}", 0))
             del body
+            if args.trim:
+                trim_memory()  # as the service does after a delta that came in parts
             if outcome.kind is not OutcomeKind.APPLIED:
                 raise RuntimeError(f"the probe's delta was not applied: {outcome}")
             stages.done(f"delta {seq}: judged and applied")

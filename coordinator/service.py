@@ -29,6 +29,7 @@ from coordinator.consumer import Delivery, DeltaConsumer
 from coordinator.dashboard import Dashboard
 from coordinator.faults import CrashPoints
 from coordinator.lease import CoordinatorLease
+from coordinator.memory_trim import trim as trim_memory
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.outcome import Outcome, OutcomeKind
 from coordinator.parts import PartSpool, take_part
@@ -206,6 +207,8 @@ class Coordinator:
             self.run.intake.count(outcome)
         else:
             outcome = self._handle(body, parts_of=(entry.client_id, entry.seq))
+            del body
+            trim_memory()  # a delta in parts is a big one: what judging it freed goes back to the OS
         self._hold(Delivery.from_spool(key), outcome)
 
     def _handle(self, body: bytes, *, sender: str = "", parts_of: tuple[str, int] | None = None) -> Outcome:
