@@ -45,6 +45,7 @@ if many honest deltas are clipped (``status`` shows ``clipped``), raise ``clip_r
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections import Counter, deque
@@ -56,6 +57,8 @@ from typing import Any
 import torch
 
 from shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Centre tensors (the server's running mean of deltas) for the arriving delta; None: no centre yet.
 Centre = Callable[[], Mapping[str, torch.Tensor] | None]
@@ -74,6 +77,7 @@ class GuardMode(str, Enum):
 
 
 GUARD_MODES = tuple(m.value for m in GuardMode)
+TRUSTED_PREFIX = "guard_trusted/"  # the trusted mean's tensors in a checkpoint
 # Weight of the newest trusted delta in their running mean (about the last 1/w rounds).
 TRUSTED_MEAN_WEIGHT = 0.3
 # Judgements the direction check's safety valve looks back over (a few rounds of a few senders).
@@ -237,7 +241,22 @@ class DeltaGuard:
 
     def _centre(self) -> Mapping[str, torch.Tensor] | None:
         centre = self.centre()
-        return centre if centre is not None else self.trusted
+        if centre is not None:
+            self.trusted = None  # the momentum has a direction of its own: a model's size freed
+            return centre
+        return self.trusted
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The running mean of trusted deltas, while it is the centre, for the checkpoint."""
+        return {TRUSTED_PREFIX + n: t for n, t in (self.trusted or {}).items()}
+
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Take back :meth:`tensors` from a checkpoint (none there: no trusted mean)."""
+        saved = {n[len(TRUSTED_PREFIX):]: t for n, t in tensors.items() if n.startswith(TRUSTED_PREFIX)}
+        if set(saved) == set(self.names):
+            self.trusted = {n: t.to(torch.float32).clone() for n, t in saved.items()}
+        elif saved:
+            log.warning("the checkpoint's trusted mean does not match the model; left out")
 
     def _remember(self, norm: float, tensor_norms: dict[str, float], distance: float | None) -> None:
         self.norms.append(norm)

@@ -354,7 +354,7 @@ class RunState:
         }
         for component in self.components:
             state.update(component.save_state())
-        return Checkpoint(tensors=self.optimizer.tensors(), state=state)
+        return Checkpoint(tensors={**self.optimizer.tensors(), **self.guard.tensors()}, state=state)
 
     def restore(self, checkpoint: Checkpoint) -> None:
         state = checkpoint.state
@@ -363,6 +363,7 @@ class RunState:
                                     filled=state.get("outer_filled"))
         for component in self.components:
             component.load_state(state)
+        self.guard.load_tensors(checkpoint.tensors)
         self.eval_history = state["eval_history"]
         self.version = checkpoint.version
         self.commits = int(state.get("commits", 0))
