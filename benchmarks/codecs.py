@@ -84,7 +84,7 @@ def measure_speed(codec_name: str, tensors: dict[str, torch.Tensor], repeats: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--codecs", default="fp32,fp16,int8,int4,topk", help="comma list, fp32 included")
+    parser.add_argument("--codecs", default="fp32,fp16,int8,int4,int3,topk", help="comma list, fp32 included")
     parser.add_argument("--budget", type=int, default=480, help="total local steps per simulated run")
     parser.add_argument("--local-steps", type=int, default=20, help="H")
     parser.add_argument("--seeds", default="0", help="comma list of simulator seeds")

@@ -222,6 +222,62 @@ class Int4BlockCodec:
         return (levels.view(nblocks, self.block) * scales[:, None]).reshape(-1)[:numel]
 
 
+INT3_BLOCK = 64  # elements per bfloat16 scale: 3/8 + 2/64 bytes per element, 1/9.8 of fp32
+_INT3_LEVELS = (torch.arange(8, dtype=torch.float32) * 2 - 7) / 7  # code c: (2c - 7) / 7
+_INT3_SHIFTS = torch.arange(8, dtype=torch.int32) * 3  # eight 3-bit codes fill three bytes
+
+
+@dataclass(frozen=True)
+class Int3BlockCodec:
+    """Blockwise absmax 3-bit: per block of ``block`` elements one bfloat16 scale, then 3-bit codes.
+
+    As :class:`Int4BlockCodec` with 8 levels ``s · (2c − 7) / 7``, so ``|error| ≤ s / 7``; the
+    first codec under 1/8 of fp32's bytes that keeps every element. Layout: ``scales (nblocks,)``
+    as the upper 16 bits of little-endian float32, then every 8 codes (element 8i + j in bits
+    3j..3j+2 of a 24-bit little-endian word) in 3 bytes; codes past the last element are ignored.
+    """
+
+    name: str = "int3"
+    block: int = INT3_BLOCK
+
+    def __post_init__(self) -> None:
+        if self.block < 1:
+            raise ValueError("int3 block must be >= 1")
+
+    def _nblocks(self, numel: int) -> int:
+        return (numel + self.block - 1) // self.block
+
+    def encoded_bytes(self, numel: int) -> int:
+        return 2 * self._nblocks(numel) + 3 * ((numel + 7) // 8)
+
+    def encode(self, tensor: torch.Tensor) -> bytes:
+        flat = _flat_f32(tensor)
+        numel = flat.numel()
+        if numel % self.block:
+            flat = torch.nn.functional.pad(flat, (0, self.block - numel % self.block))
+        blocks = flat.view(-1, self.block)
+        scales = _bf16_ceil(blocks.abs().amax(dim=1))
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        # nearest level: round(x / s · 3.5 + 3.5) = floor(x / s · 3.5 + 4), within 0..7 (divide first)
+        codes = (blocks / safe[:, None]).mul_(3.5).add_(4).clamp_(0, 7.5).to(torch.int32).reshape(-1)[:numel]
+        codes = torch.nn.functional.pad(codes, (0, (-numel) % 8)).view(-1, 8)
+        words = (codes << _INT3_SHIFTS.to(codes.device)).sum(dim=1)  # 24 bits each
+        packed = torch.stack((words & 0xFF, (words >> 8) & 0xFF, (words >> 16) & 0xFF), dim=1)
+        return _bf16_bytes(scales) + _to_bytes(packed.reshape(-1), "u1")
+
+    def decode(self, blob: bytes, numel: int) -> torch.Tensor:
+        _expect_len(blob, self.encoded_bytes(numel), self.name)
+        nblocks = self._nblocks(numel)
+        scales = _read_bf16(blob, nblocks, self.name)
+        groups = (numel + 7) // 8
+        raw = torch.from_numpy(np.frombuffer(blob, dtype=np.uint8, offset=2 * nblocks, count=3 * groups)
+                               .astype(np.int32)).view(-1, 3)
+        words = raw[:, 0] | (raw[:, 1] << 8) | (raw[:, 2] << 16)
+        codes = ((words[:, None] >> _INT3_SHIFTS) & 7).reshape(-1)
+        levels = torch.nn.functional.pad(_INT3_LEVELS[codes][:numel], (0, (-numel) % self.block))
+        return (levels.view(nblocks, self.block) * scales[:, None]).reshape(-1)[:numel]
+
+
 @dataclass(frozen=True)
 class TopKCodec:
     """Top-k by magnitude within blocks, 4-bit values: the ``kept`` largest entries of each block of
@@ -297,10 +353,11 @@ class TopKCodec:
         return out
 
 
-Codec = Fp32Codec | Fp16Codec | Int8BlockCodec | Int4BlockCodec | TopKCodec
+Codec = Fp32Codec | Fp16Codec | Int8BlockCodec | Int4BlockCodec | Int3BlockCodec | TopKCodec
 
 CODECS: dict[str, Codec] = {
-    c.name: c for c in (Fp32Codec(), Fp16Codec(), Int8BlockCodec(), Int4BlockCodec(), TopKCodec())
+    c.name: c
+    for c in (Fp32Codec(), Fp16Codec(), Int8BlockCodec(), Int4BlockCodec(), Int3BlockCodec(), TopKCodec())
 }
 
 

@@ -13,6 +13,7 @@ from hypothesis.extra.numpy import arrays
 
 from shared.codecs import (
     CODECS,
+    INT3_BLOCK,
     INT4_BLOCK,
     INT8_BLOCK,
     TOPK_BLOCK,
@@ -20,6 +21,7 @@ from shared.codecs import (
     ErrorFeedback,
     Fp16Codec,
     Fp32Codec,
+    Int3BlockCodec,
     Int4BlockCodec,
     Int8BlockCodec,
     TopKCodec,
@@ -315,6 +317,61 @@ def test_int4_largest_float32_values_stay_finite() -> None:
     assert torch.allclose(y[:2], x[:2], rtol=0.01)
 
 
+def _int3_bound(x: torch.Tensor, block: int = INT3_BLOCK) -> torch.Tensor:
+    """Per-element worst-case int3 error: scale / 7 (the scale as for int4)."""
+    return _int4_bound(x, block) * 15 / 7
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 63, 64, 65, 10_001])
+def test_int3_error_within_scale_over_7_per_block_at_under_an_eighth_of_fp32(numel: int) -> None:
+    gen = torch.Generator().manual_seed(numel)
+    x = torch.randn(numel, generator=gen) * torch.pow(10.0, torch.randint(-6, 4, (numel,), generator=gen))
+    codec = Int3BlockCodec()
+    blob = codec.encode(x)
+    assert len(blob) == codec.encoded_bytes(numel)
+    y = codec.decode(blob, numel)
+    assert torch.all((y - x).abs() <= _int3_bound(x))
+    if numel > 2:
+        assert not torch.equal(y, x)
+    if numel >= 1000:
+        assert len(blob) < numel * 4 / 8  # the issue's bound: under 1/8 of fp32's bytes
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    arrays(
+        np.float32,
+        st.integers(1, 300),
+        elements=st.floats(-(2.0**100), 2.0**100, width=32, allow_nan=False, allow_infinity=False),
+    )
+)
+@example(np.array([1.1754944e-38, 0.0], dtype=np.float32))
+def test_int3_error_bound_holds_for_arbitrary_arrays(values: np.ndarray) -> None:
+    x = torch.from_numpy(values.copy())
+    codec = Int3BlockCodec()
+    y = codec.decode(codec.encode(x), x.numel())
+    assert torch.all((y - x).abs() <= _int3_bound(x))
+
+
+def test_int3_layout_is_pinned() -> None:
+    # scale 1.0 = bfloat16 0x3F80; codes round(x * 3.5 + 3.5): 1.0 -> 7, -1.0 -> 0, 0.2 -> 4;
+    # 7 | 0 << 3 | 4 << 6 = 0x107 in a 24-bit little-endian word
+    codec = Int3BlockCodec()
+    blob = codec.encode(torch.tensor([1.0, -1.0, 0.2]))
+    assert blob == b"\x80\x3f" + bytes([0x07, 0x01, 0x00])
+    assert torch.allclose(codec.decode(blob, 3), torch.tensor([1.0, -1.0, 1 / 7]), rtol=0, atol=1e-7)
+
+
+def test_int3_ignores_the_codes_past_the_last_element_and_keeps_zero_blocks_zero() -> None:
+    codec = Int3BlockCodec()
+    blob = codec.encode(torch.tensor([0.5, -0.25, 0.125]))
+    padded = blob[:-1] + bytes([blob[-1] | 0xF0])  # codes 6 and 7 of the word: past the 3 elements
+    assert torch.equal(codec.decode(padded, 3), codec.decode(blob, 3))
+    x = torch.zeros(2 * INT3_BLOCK)
+    x[0] = 1e3
+    assert torch.equal(codec.decode(codec.encode(x), x.numel())[INT3_BLOCK:], torch.zeros(INT3_BLOCK))
+
+
 def _topk_kept(codec: TopKCodec, length: int) -> int:
     return -(-length * codec.kept // codec.block)
 
@@ -384,7 +441,7 @@ def test_topk_refuses_bad_offsets(offsets: list[int], valid: bool) -> None:
     assert info.value.reason == "bad_index"
 
 
-@pytest.mark.parametrize("name", ["int4", "topk"])
+@pytest.mark.parametrize("name", ["int4", "int3", "topk"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_new_codecs_refuse_a_non_finite_scale(name: str, bad: float) -> None:
     codec = get_codec(name)
@@ -396,7 +453,7 @@ def test_new_codecs_refuse_a_non_finite_scale(name: str, bad: float) -> None:
 
 
 @settings(max_examples=300, deadline=None, database=None)
-@given(st.sampled_from(["int4", "topk"]), st.integers(0, 400), st.data())
+@given(st.sampled_from(["int4", "int3", "topk"]), st.integers(0, 400), st.data())
 def test_any_bytes_of_the_right_size_decode_finite_or_are_refused(name: str, numel: int,
                                                                   data: st.DataObject) -> None:
     codec = get_codec(name)
@@ -468,7 +525,7 @@ def test_error_feedback_carries_the_residual_into_the_sum(name: str, held_rounds
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # int8's cast of the NaN
-@pytest.mark.parametrize("name", ["int8", "int4", "topk"])
+@pytest.mark.parametrize("name", ["int8", "int4", "int3", "topk"])
 def test_error_feedback_drops_a_non_finite_round(name: str) -> None:
     codec = get_codec(name)
     ef = ErrorFeedback(codec)
