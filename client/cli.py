@@ -132,8 +132,9 @@ def _state_dir_option() -> Any:
               "they are signed, so a replica is as safe. Without a user or database in it, the token's "
               "(or --redis's) are used.")
 @_option("--amqp", "amqp_url", env="ASYNCLOCO_AMQP", default=None,
-         metavar="URL", help="RabbitMQ that deltas are sent to [default: the token's, else "
-         "amqp://guest:guest@127.0.0.1:5672/%2F].")
+         metavar="URL", help="RabbitMQ that deltas are sent to; for a RabbitMQ cluster, several nodes' "
+         "URLs separated by commas (same user and virtual host), tried in order on every (re)connect "
+         "[default: the token's, else amqp://guest:guest@127.0.0.1:5672/%2F].")
 @_option("--tls-ca", "tls_ca", env="ASYNCLOCO_TLS_CA", default=None, metavar="FILE",
          help="PEM bundle of the CA that signed the servers' TLS certificates (from the run's operator), "
               "trusted besides the system's CAs for rediss:// and amqps:// URLs.")

@@ -21,6 +21,10 @@ mistake that retrying cannot cure ends the upload with its
 credentials, unknown host, nothing listening at first contact, a revoked user; and a broker that
 refuses this user the run's exchange, 403).
 
+The connection goes to the first broker URL that answers, tried in order on every (re)connect
+(``--amqp`` may list several nodes of one RabbitMQ cluster), so a client whose node dies goes on
+through another one after its next backoff.
+
 The client never declares the delta queue: the coordinator owns it and its arguments.
 """
 
@@ -47,6 +51,7 @@ from shared.protocol import DEFAULT_DELTA_LIMITS, DELTA_ENVELOPE_BYTES, DeltaMes
 from shared.settings import (
     ConnectionSettings,
     RetryPolicy,
+    amqp_parameter_list,
     amqp_parameters,
     open_amqp,
     sleep_interruptibly,
@@ -98,7 +103,7 @@ class DeltaUploader:
         self.settings = connection
         self.keys = keys
         self.queue = keys.delta_queue  # the routing key: the exchange's one binding
-        self.user = amqp_parameters(connection).credentials.username
+        self.user = amqp_parameters(connection).credentials.username  # every URL's (settings check)
         self.retry = retry
         self.part_bytes = part_bytes
         self.max_unconfirmed = max_unconfirmed
@@ -110,15 +115,18 @@ class DeltaUploader:
         self._down_since: float | None = None  # time.monotonic() the connection was lost, until back
         self._published = False  # the broker confirmed a publish of this user (then a 403 is a revocation)
 
-    def _parameters(self) -> pika.URLParameters:
-        params = amqp_parameters(self.settings)  # TLS (amqps://) as the settings say
-        params.heartbeat = self.settings.heartbeat_s
-        params.socket_timeout = self.settings.socket_timeout_s
-        params.stack_timeout = self.settings.socket_timeout_s * 2
-        params.blocked_connection_timeout = BLOCKED_TIMEOUT_S
-        params.connection_attempts = 1  # retries are ours, with backoff and a stop check
-        params.client_properties = {"connection_name": f"asyncloco-client {self.queue}"}
-        return params
+    def _parameters(self) -> list[pika.URLParameters]:
+        """One set per broker URL, tried in order on every (re)connect: a client whose node died
+        moves on to the next that answers."""
+        candidates = amqp_parameter_list(self.settings)  # TLS (amqps://) as the settings say
+        for params in candidates:
+            params.heartbeat = self.settings.heartbeat_s
+            params.socket_timeout = self.settings.socket_timeout_s
+            params.stack_timeout = self.settings.socket_timeout_s * 2
+            params.blocked_connection_timeout = BLOCKED_TIMEOUT_S
+            params.connection_attempts = 1  # retries are ours, with backoff and a stop check
+            params.client_properties = {"connection_name": f"asyncloco-client {self.queue}"}
+        return candidates
 
     def _open(self) -> ConfirmedChannel:
         if self._confirms is not None and self._channel is not None and self._channel.is_open:

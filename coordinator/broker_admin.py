@@ -33,7 +33,7 @@ import redis
 from coordinator.volunteers import Volunteer
 from shared.errors import ConfigError, ServiceUnavailable
 from shared.keys import RunKeys
-from shared.settings import REDIS_ERRORS
+from shared.settings import REDIS_ERRORS, split_urls
 from shared.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,9 @@ class BrokerAdmin:
     @classmethod
     def for_amqp(cls, amqp_url: str, admin_url: str | None = None, *,
                  ca_file: str | None = None) -> BrokerAdmin:
-        """The admin API beside the broker of ``amqp_url`` (same host and credentials, port 15672),
-        or ``admin_url``; the vhost is the AMQP URL's."""
-        parsed = urllib.parse.urlparse(amqp_url)
+        """The admin API beside the broker of ``amqp_url`` (same host and credentials, port 15672;
+        the first URL's of a list), or ``admin_url``; the vhost is the AMQP URL's."""
+        parsed = urllib.parse.urlparse(split_urls(amqp_url)[0])
         vhost = urllib.parse.unquote(parsed.path[1:]) if len(parsed.path) > 1 else "/"
         if admin_url is None:
             user = urllib.parse.unquote(parsed.username or "guest")

@@ -54,7 +54,7 @@ from shared.cli import OneLineErrors, version_option
 from shared.errors import ConfigError, ServiceUnavailable
 from shared.keys import RunKeys, validate_run_name
 from shared.local_round import InnerConfig
-from shared.settings import ConnectionSettings, amqp_parameters, connect_redis, open_amqp
+from shared.settings import ConnectionSettings, amqp_parameter_list, connect_redis, open_amqp
 from shared.signing import KEY_FILE_NAME, SigningKey
 
 # Operator commands (status, delete-run) give up on an unreachable Redis after this long.
@@ -289,7 +289,8 @@ def _install_signals(stop: Any) -> None:
         help=f"Print the status again every SECONDS ({WATCH_DEFAULT_S:g} if not given) until Ctrl-C.")
 @option("--count", env="STATUS_COUNT", type=click.IntRange(0), default=0,
         help="With --watch: stop after this many prints (0 = until Ctrl-C).")
-@server_options(amqp_help="RabbitMQ URL (for the live queue depth).")
+@server_options(amqp_help="RabbitMQ URL, or several nodes' URLs separated by commas (for the live queue "
+                          "depth).")
 @tls_option()
 def status(run: str, as_json: bool, watch_s: float | None, count: int, redis_url: str, amqp_url: str,
            tls_ca: str | None) -> None:
@@ -386,11 +387,12 @@ def _live_queue_depth(servers: ConnectionSettings, keys: RunKeys) -> int | None:
     import pika.exceptions
 
     try:
-        params = amqp_parameters(servers)
-        params.socket_timeout = 3
-        params.blocked_connection_timeout = 3
-        params.connection_attempts = 1
-        connection = open_amqp(servers, params)
+        candidates = amqp_parameter_list(servers)  # every node of a list, in order
+        for params in candidates:
+            params.socket_timeout = 3
+            params.blocked_connection_timeout = 3
+            params.connection_attempts = 1
+        connection = open_amqp(servers, candidates)
         try:
             return int(connection.channel().queue_declare(keys.delta_queue, passive=True)
                        .method.message_count)

@@ -26,7 +26,7 @@ from coordinator.outcome import Outcome
 from shared.contact import ServerContact
 from shared.errors import AccessRefused, ConfigError
 from shared.keys import RunKeys
-from shared.settings import ConnectionSettings, RetryPolicy, amqp_parameters, open_amqp
+from shared.settings import ConnectionSettings, RetryPolicy, amqp_parameter_list, open_amqp
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +66,51 @@ def delta_queue_arguments(keys: RunKeys, config: QueueConfig) -> dict[str, Any]:
     }
 
 
-def declare_queues(channel: Any, keys: RunKeys, config: QueueConfig, *, keep_existing: bool = False) -> None:
-    """Declare the dead-letter exchange and queue, the delta queue and the exchange clients publish
-    to, bound to it (idempotent).
+def dead_letter_queue_arguments(config: QueueConfig) -> dict[str, Any]:
+    """A quorum queue too, so that it outlives any one node of a cluster (a classic queue lives on
+    the node that declared it alone, and a coordinator that reconnects through another node would
+    find it gone); over ``dead_letter_max_bytes`` the oldest letters are dropped (drop-head)."""
+    return {
+        "x-queue-type": "quorum",
+        "x-max-length-bytes": config.dead_letter_max_bytes,
+        "x-overflow": "drop-head",
+    }
 
-    ``keep_existing``: only check that the delta queue exists, whatever its arguments (a queue
-    declared with other arguments, e.g. by an older version, cannot be redeclared).
+
+def declare_queues(channel: Any, keys: RunKeys, config: QueueConfig, *, keep_existing: bool = False) -> Any:
+    """Declare the dead-letter exchange and queue, the delta queue and the exchange clients publish
+    to, bound to it (idempotent); return the channel to go on with.
+
+    ``keep_existing``: a queue that exists with other arguments than these (another
+    --max-queue-bytes, or declared by an older version: a classic dead-letter queue) is used as
+    it is, with a warning, rather than refuse to serve the run; the broker's 406 closed the
+    channel, so a new one is returned. Without it, the 406 raises.
     """
     channel.exchange_declare(keys.dead_letter_exchange, exchange_type="direct", durable=True)
-    channel.queue_declare(
-        keys.dead_letter_queue,
-        durable=True,
-        arguments={"x-max-length-bytes": config.dead_letter_max_bytes, "x-overflow": "drop-head"},
-    )
+    channel = _declare_queue(channel, keys.dead_letter_queue, dead_letter_queue_arguments(config),
+                             keep_existing=keep_existing)
     channel.queue_bind(keys.dead_letter_queue, keys.dead_letter_exchange, keys.dead_letter_queue)
-    if keep_existing:
-        channel.queue_declare(keys.delta_queue, passive=True)
-    else:
-        channel.queue_declare(keys.delta_queue, durable=True, arguments=delta_queue_arguments(keys, config))
+    channel = _declare_queue(channel, keys.delta_queue, delta_queue_arguments(keys, config),
+                             keep_existing=keep_existing)
     channel.exchange_declare(keys.delta_exchange, exchange_type="direct", durable=True)
     channel.queue_bind(keys.delta_queue, keys.delta_exchange, keys.delta_queue)
+    return channel
+
+
+def _declare_queue(channel: Any, name: str, arguments: dict[str, Any], *, keep_existing: bool) -> Any:
+    """Declare durable queue ``name`` with ``arguments``; see :func:`declare_queues` for a queue
+    that exists with others. Returns the channel to go on with."""
+    try:
+        channel.queue_declare(name, durable=True, arguments=arguments)
+        return channel
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 406 or not keep_existing:
+            raise
+        log.warning("queue %s exists with other arguments than this coordinator's (%s); using it as "
+                    "it is (delete it when empty to apply the new ones)", name, exc.reply_text)
+    channel = channel.connection.channel()
+    channel.queue_declare(name, passive=True)
+    return channel
 
 
 @dataclass(frozen=True)
@@ -186,25 +211,18 @@ class DeltaConsumer(threading.Thread):
             self._stop_event.wait(next(delays, self.retry.max_delay_s))
 
     def _consume(self) -> None:
-        params = amqp_parameters(self.settings)
-        params.heartbeat = self.settings.heartbeat_s
-        params.client_properties = {"connection_name": f"asyncloco-coordinator:{self.keys.run}"}
-        connection = open_amqp(self.settings, params)
+        # every URL, in order, on every reconnect: after its node dies the coordinator goes on
+        # through another node of the cluster
+        candidates = amqp_parameter_list(self.settings)
+        for params in candidates:
+            params.heartbeat = self.settings.heartbeat_s
+            params.client_properties = {"connection_name": f"asyncloco-coordinator:{self.keys.run}"}
+        connection = open_amqp(self.settings, candidates)
         self.contact.answered()
         try:
-            channel = connection.channel()
-            try:
-                declare_queues(channel, self.keys, self.config)
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                if exc.reply_code != 406:
-                    raise
-                # The queue exists with other arguments (another --max-queue-bytes, or declared
-                # by an older version): use it as it is rather than refuse to serve the run.
-                log.warning("queue %s exists with other arguments than this coordinator's (%s); "
-                            "using it as it is (delete it when empty to apply the new ones)",
-                            self.keys.delta_queue, exc.reply_text)
-                channel = connection.channel()
-                declare_queues(channel, self.keys, self.config, keep_existing=True)
+            # A queue that exists with other arguments (another --max-queue-bytes, or declared by
+            # an older version) is used as it is rather than refuse to serve the run.
+            channel = declare_queues(connection.channel(), self.keys, self.config, keep_existing=True)
             channel.basic_qos(prefetch_count=self.config.prefetch)
             channel.confirm_delivery()  # a dead letter is confirmed before its delivery is acked
             generation = self.generation

@@ -22,10 +22,15 @@ from coordinator.broker_admin import BrokerAdmin, create_redis_user, delete_redi
 from coordinator.volunteers import Volunteer, VolunteerBook, service_user
 from shared.join_token import JoinToken
 from shared.keys import RunKeys
+from shared.settings import split_urls
 
 
 def with_credentials(url: str, user: str, password: str) -> str:
-    """``url`` with its user and password replaced (host, port, path and query kept)."""
+    """``url`` with its user and password replaced (host, port, path and query kept); each URL of
+    a comma-separated list (the nodes of a RabbitMQ cluster)."""
+    urls = split_urls(url)
+    if len(urls) > 1:
+        return ",".join(with_credentials(one, user, password) for one in urls)
     parsed = urllib.parse.urlsplit(url)
     host = parsed.hostname or "127.0.0.1"
     netloc = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}@"

@@ -190,7 +190,9 @@ def tls_option() -> Callable[[F], F]:
                   "the system's CAs for rediss:// and amqps:// URLs (TLS is required by using those).")
 
 
-def server_options(*, amqp_help: str = "RabbitMQ URL.") -> Callable[[F], F]:
+def server_options(*, amqp_help: str = "RabbitMQ URL; for a RabbitMQ cluster, several nodes' URLs "
+                   "separated by commas (same user and virtual host), tried in order on every "
+                   "(re)connect.") -> Callable[[F], F]:
     """Where the servers are: --redis and --amqp (as ``redis_url`` and ``amqp_url``)."""
     return _group(
         option("--redis", "redis_url", env="REDIS", default=DEFAULT_REDIS_URL, help="Redis URL."),

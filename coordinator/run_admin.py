@@ -17,7 +17,7 @@ import redis
 from coordinator.lease import live_holder
 from shared.errors import ConfigError, ServiceUnavailable
 from shared.keys import RunKeys
-from shared.settings import REDIS_ERRORS, ConnectionSettings, amqp_parameters, open_amqp
+from shared.settings import REDIS_ERRORS, ConnectionSettings, amqp_parameter_list, open_amqp
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,14 @@ def delete_run_keys(client: redis.Redis, keys: RunKeys) -> int:
 def delete_run_queues(servers: ConnectionSettings, keys: RunKeys) -> list[str]:
     """Delete the run's delta queue, dead-letter queue and dead-letter exchange; return those that existed.
 
-    Messages still in the queues are dropped with them. Raises :class:`ServiceUnavailable` if the
-    broker of ``servers.amqp_url`` cannot be reached, :class:`ConfigError` if it refuses TLS.
+    Messages still in the queues are dropped with them. Raises :class:`ServiceUnavailable` if no
+    broker of ``servers.amqp_url`` (tried in order) can be reached, :class:`ConfigError` if one
+    refuses TLS.
     """
-    params = amqp_parameters(servers)
-    where = f"{params.host}:{params.port}"  # not the URL: it may hold a password
+    candidates = amqp_parameter_list(servers)
+    where = ", ".join(f"{p.host}:{p.port}" for p in candidates)  # not the URLs: they may hold a password
     try:
-        connection = open_amqp(servers, params)
+        connection = open_amqp(servers, candidates)
     except (pika.exceptions.AMQPError, OSError) as exc:
         raise ServiceUnavailable(f"cannot reach RabbitMQ at {where} to delete run {keys.run}'s queues "
                                  f"({exc!r}); start it (make services) or pass its URL") from exc

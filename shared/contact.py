@@ -14,11 +14,19 @@ and after:
 So a typo in a URL ends the process at once with one line and its own exit code
 (:class:`~shared.errors.PermanentError`), while a server that was there and went away is retried
 with backoff for as long as it takes. Messages name host, port and user, never a password.
+
+A list of broker URLs (``--amqp`` naming several nodes of one RabbitMQ cluster) is judged per URL
+when none of them let the process in (:class:`~shared.settings.NoBrokerAnswered`), each failure
+against its own host, port and user: a refusal of the credentials by any node is the answer
+(users and permissions belong to the cluster, not to a node); any other mistake only if every
+URL's failure is one (then the first URL's is reported), because a node that is down is what the
+other URLs are there for.
 """
 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
 import pika.exceptions
@@ -26,6 +34,7 @@ import redis
 from pika.adapters.utils.connection_workflow import AMQPConnectorStackTimeout
 
 from shared.errors import AccessRefused, NoService, PermanentError, Revoked, UnknownHost
+from shared.settings import NoBrokerAnswered, split_urls
 from shared.tls import causes_of, server_address
 
 # getaddrinfo's answers that mean "no such name" (EAI_AGAIN, "try again", is an outage).
@@ -47,19 +56,35 @@ _WRONG_KIND: tuple[type[BaseException], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class _Server:
+    """Where one URL points, as messages name it (never its password)."""
+
+    host: str
+    port: int
+    user: str | None
+
+    @classmethod
+    def of(cls, url: str) -> _Server:
+        parsed = urlparse(url)
+        host, port = server_address(url)
+        return cls(host, port, unquote(parsed.username) if parsed.username else None)
+
+
 class ServerContact:
-    """One process's dealings with the server of ``url`` (``redis[s]://`` or ``amqp[s]://``).
+    """One process's dealings with the server of ``url`` (``redis[s]://`` or ``amqp[s]://``; for
+    ``--amqp`` a comma-separated list of a cluster's nodes, judged per URL as the module says).
 
     Call :meth:`answered` after every success; :meth:`refusal` says what a failure means.
     ``option`` is the command-line option that sets the URL, named in messages, with the join
     token unless ``token`` is False (the coordinator's own URLs come from options alone).
+    ``host``, ``port`` and ``user`` are the (first) URL's.
     """
 
     def __init__(self, url: str, *, option: str, token: bool = True) -> None:
-        parsed = urlparse(url)
-        self.service = "Redis" if parsed.scheme.startswith("redis") else "RabbitMQ"
-        self.host, self.port = server_address(url)
-        self.user = unquote(parsed.username) if parsed.username else None
+        self.service = "Redis" if urlparse(url).scheme.startswith("redis") else "RabbitMQ"
+        self.servers = [_Server.of(one) for one in split_urls(url)]
+        self.host, self.port, self.user = self.servers[0].host, self.servers[0].port, self.servers[0].user
         self.option = option
         self.source = f"the join token or {option}" if token else option  # where to fix the URL
         self.ever_answered = False
@@ -71,12 +96,24 @@ class ServerContact:
     def refusal(self, exc: BaseException) -> PermanentError | None:
         """The permanent mistake that ``exc``, a failure to talk to the server, reveals; None for an
         outage (the caller retries)."""
+        if not isinstance(exc, NoBrokerAnswered):
+            return self._refusal(exc, self.servers[0])
+        refusals = [self._refusal(failure, server)
+                    for failure, server in zip(exc.failures, self.servers, strict=False)]
+        credentials = next((r for r in refusals if isinstance(r, (AccessRefused, Revoked))), None)
+        if credentials is not None:
+            return credentials
+        return refusals[0] if all(r is not None for r in refusals) else None
+
+    def _refusal(self, exc: BaseException, server: _Server) -> PermanentError | None:
+        """:meth:`refusal` of a failure to talk to ``server`` alone."""
         chain = causes_of(exc)
-        where = f"{self.service} at {self.host}:{self.port}"
+        host, port = server.host, server.port
+        where = f"{self.service} at {host}:{port}"
         refused = next((c for c in chain if isinstance(c, _REFUSED_CREDENTIALS)), None)
         if refused is not None and not _over_a_limit(refused):
             why = _short(refused)
-            who = f"user {self.user!r}" if self.user else "this client (no user in the URL)"
+            who = f"user {server.user!r}" if server.user else "this client (no user in the URL)"
             if self.ever_answered:
                 return Revoked(f"{where} no longer lets {who} in ({why}), after it did earlier: this "
                                "volunteer's invitation was revoked or has expired; ask the run's "
@@ -90,15 +127,15 @@ class ServerContact:
             return None  # it was there: whatever this is, it is an outage
         for cause in chain:
             if isinstance(cause, socket.gaierror) and cause.errno in _NO_SUCH_NAME:
-                return UnknownHost(f"unknown host {self.host!r} for {self.service} ({cause.strerror}): "
+                return UnknownHost(f"unknown host {host!r} for {self.service} ({cause.strerror}): "
                                    f"check the host name in {self.source}")
         if any(isinstance(c, ConnectionRefusedError) for c in chain):
-            return NoService(f"nothing listens at {self.host}:{self.port} for {self.service} (connection "
+            return NoService(f"nothing listens at {host}:{port} for {self.service} (connection "
                              f"refused): check the port in {self.source}, and that "
                              f"the server is running")
         wrong = next((c for c in chain if isinstance(c, _WRONG_KIND)), None)
         if wrong is not None:
-            return NoService(f"{self.host}:{self.port} answers, but not as {self.service} "
+            return NoService(f"{host}:{port} answers, but not as {self.service} "
                              f"({type(wrong).__name__}): check the port in {self.source}")
         return None
 

@@ -6,10 +6,11 @@ Defaults point at servers on 127.0.0.1 so that the commands work with no options
 from __future__ import annotations
 
 import random
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import pika
 import pika.exceptions
@@ -27,6 +28,14 @@ from shared.tls import (
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+# A comma between two URLs: one followed by the next URL's scheme, so that a comma inside a URL
+# (legal unencoded in a password) stays part of it.
+_URL_SEPARATOR = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_urls(value: str) -> list[str]:
+    """The URLs of a comma-separated list, in order (one URL, as it is, if there is no comma)."""
+    return _URL_SEPARATOR.split(value)
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,8 @@ class ConnectionSettings:
     """Where Redis and RabbitMQ are, and how patiently to talk to them."""
 
     redis_url: str = DEFAULT_REDIS_URL
+    # One broker URL, or several nodes of one RabbitMQ cluster separated by commas: each connect
+    # and reconnect goes through them in order and uses the first that answers.
     amqp_url: str = DEFAULT_AMQP_URL
     # AMQP heartbeat: a dead broker connection is noticed within about 2x this.
     heartbeat_s: int = 30
@@ -43,19 +54,50 @@ class ConnectionSettings:
     tls_ca_file: str | None = None
 
     def __post_init__(self) -> None:
-        redis_url, amqp_url = urlparse(self.redis_url), urlparse(self.amqp_url)
+        redis_url = urlparse(self.redis_url)
         if redis_url.scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(f"--redis must be a redis:// URL (rediss:// for TLS), got {redis_url.scheme}://...")
-        if amqp_url.scheme not in ("amqp", "amqps"):
-            raise ConfigError(f"--amqp must be an amqp:// URL (amqps:// for TLS), got {amqp_url.scheme}://...")
         # TLS is set by the scheme and --tls-ca alone: a URL's query could otherwise switch the
         # certificate check off (redis-py: ssl_cert_reqs=none; pika: ssl_options).
         if any(name.startswith("ssl") for name in parse_qs(redis_url.query)):
             raise ConfigError("--redis: TLS options do not go in the URL; use rediss:// and --tls-ca")
-        if any(name.startswith("ssl") for name in parse_qs(amqp_url.query)):
-            raise ConfigError("--amqp: TLS options do not go in the URL; use amqps:// and --tls-ca")
+        urls = self.amqp_urls
+        for index, url in enumerate(urls):
+            _check_amqp_url(url, _amqp_option(index, len(urls)))
+        # Nodes of one cluster: the same TLS or not, and the same user and vhost, so that a
+        # failover changes neither the queues (the vhost's) nor the user_id a client's deltas
+        # carry (RabbitMQ refuses a publish whose user_id is not the connection's user).
+        identities = {(p.scheme, unquote(p.username or ""), _vhost(p.path)) for p in map(urlparse, urls)}
+        if len({scheme for scheme, _, _ in identities}) > 1:
+            raise ConfigError("--amqp: the URLs of the list must all be amqp:// or all amqps://")
+        if len(identities) > 1:
+            raise ConfigError("--amqp: the URLs of the list must name the same user and virtual host "
+                              "(nodes of one RabbitMQ cluster)")
         if self.tls_ca_file is not None:
             check_ca_file(self.tls_ca_file)
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """The broker URLs of ``amqp_url``, in the order they are tried (one, unless a list)."""
+        return split_urls(self.amqp_url)
+
+
+def _amqp_option(index: int, count: int) -> str:
+    """How messages name URL ``index`` of ``count`` given to --amqp."""
+    return "--amqp" if count == 1 else f"--amqp (URL {index + 1} of {count})"
+
+
+def _vhost(path: str) -> str:
+    """The virtual host of an AMQP URL's path, as pika reads it ("/" when there is none)."""
+    return unquote(path.split("/")[1]) if len(path) > 1 else "/"
+
+
+def _check_amqp_url(url: str, option: str) -> None:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("amqp", "amqps"):
+        raise ConfigError(f"{option} must be an amqp:// URL (amqps:// for TLS), got {parsed.scheme}://...")
+    if any(name.startswith("ssl") for name in parse_qs(parsed.query)):
+        raise ConfigError(f"{option}: TLS options do not go in the URL; use amqps:// and --tls-ca")
 
 
 # What a Redis outage looks like to redis-py: retried or waited out, never a crash.
@@ -85,18 +127,21 @@ def connect_redis(settings: ConnectionSettings) -> redis.Redis:
     )
 
 
-def amqp_parameters(settings: ConnectionSettings) -> pika.URLParameters:
-    """pika connection parameters for ``settings.amqp_url``: the one place they are built.
+def amqp_parameters(settings: ConnectionSettings, index: int = 0) -> pika.URLParameters:
+    """pika connection parameters for URL ``index`` of ``settings.amqp_url`` (the first by default;
+    :func:`amqp_parameter_list` gives them all): the one place they are built.
 
     With an ``amqps://`` URL, TLS with :func:`shared.tls.client_context` (certificate required,
     host name checked, ``settings.tls_ca_file`` trusted). Callers add their own heartbeat,
     timeouts and connection name. A malformed URL raises :class:`ConfigError`.
     """
+    urls = settings.amqp_urls
+    url = urls[index]
     try:
-        params = pika.URLParameters(settings.amqp_url)
+        params = pika.URLParameters(url)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"--amqp: bad URL ({exc})") from None
-    if uses_tls(settings.amqp_url):
+        raise ConfigError(f"{_amqp_option(index, len(urls))}: bad URL ({exc})") from None
+    if uses_tls(url):
         params.ssl_options = pika.SSLOptions(client_context(settings.tls_ca_file),
                                              server_hostname=params.host)
     else:
@@ -104,19 +149,62 @@ def amqp_parameters(settings: ConnectionSettings) -> pika.URLParameters:
     return params
 
 
-def open_amqp(settings: ConnectionSettings, params: pika.URLParameters) -> pika.BlockingConnection:
-    """Open a blocking AMQP connection with ``params`` (from :func:`amqp_parameters` of ``settings``).
+def amqp_parameter_list(settings: ConnectionSettings) -> list[pika.URLParameters]:
+    """:func:`amqp_parameters` of every URL of ``settings.amqp_url``, in order: what
+    :func:`open_amqp` tries, so that a (re)connect moves on from a node that is down."""
+    return [amqp_parameters(settings, index) for index in range(len(settings.amqp_urls))]
 
-    A refused certificate, or a URL whose scheme does not match what the port speaks, raises
-    :class:`ConfigError`; any other failure is pika's own (an outage that callers retry).
+
+class NoBrokerAnswered(pika.exceptions.AMQPConnectionError):
+    """None of several broker URLs let :func:`open_amqp` connect.
+
+    ``failures`` holds each URL's exception, in the order of the URLs. The message names each
+    host and port (never a password); :class:`shared.contact.ServerContact` judges each failure
+    against its own URL.
     """
-    try:
-        return pika.BlockingConnection(params)
-    except (pika.exceptions.AMQPConnectionError, OSError) as exc:
-        refusal = tls_refusal(exc, settings.amqp_url)
-        if refusal is not None:
-            raise refusal from exc
-        raise
+
+    def __init__(self, failures: Sequence[tuple[pika.URLParameters, BaseException]]) -> None:
+        self.failures = [exc for _, exc in failures]
+        tried = "; ".join(f"{params.host}:{params.port}: {type(exc).__name__}: {_one_line(exc)}"
+                          for params, exc in failures)
+        super().__init__(f"no RabbitMQ node answered ({tried})")
+
+
+def open_amqp(
+    settings: ConnectionSettings, params: pika.URLParameters | Sequence[pika.URLParameters]
+) -> pika.BlockingConnection:
+    """Open a blocking AMQP connection through the first of ``params`` that answers, tried in order.
+
+    ``params``: :func:`amqp_parameter_list` of ``settings`` (callers may tune each), or one of
+    them, the first URL's, from :func:`amqp_parameters`. A refused certificate, or a URL whose
+    scheme does not match what the port speaks, raises :class:`ConfigError` at once; any other
+    failure is pika's own (an outage that callers retry): with one URL its exception, with several
+    :class:`NoBrokerAnswered` once each has failed.
+    """
+    candidates = [params] if isinstance(params, pika.connection.Parameters) else list(params)
+    urls = settings.amqp_urls
+    assert 0 < len(candidates) <= len(urls), "params must come from amqp_parameters of these settings"
+    # One BlockingConnection per URL rather than pika's own sequence of parameters: pika ends a
+    # pass over the sequence at the first host name that does not resolve (without trying the
+    # rest), and it takes connection_attempts from the last one; and each failure here is
+    # judged against its own URL.
+    failures: list[tuple[pika.URLParameters, BaseException]] = []
+    for url, candidate in zip(urls, candidates, strict=False):  # params may be the first few URLs' only
+        try:
+            return pika.BlockingConnection(candidate)
+        except (pika.exceptions.AMQPConnectionError, OSError) as exc:
+            refusal = tls_refusal(exc, url)
+            if refusal is not None:
+                raise refusal from exc
+            if len(candidates) == 1:
+                raise
+            failures.append((candidate, exc))
+    raise NoBrokerAnswered(failures)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or repr(exc)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def redis_bytes(reply: object) -> bytes | None:

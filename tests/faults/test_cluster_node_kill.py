@@ -4,14 +4,17 @@ delta is applied once, none twice.
 
 The cluster is this test's own (tests/private_cluster.py: three nodes on spare loopback ports),
 never the shared broker on 5672. The coordinator consumes from node 1; client theta publishes to
-node 2 and client iota to node 3. The delta queue is declared through node 3 before the
-coordinator starts, so its Raft leader lives there (RabbitMQ places a quorum queue's leader on the
-declaring connection's node), and node 3 is the node killed: the queue loses its leader and iota
-its only broker (``--amqp`` takes one URL), while the coordinator and theta keep theirs.
+node 2, and client iota to node 3 first (its ``--amqp`` lists node 3's URL, then node 1's). The
+delta queue is declared through node 3 before the coordinator starts, so its Raft leader lives
+there (RabbitMQ places a quorum queue's leader on the declaring connection's node), and node 3 is
+the node killed: the queue loses its leader and iota its broker, while the coordinator and theta
+keep theirs. iota goes on through node 1, the next URL of its list: its deltas sent after the kill
+are confirmed and applied.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 from collections.abc import Iterator
@@ -31,8 +34,9 @@ from tests.private_cluster import PrivateCluster, missing_tools, private_cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
-CLIENT_NODES = {"theta": 1, "iota": 2}  # client id → index in cluster.nodes of the node it publishes to
-KILLED = 2  # node 3: the queue's leader and iota's broker, neither the coordinator's nor theta's
+# client id → indexes in cluster.nodes of the nodes its --amqp lists, in the order it tries them
+CLIENT_NODES = {"theta": (1,), "iota": (2, 0)}
+KILLED = 2  # node 3: the queue's leader and iota's first broker, neither the coordinator's nor theta's
 CLIENT_SECONDS = 240  # a safety bound: the test stops the clients with SIGTERM well before
 
 
@@ -50,9 +54,8 @@ def _declare_delta_queue_through(node: PrivateBroker, keys: RunKeys) -> None:
     """Declare the run's delta queue through ``node``, with the arguments the coordinator declares
     it with (its defaults), so the coordinator finds it as its own, with the leader on ``node``.
 
-    Only that queue: the dead-letter queue is a classic queue, which lives on the node that
-    declared it alone, and the coordinator (re)declares it on every connect; left to the
-    coordinator it lives on node 1, as it would on a single broker.
+    Only that queue: the coordinator declares the dead-letter queue (a quorum queue too, with a
+    replica on every node) through node 1, so its leader is not on the node killed.
     """
     connection = pika.BlockingConnection(pika.URLParameters(node.url))
     try:
@@ -91,11 +94,14 @@ def test_killing_a_cluster_node_loses_and_doubles_nothing(
     _, key = run_key(tmp_path)  # the one coordinator_args signs with (beside ckpt)
     # --include-wait 0: clients go on training on the base they have while the coordinator is frozen,
     # so deltas pile up (the repeats on one base are refused already_sent once it thaws)
+    urls = {cid: ",".join(cluster.nodes[i].url for i in nodes) for cid, nodes in CLIENT_NODES.items()}
     clients = {cid: procs.start(cid, *client_args(run_name, cid, state, journals[cid], CLIENT_SECONDS,
                                                   coordinator_key=key),
-                                "--amqp", cluster.nodes[i].url, "--include-wait", "0")
-               for cid, i in CLIENT_NODES.items()}
+                                "--amqp", urls[cid], "--include-wait", "0")
+               for cid in CLIENT_NODES}
     wait_for(lambda: all(len(read_journal(j)) >= 2 for j in journals.values()), 60, "deltas before")
+    dead_letters = cluster.quorum_status(keys.dead_letter_queue)  # raises for a classic queue
+    assert set(dead_letters) == {n.node for n in cluster.nodes}, dead_letters
 
     # Freeze the coordinator so that confirmed deltas wait in the queue (and two sit unacked with
     # it), then kill the node holding the leader: the followers on nodes 1 and 2 must have them.
@@ -107,26 +113,32 @@ def test_killing_a_cluster_node_loses_and_doubles_nothing(
         killed = killed_node.kill_vm()
     finally:
         os.kill(coordinator.pid, signal.SIGCONT)
-    # iota retries against its dead broker (it knows no other). Asked to stop, a client keeps
-    # trying to send the delta in hand for its upload grace period (30 s), then gives it up (never
-    # confirmed, so never promised) and exits 0; asked now, that runs while theta goes on.
-    clients["iota"].send_signal(signal.SIGTERM)
     leader = wait_for(lambda: _leader(cluster, keys.delta_queue), 30, "a new leader of the delta queue")
     assert leader in {n.node for n in cluster.nodes} - {killed_node.node}
 
-    # theta's broker lives: two deltas confirmed after the kill (one may have been confirmed by
-    # the old leader just before it) show the queue takes publishes under its new leader.
-    wait_for(lambda: len(set(read_journal(journals["theta"])) - before) >= 2, 60,
-             "theta to have deltas confirmed after the kill")
-    # ... and the coordinator still consumes: a delta sent after the kill gets applied (theta's
-    # repeats on a base it already has a delta applied on are refused already_sent meanwhile).
-    applied_after = wait_for(lambda: _applied(ckpt) & (set(read_journal(journals["theta"])) - before), 60,
-                             "a delta theta sent after the kill to be applied")
-    assert procs.terminate(clients["theta"]) == 0, procs.logs()  # sends the round in hand, exits
-    # Not to wait out iota's grace period: a second SIGTERM quits at once (exit 128 + 15).
-    if clients["iota"].poll() is None:
-        clients["iota"].send_signal(signal.SIGTERM)
-    assert clients["iota"].wait(timeout=30) in (0, 128 + signal.SIGTERM), procs.log("iota")
+    def sent_after(cid: str) -> set[str]:
+        """Ids of the deltas of ``cid`` confirmed after ``before`` was taken."""
+        return set(read_journal(journals[cid])) - before
+
+    def two_sent_after(cid: str) -> bool:
+        return len(sent_after(cid)) >= 2
+
+    def applied_after(cid: str) -> set[str]:
+        return _applied(ckpt) & sent_after(cid)
+
+    # Both clients go on: theta through its broker, which lives, and iota through node 1, the next
+    # URL of its list. Two deltas each confirmed after the kill (one may have been confirmed by the
+    # old leader just before it) show the queue takes publishes under its new leader, from both.
+    for cid in CLIENT_NODES:
+        wait_for(functools.partial(two_sent_after, cid), 60, f"{cid} to have deltas confirmed after the kill")
+    assert "RabbitMQ is back" in procs.log("iota")  # it lost node 3, then connected through node 1
+    # ... and the coordinator still consumes: a delta of each sent after the kill gets applied (a
+    # repeat on a base that already has the client's delta applied is refused already_sent meanwhile).
+    applied = {cid: wait_for(functools.partial(applied_after, cid), 60,
+                             f"a delta {cid} sent after the kill to be applied")
+               for cid in CLIENT_NODES}
+    for client in clients.values():
+        assert procs.terminate(client) == 0, procs.logs()  # sends the round in hand, exits
     confirmed = confirmed_ids(journals)
     after = confirmed - before
     wait_for(lambda: confirmed <= settled_ids(ckpt), 60, "the queue to drain")
@@ -136,8 +148,8 @@ def test_killing_a_cluster_node_loses_and_doubles_nothing(
     final = status(run_name)
     print(f"kill -9 of {killed_node.node} (pid {killed}, the queue's leader) with {waiting} confirmed "
           f"deltas waiting in the queue; new leader {leader}; confirmed before={len(before)} "
-          f"after={len(after)} (applied by then {len(applied_after)}); coordinator reconnects="
-          f"{final['coordinator']['amqp_reconnects']}; " + verdict.summary())
+          f"after={len(after)} (applied by then {sum(map(len, applied.values()))}); "
+          f"coordinator reconnects={final['coordinator']['amqp_reconnects']}; " + verdict.summary())
     assert verdict.ok, verdict.summary() + "\n" + procs.logs() + "\n" + cluster.logs()
     assert set(final["deltas"]["rejected_by_reason"]) <= {"already_sent"}
     assert verify_snapshot(run_name) == final["version"]
