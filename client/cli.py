@@ -145,10 +145,11 @@ def _state_dir_option() -> Any:
          help="Where to train; auto picks CUDA, then Apple MPS, then the CPU; cuda:N one GPU of several. "
          "On CUDA the round runs bf16 autocast (where the GPU has it), TF32 and the fused AdamW, and the "
          "delta is quantised on the GPU.")
-@_option("--codec", env="ASYNCLOCO_CODEC", default="fp16", show_default=True,
+@_option("--codec", env="ASYNCLOCO_CODEC", default="int3", show_default=True,
          type=click.Choice(sorted(CODECS), case_sensitive=False),
-         help="Delta compression (the error is fed into the next round): int8 sends ~4x less than fp32, "
-         "int4 ~7.5x (within 0.1% of fp32's eval loss in docs/BENCHMARKS.md), topk ~40x (10% worse there).")
+         help="Delta compression (the error is fed into the next round): int3 sends ~10x less than fp32 "
+         "(within 0.01% of fp32's eval loss over 3 seeds in docs/BENCHMARKS.md), int8 ~4x, int4 ~7.5x, "
+         "fp16 2x, topk ~40x (10% worse there).")
 @_option("--slowdown", env="ASYNCLOCO_SLOWDOWN", default=1.0, show_default=True,
          type=click.FloatRange(min=1.0), metavar="X", help="Emulate hardware X times slower (demos, tests).")
 @_option("--client-id", env="ASYNCLOCO_CLIENT_ID", default=None, metavar="ID",

@@ -48,7 +48,7 @@ class ClientConfig:
     connection: ConnectionSettings = field(default_factory=ConnectionSettings)
     data: str | None = None  # replaces the task's "data" setting (a glob of text files)
     device: str = "auto"
-    codec: str = "fp16"
+    codec: str = "int3"  # 0.41 bytes a parameter, eval loss level with fp32 (docs/BENCHMARKS.md)
     slowdown: float = 1.0  # emulate hardware this many times slower (>= 1)
     client_id: str | None = None  # None: a random id generated once and kept in state_dir
     state_dir: Path = field(default_factory=default_state_dir)

@@ -53,8 +53,10 @@ def client_args(run: str, client_id: str, state_dir: Path, journal: Path, max_se
                 coordinator_key: str) -> list[str]:
     """``python`` arguments of a CPU client of ``run`` that journals its confirmed deltas and
     trusts snapshots signed by ``coordinator_key`` (hex: ``run_key(...)[1]``)."""
+    # fp16: the fault tests' byte arithmetic (queue bounds, part counts) is of fp16 deltas
     return ["-m", "client.cli", "join", "--run", run, "--client-id", client_id, "--threads", "1",
-            "--device", "cpu", "--state-dir", str(state_dir), "--max-seconds", str(max_seconds),
+            "--codec", "fp16", "--device", "cpu", "--state-dir", str(state_dir),
+            "--max-seconds", str(max_seconds),
             "--journal", str(journal), "--log-level", "info", "--coordinator-key", coordinator_key]
 
 

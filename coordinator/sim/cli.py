@@ -30,7 +30,8 @@ from shared.errors import ConfigError
 @option("--eval-every", env="SIM_EVAL_EVERY", type=click.IntRange(1), default=200,
         help="Evaluate every this many total local steps.")
 @outer_options()
-@option("--codec", env="CODEC", type=click.Choice(["fp32", "fp16", "int8", "int4", "topk"]), default="fp16")
+@option("--codec", env="CODEC", type=click.Choice(["fp32", "fp16", "int8", "int4", "int3", "topk"]),
+        default="fp16")
 @option("--latency", env="SIM_LATENCY", type=click.FloatRange(0), default=0.0,
         help="Upload latency, in steps of the fastest worker.")
 @option("--jitter", env="SIM_JITTER", type=click.FloatRange(0, 1), default=0.0,
