@@ -280,7 +280,7 @@ def test_publish_retries_until_the_queue_exists(rdb, amqp, keys, tmp_path, caplo
     (_, body), = take_messages(amqp, keys.delta_queue, 1)
     message = DeltaMessage.decode(body)
     assert (message.client_id, message.seq) == ("early-bird", 0)  # the retry kept its number
-    check_delta(body, manifest, "fp16")
+    check_delta(body, manifest, ClientConfig.codec)  # the default codec
 
 
 def test_client_rides_out_rabbitmq_and_redis_outages(rdb, amqp, keys, tmp_path, caplog):
@@ -313,7 +313,7 @@ def test_client_rides_out_rabbitmq_and_redis_outages(rdb, amqp, keys, tmp_path, 
     assert summary.deltas_sent == 4
     messages = [DeltaMessage.decode(body) for _, body in take_messages(amqp, keys.delta_queue, 4)]
     assert [m.seq for m in messages] == [0, 1, 2, 3]  # nothing lost, nothing renumbered
-    check_delta(messages[1].encode(), manifest, "fp16")
+    check_delta(messages[1].encode(), manifest, ClientConfig.codec)
     # Each outage is said at WARNING, the client's default level, when it starts and when it ends.
     warnings = [(r.name, r.getMessage()) for r in caplog.records if r.levelno == logging.WARNING]
     said = [(name, message.split(" (")[0].split(" after ")[0].split(" while ")[0])
