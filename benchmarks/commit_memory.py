@@ -34,7 +34,6 @@ unless ``--redis-url`` names another; nothing else on the shared server is then 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import hashlib
 import json
@@ -52,9 +51,11 @@ from typing import Any
 import redis
 import torch
 from safetensors.torch import save
+from served import reset_peak
 from table_csv import write_rows
 
 from coordinator.checkpoint import FORMAT, Checkpoint, checkpoint_path, save_checkpoint
+from coordinator.memory_trim import trim as trim_memory
 from coordinator.outer_optimizer import OuterConfig, make_outer_optimizer
 from harness.processes import new_run_name, wait_for
 from shared.keys import RunKeys
@@ -124,12 +125,6 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _reset_peak() -> None:
-    """Set VmHWM back to the current VmRSS (Linux 4.0+)."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
-
 def child(args: argparse.Namespace) -> None:
     """One variant in this process; prints one JSON line."""
     torch.set_num_threads(1)
@@ -146,7 +141,7 @@ def child(args: argparse.Namespace) -> None:
     gc.collect()
     # The set-up's garbage (θ's first copy) may sit in glibc's heap; hand it back so that the
     # steady RSS is the state's own.
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_memory()
     client = redis.Redis.from_url(args.redis_url)
     keys = RunKeys(args.run)
     before = args.child == "before"
@@ -158,7 +153,7 @@ def child(args: argparse.Namespace) -> None:
         """One checkpoint and one publish: each step's peak VmRSS (KiB) and seconds."""
         optimizer.params[next(iter(optimizer.params))][0] += 1e-3  # θ moved by a delta
         checkpoint = Checkpoint(tensors=optimizer.tensors(), state={"version": version, "run": args.run})
-        _reset_peak()
+        reset_peak()
         started = time.perf_counter()
         if before:
             old_save_checkpoint(directory, checkpoint)
@@ -166,7 +161,7 @@ def child(args: argparse.Namespace) -> None:
             save_checkpoint(directory, checkpoint)
         checkpoint_s = time.perf_counter() - started
         checkpoint_peak = _status_kib("VmHWM")
-        _reset_peak()
+        reset_peak()
         started = time.perf_counter()
         if before:
             old_publish(store, version=version, params=optimizer.params)

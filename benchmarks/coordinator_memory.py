@@ -24,7 +24,6 @@ by live objects):
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import shutil
@@ -35,7 +34,7 @@ from typing import Any
 
 import redis
 import torch
-from served import memory_bytes
+from served import memory_bytes, reset_peak
 from table_csv import write_rows
 
 from coordinator.checkpoint import save_checkpoint
@@ -54,13 +53,6 @@ from shared.signing import SigningKey
 
 RESULTS = Path(__file__).resolve().parent / "results" / "coordinator_memory"
 MB = 1e6
-LIBC = ctypes.CDLL("libc.so.6")  # glibc's malloc_trim (Linux, as /proc is)
-
-
-def _reset_peak() -> None:
-    """Set VmHWM back to the current VmRSS (Linux 4.0+)."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
 
 
 class Stages:
@@ -69,18 +61,18 @@ class Stages:
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
         self.model_bytes = 0
-        _reset_peak()
+        reset_peak()
 
     def done(self, stage: str) -> None:
         rss, peak = memory_bytes(os.getpid()) or 0, memory_bytes(os.getpid(), "VmHWM") or 0
         gc.collect()
-        LIBC.malloc_trim(0)  # what the allocator kept of freed memory goes back: the rest is live
+        trim_memory()  # what the allocator kept of freed memory goes back: the rest is live
         live = memory_bytes(os.getpid()) or 0
         previous = self.rows[-1]["live_mb"] * MB if self.rows else 0
         self.rows.append({"stage": stage, "rss_mb": round(rss / MB, 1), "live_mb": round(live / MB, 1),
                           "added_mb": round((live - previous) / MB, 1), "peak_mb": round(peak / MB, 1)})
         print(f"{stage}: RSS {rss / MB:.0f} MB ({live / MB:.0f} live), peak {peak / MB:.0f}", flush=True)
-        _reset_peak()
+        reset_peak()
 
     def in_models(self) -> list[dict[str, Any]]:
         per = self.model_bytes / MB

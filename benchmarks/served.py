@@ -81,3 +81,9 @@ def memory_bytes(pid: int, field: str = "VmRSS") -> int | None:
     except OSError:
         return None
     return None
+
+
+def reset_peak() -> None:
+    """Set this process's VmHWM back to its current VmRSS (Linux 4.0+), so that the next
+    ``memory_bytes(os.getpid(), "VmHWM")`` is the peak of what came after."""
+    Path("/proc/self/clear_refs").write_text("5")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import redis
 import torch
-from served import memory_bytes
+from served import memory_bytes, reset_peak
 from table_csv import write_rows
 
 from shared.keys import RunKeys
@@ -104,7 +104,7 @@ def _probe(url: str, run: str, public_hex: str) -> dict[str, float]:
     got = sum(len(client.get(name) or b"") for name in chunk_keys)
     raw_s = time.perf_counter() - started
     before = memory_bytes(os.getpid(), "VmRSS") or 0
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    reset_peak()
     started = time.perf_counter()
     snapshot = store.read(version)
     fetch_s = time.perf_counter() - started
