@@ -180,7 +180,7 @@ class InclusionWait:
             manifest = self.fetcher.manifest_if_readable(version)
             if manifest is not None and manifest.run_id != run_id:
                 return DeltaFate(None, None)  # a new run: the next round adopts it
-            if manifest is not None and (sync or _settled(manifest.progress, self.client_id) >= seq):
+            if manifest is not None and (sync or settled_seq(manifest.progress, self.client_id) >= seq):
                 included, included_at = version, time.monotonic()
                 self._included = (run_id, version, bool(manifest.progress.get("cycle_open", False)))
         log.info("delta %s:%d not yet %s after %.0f s; going on", self.client_id, seq,
@@ -239,7 +239,7 @@ class InclusionWait:
                 raise StopRequested()
 
 
-def _settled(progress: dict[str, object], client_id: str) -> int:
+def settled_seq(progress: dict[str, object], client_id: str) -> int:
     """The client's newest settled seq that a manifest's progress lists; -1 for none."""
     seqs = progress.get("client_seqs", {})
     seq = seqs.get(client_id, -1) if isinstance(seqs, dict) else -1

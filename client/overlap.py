@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from client.inclusion import InclusionWait
+from client.inclusion import InclusionWait, settled_seq
 from client.report import DeltaFate, RoundReport
 from shared.local_round import LocalTrainer
 from shared.verdict import Verdict
@@ -93,12 +93,12 @@ class Overlap:
     def add(self, entry: InFlight) -> None:
         self.in_flight.append(entry)
 
-    def learn(self, *, run_id: str, version: int, client_seqs: object) -> None:
+    def learn(self, *, run_id: str, version: int, progress: dict[str, object]) -> None:
         """What the verdicts written since the last read (one read that does not block) and the
-        base's manifest (its progress's ``client_seqs``: each client's newest settled seq) say of
-        the in-flight deltas: applied in a snapshot, or rejected."""
+        base's manifest (its ``progress``: each client's newest settled seq) say of the in-flight
+        deltas: applied in a snapshot, or rejected."""
         self.waits.read_verdicts(0.0)
-        settled_seq = client_seqs.get(self.waits.client_id, -1) if isinstance(client_seqs, dict) else -1
+        settled = settled_seq(progress, self.waits.client_id)
         for entry in self.in_flight:
             if entry.run_id != run_id:  # another run took over: its fate will never be told
                 entry.given_up = True
@@ -108,8 +108,7 @@ class Overlap:
                 entry.verdict = verdict
                 if verdict.applied and verdict.version >= 0:
                     entry.included = verdict.version
-            if (entry.included is None and not entry.rejected and isinstance(settled_seq, int)
-                    and settled_seq >= entry.seq):
+            if entry.included is None and not entry.rejected and settled >= entry.seq:
                 entry.included = version
 
     def stack(self, trainer: LocalTrainer, *, run_id: str, version: int, fresh_base: bool) -> int:

@@ -256,7 +256,7 @@ class Worker:
         stacked_on = -1
         if self.overlap.active:
             self.overlap.learn(run_id=run_id, version=base_version,
-                               client_seqs=self.replica.progress.get("client_seqs"))
+                               progress=self.replica.progress)
             if stacking:
                 stacked_on = self.overlap.stack(trainer, run_id=run_id, version=base_version,
                                                 fresh_base=self._fresh_base)

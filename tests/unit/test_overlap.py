@@ -66,7 +66,7 @@ def test_a_round_starts_from_the_snapshot_moved_by_each_in_flight_delta_once() -
     assert all(torch.equal(b, torch.full_like(b, -1.5)) for b in trainer.base.values())
     # a newer snapshot holds delta 0 (its manifest settles seqs up to 0): only delta 1 moves it
     trainer.load_base({n: torch.zeros_like(b) for n, b in trainer.base.items()})
-    overlap.learn(run_id="r", version=4, client_seqs={"me": 0})
+    overlap.learn(run_id="r", version=4, progress={"client_seqs": {"me": 0}})
     assert overlap.stack(trainer, run_id="r", version=4, fresh_base=True) == 1
     assert all(torch.equal(b, torch.full_like(b, -1.0)) for b in trainer.base.values())
 
@@ -77,11 +77,12 @@ def test_reports_wait_for_their_verdict_and_come_out_in_order() -> None:
     overlap.add(_entry(trainer, 0, 1.0))
     overlap.add(_entry(trainer, 1, 1.0))
     waits.seen[("r", 1)] = Verdict("r", 1, True, version=7)
-    overlap.learn(run_id="r", version=6, client_seqs={"me": 0})  # 0 in snapshot 6, no verdict yet
+    # 0 in snapshot 6 (its manifest settles seqs up to 0), no verdict yet
+    overlap.learn(run_id="r", version=6, progress={"client_seqs": {"me": 0}})
     assert overlap.settled_reports() == []  # 0's verdict is written just after its snapshot: wait
     assert not overlap.in_flight[0].pending and not overlap.in_flight[1].pending
     waits.seen[("r", 0)] = Verdict("r", 0, False, "stale")  # rejected after all
-    overlap.learn(run_id="r", version=6, client_seqs={"me": 0})
+    overlap.learn(run_id="r", version=6, progress={"client_seqs": {"me": 0}})
     done = overlap.settled_reports()
     assert [(r.seq, r.fate.describe()) for r in done] == [(0, "rejected: stale"), (1, "applied v=7")]
     assert not overlap.active
@@ -92,11 +93,12 @@ def test_a_rejected_or_foreign_delta_never_moves_a_base() -> None:
     overlap = Overlap(waits)  # type: ignore[arg-type]
     overlap.add(_entry(trainer, 0, 1.0))
     waits.seen[("r", 0)] = Verdict("r", 0, False, "bad_norm")
-    overlap.learn(run_id="r", version=2, client_seqs={})
+    overlap.learn(run_id="r", version=2, progress={"client_seqs": {}})
     assert overlap.stack(trainer, run_id="r", version=2, fresh_base=True) == -1
     assert all(torch.equal(b, torch.zeros_like(b)) for b in trainer.base.values())
     overlap.add(_entry(trainer, 1, 1.0))
-    overlap.learn(run_id="other", version=0, client_seqs={})  # a new run: the old one's fate is lost
+    # a new run: the old one's fate is lost
+    overlap.learn(run_id="other", version=0, progress={"client_seqs": {}})
     assert overlap.stack(trainer, run_id="other", version=0, fresh_base=True) == -1
     assert [r.fate.describe() for r in overlap.settled_reports()] == ["rejected: bad_norm", "outcome=?"]
 
