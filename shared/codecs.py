@@ -26,6 +26,7 @@ so nothing a sender writes can make a decoder loop, allocate beyond the tensor o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -161,12 +162,15 @@ def _read_bf16(blob: bytes, count: int, codec: str) -> torch.Tensor:
     return scales
 
 
-def _int4_codes(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(rows, cols) values and (rows,) scales -> (rows, cols) uint8 codes of the nearest level."""
+def _level_codes(values: torch.Tensor, scales: torch.Tensor, levels: int) -> torch.Tensor:
+    """(rows, cols) values and (rows,) scales -> (rows, cols) uint8 codes of the nearest of
+    ``levels`` evenly spaced levels over ±scale (code c: (2c − (levels − 1)) / (levels − 1))."""
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    # the nearest level's code is round(x / s · 7.5 + 7.5) = floor(x / s · 7.5 + 8), within 0..15.
-    # Divide first: 7.5 / s overflows float32 for a scale near the smallest normal (x / s never: |x| ≤ s).
-    return (values / safe[:, None]).mul_(7.5).add_(8).clamp_(0, 15.5).to(torch.uint8)
+    half = (levels - 1) / 2
+    # the nearest level's code is round(x / s · half + half) = floor(x / s · half + half + 0.5),
+    # within 0..levels - 1 (16 levels: 7.5, 8, 15.5). Divide first: half / s overflows float32
+    # for a scale near the smallest normal (x / s never: |x| ≤ s).
+    return (values / safe[:, None]).mul_(half).add_(half + 0.5).clamp_(0, levels - 0.5).to(torch.uint8)
 
 
 def _pack_nibbles(codes: torch.Tensor) -> bytes:
@@ -183,7 +187,43 @@ def _unpack_levels(blob: bytes, offset: int, count: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Int4BlockCodec:
+class _Bf16BlockCodec:
+    """What :class:`Int4BlockCodec` and :class:`Int3BlockCodec` share: blocks of ``block``
+    elements, each with one bfloat16 scale ``s`` (the block's absmax rounded up to bfloat16),
+    written first as the upper 16 bits of little-endian float32; each element becomes the nearest
+    of ``LEVELS`` evenly spaced levels over ±s. The subclass packs the codes."""
+
+    name: str = ""
+    block: int = 64
+    LEVELS: ClassVar[int] = 16
+
+    def __post_init__(self) -> None:
+        if self.block < 1:
+            raise ValueError(f"{self.name} block must be >= 1")
+
+    def _nblocks(self, numel: int) -> int:
+        return (numel + self.block - 1) // self.block
+
+    def _codes(self, tensor: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        """The scales' bytes and the (numel,) uint8 codes of ``tensor``, on its own device."""
+        flat = _flat_f32(tensor)
+        numel = flat.numel()
+        if numel % self.block:
+            flat = torch.nn.functional.pad(flat, (0, self.block - numel % self.block))
+        blocks = flat.view(-1, self.block)  # (nblocks, block)
+        scales = _bf16_ceil(blocks.abs().amax(dim=1))  # (nblocks,)
+        return _bf16_bytes(scales), _level_codes(blocks, scales, self.LEVELS).reshape(-1)[:numel]
+
+    def _scaled(self, blob: bytes, levels: torch.Tensor, numel: int) -> torch.Tensor:
+        """``levels`` (numel,) in ±1, each times its block's scale from the head of ``blob``."""
+        nblocks = self._nblocks(numel)
+        scales = _read_bf16(blob, nblocks, self.name)
+        levels = torch.nn.functional.pad(levels, (0, (-numel) % self.block))
+        return (levels.view(nblocks, self.block) * scales[:, None]).reshape(-1)[:numel]
+
+
+@dataclass(frozen=True)
+class Int4BlockCodec(_Bf16BlockCodec):
     """Blockwise absmax 4-bit: per block of ``block`` elements one bfloat16 scale, then 4-bit codes.
 
     The scale ``s`` is the block's absmax rounded up to bfloat16; element ``x`` becomes the nearest
@@ -194,32 +234,18 @@ class Int4BlockCodec:
 
     name: str = "int4"
     block: int = INT4_BLOCK
-
-    def __post_init__(self) -> None:
-        if self.block < 1:
-            raise ValueError("int4 block must be >= 1")
-
-    def _nblocks(self, numel: int) -> int:
-        return (numel + self.block - 1) // self.block
+    LEVELS: ClassVar[int] = 16
 
     def encoded_bytes(self, numel: int) -> int:
         return 2 * self._nblocks(numel) + (numel + 1) // 2
 
     def encode(self, tensor: torch.Tensor) -> bytes:
-        flat = _flat_f32(tensor)
-        numel = flat.numel()
-        if numel % self.block:
-            flat = torch.nn.functional.pad(flat, (0, self.block - numel % self.block))
-        blocks = flat.view(-1, self.block)  # (nblocks, block)
-        scales = _bf16_ceil(blocks.abs().amax(dim=1))  # (nblocks,)
-        return _bf16_bytes(scales) + _pack_nibbles(_int4_codes(blocks, scales).reshape(-1)[:numel])
+        scales, codes = self._codes(tensor)
+        return scales + _pack_nibbles(codes)
 
     def decode(self, blob: bytes, numel: int) -> torch.Tensor:
         _expect_len(blob, self.encoded_bytes(numel), self.name)
-        nblocks = self._nblocks(numel)
-        scales = _read_bf16(blob, nblocks, self.name)
-        levels = torch.nn.functional.pad(_unpack_levels(blob, 2 * nblocks, numel), (0, (-numel) % self.block))
-        return (levels.view(nblocks, self.block) * scales[:, None]).reshape(-1)[:numel]
+        return self._scaled(blob, _unpack_levels(blob, 2 * self._nblocks(numel), numel), numel)
 
 
 INT3_BLOCK = 64  # elements per bfloat16 scale: 3/8 + 2/64 bytes per element, 1/9.8 of fp32
@@ -228,7 +254,7 @@ _INT3_SHIFTS = torch.arange(8, dtype=torch.int32) * 3  # eight 3-bit codes fill 
 
 
 @dataclass(frozen=True)
-class Int3BlockCodec:
+class Int3BlockCodec(_Bf16BlockCodec):
     """Blockwise absmax 3-bit: per block of ``block`` elements one bfloat16 scale, then 3-bit codes.
 
     As :class:`Int4BlockCodec` with 8 levels ``s · (2c − 7) / 7``, so ``|error| ≤ s / 7``; the
@@ -239,43 +265,25 @@ class Int3BlockCodec:
 
     name: str = "int3"
     block: int = INT3_BLOCK
-
-    def __post_init__(self) -> None:
-        if self.block < 1:
-            raise ValueError("int3 block must be >= 1")
-
-    def _nblocks(self, numel: int) -> int:
-        return (numel + self.block - 1) // self.block
+    LEVELS: ClassVar[int] = 8
 
     def encoded_bytes(self, numel: int) -> int:
         return 2 * self._nblocks(numel) + 3 * ((numel + 7) // 8)
 
     def encode(self, tensor: torch.Tensor) -> bytes:
-        flat = _flat_f32(tensor)
-        numel = flat.numel()
-        if numel % self.block:
-            flat = torch.nn.functional.pad(flat, (0, self.block - numel % self.block))
-        blocks = flat.view(-1, self.block)
-        scales = _bf16_ceil(blocks.abs().amax(dim=1))
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        # nearest level: round(x / s · 3.5 + 3.5) = floor(x / s · 3.5 + 4), within 0..7 (divide first)
-        codes = (blocks / safe[:, None]).mul_(3.5).add_(4).clamp_(0, 7.5).to(torch.int32).reshape(-1)[:numel]
-        codes = torch.nn.functional.pad(codes, (0, (-numel) % 8)).view(-1, 8)
-        words = (codes << _INT3_SHIFTS.to(codes.device)).sum(dim=1)  # 24 bits each
+        scales, codes = self._codes(tensor)
+        groups = torch.nn.functional.pad(codes.to(torch.int32), (0, (-codes.numel()) % 8)).view(-1, 8)
+        words = (groups << _INT3_SHIFTS.to(groups.device)).sum(dim=1)  # 24 bits each
         packed = torch.stack((words & 0xFF, (words >> 8) & 0xFF, (words >> 16) & 0xFF), dim=1)
-        return _bf16_bytes(scales) + _to_bytes(packed.reshape(-1), "u1")
+        return scales + _to_bytes(packed.reshape(-1), "u1")
 
     def decode(self, blob: bytes, numel: int) -> torch.Tensor:
         _expect_len(blob, self.encoded_bytes(numel), self.name)
-        nblocks = self._nblocks(numel)
-        scales = _read_bf16(blob, nblocks, self.name)
-        groups = (numel + 7) // 8
-        raw = torch.from_numpy(np.frombuffer(blob, dtype=np.uint8, offset=2 * nblocks, count=3 * groups)
-                               .astype(np.int32)).view(-1, 3)
+        raw = torch.from_numpy(np.frombuffer(blob, dtype=np.uint8, offset=2 * self._nblocks(numel),
+                                             count=3 * ((numel + 7) // 8)).astype(np.int32)).view(-1, 3)
         words = raw[:, 0] | (raw[:, 1] << 8) | (raw[:, 2] << 16)
         codes = ((words[:, None] >> _INT3_SHIFTS) & 7).reshape(-1)
-        levels = torch.nn.functional.pad(_INT3_LEVELS[codes][:numel], (0, (-numel) % self.block))
-        return (levels.view(nblocks, self.block) * scales[:, None]).reshape(-1)[:numel]
+        return self._scaled(blob, _INT3_LEVELS[codes][:numel], numel)
 
 
 @dataclass(frozen=True)
@@ -325,7 +333,7 @@ class TopKCodec:
             offsets.append(top)
             values.append(blocks.gather(1, top))
         scales = [_bf16_ceil(v.abs().amax(dim=1)) for v in values]
-        codes = torch.cat([_int4_codes(v, s).reshape(-1) for v, s in zip(values, scales, strict=True)])
+        codes = torch.cat([_level_codes(v, s, 16).reshape(-1) for v, s in zip(values, scales, strict=True)])
         return (_bf16_bytes(torch.cat(scales)) + _to_bytes(torch.cat([o.reshape(-1) for o in offsets]), "u1")
                 + _pack_nibbles(codes))
 
