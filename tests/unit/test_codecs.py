@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -245,14 +246,23 @@ def test_error_feedback_is_a_no_op_for_fp32() -> None:
 HOSTILE_REASONS = {"non_finite", "bad_index"}
 
 
-def _int4_bound(x: torch.Tensor, block: int = INT4_BLOCK) -> torch.Tensor:
-    """Per-element worst-case int4 error: scale / 15, where the scale is the block's absmax rounded up
-    to bfloat16 (at most 2^-7 above it); 1e-6 relative and 1e-38 absolute slack as for int8."""
+def _block_bound(x: torch.Tensor, block: int, levels: int) -> torch.Tensor:
+    """Per-element worst-case error of a codec of ``levels`` levels over ±scale: scale / (levels −
+    1), where the scale is the block's absmax rounded up to bfloat16 (at most 2^-7 above it);
+    1e-6 relative and 1e-38 absolute slack as for int8."""
     flat = x.reshape(-1).to(torch.float32)
     pad = (-flat.numel()) % block
     absmax = torch.nn.functional.pad(flat.abs(), (0, pad)).reshape(-1, block).amax(dim=1)
     per_elem = absmax.repeat_interleave(block)[: flat.numel()]
-    return per_elem * (1 + 2**-7) / 15 * (1 + 1e-6) + 1e-38
+    return per_elem * (1 + 2**-7) / (levels - 1) * (1 + 1e-6) + 1e-38
+
+
+def _int4_bound(x: torch.Tensor, block: int = INT4_BLOCK) -> torch.Tensor:
+    return _block_bound(x, block, 16)
+
+
+def _int3_bound(x: torch.Tensor, block: int = INT3_BLOCK) -> torch.Tensor:
+    return _block_bound(x, block, 8)
 
 
 @pytest.mark.parametrize("numel", [1, 2, 63, 64, 65, 10_001])
@@ -266,6 +276,10 @@ def test_int4_error_within_scale_over_15_per_block(numel: int) -> None:
         assert not torch.equal(y, x)  # lossy: the bound above is not vacuous
 
 
+LOW_BIT = [(Int4BlockCodec(), _int4_bound), (Int3BlockCodec(), _int3_bound)]
+
+
+@pytest.mark.parametrize(("codec", "bound"), LOW_BIT, ids=["int4", "int3"])
 @settings(max_examples=200, deadline=None, database=None)
 @given(
     arrays(
@@ -276,11 +290,12 @@ def test_int4_error_within_scale_over_15_per_block(numel: int) -> None:
 )
 # a scale at float32's smallest normal: 7.5 / scale overflowed, and a 0 beside it became -scale
 @example(np.array([1.1754944e-38, 0.0], dtype=np.float32))
-def test_int4_error_bound_holds_for_arbitrary_arrays(values: np.ndarray) -> None:
+def test_low_bit_error_bound_holds_for_arbitrary_arrays(
+    codec: Int4BlockCodec | Int3BlockCodec, bound: Callable[[torch.Tensor], torch.Tensor], values: np.ndarray
+) -> None:
     x = torch.from_numpy(values.copy())
-    codec = Int4BlockCodec()
     y = codec.decode(codec.encode(x), x.numel())
-    assert torch.all((y - x).abs() <= _int4_bound(x))
+    assert torch.all((y - x).abs() <= bound(x))
 
 
 def test_int4_layout_is_pinned() -> None:
@@ -317,11 +332,6 @@ def test_int4_largest_float32_values_stay_finite() -> None:
     assert torch.allclose(y[:2], x[:2], rtol=0.01)
 
 
-def _int3_bound(x: torch.Tensor, block: int = INT3_BLOCK) -> torch.Tensor:
-    """Per-element worst-case int3 error: scale / 7 (the scale as for int4)."""
-    return _int4_bound(x, block) * 15 / 7
-
-
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 63, 64, 65, 10_001])
 def test_int3_error_within_scale_over_7_per_block_at_under_an_eighth_of_fp32(numel: int) -> None:
     gen = torch.Generator().manual_seed(numel)
@@ -335,22 +345,6 @@ def test_int3_error_within_scale_over_7_per_block_at_under_an_eighth_of_fp32(num
         assert not torch.equal(y, x)
     if numel >= 1000:
         assert len(blob) < numel * 4 / 8  # the issue's bound: under 1/8 of fp32's bytes
-
-
-@settings(max_examples=200, deadline=None, database=None)
-@given(
-    arrays(
-        np.float32,
-        st.integers(1, 300),
-        elements=st.floats(-(2.0**100), 2.0**100, width=32, allow_nan=False, allow_infinity=False),
-    )
-)
-@example(np.array([1.1754944e-38, 0.0], dtype=np.float32))
-def test_int3_error_bound_holds_for_arbitrary_arrays(values: np.ndarray) -> None:
-    x = torch.from_numpy(values.copy())
-    codec = Int3BlockCodec()
-    y = codec.decode(codec.encode(x), x.numel())
-    assert torch.all((y - x).abs() <= _int3_bound(x))
 
 
 def test_int3_layout_is_pinned() -> None:
