@@ -6,6 +6,7 @@ in :mod:`coordinator.run_admin`.
 
 from __future__ import annotations
 
+import queue
 import sys
 import threading
 import types
@@ -21,6 +22,7 @@ import redis
 import coordinator.cli as cli
 from coordinator.commit_batch import CommitConfig
 from coordinator.config import CoordinatorConfig
+from coordinator.consumer import Delivery, DeltaConsumer, QueueConfig
 from coordinator.guard import GuardConfig
 from coordinator.identity import AuthMode
 from coordinator.run_admin import delete_run_keys, delete_run_queues
@@ -28,7 +30,7 @@ from coordinator.service import Coordinator
 from harness.processes import AMQP_URL, REDIS_URL, new_run_name, wait_for
 from shared.errors import ServiceUnavailable
 from shared.keys import RunKeys
-from shared.settings import ConnectionSettings, connect_redis
+from shared.settings import ConnectionSettings, RetryPolicy, connect_redis
 from shared.signing import SigningKey
 
 # The tiny model on a small corpus: fast to build, to evaluate and to send deltas of.
@@ -85,6 +87,23 @@ def publish_to_queue(run: str, bodies: list[bytes], *,
             channel.basic_publish("", RunKeys(run).delta_queue, body, properties, mandatory=True)
     finally:
         connection.close()
+
+
+@contextmanager
+def consuming(run: str) -> Iterator[tuple[DeltaConsumer, queue.Queue[Delivery]]]:
+    """The coordinator's consumer of ``run``'s delta queue on the real broker, alone (no
+    coordinator): connected, with its inbox; stopped afterwards."""
+    inbox: queue.Queue[Delivery] = queue.Queue()
+    consumer = DeltaConsumer(connection=ConnectionSettings(amqp_url=AMQP_URL), keys=RunKeys(run),
+                             config=QueueConfig(), retry=RetryPolicy(initial_delay_s=0.1, max_delay_s=0.5),
+                             inbox=inbox)
+    consumer.start()
+    try:
+        assert consumer.connected.wait(15), f"the consumer did not connect (fatal: {consumer.fatal!r})"
+        yield consumer, inbox
+    finally:
+        consumer.stop()
+        consumer.join(10)
 
 
 @contextmanager

@@ -16,28 +16,12 @@ from coordinator.consumer import Delivery, DeltaConsumer, QueueConfig, dead_lett
 from coordinator.outcome import Outcome
 from harness.processes import AMQP_URL, wait_for
 from shared.keys import RunKeys
-from shared.settings import ConnectionSettings, RetryPolicy
-from tests.services import publish_to_queue
+from tests.services import consuming, publish_to_queue
 
 pytestmark = pytest.mark.integration
 
 # what versions before the quorum dead-letter queue declared it with
 CLASSIC_ARGUMENTS = {"x-max-length-bytes": QueueConfig().dead_letter_max_bytes, "x-overflow": "drop-head"}
-
-
-@contextmanager
-def _consuming(run: str) -> Iterator[tuple[DeltaConsumer, queue.Queue[Delivery]]]:
-    inbox: queue.Queue[Delivery] = queue.Queue()
-    consumer = DeltaConsumer(connection=ConnectionSettings(amqp_url=AMQP_URL), keys=RunKeys(run),
-                             config=QueueConfig(), retry=RetryPolicy(initial_delay_s=0.1, max_delay_s=0.5),
-                             inbox=inbox)
-    consumer.start()
-    try:
-        assert consumer.connected.wait(15), f"the consumer did not connect (fatal: {consumer.fatal!r})"
-        yield consumer, inbox
-    finally:
-        consumer.stop()
-        consumer.join(10)
 
 
 @contextmanager
@@ -77,7 +61,7 @@ def _dead_letter(run: str, consumer: DeltaConsumer, inbox: queue.Queue[Delivery]
 
 def test_the_dead_letter_queue_is_a_quorum_queue(run_name: str) -> None:
     keys = RunKeys(run_name)
-    with _consuming(run_name) as (consumer, inbox):
+    with consuming(run_name) as (consumer, inbox):
         assert _dead_letter(run_name, consumer, inbox) == b"not a delta"
     # as declared: quorum, its byte limit dropping the oldest letters (RabbitMQ 3.10 takes drop-head
     # for a quorum queue); a classic queue of that name would refuse these arguments (406)
@@ -92,7 +76,7 @@ def test_a_classic_dead_letter_queue_of_an_older_version_is_used_as_it_is(
     with _channel() as channel:
         channel.queue_declare(keys.dead_letter_queue, durable=True, arguments=CLASSIC_ARGUMENTS)
     with caplog.at_level(logging.WARNING, logger="coordinator.consumer"):
-        with _consuming(run_name) as (consumer, inbox):
+        with consuming(run_name) as (consumer, inbox):
             assert _dead_letter(run_name, consumer, inbox) == b"not a delta"
             assert consumer.reconnects == 0 and consumer.fatal is None
     warned = [r.getMessage() for r in caplog.records if "exists with other arguments" in r.getMessage()]

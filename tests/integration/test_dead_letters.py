@@ -14,29 +14,19 @@ from collections.abc import Iterator
 import pika
 import pytest
 
-from coordinator.consumer import Delivery, DeltaConsumer, QueueConfig
+from coordinator.consumer import Delivery, DeltaConsumer
 from coordinator.outcome import Outcome
 from harness.processes import AMQP_URL, wait_for
 from shared.keys import RunKeys
-from shared.settings import ConnectionSettings, RetryPolicy
-from tests.services import publish_to_queue
+from tests.services import consuming, publish_to_queue
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def consumer(run_name: str) -> Iterator[tuple[DeltaConsumer, queue.Queue[Delivery]]]:
-    inbox: queue.Queue[Delivery] = queue.Queue()
-    consumer = DeltaConsumer(connection=ConnectionSettings(amqp_url=AMQP_URL), keys=RunKeys(run_name),
-                             config=QueueConfig(), retry=RetryPolicy(initial_delay_s=0.1, max_delay_s=0.5),
-                             inbox=inbox)
-    consumer.start()
-    try:
-        assert consumer.connected.wait(15), "the consumer did not connect"
-        yield consumer, inbox
-    finally:
-        consumer.stop()
-        consumer.join(10)
+    with consuming(run_name) as started:
+        yield started
 
 
 def _ready(channel: pika.adapters.blocking_connection.BlockingChannel, name: str) -> int:
