@@ -106,7 +106,7 @@ def old_publish(store: SnapshotStore, *, version: int, params: dict[str, torch.T
                                 chunk_bytes=OLD_CHUNK_BYTES,
                                 chunk_sha256=tuple(hashlib.sha256(c).hexdigest() for c in chunks),
                                 config={}, progress={}, created_at=time.time())
-    signed = store._signed(manifest.encode())
+    signed = store.signed(manifest.encode())
     pipe = store.redis.pipeline(transaction=False)
     for index, chunk in enumerate(chunks):
         pipe.set(store.keys.chunk(version, index), chunk)

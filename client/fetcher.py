@@ -40,6 +40,7 @@ from shared.settings import REDIS_ERRORS as REDIS_OUTAGES
 from shared.settings import RetryPolicy, sleep_interruptibly
 from shared.signing import VerifyKey
 from shared.snapshot import Snapshot, SnapshotManifest, SnapshotStore
+from shared.snapshot_patch import PatchManifest, read_patch_bytes, read_patch_manifest
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +255,35 @@ class SnapshotFetcher:
                 raise last
             if sleep_interruptibly(delay, self.should_stop):
                 raise StopRequested()
+
+    def read_patches(self, target: SnapshotManifest, *, held: int,
+                     held_created_at: float) -> list[tuple[PatchManifest, bytearray]] | None:
+        """The patches from version ``held`` (stamped ``held_created_at``) to ``target``, each
+        verified, or None where they are not all there, do not chain from the held version to
+        ``target``, or would not be smaller than the snapshot: then read it whole. Outages are retried."""
+        try:
+            patches = self.call("reading snapshot patches",
+                                lambda: self._patches(target, held, held_created_at))
+        except SnapshotError as exc:
+            if isinstance(exc, SnapshotUntrusted):
+                self._refuse(str(exc))
+            log.debug("no patches to version %d (%s); reading it whole", target.version, exc)
+            return None
+        if patches is not None:
+            self._check_not_older(target)
+        return patches
+
+    def _patches(self, target: SnapshotManifest, held: int,
+                 held_created_at: float) -> list[tuple[PatchManifest, bytearray]] | None:
+        manifests = [read_patch_manifest(self.store, v) for v in range(held + 1, target.version + 1)]
+        stamp = held_created_at
+        for manifest in manifests:
+            if manifest.base_created_at != stamp or not manifest.params == manifests[-1].params:
+                return None
+            stamp = manifest.created_at
+        if not manifests[-1].fits(target) or sum(m.total_bytes for m in manifests) >= target.total_bytes:
+            return None
+        return [(m, read_patch_bytes(self.store, m)) for m in manifests]
 
     def _check_protocol_wait(self, theirs: int) -> None:
         """Raise :class:`ProtocolMismatch` once manifests of protocol ``theirs`` have been all there

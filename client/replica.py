@@ -18,12 +18,16 @@ import torch
 from shared.errors import ConfigError, SnapshotError
 from shared.local_round import InnerConfig, LocalTrainer
 from shared.snapshot import Snapshot, SnapshotManifest
+from shared.snapshot_patch import PatchManifest, increments
 from shared.tasks import BUILTIN, TASK_IMPORT_PATH, load_task
 
 log = logging.getLogger(__name__)
 
 # What a snapshot's run config must name for a client to build its trainer.
 RUN_CONFIG_KEYS = ("task", "task_settings", "inner", "seed")
+# Versions in a row that θ_base may reach by patches before a whole snapshot is read again: the
+# patches' error does not pile up (shared/snapshot_patch.py), this only bounds what a mistake could.
+MAX_PATCHED_VERSIONS = 64
 
 
 class Replica:
@@ -48,6 +52,7 @@ class Replica:
         self.progress: dict[str, Any] = {}  # the coordinator's progress in that snapshot
         self._run_key: tuple[str, str] | None = None  # (run_id, config JSON) the trainer was built for
         self._stamp: tuple[str, float] | None = None  # (run_id, created_at) of the base snapshot
+        self._patched = 0  # versions reached by patches since θ_base was last read whole
 
     def holds(self, version: int, read_manifest: Callable[[int], SnapshotManifest]) -> bool:
         """True if θ_base is already snapshot ``version`` of the same run.
@@ -88,11 +93,46 @@ class Replica:
             self._run_key = run_key
         assert self.trainer is not None
         self.trainer.load_base(snapshot.params)
+        self._based_on(manifest)
+        self._patched = 0
+        return new_run
+
+    def _based_on(self, manifest: SnapshotManifest) -> None:
         self.version = manifest.version
         self._stamp = (manifest.run_id, manifest.created_at)
         self.run_id = manifest.run_id
         self.progress = dict(manifest.progress)
-        return new_run
+
+    def patch_origin(self, target: SnapshotManifest) -> tuple[int, float] | None:
+        """(version, created_at) of θ_base, if patches may bring it to ``target``: the same run and
+        run config, an older version, and not too many patched versions in a row; else None."""
+        if self.trainer is None or self.version is None or self._stamp is None or self._run_key is None:
+            return None
+        same_run = (target.run_id, json.dumps(target.config, sort_keys=True, default=str)) == self._run_key
+        if not same_run or target.version <= self.version:
+            return None
+        if self._patched + target.version - self.version > MAX_PATCHED_VERSIONS:
+            return None
+        return self.version, self._stamp[1]
+
+    def patch_to(self, target: SnapshotManifest, patches: list[tuple[PatchManifest, bytearray]]) -> None:
+        """θ_base += each verified patch in turn (the coordinator's θ̂ moved the same way), which
+        makes it version ``target``. A patch that does not decode leaves θ_base half patched: then
+        it holds no version (the next round reads a whole snapshot) and SnapshotError is raised."""
+        assert self.trainer is not None and self.version is not None
+        base = self.trainer.base
+        try:
+            for manifest, buffer in patches:
+                for name, increment in increments(manifest, buffer):
+                    if name not in base:
+                        raise SnapshotError(f"the patch to {manifest.version} names an unknown parameter")
+                    base[name].add_(increment.to(base[name].device).view_as(base[name]))
+        except SnapshotError:
+            self.version = None
+            raise
+        self._patched += target.version - self.version
+        self._based_on(target)
+        self.trainer.reset_to_base()
 
     def check_task_allowed(self, task: object) -> None:
         """Refuse (ConfigError) a task name that is neither built in nor allowed by the volunteer.

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from coordinator.consumer import Delivery
 from coordinator.outcome import Outcome, OutcomeKind
 from shared.errors import ConfigError
+from shared.snapshot_patch import DEFAULT_PATCH_CODEC, PATCH_CODECS
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,18 @@ class CommitConfig:
     idle_interval_s: float = 0.25
     keep_versions: int = 3
     max_share: float = 0.25
+    # the codec of the patch published with each snapshot (shared/snapshot_patch.py); "none": none
+    patch_codec: str = DEFAULT_PATCH_CODEC
+
+    @property
+    def patch_codec_or_none(self) -> str | None:
+        return None if self.patch_codec == "none" else self.patch_codec
 
     def __post_init__(self) -> None:
         if self.every_updates < 1 or self.interval_s <= 0 or self.keep_versions < 1:
             raise ConfigError("commit every_updates >= 1, interval_s > 0, keep_versions >= 1")
+        if self.patch_codec not in (*PATCH_CODECS, "none"):
+            raise ConfigError(f"snapshot patches: one of {', '.join(PATCH_CODECS)} or none")
         if not 0 < self.max_share <= 1:
             raise ConfigError("commit max_share must be in (0, 1]")
         if not 0 <= self.idle_interval_s <= self.interval_s:

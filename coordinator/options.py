@@ -20,6 +20,7 @@ from shared.files import default_state_dir
 from shared.keys import validate_run_name
 from shared.settings import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL
 from shared.signing import KEY_FILE_NAME
+from shared.snapshot_patch import DEFAULT_PATCH_CODEC, PATCH_CODECS
 from shared.tasks.bytelm import MODEL_SIZES
 
 ENV = "ASYNCLOCO_"
@@ -101,7 +102,7 @@ def guard_options() -> Callable[[F], F]:
 
 def commit_options() -> Callable[[F], F]:
     """When ``serve`` commits (coordinator.commit_batch): --commit-every, --commit-interval,
-    --commit-idle, --commit-max-share."""
+    --commit-idle, --commit-max-share, and the patches between its snapshots: --snapshot-patches."""
     return _group(
         option("--commit-every", env="COMMIT_EVERY", type=click.IntRange(1), default=16,
                help="Commit after this many deltas ..."),
@@ -113,6 +114,11 @@ def commit_options() -> Callable[[F], F]:
                default=0.25,
                help="Space commits so that they take at most this share of the coordinator's time (a big "
                "model's slow commits come less often than the three rules above would make them)."),
+        option("--snapshot-patches", "patch_codec", env="SNAPSHOT_PATCHES",
+               type=click.Choice([*PATCH_CODECS, "none"]), default=DEFAULT_PATCH_CODEC,
+               help="With each snapshot, publish the patch from the one before in this codec: clients a "
+               "version or a few behind download it instead of the whole fp32 snapshot. Costs the "
+               "coordinator one fp32 copy of the model; none: whole snapshots only."),
     )
 
 

@@ -13,12 +13,14 @@ from collections.abc import Callable
 
 import redis
 
+from coordinator.patches import PatchMaker
 from coordinator.run_state import RunState
 from coordinator.status import publish_status
 from shared.keys import RunKeys
 from shared.settings import REDIS_ERRORS
 from shared.signing import SigningKey
 from shared.snapshot import SnapshotStore
+from shared.snapshot_patch import write_patch
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +31,13 @@ class Publisher:
 
     ``signing_key`` signs every manifest and plan (clients refuse anything it did not sign);
     ``on_published(version, seconds)`` is told of each publish that Redis took (the metrics).
+    ``patch_codec`` (None: no patches) encodes the patch from each version to the next, for
+    clients that hold the previous one (:mod:`shared.snapshot_patch`).
     """
 
     def __init__(self, client: redis.Redis, keys: RunKeys, *, keep_versions: int,
-                 signing_key: SigningKey, on_published: Callable[[int, float], None] | None = None) -> None:
+                 signing_key: SigningKey, on_published: Callable[[int, float], None] | None = None,
+                 patch_codec: str | None = None) -> None:
         self.redis = client
         self.keys = keys
         self.store = SnapshotStore(client, keys, keep_versions=keep_versions, signer=signing_key)
@@ -41,6 +46,8 @@ class Publisher:
         self.published_version = -1
         self.redis_down = False
         self.on_published = on_published
+        self.patches = PatchMaker(patch_codec) if patch_codec else None
+        self.patch_bytes = 0  # the last patch written (0: none)
 
     def publish(self, run: RunState, *, republish: bool = False,
                 before_flip: Callable[[], None] | None = None) -> None:
@@ -49,11 +56,14 @@ class Publisher:
         it in place: θ is unchanged since, so are its chunk bytes."""
         try:
             started, now = time.monotonic(), time.time()
+            self._write_patch(run, now)
             self.store.publish(
                 run_id=run.run_id, version=run.version, params=run.optimizer.params,
                 config=run.run_config, progress=run.progress_doc(now), republish=republish,
-                before_flip=before_flip,
+                before_flip=before_flip, created_at=now,
             )
+            if self.patches is not None:
+                self.patches.published(run.version, now)
             self.store.publish_plan(run.plan(now))
             self.published_version = run.version
             run.intake.verdicts.publish(self.redis, self.keys, version=run.version,  # with its snapshot
@@ -64,7 +74,22 @@ class Publisher:
                 log.info("Redis is back; snapshot %d published", run.version)
             self.redis_down = False
         except REDIS_ERRORS as exc:
+            if self.patches is not None:
+                self.patches.forget()
             self.unreachable(f"cannot publish snapshot {run.version} to Redis ({exc}); will retry")
+
+    def _write_patch(self, run: RunState, created_at: float) -> None:
+        """Write the patch to ``run.version`` from the version published before it, if there is
+        one: before the snapshot's own keys, so a version that ``current`` names has its patch."""
+        if self.patches is None:
+            return
+        made = self.patches.patch(run=self.keys.run, run_id=run.run_id, version=run.version,
+                                  created_at=created_at, params=run.optimizer.params)
+        self.patch_bytes = 0
+        if made is not None:
+            manifest, blobs = made
+            write_patch(self.store, manifest, blobs)
+            self.patch_bytes = manifest.total_bytes
 
     def snapshot_lost(self, run: RunState) -> tuple[bool, int | None]:
         """(lost, current): whether Redis lost our snapshot (a restart or flush), and its pointer."""

@@ -69,7 +69,8 @@ class Coordinator:
                                           consumer=lambda: self.consumer)
         self.dashboard = Dashboard(config.dashboard)  # shows each status document status() builds
         self.publisher = Publisher(redis, self.keys, keep_versions=config.commit.keep_versions,
-                                   signing_key=signing_key, on_published=self.metrics.published)
+                                   signing_key=signing_key, on_published=self.metrics.published,
+                                   patch_codec=config.commit.patch_codec_or_none)
         self.lease = CoordinatorLease(redis, self.keys.coordinator_lease)
         self.inbox: queue.Queue[Delivery] = queue.Queue()
         self.stop_event = threading.Event()

@@ -69,6 +69,14 @@ class RunKeys:
     def chunk(self, version: int, index: int) -> str:
         return self.snapshot_key(version, f"chunk:{index}")
 
+    def patch_manifest(self, version: int) -> str:
+        """The manifest of the patch from ``version - 1`` to ``version`` (:mod:`shared.snapshot_patch`):
+        in the version's own slot, so it goes with the version."""
+        return self.snapshot_key(version, "patch")
+
+    def patch_chunk(self, version: int, index: int) -> str:
+        return self.snapshot_key(version, f"patch:{index}")
+
     @property
     def snapshot_pattern(self) -> str:
         """Glob of every snapshot key of the run, in either layout (a volunteer's ACL key pattern)."""

@@ -292,15 +292,16 @@ class SnapshotStore:
         self.verify_key = verify_key
         self._flip = client.register_script(_FLIP_FORWARD)
 
-    def _signer(self) -> SigningKey:
+    def signer_key(self) -> SigningKey:
         if self.signer is None:
             raise SnapshotError("this snapshot store has no signing key: only the coordinator publishes")
         return self.signer
 
-    def _signed(self, body: bytes) -> bytes:
-        return seal(body, self._signer())
+    def signed(self, body: bytes) -> bytes:
+        """``body`` in an envelope signed by this store's key (the coordinator's)."""
+        return seal(body, self.signer_key())
 
-    def _open(self, raw: bytes, what: str, *, max_body_bytes: int) -> bytes:
+    def open_envelope(self, raw: bytes, what: str, *, max_body_bytes: int) -> bytes:
         """The body of the envelope ``raw`` (the signature checked if there is a verify key)."""
         try:
             return open_signed(raw, self.verify_key, max_body_bytes=max_body_bytes)
@@ -335,6 +336,7 @@ class SnapshotStore:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         before_flip: Callable[[], None] | None = None,
         republish: bool = False,
+        created_at: float | None = None,
     ) -> SnapshotManifest:
         """Write version ``version`` whole, then flip ``current`` to it (never backwards).
 
@@ -342,10 +344,12 @@ class SnapshotStore:
         Only for the same parameters as before (a reader then sees the same chunk bytes under
         either manifest); the coordinator uses it when Redis lost that version's keys.
 
+        ``created_at`` (default: now) stamps the manifest; a patch to this version names it.
+
         ``before_flip`` (fault tests only) is called between the chunk/manifest writes and the
         pointer flip: a crash there must leave readers on the previous version.
         """
-        self._signer()  # before anything is written
+        self.signer_key()  # before anything is written
         if chunk_bytes < 1:
             raise SnapshotError("chunk_bytes must be >= 1")
         entries, views = byte_views(params)
@@ -370,9 +374,9 @@ class SnapshotStore:
             chunk_sha256=tuple(digests),
             config=config,
             progress=progress,
-            created_at=time.time(),
+            created_at=time.time() if created_at is None else created_at,
         )
-        pipe.set(self.keys.manifest(version), self._signed(manifest.encode()))  # after every chunk
+        pipe.set(self.keys.manifest(version), self.signed(manifest.encode()))  # after every chunk
         pipe.execute()
         if before_flip is not None:
             before_flip()
@@ -391,19 +395,23 @@ class SnapshotStore:
         if old < 0:
             return
         self._drop_keys(self.keys.manifest(old), lambda i: self.keys.chunk(old, i), one_slot=True)
+        self._drop_keys(self.keys.patch_manifest(old), lambda i: self.keys.patch_chunk(old, i), one_slot=True)
         # The same version as a coordinator from before hash-tagged keys wrote it (one upgraded in
         # place left up to keep_versions of them): its keys lie in different cluster slots.
         self._drop_keys(self.keys.legacy_snapshot(old, "manifest"),
                         lambda i: self.keys.legacy_snapshot(old, f"chunk:{i}"), one_slot=False)
 
     def _drop_keys(self, manifest_key: str, chunk_key: Callable[[int], str], *, one_slot: bool) -> None:
-        """Delete (or expire) the manifest at ``manifest_key`` and the chunks it counts;
-        ``one_slot``: the keys share a cluster slot, so one DEL may name many of them."""
+        """Delete (or expire) the manifest at ``manifest_key`` (a snapshot's or a patch's) and the
+        chunks it counts; ``one_slot``: the keys share a cluster slot, so one DEL may name many."""
         raw = redis_bytes(self.redis.get(manifest_key))
         if raw is None:
             return
         try:
-            count = len(SnapshotManifest.decode(open_signed(raw, None)).chunk_sha256)
+            obj = unpack_limited(open_signed(raw, None), max_bytes=MAX_MANIFEST_BYTES, max_items=100_000,
+                                 max_str=4096)
+            hashes = obj.get("chunk_sha256") if isinstance(obj, dict) else None
+            count = len(hashes) if isinstance(hashes, list) else 0
         except ProtocolError:
             count = 0
         keys = [manifest_key] + [chunk_key(i) for i in range(count)]
@@ -428,7 +436,7 @@ class SnapshotStore:
                 raise SnapshotOtherProtocol(f"snapshot {version} of run {self.keys.run!r} is laid out in "
                                             f"protocol 2, this program speaks {PROTOCOL_VERSION}", theirs=2)
             raise SnapshotMissing(f"snapshot {version} of run {self.keys.run!r} is gone")
-        body = self._open(raw, f"snapshot {version}", max_body_bytes=MAX_MANIFEST_BYTES)
+        body = self.open_envelope(raw, f"snapshot {version}", max_body_bytes=MAX_MANIFEST_BYTES)
         try:
             manifest = SnapshotManifest.decode(body)
         except ProtocolError as exc:
@@ -443,7 +451,7 @@ class SnapshotStore:
 
     def publish_plan(self, plan: RoundPlan) -> None:
         """Write the round plan, signed, beside the snapshots."""
-        self.redis.set(self.keys.plan, self._signed(plan.encode()))
+        self.redis.set(self.keys.plan, self.signed(plan.encode()))
 
     def read_plan(self) -> RoundPlan | None:
         """The round plan, or None if there is none; SnapshotUntrusted if it is not signed by
@@ -451,7 +459,7 @@ class SnapshotStore:
         raw = redis_bytes(self.redis.get(self.keys.plan))
         if raw is None:
             return None
-        body = self._open(raw, "the round plan", max_body_bytes=MAX_PLAN_BYTES)
+        body = self.open_envelope(raw, "the round plan", max_body_bytes=MAX_PLAN_BYTES)
         try:
             return RoundPlan.decode(body)
         except ProtocolError as exc:

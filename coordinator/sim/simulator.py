@@ -38,6 +38,7 @@ from coordinator.descent import DescentCheck
 from coordinator.guard import DeltaGuard, GuardConfig, momentum_centre
 from coordinator.intake import IntakeConfig
 from coordinator.outer_optimizer import ASYNC_STRATEGIES, STRATEGIES, OuterConfig, make_outer_optimizer
+from coordinator.patches import PatchMaker
 from coordinator.sim.attacks import CONTROL, AttackConfig, Forger, backdoor_batches, trigger_loss
 from shared.codecs import ErrorFeedback, get_codec
 from shared.dylu import local_steps_for
@@ -82,6 +83,9 @@ class SimConfig:
     outer: OuterConfig = OuterConfig()
     inner: InnerConfig = InnerConfig()
     codec: str = "fp16"
+    # workers start from θ (none) or from θ̂, the model that snapshot patches in this codec carry
+    # (coordinator/patches.py): a new θ̂ each time a worker starts after θ moved
+    patches: str = "none"
     latency: float = 0.0
     jitter: float = 0.0  # sigma of each round's lognormal speed noise
     # After its delta, a worker whose arrival did not end the buffer's cycle waits up to this many
@@ -117,6 +121,8 @@ class SimConfig:
         if not 0 <= self.churn_leave_prob < 1 or self.churn_offline_mean < 0:
             raise ConfigError("churn leave probability must be in [0, 1), offline mean >= 0")
         get_codec(self.codec)
+        if self.patches != "none":
+            get_codec(self.patches)
         if self.attack.attackers >= len(self.speeds):
             raise ConfigError("at least one worker must be honest")
 
@@ -202,7 +208,8 @@ class Simulation:
         guard = DeltaGuard(config.guard, list(outer.params), centre=momentum_centre(outer),
                            full_steps=config.local_steps, descent=descent)
         state = _RunState(model=model, outer=outer, guard=guard,
-                          forger=Forger(config.attack, seed=config.seed))
+                          forger=Forger(config.attack, seed=config.seed),
+                          patches=None if config.patches == "none" else PatchMaker(config.patches))
         state.record(self.task, 0.0, result)
         self._warm_start(config, trainers, feedback, state, result)
         if config.base_strategy == "sync":
@@ -227,7 +234,7 @@ class Simulation:
     def _round(self, trainer: LocalTrainer, fb: ErrorFeedback, steps: int,
                state: _RunState) -> tuple[dict[str, torch.Tensor], int, int]:
         """One local round from the current global θ; returns the decoded delta, steps, tokens."""
-        trainer.load_base(state.outer.params)
+        trainer.load_base(state.base())
         stats = trainer.train(steps, global_step=state.steps)
         delta = {}
         for name, g in trainer.pseudo_gradient().items():
@@ -375,6 +382,21 @@ class _RunState:
     steps: int = 0
     tokens: int = 0
     next_eval: int = 0
+    patches: PatchMaker | None = None
+    served: tuple[int, int] = (-1, -1)  # (updates, version) of the last θ̂ made
+
+    def base(self) -> dict[str, torch.Tensor]:
+        """What a worker starts a round from: θ, or θ̂ with snapshot patches (one more version
+        each time θ moved since the last)."""
+        if self.patches is None:
+            return self.outer.params
+        if self.served[0] != self.updates:
+            version = self.served[1] + 1
+            self.patches.patch(run="sim", run_id="sim", version=version, created_at=0.0,
+                               params=self.outer.params)
+            self.patches.published(version, 0.0)
+            self.served = (self.updates, version)
+        return self.patches.served
 
     def record(self, task: Any, now: float, result: SimResult) -> None:
         with torch.no_grad():

@@ -159,7 +159,7 @@ def worker(tmp_path: Path, politeness: Script, *, steps: int = 5, loss_sleep_s: 
     w.fetcher = SimpleNamespace(  # type: ignore[assignment]
         ping=lambda: None, wait_while_another_warms_up=lambda *a: None, wait_for_version=lambda *a, **k: 0,
         manifest=None, wait_for_plan=lambda poll_s: plan, current_version=lambda max_age_s=0.0: 0,
-        read_latest=lambda: snapshot)
+        read_latest=lambda: snapshot, manifest_if_readable=lambda version: None)
     w.waits = SimpleNamespace(until_included=None, for_cycle_close=None)  # type: ignore[assignment]
     w.overlap, w._fresh_base = Overlap(w.waits), False
     w.replica = SimpleNamespace(  # type: ignore[assignment]
