@@ -15,7 +15,8 @@ by live objects):
    outer step), then ``malloc_trim`` as the service does after such a delta (``--no-trim``: not),
    twice more with fresh deltas (what a steady stream leaves behind);
 5. ``save_checkpoint`` (streamed to a temp file, fsync, rename);
-6. ``Publisher.publish`` of the signed snapshot to Redis (a run of its own, deleted afterwards).
+6. ``Publisher.publish`` of the signed snapshot to Redis (a run of its own, deleted afterwards),
+   with the patch from the first snapshot, published before the deltas (θ̂ for the patches).
 
     .venv/bin/python benchmarks/coordinator_memory.py                   # large (100M): ~2 min, 4 GB
     .venv/bin/python benchmarks/coordinator_memory.py --model-size small
@@ -117,6 +118,10 @@ def main() -> None:
         run.start_at(0)
         stages.model_bytes = sum(p.numel() * 4 for p in run.optimizer.params.values())
         stages.done("RunState: task, eval model, outer optimizer, guard")
+        publisher = Publisher(client, RunKeys(name), keep_versions=3, signing_key=SigningKey.generate(),
+                              patch_codec=config.commit.patch_codec_or_none)
+        publisher.publish(run)
+        stages.done(f"first snapshot published (θ̂ for the patches: {config.commit.patch_codec})")
         for seq in range(3):
             body = delta_message(run, seq)
             stages.done(f"delta {seq}: its int8 message held ({len(body) / MB:.0f} MB)")
@@ -131,9 +136,8 @@ def main() -> None:
         run.advance_version()
         save_checkpoint(config.checkpoint_dir, run.checkpoint())
         stages.done("checkpoint written")
-        publisher = Publisher(client, RunKeys(name), keep_versions=3, signing_key=SigningKey.generate())
         publisher.publish(run)
-        stages.done("snapshot published")
+        stages.done(f"snapshot published with its patch ({publisher.patch_bytes / MB:.0f} MB)")
     finally:
         delete_run(client, ConnectionSettings(amqp_url=AMQP_URL), name, force=True)
         client.close()
