@@ -20,6 +20,8 @@ Variants (all with DyLU, the round sized to the worker's speed, and the chosen �
 
     python benchmarks/parity.py                          # none and very, 3 seeds: ~25 min on 2 cores
     python benchmarks/parity.py --levels very --seeds 0  # one quick look
+    python benchmarks/parity.py --pretrain 200 --local-steps 50 --cosine --budget 1200 \
+        --levels none,slight,moderate,very --variants sync,edn+w1+g.25   # the paper's regime
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from table_csv import write_rows
 
 from coordinator.outer_optimizer import OuterConfig
 from coordinator.sim.simulator import SimConfig, SimResult, speed_profile
+from shared.local_round import InnerConfig
 
 # label -> (simulator strategy, compute exponent, grace in rounds)
 VARIANTS: dict[str, tuple[str, float, float]] = {
@@ -57,6 +60,9 @@ def main() -> None:
     parser.add_argument("--outer-momentum", type=float, default=0.8)
     parser.add_argument("--jitter", type=float, default=0.1, help="round-to-round speed noise (sigma)")
     parser.add_argument("--pretrain", type=int, default=0, help="single-worker steps before (0: scratch)")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--cosine", action="store_true",
+                        help="anneal the inner lr by a cosine to the budget (--schedule-steps = --budget)")
     parser.add_argument("--levels", default="none,very")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seeds", default="0,1,2")
@@ -70,13 +76,16 @@ def main() -> None:
     if "sync" not in variants or set(variants) - set(VARIANTS):
         parser.error(f"--variants takes a comma list of {', '.join(VARIANTS)}, sync included")
     seeds = parse_seeds(parser, args.seeds)
+    if args.workers < 2:
+        parser.error("--workers must be >= 2")
     task_settings = {"model_size": "tiny"}
     base = SimConfig(local_steps=args.local_steps, min_local_steps=5, budget_steps=args.budget,
                      eval_every_steps=max(40, args.budget // 8), jitter=args.jitter,
-                     outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum))
+                     outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum),
+                     inner=InnerConfig(schedule_steps=args.budget if args.cosine else 0))
     jobs = []
     for level in levels:
-        speeds = tuple(speed_profile(level, 4))
+        speeds = tuple(speed_profile(level, args.workers))
         for variant in variants:
             strategy, p, grace = VARIANTS[variant]
             for seed in seeds:
@@ -105,7 +114,9 @@ def _table(results: dict[str, SimResult], levels: list[str], variants: list[str]
            args: argparse.Namespace) -> list[dict]:
     start = f"pretrained {args.pretrain} steps" if args.pretrain else "from scratch"
     print()
-    print(f"4 workers, H={args.local_steps}, {args.budget} total local steps (equal compute), {start}, "
+    schedule = ", cosine to the budget" if args.cosine else ""
+    print(f"{args.workers} workers, H={args.local_steps}, {args.budget} total local steps (equal compute)"
+          f"{schedule}, {start}, "
           f"ε={args.outer_lr} β={args.outer_momentum}, jitter {args.jitter}, seeds {seeds}")
     print(f"{'level':<9} {'variant':<12} {'final eval':>16} {'vs sync':>8} {'virtual time':>12} "
           f"{'to sync loss':>12}")
@@ -123,7 +134,8 @@ def _table(results: dict[str, SimResult], levels: list[str], variants: list[str]
             share = None if None in reach else statistics.fmean(r for r in reach if r is not None) / sync_time
             if variant == "sync":
                 share = 1.0  # the reference itself (a seed ending above the seeds' mean never reaches it)
-            rows.append({"level": level, "variant": variant, "start": start, "seeds": len(seeds),
+            rows.append({"level": level, "variant": variant, "start": start, "workers": args.workers,
+                         "cosine": args.cosine, "local_steps": args.local_steps, "seeds": len(seeds),
                          "final_mean": round(mean, 5), "final_sd": round(sd, 5),
                          "gap_vs_sync_pct": round(gap, 2), "virtual_time": round(vtime, 1),
                          "time_to_sync_loss_share": None if share is None else round(share, 3)})
