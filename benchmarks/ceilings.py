@@ -42,7 +42,7 @@ from coordinator.consumer import QueueConfig, declare_queues
 from harness.processes import AMQP_URL, REDIS_URL
 from shared.codecs import get_codec
 from shared.keys import RunKeys
-from shared.snapshot import DEFAULT_CHUNK_BYTES
+from shared.snapshot_layout import DEFAULT_CHUNK_BYTES
 
 MiB = 1024 * 1024
 PART_BYTES = 8 * MiB  # the client's default --part-bytes

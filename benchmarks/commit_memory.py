@@ -61,7 +61,8 @@ from harness.processes import new_run_name, wait_for
 from shared.keys import RunKeys
 from shared.protocol import MiB
 from shared.signing import SigningKey
-from shared.snapshot import DEFAULT_CHUNK_BYTES, SnapshotManifest, SnapshotStore, byte_views
+from shared.snapshot import SnapshotStore
+from shared.snapshot_layout import DEFAULT_CHUNK_BYTES, SnapshotManifest, byte_views
 
 SIZES = {"0.5M": 500_000, "5M": 5_000_000, "50M": 50_000_000, "100M": 100_000_000}
 TARGET_RATIO = 1.3  # issue 13: peak RSS during a commit ≤ 1.3× steady with a 50M model

@@ -79,7 +79,8 @@ from harness.processes import AMQP_URL, REDIS_URL, Processes, ensure_services, n
 from shared.codecs import get_codec
 from shared.keys import RunKeys
 from shared.settings import ConnectionSettings
-from shared.snapshot import SnapshotManifest, SnapshotStore
+from shared.snapshot import SnapshotStore
+from shared.snapshot_layout import SnapshotManifest
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scale"
 READY_WAIT_S = 600.0  # client processes import torch and make their payloads (100M: ~20 s each)

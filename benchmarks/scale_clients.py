@@ -45,7 +45,7 @@ from shared.keys import RunKeys
 from shared.protocol import DeltaMessage
 from shared.settings import ConnectionSettings, RetryPolicy
 from shared.signing import VerifyKey
-from shared.snapshot import SnapshotManifest
+from shared.snapshot_layout import SnapshotManifest
 
 log = logging.getLogger("scale_clients")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from harness.oracle import judge
 from shared.codecs import get_codec
-from shared.snapshot import SnapshotManifest
+from shared.snapshot_layout import SnapshotManifest
 
 MB = 1e6
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from harness.faults import coordinator_args
 from shared.errors import SnapshotError
-from shared.snapshot import Snapshot, SnapshotManifest, SnapshotStore
+from shared.snapshot import Snapshot, SnapshotStore
+from shared.snapshot_layout import SnapshotManifest
 
 SERVE_SIZES = ("tiny", "small")  # what `serve --model-size` takes; the other sizes are task settings
 

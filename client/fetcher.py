@@ -39,7 +39,8 @@ from shared.round_plan import RoundMode, RoundPlan
 from shared.settings import REDIS_ERRORS as REDIS_OUTAGES
 from shared.settings import RetryPolicy, sleep_interruptibly
 from shared.signing import VerifyKey
-from shared.snapshot import Snapshot, SnapshotManifest, SnapshotStore
+from shared.snapshot import Snapshot, SnapshotStore
+from shared.snapshot_layout import SnapshotManifest
 from shared.snapshot_patch import PatchManifest, read_patch_bytes, read_patch_manifest
 
 log = logging.getLogger(__name__)

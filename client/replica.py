@@ -17,7 +17,8 @@ import torch
 
 from shared.errors import ConfigError, SnapshotError
 from shared.local_round import InnerConfig, LocalTrainer
-from shared.snapshot import Snapshot, SnapshotManifest
+from shared.snapshot import Snapshot
+from shared.snapshot_layout import SnapshotManifest
 from shared.snapshot_patch import PatchManifest, increments
 from shared.tasks import BUILTIN, TASK_IMPORT_PATH, load_task
 

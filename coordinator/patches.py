@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from shared.codecs import get_codec
-from shared.snapshot import DEFAULT_CHUNK_BYTES
+from shared.snapshot_layout import DEFAULT_CHUNK_BYTES
 from shared.snapshot_patch import PatchManifest, chunk_hashes
 
 

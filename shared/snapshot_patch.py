@@ -31,14 +31,12 @@ from shared.codecs import Codec, get_codec
 from shared.errors import ProtocolError, SnapshotError, SnapshotMissing, SnapshotUntrusted
 from shared.protocol import check_protocol, require_field, unpack_limited
 from shared.settings import redis_bytes
-from shared.snapshot import (
-    CHUNKS_PER_READ,
+from shared.snapshot import CHUNKS_PER_READ, PIPELINE_CHUNKS, SnapshotStore
+from shared.snapshot_layout import (
     DEFAULT_CHUNK_BYTES,
     MAX_MANIFEST_BYTES,
     MAX_SNAPSHOT_BYTES,
-    PIPELINE_CHUNKS,
     SnapshotManifest,
-    SnapshotStore,
     chunked,
 )
 

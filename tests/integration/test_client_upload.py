@@ -41,7 +41,8 @@ from shared.protocol import DEFAULT_DELTA_LIMITS, DeltaMessage, MiB
 from shared.round_plan import RoundPlan
 from shared.settings import ConnectionSettings, RetryPolicy
 from shared.signing import SigningKey
-from shared.snapshot import SnapshotManifest, SnapshotStore
+from shared.snapshot import SnapshotStore
+from shared.snapshot_layout import SnapshotManifest
 from shared.tasks import load_task
 from tests.relay import OutageProxy
 

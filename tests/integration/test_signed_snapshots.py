@@ -41,7 +41,8 @@ from shared.keys import RunKeys
 from shared.round_plan import RoundPlan
 from shared.settings import ConnectionSettings, RetryPolicy, connect_redis
 from shared.signing import SigningKey, seal
-from shared.snapshot import SnapshotManifest, SnapshotStore
+from shared.snapshot import SnapshotStore
+from shared.snapshot_layout import SnapshotManifest
 from shared.tasks import load_task
 from tests.services import SMALL_TASK, serving
 

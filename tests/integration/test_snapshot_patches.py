@@ -23,7 +23,8 @@ from harness.processes import AMQP_URL, REDIS_URL, wait_for
 from shared.keys import RunKeys
 from shared.settings import ConnectionSettings, RetryPolicy
 from shared.signing import SigningKey, seal
-from shared.snapshot import SnapshotManifest, SnapshotStore
+from shared.snapshot import SnapshotStore
+from shared.snapshot_layout import SnapshotManifest
 from shared.snapshot_patch import read_patch_manifest, write_patch
 from shared.tasks import load_task
 from tests.services import SMALL_TASK, serving, small_config

@@ -24,7 +24,8 @@ from shared import PROTOCOL_VERSION
 from shared.errors import ConfigError, ProtocolError
 from shared.files import write_atomically
 from shared.signing import SignedEnvelope, SigningKey, VerifyKey, open_signed, seal
-from shared.snapshot import Snapshot, SnapshotManifest
+from shared.snapshot import Snapshot
+from shared.snapshot_layout import SnapshotManifest
 
 KEY = SigningKey.generate()
 OTHER = SigningKey.generate()

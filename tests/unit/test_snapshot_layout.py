@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shared.errors import ProtocolError, SnapshotError
-from shared.snapshot import ParamEntry, SnapshotManifest, byte_views, chunked, flatten, unflatten
+from shared.snapshot_layout import ParamEntry, SnapshotManifest, byte_views, chunked, flatten, unflatten
 
 
 def mixed_params() -> dict[str, torch.Tensor]:

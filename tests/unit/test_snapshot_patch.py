@@ -10,7 +10,7 @@ import torch
 from coordinator.patches import PatchMaker
 from shared import PROTOCOL_VERSION
 from shared.errors import ProtocolError
-from shared.snapshot import ParamEntry, SnapshotManifest
+from shared.snapshot_layout import ParamEntry, SnapshotManifest
 from shared.snapshot_patch import PatchManifest, increments
 
 SHAPES = {"w": (64, 48), "b": (48,), "scale": ()}
