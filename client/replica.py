@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from client.fetcher import SnapshotFetcher
 from shared.errors import ConfigError, SnapshotError
 from shared.local_round import InnerConfig, LocalTrainer
 from shared.snapshot import Snapshot
@@ -115,6 +116,24 @@ class Replica:
         if self._patched + target.version - self.version > MAX_PATCHED_VERSIONS:
             return None
         return self.version, self._stamp[1]
+
+    def catch_up(self, fetcher: SnapshotFetcher, version: int) -> int:
+        """Bring θ_base to ``version`` with the patches from the version held, when they are in
+        Redis (a few bits a parameter, not the fp32 snapshot): the bytes read, or 0 if it could
+        not (then read the snapshot whole)."""
+        target = fetcher.manifest_if_readable(version)
+        origin = None if target is None else self.patch_origin(target)
+        if target is None or origin is None:
+            return 0
+        patches = fetcher.read_patches(target, held=origin[0], held_created_at=origin[1])
+        if patches is None:
+            return 0
+        try:
+            self.patch_to(target, patches)
+        except SnapshotError as exc:
+            log.warning("%s; reading the snapshot whole", exc)
+            return 0
+        return sum(m.total_bytes for m, _ in patches)
 
     def patch_to(self, target: SnapshotManifest, patches: list[tuple[PatchManifest, bytearray]]) -> None:
         """θ_base += each verified patch in turn (the coordinator's θ̂ moved the same way), which

@@ -53,7 +53,6 @@ from client.uploader import DeltaUploader
 from shared.codecs import ErrorFeedback, get_codec
 from shared.contact import ServerContact
 from shared.dylu import SpeedMeter, is_assigned, local_steps_for, round_time_budget_s
-from shared.errors import SnapshotError
 from shared.keys import RunKeys
 from shared.local_round import LocalTrainer, RoundStats, StepProgress, pick_device
 from shared.protocol import DeltaMessage, device_label
@@ -396,7 +395,10 @@ class Worker:
         self._fresh_base = not self.replica.holds(version, self.fetcher.manifest)
         if not self._fresh_base:
             return self.replica.reset()  # every round starts from θ_base of the version it tags
-        if self._patch_to(version):
+        patched = self.replica.catch_up(self.fetcher, version)  # the patches from the version held
+        if patched:
+            self._received_bytes += patched
+            self.events.snapshot_read(version, patched)
             assert self.replica.trainer is not None
             return self.replica.trainer
         snapshot = self.fetcher.read_latest()
@@ -414,26 +416,6 @@ class Worker:
             )
         assert self.replica.trainer is not None  # adopt() built it
         return self.replica.trainer
-
-    def _patch_to(self, version: int) -> bool:
-        """Bring θ_base to ``version`` with the patches from the version held, when they are in
-        Redis (a few bits a parameter, not the fp32 snapshot); False: read the snapshot whole."""
-        target = self.fetcher.manifest_if_readable(version)
-        origin = None if target is None else self.replica.patch_origin(target)
-        if target is None or origin is None:
-            return False
-        patches = self.fetcher.read_patches(target, held=origin[0], held_created_at=origin[1])
-        if patches is None:
-            return False
-        try:
-            self.replica.patch_to(target, patches)
-        except SnapshotError as exc:
-            log.warning("%s; reading the snapshot whole", exc)
-            return False
-        nbytes = sum(m.total_bytes for m, _ in patches)
-        self._received_bytes += nbytes
-        self.events.snapshot_read(version, nbytes)
-        return True
 
     def _train(self, trainer: LocalTrainer, number: int, plan: RoundPlan) -> tuple[RoundStats, int]:
         """Size round ``number`` by ``plan`` (DyLU) and run it; return the stats and the planned step

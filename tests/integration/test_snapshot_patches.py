@@ -73,13 +73,7 @@ def reader(client: redis.Redis, keys: RunKeys, key: SigningKey) -> tuple[Snapsho
 
 def catch_up(fetcher: SnapshotFetcher, replica: Replica, target: SnapshotManifest) -> int | None:
     """What the worker does: patch θ_base to ``target``; the patch bytes read, None if it could not."""
-    origin = replica.patch_origin(target)
-    assert origin is not None
-    patches = fetcher.read_patches(target, held=origin[0], held_created_at=origin[1])
-    if patches is None:
-        return None
-    replica.patch_to(target, patches)
-    return sum(m.total_bytes for m, _ in patches)
+    return replica.catch_up(fetcher, target.version) or None
 
 
 def base_error(replica: Replica, theta: dict[str, torch.Tensor]) -> float:

@@ -159,11 +159,12 @@ def worker(tmp_path: Path, politeness: Script, *, steps: int = 5, loss_sleep_s: 
     w.fetcher = SimpleNamespace(  # type: ignore[assignment]
         ping=lambda: None, wait_while_another_warms_up=lambda *a: None, wait_for_version=lambda *a, **k: 0,
         manifest=None, wait_for_plan=lambda poll_s: plan, current_version=lambda max_age_s=0.0: 0,
-        read_latest=lambda: snapshot, manifest_if_readable=lambda version: None)
+        read_latest=lambda: snapshot)
     w.waits = SimpleNamespace(until_included=None, for_cycle_close=None)  # type: ignore[assignment]
     w.overlap, w._fresh_base = Overlap(w.waits), False
     w.replica = SimpleNamespace(  # type: ignore[assignment]
         holds=holds, reset=lambda: trainer, adopt=lambda s: False, trainer=trainer, version=0, run_id="rid",
+        catch_up=lambda fetcher, version: 0,
         progress={})
     w.codec = get_codec("fp32")
     w.feedback, w.speed = ErrorFeedback(w.codec), SpeedMeter()
