@@ -13,7 +13,7 @@ import torch
 
 from shared.codecs import get_codec
 from shared.snapshot_layout import DEFAULT_CHUNK_BYTES
-from shared.snapshot_patch import PatchManifest, chunk_hashes
+from shared.snapshot_patch import PatchManifest
 
 
 class PatchMaker:
@@ -48,7 +48,6 @@ class PatchMaker:
             run=run, run_id=run_id, version=version, base_version=version - 1,
             base_created_at=self._created_at, created_at=created_at, codec=self.codec_name,
             params=tuple((n, p.numel()) for n, p in params.items()), chunk_bytes=self.chunk_bytes,
-            chunk_sha256=chunk_hashes(blobs, self.chunk_bytes),
         )
         return manifest, blobs
 

@@ -183,13 +183,8 @@ class SnapshotStore:
             self._drop(old)  # first: Redis then never holds more than keep_versions snapshots
         # Chunk by chunk from θ's own memory, a few per round trip: the serialized snapshot never
         # exists whole in this process (a commit's memory stays near the steady one).
-        digests = []
         pipe = self.redis.pipeline(transaction=False)
-        for index, chunk in enumerate(chunked(views, chunk_bytes)):
-            digests.append(hashlib.sha256(chunk).hexdigest())
-            pipe.set(self.keys.chunk(version, index), chunk)
-            if len(pipe) >= PIPELINE_CHUNKS:
-                pipe.execute()
+        digests = self.write_chunks(pipe, lambda index: self.keys.chunk(version, index), views, chunk_bytes)
         manifest = SnapshotManifest(
             run=self.keys.run,
             run_id=run_id,
@@ -297,24 +292,47 @@ class SnapshotStore:
             if version is None:
                 raise SnapshotMissing(f"run {self.keys.run!r} has no snapshot yet")
         manifest = self.read_manifest(version)
-        keys = [self.keys.chunk(version, i) for i in range(len(manifest.chunk_sha256))]
-        # Each chunk checked and copied into its place as it comes: the model's bytes once, plus
-        # one round trip's chunks, never all the chunks and their join besides.
-        buffer = bytearray(manifest.total_bytes)
+        buffer = self.read_chunks(lambda index: self.keys.chunk(version, index), manifest.chunk_sha256,
+                                  chunk_bytes=manifest.chunk_bytes, total_bytes=manifest.total_bytes,
+                                  what=f"version {version}")
+        return Snapshot(manifest, tensors_over(manifest.params, buffer))
+
+    def write_chunks(self, pipe: Any, key_of: Callable[[int], str], views: list[memoryview],
+                     chunk_bytes: int) -> tuple[str, ...]:
+        """Queue the flat bytes of ``views`` on ``pipe`` as chunks under ``key_of(index)``, sending
+        every :data:`PIPELINE_CHUNKS`; their sha256s. Chunk by chunk from the views' own memory:
+        the serialized whole never exists in this process (a commit's memory stays near the
+        steady one). The caller queues the manifest after them and executes the rest."""
+        digests = []
+        for index, chunk in enumerate(chunked(views, chunk_bytes)):
+            digests.append(hashlib.sha256(chunk).hexdigest())
+            pipe.set(key_of(index), chunk)
+            if len(pipe) >= PIPELINE_CHUNKS:
+                pipe.execute()
+        return tuple(digests)
+
+    def read_chunks(self, key_of: Callable[[int], str], sha256: tuple[str, ...], *, chunk_bytes: int,
+                    total_bytes: int, what: str) -> bytearray:
+        """The chunks ``key_of(0 …)`` joined: each checked against its signed ``sha256`` and size
+        and copied into its place as it comes, so that the bytes are held once plus one round
+        trip's chunks, never all the chunks and their join besides. :class:`SnapshotMissing` if
+        one expired meanwhile, :class:`SnapshotUntrusted` if one fails its hash."""
+        keys = [key_of(i) for i in range(len(sha256))]
+        buffer = bytearray(total_bytes)
         for start in range(0, len(keys), CHUNKS_PER_READ):
             for index, reply in enumerate(self.redis.mget(keys[start : start + CHUNKS_PER_READ]), start):
                 chunk = redis_bytes(reply)
                 if chunk is None:
-                    raise SnapshotMissing(f"chunk {index} of version {version} expired while reading")
-                if hashlib.sha256(chunk).hexdigest() != manifest.chunk_sha256[index]:
-                    raise SnapshotUntrusted(f"chunk {index} of version {version} fails its sha256")
-                at = index * manifest.chunk_bytes
-                size = min(manifest.chunk_bytes, len(buffer) - at)  # the last one is shorter
+                    raise SnapshotMissing(f"chunk {index} of {what} expired while reading")
+                if hashlib.sha256(chunk).hexdigest() != sha256[index]:
+                    raise SnapshotUntrusted(f"chunk {index} of {what} fails its sha256")
+                at = index * chunk_bytes
+                size = min(chunk_bytes, len(buffer) - at)  # the last one is shorter
                 if len(chunk) != size:
-                    raise SnapshotError(f"chunk {index} of version {version} is {len(chunk)} bytes, "
-                                        f"not the manifest's {size}")
+                    raise SnapshotError(f"chunk {index} of {what} is {len(chunk)} bytes, not the "
+                                        f"manifest's {size}")
                 buffer[at:at + size] = chunk
-        return Snapshot(manifest, tensors_over(manifest.params, buffer))
+        return buffer
 
     def read_latest(self, *, attempts: int = 5) -> Snapshot:
         """Read the current version, starting over if it expires mid-read."""

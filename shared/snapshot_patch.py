@@ -19,9 +19,8 @@ is missing, unsigned or does not chain (:meth:`client.replica.Replica.patch_to`)
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import msgpack
 import torch
@@ -31,13 +30,11 @@ from shared.codecs import Codec, get_codec
 from shared.errors import ProtocolError, SnapshotError, SnapshotMissing, SnapshotUntrusted
 from shared.protocol import check_protocol, require_field, unpack_limited
 from shared.settings import redis_bytes
-from shared.snapshot import CHUNKS_PER_READ, PIPELINE_CHUNKS, SnapshotStore
+from shared.snapshot import SnapshotStore
 from shared.snapshot_layout import (
-    DEFAULT_CHUNK_BYTES,
     MAX_MANIFEST_BYTES,
     MAX_SNAPSHOT_BYTES,
     SnapshotManifest,
-    chunked,
 )
 
 # Codecs a patch may use: block codecs whose decoders bound every value by their block's scale.
@@ -60,7 +57,7 @@ class PatchManifest:
     codec: str
     params: tuple[tuple[str, int], ...]
     chunk_bytes: int
-    chunk_sha256: tuple[str, ...]
+    chunk_sha256: tuple[str, ...] = ()  # filled in by write_patch
 
     @property
     def codec_impl(self) -> Codec:
@@ -139,23 +136,18 @@ class PatchManifest:
                 and self.params == tuple((p.name, p.numel) for p in target.params))
 
 
-def write_patch(store: SnapshotStore, manifest: PatchManifest, blobs: list[bytes]) -> None:
+def write_patch(store: SnapshotStore, manifest: PatchManifest, blobs: list[bytes]) -> PatchManifest:
     """Write the patch ``blobs`` (one per parameter of ``manifest.params``, encoded by its codec)
-    and then its signed manifest, a few chunks per round trip. The caller fills ``chunk_sha256``
-    through :func:`patch_manifest` first."""
+    a few chunks per round trip, then its manifest, signed, with their hashes; return it."""
+    version = manifest.version
     pipe = store.redis.pipeline(transaction=False)
-    for index, chunk in enumerate(chunked([memoryview(b) for b in blobs], manifest.chunk_bytes)):
-        pipe.set(store.keys.patch_chunk(manifest.version, index), chunk)
-        if len(pipe) >= PIPELINE_CHUNKS:
-            pipe.execute()
+    digests = store.write_chunks(pipe, lambda index: store.keys.patch_chunk(version, index),
+                                 [memoryview(b) for b in blobs], manifest.chunk_bytes)
+    manifest = replace(manifest, chunk_sha256=digests)
     # after every chunk: a manifest that is there names chunks that are there
-    pipe.set(store.keys.patch_manifest(manifest.version), store.signed(manifest.encode()))
+    pipe.set(store.keys.patch_manifest(version), store.signed(manifest.encode()))
     pipe.execute()
-
-
-def chunk_hashes(blobs: list[bytes], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[str, ...]:
-    """The sha256 of each chunk that :func:`write_patch` will write of ``blobs``."""
-    return tuple(hashlib.sha256(c).hexdigest() for c in chunked([memoryview(b) for b in blobs], chunk_bytes))
+    return manifest
 
 
 def read_patch_manifest(store: SnapshotStore, version: int) -> PatchManifest:
@@ -177,21 +169,9 @@ def read_patch_manifest(store: SnapshotStore, version: int) -> PatchManifest:
 
 def read_patch_bytes(store: SnapshotStore, manifest: PatchManifest) -> bytearray:
     """The patch's encoded bytes, every chunk checked against the signed manifest as it comes."""
-    keys = [store.keys.patch_chunk(manifest.version, i) for i in range(len(manifest.chunk_sha256))]
-    buffer = bytearray(manifest.total_bytes)
-    for start in range(0, len(keys), CHUNKS_PER_READ):
-        for index, reply in enumerate(store.redis.mget(keys[start : start + CHUNKS_PER_READ]), start):
-            chunk = redis_bytes(reply)
-            if chunk is None:
-                raise SnapshotMissing(f"chunk {index} of the patch to {manifest.version} expired "
-                                      "while reading")
-            if hashlib.sha256(chunk).hexdigest() != manifest.chunk_sha256[index]:
-                raise SnapshotUntrusted(f"chunk {index} of the patch to {manifest.version} fails its sha256")
-            at = index * manifest.chunk_bytes
-            if len(chunk) != min(manifest.chunk_bytes, len(buffer) - at):
-                raise SnapshotError(f"chunk {index} of the patch to {manifest.version} has the wrong size")
-            buffer[at : at + len(chunk)] = chunk
-    return buffer
+    return store.read_chunks(lambda index: store.keys.patch_chunk(manifest.version, index),
+                             manifest.chunk_sha256, chunk_bytes=manifest.chunk_bytes,
+                             total_bytes=manifest.total_bytes, what=f"the patch to {manifest.version}")
 
 
 def increments(manifest: PatchManifest, buffer: bytearray) -> Iterator[tuple[str, torch.Tensor]]:
