@@ -57,12 +57,14 @@ from table_csv import write_rows
 from coordinator.checkpoint import FORMAT, Checkpoint, checkpoint_path, save_checkpoint
 from coordinator.memory_trim import trim as trim_memory
 from coordinator.outer_optimizer import OuterConfig, make_outer_optimizer
+from coordinator.patches import PatchMaker
 from harness.processes import new_run_name, wait_for
 from shared.keys import RunKeys
 from shared.protocol import MiB
 from shared.signing import SigningKey
 from shared.snapshot import SnapshotStore
 from shared.snapshot_layout import DEFAULT_CHUNK_BYTES, SnapshotManifest, byte_views
+from shared.snapshot_patch import DEFAULT_PATCH_CODEC, write_patch
 
 SIZES = {"0.5M": 500_000, "5M": 5_000_000, "50M": 50_000_000, "100M": 100_000_000}
 TARGET_RATIO = 1.3  # issue 13: peak RSS during a commit ≤ 1.3× steady with a 50M model
@@ -261,6 +263,8 @@ REDIS_VARIANTS = {  # chunk bytes, grace of versions pushed out of the kept ones
     "4MiB-del": (OLD_CHUNK_BYTES, 0, "before-write"),
     "after-flip": (DEFAULT_CHUNK_BYTES, 0, "after-flip"),
     "after": (DEFAULT_CHUNK_BYTES, 0, "before-write"),
+    # as "after", each version with its int4 patch from the one before (the coordinator's default)
+    "patches": (DEFAULT_CHUNK_BYTES, 0, "patches"),
 }
 
 
@@ -282,14 +286,21 @@ def redis_rows(args: argparse.Namespace, variants: list[str], url: str) -> list[
             sampler = UsedMemory(url)
             baseline = sampler.now()
             sampler.start()
+            patches = PatchMaker(DEFAULT_PATCH_CODEC) if deletion == "patches" else None
             started = time.perf_counter()
             for version in range(args.versions):
                 params["layer0.weight"][0] = float(version)  # every version its own bytes
+                made = patches and patches.patch(run=keys.run, run_id=RUN_ID, version=version,
+                                                 created_at=float(version), params=params)
+                if made:
+                    write_patch(store, *made)
                 if deletion == "old":
                     old_publish(store, version=version, params=params)
                 else:
                     store.publish(run_id=RUN_ID, version=version, params=params, config={}, progress={},
-                                  chunk_bytes=chunk_bytes)
+                                  chunk_bytes=chunk_bytes, created_at=float(version))
+                if patches:
+                    patches.published(version, float(version))
                 if args.interval:
                     time.sleep(args.interval)
             seconds = time.perf_counter() - started
