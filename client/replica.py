@@ -55,6 +55,7 @@ class Replica:
         self._run_key: tuple[str, str] | None = None  # (run_id, config JSON) the trainer was built for
         self._stamp: tuple[str, float] | None = None  # (run_id, created_at) of the base snapshot
         self._patched = 0  # versions reached by patches since θ_base was last read whole
+        self._moved = False  # θ_base was moved by something other than patches (--overlap's stacking)
 
     def holds(self, version: int, read_manifest: Callable[[int], SnapshotManifest]) -> bool:
         """True if θ_base is already snapshot ``version`` of the same run.
@@ -96,8 +97,13 @@ class Replica:
         assert self.trainer is not None
         self.trainer.load_base(snapshot.params)
         self._based_on(manifest)
-        self._patched = 0
+        self._patched, self._moved = 0, False
         return new_run
+
+    def base_moved(self) -> None:
+        """θ_base was moved off the snapshot it came from (``--overlap`` stacks the client's own
+        in-flight deltas on it): patches no longer apply to it, the next version is read whole."""
+        self._moved = True
 
     def _based_on(self, manifest: SnapshotManifest) -> None:
         self.version = manifest.version
@@ -108,7 +114,8 @@ class Replica:
     def patch_origin(self, target: SnapshotManifest) -> tuple[int, float] | None:
         """(version, created_at) of θ_base, if patches may bring it to ``target``: the same run and
         run config, an older version, and not too many patched versions in a row; else None."""
-        if self.trainer is None or self.version is None or self._stamp is None or self._run_key is None:
+        if (self.trainer is None or self.version is None or self._stamp is None or self._run_key is None
+                or self._moved):
             return None
         same_run = (target.run_id, json.dumps(target.config, sort_keys=True, default=str)) == self._run_key
         if not same_run or target.version <= self.version:

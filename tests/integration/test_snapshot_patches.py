@@ -183,3 +183,20 @@ def test_a_real_client_of_a_real_coordinator_reads_patches_after_its_first_snaps
         assert later == [first] * 4
     else:
         assert all(b < 0.15 * first for b in later), (first, later)
+
+
+def test_a_base_moved_off_its_snapshot_is_read_whole_not_patched(
+    run_name: str, redis_client: redis.Redis
+) -> None:
+    """--overlap stacks the client's in-flight delta on θ_base: the patches, made for the
+    snapshot's θ̂, would carry that offset into the next version, so the next one is read whole."""
+    keys = RunKeys(run_name)
+    run = Publishing(redis_client, keys)
+    run.next()
+    fetcher, replica = reader(redis_client, keys, run.key)
+    replica.adopt(fetcher.read_latest())
+    replica.base_moved()
+    target = run.next()
+    assert catch_up(fetcher, replica, target) is None
+    replica.adopt(fetcher.read_latest())  # read whole: patches apply again after it
+    assert catch_up(fetcher, replica, run.next()) is not None
