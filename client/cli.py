@@ -125,8 +125,8 @@ def _state_dir_option() -> Any:
 @_option("--run", env="ASYNCLOCO_RUN", default=None, metavar="NAME",
          help="Name of the training run to join [default: the token's, else 'default'].")
 @_option("--redis", "redis_url", env="ASYNCLOCO_REDIS", default=None,
-         metavar="URL", help=f"Redis where the coordinator publishes snapshots [default: the token's, else "
-         f"{DEFAULT_REDIS_URL}].")
+         metavar="URL", help=f"Redis where the coordinator publishes snapshots (redis+cluster:// for a Redis "
+         f"Cluster) [default: the token's, else {DEFAULT_REDIS_URL}].")
 @_option("--snapshot-url", env="ASYNCLOCO_SNAPSHOT_URL", default=None, metavar="URL",
          help="Read snapshots (and plan, verdicts) from this read-only replica of the run's Redis instead: "
               "they are signed, so a replica is as safe. Without a user or database in it, the token's "

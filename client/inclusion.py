@@ -24,6 +24,7 @@ import redis
 from client.fetcher import SnapshotFetcher
 from client.report import DeltaFate
 from client.stop import StopRequested
+from shared.redis_cluster import socket_timeout_of
 from shared.settings import sleep_interruptibly
 from shared.verdict import MAX_ENTRIES_READ, Verdict, parse_entries
 
@@ -126,8 +127,8 @@ class InclusionWait:
     def _block_s(self, deadline: float) -> float:
         """How long one read may block: until ``deadline``, at most :data:`VERDICT_BLOCK_S`, and
         well within the connection's socket timeout (a block past it reads as an outage)."""
-        timeout = self.fetcher.redis.connection_pool.connection_kwargs.get("socket_timeout")
-        cap = VERDICT_BLOCK_S if not timeout else min(VERDICT_BLOCK_S, 0.5 * float(timeout))
+        timeout = socket_timeout_of(self.fetcher.redis)
+        cap = VERDICT_BLOCK_S if not timeout else min(VERDICT_BLOCK_S, 0.5 * timeout)
         return max(0.0, min(cap, deadline - time.monotonic()))
 
     # -- the waits --------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import redis
 from coordinator.volunteers import Volunteer
 from shared.errors import ConfigError, ServiceUnavailable
 from shared.keys import RunKeys
+from shared.redis_cluster import on_every_node
 from shared.settings import REDIS_ERRORS, split_urls
 from shared.tls import client_context
 
@@ -43,7 +44,9 @@ VOLUNTEER_MAX_CHANNELS = 4
 HTTP_TIMEOUT_S = 10.0
 # What the client really calls: reads of the snapshot, plan and status; the connection's own set-up.
 VOLUNTEER_REDIS_COMMANDS = ("get", "mget", "exists", "xread", "ping", "hello", "auth", "select",
-                            "client|setname")
+                            "client|setname",
+                            # a Redis Cluster client's start: the commands' key positions, the slots
+                            "command", "cluster|slots", "cluster|shards")
 
 
 def volunteer_redis_rules(keys: RunKeys, password: str = "", *, password_sha256: str = "") -> list[str]:
@@ -60,14 +63,17 @@ def restore_redis_users(client: redis.Redis, keys: RunKeys, volunteers: Iterable
     """Create again the Redis users of the welcome ``volunteers`` that Redis no longer has (it
     restarted without an ACL file: users made by ``ACL SETUSER`` live in its memory only), from
     their passwords' hashes; return their names. Raises what the Redis client raises."""
-    present = {u.decode() if isinstance(u, bytes) else str(u) for u in client.execute_command("ACL", "USERS")}
+    # the users every node has (each node of a cluster keeps its own)
+    per_node = [{u.decode() if isinstance(u, bytes) else str(u) for u in users}
+                for users in on_every_node(client, "ACL", "USERS")]
+    present = set.intersection(*per_node) if per_node else set()
     restored = []
     for volunteer in volunteers:
         welcome = volunteer.refusal(now) is None and volunteer.redis_password_sha256
         if volunteer.user in present or not welcome:
             continue
-        client.execute_command("ACL", "SETUSER", volunteer.user,
-                               *volunteer_redis_rules(keys, password_sha256=volunteer.redis_password_sha256))
+        on_every_node(client, "ACL", "SETUSER", volunteer.user,
+                      *volunteer_redis_rules(keys, password_sha256=volunteer.redis_password_sha256))
         restored.append(volunteer.name)
     return restored
 
@@ -79,7 +85,7 @@ def volunteer_broker_permissions(keys: RunKeys) -> dict[str, str]:
 
 def create_redis_user(client: redis.Redis, user: str, keys: RunKeys, password: str) -> None:
     try:
-        client.execute_command("ACL", "SETUSER", user, *volunteer_redis_rules(keys, password))
+        on_every_node(client, "ACL", "SETUSER", user, *volunteer_redis_rules(keys, password))
     except REDIS_ERRORS as exc:
         raise ServiceUnavailable(f"cannot reach Redis to create user {user} ({exc})") from exc
     except redis.exceptions.ResponseError as exc:
@@ -90,7 +96,7 @@ def create_redis_user(client: redis.Redis, user: str, keys: RunKeys, password: s
 def delete_redis_user(client: redis.Redis, user: str) -> bool:
     """Delete the user; Redis also closes every connection it authenticated. True if it existed."""
     try:
-        return bool(client.execute_command("ACL", "DELUSER", user))
+        return any(bool(deleted) for deleted in on_every_node(client, "ACL", "DELUSER", user))
     except REDIS_ERRORS as exc:
         raise ServiceUnavailable(f"cannot reach Redis to delete user {user} ({exc})") from exc
 

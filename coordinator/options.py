@@ -201,7 +201,8 @@ def server_options(*, amqp_help: str = "RabbitMQ URL; for a RabbitMQ cluster, se
                    "(re)connect.") -> Callable[[F], F]:
     """Where the servers are: --redis and --amqp (as ``redis_url`` and ``amqp_url``)."""
     return _group(
-        option("--redis", "redis_url", env="REDIS", default=DEFAULT_REDIS_URL, help="Redis URL."),
+        option("--redis", "redis_url", env="REDIS", default=DEFAULT_REDIS_URL,
+               help="Redis URL (rediss:// for TLS; redis+cluster://ANY_NODE:PORT/0 for a Redis Cluster)."),
         option("--amqp", "amqp_url", env="AMQP", default=DEFAULT_AMQP_URL, help=amqp_help),
     )
 

@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pika
@@ -17,6 +18,7 @@ import pika.exceptions
 import redis
 
 from shared.errors import ConfigError
+from shared.redis_cluster import CLUSTER_OUTAGES, CLUSTER_SCHEMES, LazyCluster, is_cluster_url
 from shared.tls import (
     RedisConnection,
     RedisTlsConnection,
@@ -55,8 +57,9 @@ class ConnectionSettings:
 
     def __post_init__(self) -> None:
         redis_url = urlparse(self.redis_url)
-        if redis_url.scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(f"--redis must be a redis:// URL (rediss:// for TLS), got {redis_url.scheme}://...")
+        if redis_url.scheme not in ("redis", "rediss", "unix", *CLUSTER_SCHEMES):
+            raise ConfigError(f"--redis must be a redis:// URL (rediss:// for TLS, redis+cluster:// for a "
+                              f"Redis Cluster), got {redis_url.scheme}://...")
         # TLS is set by the scheme and --tls-ca alone: a URL's query could otherwise switch the
         # certificate check off (redis-py: ssl_cert_reqs=none; pika: ssl_options).
         if any(name.startswith("ssl") for name in parse_qs(redis_url.query)):
@@ -100,8 +103,9 @@ def _check_amqp_url(url: str, option: str) -> None:
         raise ConfigError(f"{option}: TLS options do not go in the URL; use amqps:// and --tls-ca")
 
 
-# What a Redis outage looks like to redis-py: retried or waited out, never a crash.
-REDIS_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# What a Redis outage looks like to redis-py (a cluster's too): retried or waited out, never a crash.
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                                             *CLUSTER_OUTAGES)
 
 
 def connect_redis(settings: ConnectionSettings) -> redis.Redis:
@@ -116,15 +120,18 @@ def connect_redis(settings: ConnectionSettings) -> redis.Redis:
     if uses_tls(settings.redis_url):
         tls = {"connection_class": RedisTlsConnection, "ssl_cert_reqs": "required",
                "ssl_check_hostname": True, "ssl_ca_certs": settings.tls_ca_file}
-    elif urlparse(settings.redis_url).scheme == "redis":
+    elif urlparse(settings.redis_url).scheme in ("redis", "redis+cluster"):
         tls = {"connection_class": RedisConnection}
-    return redis.Redis.from_url(
-        settings.redis_url,
+    options: dict[str, object] = dict(
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
         health_check_interval=30,  # seconds; a PING before reusing an idle connection
         **tls,
     )
+    if is_cluster_url(settings.redis_url):
+        # The cluster client answers every command the plain one is asked here (shared/redis_cluster.py)
+        return cast(redis.Redis, LazyCluster(settings.redis_url, **options))
+    return redis.Redis.from_url(settings.redis_url, **options)
 
 
 def amqp_parameters(settings: ConnectionSettings, index: int = 0) -> pika.URLParameters:

@@ -242,7 +242,9 @@ class SnapshotStore:
                 for key in batch:
                     pipe.expire(key, self.expire_grace_s)
             elif one_slot:
-                pipe.delete(*batch)  # DEL frees at once (UNLINK would lag)
+                # DEL frees at once (UNLINK would lag); not in the pipeline: a cluster's pipeline
+                # takes one key per DEL, the cluster client itself one slot's keys
+                self.redis.delete(*batch)
             else:
                 for key in batch:
                     pipe.delete(key)

@@ -30,10 +30,12 @@ from shared.errors import ConfigError
 _SCHEMES: dict[str, tuple[str, str, str, int]] = {
     "redis": ("Redis", "rediss", "redis", 6379),
     "rediss": ("Redis", "rediss", "redis", 6379),
+    "redis+cluster": ("Redis", "rediss+cluster", "redis+cluster", 6379),
+    "rediss+cluster": ("Redis", "rediss+cluster", "redis+cluster", 6379),
     "amqp": ("RabbitMQ", "amqps", "amqp", 5672),
     "amqps": ("RabbitMQ", "amqps", "amqp", 5671),
 }
-TLS_SCHEMES = ("rediss", "amqps")
+TLS_SCHEMES = ("rediss", "amqps", "rediss+cluster")
 # How long the probe of a plain URL's port may take. It runs only after a server dropped a plain
 # connection at once (what a TLS-only port does with plain text), never on a refusal or timeout.
 PROBE_TIMEOUT_S = 2.0
