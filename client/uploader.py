@@ -102,7 +102,8 @@ class DeltaUploader:
             raise ConfigError(f"max_unconfirmed must be >= 1, got {max_unconfirmed}")
         self.settings = connection
         self.keys = keys
-        self.queue = keys.delta_queue  # the routing key: the exchange's one binding
+        # the routing key: the queue's name (the worker sets this client's of the plan's delta queues)
+        self.queue = keys.delta_queue
         self.user = amqp_parameters(connection).credentials.username  # every URL's (settings check)
         self.retry = retry
         self.part_bytes = part_bytes

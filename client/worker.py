@@ -252,6 +252,7 @@ class Worker:
         base_version, run_id = self.replica.version, self.replica.run_id
         assert base_version is not None and run_id is not None  # set by the base just taken
         plan = self.fetcher.wait_for_plan(self.config.poll_s)
+        self.uploader.queue = self.keys.delta_queue_for(self.client_id, plan.delta_queues)  # the routing key
         stacking = self.config.overlap and self.config.include_wait_s > 0 and plan.arrival_share > 0
         stacked_on = -1
         if self.overlap.active:

@@ -52,7 +52,7 @@ from coordinator.status import read_status, render_text
 from coordinator.volunteer_cli import invite_command, revoke_command, volunteers_command
 from shared.cli import OneLineErrors, version_option
 from shared.errors import ConfigError, ServiceUnavailable
-from shared.keys import RunKeys, validate_run_name
+from shared.keys import MAX_DELTA_QUEUES, RunKeys, validate_run_name
 from shared.local_round import InnerConfig
 from shared.settings import ConnectionSettings, amqp_parameter_list, connect_redis, open_amqp
 from shared.signing import KEY_FILE_NAME, SigningKey
@@ -166,6 +166,10 @@ main.add_command(sample_command)
 @option("--part-deadline", "part_deadline_s", env="PART_DEADLINE", type=click.FloatRange(0, min_open=True),
         default=600.0, help="... or this many seconds after its first part, however often parts come.")
 @option("--prefetch", env="PREFETCH", type=click.IntRange(2), default=64, help="AMQP prefetch.")
+@option("--delta-queues", env="DELTA_QUEUES", type=click.IntRange(1, MAX_DELTA_QUEUES), default=1,
+        help="Delta queues: each client sends to one (by its id), the coordinator consumes them all. On a "
+        "RabbitMQ cluster their Raft leaders spread over the nodes (a quorum queue's publishes all go "
+        "through its leader); one per node.")
 @option("--max-queue-bytes", env="MAX_QUEUE_BYTES", type=click.IntRange(1), default=1024**3,
         help="Bytes of deltas waiting in the queue (not counting up to --prefetch already delivered); "
         "beyond, the broker refuses publishes and clients back off. Fixed when the queue is declared.")
@@ -247,7 +251,8 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
         commit=CommitConfig(every_updates=opts["commit_every"], interval_s=opts["commit_interval_s"],
                             idle_interval_s=opts["commit_idle_s"], max_share=opts["commit_max_share"],
                             patch_codec=opts["patch_codec"]),
-        queue=QueueConfig(prefetch=opts["prefetch"], max_queue_bytes=opts["max_queue_bytes"]),
+        queue=QueueConfig(prefetch=opts["prefetch"], max_queue_bytes=opts["max_queue_bytes"],
+                          count=opts["delta_queues"]),
         spool=SpoolConfig(timeout_s=opts["part_timeout_s"], deadline_s=opts["part_deadline_s"]),
         connection=ConnectionSettings(redis_url=opts["redis_url"], amqp_url=opts["amqp_url"],
                                       tls_ca_file=opts["tls_ca"]),
@@ -381,7 +386,8 @@ def delete_run_command(run: str, yes: bool, force: bool, redis_url: str, amqp_ur
 
 
 def _live_queue_depth(servers: ConnectionSettings, keys: RunKeys) -> int | None:
-    """The delta queue's depth as the broker counts it now; None if the broker cannot say.
+    """The delta queues' depth as the broker counts it now (every queue of the run that exists);
+    None if the broker cannot say.
 
     A refused TLS certificate is not "cannot say": it raises ConfigError (one line, exit 1).
     """
@@ -395,8 +401,15 @@ def _live_queue_depth(servers: ConnectionSettings, keys: RunKeys) -> int | None:
             params.connection_attempts = 1
         connection = open_amqp(servers, candidates)
         try:
-            return int(connection.channel().queue_declare(keys.delta_queue, passive=True)
-                       .method.message_count)
+            depth = 0
+            for index, name in enumerate(keys.delta_queues(MAX_DELTA_QUEUES)):
+                try:
+                    depth += int(connection.channel().queue_declare(name, passive=True).method.message_count)
+                except pika.exceptions.ChannelClosedByBroker as exc:
+                    if exc.reply_code != 404 or index == 0:
+                        raise
+                    break  # the run has no more queues (a 404 closed that channel only)
+            return depth
         finally:
             connection.close()
     except (pika.exceptions.AMQPError, OSError):

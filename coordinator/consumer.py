@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ import pika.exceptions
 from coordinator.outcome import Outcome
 from shared.contact import ServerContact
 from shared.errors import AccessRefused, ConfigError
-from shared.keys import RunKeys
+from shared.keys import MAX_DELTA_QUEUES, RunKeys
 from shared.settings import ConnectionSettings, RetryPolicy, amqp_parameter_list, open_amqp
 
 log = logging.getLogger(__name__)
@@ -38,25 +39,40 @@ class QueueConfig:
     ``max_queue_bytes``: when this much is waiting, the broker refuses new publishes
     (``reject-publish``) and clients back off and retry: an overloaded coordinator slows clients
     down instead of dropping their work. ``delivery_limit``: a message redelivered this often is
-    dead-lettered (a message that keeps crashing consumers must not loop forever).
+    dead-lettered (a message that keeps crashing consumers must not loop forever). ``count``:
+    delta queues (``--delta-queues``), each client sending to one of them
+    (:meth:`shared.keys.RunKeys.delta_queue_for`) and the coordinator consuming them all; a quorum
+    queue's publishes all go through its one Raft leader, and the queues after the first place
+    theirs on the cluster's nodes in turn (``x-queue-leader-locator: balanced``). Each holds up to
+    ``max_queue_bytes`` and is consumed with ``prefetch`` / ``count`` (rounded up) unacked.
     """
 
     prefetch: int = 64
     max_queue_bytes: int = 1024 * 1024 * 1024
     delivery_limit: int = 100
     dead_letter_max_bytes: int = 256 * 1024 * 1024
+    count: int = 1
 
     def __post_init__(self) -> None:
         if self.prefetch < 1 or self.max_queue_bytes < 1 or self.delivery_limit < 1:
             raise ConfigError("prefetch, max_queue_bytes and delivery_limit must be >= 1")
+        if not 1 <= self.count <= MAX_DELTA_QUEUES:
+            raise ConfigError(f"delta queues: 1 to {MAX_DELTA_QUEUES}")
+
+    @property
+    def prefetch_per_queue(self) -> int:
+        return -(-self.prefetch // self.count)
 
 
-def delta_queue_arguments(keys: RunKeys, config: QueueConfig) -> dict[str, Any]:
-    """A quorum queue; a message over the delivery limit is dead-lettered *at least once* (the
-    broker keeps it until the dead-letter queue confirms it; needs reject-publish, which we want
-    for backpressure anyway)."""
+def delta_queue_arguments(keys: RunKeys, config: QueueConfig, index: int = 0) -> dict[str, Any]:
+    """Delta queue ``index``: a quorum queue; a message over the delivery limit is dead-lettered
+    *at least once* (the broker keeps it until the dead-letter queue confirms it; needs
+    reject-publish, which we want for backpressure anyway). The first queue keeps the arguments it
+    always had (a queue redeclared with other ones is refused); the others spread their leaders."""
+    spread = {"x-queue-leader-locator": "balanced"} if index else {}
     return {
         "x-queue-type": "quorum",
+        **spread,
         "x-delivery-limit": config.delivery_limit,
         "x-max-length-bytes": config.max_queue_bytes,
         "x-overflow": "reject-publish",
@@ -90,10 +106,11 @@ def declare_queues(channel: Any, keys: RunKeys, config: QueueConfig, *, keep_exi
     channel = _declare_queue(channel, keys.dead_letter_queue, dead_letter_queue_arguments(config),
                              keep_existing=keep_existing)
     channel.queue_bind(keys.dead_letter_queue, keys.dead_letter_exchange, keys.dead_letter_queue)
-    channel = _declare_queue(channel, keys.delta_queue, delta_queue_arguments(keys, config),
-                             keep_existing=keep_existing)
     channel.exchange_declare(keys.delta_exchange, exchange_type="direct", durable=True)
-    channel.queue_bind(keys.delta_queue, keys.delta_exchange, keys.delta_queue)
+    for index, name in enumerate(keys.delta_queues(config.count)):
+        channel = _declare_queue(channel, name, delta_queue_arguments(keys, config, index),
+                                 keep_existing=keep_existing)
+        channel.queue_bind(name, keys.delta_exchange, name)  # the routing key is the queue's name
     return channel
 
 
@@ -162,6 +179,7 @@ class DeltaConsumer(threading.Thread):
         self.contact = ServerContact(connection.amqp_url, option="--amqp", token=False)
         self.queue_depth: int | None = None
         self.dead_letters: int | None = None
+        self.delivered: Counter[str] = Counter()  # deliveries received, by routing key (its queue)
         self.reconnects = 0
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
@@ -183,7 +201,7 @@ class DeltaConsumer(threading.Thread):
                 return
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code in (403, 406):  # access refused, precondition failed: fatal
-                    refused = f"RabbitMQ refused queue {self.keys.delta_queue}: {exc.reply_text}"
+                    refused = f"RabbitMQ refused the run's queues: {exc.reply_text}"
                     self.fatal = AccessRefused(refused) if exc.reply_code == 403 else ConfigError(refused)
                     self.connected.clear()
                     return
@@ -223,18 +241,18 @@ class DeltaConsumer(threading.Thread):
             # A queue that exists with other arguments (another --max-queue-bytes, or declared by
             # an older version) is used as it is rather than refuse to serve the run.
             channel = declare_queues(connection.channel(), self.keys, self.config, keep_existing=True)
-            channel.basic_qos(prefetch_count=self.config.prefetch)
+            # per consumer (quorum queues have no channel-wide prefetch): the total stays prefetch
+            channel.basic_qos(prefetch_count=self.config.prefetch_per_queue)
             channel.confirm_delivery()  # a dead letter is confirmed before its delivery is acked
             generation = self.generation
-            channel.basic_consume(
-                self.keys.delta_queue,
-                on_message_callback=functools.partial(self._on_message, generation),
-                auto_ack=False,
-            )
+            names = self.keys.delta_queues(self.config.count)
+            for name in names:
+                channel.basic_consume(
+                    name, on_message_callback=functools.partial(self._on_message, generation), auto_ack=False)
             with self._lock:
                 self._connection, self._channel = connection, channel
             self.connected.set()
-            log.info("consuming %s (prefetch %d)", self.keys.delta_queue, self.config.prefetch)
+            log.info("consuming %s (prefetch %d each)", ", ".join(names), self.config.prefetch_per_queue)
             next_depth = 0.0
             while not self._stop_event.is_set():
                 connection.process_data_events(time_limit=0.2)
@@ -249,12 +267,14 @@ class DeltaConsumer(threading.Thread):
                     pass
 
     def _refresh_depths(self, channel: Any) -> None:
-        self.queue_depth = channel.queue_declare(self.keys.delta_queue, passive=True).method.message_count
+        self.queue_depth = sum(channel.queue_declare(name, passive=True).method.message_count
+                               for name in self.keys.delta_queues(self.config.count))
         self.dead_letters = channel.queue_declare(
             self.keys.dead_letter_queue, passive=True
         ).method.message_count
 
     def _on_message(self, generation: int, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        self.delivered[str(method.routing_key)] += 1
         self.inbox.put(Delivery(generation, method.delivery_tag, body, bool(method.redelivered),
                                 message_type=props.type or "", sender=props.user_id or ""))
 

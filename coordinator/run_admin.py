@@ -16,7 +16,7 @@ import redis
 
 from coordinator.lease import live_holder
 from shared.errors import ConfigError, ServiceUnavailable
-from shared.keys import RunKeys
+from shared.keys import MAX_DELTA_QUEUES, RunKeys
 from shared.settings import REDIS_ERRORS, ConnectionSettings, amqp_parameter_list, open_amqp
 
 
@@ -61,7 +61,8 @@ def delete_run_queues(servers: ConnectionSettings, keys: RunKeys) -> list[str]:
     try:
         # queue.delete and exchange.delete succeed for a name that does not exist, so a passive
         # declare asks first (a 404 closes the channel: each name gets a fresh one).
-        for name, is_queue in ((keys.delta_queue, True), (keys.dead_letter_queue, True),
+        names = [(q, True) for q in keys.delta_queues(MAX_DELTA_QUEUES)]  # however many it used
+        for name, is_queue in (*names, (keys.dead_letter_queue, True),
                                (keys.delta_exchange, False), (keys.dead_letter_exchange, False)):
             channel = connection.channel()
             try:

@@ -270,8 +270,9 @@ class RunState:
         """The round plan to publish, in the mode the run is in now."""
         warming = self.warm.active
         mode = round_mode(self.mode, dylu=self.config.plan.dylu, warming_up=warming)
-        plan = self.registry.plan(self.run_id, now, mode,
-                                  warm_client=self.warm.current_holder(now) if warming else "")
+        plan = replace(self.registry.plan(self.run_id, now, mode,
+                                          warm_client=self.warm.current_holder(now) if warming else ""),
+                       delta_queues=self.config.queue.count)
         if mode not in (RoundMode.DYLU, RoundMode.FIXED):
             return plan
         return replace(plan, arrival_share=self._arrival_share(now))

@@ -111,6 +111,8 @@ def build_status(run: RunState, *, consumer: DeltaConsumer | None, spool: PartSp
                   "staleness_exponent": outer.staleness_exponent},
         "queue": {
             "name": RunKeys(run.config.run).delta_queue,
+            "count": run.config.queue.count,
+            "delivered": dict(consumer.delivered) if consumer else {},  # since start, by queue
             "depth": consumer.queue_depth if consumer else None,
             "dead_letters": consumer.dead_letters if consumer else None,
         },

@@ -28,11 +28,14 @@ deltas go to the dead-letter queue ``asyncloco.R.deltas.dead`` through the excha
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 from shared.errors import ConfigError
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A run's delta queues at most (--delta-queues): one per broker node of a cluster is the point.
+MAX_DELTA_QUEUES = 16
 
 
 def validate_run_name(run: str) -> str:
@@ -113,7 +116,20 @@ class RunKeys:
 
     @property
     def delta_queue(self) -> str:
+        """The run's (first) delta queue; with several (``--delta-queues``), :meth:`delta_queues`."""
         return f"asyncloco.{self.run}.deltas"
+
+    def delta_queues(self, count: int) -> list[str]:
+        """The run's ``count`` delta queues: the first is :attr:`delta_queue`, the others
+        ``…deltas.q1`` and on, each bound to the delta exchange under its own name."""
+        return [self.delta_queue] + [f"{self.delta_queue}.q{i}" for i in range(1, count)]
+
+    def delta_queue_for(self, client_id: str, count: int) -> str:
+        """The queue of ``count`` that ``client_id`` sends to: always the same one for the same
+        count, so that its own deltas (and a delta's parts) stay in order."""
+        if count <= 1:
+            return self.delta_queue
+        return self.delta_queues(count)[zlib.crc32(client_id.encode()) % count]
 
     @property
     def dead_letter_exchange(self) -> str:

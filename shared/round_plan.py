@@ -11,6 +11,7 @@ import msgpack
 
 from shared import PROTOCOL_VERSION
 from shared.errors import ProtocolError
+from shared.keys import MAX_DELTA_QUEUES
 from shared.protocol import check_protocol, require_field, unpack_limited
 
 
@@ -68,6 +69,7 @@ class RoundPlan:
     assignments: dict[str, int] = field(default_factory=dict)  # client id -> H_i (RoundMode.DYLU)
     grace_s: float = 0.0
     arrival_share: float = 0.0
+    delta_queues: int = 1  # the run's delta queues (RunKeys.delta_queue_for picks a client's)
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -85,6 +87,7 @@ class RoundPlan:
                 "assignments": self.assignments,
                 "grace_s": float(self.grace_s),
                 "arrival_share": float(self.arrival_share),
+                "delta_queues": self.delta_queues,
             },
             use_bin_type=True,
         )
@@ -113,6 +116,7 @@ class RoundPlan:
             grace_s=float(require_field(obj, "grace_s", (int, float))) if "grace_s" in obj else 0.0,
             arrival_share=(float(require_field(obj, "arrival_share", (int, float)))
                            if "arrival_share" in obj else 0.0),
+            delta_queues=require_field(obj, "delta_queues", int) if "delta_queues" in obj else 1,
         )
         if not 1 <= plan.min_local_steps <= plan.local_steps:
             raise ProtocolError("wrong_schema", "plan needs 1 <= min_local_steps <= local_steps")
@@ -121,6 +125,8 @@ class RoundPlan:
         if not 0 <= plan.arrival_share <= PLAN_MAX_ARRIVAL_SHARE:
             raise ProtocolError("wrong_schema",
                                 f"plan arrival_share must be within 0..{PLAN_MAX_ARRIVAL_SHARE}")
+        if not 1 <= plan.delta_queues <= MAX_DELTA_QUEUES:
+            raise ProtocolError("wrong_schema", f"plan delta_queues must be within 1..{MAX_DELTA_QUEUES}")
         for client_id, steps in plan.assignments.items():
             if not isinstance(client_id, str) or not 1 <= len(client_id) <= PLAN_MAX_ID_CHARS:
                 raise ProtocolError("wrong_schema",

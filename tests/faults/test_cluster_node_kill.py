@@ -23,7 +23,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from coordinator.consumer import QueueConfig, delta_queue_arguments
+from coordinator.consumer import QueueConfig, declare_queues, delta_queue_arguments
 from harness.faults import client_args, coordinator_args, run_key, status, verify_snapshot
 from harness.oracle import judge, read_committed, read_journal, settled_ids
 from harness.processes import Processes, wait_for
@@ -40,13 +40,14 @@ KILLED = 2  # node 3: the queue's leader and iota's first broker, neither the co
 CLIENT_SECONDS = 240  # a safety bound: the test stops the clients with SIGTERM well before
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[PrivateCluster]:
-    """A 3-node RabbitMQ cluster of this test's own; stopped and its state removed whatever happens."""
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateCluster]:
+    """A 3-node RabbitMQ cluster of this module's own (booting one takes a minute; the test that
+    kills a node comes last); stopped and its state removed whatever happens."""
     reason = missing_tools()
     if reason is not None:
         pytest.skip(reason)
-    with private_cluster(tmp_path / "rabbitmq") as started:
+    with private_cluster(tmp_path_factory.mktemp("rabbitmq")) as started:
         yield started
 
 
@@ -73,6 +74,23 @@ def _applied(checkpoint_dir: Path) -> set[str]:
 def _leader(cluster: PrivateCluster, queue: str) -> str | None:
     """The node that holds the Raft leader of ``queue``, as node 1 sees it (None while electing)."""
     return next((n for n, state in cluster.quorum_status(queue).items() if state == "leader"), None)
+
+
+def test_several_delta_queues_put_their_leaders_on_different_nodes(
+    cluster: PrivateCluster, run_name: str
+) -> None:
+    """--delta-queues 3 declared through one node: the first queue's leader is that node's (as
+    always), the others are placed by the cluster (balanced), so publishes spread over the nodes."""
+    keys = RunKeys(run_name)
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.nodes[0].url))
+    try:
+        declare_queues(connection.channel(), keys, QueueConfig(count=3))
+    finally:
+        connection.close()
+    leaders = {name: wait_for(functools.partial(_leader, cluster, name), 60, f"a leader of {name}")
+               for name in keys.delta_queues(3)}
+    assert leaders[keys.delta_queue] == cluster.nodes[0].node
+    assert len(set(leaders.values())) == 3, leaders  # one leader on each node
 
 
 # cluster comes before procs, so its teardown runs after the processes are stopped
@@ -154,3 +172,4 @@ def test_killing_a_cluster_node_loses_and_doubles_nothing(
     assert set(final["deltas"]["rejected_by_reason"]) <= {"already_sent"}
     assert verify_snapshot(run_name) == final["version"]
     assert "exists with other arguments" not in procs.log("coordinator")  # the queue is as declared
+

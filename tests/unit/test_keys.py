@@ -93,3 +93,15 @@ def test_every_key_of_one_snapshot_version_is_in_one_cluster_slot(run: str) -> N
     # the tag put one version's keys in many slots (an MGET of them failed with CROSSSLOT)
     assert len({key_slot(keys.manifest(v)) for v in range(100)}) > 90
     assert len({key_slot(keys.legacy_snapshot(12, f"chunk:{i}")) for i in range(16)}) > 1
+
+
+def test_each_client_sends_to_one_of_the_runs_delta_queues_always_the_same() -> None:
+    keys = RunKeys("exp-1")
+    assert keys.delta_queues(1) == [keys.delta_queue]
+    assert keys.delta_queues(3) == [keys.delta_queue, f"{keys.delta_queue}.q1", f"{keys.delta_queue}.q2"]
+    assert keys.delta_queue_for("alice", 1) == keys.delta_queue
+    clients = [f"volunteer-{i}" for i in range(300)]
+    chosen = [keys.delta_queue_for(c, 4) for c in clients]
+    assert chosen == [RunKeys("exp-1").delta_queue_for(c, 4) for c in clients]  # stable
+    counts = {q: chosen.count(q) for q in keys.delta_queues(4)}
+    assert set(counts) == set(keys.delta_queues(4)) and min(counts.values()) > 40, counts  # spread

@@ -241,6 +241,19 @@ def test_round_plan_carries_a_bounded_grace_period() -> None:
         assert info.value.reason == "wrong_schema"
 
 
+def test_round_plan_carries_the_runs_delta_queues() -> None:
+    plan = RoundPlan(run_id="r", local_steps=5, min_local_steps=1, fastest_steps_per_s=1.0, active_clients=2,
+                     delta_queues=4)
+    assert RoundPlan.decode(plan.encode()).delta_queues == 4
+    fields = msgpack.unpackb(plan.encode())
+    del fields["delta_queues"]  # a coordinator of one queue
+    assert RoundPlan.decode(msgpack.packb(fields)).delta_queues == 1
+    for bad in (0, -1, 17, 2**40, "4", True):
+        with pytest.raises(ProtocolError) as info:
+            RoundPlan.decode(msgpack.packb({**fields, "delta_queues": bad}))
+        assert info.value.reason == "wrong_schema"
+
+
 @pytest.mark.parametrize("mode", list(RoundMode))
 def test_round_plan_carries_its_mode(mode: RoundMode) -> None:
     plan = RoundPlan(run_id="r", local_steps=5, min_local_steps=1, fastest_steps_per_s=1.0, active_clients=2,
