@@ -33,6 +33,7 @@ and one consumer, the smaller of the two); where the coordinator's wall time goe
     .venv/bin/python benchmarks/intake.py                   # 3 sizes × int8, fp16 × before, after: ~1 min
     .venv/bin/python benchmarks/intake.py --sizes 5M --codecs int8 --deltas 40
     .venv/bin/python benchmarks/intake.py --broker          # tiny, small × int8, fp16: ~2.5 min
+    .venv/bin/python benchmarks/intake.py --broker --models tiny --codecs int8 --delta-queues 1,4
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def broker_message(run_id: str, client_id: str, seq: int, version: int, codec: s
 
 
 def publish_deltas(run: str, run_id: str, index: int, ids: int, payloads: list[dict[str, bytes]], codec: str,
-                   start: Any, stop: Any, confirmed: Any) -> None:
+                   queues: int, start: Any, stop: Any, confirmed: Any) -> None:
     """One publisher process: deltas under ``ids`` client ids in turn, each on the newest version
     (an id waits for a version newer than its last base: one delta per base), sent as a client
     sends them, until ``stop``; ``confirmed`` counts the confirmed ones."""
@@ -223,6 +224,7 @@ def publish_deltas(run: str, run_id: str, index: int, ids: int, payloads: list[d
                 time.sleep(0.005)
                 continue
             message = broker_message(run_id, name, seqs[name], version, codec, payloads[seqs[name] % 2])
+            uploader.queue = keys.delta_queue_for(name, queues)  # as the worker routes by the plan
             if uploader.send(message, give_up=stop.is_set).confirmed:
                 with confirmed.get_lock():
                     confirmed.value += 1
@@ -246,7 +248,7 @@ def _sample(run: str, pid: int, port: int, confirmed: Any) -> dict[str, Any]:
 
 
 def through_broker(model: str, codec: str, *, publishers: int, ids: int, seconds: float, warmup_s: float,
-                   workdir: Path) -> dict[str, Any]:
+                   workdir: Path, queues: int = 1) -> dict[str, Any]:
     """One row: a real coordinator serving ``model``, fed by ``publishers`` processes."""
     run = new_run_name("bench-intake")
     (workdir / run).mkdir(parents=True)
@@ -258,7 +260,8 @@ def through_broker(model: str, codec: str, *, publishers: int, ids: int, seconds
         coordinator = procs.start("coordinator", *coordinator_args(
             run, workdir / run / "checkpoint", "--model-size", model, "--max-deltas-per-minute", "0",
             "--max-staleness", "1000000", "--eval-interval", "3600", "--no-dylu",
-            "--max-queue-bytes", str(QUEUE_BYTES), "--metrics-port", str(port)))
+            "--max-queue-bytes", str(QUEUE_BYTES), "--metrics-port", str(port),
+            "--delta-queues", str(queues)))
         snapshot = wait_for(lambda: first_snapshot(SnapshotStore(client, RunKeys(run))), timeout_s=120,
                             what="the coordinator's first snapshot")
         assert snapshot is not None
@@ -268,7 +271,8 @@ def through_broker(model: str, codec: str, *, publishers: int, ids: int, seconds
                     for sign in (1.0, -1.0)]
         body_bytes = len(broker_message(run_id, "p0-0", 0, 0, codec, payloads[0]).encode())
         workers = [context.Process(target=publish_deltas,
-                                   args=(run, run_id, i, ids, payloads, codec, start, stop, confirmed))
+                                   args=(run, run_id, i, ids, payloads, codec, queues, start, stop,
+                                         confirmed))
                    for i in range(publishers)]
         for worker in workers:
             worker.start()
@@ -300,7 +304,8 @@ def through_broker(model: str, codec: str, *, publishers: int, ids: int, seconds
     counted = {k: max(1.0, last[f"{k}_count"] - first[f"{k}_count"]) for k in CLOCKS}
     deltas = last["doc"]["deltas"]
     return {
-        "model": model, "params": BROKER_MODELS[model], "codec": codec, "publishers": publishers,
+        "model": model, "params": BROKER_MODELS[model], "codec": codec, "queues": queues,
+        "publishers": publishers,
         "client_ids": publishers * ids, "body_mb": round(body_bytes / 1e6, 3), "seconds": round(wall, 1),
         "applied_per_s": round(applied, 2), "applied_mb_per_s": round(applied * body_bytes / 1e6, 1),
         "confirmed_per_s": round((last["confirmed"] - first["confirmed"]) / wall, 2),
@@ -324,6 +329,7 @@ def broker_main(args: argparse.Namespace, models: list[str], codecs: list[str]) 
     print(f"intake through RabbitMQ into one coordinator process (one thread), {args.publishers} "
           f"publishers, {args.seconds:g} s after {args.warmup:g} s of warm-up; MB = 10^6 bytes")
     columns = [("model", "model", "<6"), ("params", "params", ">6"), ("codec", "codec", "<5"),
+               ("queues", "queues", ">6"),
                ("body_mb", "MB", ">6.2f"), ("applied_per_s", "applied/s", ">9.1f"),
                ("applied_mb_per_s", "MB/s", ">6.1f"), ("broker_ceiling_mb_per_s", "ceiling", ">7.1f"),
                ("share_of_ceiling", "share", ">6.0%"), ("confirmed_per_s", "sent/s", ">7.1f"),
@@ -336,10 +342,12 @@ def broker_main(args: argparse.Namespace, models: list[str], codecs: list[str]) 
     with tempfile.TemporaryDirectory(prefix="bench-intake-") as tmp:
         for model in models:
             for codec in codecs:
-                row = through_broker(model, codec, publishers=args.publishers, ids=args.ids,
-                                     seconds=args.seconds, warmup_s=args.warmup, workdir=Path(tmp))
-                rows.append(row)
-                print(" ".join(f"{row[key]:{spec}}" for key, _, spec in columns), flush=True)
+                for queues in args.delta_queues:
+                    row = through_broker(model, codec, publishers=args.publishers, ids=args.ids,
+                                         seconds=args.seconds, warmup_s=args.warmup, workdir=Path(tmp),
+                                         queues=queues)
+                    rows.append(row)
+                    print(" ".join(f"{row[key]:{spec}}" for key, _, spec in columns), flush=True)
     print("ceiling: confirmed publishes by as many processes, or one consumer, whichever is slower, for a "
           "message of the delta's size (8 MiB parts for bigger ones); intake, commit, other (parts, the "
           "loop, waiting): shares of the coordinator's wall time; CPU: its CPU seconds per second; "
@@ -371,6 +379,8 @@ def main() -> None:
     parser.add_argument("--ids", type=int, default=16, help="--broker: client ids per publisher")
     parser.add_argument("--seconds", type=float, default=15.0, help="--broker: seconds measured per row")
     parser.add_argument("--warmup", type=float, default=6.0, help="--broker: seconds before measuring")
+    parser.add_argument("--delta-queues", default="1",
+                        help="--broker: comma list of the coordinator's --delta-queues, a row each")
     parser.add_argument("--csv", type=Path, default=None,
                         help="default results/intake/intake.csv (--broker: intake_broker.csv)")
     args = parser.parse_args()
@@ -386,6 +396,12 @@ def main() -> None:
     for codec in codecs:
         get_codec(codec)
     if args.broker:
+        try:
+            args.delta_queues = [int(q) for q in args.delta_queues.split(",") if q.strip()]
+        except ValueError:
+            parser.error("--delta-queues takes a comma list of counts")
+        if not args.delta_queues or min(args.delta_queues) < 1:
+            parser.error("--delta-queues takes a comma list of counts >= 1")
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         if not models or set(models) - set(BROKER_MODELS) or args.publishers < 1 or args.ids < 1:
             parser.error(f"--models takes a comma list of {', '.join(BROKER_MODELS)}; "
