@@ -118,14 +118,12 @@ class Overlap:
         if fresh_base or self._base_key != (run_id, version):
             self._base_key, self._folded = (run_id, version), set()
         moved = False
-        with torch.no_grad():
-            for entry in self.in_flight:
-                if entry.in_base(run_id, version) or entry.seq in self._folded:
-                    continue
-                for name, base in trainer.base.items():
-                    base.sub_(entry.delta[name].to(base.device).view_as(base), alpha=entry.share)
-                self._folded.add(entry.seq)
-                moved = True
+        for entry in self.in_flight:
+            if entry.in_base(run_id, version) or entry.seq in self._folded:
+                continue
+            trainer.stack_on_base(entry.delta, entry.share)
+            self._folded.add(entry.seq)
+            moved = True
         if moved:
             trainer.reset_to_base()
         return max(self._folded, default=-1)

@@ -55,7 +55,6 @@ class Replica:
         self._run_key: tuple[str, str] | None = None  # (run_id, config JSON) the trainer was built for
         self._stamp: tuple[str, float] | None = None  # (run_id, created_at) of the base snapshot
         self._patched = 0  # versions reached by patches since θ_base was last read whole
-        self._moved = False  # θ_base was moved by something other than patches (--overlap's stacking)
 
     def holds(self, version: int, read_manifest: Callable[[int], SnapshotManifest]) -> bool:
         """True if θ_base is already snapshot ``version`` of the same run.
@@ -97,13 +96,8 @@ class Replica:
         assert self.trainer is not None
         self.trainer.load_base(snapshot.params)
         self._based_on(manifest)
-        self._patched, self._moved = 0, False
+        self._patched = 0
         return new_run
-
-    def base_moved(self) -> None:
-        """θ_base was moved off the snapshot it came from (``--overlap`` stacks the client's own
-        in-flight deltas on it): patches no longer apply to it, the next version is read whole."""
-        self._moved = True
 
     def _based_on(self, manifest: SnapshotManifest) -> None:
         self.version = manifest.version
@@ -114,8 +108,7 @@ class Replica:
     def patch_origin(self, target: SnapshotManifest) -> tuple[int, float] | None:
         """(version, created_at) of θ_base, if patches may bring it to ``target``: the same run and
         run config, an older version, and not too many patched versions in a row; else None."""
-        if (self.trainer is None or self.version is None or self._stamp is None or self._run_key is None
-                or self._moved):
+        if self.trainer is None or self.version is None or self._stamp is None or self._run_key is None:
             return None
         same_run = (target.run_id, json.dumps(target.config, sort_keys=True, default=str)) == self._run_key
         if not same_run or target.version <= self.version:
@@ -147,6 +140,7 @@ class Replica:
         makes it version ``target``. A patch that does not decode leaves θ_base half patched: then
         it holds no version (the next round reads a whole snapshot) and SnapshotError is raised."""
         assert self.trainer is not None and self.version is not None
+        self.trainer.unstack_base()  # --overlap's own deltas out first: the patches are for the snapshot
         base = self.trainer.base
         try:
             for manifest, buffer in patches:

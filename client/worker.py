@@ -261,8 +261,6 @@ class Worker:
             if stacking:
                 stacked_on = self.overlap.stack(trainer, run_id=run_id, version=base_version,
                                                 fresh_base=self._fresh_base)
-                if stacked_on >= 0:
-                    self.replica.base_moved()  # no patch applies to a stacked base
         fetch_s = time.monotonic() - fetching
         stats, planned = self._train(trainer, number, plan)
         self._trained_s += stats.compute_s

@@ -112,6 +112,8 @@ class LocalTrainer:
         )
         self.batches: Iterator[Any] = task.train_batches(shard, seed)
         self.base: dict[str, torch.Tensor] = {}
+        # (delta, share) stacked on the base since it was loaded (stack_on_base)
+        self.stacked: list[tuple[dict[str, torch.Tensor], float]] = []
         self.own_steps = 0  # inner steps this replica ever ran (drives the warmup)
 
     def load_base(self, params: dict[str, torch.Tensor]) -> None:
@@ -120,7 +122,25 @@ class LocalTrainer:
         if missing:
             raise ConfigError(f"snapshot lacks parameters: {sorted(missing)[:5]}")
         self.base = {n: params[n].detach().to(self.device, torch.float32, copy=True) for n in self.names}
+        self.stacked = []
         self.reset_to_base()
+
+    def stack_on_base(self, delta: dict[str, torch.Tensor], share: float) -> None:
+        """θ_base −= share · delta (``--overlap``: the client's own in-flight delta, as the
+        coordinator will move θ at its arrival), remembered so that :meth:`unstack_base` can put
+        the base back where its snapshot had it."""
+        with torch.no_grad():
+            for name, base in self.base.items():
+                base.sub_(delta[name].to(base.device).view_as(base), alpha=share)
+        self.stacked.append((delta, share))
+
+    def unstack_base(self) -> None:
+        """Undo every :meth:`stack_on_base` since the base was loaded (up to float rounding)."""
+        with torch.no_grad():
+            for delta, share in reversed(self.stacked):
+                for name, base in self.base.items():
+                    base.add_(delta[name].to(base.device).view_as(base), alpha=share)
+        self.stacked = []
 
     def reset_to_base(self) -> None:
         with torch.no_grad():

@@ -185,18 +185,23 @@ def test_a_real_client_of_a_real_coordinator_reads_patches_after_its_first_snaps
         assert all(b < 0.15 * first for b in later), (first, later)
 
 
-def test_a_base_moved_off_its_snapshot_is_read_whole_not_patched(
+def test_a_base_that_overlap_stacked_a_delta_on_is_unstacked_then_patched(
     run_name: str, redis_client: redis.Redis
 ) -> None:
-    """--overlap stacks the client's in-flight delta on θ_base: the patches, made for the
-    snapshot's θ̂, would carry that offset into the next version, so the next one is read whole."""
+    """--overlap stacks the client's in-flight delta on θ_base; the patches are made for the
+    snapshot's θ̂, so that delta comes off before they go on: the base lands on θ̂ itself."""
     keys = RunKeys(run_name)
     run = Publishing(redis_client, keys)
     run.next()
     fetcher, replica = reader(redis_client, keys, run.key)
     replica.adopt(fetcher.read_latest())
-    replica.base_moved()
+    trainer = replica.trainer
+    assert trainer is not None
+    own = {n: torch.full_like(b, 0.3) for n, b in trainer.base.items()}
+    trainer.stack_on_base(own, 0.45)
     target = run.next()
-    assert catch_up(fetcher, replica, target) is None
-    replica.adopt(fetcher.read_latest())  # read whole: patches apply again after it
-    assert catch_up(fetcher, replica, run.next()) is not None
+    assert catch_up(fetcher, replica, target) is not None
+    assert trainer.stacked == []
+    # equal to the coordinator's θ̂ but for the float rounding of taking 0.135 off and on again
+    gap = max(float((trainer.base[n] - s).abs().max()) for n, s in run.maker.served.items())
+    assert gap < 1e-6, gap

@@ -71,6 +71,20 @@ def test_a_round_starts_from_the_snapshot_moved_by_each_in_flight_delta_once() -
     assert all(torch.equal(b, torch.full_like(b, -1.0)) for b in trainer.base.values())
 
 
+def test_what_was_stacked_on_a_base_comes_off_again_and_a_new_base_forgets_it() -> None:
+    trainer, waits = _trainer(), Waits()
+    overlap = Overlap(waits)  # type: ignore[arg-type]
+    overlap.add(_entry(trainer, 0, 1.0))
+    overlap.add(_entry(trainer, 1, 2.0, share=0.25))
+    assert overlap.stack(trainer, run_id="r", version=3, fresh_base=True) == 1
+    assert all(torch.equal(b, torch.full_like(b, -1.0)) for b in trainer.base.values())
+    trainer.unstack_base()  # before patches for the snapshot go on (client/replica.py)
+    assert trainer.stacked == [] and all(torch.equal(b, torch.zeros_like(b)) for b in trainer.base.values())
+    trainer.stack_on_base({n: torch.ones_like(b) for n, b in trainer.base.items()}, 1.0)
+    trainer.load_base({n: torch.zeros_like(b) for n, b in trainer.base.items()})
+    assert trainer.stacked == []  # a base read whole holds nothing of ours
+
+
 def test_reports_wait_for_their_verdict_and_come_out_in_order() -> None:
     trainer, waits = _trainer(), Waits()
     overlap = Overlap(waits)  # type: ignore[arg-type]
