@@ -30,8 +30,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from client.background_send import BackgroundSend
 from client.inclusion import InclusionWait, settled_seq
 from client.report import DeltaFate, RoundReport
+from client.uploader import Upload
 from shared.local_round import LocalTrainer
 from shared.verdict import Verdict
 
@@ -52,6 +54,8 @@ class InFlight:
     verdict: Verdict | None = None
     included: int | None = None  # the snapshot version that holds it (or settled it: a manifest)
     given_up: bool = False  # waited for in vain: its fate stays unknown
+    sending: BackgroundSend | None = None  # publishing from a thread (client/background_send.py)
+    upload: Upload | None = None  # how that went, once it is done
 
     @property
     def rejected(self) -> bool:
@@ -74,7 +78,10 @@ class InFlight:
                 or (self.included is not None and self.included <= version))
 
     def final_report(self) -> RoundReport:
-        return replace(self.report, fate=DeltaFate(self.verdict, self.included))
+        report = replace(self.report, fate=DeltaFate(self.verdict, self.included))
+        if self.upload is not None:  # sent from a thread: what the broker said of it
+            report = replace(report, sent=self.upload.confirmed, sent_bytes=self.upload.body_bytes)
+        return report
 
 
 class Overlap:
@@ -92,6 +99,14 @@ class Overlap:
 
     def add(self, entry: InFlight) -> None:
         self.in_flight.append(entry)
+
+    def uploaded(self, seq: int, upload: Upload) -> None:
+        """The background send of delta ``seq`` is done; one never confirmed (a stop gave up on
+        it) will have no verdict: it is given up on."""
+        for entry in self.in_flight:
+            if entry.seq == seq:
+                entry.upload = upload
+                entry.given_up = entry.given_up or not upload.confirmed
 
     def learn(self, *, run_id: str, version: int, progress: dict[str, object]) -> None:
         """What the verdicts written since the last read (one read that does not block) and the

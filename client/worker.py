@@ -34,10 +34,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from client.background_send import BackgroundSend
 from client.config import ClientConfig
 from client.events import RoundStart, WorkerEvents
 from client.fetcher import RECENT_VERSION_S, SnapshotFetcher
@@ -49,7 +51,7 @@ from client.politeness import Politeness
 from client.replica import Replica
 from client.report import DeltaFate, RoundReport, RunSummary, Tally
 from client.stop import RoundAbandoned, StopRequested
-from client.uploader import DeltaUploader
+from client.uploader import DeltaUploader, Upload
 from shared.codecs import ErrorFeedback, get_codec
 from shared.contact import ServerContact
 from shared.dylu import SpeedMeter, is_assigned, local_steps_for, round_time_budget_s
@@ -119,6 +121,7 @@ class Worker:
         self._trained_s = 0.0  # compute time of this process's rounds, abandoned ones included
         self._hours_up = False  # max_hours reached: the round in hand is the last
         self._received_bytes = 0  # snapshot bytes downloaded since the last round's report
+        self._sending: BackgroundSend | None = None  # the delta a thread is publishing (--overlap)
         # the last finished round's timings, which the next delta reports (previous_timings)
         self._previous_timings: dict[str, float] = {}
 
@@ -132,6 +135,9 @@ class Worker:
         return self.replica.trainer
 
     def close(self) -> None:
+        if self._sending is not None and self._sending.busy:  # a delta still going out (--overlap)
+            self.stop.set()  # it gives up after the stop grace period
+            self._sending.wait(self.config.upload_grace_s + 10.0)
         self.uploader.close()
         self.redis.close()
         self.identity.close()
@@ -159,8 +165,12 @@ class Worker:
         return time.monotonic() - self._stop_seen > self.config.upload_grace_s
 
     def _train_should_stop(self) -> bool:
-        self.uploader.keepalive()  # a long round must not let the AMQP connection time out
+        self._keepalive()  # a long round must not let the AMQP connection time out
         return self._should_stop()
+
+    def _keepalive(self) -> None:
+        if self._sending is None or not self._sending.busy:  # a send in flight keeps it busy itself
+            self.uploader.keepalive()
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -207,6 +217,7 @@ class Worker:
             rounds += 1
             for done in self._reports_of(report):
                 tally.add(done)
+        self._finish_sending()
         for done in self.overlap.drain(self.config.include_wait_s):  # the last rounds' verdicts
             tally.add(done)
         if self._hours_up and not self.stop.is_set() and stopped_by == "stop":
@@ -252,7 +263,6 @@ class Worker:
         base_version, run_id = self.replica.version, self.replica.run_id
         assert base_version is not None and run_id is not None  # set by the base just taken
         plan = self.fetcher.wait_for_plan(self.config.poll_s)
-        self.uploader.queue = self.keys.delta_queue_for(self.client_id, plan.delta_queues)  # the routing key
         stacking = self.config.overlap and self.config.include_wait_s > 0 and plan.arrival_share > 0
         stacked_on = -1
         if self.overlap.active:
@@ -272,14 +282,7 @@ class Worker:
         encoding = time.monotonic()
         message = self._delta(trainer, stats, run_id, base_version, stacked_on)
         encode_s = time.monotonic() - encoding
-        self.events.sending(sum(len(blob) for blob in message.tensors.values()))
-        upload = self.uploader.send(message, give_up=self._give_up_upload)
-        if not upload.confirmed:
-            log.warning("gave up sending delta %s after the stop grace period", message.delta_id)
-        else:
-            self._last_sent = (run_id, base_version)
-            if self.on_confirmed is not None:
-                self.on_confirmed(message.delta_id)
+        upload = self._send(message, run_id, base_version, plan, behind=stacking)
         staleness = None
         fate = DeltaFate()
         waiting = time.monotonic()
@@ -306,10 +309,51 @@ class Worker:
         if stacking and upload.confirmed:
             self.overlap.add(InFlight(
                 run_id=run_id, seq=message.seq, share=plan.arrival_share * stats.steps / plan.local_steps,
-                delta=self._as_sent(message, trainer), report=report))
+                delta=self._as_sent(message, trainer), report=report, sending=self._sending))
             self.overlap.wait_for_room(self.config.include_wait_s, poll_s=self.config.poll_s,
                                        on_notice=self.on_notice)
         return report
+
+    # -- sending --------------------------------------------------------------------------------------
+
+    def _send(self, message: DeltaMessage, run_id: str, base_version: int, plan: RoundPlan, *,
+              behind: bool) -> Upload:
+        """Publish ``message`` to this client's delta queue of the plan's: now, or (``behind``:
+        --overlap) from a thread while the next round trains, when the Upload returned is what is
+        known so far (``confirmed`` until told otherwise; ``upload_s``: what this round waited on
+        the last delta's send). The last background send is finished first, either way."""
+        waited = self._finish_sending()
+        self.uploader.queue = self.keys.delta_queue_for(self.client_id, plan.delta_queues)  # the routing key
+        self.events.sending(sum(len(blob) for blob in message.tensors.values()))
+        if behind:
+            self._sending = BackgroundSend(self.uploader, message, give_up=self._give_up_upload,
+                                           run_id=run_id, base_version=base_version)
+            return Upload(confirmed=True, body_bytes=sum(len(b) for b in message.tensors.values()),
+                          upload_s=waited)
+        upload = self.uploader.send(message, give_up=self._give_up_upload)
+        self._sent(upload, message.delta_id, run_id, base_version)
+        return replace(upload, upload_s=upload.upload_s + waited)
+
+    def _finish_sending(self) -> float:
+        """Wait for the delta a thread is publishing (--overlap), if any, and take in how it
+        went; the seconds waited (what the send raised, a permanent refusal, is raised here)."""
+        sending, self._sending = self._sending, None
+        if sending is None:
+            return 0.0
+        started = time.monotonic()
+        upload = sending.wait()
+        assert upload is not None  # waited without a timeout
+        self._sent(upload, sending.delta_id, sending.run_id, sending.base_version)
+        self.overlap.uploaded(sending.seq, upload)
+        return time.monotonic() - started
+
+    def _sent(self, upload: Upload, delta_id: str, run_id: str, base_version: int) -> None:
+        if not upload.confirmed:
+            log.warning("gave up sending delta %s after the stop grace period", delta_id)
+            return
+        self._last_sent = (run_id, base_version)
+        if self.on_confirmed is not None:
+            self.on_confirmed(delta_id)
 
     # -- pauses and limits ------------------------------------------------------------------------
 
@@ -352,7 +396,7 @@ class Worker:
         while True:
             if sleep_interruptibly(self.config.poll_s, self._should_stop):
                 raise StopRequested()
-            self.uploader.keepalive()  # a pause of hours must not let the AMQP connection time out
+            self._keepalive()  # a pause of hours must not let the AMQP connection time out
             if self.politeness.pause_reason() is None:
                 break
         paused_s = time.monotonic() - started

@@ -5,11 +5,13 @@ line still ends in its verdict, one round late."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from client.events import RoundStart, WorkerEvents
 from client.report import RoundReport
 from client.worker import Worker
 from coordinator.commit_batch import CommitConfig
@@ -58,3 +60,49 @@ def test_stacked_rounds_are_all_applied_and_each_says_its_verdict(run_name: str,
     assert same_base, [(m.seq, m.base_version, m.stacked_on) for m in sent]
     assert status["deltas"]["rejected"] == 0, status["deltas"]
     assert summary.line().endswith(f"; {ROUNDS} applied, 0 rejected")
+
+
+class Starts(WorkerEvents):
+    def __init__(self) -> None:
+        self.at: list[float] = []
+
+    def round_started(self, start: RoundStart) -> None:
+        self.at.append(time.monotonic())
+
+
+def test_the_next_round_trains_while_the_last_delta_is_still_going_out(
+    run_name: str, tmp_path: Path
+) -> None:
+    """A slow uplink (each send held back 1 s here) and rounds of about 2 s (--slowdown): with
+    --overlap the upload runs in a thread while the next round trains, so the rounds hardly wait
+    for it, and every delta still arrives and is applied."""
+    config = small_config(run_name, tmp_path, plan=PlanConfig(local_steps=3, min_local_steps=1, dylu=False),
+                          commit=CommitConfig(every_updates=1, interval_s=0.3))
+    sends: list[tuple[int, float, float]] = []  # seq, start, end
+    with serving(config) as coordinator:
+        wait_for(lambda: coordinator.publisher.published_version >= 0, what="the first snapshot")
+        reports: list[RoundReport] = []
+        settings = client_config(run_name, tmp_path / "client", coordinator.signing_key, client_id="uplink",
+                                 max_rounds=4, include_wait_s=10.0, overlap=True, slowdown=30.0)
+        starts = Starts()
+        with Worker(settings, events=starts) as worker:
+            send = worker.uploader.send
+
+            def slow(message: DeltaMessage, **kwargs: Any) -> Any:
+                began = time.monotonic()
+                time.sleep(1.0)
+                result = send(message, **kwargs)
+                sends.append((message.seq, began, time.monotonic()))
+                return result
+
+            worker.uploader.send = slow  # type: ignore[method-assign]
+            summary = worker.run(on_round=reports.append)
+        status = wait_for(lambda: (s := _status(run_name)) and s["deltas"]["applied"] == 4 and s,
+                          what="every delta applied")
+    assert summary.rounds == 4 and status["deltas"]["rejected"] == 0, status["deltas"]
+    assert all(r.fate.verdict is not None and r.fate.verdict.applied and r.sent for r in reports)
+    # some round began training before the delta of the round before it was confirmed
+    overlapped = [seq for seq, _, end in sends if seq + 1 < len(starts.at) and starts.at[seq + 1] < end]
+    assert overlapped, (sends, starts.at)
+    # and the rounds did not wait for the 1 s sends (each round waits only for the send before it)
+    assert sum(r.upload_s for r in reports) < 1.0, [r.upload_s for r in reports]

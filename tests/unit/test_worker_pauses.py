@@ -168,7 +168,7 @@ def worker(tmp_path: Path, politeness: Script, *, steps: int = 5, loss_sleep_s: 
         progress={})
     w.codec = get_codec("fp32")
     w.feedback, w.speed = ErrorFeedback(w.codec), SpeedMeter()
-    w._deadline = w._stop_seen = w._last_sent = None
+    w._deadline = w._stop_seen = w._last_sent = w._sending = None
     w._trained_s, w._hours_up, w._received_bytes, w._previous_timings = 0.0, False, 0, {}
     return w, notices, w.events, w.uploader, trainer  # type: ignore[return-value]
 
