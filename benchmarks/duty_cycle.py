@@ -11,7 +11,12 @@ Per round the worker reports where its wall time went (``RoundReport``: ``fetch_
 two round reports, so ``other`` is what no field covers (the report, the step before training).
 The first round (the first snapshot's read, torch warming up) is not counted.
 
-    compute share = Σ compute_s / Σ wall      communication = fetch + encode + upload + wait
+    compute share = Σ compute_s / Σ wall      communication = fetch + encode + send + wait
+
+``send`` is how long the delta's send took wherever it ran (with ``--overlap`` in a thread while
+the next round trains: then the round's ``upload_s`` is only its wait for that send).
+``--uplink-mb-s R`` holds each send back by its bytes' time on an R MB/s link, for a volunteer
+whose upload is slower than loopback.
 
 Targets (issue 12): a compute share of at least 95% where compute per round is at least twice the
 communication, and at least 80% with a 25M-parameter model. A client runs fetch → train →
@@ -21,6 +26,7 @@ most 2/3: the 95% target needs the next round to overlap the last one's communic
 
     .venv/bin/python benchmarks/duty_cycle.py                        # ~6 min on 2 cores
     .venv/bin/python benchmarks/duty_cycle.py --cases tiny:1,tiny:8  # model:slowdown, one run each
+    .venv/bin/python benchmarks/duty_cycle.py --cases tiny:1,tiny:1:overlap --uplink-mb-s 1
 """
 
 from __future__ import annotations
@@ -39,15 +45,16 @@ from table_csv import write_rows
 from client.config import ClientConfig
 from client.events import RoundStart, WorkerEvents
 from client.report import RoundReport
+from client.uploader import Upload
 from client.worker import Worker
 from harness.faults import run_key, status
 from harness.processes import AMQP_URL, REDIS_URL, ensure_services
+from shared.protocol import DeltaMessage
 from shared.settings import ConnectionSettings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "duty_cycle"
 DEFAULT_CASES = "tiny:1,tiny:1:overlap,tiny:4,tiny:4:overlap,medium:1,medium:1:overlap"
 FIELDS = ("fetch_s", "compute_s", "encode_s", "upload_s", "wait_s")
-COMMUNICATION = ("fetch_s", "encode_s", "upload_s", "wait_s")
 
 
 class RoundStarts(WorkerEvents):
@@ -61,7 +68,7 @@ class RoundStarts(WorkerEvents):
 
 
 def measure(model: str, slowdown: float, *, overlap: bool, local_steps: int, rounds: int,
-            workdir: Path) -> dict[str, Any]:
+            workdir: Path, uplink_mb_s: float = 0.0) -> dict[str, Any]:
     """One run: ``rounds`` counted rounds of one client (the first is not counted, and the last
     ends no wall: the next round's start ends a round's); the row of the table."""
     extra = ["--eval-interval", "3600", "--local-steps", str(local_steps), "--no-dylu"]
@@ -73,7 +80,19 @@ def measure(model: str, slowdown: float, *, overlap: bool, local_steps: int, rou
             threads=1, max_rounds=rounds + 2, coordinator_key=run_key(served.workdir)[1], overlap=overlap)
         starts = RoundStarts()
         reports: list[RoundReport] = []
+        sending: dict[int, float] = {}  # seq -> seconds its send took, wherever it ran
         with Worker(config, events=starts) as worker:
+            send = worker.uploader.send
+
+            def timed(message: DeltaMessage, **kwargs: Any) -> Upload:
+                began = time.monotonic()
+                if uplink_mb_s:  # a slower link than loopback: the delta's time on the wire
+                    time.sleep(sum(len(b) for b in message.tensors.values()) / (uplink_mb_s * 1e6))
+                upload = send(message, **kwargs)
+                sending[message.seq] = time.monotonic() - began
+                return upload
+
+            worker.uploader.send = timed  # type: ignore[method-assign]
             worker.run(on_round=reports.append)
         served.stop_coordinator()  # a clean stop evaluates the last version
         history = status(served.run).get("eval", {}).get("history", [])
@@ -85,9 +104,12 @@ def measure(model: str, slowdown: float, *, overlap: bool, local_steps: int, rou
         raise RuntimeError(f"{model} x{slowdown}: {len(counted)} rounds, sent {[r.sent for r in reports]}")
     per_round = {f: statistics.median(getattr(r, f) for r in counted) for f in FIELDS}
     compute, wall = sum(r.compute_s for r in counted), sum(walls)
-    communication = sum(getattr(r, f) for r in counted for f in COMMUNICATION)
+    # the communication's work, where it ran: a send in the background (--overlap) counts its own
+    # duration, not the round's wait for it
+    communication = sum(r.fetch_s + r.encode_s + r.wait_s + sending[r.seq] for r in counted)
     return {
-        "model": model, "slowdown": slowdown, "overlap": overlap, "local_steps": local_steps,
+        "model": model, "slowdown": slowdown, "overlap": overlap, "uplink_mb_s": uplink_mb_s or None,
+        "local_steps": local_steps, "send_s": round(statistics.median(sending[r.seq] for r in counted), 3),
         "rounds": len(counted),
         "wall_s": round(statistics.median(walls), 3),
         **{f: round(v, 3) for f, v in per_round.items()},
@@ -121,6 +143,9 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=12,
                         help="steps a round (tiny); medium takes a third")
     parser.add_argument("--rounds", type=int, default=6, help="rounds counted per case (after the first)")
+    parser.add_argument("--uplink-mb-s", type=float, default=0.0,
+                        help="emulate an uplink of this many MB/s (each send held back its bytes' time "
+                        "on such a link); 0: loopback as it is")
     parser.add_argument("--out", type=Path, default=RESULTS / "duty_cycle.csv")
     args = parser.parse_args()
     ensure_services()
@@ -132,14 +157,15 @@ def main() -> None:
             steps = args.local_steps if model == "tiny" else max(1, args.local_steps // 3)
             started = time.monotonic()
             row = measure(model, float(slowdown or 1), overlap=more == ["overlap"], local_steps=steps,
-                          rounds=args.rounds, workdir=workdir)
+                          rounds=args.rounds, workdir=workdir, uplink_mb_s=args.uplink_mb_s)
             rows.append({**row, "target": target(row)})
             took = time.monotonic() - started
             print(f"{case}: compute share {row['compute_share']:.1%} ({took:.0f} s)", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     write_rows(args.out, rows)
-    columns = ("model", "slowdown", "overlap", "local_steps", "wall_s", *FIELDS, "other_s",
+    columns = ("model", "slowdown", "overlap", "uplink_mb_s", "local_steps", "wall_s", *FIELDS, "send_s",
+               "other_s",
                "compute_per_comm", "compute_share", "target", "applied", "final_eval")
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
