@@ -30,7 +30,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from client.background_send import BackgroundSend
 from client.inclusion import InclusionWait, settled_seq
 from client.report import DeltaFate, RoundReport
 from client.uploader import Upload
@@ -54,8 +53,7 @@ class InFlight:
     verdict: Verdict | None = None
     included: int | None = None  # the snapshot version that holds it (or settled it: a manifest)
     given_up: bool = False  # waited for in vain: its fate stays unknown
-    sending: BackgroundSend | None = None  # publishing from a thread (client/background_send.py)
-    upload: Upload | None = None  # how that went, once it is done
+    upload: Upload | None = None  # how sending it went, once known (sent from a thread: client/sender.py)
 
     @property
     def rejected(self) -> bool:
@@ -100,11 +98,12 @@ class Overlap:
     def add(self, entry: InFlight) -> None:
         self.in_flight.append(entry)
 
-    def uploaded(self, seq: int, upload: Upload) -> None:
-        """The background send of delta ``seq`` is done; one never confirmed (a stop gave up on
-        it) will have no verdict: it is given up on."""
+    def uploaded(self, run_id: str, seq: int, upload: Upload) -> None:
+        """How sending delta ``seq`` went (one sent behind a round: once that is done); one in
+        flight that was never confirmed (a stop gave up on it) will have no verdict: it is given
+        up on."""
         for entry in self.in_flight:
-            if entry.seq == seq:
+            if (entry.run_id, entry.seq) == (run_id, seq):
                 entry.upload = upload
                 entry.given_up = entry.given_up or not upload.confirmed
 

@@ -34,12 +34,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from client.background_send import BackgroundSend
 from client.config import ClientConfig
 from client.events import RoundStart, WorkerEvents
 from client.fetcher import RECENT_VERSION_S, SnapshotFetcher
@@ -50,14 +48,15 @@ from client.overlap import InFlight, Overlap
 from client.politeness import Politeness
 from client.replica import Replica
 from client.report import DeltaFate, RoundReport, RunSummary, Tally
+from client.sender import DeltaSender
 from client.stop import RoundAbandoned, StopRequested
 from client.uploader import DeltaUploader, Upload
 from shared.codecs import ErrorFeedback, get_codec
 from shared.contact import ServerContact
 from shared.dylu import SpeedMeter, is_assigned, local_steps_for, round_time_budget_s
 from shared.keys import RunKeys
-from shared.local_round import LocalTrainer, RoundStats, StepProgress, pick_device
-from shared.protocol import DeltaMessage, device_label
+from shared.local_round import LocalTrainer, RoundStats, StepProgress, describe_device, pick_device
+from shared.protocol import DeltaMessage
 from shared.round_plan import RoundMode, RoundPlan
 from shared.settings import connect_redis, sleep_interruptibly
 from shared.signing import VerifyKey
@@ -110,6 +109,8 @@ class Worker:
         self.uploader = DeltaUploader(
             config.connection, keys=self.keys, retry=config.retry, part_bytes=config.part_bytes
         )
+        self.sender = DeltaSender(self.uploader, self.keys, self.identity.client_id,
+                                  give_up=self._give_up_upload, on_sent=self._sent)
         self.replica = Replica(client_id=self.identity.client_id, device=device, data=config.data,
                                allowed_tasks=config.allowed_tasks)
         self.codec = get_codec(config.codec)
@@ -121,7 +122,6 @@ class Worker:
         self._trained_s = 0.0  # compute time of this process's rounds, abandoned ones included
         self._hours_up = False  # max_hours reached: the round in hand is the last
         self._received_bytes = 0  # snapshot bytes downloaded since the last round's report
-        self._sending: BackgroundSend | None = None  # the delta a thread is publishing (--overlap)
         # the last finished round's timings, which the next delta reports (previous_timings)
         self._previous_timings: dict[str, float] = {}
 
@@ -135,10 +135,7 @@ class Worker:
         return self.replica.trainer
 
     def close(self) -> None:
-        if self._sending is not None and self._sending.busy:  # a delta still going out (--overlap)
-            self.stop.set()  # it gives up after the stop grace period
-            self._sending.wait(self.config.upload_grace_s + 10.0)
-        self.uploader.close()
+        self.sender.close(self.stop, self.config.upload_grace_s)  # a delta still going out first
         self.redis.close()
         self.identity.close()
 
@@ -165,12 +162,8 @@ class Worker:
         return time.monotonic() - self._stop_seen > self.config.upload_grace_s
 
     def _train_should_stop(self) -> bool:
-        self._keepalive()  # a long round must not let the AMQP connection time out
+        self.sender.keepalive()  # a long round must not let the AMQP connection time out
         return self._should_stop()
-
-    def _keepalive(self) -> None:
-        if self._sending is None or not self._sending.busy:  # a send in flight keeps it busy itself
-            self.uploader.keepalive()
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -217,7 +210,7 @@ class Worker:
             rounds += 1
             for done in self._reports_of(report):
                 tally.add(done)
-        self._finish_sending()
+        self.sender.finish()
         for done in self.overlap.drain(self.config.include_wait_s):  # the last rounds' verdicts
             tally.add(done)
         if self._hours_up and not self.stop.is_set() and stopped_by == "stop":
@@ -282,7 +275,9 @@ class Worker:
         encoding = time.monotonic()
         message = self._delta(trainer, stats, run_id, base_version, stacked_on)
         encode_s = time.monotonic() - encoding
-        upload = self._send(message, run_id, base_version, plan, behind=stacking)
+        self.events.sending(sum(len(blob) for blob in message.tensors.values()))
+        upload = self.sender.send(message, run_id=run_id, base_version=base_version, plan=plan,
+                                  behind=stacking)
         staleness = None
         fate = DeltaFate()
         waiting = time.monotonic()
@@ -309,45 +304,14 @@ class Worker:
         if stacking and upload.confirmed:
             self.overlap.add(InFlight(
                 run_id=run_id, seq=message.seq, share=plan.arrival_share * stats.steps / plan.local_steps,
-                delta=self._as_sent(message, trainer), report=report, sending=self._sending))
+                delta=self._as_sent(message, trainer), report=report))
             self.overlap.wait_for_room(self.config.include_wait_s, poll_s=self.config.poll_s,
                                        on_notice=self.on_notice)
         return report
 
-    # -- sending --------------------------------------------------------------------------------------
-
-    def _send(self, message: DeltaMessage, run_id: str, base_version: int, plan: RoundPlan, *,
-              behind: bool) -> Upload:
-        """Publish ``message`` to this client's delta queue of the plan's: now, or (``behind``:
-        --overlap) from a thread while the next round trains, when the Upload returned is what is
-        known so far (``confirmed`` until told otherwise; ``upload_s``: what this round waited on
-        the last delta's send). The last background send is finished first, either way."""
-        waited = self._finish_sending()
-        self.uploader.queue = self.keys.delta_queue_for(self.client_id, plan.delta_queues)  # the routing key
-        self.events.sending(sum(len(blob) for blob in message.tensors.values()))
-        if behind:
-            self._sending = BackgroundSend(self.uploader, message, give_up=self._give_up_upload,
-                                           run_id=run_id, base_version=base_version)
-            return Upload(confirmed=True, body_bytes=sum(len(b) for b in message.tensors.values()),
-                          upload_s=waited)
-        upload = self.uploader.send(message, give_up=self._give_up_upload)
-        self._sent(upload, message.delta_id, run_id, base_version)
-        return replace(upload, upload_s=upload.upload_s + waited)
-
-    def _finish_sending(self) -> float:
-        """Wait for the delta a thread is publishing (--overlap), if any, and take in how it
-        went; the seconds waited (what the send raised, a permanent refusal, is raised here)."""
-        sending, self._sending = self._sending, None
-        if sending is None:
-            return 0.0
-        started = time.monotonic()
-        upload = sending.wait()
-        assert upload is not None  # waited without a timeout
-        self._sent(upload, sending.delta_id, sending.run_id, sending.base_version)
-        self.overlap.uploaded(sending.seq, upload)
-        return time.monotonic() - started
-
-    def _sent(self, upload: Upload, delta_id: str, run_id: str, base_version: int) -> None:
+    def _sent(self, upload: Upload, delta_id: str, seq: int, run_id: str, base_version: int) -> None:
+        """How sending a delta went (for one sent behind a round: when that send is finished)."""
+        self.overlap.uploaded(run_id, seq, upload)
         if not upload.confirmed:
             log.warning("gave up sending delta %s after the stop grace period", delta_id)
             return
@@ -396,7 +360,7 @@ class Worker:
         while True:
             if sleep_interruptibly(self.config.poll_s, self._should_stop):
                 raise StopRequested()
-            self._keepalive()  # a pause of hours must not let the AMQP connection time out
+            self.sender.keepalive()  # a pause of hours must not let the AMQP connection time out
             if self.politeness.pause_reason() is None:
                 break
         paused_s = time.monotonic() - started
@@ -511,12 +475,3 @@ class Worker:
         return {name: self.codec.decode(blob, trainer.base[name].numel())
                 for name, blob in message.tensors.items()}
 
-
-def describe_device(device: torch.device) -> str:
-    """What a delta says it was trained on, for the operator's ``status`` and dashboard: "cpu (8
-    threads)", "cuda: NVIDIA H200", "mps"; cut to what the protocol carries (:func:`device_label`)."""
-    if device.type == "cpu":
-        return device_label(f"cpu ({torch.get_num_threads()} threads)")
-    if device.type == "cuda":
-        return device_label(f"cuda: {torch.cuda.get_device_name(device)}")
-    return device_label(device.type)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from shared.errors import ConfigError
+from shared.protocol import device_label
 
 
 @dataclass(frozen=True)
@@ -289,3 +290,13 @@ def pick_device(choice: str) -> torch.device:
     if choice not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {choice!r}")
     return torch.device(choice)
+
+
+def describe_device(device: torch.device) -> str:
+    """What a delta says it was trained on, for the operator's ``status`` and dashboard: "cpu (8
+    threads)", "cuda: NVIDIA H200", "mps"; cut to what the protocol carries (:func:`device_label`)."""
+    if device.type == "cpu":
+        return device_label(f"cpu ({torch.get_num_threads()} threads)")
+    if device.type == "cuda":
+        return device_label(f"cuda: {torch.cuda.get_device_name(device)}")
+    return device_label(device.type)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.worker import describe_device
+from shared.local_round import describe_device
 from shared.protocol import DEVICE_MAX_CHARS, DeltaMessage
 from tests.unit.test_worker_pauses import Script, worker
 

@@ -18,6 +18,7 @@ from client.config import ClientConfig
 from client.events import RoundStart, WorkerEvents
 from client.memory_caps import GIB, MemoryCaps, MemoryGuard
 from client.overlap import Overlap
+from client.sender import DeltaSender
 from client.uploader import Upload
 from client.worker import Worker
 from shared.codecs import ErrorFeedback, get_codec
@@ -168,7 +169,9 @@ def worker(tmp_path: Path, politeness: Script, *, steps: int = 5, loss_sleep_s: 
         progress={})
     w.codec = get_codec("fp32")
     w.feedback, w.speed = ErrorFeedback(w.codec), SpeedMeter()
-    w._deadline = w._stop_seen = w._last_sent = w._sending = None
+    w._deadline = w._stop_seen = w._last_sent = None
+    w.sender = DeltaSender(w.uploader, w.keys, "me", give_up=lambda: False,  # type: ignore[arg-type]
+                           on_sent=w._sent)
     w._trained_s, w._hours_up, w._received_bytes, w._previous_timings = 0.0, False, 0, {}
     return w, notices, w.events, w.uploader, trainer  # type: ignore[return-value]
 
