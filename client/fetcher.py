@@ -279,7 +279,7 @@ class SnapshotFetcher:
         manifests = [read_patch_manifest(self.store, v) for v in range(held + 1, target.version + 1)]
         stamp = held_created_at
         for manifest in manifests:
-            if manifest.base_created_at != stamp or not manifest.params == manifests[-1].params:
+            if manifest.base_created_at != stamp or manifest.params != manifests[-1].params:
                 return None
             stamp = manifest.created_at
         if not manifests[-1].fits(target) or sum(m.total_bytes for m in manifests) >= target.total_bytes:

@@ -5,10 +5,11 @@ Without ``--overlap`` a round's upload is part of the pause between rounds: the 
 start from a snapshot that holds the delta, so it waits for the upload and then for the commit.
 With it the next round starts at once from the newest snapshot moved by the delta in flight
 (:mod:`client.overlap`), and nothing in it needs the upload to be done: the worker hands the delta
-to a :class:`BackgroundSend` and trains. :class:`DeltaSender` finishes that send (waits for it: on a link fast
-enough for the rounds it is long done) before it sends another delta, stops or closes, so the
-uploader's AMQP connection is only ever used by one thread at a time, and a permanent refusal
-(revoked credentials) raised in the thread is raised again where the worker waits.
+to a :class:`BackgroundSend` and trains. :class:`DeltaSender` finishes that send (waits for it;
+on a link fast enough for the rounds it is long done) before it sends another delta, stops or
+closes, so the uploader's AMQP connection is only ever used by one thread at a time, and a
+permanent refusal (revoked credentials) raised in the thread is raised again where the worker
+waits.
 """
 
 from __future__ import annotations

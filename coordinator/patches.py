@@ -65,10 +65,3 @@ class PatchMaker:
     def forget(self) -> None:
         """A publish failed: whatever clients hold, the next patch cannot name it."""
         self._served, self._version = None, -1
-
-    def residual_norm(self, params: dict[str, torch.Tensor]) -> float:
-        """|θ − θ̂| (0 when there is no θ̂): how far a client on the patches is from θ."""
-        if self._served is None:
-            return 0.0
-        return float(sum(float((params[n].detach().cpu().float() - s).pow(2).sum())
-                         for n, s in self._served.items()) ** 0.5)
