@@ -134,6 +134,10 @@ def test_a_shared_option_reads_its_environment_variable_in_both_commands(
         (["--fresh", "--resume"], 1, "--fresh and --resume exclude each other"),
         (["--fresh", "--crash-at", "nowhere"], 1, "--crash-at: unknown point"),
         (["--fresh", "--prefetch", "8", "--commit-every", "16"], 1, "prefetch (8) must exceed"),
+        (["--delta-queues", "0"], 2, "--delta-queues"),
+        (["--delta-queues", "17"], 2, "--delta-queues"),
+        (["--snapshot-patches", "fp32"], 2, "--snapshot-patches"),
+        (["--redis", "redis+clusters://h:7000"], 1, "--redis must be a redis:// URL"),
     ],
 )
 def test_serve_refuses_bad_arguments_in_one_line(
@@ -164,6 +168,17 @@ def test_serve_fresh_sets_the_old_run_aside_and_builds_the_coordinator(
     assert isinstance(built.redis, redis.Redis)
     assert built.redis.connection_pool.connection_kwargs["port"] == 6390
     assert built.crash.target == ("after_ack", 2)
+
+
+def test_serve_takes_the_new_options_into_its_config(
+    tmp_path: Path, fake_service: list[FakeCoordinator]
+) -> None:
+    result = invoke(["serve", "--fresh", "--checkpoint-dir", str(tmp_path), "--delta-queues", "3",
+                     "--snapshot-patches", "none", "--redis", "redis+cluster://127.0.0.1:7000/0"])
+    assert result.exit_code == 0, result.output
+    (built,) = fake_service
+    assert built.config.queue.count == 3 and built.config.commit.patch_codec_or_none is None
+    assert built.config.connection.redis_url == "redis+cluster://127.0.0.1:7000/0"
 
 
 def test_serve_reports_an_unreachable_redis_in_one_line(
