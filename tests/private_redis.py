@@ -17,11 +17,36 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
 from tests.private_broker import free_port
+
+Started = TypeVar("Started", bound="StartedInBlock")
+
+
+class StartedInBlock:
+    """A context manager over ``start()`` and ``stop()``: started on entry (stopped again if the
+    start fails), stopped on exit whatever happened."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: Started) -> Started:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
 
 
 class RedisProcess:
@@ -66,7 +91,7 @@ class RedisProcess:
         return path.read_text(errors="replace")[-tail_chars:] if path.exists() else ""
 
 
-class PrivateRedis(RedisProcess):
+class PrivateRedis(RedisProcess, StartedInBlock):
     """``redis-server`` on 127.0.0.1:``port`` with ``options`` (e.g. ``--replicaof 127.0.0.1 P``).
 
     A context manager: started on entry, stopped on exit whatever happened.
@@ -104,20 +129,9 @@ class PrivateRedis(RedisProcess):
         with self.client() as admin:
             return dict(admin.info("replication"))
 
-    def __enter__(self) -> PrivateRedis:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
 
-class PrivateRedisCluster:
+class PrivateRedisCluster(StartedInBlock):
     """A Redis Cluster of ``nodes`` private primaries on loopback ports (no replicas), the 16384
     slots split evenly between them: a context manager, every node stopped on exit by its pid.
 
@@ -179,14 +193,3 @@ class PrivateRedisCluster:
         for node in self.nodes:
             node.stop()
 
-    def __enter__(self) -> PrivateRedisCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
