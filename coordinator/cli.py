@@ -171,7 +171,8 @@ main.add_command(sample_command)
         "RabbitMQ cluster their Raft leaders spread over the nodes (a quorum queue's publishes all go "
         "through its leader); one per node.")
 @option("--max-queue-bytes", env="MAX_QUEUE_BYTES", type=click.IntRange(1), default=1024**3,
-        help="Bytes of deltas waiting in the queue (not counting up to --prefetch already delivered); "
+        help="Bytes of deltas waiting in a delta queue (each of --delta-queues; not counting up to "
+        "--prefetch already delivered); "
         "beyond, the broker refuses publishes and clients back off. Fixed when the queue is declared.")
 @option("--eval-interval", "eval_interval_s", env="EVAL_INTERVAL", type=float, default=10.0,
         help="Seconds between evaluations of the global model.")
