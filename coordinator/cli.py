@@ -402,10 +402,10 @@ def _live_queue_depth(servers: ConnectionSettings, keys: RunKeys) -> int | None:
             params.connection_attempts = 1
         connection = open_amqp(servers, candidates)
         try:
-            depth = 0
+            depth, channel = 0, connection.channel()  # one channel: the first 404 ends the count
             for index, name in enumerate(keys.delta_queues(MAX_DELTA_QUEUES)):
                 try:
-                    depth += int(connection.channel().queue_declare(name, passive=True).method.message_count)
+                    depth += int(channel.queue_declare(name, passive=True).method.message_count)
                 except pika.exceptions.ChannelClosedByBroker as exc:
                     if exc.reply_code != 404 or index == 0:
                         raise
