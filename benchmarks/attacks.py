@@ -33,11 +33,10 @@ import hashlib
 import json
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from paper_table import LEVELS, parse_seeds, run_job
+from paper_table import LEVELS, parse_seeds, run_jobs
 from table_csv import write_rows
 
 from coordinator.guard import GuardConfig
@@ -134,11 +133,7 @@ def main() -> None:
         else:
             results[job[0]] = kept
     print(f"{len(jobs)} runs: {len(jobs) - len(todo)} from {cache}, {len(todo)} to run", flush=True)
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for label, result, seconds in pool.map(run_job, todo):
-            results[label] = result
-            _store(cache, result)
-            print(f"  done {label:<40} final {result.final_loss:.4f}  ({seconds:.0f} s)", flush=True)
+    results.update(run_jobs(todo, args.jobs, on_done=lambda result: _store(cache, result)))
     if set(guards) != {"off", "on"}:
         print(f"{time.perf_counter() - started:.0f} s; kept in {cache}; --guards off,on draws the table")
         return

@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from paper_table import parse_seeds, run_job
+from paper_table import parse_seeds, run_jobs
 from table_csv import write_rows
 
 from coordinator.sim.simulator import SimConfig, SimResult, speed_profile
@@ -112,11 +111,7 @@ def main() -> None:
                      budget_steps=args.budget, eval_every_steps=max(40, args.budget // 8))
     jobs = [(f"{codec}/{seed}", replace(base, codec=codec, seed=seed), {"model_size": "tiny"}, 0)
             for codec in codecs for seed in seeds]
-    results: dict[str, SimResult] = {}
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for label, result, seconds in pool.map(run_job, jobs):
-            results[label] = result
-            print(f"  done {label:<10} final {result.final_loss:.4f}  ({seconds:.0f} s)", flush=True)
+    results = run_jobs(jobs, args.jobs)
 
     runs = [{"codec": label.split("/")[0], "seed": label.split("/")[1], "final_eval": round(r.final_loss, 5),
              "updates": r.curve[-1].updates, "local_steps": r.curve[-1].local_steps}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -52,6 +53,21 @@ def parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
     return seeds
 
 
+def run_jobs(jobs: list[tuple[str, SimConfig, dict, int]], processes: int, *,
+             on_done: Callable[[SimResult], None] | None = None) -> dict[str, SimResult]:
+    """Run the simulator ``jobs`` (each as :func:`run_job` takes it) in ``processes`` worker
+    processes; their results by label, each said as it is done (and handed to ``on_done``)."""
+    width = max((len(job[0]) for job in jobs), default=0)
+    results: dict[str, SimResult] = {}
+    with ProcessPoolExecutor(max_workers=processes) as pool:
+        for label, result, seconds in pool.map(run_job, jobs):
+            results[label] = result
+            if on_done is not None:
+                on_done(result)
+            print(f"  done {label:<{width}} final {result.final_loss:.4f}  ({seconds:.0f} s)", flush=True)
+    return results
+
+
 def run_job(args: tuple[str, SimConfig, dict, int]) -> tuple[str, SimResult, float]:
     """(label, config, task settings, pretraining steps) → (label, result, seconds); for a pool."""
     label, config, task_settings, warm_steps = args
@@ -87,11 +103,7 @@ def main() -> None:
              task_settings, 0) for level in args.levels for s in STRATEGIES]
 
     started = time.perf_counter()
-    results: dict[str, SimResult] = {}
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for label, result, seconds in pool.map(run_job, jobs):
-            results[label] = result
-            print(f"  done {label:<22} final {result.final_loss:.4f}  ({seconds:.0f} s)", flush=True)
+    results = run_jobs(jobs, args.jobs)
     args.out.mkdir(parents=True, exist_ok=True)
     write_rows(args.out / "paper_table.csv", _table(results, args))
     write_csv(args.out / "curves.csv", results)

@@ -29,11 +29,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from paper_table import LEVELS, parse_seeds, run_job
+from paper_table import LEVELS, parse_seeds, run_jobs
 from table_csv import write_rows
 
 from coordinator.outer_optimizer import OuterConfig
@@ -94,11 +93,7 @@ def main() -> None:
                 jobs.append((f"{level}/{variant}/{seed}", config, task_settings, args.pretrain))
 
     started = time.perf_counter()
-    results: dict[str, SimResult] = {}
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for label, result, seconds in pool.map(run_job, jobs):
-            results[label] = result
-            print(f"  done {label:<22} final {result.final_loss:.4f}  ({seconds:.0f} s)", flush=True)
+    results = run_jobs(jobs, args.jobs)
     runs = []
     for label, r in results.items():
         level, variant, seed = label.split("/")

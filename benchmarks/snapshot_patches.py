@@ -28,18 +28,17 @@ import argparse
 import statistics
 import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import redis
 import torch
-from paper_table import parse_seeds, run_job
+from paper_table import parse_seeds, run_jobs
 from table_csv import write_rows
 
 from coordinator.patches import PatchMaker
-from coordinator.sim.simulator import SimConfig, SimResult, speed_profile
+from coordinator.sim.simulator import SimConfig, speed_profile
 from shared.keys import RunKeys
 from shared.signing import SigningKey
 from shared.snapshot import SnapshotStore
@@ -173,11 +172,7 @@ def training(codecs: list[str], seeds: list[int], args: argparse.Namespace) -> l
     variants = ["none", *codecs]
     jobs = [(f"{v}/{seed}", replace(base, patches=v, seed=seed), {"model_size": "tiny"}, 0)
             for v in variants for seed in seeds]
-    results: dict[str, SimResult] = {}
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for label, result, seconds in pool.map(run_job, jobs):
-            results[label] = result
-            print(f"  done {label:<8} final {result.final_loss:.4f}  ({seconds:.0f} s)", flush=True)
+    results = run_jobs(jobs, args.jobs)
     print(f"\ntraining from θ̂: {args.strategy}, 4 workers at {args.level}, tiny model, H={args.local_steps}, "
           f"{args.budget} local steps, int3 deltas, seeds {seeds}")
     print(f"{'patches':<8} {'updates':>9} {'final eval':>16} {'vs none':>8} {'target':>7}")

@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from paper_table import run_job
+from paper_table import run_jobs
 from table_csv import write_rows
 
 from coordinator.outer_optimizer import OuterConfig
 from coordinator.sim.report import plot_png, write_csv
-from coordinator.sim.simulator import SimConfig, SimResult, speed_profile
+from coordinator.sim.simulator import SimConfig, speed_profile
 
 SETTINGS = {  # label -> (strategy, outer lr ε, staleness exponent a, compute exponent p, grace rounds)
     "dn ε0.5": ("dn+dylu", 0.5, 0.0, 0.0, 0.0),
@@ -90,11 +89,7 @@ def main() -> None:
             jobs.append((f"{start}/together {label}", together, task, pretrain))
 
     started = time.perf_counter()
-    results: dict[str, SimResult] = {}
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for label, result, seconds in pool.map(run_job, jobs):
-            results[label] = result
-            print(f"  done {label:<34} final {result.final_loss:.4f}  ({seconds:.0f} s)", flush=True)
+    results = run_jobs(jobs, args.jobs)
 
     print()
     print(f"volunteers help? speeds 1, 1/2, 1/4, 1/8 (DyLU, H={args.local_steps}) against the fastest "
