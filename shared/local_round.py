@@ -69,6 +69,7 @@ class RoundStats:
     tokens: int
     compute_s: float  # wall time of the steps, emulated slowdown included
     train_loss: float  # mean over the round's steps
+    paused_s: float = 0.0  # time in ``between_steps`` (not in compute_s): a rebase's fetch
 
 
 class LocalTrainer:
@@ -103,7 +104,8 @@ class LocalTrainer:
                                else None)
         self.model = task.build_model().to(device)
         self.model.train()
-        self.names = [n for n, _ in self.model.named_parameters()]
+        self.params = dict(self.model.named_parameters())
+        self.names = list(self.params)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=inner.lr,
@@ -130,17 +132,39 @@ class LocalTrainer:
         """θ_base −= share · delta (``--overlap``: the client's own in-flight delta, as the
         coordinator will move θ at its arrival), remembered so that :meth:`unstack_base` can put
         the base back where its snapshot had it."""
-        with torch.no_grad():
-            for name, base in self.base.items():
-                base.sub_(delta[name].to(base.device).view_as(base), alpha=share)
+        for name in self.base:
+            self.shift_base(name, delta[name], alpha=-share)
         self.stacked.append((delta, share))
 
-    def unstack_base(self) -> None:
-        """Undo every :meth:`stack_on_base` since the base was loaded (up to float rounding)."""
+    def unstack_base(self, *, carry: bool = False) -> None:
+        """Undo every :meth:`stack_on_base` since the base was loaded (up to float rounding);
+        ``carry``: move the model's parameters with it (mid-round: the progress stays)."""
+        for delta, share in reversed(self.stacked):
+            for name, increment in delta.items():
+                self.shift_base(name, increment, alpha=share, carry=carry)
+        self.stacked = []
+
+    def shift_base(self, name: str, increment: torch.Tensor, *, alpha: float = 1.0,
+                   carry: bool = False) -> None:
+        """θ_base[name] += alpha · increment; ``carry``: the parameter too (its progress stays)."""
         with torch.no_grad():
-            for delta, share in reversed(self.stacked):
-                for name, base in self.base.items():
-                    base.add_(delta[name].to(base.device).view_as(base), alpha=share)
+            base = self.base[name]
+            moved = increment.to(base.device).view_as(base)
+            base.add_(moved, alpha=alpha)
+            if carry:
+                param = self.params[name]
+                param.add_(moved.view_as(param), alpha=alpha)
+
+    def rebase(self, params: dict[str, torch.Tensor]) -> None:
+        """Carry the round's progress so far onto a newer base: θ_local += params − θ_base, then
+        θ_base = params (``--overlap``: the snapshot that holds the client's last delta arrived
+        mid-round). The inner optimizer's state carries on; the pseudo-gradient is then taken
+        against the new base and holds the whole round's work."""
+        with torch.no_grad():
+            for name, param in self.params.items():
+                new = params[name].detach().to(self.device, torch.float32, copy=True).view_as(self.base[name])
+                param.add_((new - self.base[name]).view_as(param))
+                self.base[name] = new
         self.stacked = []
 
     def reset_to_base(self) -> None:
@@ -159,6 +183,7 @@ class LocalTrainer:
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[StepProgress], None] | None = None,
         progress_every_s: float = 0.5,
+        between_steps: Callable[[], None] | None = None,
     ) -> RoundStats:
         """Run up to ``max_steps`` inner steps from the current parameters.
 
@@ -168,12 +193,15 @@ class LocalTrainer:
         after the first step, then at most every ``progress_every_s`` seconds, and after the last
         (reading the loss waits for the device, so not every step); an exception it raises ends
         the round and propagates, the parameters left mid-round (the caller resets them).
+        ``between_steps`` runs after every step but the last (a rebase, ``--overlap``); its time
+        is the round's ``paused_s``, not its compute time.
         """
         losses: list[torch.Tensor] = []
         samples = tokens = 0
         start = time.perf_counter()
         reported_at: float | None = None  # when on_step was last called
         reported_steps = 0  # and at how many steps
+        paused = 0.0
 
         def report() -> None:
             nonlocal reported_at, reported_steps
@@ -211,12 +239,16 @@ class LocalTrainer:
                 reported_at is None or time.perf_counter() - reported_at >= progress_every_s
             ):
                 report()
+            if between_steps is not None and step + 1 < max_steps:
+                pausing = time.perf_counter()
+                between_steps()
+                paused += time.perf_counter() - pausing
         if on_step is not None and reported_steps < len(losses):
             report()  # the last step, unless it was just reported
         _synchronize(self.device)
-        compute_s = time.perf_counter() - start
+        compute_s = time.perf_counter() - start - paused
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-        return RoundStats(len(losses), samples, tokens, compute_s, mean_loss)
+        return RoundStats(len(losses), samples, tokens, compute_s, mean_loss, paused)
 
     def _precision(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:

@@ -46,6 +46,9 @@ from shared.errors import ConfigError
 from shared.local_round import InnerConfig, LocalTrainer
 from shared.round_plan import RoundMode, RoundPlan
 
+OVERLAP = ("off", "stack", "rebase")
+MAX_IN_FLIGHT = 1  # an overlapping worker's deltas on the way while it trains (client/overlap.py)
+
 log = logging.getLogger(__name__)
 
 # Slowest worker's speed relative to the fastest, per heterogeneity level; speeds are spaced
@@ -92,6 +95,11 @@ class SimConfig:
     # full rounds (H steps of the fastest) for the cycle to end, so that it starts from θ with the
     # cycle's momentum step (0: start at once).
     grace_rounds: float = 0.25
+    # The client's --overlap: a worker starts its next round as soon as its compute ends (its delta
+    # still on the way, ``latency``), from θ moved by its own in-flight delta as the coordinator will
+    # move it (client/overlap.py), with no grace ("stack"); with "rebase" it also carries its
+    # progress onto θ when its delta lands (LocalTrainer.rebase, client/overlap.MidRoundRebase).
+    overlap: str = "off"
     max_staleness: int = 0  # the coordinator's --max-staleness (0: automatic)
     churn_leave_prob: float = 0.0  # chance a worker goes offline after a round
     churn_offline_mean: float = 0.0  # mean offline time (exponential)
@@ -118,6 +126,10 @@ class SimConfig:
             raise ConfigError("budget and eval interval must be >= 1, latency and jitter >= 0")
         if self.warm_start_steps < 0 or self.grace_rounds < 0:
             raise ConfigError("warm start steps and grace must be >= 0")
+        if self.overlap not in OVERLAP:
+            raise ConfigError(f"overlap must be one of {', '.join(OVERLAP)}")
+        if self.overlapping and self.churn_leave_prob:
+            raise ConfigError("the simulator does not model churn with overlap")
         if not 0 <= self.churn_leave_prob < 1 or self.churn_offline_mean < 0:
             raise ConfigError("churn leave probability must be in [0, 1), offline mean >= 0")
         get_codec(self.codec)
@@ -125,6 +137,10 @@ class SimConfig:
             get_codec(self.patches)
         if self.attack.attackers >= len(self.speeds):
             raise ConfigError("at least one worker must be honest")
+
+    @property
+    def overlapping(self) -> bool:
+        return self.overlap != "off"
 
     @property
     def base_strategy(self) -> str:
@@ -231,16 +247,22 @@ class Simulation:
         trainer.train(steps)
         return {name: p.detach().to("cpu").clone() for name, p in trainer.model.named_parameters()}
 
-    def _round(self, trainer: LocalTrainer, fb: ErrorFeedback, steps: int,
-               state: _RunState) -> tuple[dict[str, torch.Tensor], int, int]:
-        """One local round from the current global θ; returns the decoded delta, steps, tokens."""
-        trainer.load_base(state.base())
+    def _round(self, trainer: LocalTrainer, fb: ErrorFeedback, steps: int, state: _RunState, *,
+               base: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], int, int]:
+        """One local round from ``base`` (the current global θ by default); returns the decoded
+        delta, steps, tokens."""
+        trainer.load_base(state.base() if base is None else base)
         stats = trainer.train(steps, global_step=state.steps)
+        return self._sent(trainer, fb), stats.steps, stats.tokens
+
+    @staticmethod
+    def _sent(trainer: LocalTrainer, fb: ErrorFeedback) -> dict[str, torch.Tensor]:
+        """The round's pseudo-gradient as the coordinator decodes it (through the codec)."""
         delta = {}
         for name, g in trainer.pseudo_gradient().items():
             blob = fb.encode(name, g)  # what the client would send ...
             delta[name] = fb.codec.decode(blob, g.numel()).view_as(g)  # ... and the coordinator gets
-        return delta, stats.steps, stats.tokens
+        return delta
 
     def _warm_start(self, config: SimConfig, trainers: list[LocalTrainer], feedback: list[ErrorFeedback],
                     state: _RunState, result: SimResult) -> None:
@@ -299,19 +321,74 @@ class Simulation:
                          mode=RoundMode.DYLU if config.dylu else RoundMode.FIXED)
         events: list[tuple[float, int, int, str]] = []  # (time, tie-break, worker, kind)
         counter = 0
-        inflight: dict[int, tuple[dict[str, torch.Tensor], int, int, int]] = {}
+        training: dict[int, _Round] = {}  # the round each worker trains (computed at its start)
+        sent: dict[int, list[_Round]] = {i: [] for i in range(len(trainers))}  # on the way (overlap)
+        blocked: set[int] = set()  # done training, waiting for room for another delta in flight
+        lands_at: dict[int, float] = {}  # when each worker's newest delta on the way lands
+        partial: dict[int, tuple[int, int, int]] = {}  # rebase: (steps, steps run, tokens) until it lands
         online = set(range(len(trainers)))
         waiting: dict[int, int] = {}  # worker -> the tie-break of its grace deadline event
-        grace = config.grace_rounds * config.local_steps / max(config.speeds)
+        grace = 0.0 if config.overlapping else config.grace_rounds * config.local_steps / max(config.speeds)
+
+        def active_weight() -> float | None:
+            if not outer_config.compute_exponent:
+                return None
+            return sum(outer_config.weight_of(last_steps[j], config.local_steps) for j in online)
 
         def start(i: int) -> None:
             nonlocal counter
             steps = local_steps_for(plan, f"worker-{i}", config.speeds[i])  # no assignments: own speed
-            delta, ran, tokens = self._round(trainers[i], feedback[i], steps, state)
-            inflight[i] = (delta, ran, tokens, state.updates)
-            counter += 1
             speed = config.speeds[i] * (math.exp(noise.gauss(0.0, config.jitter)) if config.jitter else 1.0)
-            heapq.heappush(events, (state.now + ran / speed + config.latency, counter, i, "done"))
+            counter += 1
+            trained = state.now + steps / speed
+            base = state.base()
+            if config.overlapping and sent[i]:  # the client's stacking (client/overlap.py)
+                share = state.outer.arrival_share(state.outer.buffer_weight(len(online), active_weight()))
+                base = {name: t.clone() for name, t in base.items()}
+                for r in sent[i]:
+                    weight = outer_config.weight_of(r.steps, config.local_steps)
+                    for name, t in base.items():
+                        t.sub_(r.delta[name].view_as(t), alpha=share * weight)
+            rebasing = config.overlap == "rebase" and sent[i]
+            before = int((lands_at[i] - state.now) * speed) if rebasing else steps
+            if before < steps:  # its last delta lands mid-round: the rest of the round runs then
+                trainers[i].load_base(base)
+                partial[i] = (steps, before, trainers[i].train(before, global_step=state.steps).tokens)
+            else:
+                delta, ran, tokens = self._round(trainers[i], feedback[i], steps, state, base=base)
+                training[i] = _Round(delta, ran, tokens, state.updates)
+            done_at = trained if config.overlapping else trained + config.latency
+            heapq.heappush(events, (done_at, counter, i, "done"))
+
+        def rebase(i: int) -> None:
+            """Worker ``i``'s delta landed mid-round: its progress moves onto θ, the round goes on."""
+            steps, ran, tokens = partial.pop(i)
+            trainers[i].rebase(state.base())
+            tokens += trainers[i].train(steps - ran, global_step=state.steps).tokens
+            training[i] = _Round(self._sent(trainers[i], feedback[i]), steps, tokens, state.updates)
+
+        def arrive(i: int, done: _Round) -> bool | None:
+            """The coordinator's side of one delta's arrival: whether it emptied the buffer, None if
+            it was refused."""
+            lies = config.attack.kind == "base_lie" and config.attack.is_attacker(i)
+            staleness = 0 if lies else state.updates - done.base  # the liar claims the newest base
+            state.steps += state.honest(config, i, done.steps)  # spent, whatever its fate (equal compute)
+            result.steps_per_worker[i] += done.steps
+            if staleness > bound.bound(len(online)):
+                result.discarded_stale += 1  # the intake refuses it: the work is lost
+                return None
+            admitted = state.admit(config, i, done.delta, done.steps, result)
+            if admitted is None:  # refused by the guard or the intake's bound: the work is lost
+                return None
+            result.max_staleness = max(result.max_staleness, staleness)
+            last_steps[i] = done.steps
+            weight = outer_config.weight_of(done.steps, config.local_steps)
+            emptied = state.outer.step(admitted, active_clients=len(online), staleness=staleness,
+                                       weight=weight, active_weight=active_weight())
+            state.updates += 1
+            state.tokens += done.tokens
+            state.maybe_record(self.task, config, result)
+            return emptied
 
         for i in range(len(trainers)):
             start(i)
@@ -326,34 +403,25 @@ class Simulation:
                     del waiting[i]
                     start(i)
                 continue
-            delta, ran, tokens, base = inflight.pop(i)
-            lies = config.attack.kind == "base_lie" and config.attack.is_attacker(i)
-            staleness = 0 if lies else state.updates - base  # the liar claims the newest base
-            if staleness > bound.bound(len(online)):
-                result.discarded_stale += 1  # the intake refuses it: the work is lost
-                state.steps += state.honest(config, i, ran)  # ... but was spent (equal compute counts it)
-                result.steps_per_worker[i] += ran
-                start(i)
+            if config.overlapping:
+                if kind == "done":  # sent; the next round starts if at most one delta is on the way
+                    sent[i].append(training.pop(i))
+                    counter += 1
+                    lands_at[i] = state.now + config.latency
+                    heapq.heappush(events, (lands_at[i], counter, i, "arrive"))
+                    (start if len(sent[i]) <= MAX_IN_FLIGHT else blocked.add)(i)
+                    continue
+                arrive(i, sent[i].pop(0))
+                if i in partial:
+                    rebase(i)
+                if i in blocked and len(sent[i]) <= MAX_IN_FLIGHT:
+                    blocked.discard(i)
+                    start(i)
                 continue
-            admitted = state.admit(config, i, delta, ran, result)
-            if admitted is None:  # refused by the guard or the intake's bound: the work is lost
-                state.steps += state.honest(config, i, ran)
-                result.steps_per_worker[i] += ran
+            emptied = arrive(i, training.pop(i))
+            if emptied is None:  # refused: the next round starts at once
                 start(i)
-                continue
-            delta = admitted
-            result.max_staleness = max(result.max_staleness, staleness)
-            last_steps[i] = ran
-            weight = outer_config.weight_of(ran, config.local_steps)
-            active_weight = sum(outer_config.weight_of(last_steps[j], config.local_steps) for j in online)
-            emptied = state.outer.step(delta, active_clients=len(online), staleness=staleness, weight=weight,
-                                       active_weight=active_weight if outer_config.compute_exponent else None)
-            state.updates += 1
-            state.steps += state.honest(config, i, ran)
-            state.tokens += tokens
-            result.steps_per_worker[i] += ran
-            state.maybe_record(self.task, config, result)
-            if config.churn_leave_prob and len(online) > 1 and rng.random() < config.churn_leave_prob:
+            elif config.churn_leave_prob and len(online) > 1 and rng.random() < config.churn_leave_prob:
                 online.discard(i)
                 counter += 1
                 back = state.now + rng.expovariate(1.0 / max(config.churn_offline_mean, 1e-9))
@@ -369,6 +437,16 @@ class Simulation:
                 heapq.heappush(events, (state.now + grace, counter, i, "grace"))
             else:
                 start(i)
+
+
+@dataclass
+class _Round:
+    """A worker's round, computed at its start: its decoded delta, steps, tokens and base (updates)."""
+
+    delta: dict[str, torch.Tensor]
+    steps: int
+    tokens: int
+    base: int
 
 
 @dataclass

@@ -168,6 +168,48 @@ def test_reset_to_base_restores() -> None:
     assert all(torch.count_nonzero(g) == 0 for g in trainer.pseudo_gradient().values())
 
 
+def test_a_rebase_mid_round_carries_the_progress_onto_the_new_base() -> None:
+    trainer = make_trainer()
+    trainer.train(5)
+    progress = {n: p.detach().clone() - trainer.base[n] for n, p in trainer.model.named_parameters()}
+    newer = {n: b + 0.25 for n, b in trainer.base.items()}
+    state_before = [dict(s) for s in trainer.optimizer.state.values()]
+    trainer.rebase(newer)
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(trainer.base[name], newer[name])
+        assert torch.allclose(param.detach() - trainer.base[name], progress[name], atol=1e-6)
+    assert torch.allclose(trainer.pseudo_gradient()["weight"], -progress["weight"], atol=1e-6)
+    # the inner optimizer carries on: its step count and moments are kept
+    assert [s["step"] for s in trainer.optimizer.state.values()] == [s["step"] for s in state_before]
+    newer["weight"].add_(1.0)
+    assert not torch.equal(trainer.base["weight"], newer["weight"])  # a copy, not the caller's tensor
+
+
+def test_what_comes_off_a_base_mid_round_comes_off_the_model_too() -> None:
+    trainer = make_trainer()
+    trainer.stack_on_base({n: torch.ones_like(b) for n, b in trainer.base.items()}, 0.5)
+    trainer.train(3)
+    progress = {n: p.detach().clone() - trainer.base[n] for n, p in trainer.model.named_parameters()}
+    trainer.unstack_base(carry=True)
+    trainer.shift_base("bias", torch.full_like(trainer.base["bias"], 2.0), carry=True)
+    for name, param in trainer.model.named_parameters():
+        assert torch.allclose(param.detach() - trainer.base[name], progress[name], atol=1e-6)
+    assert torch.allclose(trainer.base["weight"], make_trainer().base["weight"], atol=1e-6)
+
+
+def test_time_between_steps_is_paused_not_compute() -> None:
+    trainer = make_trainer()
+    calls: list[int] = []
+
+    def between() -> None:
+        calls.append(1)
+        time.sleep(0.1)
+
+    stats = trainer.train(4, between_steps=between)
+    assert len(calls) == 3  # not after the last step: the round is over
+    assert stats.paused_s >= 0.3 and stats.compute_s < stats.paused_s
+
+
 def test_training_lowers_the_loss() -> None:
     trainer = make_trainer()
     task = trainer.task

@@ -138,3 +138,21 @@ def test_compute_weights_and_jitter_change_an_async_run() -> None:
     assert weighted.final_loss < weighted.curve[0].eval_loss / 10  # it learns
     jittered = Simulation(LinearRegressionTask()).run(replace(config, jitter=0.3))
     assert [p.virtual_time for p in jittered.curve] != [p.virtual_time for p in plain.curve]
+
+
+def test_an_overlapping_worker_never_waits_and_a_rebase_takes_the_staleness_away() -> None:
+    # one worker, rounds of 8 time units, a delta in a snapshot 3 units after it is sent
+    runs = {mode: Simulation(LinearRegressionTask()).run(_config(speeds=(1.0,), latency=3.0, overlap=mode,
+                                                                 grace_rounds=0.0))
+            for mode in ("off", "stack", "rebase")}
+    # off waits 3 units a round; overlapping rounds follow each other: 15 rounds of 8
+    assert runs["off"].curve[-1].virtual_time == pytest.approx(15 * 11)
+    assert runs["stack"].curve[-1].virtual_time == runs["rebase"].curve[-1].virtual_time == pytest.approx(
+        15 * 8 + 3)
+    assert runs["off"].max_staleness == 0
+    assert runs["stack"].max_staleness == 1  # each round started before its last delta was in θ
+    assert runs["rebase"].max_staleness == 0  # ... and moved onto θ with it 3 units in
+    for result in runs.values():
+        assert result.final_loss < result.curve[0].eval_loss / 10
+    with pytest.raises(ConfigError, match="overlap"):
+        _config(overlap="sometimes")
