@@ -117,10 +117,11 @@ class Replica:
             return None
         return self.version, self._stamp[1]
 
-    def catch_up(self, fetcher: SnapshotFetcher, version: int) -> int:
+    def catch_up(self, fetcher: SnapshotFetcher, version: int, *, carry: bool = False) -> int:
         """Bring θ_base to ``version`` with the patches from the version held, when they are in
         Redis (a few bits a parameter, not the fp32 snapshot): the bytes read, or 0 if it could
-        not (then read the snapshot whole)."""
+        not (then read the snapshot whole). ``carry``: mid-round, the model moves with θ_base
+        (:meth:`patch_to`)."""
         target = fetcher.manifest_if_readable(version)
         origin = None if target is None else self.patch_origin(target)
         if target is None or origin is None:
@@ -129,31 +130,47 @@ class Replica:
         if patches is None:
             return 0
         try:
-            self.patch_to(target, patches)
+            self.patch_to(target, patches, carry=carry)
         except SnapshotError as exc:
             log.warning("%s; reading the snapshot whole", exc)
             return 0
         return sum(m.total_bytes for m, _ in patches)
 
-    def patch_to(self, target: SnapshotManifest, patches: list[tuple[PatchManifest, bytearray]]) -> None:
+    def patch_to(self, target: SnapshotManifest, patches: list[tuple[PatchManifest, bytearray]], *,
+                 carry: bool = False) -> None:
         """θ_base += each verified patch in turn (the coordinator's θ̂ moved the same way), which
-        makes it version ``target``. A patch that does not decode leaves θ_base half patched: then
-        it holds no version (the next round reads a whole snapshot) and SnapshotError is raised."""
-        assert self.trainer is not None and self.version is not None
-        self.trainer.unstack_base()  # --overlap's own deltas out first: the patches are for the snapshot
-        base = self.trainer.base
+        makes it version ``target``. With ``carry`` (a rebase mid-round: ``--overlap``) the model
+        moves by the same amounts, so the round's progress stays; else it is reset to θ_base. A
+        patch that does not decode leaves θ_base half patched: then it holds no version (the next
+        round reads a whole snapshot) and SnapshotError is raised."""
+        trainer = self.trainer
+        assert trainer is not None and self.version is not None
+        trainer.unstack_base(carry=carry)  # --overlap's own deltas out first: patches are for the snapshot
         try:
             for manifest, buffer in patches:
                 for name, increment in increments(manifest, buffer):
-                    if name not in base:
+                    if name not in trainer.base:
                         raise SnapshotError(f"the patch to {manifest.version} names an unknown parameter")
-                    base[name].add_(increment.to(base[name].device).view_as(base[name]))
+                    trainer.shift_base(name, increment, carry=carry)
         except SnapshotError:
             self.version = None
             raise
         self._patched += target.version - self.version
         self._based_on(target)
-        self.trainer.reset_to_base()
+        if not carry:
+            trainer.reset_to_base()
+
+    def rebase_onto(self, snapshot: Snapshot) -> bool:
+        """Make ``snapshot`` θ_base mid-round, the model's progress carried onto it
+        (:meth:`LocalTrainer.rebase`); False (nothing changed) if it belongs to another run."""
+        manifest = snapshot.manifest
+        run_key = (manifest.run_id, json.dumps(manifest.config, sort_keys=True, default=str))
+        if self.trainer is None or run_key != self._run_key:
+            return False
+        self.trainer.rebase(snapshot.params)
+        self._based_on(manifest)
+        self._patched = 0
+        return True
 
     def check_task_allowed(self, task: object) -> None:
         """Refuse (ConfigError) a task name that is neither built in nor allowed by the volunteer.

@@ -44,7 +44,7 @@ from client.fetcher import RECENT_VERSION_S, SnapshotFetcher
 from client.identity import ClientIdentity
 from client.inclusion import InclusionWait
 from client.memory_caps import MemoryGuard, OverMemory, cap_gpu_memory
-from client.overlap import InFlight, Overlap
+from client.overlap import InFlight, MidRoundRebase, Overlap
 from client.politeness import Politeness
 from client.replica import Replica
 from client.report import DeltaFate, RoundReport, RunSummary, Tally
@@ -113,6 +113,7 @@ class Worker:
                                   give_up=self._give_up_upload, on_sent=self._sent)
         self.replica = Replica(client_id=self.identity.client_id, device=device, data=config.data,
                                allowed_tasks=config.allowed_tasks)
+        self.rebase = MidRoundRebase(self.overlap, self.replica, self.fetcher, on_read=self._read_mid_round)
         self.codec = get_codec(config.codec)
         self.feedback = ErrorFeedback(self.codec)
         self.speed = SpeedMeter()
@@ -265,12 +266,17 @@ class Worker:
                 stacked_on = self.overlap.stack(trainer, run_id=run_id, version=base_version,
                                                 fresh_base=self._fresh_base)
         fetch_s = time.monotonic() - fetching
-        stats, planned = self._train(trainer, number, plan)
+        stats, planned = self._train(trainer, number, plan, rebase=stacked_on >= 0)
         self._trained_s += stats.compute_s
         self._note_training(0.0)
         if stats.steps == 0:
             return None
         self.speed.update(stats.steps, stats.compute_s)
+        if stacked_on >= 0:  # it may have moved onto the snapshot that holds its last delta
+            fetch_s += stats.paused_s
+            base_version, run_id = self.replica.version, self.replica.run_id
+            assert base_version is not None and run_id is not None
+            stacked_on = self.overlap.stacked_on
 
         encoding = time.monotonic()
         message = self._delta(trainer, stats, run_id, base_version, stacked_on)
@@ -367,6 +373,10 @@ class Worker:
         self.on_notice(f"resumed after {paused_s / 60:.1f} min of pause")
         self.events.resumed(paused_s)
 
+    def _read_mid_round(self, version: int, read_bytes: int) -> None:
+        self._received_bytes += read_bytes
+        self.events.snapshot_read(version, read_bytes)
+
     def _take_received_bytes(self) -> int:
         received, self._received_bytes = self._received_bytes, 0
         return received
@@ -426,13 +436,14 @@ class Worker:
         assert self.replica.trainer is not None  # adopt() built it
         return self.replica.trainer
 
-    def _train(self, trainer: LocalTrainer, number: int, plan: RoundPlan) -> tuple[RoundStats, int]:
+    def _train(self, trainer: LocalTrainer, number: int, plan: RoundPlan, *,
+               rebase: bool = False) -> tuple[RoundStats, int]:
         """Size round ``number`` by ``plan`` (DyLU) and run it; return the stats and the planned step
-        count."""
+        count. ``rebase``: the round may move onto the snapshot of its in-flight delta."""
         global_step = int(self.replica.progress.get("local_steps", 0))
         common: dict[str, Any] = dict(
             global_step=global_step, slowdown=self.config.slowdown, should_stop=self._train_should_stop,
-            on_step=self._on_step,
+            on_step=self._on_step, between_steps=self.rebase.between_steps if rebase else None,
         )
         # The coordinator's assignment for this client (DyLU), else H (warm start, fixed, sync).
         steps = local_steps_for(plan, self.client_id, self.speed.steps_per_s)

@@ -106,3 +106,39 @@ def test_the_next_round_trains_while_the_last_delta_is_still_going_out(
     assert overlapped, (sends, starts.at)
     # and the rounds did not wait for the 1 s sends (each round waits only for the send before it)
     assert sum(r.upload_s for r in reports) < 1.0, [r.upload_s for r in reports]
+
+
+def test_a_round_moves_onto_the_snapshot_that_holds_its_last_delta_when_that_lands(
+    run_name: str, tmp_path: Path
+) -> None:
+    """Rounds of about 2 s and a commit every 0.3 s: the delta a round was stacked on lands in a
+    snapshot mid-round, and the round moves onto that snapshot by its patch (its progress kept),
+    so its own delta is tagged with that version and stacked on nothing; every delta applied."""
+    config = small_config(run_name, tmp_path, plan=PlanConfig(local_steps=3, min_local_steps=1, dylu=False),
+                          commit=CommitConfig(every_updates=1, interval_s=0.3))
+    with serving(config) as coordinator:
+        wait_for(lambda: coordinator.publisher.published_version >= 0, what="the first snapshot")
+        reports: list[RoundReport] = []
+        sent: list[DeltaMessage] = []
+        settings = client_config(run_name, tmp_path / "client", coordinator.signing_key, client_id="mover",
+                                 max_rounds=4, include_wait_s=10.0, overlap=True, slowdown=30.0)
+        with Worker(settings) as worker:
+            send = worker.uploader.send
+
+            def recording(message: DeltaMessage, **kwargs: Any) -> Any:
+                sent.append(message)
+                return send(message, **kwargs)
+
+            worker.uploader.send = recording  # type: ignore[method-assign]
+            worker.run(on_round=reports.append)
+            moved = worker.rebase.moved
+        status = wait_for(lambda: (s := _status(run_name)) and s["deltas"]["applied"] == 4 and s,
+                          what="every delta applied")
+    assert moved >= 1 and status["deltas"]["rejected"] == 0, (moved, status["deltas"])
+    by_seq = {r.seq: r for r in reports}
+    moved_rounds = [m for m, prev in zip(sent[1:], sent, strict=False)
+                    if m.stacked_on == -1 and m.base_version == by_seq[prev.seq].fate.version]
+    assert len(moved_rounds) == moved, [(m.seq, m.base_version, m.stacked_on) for m in sent]
+    for message in moved_rounds:  # read by patch: a few bits a parameter, not the snapshot
+        assert 0 < by_seq[message.seq].received_bytes < 0.3 * 4 * sum(
+            t.numel() for t in worker.replica.trainer.model.parameters())  # type: ignore[union-attr]

@@ -140,3 +140,28 @@ def test_a_stalled_coordinator_holds_an_overlapping_client_to_two_deltas_in_flig
     assert waits.waited == [("included", 0), ("newer than", 4)]
     assert overlap.in_flight[0].given_up and overlap.in_flight[1].pending
     assert [r.fate.describe() for r in overlap.settled_reports()] == ["outcome=?"]
+
+
+def test_a_round_may_move_on_once_every_delta_its_base_was_moved_by_is_settled() -> None:
+    trainer, waits = _trainer(), Waits()
+    overlap = Overlap(waits)  # type: ignore[arg-type]
+    assert overlap.landed("r") is None  # nothing stacked: nothing to wait for
+    overlap.add(_entry(trainer, 0, 1.0))
+    assert overlap.stack(trainer, run_id="r", version=3, fresh_base=True) == 0
+    assert overlap.landed("r") is None and overlap.stacked_on == 0  # still on its way
+    assert overlap.landed("other") is None  # another run's base: not this one's
+    waits.seen[("r", 0)] = Verdict("r", 0, True, version=5)
+    assert overlap.landed("r") == 5  # in snapshot 5
+    overlap.rebased("r", 5)
+    assert overlap.stacked_on == -1 and overlap.landed("r") is None
+    # snapshot 5 holds it: the next round on that base is not moved by it again
+    assert overlap.stack(trainer, run_id="r", version=5, fresh_base=False) == -1
+
+
+def test_a_refused_delta_lets_the_round_move_on_without_it() -> None:
+    trainer, waits = _trainer(), Waits()
+    overlap = Overlap(waits)  # type: ignore[arg-type]
+    overlap.add(_entry(trainer, 0, 1.0))
+    overlap.stack(trainer, run_id="r", version=3, fresh_base=True)
+    waits.seen[("r", 0)] = Verdict("r", 0, False, "bad_norm")
+    assert overlap.landed("r") == -1  # in no snapshot: whatever is newest will do
