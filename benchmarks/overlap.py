@@ -8,13 +8,15 @@ whose deltas take ``--latency`` rounds to land in a snapshot (upload and commit)
   stack    it starts at once, from θ moved by its own in-flight delta (as the coordinator will)
   rebase   as stack, and when the snapshot that holds its delta lands mid-round, the round's
            progress so far moves onto it (LocalTrainer.rebase) and the round goes on from there
+  +follow  (off+follow, rebase+follow) a round moves onto θ, its progress carried, each time θ
+           changes while it trains, not only when its own last delta lands
 
 Each overlapping run gets more local steps than ``off`` so that it reaches off's wall time. The
 table gives, as mean ± sd over the seeds: the eval loss at off's budget of local steps (per
 update: equal compute), the eval loss at off's final virtual time (equal wall time), and the time
 each needed to reach off's final loss, as a share of off's time (linear between evals).
 
-    python benchmarks/overlap.py                           # none and very, 3 seeds: ~12 min on 2 cores
+    python benchmarks/overlap.py                           # none and very, 3 seeds: ~17 min on 2 cores
     python benchmarks/overlap.py --latency 0.1 --seeds 0   # a shorter wait, one seed
 """
 
@@ -31,6 +33,8 @@ from table_csv import write_rows
 
 from coordinator.sim.simulator import OVERLAP, SimConfig, SimResult, speed_profile
 
+MODES = (*OVERLAP, "off+follow", "rebase+follow")
+
 EXTRA_BUDGET = 1.5  # an overlapping run's local steps against off's, enough to pass off's time
 
 
@@ -43,7 +47,7 @@ def main() -> None:
     parser.add_argument("--jitter", type=float, default=0.1, help="round-to-round speed noise (sigma)")
     parser.add_argument("--codec", default="int3")
     parser.add_argument("--levels", default="none,very")
-    parser.add_argument("--modes", default=",".join(OVERLAP))
+    parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes")
     parser.add_argument("--out", type=Path, default=Path("results/overlap"))
@@ -52,8 +56,8 @@ def main() -> None:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not levels or set(levels) - set(LEVELS):
         parser.error(f"--levels takes a comma list of {', '.join(LEVELS)}")
-    if "off" not in modes or set(modes) - set(OVERLAP):
-        parser.error(f"--modes takes a comma list of {', '.join(OVERLAP)}, off included")
+    if "off" not in modes or set(modes) - set(MODES):
+        parser.error(f"--modes takes a comma list of {', '.join(MODES)}, off included")
     if not 0 < args.latency <= 4:
         parser.error("--latency must be in (0, 4] rounds")
     seeds = parse_seeds(parser, args.seeds)
@@ -64,10 +68,11 @@ def main() -> None:
     jobs = []
     for level in levels:
         for mode in modes:
-            budget = args.budget if mode == "off" else int(args.budget * EXTRA_BUDGET)
+            overlap, _, follow = mode.partition("+")
+            budget = args.budget if overlap == "off" else int(args.budget * EXTRA_BUDGET)
             for seed in seeds:
-                config = replace(base, speeds=tuple(speed_profile(level, 4)), overlap=mode, seed=seed,
-                                 budget_steps=budget)
+                config = replace(base, speeds=tuple(speed_profile(level, 4)), overlap=overlap, seed=seed,
+                                 budget_steps=budget, follow=bool(follow))
                 jobs.append((f"{level}/{mode}/{seed}", config, task_settings, 0))
 
     started = time.perf_counter()
@@ -100,7 +105,7 @@ def _table(results: dict[str, SimResult], levels: list[str], modes: list[str], s
     print()
     print(f"4 workers, H={args.local_steps}, off: {args.budget} local steps, latency {args.latency} "
           f"rounds, {args.codec} deltas, jitter {args.jitter}, seeds {seeds}")
-    print(f"{'level':<6} {'mode':<7} {'eval, equal steps':>18} {'eval, equal time':>18} "
+    print(f"{'level':<6} {'mode':<13} {'eval, equal steps':>18} {'eval, equal time':>18} "
           f"{'to off loss':>11} {'staleness':>9}")
     rows = []
     for level in levels:
@@ -120,7 +125,7 @@ def _table(results: dict[str, SimResult], levels: list[str], modes: list[str], s
                          "eval_equal_time": _round(time_loss[0]), "eval_equal_time_sd": _round(time_loss[1]),
                          "time_to_off_loss_share": None if share is None else round(share, 3),
                          "max_staleness": stale})
-            print(f"{level:<6} {mode:<7} {_shown(steps_loss):>18} {_shown(time_loss):>18} "
+            print(f"{level:<6} {mode:<13} {_shown(steps_loss):>18} {_shown(time_loss):>18} "
                   f"{'never' if share is None else f'{share:.3f}':>11} {stale:>9}")
     return rows
 

@@ -100,6 +100,9 @@ class SimConfig:
     # move it (client/overlap.py), with no grace ("stack"); with "rebase" it also carries its
     # progress onto θ when its delta lands (LocalTrainer.rebase, client/overlap.MidRoundRebase).
     overlap: str = "off"
+    # A round moves onto θ each time θ changes while it trains (its progress carried: the client's
+    # --follow), instead of training on from the base it started from.
+    follow: bool = False
     max_staleness: int = 0  # the coordinator's --max-staleness (0: automatic)
     churn_leave_prob: float = 0.0  # chance a worker goes offline after a round
     churn_offline_mean: float = 0.0  # mean offline time (exponential)
@@ -324,8 +327,7 @@ class Simulation:
         training: dict[int, _Round] = {}  # the round each worker trains (computed at its start)
         sent: dict[int, list[_Round]] = {i: [] for i in range(len(trainers))}  # on the way (overlap)
         blocked: set[int] = set()  # done training, waiting for room for another delta in flight
-        lands_at: dict[int, float] = {}  # when each worker's newest delta on the way lands
-        partial: dict[int, tuple[int, int, int]] = {}  # rebase: (steps, steps run, tokens) until it lands
+        segments: dict[int, _Segments] = {}  # rounds trained piece by piece (rebase, follow)
         online = set(range(len(trainers)))
         waiting: dict[int, int] = {}  # worker -> the tie-break of its grace deadline event
         grace = 0.0 if config.overlapping else config.grace_rounds * config.local_steps / max(config.speeds)
@@ -349,23 +351,46 @@ class Simulation:
                     weight = outer_config.weight_of(r.steps, config.local_steps)
                     for name, t in base.items():
                         t.sub_(r.delta[name].view_as(t), alpha=share * weight)
-            rebasing = config.overlap == "rebase" and sent[i]
-            before = int((lands_at[i] - state.now) * speed) if rebasing else steps
-            if before < steps:  # its last delta lands mid-round: the rest of the round runs then
+            if config.follow or (config.overlap == "rebase" and sent[i]):  # it may move mid-round
                 trainers[i].load_base(base)
-                partial[i] = (steps, before, trainers[i].train(before, global_step=state.steps).tokens)
+                segments[i] = _Segments(steps, speed, state.now, base=state.updates)
             else:
                 delta, ran, tokens = self._round(trainers[i], feedback[i], steps, state, base=base)
                 training[i] = _Round(delta, ran, tokens, state.updates)
             done_at = trained if config.overlapping else trained + config.latency
             heapq.heappush(events, (done_at, counter, i, "done"))
 
-        def rebase(i: int) -> None:
-            """Worker ``i``'s delta landed mid-round: its progress moves onto θ, the round goes on."""
-            steps, ran, tokens = partial.pop(i)
+        def train_until_now(i: int) -> _Segments:
+            """Run the steps of worker ``i``'s round that its speed has run by now."""
+            round_ = segments[i]
+            due = min(round_.steps, int((state.now - round_.started) * round_.speed + 1e-9))
+            if due > round_.ran:
+                round_.tokens += trainers[i].train(due - round_.ran, global_step=state.steps).tokens
+                round_.ran = due
+            return round_
+
+        def move(i: int) -> None:
+            """θ changed: worker ``i``'s round, if it is still training, goes on from θ with its
+            progress so far (LocalTrainer.rebase)."""
+            round_ = segments.get(i)
+            if round_ is None or state.now >= round_.started + round_.steps / round_.speed:
+                return
+            train_until_now(i)
             trainers[i].rebase(state.base())
-            tokens += trainers[i].train(steps - ran, global_step=state.steps).tokens
-            training[i] = _Round(self._sent(trainers[i], feedback[i]), steps, tokens, state.updates)
+            round_.base = state.updates
+
+        def finish(i: int) -> _Round:
+            """The round of worker ``i`` as it is sent: the rest of its steps, then its delta."""
+            round_ = segments.pop(i, None)
+            if round_ is None:
+                return training.pop(i)
+            round_.tokens += trainers[i].train(round_.steps - round_.ran, global_step=state.steps).tokens
+            return _Round(self._sent(trainers[i], feedback[i]), round_.steps, round_.tokens, round_.base)
+
+        def moved(i: int) -> None:
+            """After worker ``i``'s delta arrived: which rounds move onto θ (follow: all of them)."""
+            for j in list(segments) if config.follow else [i]:
+                move(j)
 
         def arrive(i: int, done: _Round) -> bool | None:
             """The coordinator's side of one delta's arrival: whether it emptied the buffer, None if
@@ -405,20 +430,20 @@ class Simulation:
                 continue
             if config.overlapping:
                 if kind == "done":  # sent; the next round starts if at most one delta is on the way
-                    sent[i].append(training.pop(i))
+                    sent[i].append(finish(i))
                     counter += 1
-                    lands_at[i] = state.now + config.latency
-                    heapq.heappush(events, (lands_at[i], counter, i, "arrive"))
+                    heapq.heappush(events, (state.now + config.latency, counter, i, "arrive"))
                     (start if len(sent[i]) <= MAX_IN_FLIGHT else blocked.add)(i)
                     continue
                 arrive(i, sent[i].pop(0))
-                if i in partial:
-                    rebase(i)
+                moved(i)
                 if i in blocked and len(sent[i]) <= MAX_IN_FLIGHT:
                     blocked.discard(i)
                     start(i)
                 continue
-            emptied = arrive(i, training.pop(i))
+            emptied = arrive(i, finish(i))
+            if config.follow:
+                moved(i)
             if emptied is None:  # refused: the next round starts at once
                 start(i)
             elif config.churn_leave_prob and len(online) > 1 and rng.random() < config.churn_leave_prob:
@@ -447,6 +472,19 @@ class _Round:
     steps: int
     tokens: int
     base: int
+
+
+@dataclass
+class _Segments:
+    """A round trained piece by piece, moving onto θ between pieces: its steps and speed, when it
+    started, the steps run and tokens so far, and its base (updates at the last move)."""
+
+    steps: int
+    speed: float
+    started: float
+    base: int
+    ran: int = 0
+    tokens: int = 0
 
 
 @dataclass
