@@ -217,6 +217,9 @@ def _state_dir_option() -> Any:
               "this client's own deltas as the coordinator will move it, instead of waiting for a "
               "snapshot that includes them (asynchronous runs; each round's line then comes one round "
               "late, with its verdict).")
+@_option("--follow/--no-follow", env="ASYNCLOCO_FOLLOW", default=False, show_default=True,
+         help="Move the round in hand onto each newer snapshot while it trains (by the snapshot's "
+              "patches; the round's progress is kept), so that its delta is based on a recent version.")
 @_option("--run-wait", "run_wait_s", env="ASYNCLOCO_RUN_WAIT", default=60.0, show_default=True,
          type=click.FloatRange(min=0.0), metavar="SECONDS",
          help="Give up (exit 66) if nothing of the run appears in Redis within this long: a mistyped "
@@ -263,6 +266,7 @@ def join(
     part_bytes: int,
     include_wait_s: float,
     overlap: bool,
+    follow: bool,
     run_wait_s: float,
     log_level: str,
     coordinator_key: str | None,
@@ -322,6 +326,7 @@ def join(
         part_bytes=part_bytes,
         include_wait_s=include_wait_s,
         overlap=overlap,
+        follow=follow,
         run_wait_s=run_wait_s,
         log_level=log_level.lower(),
         coordinator_key=joined.coordinator_key or "",

@@ -73,6 +73,9 @@ class ClientConfig:
     # Start the next round before the last delta is in a snapshot, from the newest snapshot moved
     # by the client's own deltas as the coordinator will move it (client/overlap.py).
     overlap: bool = False
+    # Move a round onto each newer snapshot while it trains, its progress carried (by patches:
+    # client/overlap.MidRoundRebase), so that its delta is tagged with a recent version.
+    follow: bool = False
     poll_s: float = 1.0
     # How long a run that never showed up in Redis, or a coordinator of another protocol version,
     # is waited for before the client gives up for good (NoSuchRun, ProtocolMismatch). 0: for ever.

@@ -233,46 +233,57 @@ class Overlap:
 
 
 class MidRoundRebase:
-    """Between the steps of a stacked round, moves it onto the snapshot that settles the in-flight
-    delta its base was moved by, as soon as the verdict says so (module docstring)."""
+    """Between the steps of a round, moves it onto a newer snapshot, its progress carried: for a
+    stacked round, the one that settles the in-flight delta its base was moved by, as soon as the
+    verdict says so (module docstring); with ``follow``, any newer version, by its patches."""
 
     def __init__(self, overlap: Overlap, replica: Replica, fetcher: SnapshotFetcher, *,
-                 on_read: Callable[[int, int], None]) -> None:
+                 on_read: Callable[[int, int], None], follow: bool = False) -> None:
         self.overlap = overlap
         self.replica = replica
         self.fetcher = fetcher
         self.on_read = on_read  # (version, bytes read) of each snapshot or patches read
+        self.follow = follow
         self._next_look = 0.0
-        self.moved = 0  # rounds moved onto a newer base
+        self.moved = 0  # times a round moved onto a newer base
 
     def between_steps(self) -> None:
-        """For LocalTrainer.train: look (at most every LOOK_S), and move when the delta is settled."""
+        """For LocalTrainer.train: look (at most every LOOK_S, one Redis command) and move."""
         now = time.monotonic()
         if now < self._next_look:
             return
         self._next_look = now + LOOK_S
-        run_id = self.replica.run_id
-        if run_id is None:
-            return
-        landed = self.overlap.landed(run_id)
-        if landed is None:
+        run_id, held = self.replica.run_id, self.replica.version
+        if run_id is None or held is None:
             return
         try:
-            self._move(run_id, landed)
+            if self.overlap.stacked_on >= 0:  # its base holds an in-flight delta: wait for its fate
+                landed = self.overlap.landed(run_id)
+                if landed is not None:
+                    self._move(run_id, held, landed, whole=True)
+            elif self.follow:
+                newest = self.fetcher.current_version()
+                if newest is not None and newest > held:
+                    self._move(run_id, held, newest, whole=False)
         except SnapshotError as exc:  # the round goes on from the base it has
             log.warning("could not move the round onto the newer snapshot: %s", exc)
 
-    def _move(self, run_id: str, landed: int) -> None:
-        trainer, held = self.replica.trainer, self.replica.version
-        assert trainer is not None and held is not None
-        newest = self.fetcher.current_version(max_age_s=RECENT_VERSION_S) if landed < 0 else landed
-        version = held if newest is None else newest
+    def _move(self, run_id: str, held: int, landed: int, *, whole: bool) -> None:
+        """Onto version ``landed`` (-1: the newest, its delta refused), or a newer one when
+        following; read whole if its patches are not there and ``whole``."""
+        trainer = self.replica.trainer
+        assert trainer is not None
+        current = (self.fetcher.current_version(max_age_s=RECENT_VERSION_S)
+                   if landed < 0 or self.follow else None)
+        version = max(landed, held, -1 if current is None else current)
         if version <= held:  # refused and nothing newer: only its share comes off the base
             trainer.unstack_base(carry=True)
             self.overlap.rebased(run_id, held)
             return
         read = self.replica.catch_up(self.fetcher, version, carry=True)
         if not read:
+            if not whole:
+                return  # no patches to it (a whole read each time would cost more than it gives)
             snapshot = self.fetcher.read_latest()
             if not self.replica.rebase_onto(snapshot):
                 return  # another run took over: this round's delta will be refused as its run's

@@ -113,7 +113,8 @@ class Worker:
                                   give_up=self._give_up_upload, on_sent=self._sent)
         self.replica = Replica(client_id=self.identity.client_id, device=device, data=config.data,
                                allowed_tasks=config.allowed_tasks)
-        self.rebase = MidRoundRebase(self.overlap, self.replica, self.fetcher, on_read=self._read_mid_round)
+        self.rebase = MidRoundRebase(self.overlap, self.replica, self.fetcher, on_read=self._read_mid_round,
+                                     follow=config.follow)
         self.codec = get_codec(config.codec)
         self.feedback = ErrorFeedback(self.codec)
         self.speed = SpeedMeter()
@@ -266,13 +267,14 @@ class Worker:
                 stacked_on = self.overlap.stack(trainer, run_id=run_id, version=base_version,
                                                 fresh_base=self._fresh_base)
         fetch_s = time.monotonic() - fetching
-        stats, planned = self._train(trainer, number, plan, rebase=stacked_on >= 0)
+        moving = stacked_on >= 0 or (self.config.follow and plan.mode is not RoundMode.SYNC)
+        stats, planned = self._train(trainer, number, plan, rebase=moving)
         self._trained_s += stats.compute_s
         self._note_training(0.0)
         if stats.steps == 0:
             return None
         self.speed.update(stats.steps, stats.compute_s)
-        if stacked_on >= 0:  # it may have moved onto the snapshot that holds its last delta
+        if moving:  # it may have moved onto a newer snapshot
             fetch_s += stats.paused_s
             base_version, run_id = self.replica.version, self.replica.run_id
             assert base_version is not None and run_id is not None

@@ -5,6 +5,7 @@ line still ends in its verdict, one round late."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,11 @@ def test_stacked_rounds_are_all_applied_and_each_says_its_verdict(run_name: str,
 class Starts(WorkerEvents):
     def __init__(self) -> None:
         self.at: list[float] = []
+        self.starts: list[RoundStart] = []
 
     def round_started(self, start: RoundStart) -> None:
         self.at.append(time.monotonic())
+        self.starts.append(start)
 
 
 def test_the_next_round_trains_while_the_last_delta_is_still_going_out(
@@ -142,3 +145,42 @@ def test_a_round_moves_onto_the_snapshot_that_holds_its_last_delta_when_that_lan
     for message in moved_rounds:  # read by patch: a few bits a parameter, not the snapshot
         assert 0 < by_seq[message.seq].received_bytes < 0.3 * 4 * sum(
             t.numel() for t in worker.replica.trainer.model.parameters())  # type: ignore[union-attr]
+
+
+def test_a_following_round_moves_onto_the_snapshots_of_other_clients_deltas(
+    run_name: str, tmp_path: Path
+) -> None:
+    """--follow without --overlap: while a slow client's round (12 steps of about 0.2 s) trains, a
+    fast client's deltas make new versions, and the round moves onto them by their patches (each
+    look, every 0.5 s, finds at most a few versions: the patches are still there), its progress
+    kept; its delta is tagged with the version it moved onto, and every delta of both is applied."""
+    config = small_config(run_name, tmp_path, plan=PlanConfig(local_steps=12, min_local_steps=1, dylu=False),
+                          commit=CommitConfig(every_updates=1, interval_s=0.3))
+    with serving(config) as coordinator:
+        wait_for(lambda: coordinator.publisher.published_version >= 0, what="the first snapshot")
+        key = coordinator.signing_key
+        follower_reports: list[RoundReport] = []
+        starts = Starts()
+        settings = client_config(run_name, tmp_path / "follower", key, client_id="follower", max_rounds=2,
+                                 include_wait_s=10.0, follow=True, slowdown=10.0)
+        follower = Worker(settings, events=starts)
+        with follower:
+            thread = threading.Thread(target=lambda: follower.run(on_round=follower_reports.append))
+            thread.start()
+            busy = Worker(client_config(run_name, tmp_path / "busy", key, client_id="busy", max_rounds=8,
+                                        include_wait_s=10.0))
+            with busy:
+                busy.run()
+            thread.join(timeout=60)
+            moved = follower.rebase.moved
+        status = wait_for(lambda: (s := _status(run_name)) and s["deltas"]["applied"] == 10 and s,
+                          what="every delta applied")
+    assert not thread.is_alive()
+    assert status["deltas"]["rejected"] == 0, status["deltas"]
+    assert moved >= 1
+    assert len(follower_reports) == 2 and all(r.fate.verdict is not None and r.fate.verdict.applied
+                                              for r in follower_reports)
+    # a moved round's delta names a newer base than the one its round started from
+    assert any(r.base_version > start.base_version for r, start in zip(follower_reports, starts.starts,
+                                                                          strict=False)), (
+        [(r.base_version, s.base_version) for r, s in zip(follower_reports, starts.starts, strict=False)])
