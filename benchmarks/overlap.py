@@ -14,7 +14,8 @@ whose deltas take ``--latency`` rounds to land in a snapshot (upload and commit)
 Each overlapping run gets more local steps than ``off`` so that it reaches off's wall time. The
 table gives, as mean ± sd over the seeds: the eval loss at off's budget of local steps (per
 update: equal compute), the eval loss at off's final virtual time (equal wall time), and the time
-each needed to reach off's final loss, as a share of off's time (linear between evals).
+each needed to reach off's final loss, as a share of off's time (linear between evals); and how
+many of the (honest) deltas the coordinator's guard refused, of those it judged.
 
     python benchmarks/overlap.py                           # none and very, 3 seeds: ~17 min on 2 cores
     python benchmarks/overlap.py --latency 0.1 --seeds 0   # a shorter wait, one seed
@@ -106,7 +107,7 @@ def _table(results: dict[str, SimResult], levels: list[str], modes: list[str], s
     print(f"4 workers, H={args.local_steps}, off: {args.budget} local steps, latency {args.latency} "
           f"rounds, {args.codec} deltas, jitter {args.jitter}, seeds {seeds}")
     print(f"{'level':<6} {'mode':<13} {'eval, equal steps':>18} {'eval, equal time':>18} "
-          f"{'to off loss':>11} {'staleness':>9}")
+          f"{'to off loss':>11} {'staleness':>9} {'refused':>9}")
     rows = []
     for level in levels:
         off = [results[f"{level}/off/{s}"] for s in seeds]
@@ -119,14 +120,16 @@ def _table(results: dict[str, SimResult], levels: list[str], modes: list[str], s
             shares = [None if t is None else t / end for t, end in reach]
             share = _mean_sd(shares)[0]
             stale = max(r.max_staleness for r in runs)
+            judged = sum(r.guard_counts.get("honest_judged", 0) for r in runs)
+            refused = sum(r.guard_counts.get("honest_refused", 0) for r in runs)
             rows.append({"level": level, "mode": mode, "latency_rounds": args.latency, "seeds": len(seeds),
                          "eval_equal_steps": _round(steps_loss[0]),
                          "eval_equal_steps_sd": _round(steps_loss[1]),
                          "eval_equal_time": _round(time_loss[0]), "eval_equal_time_sd": _round(time_loss[1]),
                          "time_to_off_loss_share": None if share is None else round(share, 3),
-                         "max_staleness": stale})
+                         "max_staleness": stale, "honest_judged": judged, "honest_refused": refused})
             print(f"{level:<6} {mode:<13} {_shown(steps_loss):>18} {_shown(time_loss):>18} "
-                  f"{'never' if share is None else f'{share:.3f}':>11} {stale:>9}")
+                  f"{'never' if share is None else f'{share:.3f}':>11} {stale:>9} {refused:>4}/{judged:<4}")
     return rows
 
 

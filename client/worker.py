@@ -441,7 +441,7 @@ class Worker:
     def _train(self, trainer: LocalTrainer, number: int, plan: RoundPlan, *,
                rebase: bool = False) -> tuple[RoundStats, int]:
         """Size round ``number`` by ``plan`` (DyLU) and run it; return the stats and the planned step
-        count. ``rebase``: the round may move onto the snapshot of its in-flight delta."""
+        count. ``rebase``: the round may move onto a newer snapshot mid-way (client/overlap.py)."""
         global_step = int(self.replica.progress.get("local_steps", 0))
         common: dict[str, Any] = dict(
             global_step=global_step, slowdown=self.config.slowdown, should_stop=self._train_should_stop,

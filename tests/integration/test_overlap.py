@@ -28,6 +28,19 @@ pytestmark = pytest.mark.integration
 ROUNDS = 6
 
 
+def recorded_sends(worker: Worker) -> list[DeltaMessage]:
+    """The messages ``worker`` sends from now on, in order (its uploader's send, wrapped)."""
+    sent: list[DeltaMessage] = []
+    send = worker.uploader.send
+
+    def recording(message: DeltaMessage, **kwargs: Any) -> Any:
+        sent.append(message)
+        return send(message, **kwargs)
+
+    worker.uploader.send = recording  # type: ignore[method-assign]
+    return sent
+
+
 def test_stacked_rounds_are_all_applied_and_each_says_its_verdict(run_name: str, tmp_path: Path) -> None:
     # commits at most every 0.5 s: a 3-step round ends before its last delta is in a snapshot
     config = small_config(run_name, tmp_path, plan=PlanConfig(local_steps=3, min_local_steps=1, dylu=False),
@@ -35,17 +48,10 @@ def test_stacked_rounds_are_all_applied_and_each_says_its_verdict(run_name: str,
     with serving(config) as coordinator:
         wait_for(lambda: coordinator.publisher.published_version >= 0, what="the first snapshot")
         reports: list[RoundReport] = []
-        sent: list[DeltaMessage] = []
         settings = client_config(run_name, tmp_path / "client", coordinator.signing_key, client_id="eager",
                                  max_rounds=ROUNDS, include_wait_s=10.0, overlap=True)
         with Worker(settings) as worker:
-            send = worker.uploader.send
-
-            def recording(message: DeltaMessage, **kwargs: Any) -> Any:
-                sent.append(message)
-                return send(message, **kwargs)
-
-            worker.uploader.send = recording  # type: ignore[method-assign]
+            sent = recorded_sends(worker)
             summary = worker.run(on_round=reports.append)
         status = wait_for(lambda: (s := _status(run_name)) and s["deltas"]["applied"] == ROUNDS and s,
                           what="every delta applied")
@@ -122,17 +128,10 @@ def test_a_round_moves_onto_the_snapshot_that_holds_its_last_delta_when_that_lan
     with serving(config) as coordinator:
         wait_for(lambda: coordinator.publisher.published_version >= 0, what="the first snapshot")
         reports: list[RoundReport] = []
-        sent: list[DeltaMessage] = []
         settings = client_config(run_name, tmp_path / "client", coordinator.signing_key, client_id="mover",
                                  max_rounds=4, include_wait_s=10.0, overlap=True, slowdown=30.0)
         with Worker(settings) as worker:
-            send = worker.uploader.send
-
-            def recording(message: DeltaMessage, **kwargs: Any) -> Any:
-                sent.append(message)
-                return send(message, **kwargs)
-
-            worker.uploader.send = recording  # type: ignore[method-assign]
+            sent = recorded_sends(worker)
             worker.run(on_round=reports.append)
             moved = worker.rebase.moved
         status = wait_for(lambda: (s := _status(run_name)) and s["deltas"]["applied"] == 4 and s,
