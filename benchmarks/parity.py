@@ -17,6 +17,8 @@ Variants (all with DyLU, the round sized to the worker's speed, and the chosen �
   edn+g.25    the same for edn
   dn+w1+g.25  dn with compute weights (p = 1) and the grace period
   edn+w1+g.25 edn with compute weights (p = 1) and the grace period
+  edn+w1+follow       edn with compute weights; rounds move onto θ while they train (--follow)
+  edn+w1+g.25+follow  the same with the grace period
 
     python benchmarks/parity.py                          # none and very, 3 seeds: ~25 min on 2 cores
     python benchmarks/parity.py --levels very --seeds 0  # one quick look
@@ -39,17 +41,19 @@ from coordinator.outer_optimizer import OuterConfig
 from coordinator.sim.simulator import SimConfig, SimResult, speed_profile
 from shared.local_round import InnerConfig
 
-# label -> (simulator strategy, compute exponent, grace in rounds)
-VARIANTS: dict[str, tuple[str, float, float]] = {
-    "sync": ("sync", 0.0, 0.0),
-    "dn": ("dn+dylu", 0.0, 0.0),
-    "edn": ("edn+dylu", 0.0, 0.0),
-    "edn+w1": ("edn+dylu", 1.0, 0.0),
-    "edn+w.5": ("edn+dylu", 0.5, 0.0),
-    "dn+g.25": ("dn+dylu", 0.0, 0.25),
-    "edn+g.25": ("edn+dylu", 0.0, 0.25),
-    "dn+w1+g.25": ("dn+dylu", 1.0, 0.25),
-    "edn+w1+g.25": ("edn+dylu", 1.0, 0.25),
+# label -> (simulator strategy, compute exponent, grace in rounds, follow)
+VARIANTS: dict[str, tuple[str, float, float, bool]] = {
+    "sync": ("sync", 0.0, 0.0, False),
+    "dn": ("dn+dylu", 0.0, 0.0, False),
+    "edn": ("edn+dylu", 0.0, 0.0, False),
+    "edn+w1": ("edn+dylu", 1.0, 0.0, False),
+    "edn+w.5": ("edn+dylu", 0.5, 0.0, False),
+    "dn+g.25": ("dn+dylu", 0.0, 0.25, False),
+    "edn+g.25": ("edn+dylu", 0.0, 0.25, False),
+    "dn+w1+g.25": ("dn+dylu", 1.0, 0.25, False),
+    "edn+w1+g.25": ("edn+dylu", 1.0, 0.25, False),
+    "edn+w1+follow": ("edn+dylu", 1.0, 0.0, True),
+    "edn+w1+g.25+follow": ("edn+dylu", 1.0, 0.25, True),
 }
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,10 +90,10 @@ def main() -> None:
     for level in levels:
         speeds = tuple(speed_profile(level, args.workers))
         for variant in variants:
-            strategy, p, grace = VARIANTS[variant]
+            strategy, p, grace, follow = VARIANTS[variant]
             for seed in seeds:
                 config = replace(base, strategy=strategy, speeds=speeds, seed=seed, grace_rounds=grace,
-                                 outer=replace(base.outer, compute_exponent=p))
+                                 follow=follow, outer=replace(base.outer, compute_exponent=p))
                 jobs.append((f"{level}/{variant}/{seed}", config, task_settings, args.pretrain))
 
     started = time.perf_counter()
@@ -113,7 +117,7 @@ def _table(results: dict[str, SimResult], levels: list[str], variants: list[str]
     print(f"{args.workers} workers, H={args.local_steps}, {args.budget} total local steps (equal compute)"
           f"{schedule}, {start}, "
           f"ε={args.outer_lr} β={args.outer_momentum}, jitter {args.jitter}, seeds {seeds}")
-    print(f"{'level':<9} {'variant':<12} {'final eval':>16} {'vs sync':>8} {'virtual time':>12} "
+    print(f"{'level':<9} {'variant':<18} {'final eval':>16} {'vs sync':>8} {'virtual time':>12} "
           f"{'to sync loss':>12}")
     rows = []
     for level in levels:
@@ -135,7 +139,7 @@ def _table(results: dict[str, SimResult], levels: list[str], variants: list[str]
                          "gap_vs_sync_pct": round(gap, 2), "virtual_time": round(vtime, 1),
                          "time_to_sync_loss_share": None if share is None else round(share, 3)})
             shown = "never" if share is None else f"{share:.3f}"
-            print(f"{level:<9} {variant:<12} {mean:>9.4f} ± {sd:.3f} {gap:>7.2f}% {vtime:>12.1f} {shown:>12}")
+            print(f"{level:<9} {variant:<18} {mean:>9.4f} ± {sd:.3f} {gap:>7.2f}% {vtime:>12.1f} {shown:>12}")
     return rows
 
 

@@ -37,13 +37,17 @@ from coordinator.outer_optimizer import OuterConfig
 from coordinator.sim.report import plot_png, write_csv
 from coordinator.sim.simulator import SimConfig, speed_profile
 
-SETTINGS = {  # label -> (strategy, outer lr ε, staleness exponent a, compute exponent p, grace rounds)
-    "dn ε0.5": ("dn+dylu", 0.5, 0.0, 0.0, 0.0),
-    "dn ε0.7 a0.5": ("dn+dylu", 0.7, 0.5, 0.0, 0.0),
-    "edn w1": ("edn+dylu", 0.5, 0.0, 1.0, 0.0),
-    "edn w1 g.25": ("edn+dylu", 0.5, 0.0, 1.0, 0.25),
-    "edn w2 g.25": ("edn+dylu", 0.5, 0.0, 2.0, 0.25),
-    "edn w1 g.25 ε0.7": ("edn+dylu", 0.7, 0.0, 1.0, 0.25),
+# label -> (strategy, outer lr ε, staleness exponent a, compute exponent p, grace rounds, follow:
+# rounds move onto θ while they train, the client's --follow)
+SETTINGS = {
+    "dn ε0.5": ("dn+dylu", 0.5, 0.0, 0.0, 0.0, False),
+    "dn ε0.7 a0.5": ("dn+dylu", 0.7, 0.5, 0.0, 0.0, False),
+    "edn w1": ("edn+dylu", 0.5, 0.0, 1.0, 0.0, False),
+    "edn w1 g.25": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, False),
+    "edn w2 g.25": ("edn+dylu", 0.5, 0.0, 2.0, 0.25, False),
+    "edn w1 g.25 ε0.7": ("edn+dylu", 0.7, 0.0, 1.0, 0.25, False),
+    "edn w1 follow": ("edn+dylu", 0.5, 0.0, 1.0, 0.0, True),
+    "edn w1 g.25 follow": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, True),
 }
 
 
@@ -81,9 +85,9 @@ def main() -> None:
         alone = replace(base, strategy="dn", speeds=(1.0,), budget_steps=alone_time, eval_every_steps=20)
         jobs.append((f"{start}/alone", alone, task, pretrain))
         for label in settings:
-            strategy, lr, a, p, grace = SETTINGS[label]
+            strategy, lr, a, p, grace, follow = SETTINGS[label]
             together = replace(base, strategy=strategy, speeds=speeds, warm_start_steps=warm,
-                               grace_rounds=grace, budget_steps=warm + together_steps,
+                               grace_rounds=grace, follow=follow, budget_steps=warm + together_steps,
                                outer=OuterConfig(lr=lr, momentum=0.8, staleness_exponent=a,
                                                  compute_exponent=p))
             jobs.append((f"{start}/together {label}", together, task, pretrain))
@@ -94,7 +98,7 @@ def main() -> None:
     print()
     print(f"volunteers help? speeds 1, 1/2, 1/4, 1/8 (DyLU, H={args.local_steps}) against the fastest "
           f"alone; T={args.time}, seed {args.seed}")
-    print(f"{'start':<19} {'four together':<17} {'alone final':>11} {'together final':>14} "
+    print(f"{'start':<19} {'four together':<19} {'alone final':>11} {'together final':>14} "
           f"{'ratio':>6}")
     rows = []
     for start in starts:
@@ -110,7 +114,7 @@ def main() -> None:
                          "time_together_to_alone_loss": None if reach is None else round(reach, 1),
                          "ratio": None if ratio is None else round(ratio, 3)})
             shown = "never" if ratio is None else f"{ratio:.3f}"
-            print(f"{start:<19} {label:<17} {target:>11.4f} {together.final_loss:>14.4f} {shown:>6}")
+            print(f"{start:<19} {label:<19} {target:>11.4f} {together.final_loss:>14.4f} {shown:>6}")
     args.out.mkdir(parents=True, exist_ok=True)
     write_rows(args.out / "volunteers.csv", rows)
     write_csv(args.out / "curves.csv", results)
