@@ -282,7 +282,7 @@ class MidRoundRebase:
             return
         read = self.replica.catch_up(self.fetcher, version, carry=True)
         if not read:
-            if not whole:
+            if not whole and self.replica.version is not None:
                 return  # no patches to it (a whole read each time would cost more than it gives)
             snapshot = self.fetcher.read_latest()
             if not self.replica.rebase_onto(snapshot):

@@ -30,6 +30,12 @@ class RoundAbandoned(Exception):
         self.elapsed_s = elapsed_s
 
 
+class BaseLost(RoundAbandoned):
+    """Raised after a round that moved mid-way (client/overlap.py) lost its base: a signed patch
+    that did not apply, and then a whole snapshot of another run. The round ends without a delta
+    (said, not waited on); the next one starts from the newest snapshot, read whole."""
+
+
 class StopSignals:
     """Handlers for SIGINT and SIGTERM: first signal sets ``event``, a second one exits at once.
 

@@ -49,7 +49,7 @@ from client.politeness import Politeness
 from client.replica import Replica
 from client.report import DeltaFate, RoundReport, RunSummary, Tally
 from client.sender import DeltaSender
-from client.stop import RoundAbandoned, StopRequested
+from client.stop import BaseLost, RoundAbandoned, StopRequested
 from client.uploader import DeltaUploader, Upload
 from shared.codecs import ErrorFeedback, get_codec
 from shared.contact import ServerContact
@@ -277,7 +277,9 @@ class Worker:
         if moving:  # it may have moved onto a newer snapshot
             fetch_s += stats.paused_s
             base_version, run_id = self.replica.version, self.replica.run_id
-            assert base_version is not None and run_id is not None
+            if base_version is None or run_id is None:
+                raise BaseLost("its base was lost mid-round (a patch did not apply)", steps=stats.steps,
+                               elapsed_s=stats.compute_s)
             stacked_on = self.overlap.stacked_on
 
         encoding = time.monotonic()
@@ -352,7 +354,7 @@ class Worker:
     def _wait_while_paused(self, abandoned: RoundAbandoned | None, number: int) -> None:
         """Before round ``number``: while the politeness rules say pause, wait, saying so once (and
         once more on resuming). ``abandoned``: the round that such a rule, or --max-memory, just ended."""
-        if isinstance(abandoned, OverMemory):  # said, but not waited on: a pause gives no memory back
+        if isinstance(abandoned, (OverMemory, BaseLost)):  # said, not waited on: a pause would not help
             self.on_notice(f"round {number} abandoned after {abandoned.steps} steps, no delta sent: "
                            f"{abandoned.reason}")
             self.events.abandoned(abandoned.reason)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import torch
 
-from client.overlap import InFlight, Overlap
+from client.overlap import InFlight, MidRoundRebase, Overlap
 from client.report import DeltaFate, RoundReport
 from coordinator.outer_optimizer import OuterConfig, make_outer_optimizer
 from shared.local_round import InnerConfig, LocalTrainer
@@ -165,3 +165,52 @@ def test_a_refused_delta_lets_the_round_move_on_without_it() -> None:
     overlap.stack(trainer, run_id="r", version=3, fresh_base=True)
     waits.seen[("r", 0)] = Verdict("r", 0, False, "bad_norm")
     assert overlap.landed("r") == -1  # in no snapshot: whatever is newest will do
+
+
+class _Snapshot:
+    class manifest:  # noqa: N801 - stands in for a SnapshotManifest
+        total_bytes = 1000
+
+
+class _Fetcher:
+    def __init__(self, newest: int) -> None:
+        self.newest = newest
+        self.whole_reads = 0
+
+    def current_version(self, max_age_s: float = 0.0) -> int:
+        return self.newest
+
+    def read_latest(self) -> _Snapshot:
+        self.whole_reads += 1
+        return _Snapshot()
+
+
+class _Replica:
+    """Holds version 3; its patches to the newest either are gone (version kept) or fail half-way
+    (no version left)."""
+
+    def __init__(self, trainer: LocalTrainer, *, half_patched: bool) -> None:
+        self.trainer, self.version, self.run_id = trainer, 3, "r"
+        self.half_patched = half_patched
+
+    def catch_up(self, fetcher: _Fetcher, version: int, *, carry: bool) -> int:
+        if self.half_patched:
+            self.version = None
+        return 0
+
+    def rebase_onto(self, snapshot: _Snapshot) -> bool:
+        self.version = 7
+        return True
+
+
+def test_following_moves_only_by_patches_unless_a_failed_patch_left_no_base() -> None:
+    for half_patched, whole_reads, version in ((False, 0, 3), (True, 1, 7)):
+        replica, fetcher = _Replica(_trainer(), half_patched=half_patched), _Fetcher(7)
+        read: list[tuple[int, int]] = []
+        rebase = MidRoundRebase(Overlap(Waits()), replica, fetcher,  # type: ignore[arg-type]
+                                on_read=lambda v, n, read=read: read.append((v, n)), follow=True)
+        rebase.between_steps()
+        assert (fetcher.whole_reads, replica.version) == (whole_reads, version), half_patched
+        assert read == ([(7, 1000)] if half_patched else [])
+        rebase.between_steps()  # within LOOK_S of the last look: not even a look
+        assert fetcher.whole_reads == whole_reads
