@@ -13,7 +13,9 @@ deltas past the staleness bound are discarded (:class:`coordinator.admission.Sta
 compute weights (``OuterConfig.compute_exponent``) use the sender's steps and every other online
 worker's last round, as the intake does. A discrete-event queue orders round completions, so 2 CPU
 cores can faithfully simulate 16 or 64 heterogeneous workers: a slow worker's delta arrives late,
-based on an old version, exactly as it would in a real run.
+based on an old version, exactly as it would in a real run. A round is computed when it starts,
+unless it may move onto θ mid-way (``SimConfig.overlap`` "rebase", ``follow``: the client's
+``--overlap`` and ``--follow``): then it is trained piece by piece, up to each event that moves it.
 
 Strategies: ``dn``, ``nesterov``, ``sgd``, ``fedbuff`` (asynchronous, see
 :mod:`coordinator.outer_optimizer`), each optionally ``+dylu`` (Dynamic Local Updates: H_i from the
