@@ -131,13 +131,17 @@ class Overlap:
             if entry.run_id != run_id:  # another run took over: its fate will never be told
                 entry.given_up = True
                 continue
-            verdict = self.waits.seen.get((entry.run_id, entry.seq))
-            if verdict is not None and entry.verdict is None:
-                entry.verdict = verdict
-                if verdict.applied and verdict.version >= 0:
-                    entry.included = verdict.version
+            self._take_verdict(entry)
             if entry.included is None and not entry.rejected and settled >= entry.seq:
                 entry.included = version
+
+    def _take_verdict(self, entry: InFlight) -> None:
+        """The entry's verdict, if one was read and it has none yet (with the snapshot it names)."""
+        verdict = self.waits.seen.get((entry.run_id, entry.seq))
+        if verdict is not None and entry.verdict is None:
+            entry.verdict = verdict
+            if verdict.applied and verdict.version >= 0:
+                entry.included = verdict.version
 
     def stack(self, trainer: LocalTrainer, *, run_id: str, version: int, fresh_base: bool) -> int:
         """Move the trainer's base (snapshot ``version`` of ``run_id``) by the in-flight deltas it
@@ -171,11 +175,7 @@ class Overlap:
         self.waits.read_verdicts(0.0)
         folded = [entry for entry in self.in_flight if entry.seq in self._folded]
         for entry in folded:
-            verdict = self.waits.seen.get((entry.run_id, entry.seq))
-            if verdict is not None and entry.verdict is None:
-                entry.verdict = verdict
-                if verdict.applied and verdict.version >= 0:
-                    entry.included = verdict.version
+            self._take_verdict(entry)
         if any(entry.pending for entry in folded):
             return None
         return max((entry.included for entry in folded if entry.included is not None), default=-1)

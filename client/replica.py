@@ -88,7 +88,7 @@ class Replica:
             if key not in run_config:
                 raise ConfigError(f"snapshot {manifest.version} has no {key!r} in its run config")
         self.check_task_allowed(run_config["task"])
-        run_key = (manifest.run_id, json.dumps(run_config, sort_keys=True, default=str))
+        run_key = _run_key(manifest)
         new_run = run_key != self._run_key
         if new_run:
             self.trainer = self._build_trainer(run_config)
@@ -110,7 +110,7 @@ class Replica:
         run config, an older version, and not too many patched versions in a row; else None."""
         if self.trainer is None or self.version is None or self._stamp is None or self._run_key is None:
             return None
-        same_run = (target.run_id, json.dumps(target.config, sort_keys=True, default=str)) == self._run_key
+        same_run = _run_key(target) == self._run_key
         if not same_run or target.version <= self.version:
             return None
         if self._patched + target.version - self.version > MAX_PATCHED_VERSIONS:
@@ -164,8 +164,7 @@ class Replica:
         """Make ``snapshot`` θ_base mid-round, the model's progress carried onto it
         (:meth:`LocalTrainer.rebase`); False (nothing changed) if it belongs to another run."""
         manifest = snapshot.manifest
-        run_key = (manifest.run_id, json.dumps(manifest.config, sort_keys=True, default=str))
-        if self.trainer is None or run_key != self._run_key:
+        if self.trainer is None or _run_key(manifest) != self._run_key:
             return False
         self.trainer.rebase(snapshot.params)
         self._based_on(manifest)
@@ -213,3 +212,8 @@ class Replica:
             task=task, inner=inner, device=self.device,
             shard=self._crc % task.num_shards, seed=self._crc ^ int(run_config["seed"]),
         )
+
+
+def _run_key(manifest: SnapshotManifest) -> tuple[str, str]:
+    """What a trainer is built for: the run id and its run config (as canonical JSON)."""
+    return manifest.run_id, json.dumps(manifest.config, sort_keys=True, default=str)
