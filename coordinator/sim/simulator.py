@@ -115,11 +115,10 @@ class Simulation:
         trainer.train(steps)
         return {name: p.detach().to("cpu").clone() for name, p in trainer.model.named_parameters()}
 
-    def _round(self, trainer: LocalTrainer, fb: ErrorFeedback, steps: int, state: RunState, *,
-               base: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], int, int]:
-        """One local round from ``base`` (the current global θ by default); returns the decoded
-        delta, steps, tokens."""
-        trainer.load_base(state.base() if base is None else base)
+    def _round(self, trainer: LocalTrainer, fb: ErrorFeedback, steps: int,
+               state: RunState) -> tuple[dict[str, torch.Tensor], int, int]:
+        """One local round from the current global θ; returns the decoded delta, steps, tokens."""
+        trainer.load_base(state.base())
         stats = trainer.train(steps, global_step=state.steps)
         return self._sent(trainer, fb), stats.steps, stats.tokens
 
@@ -208,20 +207,20 @@ class Simulation:
             speed = config.speeds[i] * (math.exp(noise.gauss(0.0, config.jitter)) if config.jitter else 1.0)
             counter += 1
             trained = state.now + steps / speed
-            base = state.base()
+            trainer = trainers[i]
+            trainer.load_base(state.base())
             if config.overlapping and sent[i]:  # the client's stacking (client/overlap.py)
                 share = state.outer.arrival_share(state.outer.buffer_weight(len(online), active_weight()))
-                base = {name: t.clone() for name, t in base.items()}
                 for r in sent[i]:
                     weight = outer_config.weight_of(r.steps, config.local_steps)
-                    for name, t in base.items():
-                        t.sub_(r.delta[name].view_as(t), alpha=share * weight)
+                    trainer.stack_on_base(r.delta, share * weight)
+                trainer.reset_to_base()
             if config.follow or (config.overlap == "rebase" and sent[i]):  # it may move mid-round
-                trainers[i].load_base(base)
                 segments[i] = Segments(steps, speed, state.now, base=state.updates)
             else:
-                delta, ran, tokens = self._round(trainers[i], feedback[i], steps, state, base=base)
-                training[i] = Round(delta, ran, tokens, state.updates)
+                stats = trainer.train(steps, global_step=state.steps)
+                delta = self._sent(trainer, feedback[i])
+                training[i] = Round(delta, stats.steps, stats.tokens, state.updates)
             done_at = trained if config.overlapping else trained + config.latency
             heapq.heappush(events, (done_at, counter, i, "done"))
 
