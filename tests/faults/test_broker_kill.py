@@ -65,13 +65,15 @@ def test_broker_killed_under_load_loses_nothing(
 
     # Freeze the coordinator so that confirmed deltas pile up in the queue, then kill the broker:
     # what the queue held at the kill must come back from its disk.
-    delta_queue = RunKeys(run_name).delta_queue
+    # The VM's pid is asked for first (a rabbitmqctl call of seconds), so ``before`` is taken right
+    # before the kill.
+    delta_queue, vm = RunKeys(run_name).delta_queue, broker.vm_pid()
     os.kill(coordinator.pid, signal.SIGSTOP)
     try:
         waiting = wait_for(lambda: (n := broker.ready_messages(delta_queue)) >= 2 and n, 60,
                            "confirmed deltas to wait in the queue")
         before = confirmed_ids(journals)
-        killed = broker.kill_vm()
+        killed = broker.kill_vm(vm)
     finally:
         os.kill(coordinator.pid, signal.SIGCONT)
     down_at = time.monotonic()

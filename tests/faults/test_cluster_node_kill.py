@@ -123,12 +123,15 @@ def test_killing_a_cluster_node_loses_and_doubles_nothing(
 
     # Freeze the coordinator so that confirmed deltas wait in the queue (and two sit unacked with
     # it), then kill the node holding the leader: the followers on nodes 1 and 2 must have them.
+    # The VM's pid is asked for first (a rabbitmqctl call of seconds), so that ``before`` is taken
+    # right before the kill and not seconds of confirms earlier.
+    vm = killed_node.vm_pid()
     os.kill(coordinator.pid, signal.SIGSTOP)
     try:
         waiting = wait_for(lambda: (n := home.ready_messages(keys.delta_queue)) >= 2 and n, 60,
                            "confirmed deltas to wait in the queue")
         before = confirmed_ids(journals)
-        killed = killed_node.kill_vm()
+        killed = killed_node.kill_vm(vm)
     finally:
         os.kill(coordinator.pid, signal.SIGCONT)
     leader = wait_for(lambda: _leader(cluster, keys.delta_queue), 30, "a new leader of the delta queue")
@@ -149,7 +152,11 @@ def test_killing_a_cluster_node_loses_and_doubles_nothing(
     # old leader just before it) show the queue takes publishes under its new leader, from both.
     for cid in CLIENT_NODES:
         wait_for(functools.partial(two_sent_after, cid), 60, f"{cid} to have deltas confirmed after the kill")
-    assert "RabbitMQ is back" in procs.log("iota")  # it lost node 3, then connected through node 1
+    # iota lost node 3, then connected through node 1, and a delta sent through it is confirmed
+    wait_for(lambda: "RabbitMQ is back" in procs.log("iota"), 60, "iota to reconnect through node 1")
+    through_node_1 = set(read_journal(journals["iota"]))
+    wait_for(lambda: set(read_journal(journals["iota"])) - through_node_1, 60,
+             "a delta of iota confirmed through node 1")
     # ... and the coordinator still consumes: a delta of each sent after the kill gets applied (a
     # repeat on a base that already has the client's delta applied is refused already_sent meanwhile).
     applied = {cid: wait_for(functools.partial(applied_after, cid), 60,
