@@ -59,7 +59,7 @@ ATTACK_SET: dict[str, tuple[str, float]] = {
     "base lie": ("base_lie", 1.0),
 }
 STRATEGIES = {"edn": "edn+dylu", "dn": "dn+dylu", "sync": "sync"}
-SIM_VERSION = 2  # of the guard's and the simulator's behaviour: raise it when either changes (cache)
+SIM_VERSION = 3  # of the guard's and the simulator's behaviour: raise it when either changes (cache)
 
 
 def main() -> None:
@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None, help="also draw the damage figure here (PNG)")
     parser.add_argument("--clip-ratio", type=float, default=GuardConfig.clip_ratio,
                         help="the guard's --guard-clip-ratio in the guarded runs")
+    parser.add_argument("--forgive-after", type=int, default=GuardConfig.forgive_after,
+                        help="the guard's --guard-forgive-after in the guarded runs (0: never)")
     parser.add_argument("--descent-every", type=int, default=GuardConfig.descent_every,
                         help="the guard's --guard-descent-every in the guarded runs (0: off)")
     parser.add_argument("--replot", type=Path, default=None, metavar="CSV",
@@ -105,7 +107,8 @@ def main() -> None:
                      eval_every_steps=max(40, args.budget // 4), jitter=args.jitter,
                      warm_start_steps=args.warm_start, outer=OuterConfig(), measure_trigger=True)
     guards = {"off": GuardConfig(mode="off"),
-              "on": GuardConfig(clip_ratio=args.clip_ratio, descent_every=args.descent_every)}
+              "on": GuardConfig(clip_ratio=args.clip_ratio, forgive_after=args.forgive_after,
+                                descent_every=args.descent_every)}
     guards = {name: guards[name] for name in _names(parser, args.guards, guards, "--guards")}
     jobs = []
     for level in levels:
@@ -228,7 +231,8 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def _table(results: dict[str, SimResult], levels: list[str], strategies: list[str], attacks: list[str],
            seeds: list[int], args: argparse.Namespace) -> list[dict]:
     print()
-    print(f"guard clip ratio {args.clip_ratio:g}, descent check every {args.descent_every or '-'}; "
+    print(f"guard clip ratio {args.clip_ratio:g}, forgive after {args.forgive_after}, "
+          f"descent check every {args.descent_every or '-'}; "
           f"{args.attackers} of {args.workers} workers lie (the fastest); H={args.local_steps}, "
           f"{args.budget} honest local steps, from scratch after a trusted warm start of {args.warm_start} "
           f"steps, jitter {args.jitter}, seeds {seeds}")

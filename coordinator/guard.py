@@ -12,9 +12,9 @@ deltas it accepted recently, and the server's own momentum:
    median norm of the last ``window`` accepted deltas is refused (``norm_outlier``), and so is one
    in which a single tensor holds more than ``reject_ratio`` times its median share of the norm
    (``tensor_outlier``: an attack on one small layer hides in the whole norm). A delta pointing
-   against the server's momentum (cosine below ``min_cosine``) is refused as ``against_momentum``:
-   honest pseudo-gradients keep a positive cosine with the momentum they add up to (at least 0.09
-   in every clean run measured); a sign-flipped one does not.
+   against the server's momentum (cosine below ``min_cosine``) is refused as ``against_momentum``
+   (:mod:`coordinator.direction`: with an honest sender's rare dip forgiven, and a valve that
+   stands aside when most senders point against the momentum at once).
 2. **Centered clipping** (mode ``clip``, the default): ``g' = c + clip(g − c, τ)`` around the
    centre ``c = (1 − β)·m`` (the server momentum's running mean of deltas), with τ =
    ``clip_ratio`` times the median distance |g − c| of recent accepted deltas. A delta then moves
@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from coordinator.direction import DirectionCheck, record_of
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -80,10 +81,6 @@ GUARD_MODES = tuple(m.value for m in GuardMode)
 TRUSTED_PREFIX = "guard_trusted/"  # the trusted mean's tensors in a checkpoint
 # Weight of the newest trusted delta in their running mean (about the last 1/w rounds).
 TRUSTED_MEAN_WEIGHT = 0.3
-# Judgements the direction check's safety valve looks back over (a few rounds of a few senders).
-DIRECTIONS_KEPT = 16
-# Senders whose probation records are kept (the least recently heard is forgotten past this).
-MAX_RECORDS = 10_000
 # Reasons the guard refuses a delta for (each counted in ``rejected_by_reason``).
 GUARD_REASONS = ("norm_outlier", "tensor_outlier", "against_momentum", "no_descent", "probation")
 
@@ -97,6 +94,9 @@ class GuardConfig:
     reject_ratio: float = 4.0
     clip_ratio: float = 3.0
     min_cosine: float = 0.0
+    # a sender whose last so many deltas all pointed along the momentum has one that points
+    # against it forgiven (honest rounds dip a little below 0 late in a run; 0: never)
+    forgive_after: int = 4
     window: int = 64
     min_history: int = 3
     strikes: int = 3  # refused or clipped judgements in a sender's record that put it on probation (0: never)
@@ -111,6 +111,8 @@ class GuardConfig:
             raise ConfigError("the guard's reject ratio must be > 1 and its clip ratio > 0")
         if not -1 <= self.min_cosine <= 1:
             raise ConfigError("the guard's minimum cosine must be in [-1, 1]")
+        if not 0 <= self.forgive_after <= self.window:
+            raise ConfigError("the guard's forgive-after must be in [0, window]")
         if self.window < 3 or not 1 <= self.min_history <= self.window:
             raise ConfigError("the guard's window must be >= 3 and its history in [1, window]")
         if self.record < 1 or not 0 <= self.strikes <= self.record:
@@ -155,13 +157,13 @@ class DeltaGuard:
         # each tensor's share of an accepted delta's norm, |g_t| / |g|: free of the delta's size
         self.tensor_shares = {n: deque[float](maxlen=config.window) for n in self.names}
         self.distances: deque[float] = deque(maxlen=config.window)  # accepted |g − c|, clipped at τ
+        self.cosines: deque[float] = deque(maxlen=config.window)  # accepted cos(g, c), as sent
         # the running mean of trusted deltas (a warm start's): the centre until the momentum has one
         self.trusted: dict[str, torch.Tensor] | None = None
         # whether the statistics began with trusted deltas (kept across a restart, unlike the mean)
         self.trusted_start = False
         self.counts: Counter[str] = Counter()  # judged, accepted, clipped, and each refusal reason
-        # (sender, refused against_momentum) of the last judgements: the direction check's valve
-        self.directions: deque[tuple[str, bool]] = deque(maxlen=DIRECTIONS_KEPT)
+        self.direction = DirectionCheck(config.min_cosine, config.forgive_after, self.counts)
         # per sender, its last judgements: True where refused or clipped (probation)
         self.records: dict[str, deque[bool]] = {}
 
@@ -182,7 +184,7 @@ class DeltaGuard:
         centre = self._centre()
         tensor_norms = {n: k * float(torch.linalg.vector_norm(g)) for n, g in delta.items()}
         norm = math.sqrt(sum(v * v for v in tensor_norms.values()))
-        refused = self._screen(delta, norm, tensor_norms, centre, sender)
+        refused, cosine = self._screen(delta, norm, tensor_norms, centre, sender)
         if refused is not None:
             # a direction refusal is no strike: when the momentum itself is wrong (the valve's
             # case), honest senders are refused that way until the valve stands aside
@@ -217,6 +219,8 @@ class DeltaGuard:
             self.counts["clipped"] += 1
         self.counts["accepted"] += 1
         self._remember(norm, tensor_norms, distance)
+        if cosine is not None:
+            self.cosines.append(cosine)
         detail = f"clipped to |g − c| = {distance:.3g}" if clipped else ""
         return GuardDecision(delta, "clipped" if clipped else "", detail, clipped)
 
@@ -266,32 +270,36 @@ class DeltaGuard:
             self.distances.append(distance)
 
     def _screen(self, delta: dict[str, torch.Tensor], norm: float, tensor_norms: dict[str, float],
-                centre: Mapping[str, torch.Tensor] | None, sender: str) -> GuardDecision | None:
-        """The screen's refusal of a delta judged at ``norm`` (a full round's size), or None."""
+                centre: Mapping[str, torch.Tensor] | None,
+                sender: str) -> tuple[GuardDecision | None, float | None]:
+        """The screen's refusal of a delta judged at ``norm`` (a full round's size), or None; and
+        the delta's cosine to the centre (None when it was not looked at, or there is none)."""
         if self._has_history(self.norms):  # else: the intake's absolute bounds only
             k = self.config.reject_ratio
             median = statistics.median(self.norms)
             if norm > k * median:
-                return GuardDecision(None, "norm_outlier", f"|g| = {norm:.3g} > {k:g} × median {median:.3g}")
+                why = f"|g| = {norm:.3g} > {k:g} × median {median:.3g}"
+                return GuardDecision(None, "norm_outlier", why), None
             for name, value in tensor_norms.items():
                 seen = self.tensor_shares[name]
                 share = value / norm if norm > 0 else 0.0
                 median_share = statistics.median(seen) if seen else 0.0
                 if median_share > 0 and share > k * median_share:
                     return GuardDecision(None, "tensor_outlier", f"tensor {name!r} holds {share:.3g} of |g|, "
-                                         f"> {k:g} × median {median_share:.3g}")
+                                         f"> {k:g} × median {median_share:.3g}"), None
         cosine = _cosine(delta, centre)
-        against = cosine is not None and cosine < self.config.min_cosine
-        if against and self._momentum_suspect(sender):
-            # Most recent senders point against it: the momentum, not they, is wrong (an attacker
-            # got into it). Refusing them would lock the honest out and keep it wrong for good.
-            self.counts["momentum_suspect"] += 1
-            against = False
-        self.directions.append((sender, against))
-        if against:
+        if cosine is None:
+            return None, None
+        # read back by benchmarks/direction_replay.py
+        log.debug("delta of %s: cosine %.4f to the server's momentum", sender or "?", cosine)
+        if self.direction.refuses(sender, cosine):
             return GuardDecision(None, "against_momentum", f"cosine to the server's momentum "
-                                 f"{cosine:.2f} < {self.config.min_cosine:g}")
-        return None
+                                 f"{cosine:.2f} < {self.config.min_cosine:g}"), cosine
+        return None, cosine
+
+    def median_cosine(self) -> float | None:
+        """The median cosine to the centre of recent accepted deltas (None before any), for status."""
+        return statistics.median(self.cosines) if self.cosines else None
 
     def _descent(self, delta: dict[str, torch.Tensor]) -> str | None:
         """The descent check's refusal of every ``descent_every``-th delta that got this far."""
@@ -309,26 +317,13 @@ class DeltaGuard:
         unnamed sender (a test's, the simulator's without identities) keeps no record."""
         if not sender or not self.config.strikes:
             return None
-        record = self.records.get(sender)
-        if record is None:
-            if len(self.records) >= MAX_RECORDS:  # forget the longest-unheard sender
-                del self.records[next(iter(self.records))]
-            record = self.records[sender] = deque(maxlen=self.config.record)
-        else:  # most recently heard last
-            self.records[sender] = self.records.pop(sender)
+        record = record_of(self.records, sender, self.config.record)
         record.append(flagged)
         strikes = sum(record)
         if strikes < self.config.strikes:
             return None
         return (f"{strikes} of this sender's last {len(record)} deltas were refused or clipped; its "
                 f"deltas are judged but not applied until fewer than {self.config.strikes} are")
-
-    def _momentum_suspect(self, sender: str) -> bool:
-        """True when this sender and others, more than half of the recent distinct senders, were
-        refused ``against_momentum`` in the last judgements."""
-        senders = {s for s, _ in self.directions} | {sender}
-        against = {s for s, refused in self.directions if refused} | {sender}
-        return len(senders) >= 2 and 2 * len(against) > len(senders)
 
     def _has_history(self, seen: deque[float]) -> bool:
         """Enough accepted deltas for a statistic: ``min_history`` of them, or any once a trusted
@@ -344,8 +339,10 @@ class DeltaGuard:
     def save_state(self) -> dict[str, Any]:
         """The statistics, for a checkpoint: a restart must not reopen the start-up window."""
         return {"guard": {"norms": list(self.norms), "distances": list(self.distances),
+                          "cosines": list(self.cosines),
                           "tensor_shares": {n: list(v) for n, v in self.tensor_shares.items()},
                           "records": {s: [int(f) for f in r] for s, r in self.records.items()},
+                          **self.direction.save_state(),
                           "trusted_start": self.trusted_start,
                           "counts": dict(self.counts)}}
 
@@ -355,6 +352,8 @@ class DeltaGuard:
         self.norms.extend(float(v) for v in state.get("norms") or [])
         self.distances.clear()
         self.distances.extend(float(v) for v in state.get("distances") or [])
+        self.cosines.clear()
+        self.cosines.extend(float(v) for v in state.get("cosines") or [])
         saved = state.get("tensor_shares") or {}
         for name, seen in self.tensor_shares.items():
             seen.clear()
@@ -362,7 +361,9 @@ class DeltaGuard:
         self.trusted_start = bool(state.get("trusted_start"))
         self.records = {str(s): deque((bool(f) for f in r), maxlen=self.config.record)
                         for s, r in (state.get("records") or {}).items()}
-        self.counts = Counter({str(k): int(v) for k, v in (state.get("counts") or {}).items()})
+        self.direction.load_state(state)
+        self.counts.clear()  # the same Counter the direction check counts in
+        self.counts.update({str(k): int(v) for k, v in (state.get("counts") or {}).items()})
 
 
 def _cosine(delta: dict[str, torch.Tensor], centre: Mapping[str, torch.Tensor] | None) -> float | None:

@@ -68,7 +68,8 @@ def outer_options() -> Callable[[F], F]:
 
 def guard_options() -> Callable[[F], F]:
     """The delta guard (coordinator/guard.py): --guard, --guard-reject-ratio, --guard-clip-ratio,
-    --guard-min-cosine, --guard-strikes, --guard-descent-every, --guard-descent-tolerance."""
+    --guard-min-cosine, --guard-forgive-after, --guard-strikes, --guard-descent-every,
+    --guard-descent-tolerance."""
     return _group(
         option("--guard", env="GUARD", type=click.Choice(GUARD_MODES), default="clip",
                help="Judge each delta before it moves θ: 'screen' refuses outliers (norm, one tensor's "
@@ -85,6 +86,10 @@ def guard_options() -> Callable[[F], F]:
         option("--guard-min-cosine", env="GUARD_MIN_COSINE", type=click.FloatRange(-1, 1),
                default=GuardConfig.min_cosine,
                help="Refuse a delta whose cosine to the server's momentum is below this (-1: never)."),
+        option("--guard-forgive-after", env="GUARD_FORGIVE_AFTER", type=click.IntRange(0, GuardConfig.window),
+               default=GuardConfig.forgive_after,
+               help="Forgive a volunteer one delta against the momentum when its last this many all pointed "
+               "along it (honest rounds dip a little below 0 late in a run; 0: never)."),
         option("--guard-strikes", env="GUARD_STRIKES", type=click.IntRange(0, GuardConfig.record),
                default=GuardConfig.strikes,
                help=f"Put a volunteer on probation (its deltas judged, not applied) while this many of its "

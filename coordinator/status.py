@@ -27,7 +27,7 @@ SCHEMA = 1
 STATUS_TTL_S = 7 * 24 * 3600
 
 
-def _num(value: float) -> float | None:
+def _num(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), 6)
 
 
@@ -61,7 +61,9 @@ def build_status(run: RunState, *, consumer: DeltaConsumer | None, spool: PartSp
             "rejected": intake.counts["rejected"],
             "rejected_by_reason": dict(sorted(intake.rejected_by_reason.items())),
             # the guard's decisions (judged, accepted, clipped, and each refusal reason)
-            "guard": {"mode": run.guard.mode.value, **dict(sorted(run.guard.counts.items()))},
+            "guard": {"mode": run.guard.mode.value, **dict(sorted(run.guard.counts.items())),
+                      # how well recent accepted deltas agree with the server's momentum
+                      "median_cosine": _num(run.guard.median_cosine())},
         },
         "progress": run.progress_doc(now),
         "eval": {

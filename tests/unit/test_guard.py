@@ -256,3 +256,67 @@ def test_one_trusted_round_is_a_statistic_and_a_restart_keeps_that_it_was_truste
     strangers_only = _guard("clip")  # without a trusted start, min_history deltas first
     assert not strangers_only.judge(_delta(1.0, seed=11), local_steps=H).refused
     assert not strangers_only.judge(_delta(8.0, seed=12), local_steps=H).refused
+
+
+def _at_cosine(centre: dict[str, torch.Tensor], cosine: float, *, seed: int) -> dict[str, torch.Tensor]:
+    """A delta of norm 1 whose cosine to ``centre`` is ``cosine`` (the rest of it orthogonal)."""
+    flat_c = torch.cat([centre[n].reshape(-1) for n in NAMES])
+    flat_c = flat_c / flat_c.norm()
+    other = torch.randn(flat_c.shape, generator=torch.Generator().manual_seed(seed))
+    other = other - other.dot(flat_c) * flat_c
+    flat = cosine * flat_c + math.sqrt(1 - cosine**2) * other / other.norm()
+    return dict(zip(NAMES, flat.split([centre[n].numel() for n in NAMES]), strict=True))
+
+
+def test_an_honest_sender_s_rare_dip_against_the_momentum_is_forgiven_a_flipper_s_is_not() -> None:
+    centre = _delta(1.0, seed=80)
+    guard = _guard("screen", centre=centre)  # forgive_after 4, the default
+    for seed in range(6):  # three senders, six honest deltas each (cosines 0.3-0.55)
+        for sender in ("honest", "other", "third"):
+            assert not guard.judge(_at_cosine(centre, 0.3 + 0.05 * seed, seed=seed), local_steps=H,
+                                   sender=sender).refused
+    assert guard.median_cosine() == pytest.approx(0.425, abs=1e-4)
+    dip = _at_cosine(centre, -0.1, seed=90)  # an honest round that is mostly noise late in a run
+    assert not guard.judge(dip, local_steps=H, sender="honest").refused
+    assert guard.counts["direction_forgiven"] == 1
+    # a second dip before four more along the momentum is refused
+    assert guard.judge(dip, local_steps=H, sender="honest").reason == "against_momentum"
+    flipped = _at_cosine(centre, -0.45, seed=91)  # a sign-flipper: against, round after round
+    for _ in range(6):
+        assert guard.judge(flipped, local_steps=H, sender="liar").reason == "against_momentum"
+        for sender in ("other", "third"):
+            guard.judge(_at_cosine(centre, 0.4, seed=110), local_steps=H, sender=sender)
+    for seed in range(4):  # the honest sender back along the momentum: forgiven once more
+        guard.judge(_at_cosine(centre, 0.4, seed=100 + seed), local_steps=H, sender="honest")
+    restored = _guard("screen", centre=centre)
+    restored.load_state(guard.save_state())  # the senders' directions are kept in the checkpoint
+    assert not restored.judge(dip, local_steps=H, sender="honest").refused
+    never = _guard("screen", centre=centre, forgive_after=0)
+    for seed in range(6):
+        never.judge(_at_cosine(centre, 0.4, seed=seed), local_steps=H, sender="honest")
+    assert never.judge(dip, local_steps=H, sender="honest").reason == "against_momentum"
+    with pytest.raises(ConfigError):
+        GuardConfig(forgive_after=-1)
+    with pytest.raises(ConfigError):
+        GuardConfig(forgive_after=65)
+
+
+def test_the_valve_opens_for_the_first_sender_to_point_back_once_the_others_do() -> None:
+    """When the momentum overshoots, every honest sender points back: each sender's latest
+    direction counts, refused or not, so the sender judged first is not the one left refused."""
+    centre = _delta(1.0, seed=81)
+    guard = _guard("screen", centre=centre, forgive_after=0)
+    for seed in range(3):
+        for sender in ("fast", "medium", "slow"):
+            guard.judge(_at_cosine(centre, 0.3, seed=seed), local_steps=H, sender=sender)
+    back = _at_cosine(centre, -0.08, seed=95)
+    assert guard.judge(back, local_steps=H, sender="fast").reason == "against_momentum"  # alone so far
+    assert not guard.judge(back, local_steps=H, sender="medium").refused  # fast and medium: 2 of 3
+    assert not guard.judge(back, local_steps=H, sender="fast").refused  # still 2 of 3: fast too
+    assert guard.counts["momentum_suspect"] == 2
+    # one liar among three honest senders pointing along stays refused
+    along = _at_cosine(centre, 0.3, seed=96)
+    for sender in ("fast", "medium", "slow"):
+        guard.judge(along, local_steps=H, sender=sender)
+    liar = _at_cosine(centre, -0.3, seed=97)
+    assert guard.judge(liar, local_steps=H, sender="liar").reason == "against_momentum"

@@ -1,0 +1,78 @@
+"""The guard's direction check on the cosines of a real run: honest deltas refused, and the same
+deltas sign-flipped (the flipper stopped), with and without forgiveness.
+
+Reads the "delta of SENDER: cosine C to the server's momentum" lines a coordinator logs at debug
+level (coordinator/guard.py), and replays them in order through the guard's own direction check
+(coordinator/direction.py) for each ``--forgive-after``: once as they came (every sender honest),
+then once per sender with that sender's cosines negated (its deltas sign-flipped, the others as
+they came). A replay, not a rerun: a refused delta would have left the momentum, and so the
+cosines after it, a little different in the real run.
+
+    ASYNCLOCO_LOG_LEVEL=debug make demo
+    python benchmarks/direction_replay.py .asyncloco/demo/coordinator.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from pathlib import Path
+
+from table_csv import write_rows
+
+from coordinator.direction import DirectionCheck
+from coordinator.guard import GuardConfig
+
+LINE = re.compile(r"delta of (\S+): cosine (-?[0-9.]+) to the server's momentum")
+
+
+def replay(cosines: list[tuple[str, float]], forgive_after: int, min_cosine: float,
+           flipped: str | None = None) -> Counter[str]:
+    """Refusals per sender of ``cosines`` (sender, cosine) judged in order; ``flipped``'s negated."""
+    check = DirectionCheck(min_cosine, forgive_after, Counter())
+    refused: Counter[str] = Counter()
+    for sender, cosine in cosines:
+        if check.refuses(sender, -cosine if sender == flipped else cosine):
+            refused[sender] += 1
+    return refused
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("log", type=Path, help="a coordinator log written at --log-level debug")
+    parser.add_argument("--forgive-after", default=f"0,{GuardConfig.forgive_after},8",
+                        help="comma list of --guard-forgive-after values to replay")
+    parser.add_argument("--min-cosine", type=float, default=GuardConfig.min_cosine)
+    parser.add_argument("--out", type=Path, default=Path("results/direction_replay.csv"))
+    args = parser.parse_args()
+    if not args.log.is_file():
+        parser.error(f"no such log: {args.log}")
+    try:
+        forgive = [int(v) for v in args.forgive_after.split(",") if v.strip()]
+    except ValueError:
+        parser.error("--forgive-after takes a comma list of integers")
+    cosines = [(m[1], float(m[2])) for m in LINE.finditer(args.log.read_text())]
+    if not cosines:
+        parser.error(f"{args.log} has no cosine lines: was the coordinator's log level debug?")
+    sent = Counter(sender for sender, _ in cosines)
+    print(f"{len(cosines)} deltas judged for direction in {args.log} "
+          f"({', '.join(f'{s} {n}' for s, n in sorted(sent.items()))})")
+    print(f"{'forgive after':>13} {'honest refused':>15}  " + "  ".join(f"{s + ' flipped, stopped':>28}"
+                                                                       for s in sorted(sent)))
+    rows = []
+    for k in forgive:
+        honest = sum(replay(cosines, k, args.min_cosine).values())
+        stopped = {s: replay(cosines, k, args.min_cosine, flipped=s)[s] for s in sorted(sent)}
+        print(f"{k:>13} {honest:>7} ({100 * honest / len(cosines):4.1f}%)  "
+              + "  ".join(f"{f'{stopped[s]} of {sent[s]} ({100 * stopped[s] / sent[s]:.0f}%)':>28}"
+                          for s in sorted(sent)))
+        rows.append({"forgive_after": k, "deltas": len(cosines), "honest_refused": honest,
+                     **{f"{s}_flipped_stopped": stopped[s] for s in sorted(sent)},
+                     **{f"{s}_deltas": sent[s] for s in sorted(sent)}})
+    write_rows(args.out, rows)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

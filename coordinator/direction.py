@@ -1,0 +1,87 @@
+"""The delta guard's direction check (:mod:`coordinator.guard`): a delta whose cosine to the
+server's momentum is below ``min_cosine`` points against where the honest deltas took θ, and is
+refused as ``against_momentum`` (a sign-flipped delta does; an honest one keeps a positive cosine
+with the momentum it adds up to).
+
+Two exceptions keep honest volunteers in, both measured on real runs (docs/SECURITY.md,
+``benchmarks/direction_replay.py``):
+
+- **Forgiveness**: late in a run an honest round's progress is mostly noise and its cosine dips a
+  little below 0 now and then. A sender whose last ``forgive_after`` directions all pointed along
+  the momentum has such a dip forgiven; a sign-flipper points against it round after round and
+  never is, and a liar that sends ``forgive_after`` deltas along the momentum for each one
+  against it gives more than it takes.
+- **The valve**: when more than half of the distinct senders of the last judgements pointed
+  against the momentum the last time each was judged, the momentum overshot (or an attacker got
+  into it), and refusing them would lock the honest out and keep it wrong: the check stands
+  aside. Each sender's latest direction counts, refused or not, so the first honest sender to
+  point back is not the one left refused while the valve opens for the rest.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from typing import Any
+
+# Judgements the valve looks back over (a few rounds of a few senders).
+DIRECTIONS_KEPT = 16
+# Senders whose records are kept (the least recently heard is forgotten past this).
+MAX_RECORDS = 10_000
+
+
+class DirectionCheck:
+    """Judges a delta by its cosine to the centre, with forgiveness and the valve (module
+    docstring); counts ``momentum_suspect`` and ``direction_forgiven`` in ``counts``."""
+
+    def __init__(self, min_cosine: float, forgive_after: int, counts: Counter[str]) -> None:
+        self.min_cosine = min_cosine
+        self.forgive_after = forgive_after
+        self.counts = counts
+        # (sender, pointed against the momentum) of the last judgements: the valve's
+        self.directions: deque[tuple[str, bool]] = deque(maxlen=DIRECTIONS_KEPT)
+        # per sender, its last directions judged: True where it pointed against the momentum
+        self.pointing: dict[str, deque[bool]] = {}
+
+    def refuses(self, sender: str, cosine: float) -> bool:
+        """Judge a delta of ``sender`` at ``cosine`` to the centre: True if it is refused."""
+        pointed = cosine < self.min_cosine
+        refused = pointed
+        if refused and self._momentum_suspect(sender):
+            self.counts["momentum_suspect"] += 1
+            refused = False
+        elif refused and self._forgiven(sender):
+            self.counts["direction_forgiven"] += 1
+            refused = False
+        self.directions.append((sender, pointed))
+        if sender and self.forgive_after:
+            record_of(self.pointing, sender, self.forgive_after).append(pointed)
+        return refused
+
+    def _forgiven(self, sender: str) -> bool:
+        seen = self.pointing.get(sender)
+        return seen is not None and len(seen) == self.forgive_after and not any(seen)
+
+    def _momentum_suspect(self, sender: str) -> bool:
+        latest = dict(self.directions)
+        latest[sender] = True
+        return len(latest) >= 2 and 2 * sum(latest.values()) > len(latest)
+
+    def save_state(self) -> dict[str, Any]:
+        """The senders' records, for a checkpoint (the valve's few judgements start afresh)."""
+        return {"pointing": {s: [int(f) for f in r] for s, r in self.pointing.items()}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.pointing = {str(s): deque((bool(f) for f in r), maxlen=self.forgive_after or 1)
+                         for s, r in (state.get("pointing") or {}).items()}
+
+
+def record_of(table: dict[str, deque[bool]], sender: str, length: int) -> deque[bool]:
+    """``sender``'s record in ``table`` (a new one of ``length`` if none), moved to the end: the
+    most recently heard last, and the longest unheard forgotten past ``MAX_RECORDS``."""
+    record = table.pop(sender, None)
+    if record is None:
+        if len(table) >= MAX_RECORDS:
+            del table[next(iter(table))]
+        record = deque(maxlen=length)
+    table[sender] = record
+    return record
