@@ -257,6 +257,7 @@ class Worker:
         trainer = self._start_from_newest_base()
         base_version, run_id = self.replica.version, self.replica.run_id
         assert base_version is not None and run_id is not None  # set by the base just taken
+        origin = (run_id, base_version)  # where the round began, if it moves
         plan = self.fetcher.wait_for_plan(self.config.poll_s)
         stacking = self.config.overlap and self.config.include_wait_s > 0 and plan.arrival_share > 0
         stacked_on = -1
@@ -283,7 +284,9 @@ class Worker:
             stacked_on = self.overlap.stacked_on
 
         encoding = time.monotonic()
-        message = self._delta(trainer, stats, run_id, base_version, stacked_on)
+        # a round that moved says where it began: the coordinator dates its start by it (speed)
+        origin_version = origin[1] if origin != (run_id, base_version) and origin[0] == run_id else -1
+        message = self._delta(trainer, stats, run_id, base_version, stacked_on, origin_version)
         encode_s = time.monotonic() - encoding
         self.events.sending(sum(len(blob) for blob in message.tensors.values()))
         upload = self.sender.send(message, run_id=run_id, base_version=base_version, plan=plan,
@@ -469,7 +472,8 @@ class Worker:
         return stats, steps
 
     def _delta(
-        self, trainer: LocalTrainer, stats: RoundStats, run_id: str, base_version: int, stacked_on: int
+        self, trainer: LocalTrainer, stats: RoundStats, run_id: str, base_version: int, stacked_on: int,
+        origin_version: int = -1,
     ) -> DeltaMessage:
         """Compress g = θ_base − θ with error feedback and tag it with a freshly reserved seq."""
         # taken and quantised where the model is: from a GPU only the encoded bytes come back
@@ -482,7 +486,7 @@ class Worker:
             local_steps=stats.steps, samples=stats.samples, tokens=stats.tokens,
             compute_s=stats.compute_s, train_loss=stats.train_loss, codec=self.codec.name,
             tensors=tensors, sent_at=time.time(), device=describe_device(trainer.device),
-            previous_timings=self._previous_timings, stacked_on=stacked_on,
+            previous_timings=self._previous_timings, stacked_on=stacked_on, origin_version=origin_version,
         )
 
     def _as_sent(self, message: DeltaMessage, trainer: LocalTrainer) -> dict[str, torch.Tensor]:

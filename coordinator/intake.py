@@ -306,6 +306,7 @@ class DeltaIntake:
             client_id=cid, seq=seq, base_version=msg.base_version, local_steps=steps,
             compute_s=msg.compute_s, tokens=tokens, train_loss=msg.train_loss,
             staleness=arrival.staleness, now=now, device=msg.device, timings=msg.previous_timings,
+            origin_version=msg.origin_version,
         )
         self.progress.add(local_steps=steps, tokens=tokens, samples=samples)
         return Outcome(OutcomeKind.APPLIED, "", "", cid, seq, arrival.staleness)

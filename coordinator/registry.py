@@ -163,7 +163,7 @@ class ClientRegistry:
     def record_applied(
         self, *, client_id: str, seq: int, base_version: int, local_steps: int, compute_s: float,
         tokens: int, train_loss: float, staleness: int, now: float, device: str = "",
-        timings: Mapping[str, float] | None = None,
+        timings: Mapping[str, float] | None = None, origin_version: int = -1,
     ) -> None:
         """Record an applied delta, credited ``local_steps`` and ``tokens``; measure the round.
 
@@ -171,11 +171,16 @@ class ClientRegistry:
         own claims: kept for ``status``, never used.
         The speed is ``local_steps`` over the round's wall time on this machine's clock (see the
         module docstring); a client's first delta measures nothing (its round included joining, and
-        its base may be older than its arrival in the run).
+        its base may be older than its arrival in the run). A round that moved onto newer snapshots
+        while it trained (``origin_version``, the client's claim) is dated from the one it began
+        from, and only if that is earlier than ``base_version``: dating it from the version it
+        ended on would make it look short, and the client fast (DyLU would then cut every other
+        client's rounds); the claim can make a round look longer, never shorter.
         """
         record = self.get(client_id)
         if record.last_arrival > 0 and local_steps > 0:
-            started = max(self.published_at.get(base_version, 0.0), record.last_arrival)
+            began = base_version if origin_version < 0 else min(origin_version, base_version)
+            started = max(self.published_at.get(began, 0.0), record.last_arrival)
             if now - started >= MIN_ROUND_S:
                 speed = local_steps / (now - started)
                 record.steps_per_s = (speed if record.steps_per_s <= 0

@@ -205,7 +205,11 @@ class DeltaMessage:
     a client that predates it or in a client's first round). ``stacked_on``: the seq of this
     client's previous delta when this one's round started from ``base_version`` moved by that
     delta as the coordinator moves θ at its arrival (``--overlap``: the round began before that
-    delta was in a snapshot); -1 (left out on the wire) otherwise.
+    delta was in a snapshot); -1 (left out on the wire) otherwise. ``origin_version``: the version
+    the round began training from when it moved onto ``base_version`` while it trained
+    (``--follow``, ``--overlap``); -1 (left out) when it began from ``base_version``. A claim,
+    used only to date the round's start for its speed (coordinator/registry.py), and only when
+    earlier than ``base_version``: it can make a round look longer, never shorter.
     """
 
     run_id: str
@@ -223,6 +227,7 @@ class DeltaMessage:
     device: str = ""
     previous_timings: dict[str, float] = field(default_factory=dict)
     stacked_on: int = -1
+    origin_version: int = -1
 
     @property
     def delta_id(self) -> str:
@@ -250,6 +255,7 @@ class DeltaMessage:
                 **({"previous_timings": {name: float(value) for name, value in self.previous_timings.items()}}
                    if self.previous_timings else {}),
                 **({"stacked_on": self.stacked_on} if self.stacked_on >= 0 else {}),
+                **({"origin_version": self.origin_version} if self.origin_version >= 0 else {}),
             },
             use_bin_type=True,
         )
@@ -290,9 +296,11 @@ class DeltaMessage:
         if not device.isprintable():
             raise ProtocolError("wrong_schema", "field 'device' holds a character that is not printable")
         timings = _decode_timings(obj)  # optional too, and as strictly checked
-        stacked_on = require_field(obj, "stacked_on", int) if "stacked_on" in obj else -1
-        if not 0 <= stacked_on < 2**63 and stacked_on != -1:
-            raise ProtocolError("wrong_schema", f"field 'stacked_on' out of range: {stacked_on}")
+        optional = {n: require_field(obj, n, int) if n in obj else -1
+                    for n in ("stacked_on", "origin_version")}
+        for name, value in optional.items():
+            if not 0 <= value < 2**63 and value != -1:
+                raise ProtocolError("wrong_schema", f"field {name!r} out of range: {value}")
         tensors = require_field(obj, "tensors", dict)
         if not tensors:
             raise ProtocolError("wrong_schema", "no tensors in delta")
@@ -306,4 +314,5 @@ class DeltaMessage:
             if not isinstance(blob, bytes):
                 raise ProtocolError("wrong_schema", f"tensor {name!r} payload is not bytes")
         fields: dict[str, Any] = {**strs, **ints, **floats}  # each checked above
-        return cls(tensors=tensors, device=device, previous_timings=timings, stacked_on=stacked_on, **fields)
+        return cls(tensors=tensors, device=device, previous_timings=timings,
+                   stacked_on=optional["stacked_on"], origin_version=optional["origin_version"], **fields)

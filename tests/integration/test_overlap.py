@@ -164,6 +164,7 @@ def test_a_following_round_moves_onto_the_snapshots_of_other_clients_deltas(
                                  include_wait_s=10.0, follow=True, slowdown=10.0)
         follower = Worker(settings, events=starts)
         with follower:
+            sent = recorded_sends(follower)
             thread = threading.Thread(target=lambda: follower.run(on_round=follower_reports.append))
             thread.start()
             busy = Worker(client_config(run_name, tmp_path / "busy", key, client_id="busy", max_rounds=8,
@@ -179,7 +180,11 @@ def test_a_following_round_moves_onto_the_snapshots_of_other_clients_deltas(
     assert moved >= 1
     assert len(follower_reports) == 2 and all(r.fate.verdict is not None and r.fate.verdict.applied
                                               for r in follower_reports)
-    # a moved round's delta names a newer base than the one its round started from
+    # a moved round's delta names a newer base than the one its round started from, and says
+    # where it began (the coordinator dates its start, and so its speed, by it); others say nothing
     assert any(r.base_version > start.base_version for r, start in zip(follower_reports, starts.starts,
                                                                           strict=False)), (
         [(r.base_version, s.base_version) for r, s in zip(follower_reports, starts.starts, strict=False)])
+    assert [m.origin_version for m in sent] == [
+        start.base_version if m.base_version > start.base_version else -1
+        for m, start in zip(sent, starts.starts, strict=True)]

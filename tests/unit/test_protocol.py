@@ -133,12 +133,13 @@ def test_whatever_device_label_returns_the_decoder_accepts(text: str) -> None:
 TIMINGS = {"fetch_s": 0.25, "encode_s": 0.125, "upload_s": 1.5, "wait_s": 3.0}
 
 
-def test_a_stacked_delta_names_its_predecessor_and_others_leave_the_field_out() -> None:
-    assert DeltaMessage.decode(make_delta(stacked_on=41).encode()).stacked_on == 41
-    assert "stacked_on" not in msgpack.unpackb(make_delta().encode(), raw=False)
-    assert DeltaMessage.decode(make_delta().encode()).stacked_on == -1
+@pytest.mark.parametrize("name", ["stacked_on", "origin_version"])
+def test_a_stacked_or_moved_round_says_so_and_others_leave_the_field_out(name: str) -> None:
+    assert getattr(DeltaMessage.decode(make_delta(**{name: 41}).encode()), name) == 41
+    assert name not in msgpack.unpackb(make_delta().encode(), raw=False)
+    assert getattr(DeltaMessage.decode(make_delta().encode()), name) == -1
     for bad in (-2, 2**63, True, 1.0, "3"):
-        assert reason_of(pack(delta_dict(stacked_on=bad))) == "wrong_schema", bad
+        assert reason_of(pack(delta_dict(**{name: bad}))) == "wrong_schema", bad
 
 
 def test_the_previous_rounds_timings_round_trip() -> None:

@@ -54,6 +54,24 @@ def test_the_speed_is_steps_over_the_wall_time_since_the_later_of_base_publish_a
     assert reg.clients["c1"].steps_per_s == pytest.approx(0.5 * 6.0 + 0.5 * 3.0)
 
 
+def test_a_round_that_moved_onto_newer_snapshots_is_dated_from_the_one_it_began_on() -> None:
+    """--follow: a round that began on v1 and ended on v3 took the time since v1's publish, not
+    since v3's; a claimed origin later than its base (or none) changes nothing."""
+    reg = registry()
+    for version, at in ((0, 100.0), (1, 110.0), (2, 115.0), (3, 118.0)):
+        reg.note_published(version, at=at)
+    applied(reg, "c1", 0, base=0, steps=30, now=109.0)
+    reg.record_applied(client_id="c1", seq=1, base_version=3, local_steps=30, compute_s=1.0, tokens=3000,
+                       train_loss=2.0, staleness=0, now=120.0, origin_version=1)
+    assert reg.clients["c1"].steps_per_s == pytest.approx(3.0)  # 30 steps in 10 s (not 2 s)
+    reg.note_published(4, at=121.0)
+    reg.note_published(5, at=125.0)
+    # a liar naming a later origin than its base: dated from its base as ever (v4: 9 s)
+    reg.record_applied(client_id="c1", seq=2, base_version=4, local_steps=30, compute_s=1.0, tokens=3000,
+                       train_loss=2.0, staleness=0, now=130.0, origin_version=5)
+    assert reg.clients["c1"].steps_per_s == pytest.approx(0.5 * 30 / 9 + 0.5 * 3.0)
+
+
 def test_the_claimed_compute_time_is_shown_and_never_used() -> None:
     reg = registry()
     reg.note_published(0, at=100.0)
