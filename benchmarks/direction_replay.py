@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def main() -> None:
     sent = Counter(sender for sender, _ in cosines)
     print(f"{len(cosines)} deltas judged for direction in {args.log} "
           f"({', '.join(f'{s} {n}' for s, n in sorted(sent.items()))})")
+    values = [c for _, c in cosines]
+    print(f"median cosine of the first 64: {statistics.median(values[:64]):.3f}, of the last 64: "
+          f"{statistics.median(values[-64:]):.3f}; lowest {min(values):.3f}; below --min-cosine "
+          f"{sum(c < args.min_cosine for c in values)}")
     print(f"{'forgive after':>13} {'honest refused':>15}  " + "  ".join(f"{s + ' flipped, stopped':>28}"
                                                                        for s in sorted(sent)))
     rows = []
