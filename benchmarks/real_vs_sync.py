@@ -8,8 +8,15 @@ loss at equal wall-clock points; writes a CSV. Every process it starts is stoppe
 * ``dn``: the paper's Delayed Nesterov + DyLU (``--strategy dn --compute-exponent 0``);
 * ``sync``: synchronous DiLoCo (every round waits for all four);
 * ``alone``: the fastest client (slowdown 1) alone, with the defaults: do the volunteers help?
+* ``follow``, ``overlap+follow`` (not run unless named): the defaults, with every client's rounds
+  moving onto newer snapshots while they train (``--follow``), and also starting before their last
+  delta is in a snapshot (``--overlap``).
+
+``--repeats N`` runs each variant N times (the table shows each point's mean) and prints, per run,
+the deltas applied, the guard's refusals by reason and the speeds the coordinator measured.
 
     python benchmarks/real_vs_sync.py --seconds 120
+    python benchmarks/real_vs_sync.py --variants edn,follow,overlap+follow --repeats 2
 """
 
 from __future__ import annotations
@@ -36,13 +43,16 @@ from shared.signing import KEY_FILE_NAME, SigningKey
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOWDOWNS = (1, 2, 4, 8)
-# label -> (coordinator options, client slowdowns)
-VARIANTS: dict[str, tuple[list[str], tuple[int, ...]]] = {
-    "edn": ([], SLOWDOWNS),
-    "dn": (["--strategy", "dn", "--compute-exponent", "0"], SLOWDOWNS),
-    "sync": (["--strategy", "sync"], SLOWDOWNS),
-    "alone": ([], SLOWDOWNS[:1]),
+# label -> (coordinator options, client slowdowns, client options)
+VARIANTS: dict[str, tuple[list[str], tuple[int, ...], list[str]]] = {
+    "edn": ([], SLOWDOWNS, []),
+    "dn": (["--strategy", "dn", "--compute-exponent", "0"], SLOWDOWNS, []),
+    "sync": (["--strategy", "sync"], SLOWDOWNS, []),
+    "alone": ([], SLOWDOWNS[:1], []),
+    "follow": ([], SLOWDOWNS, ["--follow"]),
+    "overlap+follow": ([], SLOWDOWNS, ["--overlap", "--follow"]),
 }
+DEFAULT_VARIANTS = ("edn", "dn", "sync", "alone")
 
 
 def _status(client: redis.Redis, run: str) -> dict:
@@ -67,7 +77,7 @@ class BenchRun:
     exit), its keys deleted afterwards. Also used by benchmarks/rejoin.py."""
 
     def __init__(self, name: str, args: argparse.Namespace, workdir: Path) -> None:
-        self.run = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+        self.run = f"bench-{name.replace('+', '-')}-{uuid.uuid4().hex[:6]}"
         self.args, self.workdir = args, workdir
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", ASYNCLOCO_REDIS=args.redis,
                         ASYNCLOCO_AMQP=args.amqp)
@@ -114,12 +124,17 @@ class BenchRun:
             time.sleep(0.5)
         return proc
 
-    def client(self, client_id: str, slowdown: int, seconds: float) -> subprocess.Popen:
+    def client(self, client_id: str, slowdown: int, seconds: float,
+               options: list[str] | None = None) -> subprocess.Popen:
         return self._start(client_id, [
             "client.cli", "join", "--run", self.run, "--client-id", client_id,
             "--slowdown", str(slowdown), "--threads", "1", "--device", "cpu",
             "--state-dir", str(self.workdir / "state" / client_id), "--max-seconds", str(seconds),
-            "--coordinator-key", self.coordinator_key])
+            "--coordinator-key", self.coordinator_key, *(options or [])])
+
+    def status(self) -> dict:
+        """The run's status document, as the coordinator last published it."""
+        return _status(self.redis, self.run)
 
     def curve(self, since: float) -> list[tuple[float, float]]:
         """[(seconds since ``since``, eval loss)] from the run's status."""
@@ -127,17 +142,24 @@ class BenchRun:
         return [(h["time"] - since, h["loss"]) for h in history if h["time"] >= since - 1]
 
 
-def run_one(variant: str, args: argparse.Namespace, workdir: Path) -> list[tuple[float, float]]:
-    """Train ``variant``; return [(seconds since the clients started, eval loss)]."""
-    options, slowdowns = VARIANTS[variant]
+def run_one(variant: str, args: argparse.Namespace, workdir: Path) -> tuple[list[tuple[float, float]], dict]:
+    """Train ``variant``; return [(seconds since the clients started, eval loss)] and what the run
+    did: deltas applied, refusals by reason, the speeds the coordinator measured."""
+    options, slowdowns, client_options = VARIANTS[variant]
     with BenchRun(variant, args, workdir) as bench:
         coordinator = bench.coordinator(options, args.seconds)
         started_wall = time.time()
-        clients = [bench.client(f"x{slowdown}", slowdown, args.seconds) for slowdown in slowdowns]
+        clients = [bench.client(f"x{slowdown}", slowdown, args.seconds, client_options)
+                   for slowdown in slowdowns]
         for proc in clients:
             proc.wait(timeout=args.seconds + 120)
+        status = bench.status()
         _stop([coordinator])
-        return bench.curve(started_wall)
+        deltas = status.get("deltas", {})
+        did = {"applied": deltas.get("applied", 0), "refused": deltas.get("rejected_by_reason", {}),
+               "forgiven": deltas.get("guard", {}).get("direction_forgiven", 0),
+               "steps_per_s": {c["client_id"]: c.get("steps_per_s", 0.0) for c in status.get("clients", [])}}
+        return bench.curve(started_wall), did
 
 
 def loss_at(curve: list[tuple[float, float]], t: float) -> float | None:
@@ -152,7 +174,9 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=30)
     parser.add_argument("--outer-lr", type=float, default=0.5)
     parser.add_argument("--outer-momentum", type=float, default=0.8)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help="comma list of " + ", ".join(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each variant (the table: means)")
     parser.add_argument("--points", type=int, default=6, help="equal wall-clock points to compare")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -161,24 +185,41 @@ def main() -> None:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or set(variants) - set(VARIANTS):
         parser.error(f"--variants takes a comma list of {', '.join(VARIANTS)}")
-    curves = {}
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    curves: dict[str, list[list[tuple[float, float]]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="asyncloco-bench-") as tmp:
-        for variant in variants:
-            print(f"running {variant} for {args.seconds:.0f} s with clients at --slowdown "
-                  f"{','.join(map(str, VARIANTS[variant][1]))} ...", flush=True)
-            curves[variant] = run_one(variant, args, Path(tmp))
+        for repeat in range(args.repeats):
+            for variant in variants:  # interleaved: a slow spell of the machine hits every variant
+                print(f"running {variant} (run {repeat + 1} of {args.repeats}) for {args.seconds:.0f} s with "
+                      f"clients at --slowdown {','.join(map(str, VARIANTS[variant][1]))} "
+                      f"{' '.join(VARIANTS[variant][2])}...", flush=True)
+                curve, did = run_one(variant, args, Path(tmp))
+                curves[variant].append(curve)
+                speeds = ", ".join(f"{c} {v or 0:.2f}" for c, v in sorted(did["steps_per_s"].items()))
+                final = curve[-1][1] if curve else float("nan")
+                print(f"  final eval {final:.4f}; applied {did['applied']}, "
+                      f"refused {did['refused'] or 'none'}, forgiven {did['forgiven']}; "
+                      f"measured steps/s {speeds}", flush=True)
     points = [args.seconds * (i + 1) / args.points for i in range(args.points)]
-    print(f"\n{'wall s':>7} " + " ".join(f"{v:>9}" for v in variants) + "  best")
+    print(f"\n{'wall s':>7} " + " ".join(f"{v:>14}" for v in variants) + "  best"
+          + (f"  (means of {args.repeats} runs)" if args.repeats > 1 else ""))
     rows = []
     for t in points:
-        losses = {v: loss_at(curves[v], t) for v in variants}
+        losses = {v: _mean([loss_at(c, t) for c in curves[v]]) for v in variants}
         known = {v: x for v, x in losses.items() if x is not None}
         best = min(known, key=lambda v: known[v]) if known else "-"
         rows.append({"wall_s": round(t, 1), **{f"{v}_eval": losses[v] for v in variants}, "best": best})
-        shown = (f"{x if x is not None else float('nan'):>9.4f}" for x in losses.values())
+        shown = (f"{x if x is not None else float('nan'):>14.4f}" for x in losses.values())
         print(f"{t:>7.0f} " + " ".join(shown) + f"  {best}")
     write_rows(args.out, rows)
     print(f"wrote {args.out}")
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean of ``values``, None if any is (a run with no eval by then)."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known and len(known) == len(values) else None
 
 
 if __name__ == "__main__":
