@@ -208,16 +208,17 @@ def _state_dir_option() -> Any:
               "limit).")
 @_option("--include-wait", "include_wait_s", env="ASYNCLOCO_INCLUDE_WAIT", default=10.0, show_default=True,
          type=click.FloatRange(min=0.0), metavar="SECONDS",
-         help="After a delta is confirmed, wait this long for a snapshot that includes it, then for any "
-              "newer one before the next round (the coordinator takes one delta per base version). 0: "
-              "never wait (rounds on an old base are then refused already_sent; fault tests use it to "
-              "pile deltas up).")
-@_option("--overlap/--no-overlap", env="ASYNCLOCO_OVERLAP", default=False, show_default=True,
+         help="With --no-overlap: after a delta is confirmed, wait this long for a snapshot that "
+              "includes it, then for any newer one before the next round (the coordinator takes one "
+              "delta per base version); with --overlap, the most it waits for the verdicts of its "
+              "deltas in flight. 0: never wait, and no overlap (rounds on an old base are then refused "
+              "already_sent; fault tests use it to pile deltas up).")
+@_option("--overlap/--no-overlap", env="ASYNCLOCO_OVERLAP", default=True, show_default=True,
          help="Start the next round as soon as a delta is confirmed, from the newest snapshot moved by "
               "this client's own deltas as the coordinator will move it, instead of waiting for a "
               "snapshot that includes them (asynchronous runs; each round's line then comes one round "
               "late, with its verdict).")
-@_option("--follow/--no-follow", env="ASYNCLOCO_FOLLOW", default=False, show_default=True,
+@_option("--follow/--no-follow", env="ASYNCLOCO_FOLLOW", default=True, show_default=True,
          help="Move the round in hand onto each newer snapshot while it trains (by the snapshot's "
               "patches; the round's progress is kept), so that its delta is based on a recent version.")
 @_option("--run-wait", "run_wait_s", env="ASYNCLOCO_RUN_WAIT", default=60.0, show_default=True,

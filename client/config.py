@@ -71,11 +71,13 @@ class ClientConfig:
     # next round (tests without a coordinator); the coordinator normally commits within ~1 s.
     include_wait_s: float = 10.0
     # Start the next round before the last delta is in a snapshot, from the newest snapshot moved
-    # by the client's own deltas as the coordinator will move it (client/overlap.py).
-    overlap: bool = False
+    # by the client's own deltas as the coordinator will move it (client/overlap.py). On by
+    # default, like follow: together they reached a given loss sooner in real runs and in the
+    # simulator (docs/BENCHMARKS.md, "Rounds that move onto newer snapshots").
+    overlap: bool = True
     # Move a round onto each newer snapshot while it trains, its progress carried (by patches:
     # client/overlap.MidRoundRebase), so that its delta is tagged with a recent version.
-    follow: bool = False
+    follow: bool = True
     poll_s: float = 1.0
     # How long a run that never showed up in Redis, or a coordinator of another protocol version,
     # is waited for before the client gives up for good (NoSuchRun, ProtocolMismatch). 0: for ever.

@@ -138,7 +138,8 @@ def worker(tmp_path: Path, politeness: Script, *, steps: int = 5, loss_sleep_s: 
            snapshot_bytes: int = 0, memory: MemoryGuard | None = None,
            **config: Any) -> tuple[Worker, list[str], Heard, Sent, LocalTrainer]:
     """A Worker whose servers are stand-ins: version 0 of run "rid" and a fixed plan of ``steps``;
-    ``memory``: its --max-memory check (default: no cap)."""
+    ``memory``: its --max-memory check (default: no cap). Rounds neither overlap nor follow (the
+    stand-ins hold one version; tests/unit/test_overlap.py covers those)."""
     trainer = make_trainer(LinearRegressionTask(loss_sleep_s=loss_sleep_s))
     plan = RoundPlan(run_id="rid", local_steps=steps, min_local_steps=1, fastest_steps_per_s=0.0,
                      active_clients=1, mode=RoundMode.FIXED)
@@ -151,7 +152,7 @@ def worker(tmp_path: Path, politeness: Script, *, steps: int = 5, loss_sleep_s: 
 
     w = Worker.__new__(Worker)
     w.config = ClientConfig(run="demo", coordinator_key="ab" * 32, state_dir=tmp_path, include_wait_s=0,
-                            poll_s=0.005, **config)
+                            poll_s=0.005, **{"overlap": False, "follow": False, **config})
     w.stop, notices, w.events = threading.Event(), [], Heard()
     w.on_notice, w.on_confirmed = notices.append, None
     w.politeness = politeness  # type: ignore[assignment]
