@@ -82,6 +82,8 @@ def main() -> None:
                         help="the guard's --guard-clip-ratio in the guarded runs")
     parser.add_argument("--forgive-after", type=int, default=GuardConfig.forgive_after,
                         help="the guard's --guard-forgive-after in the guarded runs (0: never)")
+    parser.add_argument("--direction-spread", type=float, default=GuardConfig.direction_spread,
+                        help="the guard's --guard-direction-spread in the guarded runs (0: off)")
     parser.add_argument("--descent-every", type=int, default=GuardConfig.descent_every,
                         help="the guard's --guard-descent-every in the guarded runs (0: off)")
     parser.add_argument("--replot", type=Path, default=None, metavar="CSV",
@@ -108,6 +110,7 @@ def main() -> None:
                      warm_start_steps=args.warm_start, outer=OuterConfig(), measure_trigger=True)
     guards = {"off": GuardConfig(mode="off"),
               "on": GuardConfig(clip_ratio=args.clip_ratio, forgive_after=args.forgive_after,
+                                direction_spread=args.direction_spread,
                                 descent_every=args.descent_every)}
     guards = {name: guards[name] for name in _names(parser, args.guards, guards, "--guards")}
     jobs = []
@@ -232,6 +235,7 @@ def _table(results: dict[str, SimResult], levels: list[str], strategies: list[st
            seeds: list[int], args: argparse.Namespace) -> list[dict]:
     print()
     print(f"guard clip ratio {args.clip_ratio:g}, forgive after {args.forgive_after}, "
+          f"direction spread {args.direction_spread:g}, "
           f"descent check every {args.descent_every or '-'}; "
           f"{args.attackers} of {args.workers} workers lie (the fastest); H={args.local_steps}, "
           f"{args.budget} honest local steps, from scratch after a trusted warm start of {args.warm_start} "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 from table_csv import write_rows
@@ -28,22 +28,30 @@ from coordinator.guard import GuardConfig
 LINE = re.compile(r"delta of (\S+): cosine (-?[0-9.]+) to the server's momentum")
 
 
-def replay(cosines: list[tuple[str, float]], forgive_after: int, min_cosine: float,
+def replay(cosines: list[tuple[str, float]], forgive_after: int, spread: float, min_cosine: float,
            flipped: str | None = None) -> Counter[str]:
-    """Refusals per sender of ``cosines`` (sender, cosine) judged in order; ``flipped``'s negated."""
-    check = DirectionCheck(min_cosine, forgive_after, Counter())
+    """Refusals per sender of ``cosines`` (sender, cosine) judged in order; ``flipped``'s negated.
+    The cosines of the deltas not refused are the accepted ones the spread is taken from (as in
+    the guard, whose other rules refused none of these deltas in the runs measured)."""
+    check = DirectionCheck(min_cosine, forgive_after, Counter(), spread=spread)
+    accepted: deque[float] = deque(maxlen=GuardConfig.window)
     refused: Counter[str] = Counter()
     for sender, cosine in cosines:
-        if check.refuses(sender, -cosine if sender == flipped else cosine):
+        cosine = -cosine if sender == flipped else cosine
+        if check.refuses(sender, cosine, check.least(accepted)):
             refused[sender] += 1
+        else:
+            accepted.append(cosine)
     return refused
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("log", type=Path, help="a coordinator log written at --log-level debug")
-    parser.add_argument("--forgive-after", default=f"0,{GuardConfig.forgive_after},8",
+    parser.add_argument("--forgive-after", default=f"0,{GuardConfig.forgive_after}",
                         help="comma list of --guard-forgive-after values to replay")
+    parser.add_argument("--spread", default=f"0,{GuardConfig.direction_spread:g}",
+                        help="comma list of --guard-direction-spread values to replay")
     parser.add_argument("--min-cosine", type=float, default=GuardConfig.min_cosine)
     parser.add_argument("--out", type=Path, default=Path("results/direction_replay.csv"))
     args = parser.parse_args()
@@ -51,8 +59,9 @@ def main() -> None:
         parser.error(f"no such log: {args.log}")
     try:
         forgive = [int(v) for v in args.forgive_after.split(",") if v.strip()]
+        spreads = [float(v) for v in args.spread.split(",") if v.strip()]
     except ValueError:
-        parser.error("--forgive-after takes a comma list of integers")
+        parser.error("--forgive-after and --spread take comma lists of numbers")
     cosines = [(m[1], float(m[2])) for m in LINE.finditer(args.log.read_text())]
     if not cosines:
         parser.error(f"{args.log} has no cosine lines: was the coordinator's log level debug?")
@@ -63,16 +72,16 @@ def main() -> None:
     print(f"median cosine of the first 64: {statistics.median(values[:64]):.3f}, of the last 64: "
           f"{statistics.median(values[-64:]):.3f}; lowest {min(values):.3f}; below --min-cosine "
           f"{sum(c < args.min_cosine for c in values)}")
-    print(f"{'forgive after':>13} {'honest refused':>15}  " + "  ".join(f"{s + ' flipped, stopped':>28}"
-                                                                       for s in sorted(sent)))
+    print(f"{'forgive after':>13} {'spread':>6} {'honest refused':>15}  "
+          + "  ".join(f"{s + ' flipped, stopped':>28}" for s in sorted(sent)))
     rows = []
-    for k in forgive:
-        honest = sum(replay(cosines, k, args.min_cosine).values())
-        stopped = {s: replay(cosines, k, args.min_cosine, flipped=s)[s] for s in sorted(sent)}
-        print(f"{k:>13} {honest:>7} ({100 * honest / len(cosines):4.1f}%)  "
+    for k, spread in ((k, spread) for spread in spreads for k in forgive):
+        honest = sum(replay(cosines, k, spread, args.min_cosine).values())
+        stopped = {s: replay(cosines, k, spread, args.min_cosine, flipped=s)[s] for s in sorted(sent)}
+        print(f"{k:>13} {spread:>6g} {honest:>7} ({100 * honest / len(cosines):4.1f}%)  "
               + "  ".join(f"{f'{stopped[s]} of {sent[s]} ({100 * stopped[s] / sent[s]:.0f}%)':>28}"
                           for s in sorted(sent)))
-        rows.append({"forgive_after": k, "deltas": len(cosines), "honest_refused": honest,
+        rows.append({"forgive_after": k, "spread": spread, "deltas": len(cosines), "honest_refused": honest,
                      **{f"{s}_flipped_stopped": stopped[s] for s in sorted(sent)},
                      **{f"{s}_deltas": sent[s] for s in sorted(sent)}})
     write_rows(args.out, rows)

@@ -8,15 +8,16 @@ loss at equal wall-clock points; writes a CSV. Every process it starts is stoppe
 * ``dn``: the paper's Delayed Nesterov + DyLU (``--strategy dn --compute-exponent 0``);
 * ``sync``: synchronous DiLoCo (every round waits for all four);
 * ``alone``: the fastest client (slowdown 1) alone, with the defaults: do the volunteers help?
-* ``follow``, ``overlap+follow`` (not run unless named): the defaults, with every client's rounds
-  moving onto newer snapshots while they train (``--follow``), and also starting before their last
-  delta is in a snapshot (``--overlap``).
+* ``plain``, ``follow``, ``overlap+follow``, ``no-grace`` (not run unless named): the clients
+  without their defaults ``--overlap --follow`` (rounds that start before their last delta is in
+  a snapshot, and move onto newer snapshots while they train), with ``--follow`` alone, with both
+  named; and the defaults with the coordinator's grace period off (``--grace-rounds 0``).
 
 ``--repeats N`` runs each variant N times (the table shows each point's mean) and prints, per run,
 the deltas applied, the guard's refusals by reason and the speeds the coordinator measured.
 
     python benchmarks/real_vs_sync.py --seconds 120
-    python benchmarks/real_vs_sync.py --variants edn,follow,overlap+follow --repeats 2
+    python benchmarks/real_vs_sync.py --variants plain,overlap+follow,no-grace --repeats 2
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ VARIANTS: dict[str, tuple[list[str], tuple[int, ...], list[str]]] = {
     "dn": (["--strategy", "dn", "--compute-exponent", "0"], SLOWDOWNS, []),
     "sync": (["--strategy", "sync"], SLOWDOWNS, []),
     "alone": ([], SLOWDOWNS[:1], []),
-    "follow": ([], SLOWDOWNS, ["--follow"]),
+    # since 795796c the client's defaults are --overlap --follow: "edn" runs them; these name them
+    "plain": ([], SLOWDOWNS, ["--no-overlap", "--no-follow"]),
+    "follow": ([], SLOWDOWNS, ["--no-overlap", "--follow"]),
     "overlap+follow": ([], SLOWDOWNS, ["--overlap", "--follow"]),
+    "no-grace": (["--grace-rounds", "0"], SLOWDOWNS, []),
 }
 DEFAULT_VARIANTS = ("edn", "dn", "sync", "alone")
 

@@ -3,8 +3,16 @@ server's momentum is below ``min_cosine`` points against where the honest deltas
 refused as ``against_momentum`` (a sign-flipped delta does; an honest one keeps a positive cosine
 with the momentum it adds up to).
 
-Two exceptions keep honest volunteers in, both measured on real runs (docs/SECURITY.md,
+Three rules keep honest volunteers in, measured on real runs (docs/SECURITY.md,
 ``benchmarks/direction_replay.py``):
+
+- **The spread**: late in a run the momentum's direction carries little signal (the median
+  cosine of recent accepted deltas falls towards 0) and the freshest honest deltas point a little
+  against it, correcting its overshoot. A delta is refused only below ``median − spread × σ`` of
+  the recent accepted cosines (σ from their median absolute deviation), and never above
+  ``min_cosine``: early in a run, when honest cosines sit well above 0, that is ``min_cosine``
+  itself; a sign-flipped typical delta (its cosine the negated median) stays below it whenever
+  the median is above ``spread × σ / 2``.
 
 - **Forgiveness**: late in a run an honest round's progress is mostly noise and its cosine dips a
   little below 0 now and then. A sender whose last ``forgive_after`` directions all pointed along
@@ -20,31 +28,52 @@ Two exceptions keep honest volunteers in, both measured on real runs (docs/SECUR
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections import Counter, deque
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import torch
 
 # Judgements the valve looks back over (a few rounds of a few senders).
 DIRECTIONS_KEPT = 16
 # Senders whose records are kept (the least recently heard is forgotten past this).
 MAX_RECORDS = 10_000
+# Accepted cosines before the spread is taken from them (fewer: min_cosine alone).
+MIN_COSINES = 8
+# σ of a normal distribution from its median absolute deviation
+MAD_TO_SIGMA = 1.4826
 
 
 class DirectionCheck:
     """Judges a delta by its cosine to the centre, with forgiveness and the valve (module
     docstring); counts ``momentum_suspect`` and ``direction_forgiven`` in ``counts``."""
 
-    def __init__(self, min_cosine: float, forgive_after: int, counts: Counter[str]) -> None:
+    def __init__(self, min_cosine: float, forgive_after: int, counts: Counter[str], *,
+                 spread: float = 0.0) -> None:
         self.min_cosine = min_cosine
         self.forgive_after = forgive_after
+        self.spread = spread
         self.counts = counts
         # (sender, pointed against the momentum) of the last judgements: the valve's
         self.directions: deque[tuple[str, bool]] = deque(maxlen=DIRECTIONS_KEPT)
         # per sender, its last directions judged: True where it pointed against the momentum
         self.pointing: dict[str, deque[bool]] = {}
 
-    def refuses(self, sender: str, cosine: float) -> bool:
-        """Judge a delta of ``sender`` at ``cosine`` to the centre: True if it is refused."""
-        pointed = cosine < self.min_cosine
+    def least(self, accepted: Sequence[float]) -> float:
+        """The cosine below which a delta points against the momentum, from the cosines of the
+        recent ``accepted`` deltas: ``min(min_cosine, median − spread × σ)`` (module docstring)."""
+        if not self.spread or len(accepted) < MIN_COSINES:
+            return self.min_cosine
+        median = statistics.median(accepted)
+        sigma = MAD_TO_SIGMA * statistics.median(abs(c - median) for c in accepted)
+        return min(self.min_cosine, median - self.spread * sigma)
+
+    def refuses(self, sender: str, cosine: float, least: float | None = None) -> bool:
+        """Judge a delta of ``sender`` at ``cosine`` to the centre, pointing against the momentum
+        below ``least`` (:meth:`least`; default ``min_cosine``): True if it is refused."""
+        pointed = cosine < (self.min_cosine if least is None else least)
         refused = pointed
         if refused and self._momentum_suspect(sender):
             self.counts["momentum_suspect"] += 1
@@ -85,3 +114,13 @@ def record_of(table: dict[str, deque[bool]], sender: str, length: int) -> deque[
         record = deque(maxlen=length)
     table[sender] = record
     return record
+
+
+def cosine_to(delta: Mapping[str, torch.Tensor], centre: Mapping[str, torch.Tensor] | None) -> float | None:
+    """cos(delta, centre) over all tensors; None without a centre or with a zero vector."""
+    if centre is None:
+        return None
+    dot = sum(float(torch.dot(g.reshape(-1), centre[n].reshape(-1))) for n, g in delta.items())
+    norm = math.sqrt(sum(float(torch.linalg.vector_norm(g)) ** 2 for g in delta.values()))
+    centre_norm = math.sqrt(sum(float(torch.linalg.vector_norm(c)) ** 2 for c in centre.values()))
+    return dot / (norm * centre_norm) if norm > 0 and centre_norm > 0 else None

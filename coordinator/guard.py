@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from coordinator.direction import DirectionCheck, record_of
+from coordinator.direction import DirectionCheck, cosine_to, record_of
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,9 @@ class GuardConfig:
     # a sender whose last so many deltas all pointed along the momentum has one that points
     # against it forgiven (honest rounds dip a little below 0 late in a run; 0: never)
     forgive_after: int = 4
+    # pointing against the momentum: below min(min_cosine, median − spread × σ of the recent
+    # accepted cosines) (coordinator/direction.py; 0: below min_cosine)
+    direction_spread: float = 2.0
     window: int = 64
     min_history: int = 3
     strikes: int = 3  # refused or clipped judgements in a sender's record that put it on probation (0: never)
@@ -113,6 +116,8 @@ class GuardConfig:
             raise ConfigError("the guard's minimum cosine must be in [-1, 1]")
         if not 0 <= self.forgive_after <= self.window:
             raise ConfigError("the guard's forgive-after must be in [0, window]")
+        if not 0 <= self.direction_spread <= 10:
+            raise ConfigError("the guard's direction spread must be in [0, 10]")
         if self.window < 3 or not 1 <= self.min_history <= self.window:
             raise ConfigError("the guard's window must be >= 3 and its history in [1, window]")
         if self.record < 1 or not 0 <= self.strikes <= self.record:
@@ -163,7 +168,8 @@ class DeltaGuard:
         # whether the statistics began with trusted deltas (kept across a restart, unlike the mean)
         self.trusted_start = False
         self.counts: Counter[str] = Counter()  # judged, accepted, clipped, and each refusal reason
-        self.direction = DirectionCheck(config.min_cosine, config.forgive_after, self.counts)
+        self.direction = DirectionCheck(config.min_cosine, config.forgive_after, self.counts,
+                                        spread=config.direction_spread)
         # per sender, its last judgements: True where refused or clipped (probation)
         self.records: dict[str, deque[bool]] = {}
 
@@ -287,14 +293,15 @@ class DeltaGuard:
                 if median_share > 0 and share > k * median_share:
                     return GuardDecision(None, "tensor_outlier", f"tensor {name!r} holds {share:.3g} of |g|, "
                                          f"> {k:g} × median {median_share:.3g}"), None
-        cosine = _cosine(delta, centre)
+        cosine = cosine_to(delta, centre)
         if cosine is None:
             return None, None
         # read back by benchmarks/direction_replay.py
         log.debug("delta of %s: cosine %.4f to the server's momentum", sender or "?", cosine)
-        if self.direction.refuses(sender, cosine):
+        least = self.direction.least(self.cosines)
+        if self.direction.refuses(sender, cosine, least):
             return GuardDecision(None, "against_momentum", f"cosine to the server's momentum "
-                                 f"{cosine:.2f} < {self.config.min_cosine:g}"), cosine
+                                 f"{cosine:.2f} < {least:.2g}"), cosine
         return None, cosine
 
     def median_cosine(self) -> float | None:
@@ -364,16 +371,6 @@ class DeltaGuard:
         self.direction.load_state(state)
         self.counts.clear()  # the same Counter the direction check counts in
         self.counts.update({str(k): int(v) for k, v in (state.get("counts") or {}).items()})
-
-
-def _cosine(delta: dict[str, torch.Tensor], centre: Mapping[str, torch.Tensor] | None) -> float | None:
-    """cos(delta, centre) over all tensors; None without a centre or with a zero vector."""
-    if centre is None:
-        return None
-    dot = sum(float(torch.dot(g.reshape(-1), centre[n].reshape(-1))) for n, g in delta.items())
-    norm = math.sqrt(sum(float(torch.linalg.vector_norm(g)) ** 2 for g in delta.values()))
-    centre_norm = math.sqrt(sum(float(torch.linalg.vector_norm(c)) ** 2 for c in centre.values()))
-    return dot / (norm * centre_norm) if norm > 0 and centre_norm > 0 else None
 
 
 def momentum_centre(optimizer: Any) -> Centre:

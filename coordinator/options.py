@@ -68,7 +68,8 @@ def outer_options() -> Callable[[F], F]:
 
 def guard_options() -> Callable[[F], F]:
     """The delta guard (coordinator/guard.py): --guard, --guard-reject-ratio, --guard-clip-ratio,
-    --guard-min-cosine, --guard-forgive-after, --guard-strikes, --guard-descent-every,
+    --guard-min-cosine, --guard-forgive-after, --guard-direction-spread,
+    --guard-strikes, --guard-descent-every,
     --guard-descent-tolerance."""
     return _group(
         option("--guard", env="GUARD", type=click.Choice(GUARD_MODES), default="clip",
@@ -90,6 +91,10 @@ def guard_options() -> Callable[[F], F]:
                default=GuardConfig.forgive_after,
                help="Forgive a volunteer one delta against the momentum when its last this many all pointed "
                "along it (honest rounds dip a little below 0 late in a run; 0: never)."),
+        option("--guard-direction-spread", env="GUARD_DIRECTION_SPREAD", type=click.FloatRange(0, 10),
+               default=GuardConfig.direction_spread,
+               help="Refuse for direction only below min(--guard-min-cosine, median - this x sigma of the "
+               "recent accepted deltas' cosines): late in a run the momentum's direction fades (0: off)."),
         option("--guard-strikes", env="GUARD_STRIKES", type=click.IntRange(0, GuardConfig.record),
                default=GuardConfig.strikes,
                help=f"Put a volunteer on probation (its deltas judged, not applied) while this many of its "

@@ -320,3 +320,30 @@ def test_the_valve_opens_for_the_first_sender_to_point_back_once_the_others_do()
         guard.judge(along, local_steps=H, sender=sender)
     liar = _at_cosine(centre, -0.3, seed=97)
     assert guard.judge(liar, local_steps=H, sender="liar").reason == "against_momentum"
+
+
+def test_late_in_a_run_the_threshold_follows_the_spread_of_recent_cosines() -> None:
+    """Early (cosines well above 0) the threshold is min_cosine; once the momentum's direction has
+    faded (median near 0, a spread of about ±0.05) only what lies far below that spread is refused."""
+    centre = _delta(1.0, seed=82)
+    guard = _guard("screen", centre=centre, forgive_after=0)
+    senders = ("a", "b", "c")
+    for seed in range(9):  # early: cosines 0.4-0.56
+        assert not guard.judge(_at_cosine(centre, 0.4 + 0.02 * seed, seed=seed), local_steps=H,
+                               sender=senders[seed % 3]).refused
+    assert guard.direction.least(guard.cosines) == 0.0  # min_cosine: the spread is far above it
+    dip = _at_cosine(centre, -0.05, seed=30)
+    assert guard.judge(dip, local_steps=H, sender="a").reason == "against_momentum"
+    for seed in range(64):  # late: cosines around 0.01, from -0.04 to 0.06
+        guard.judge(_at_cosine(centre, 0.01 + 0.05 * math.sin(seed), seed=40 + seed), local_steps=H,
+                    sender=senders[seed % 3])
+    least = guard.direction.least(guard.cosines)
+    assert -0.12 < least < -0.05, least
+    assert not guard.judge(_at_cosine(centre, -0.04, seed=200), local_steps=H, sender="a").refused
+    flipped = _at_cosine(centre, -0.3, seed=201)
+    assert guard.judge(flipped, local_steps=H, sender="a").reason == "against_momentum"
+    plain = _guard("screen", centre=centre, forgive_after=0, direction_spread=0.0)
+    plain.cosines.extend(guard.cosines)
+    assert plain.direction.least(plain.cosines) == 0.0
+    with pytest.raises(ConfigError):
+        GuardConfig(direction_spread=-1.0)
