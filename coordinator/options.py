@@ -68,9 +68,8 @@ def outer_options() -> Callable[[F], F]:
 
 def guard_options() -> Callable[[F], F]:
     """The delta guard (coordinator/guard.py): --guard, --guard-reject-ratio, --guard-clip-ratio,
-    --guard-min-cosine, --guard-forgive-after, --guard-direction-spread,
-    --guard-strikes, --guard-descent-every,
-    --guard-descent-tolerance."""
+    --guard-min-cosine, --guard-forgive-after, --guard-direction-spread, --guard-strikes,
+    --guard-descent-every, --guard-descent-tolerance."""
     return _group(
         option("--guard", env="GUARD", type=click.Choice(GUARD_MODES), default="clip",
                help="Judge each delta before it moves θ: 'screen' refuses outliers (norm, one tensor's "
