@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
 
 from table_csv import write_rows
@@ -31,17 +31,16 @@ LINE = re.compile(r"delta of (\S+): cosine (-?[0-9.]+) to the server's momentum"
 def replay(cosines: list[tuple[str, float]], forgive_after: int, spread: float, min_cosine: float,
            flipped: str | None = None) -> Counter[str]:
     """Refusals per sender of ``cosines`` (sender, cosine) judged in order; ``flipped``'s negated.
-    The cosines of the deltas not refused are the accepted ones the spread is taken from (as in
-    the guard, whose other rules refused none of these deltas in the runs measured)."""
-    check = DirectionCheck(min_cosine, forgive_after, Counter(), spread=spread)
-    accepted: deque[float] = deque(maxlen=GuardConfig.window)
+    The deltas not refused count as accepted (as in the guard, whose other rules refused none of
+    these deltas in the runs measured)."""
+    check = DirectionCheck(min_cosine, forgive_after, Counter(), spread=spread, window=GuardConfig.window)
     refused: Counter[str] = Counter()
     for sender, cosine in cosines:
         cosine = -cosine if sender == flipped else cosine
-        if check.refuses(sender, cosine, check.least(accepted)):
+        if check.refuses(sender, cosine):
             refused[sender] += 1
         else:
-            accepted.append(cosine)
+            check.accepted(cosine)
     return refused
 
 

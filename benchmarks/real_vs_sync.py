@@ -122,7 +122,7 @@ class BenchRun:
             "--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum),
             "--max-seconds", str(seconds + 120)])
         deadline = time.monotonic() + 120
-        while not _status(self.redis, self.run).get("eval", {}).get("latest"):
+        while not self.status().get("eval", {}).get("latest"):
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"coordinator of {self.run} did not come up; see {self.workdir}")
             time.sleep(0.5)
@@ -142,7 +142,7 @@ class BenchRun:
 
     def curve(self, since: float) -> list[tuple[float, float]]:
         """[(seconds since ``since``, eval loss)] from the run's status."""
-        history = _status(self.redis, self.run)["eval"]["history"]
+        history = self.status()["eval"]["history"]
         return [(h["time"] - since, h["loss"]) for h in history if h["time"] >= since - 1]
 
 

@@ -257,7 +257,6 @@ class Worker:
         trainer = self._start_from_newest_base()
         base_version, run_id = self.replica.version, self.replica.run_id
         assert base_version is not None and run_id is not None  # set by the base just taken
-        origin = (run_id, base_version)  # where the round began, if it moves
         plan = self.fetcher.wait_for_plan(self.config.poll_s)
         stacking = self.config.overlap and self.config.include_wait_s > 0 and plan.arrival_share > 0
         stacked_on = -1
@@ -275,17 +274,19 @@ class Worker:
         if stats.steps == 0:
             return None
         self.speed.update(stats.steps, stats.compute_s)
+        origin_version = -1  # where a round that moved began: the coordinator dates it by that (speed)
         if moving:  # it may have moved onto a newer snapshot
             fetch_s += stats.paused_s
+            began = (run_id, base_version)
             base_version, run_id = self.replica.version, self.replica.run_id
             if base_version is None or run_id is None:
                 raise BaseLost("its base was lost mid-round (a patch did not apply)", steps=stats.steps,
                                elapsed_s=stats.compute_s)
             stacked_on = self.overlap.stacked_on
+            if began[0] == run_id and began[1] != base_version:
+                origin_version = began[1]
 
         encoding = time.monotonic()
-        # a round that moved says where it began: the coordinator dates its start by it (speed)
-        origin_version = origin[1] if origin != (run_id, base_version) and origin[0] == run_id else -1
         message = self._delta(trainer, stats, run_id, base_version, stacked_on, origin_version)
         encode_s = time.monotonic() - encoding
         self.events.sending(sum(len(blob) for blob in message.tensors.values()))

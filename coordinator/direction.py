@@ -13,7 +13,6 @@ Three rules keep honest volunteers in, measured on real runs (docs/SECURITY.md,
   ``min_cosine``: early in a run, when honest cosines sit well above 0, that is ``min_cosine``
   itself; a sign-flipped typical delta (its cosine the negated median) stays below it whenever
   the median is above ``spread × σ / 2``.
-
 - **Forgiveness**: late in a run an honest round's progress is mostly noise and its cosine dips a
   little below 0 now and then. A sender whose last ``forgive_after`` directions all pointed along
   the momentum has such a dip forgiven; a sign-flipper points against it round after round and
@@ -31,7 +30,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -47,33 +46,42 @@ MAD_TO_SIGMA = 1.4826
 
 
 class DirectionCheck:
-    """Judges a delta by its cosine to the centre, with forgiveness and the valve (module
-    docstring); counts ``momentum_suspect`` and ``direction_forgiven`` in ``counts``."""
+    """Judges a delta by its cosine to the centre, with the spread, forgiveness and the valve
+    (module docstring); counts ``momentum_suspect`` and ``direction_forgiven`` in ``counts``. The
+    caller tells it the cosines of the deltas it accepted in the end (:meth:`accepted`)."""
 
     def __init__(self, min_cosine: float, forgive_after: int, counts: Counter[str], *,
-                 spread: float = 0.0) -> None:
+                 spread: float = 0.0, window: int = 64) -> None:
         self.min_cosine = min_cosine
         self.forgive_after = forgive_after
         self.spread = spread
         self.counts = counts
+        self.cosines: deque[float] = deque(maxlen=window)  # of the last accepted deltas, as sent
         # (sender, pointed against the momentum) of the last judgements: the valve's
         self.directions: deque[tuple[str, bool]] = deque(maxlen=DIRECTIONS_KEPT)
         # per sender, its last directions judged: True where it pointed against the momentum
         self.pointing: dict[str, deque[bool]] = {}
 
-    def least(self, accepted: Sequence[float]) -> float:
+    def accepted(self, cosine: float) -> None:
+        """A delta judged at ``cosine`` passed the whole guard: its cosine joins the spread's."""
+        self.cosines.append(cosine)
+
+    def least(self) -> float:
         """The cosine below which a delta points against the momentum, from the cosines of the
-        recent ``accepted`` deltas: ``min(min_cosine, median − spread × σ)`` (module docstring)."""
-        if not self.spread or len(accepted) < MIN_COSINES:
+        recent accepted deltas: ``min(min_cosine, median − spread × σ)`` (module docstring)."""
+        if not self.spread or len(self.cosines) < MIN_COSINES:
             return self.min_cosine
-        median = statistics.median(accepted)
-        sigma = MAD_TO_SIGMA * statistics.median(abs(c - median) for c in accepted)
+        median = statistics.median(self.cosines)
+        sigma = MAD_TO_SIGMA * statistics.median(abs(c - median) for c in self.cosines)
         return min(self.min_cosine, median - self.spread * sigma)
 
-    def refuses(self, sender: str, cosine: float, least: float | None = None) -> bool:
-        """Judge a delta of ``sender`` at ``cosine`` to the centre, pointing against the momentum
-        below ``least`` (:meth:`least`; default ``min_cosine``): True if it is refused."""
-        pointed = cosine < (self.min_cosine if least is None else least)
+    def median_cosine(self) -> float | None:
+        """The median cosine of the recent accepted deltas (None before any), for status."""
+        return statistics.median(self.cosines) if self.cosines else None
+
+    def refuses(self, sender: str, cosine: float) -> bool:
+        """Judge a delta of ``sender`` at ``cosine`` to the centre: True if it is refused."""
+        pointed = cosine < self.least()
         refused = pointed
         if refused and self._momentum_suspect(sender):
             self.counts["momentum_suspect"] += 1
@@ -96,10 +104,14 @@ class DirectionCheck:
         return len(latest) >= 2 and 2 * sum(latest.values()) > len(latest)
 
     def save_state(self) -> dict[str, Any]:
-        """The senders' records, for a checkpoint (the valve's few judgements start afresh)."""
-        return {"pointing": {s: [int(f) for f in r] for s, r in self.pointing.items()}}
+        """The accepted cosines and the senders' records, for a checkpoint (the valve's few
+        judgements start afresh)."""
+        return {"cosines": list(self.cosines),
+                "pointing": {s: [int(f) for f in r] for s, r in self.pointing.items()}}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        self.cosines.clear()
+        self.cosines.extend(float(v) for v in state.get("cosines") or [])
         self.pointing = {str(s): deque((bool(f) for f in r), maxlen=self.forgive_after or 1)
                          for s, r in (state.get("pointing") or {}).items()}
 

@@ -162,14 +162,13 @@ class DeltaGuard:
         # each tensor's share of an accepted delta's norm, |g_t| / |g|: free of the delta's size
         self.tensor_shares = {n: deque[float](maxlen=config.window) for n in self.names}
         self.distances: deque[float] = deque(maxlen=config.window)  # accepted |g − c|, clipped at τ
-        self.cosines: deque[float] = deque(maxlen=config.window)  # accepted cos(g, c), as sent
         # the running mean of trusted deltas (a warm start's): the centre until the momentum has one
         self.trusted: dict[str, torch.Tensor] | None = None
         # whether the statistics began with trusted deltas (kept across a restart, unlike the mean)
         self.trusted_start = False
         self.counts: Counter[str] = Counter()  # judged, accepted, clipped, and each refusal reason
         self.direction = DirectionCheck(config.min_cosine, config.forgive_after, self.counts,
-                                        spread=config.direction_spread)
+                                        spread=config.direction_spread, window=config.window)
         # per sender, its last judgements: True where refused or clipped (probation)
         self.records: dict[str, deque[bool]] = {}
 
@@ -226,7 +225,7 @@ class DeltaGuard:
         self.counts["accepted"] += 1
         self._remember(norm, tensor_norms, distance)
         if cosine is not None:
-            self.cosines.append(cosine)
+            self.direction.accepted(cosine)
         detail = f"clipped to |g − c| = {distance:.3g}" if clipped else ""
         return GuardDecision(delta, "clipped" if clipped else "", detail, clipped)
 
@@ -298,15 +297,10 @@ class DeltaGuard:
             return None, None
         # read back by benchmarks/direction_replay.py
         log.debug("delta of %s: cosine %.4f to the server's momentum", sender or "?", cosine)
-        least = self.direction.least(self.cosines)
-        if self.direction.refuses(sender, cosine, least):
+        if self.direction.refuses(sender, cosine):
             return GuardDecision(None, "against_momentum", f"cosine to the server's momentum "
-                                 f"{cosine:.2f} < {least:.2g}"), cosine
+                                 f"{cosine:.2f} < {self.direction.least():.2g}"), cosine
         return None, cosine
-
-    def median_cosine(self) -> float | None:
-        """The median cosine to the centre of recent accepted deltas (None before any), for status."""
-        return statistics.median(self.cosines) if self.cosines else None
 
     def _descent(self, delta: dict[str, torch.Tensor]) -> str | None:
         """The descent check's refusal of every ``descent_every``-th delta that got this far."""
@@ -346,7 +340,6 @@ class DeltaGuard:
     def save_state(self) -> dict[str, Any]:
         """The statistics, for a checkpoint: a restart must not reopen the start-up window."""
         return {"guard": {"norms": list(self.norms), "distances": list(self.distances),
-                          "cosines": list(self.cosines),
                           "tensor_shares": {n: list(v) for n, v in self.tensor_shares.items()},
                           "records": {s: [int(f) for f in r] for s, r in self.records.items()},
                           **self.direction.save_state(),
@@ -359,8 +352,6 @@ class DeltaGuard:
         self.norms.extend(float(v) for v in state.get("norms") or [])
         self.distances.clear()
         self.distances.extend(float(v) for v in state.get("distances") or [])
-        self.cosines.clear()
-        self.cosines.extend(float(v) for v in state.get("cosines") or [])
         saved = state.get("tensor_shares") or {}
         for name, seen in self.tensor_shares.items():
             seen.clear()

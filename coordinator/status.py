@@ -63,7 +63,7 @@ def build_status(run: RunState, *, consumer: DeltaConsumer | None, spool: PartSp
             # the guard's decisions (judged, accepted, clipped, and each refusal reason)
             "guard": {"mode": run.guard.mode.value, **dict(sorted(run.guard.counts.items())),
                       # how well recent accepted deltas agree with the server's momentum
-                      "median_cosine": _num(run.guard.median_cosine())},
+                      "median_cosine": _num(run.guard.direction.median_cosine())},
         },
         "progress": run.progress_doc(now),
         "eval": {

@@ -275,7 +275,7 @@ def test_an_honest_sender_s_rare_dip_against_the_momentum_is_forgiven_a_flipper_
         for sender in ("honest", "other", "third"):
             assert not guard.judge(_at_cosine(centre, 0.3 + 0.05 * seed, seed=seed), local_steps=H,
                                    sender=sender).refused
-    assert guard.median_cosine() == pytest.approx(0.425, abs=1e-4)
+    assert guard.direction.median_cosine() == pytest.approx(0.425, abs=1e-4)
     dip = _at_cosine(centre, -0.1, seed=90)  # an honest round that is mostly noise late in a run
     assert not guard.judge(dip, local_steps=H, sender="honest").refused
     assert guard.counts["direction_forgiven"] == 1
@@ -331,19 +331,19 @@ def test_late_in_a_run_the_threshold_follows_the_spread_of_recent_cosines() -> N
     for seed in range(9):  # early: cosines 0.4-0.56
         assert not guard.judge(_at_cosine(centre, 0.4 + 0.02 * seed, seed=seed), local_steps=H,
                                sender=senders[seed % 3]).refused
-    assert guard.direction.least(guard.cosines) == 0.0  # min_cosine: the spread is far above it
+    assert guard.direction.least() == 0.0  # min_cosine: the spread is far above it
     dip = _at_cosine(centre, -0.05, seed=30)
     assert guard.judge(dip, local_steps=H, sender="a").reason == "against_momentum"
     for seed in range(64):  # late: cosines around 0.01, from -0.04 to 0.06
         guard.judge(_at_cosine(centre, 0.01 + 0.05 * math.sin(seed), seed=40 + seed), local_steps=H,
                     sender=senders[seed % 3])
-    least = guard.direction.least(guard.cosines)
+    least = guard.direction.least()
     assert -0.12 < least < -0.05, least
     assert not guard.judge(_at_cosine(centre, -0.04, seed=200), local_steps=H, sender="a").refused
     flipped = _at_cosine(centre, -0.3, seed=201)
     assert guard.judge(flipped, local_steps=H, sender="a").reason == "against_momentum"
     plain = _guard("screen", centre=centre, forgive_after=0, direction_spread=0.0)
-    plain.cosines.extend(guard.cosines)
-    assert plain.direction.least(plain.cosines) == 0.0
+    plain.direction.cosines.extend(guard.direction.cosines)
+    assert plain.direction.least() == 0.0
     with pytest.raises(ConfigError):
         GuardConfig(direction_spread=-1.0)
