@@ -57,6 +57,8 @@ class OverMemory(RoundAbandoned):
     """A round abandoned because this process passed ``--max-memory``: the worker says so and goes
     on with the next round at once (there is nothing to wait for, unlike a pause)."""
 
+    waits = False
+
 
 def rss_from_statm(statm: str, page_bytes: int) -> int:
     """Resident bytes from ``/proc/PID/statm``'s text: its second field, in pages of ``page_bytes``."""

@@ -195,6 +195,15 @@ class Overlap:
             done.append(entry.final_report())
         return done
 
+    def reports_after(self, report: RoundReport, within_s: float) -> list[RoundReport]:
+        """The round reports to hand out after ``report``'s round: itself, unless its delta is in
+        flight (its report waits for its verdict), after those of earlier in-flight deltas whose
+        fate is known by now (all of them, waited for up to ``within_s`` each, after a round that
+        did not overlap)."""
+        if any(entry.report is report for entry in self.in_flight):
+            return self.settled_reports()
+        return [*self.drain(within_s), report]
+
     def drain(self, within_s: float) -> list[RoundReport]:
         """Every in-flight delta's report, each waited for (bounded by ``within_s``) until its
         fate is known: before a round that does not overlap, and when the client stops."""

@@ -99,6 +99,16 @@ class Replica:
         self._patched = 0
         return new_run
 
+    def take_newest(self, fetcher: SnapshotFetcher, version: int) -> tuple[int, bool]:
+        """Make θ_base ``version``, the newest, which the replica does not hold: by the patches from
+        the version held where Redis still has them, else by reading the newest snapshot whole.
+        Returns the bytes read, and True if that snapshot began a new run (:meth:`adopt`)."""
+        patched = self.catch_up(fetcher, version)
+        if patched:
+            return patched, False
+        snapshot = fetcher.read_latest()
+        return snapshot.manifest.total_bytes, self.adopt(snapshot)
+
     def _based_on(self, manifest: SnapshotManifest) -> None:
         self.version = manifest.version
         self._stamp = (manifest.run_id, manifest.created_at)

@@ -23,9 +23,10 @@ and progress within a round to a :class:`~client.events.WorkerEvents` (the live 
 
 Before each round and between training steps it asks :class:`~client.politeness.Politeness`
 whether to pause: a pause abandons the round in hand (no delta is sent for it), is said once, and
-ends when the rules allow again, without a restart. Between training steps it also checks
-``--max-memory`` (:mod:`client.memory_caps`): over it, the round is abandoned the same way, said,
-and the next one starts at once.
+ends when the rules allow again, without a restart (:class:`~client.stop.PauseWait`). Between
+training steps it also checks ``--max-memory`` (:mod:`client.memory_caps`): over it, the round is
+abandoned the same way, said, and the next one starts at once. :class:`~client.stop.RunLimits`
+says when the run is up.
 """
 
 from __future__ import annotations
@@ -43,22 +44,22 @@ from client.events import RoundStart, WorkerEvents
 from client.fetcher import RECENT_VERSION_S, SnapshotFetcher
 from client.identity import ClientIdentity
 from client.inclusion import InclusionWait
-from client.memory_caps import MemoryGuard, OverMemory, cap_gpu_memory
+from client.memory_caps import MemoryGuard, cap_gpu_memory
 from client.overlap import InFlight, MidRoundRebase, Overlap
 from client.politeness import Politeness
 from client.replica import Replica
 from client.report import DeltaFate, RoundReport, RunSummary, Tally
 from client.sender import DeltaSender
-from client.stop import BaseLost, RoundAbandoned, StopRequested
+from client.stop import BaseLost, PauseWait, RoundAbandoned, RunLimits, StopRequested
 from client.uploader import DeltaUploader, Upload
 from shared.codecs import ErrorFeedback, get_codec
 from shared.contact import ServerContact
-from shared.dylu import SpeedMeter, is_assigned, local_steps_for, round_time_budget_s
+from shared.dylu import SpeedMeter, round_length
 from shared.keys import RunKeys
 from shared.local_round import LocalTrainer, RoundStats, StepProgress, describe_device, pick_device
 from shared.protocol import DeltaMessage
 from shared.round_plan import RoundMode, RoundPlan
-from shared.settings import connect_redis, sleep_interruptibly
+from shared.settings import connect_redis
 from shared.signing import VerifyKey
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class Worker:
         self.on_confirmed = on_confirmed
         self.events = events or WorkerEvents()
         self.politeness = politeness or Politeness(config.politeness)
+        self.limits = RunLimits(self.stop, max_seconds=config.max_seconds, max_hours=config.max_hours,
+                                upload_grace_s=config.upload_grace_s)
         self.keys = RunKeys(config.run)
         device = pick_device(config.device)  # before the slot lock: a bad --device takes nothing
         cap_gpu_memory(device, config.memory.max_gpu_fraction)
@@ -110,19 +113,18 @@ class Worker:
             config.connection, keys=self.keys, retry=config.retry, part_bytes=config.part_bytes
         )
         self.sender = DeltaSender(self.uploader, self.keys, self.identity.client_id,
-                                  give_up=self._give_up_upload, on_sent=self._sent)
+                                  give_up=self.limits.give_up_upload, on_sent=self._sent)
+        self.pauses = PauseWait(self.politeness, events=self.events, on_notice=self.on_notice,
+                                poll_s=config.poll_s, should_stop=self._should_stop,
+                                keepalive=self.sender.keepalive)
         self.replica = Replica(client_id=self.identity.client_id, device=device, data=config.data,
                                allowed_tasks=config.allowed_tasks)
-        self.rebase = MidRoundRebase(self.overlap, self.replica, self.fetcher, on_read=self._read_mid_round,
+        self.rebase = MidRoundRebase(self.overlap, self.replica, self.fetcher, on_read=self._read_snapshot,
                                      follow=config.follow)
         self.codec = get_codec(config.codec)
         self.feedback = ErrorFeedback(self.codec)
         self.speed = SpeedMeter()
-        self._deadline: float | None = None  # time.monotonic() when max_seconds is up
-        self._stop_seen: float | None = None  # when a stop or the deadline was first noticed
         self._last_sent: tuple[str, int] | None = None  # (run id, base version) of the last confirmed delta
-        self._trained_s = 0.0  # compute time of this process's rounds, abandoned ones included
-        self._hours_up = False  # max_hours reached: the round in hand is the last
         self._received_bytes = 0  # snapshot bytes downloaded since the last round's report
         # the last finished round's timings, which the next delta reports (previous_timings)
         self._previous_timings: dict[str, float] = {}
@@ -150,18 +152,7 @@ class Worker:
     # -- stopping ---------------------------------------------------------------------------------
 
     def _should_stop(self) -> bool:
-        """True once a stop was asked for, or max_seconds or max_hours is up (checked between
-        training steps; max_hours sets ``_stop_seen`` itself, in :meth:`_note_training`)."""
-        past = self._deadline is not None and time.monotonic() >= self._deadline
-        if (self.stop.is_set() or past) and self._stop_seen is None:
-            self._stop_seen = time.monotonic()
-        return self._stop_seen is not None
-
-    def _give_up_upload(self) -> bool:
-        """A stopping client tries to send its last delta for ``upload_grace_s``, then gives up."""
-        if not self._should_stop() or self._stop_seen is None:
-            return False
-        return time.monotonic() - self._stop_seen > self.config.upload_grace_s
+        return self.limits.should_stop()
 
     def _train_should_stop(self) -> bool:
         self.sender.keepalive()  # a long round must not let the AMQP connection time out
@@ -180,8 +171,7 @@ class Worker:
         """
         if self.config.threads > 0:
             torch.set_num_threads(self.config.threads)
-        if self.config.max_seconds > 0:
-            self._deadline = time.monotonic() + self.config.max_seconds
+        self.limits.start()
         rounds, tally = 0, Tally(on_round)
         stopped_by = "stop"
         self.events.started(self.keys.run, self.client_id)
@@ -194,44 +184,32 @@ class Worker:
             if self.config.max_rounds and rounds >= self.config.max_rounds:
                 stopped_by = "max_rounds"
                 break
-            self._note_training(0.0)
+            self.limits.note_training(0.0)
             if self._should_stop():
                 break
             try:
-                self._wait_while_paused(abandoned, rounds + 1)
+                self.pauses.before_round(abandoned, rounds + 1)
                 abandoned = None
                 report = self.run_round(rounds + 1)
             except StopRequested:
                 break
             except RoundAbandoned as exc:
-                self._trained_s += exc.elapsed_s
+                self.limits.add_trained(exc.elapsed_s)
                 abandoned = exc
                 continue
             if report is None:
                 break  # stopped before a single step of the round
             rounds += 1
-            for done in self._reports_of(report):
+            for done in self.overlap.reports_after(report, self.config.include_wait_s):
                 tally.add(done)
         self.sender.finish()
         for done in self.overlap.drain(self.config.include_wait_s):  # the last rounds' verdicts
             tally.add(done)
-        if self._hours_up and not self.stop.is_set() and stopped_by == "stop":
-            stopped_by = "max_hours"
-        elif self._deadline is not None and not self.stop.is_set() and stopped_by == "stop":
-            stopped_by = "max_seconds"
+        stopped_by = self.limits.stopped_by(stopped_by)
         run_id = self.replica.run_id
         next_seq = self.identity.next_seq(run_id) if run_id else None
         return RunSummary(self.client_id, run_id, rounds, tally.sent, next_seq, stopped_by, tally.applied,
                           tally.rejected)
-
-    def _reports_of(self, report: RoundReport) -> list[RoundReport]:
-        """The round reports to hand out after ``report``'s round: itself, unless its delta is in
-        flight (``--overlap``: its report waits for its verdict), after those of earlier in-flight
-        deltas whose fate is known by now (all of them, waited for, before a round that did not
-        overlap)."""
-        if any(entry.report is report for entry in self.overlap.in_flight):
-            return self.overlap.settled_reports()
-        return [*self.overlap.drain(self.config.include_wait_s), report]
 
     def connect(self) -> None:
         """The first contact with both servers, before anything is trained: a permanent mistake
@@ -269,8 +247,8 @@ class Worker:
         fetch_s = time.monotonic() - fetching
         moving = stacked_on >= 0 or (self.config.follow and plan.mode is not RoundMode.SYNC)
         stats, planned = self._train(trainer, number, plan, rebase=moving)
-        self._trained_s += stats.compute_s
-        self._note_training(0.0)
+        self.limits.add_trained(stats.compute_s)
+        self.limits.note_training(0.0)
         if stats.steps == 0:
             return None
         self.speed.update(stats.steps, stats.compute_s)
@@ -340,48 +318,13 @@ class Worker:
         against max_hours, and abandon the round if the owner's rules say pause or this process
         is over --max-memory."""
         self.events.step(progress)
-        self._note_training(progress.elapsed_s)
+        self.limits.note_training(progress.elapsed_s)
         reason = self.politeness.pause_reason()
         if reason is not None:
             raise RoundAbandoned(reason, steps=progress.steps, elapsed_s=progress.elapsed_s)
         self.memory.check(steps=progress.steps, elapsed_s=progress.elapsed_s)
 
-    def _note_training(self, round_s: float) -> None:
-        """Once this process has trained ``max_hours`` (``round_s``: the round in hand so far),
-        stop as a first Ctrl-C would: the round in hand ends at the next step and is sent."""
-        limit_s = self.config.max_hours * 3600
-        if limit_s and not self._hours_up and self._trained_s + round_s >= limit_s:
-            self._hours_up = True
-            if self._stop_seen is None:
-                self._stop_seen = time.monotonic()
-
-    def _wait_while_paused(self, abandoned: RoundAbandoned | None, number: int) -> None:
-        """Before round ``number``: while the politeness rules say pause, wait, saying so once (and
-        once more on resuming). ``abandoned``: the round that such a rule, or --max-memory, just ended."""
-        if isinstance(abandoned, (OverMemory, BaseLost)):  # said, not waited on: a pause would not help
-            self.on_notice(f"round {number} abandoned after {abandoned.steps} steps, no delta sent: "
-                           f"{abandoned.reason}")
-            self.events.abandoned(abandoned.reason)
-            abandoned = None
-        reason = abandoned.reason if abandoned is not None else self.politeness.pause_reason()
-        if reason is None:
-            return
-        lost = ("" if abandoned is None
-                else f"; round {number} abandoned after {abandoned.steps} steps, no delta sent")
-        self.on_notice(f"paused: {reason}{lost} (resumes by itself; Ctrl-C to quit)")
-        self.events.paused(reason)
-        started = time.monotonic()
-        while True:
-            if sleep_interruptibly(self.config.poll_s, self._should_stop):
-                raise StopRequested()
-            self.sender.keepalive()  # a pause of hours must not let the AMQP connection time out
-            if self.politeness.pause_reason() is None:
-                break
-        paused_s = time.monotonic() - started
-        self.on_notice(f"resumed after {paused_s / 60:.1f} min of pause")
-        self.events.resumed(paused_s)
-
-    def _read_mid_round(self, version: int, read_bytes: int) -> None:
+    def _read_snapshot(self, version: int, read_bytes: int) -> None:
         self._received_bytes += read_bytes
         self.events.snapshot_read(version, read_bytes)
 
@@ -422,18 +365,13 @@ class Worker:
         self._fresh_base = not self.replica.holds(version, self.fetcher.manifest)
         if not self._fresh_base:
             return self.replica.reset()  # every round starts from θ_base of the version it tags
-        patched = self.replica.catch_up(self.fetcher, version)  # the patches from the version held
-        if patched:
-            self._received_bytes += patched
-            self.events.snapshot_read(version, patched)
-            assert self.replica.trainer is not None
-            return self.replica.trainer
-        snapshot = self.fetcher.read_latest()
-        self._received_bytes += snapshot.manifest.total_bytes
-        self.events.snapshot_read(snapshot.version, snapshot.manifest.total_bytes)
-        if self.replica.adopt(snapshot):
+        read_bytes, new_run = self.replica.take_newest(self.fetcher, version)
+        assert self.replica.trainer is not None and self.replica.version is not None  # a base now
+        self._read_snapshot(self.replica.version, read_bytes)
+        if new_run:
             # a model whose deltas this codec cannot fit in the protocol: refused before training
-            self.uploader.check_model({n: t.numel() for n, t in snapshot.params.items()}, self.codec)
+            self.uploader.check_model({n: t.numel() for n, t in self.replica.trainer.base.items()},
+                                      self.codec)
             self.feedback.reset()  # a residual of another run's model means nothing here
             self.speed = SpeedMeter()  # nor does a speed measured on another model
             self.on_notice(
@@ -441,7 +379,6 @@ class Worker:
                 f"{self.replica.version} as client {self.client_id}: {self.replica.describe()}, "
                 f"codec {self.codec.name}"
             )
-        assert self.replica.trainer is not None  # adopt() built it
         return self.replica.trainer
 
     def _train(self, trainer: LocalTrainer, number: int, plan: RoundPlan, *,
@@ -454,21 +391,12 @@ class Worker:
             on_step=self._on_step, between_steps=self.rebase.between_steps if rebase else None,
         )
         # The coordinator's assignment for this client (DyLU), else H (warm start, fixed, sync).
-        steps = local_steps_for(plan, self.client_id, self.speed.steps_per_s)
+        steps, min_steps, time_budget_s = round_length(plan, self.client_id, self.speed.steps_per_s)
         assert self.replica.version is not None and self.replica.run_id is not None
         self.events.round_started(RoundStart(
             round=number, run=self.keys.run, run_id=self.replica.run_id, client_id=self.client_id,
             base_version=self.replica.version, planned_steps=steps))
-        new = (plan.mode is RoundMode.DYLU and not is_assigned(plan, self.client_id)
-               and (bool(plan.assignments) or self.speed.steps_per_s is None))
-        if new:
-            # Not measured by the coordinator yet: H, but a slow machine stops at the round's time
-            # budget, so that even its first rounds take about as long as everyone's.
-            stats = trainer.train(
-                steps, min_steps=plan.min_local_steps, time_budget_s=round_time_budget_s(plan), **common
-            )
-        else:
-            stats = trainer.train(steps, min_steps=steps, **common)
+        stats = trainer.train(steps, min_steps=min_steps, time_budget_s=time_budget_s, **common)
         log.debug("round: planned %d steps, ran %d in %.2fs", steps, stats.steps, stats.compute_s)
         return stats, steps
 

@@ -55,6 +55,22 @@ def round_time_budget_s(plan: RoundPlan) -> float | None:
     return plan.local_steps / plan.fastest_steps_per_s
 
 
+def round_length(plan: RoundPlan, client_id: str, steps_per_s: float | None) -> tuple[int, int, float | None]:
+    """How this client's round ends: ``(steps, min_steps, time_budget_s)`` for the trainer.
+
+    A client the plan names (or any client outside ``RoundMode.DYLU``) runs exactly its steps
+    (:func:`local_steps_for`). One the coordinator has not measured yet runs up to ``H``, but a
+    slow machine stops at the round's time budget, once it has run ``min_local_steps``: even its
+    first rounds take about as long as everyone's.
+    """
+    steps = local_steps_for(plan, client_id, steps_per_s)
+    new = (plan.mode is RoundMode.DYLU and not is_assigned(plan, client_id)
+           and (bool(plan.assignments) or steps_per_s is None))
+    if new:
+        return steps, plan.min_local_steps, round_time_budget_s(plan)
+    return steps, steps, None
+
+
 @dataclass
 class SpeedMeter:
     """Exponential moving average of local steps per second over rounds.

@@ -193,3 +193,22 @@ def test_the_arrival_share_travels_in_the_plan_within_bounds() -> None:
         fields["arrival_share"] = bad
         with pytest.raises(ProtocolError):
             RoundPlan.decode(msgpack.packb(fields))
+
+
+# ------------------------------------------------------------------ how a round ends
+
+
+def test_a_named_client_runs_exactly_its_assignment_without_a_time_budget() -> None:
+    assert dylu.round_length(plan(assignments={"c1": 40}), "c1", 0.5) == (40, 40, None)
+
+
+def test_a_client_new_to_the_coordinator_runs_h_cut_by_the_round_budget_after_h_min() -> None:
+    steps, min_steps, budget_s = dylu.round_length(plan(assignments={"c2": 40}), "c1", 0.5)
+    assert (steps, min_steps) == (100, 10) and budget_s == pytest.approx(5.0)
+    # nothing measured anywhere yet: the same, with no budget to cut by
+    assert dylu.round_length(plan(fastest=0.0), "c1", None) == (100, 10, None)
+
+
+@pytest.mark.parametrize("mode", [RoundMode.FIXED, RoundMode.SYNC, RoundMode.WARM_START])
+def test_outside_dylu_every_round_runs_h_exactly(mode: RoundMode) -> None:
+    assert dylu.round_length(plan(mode=mode, assignments={"c1": 40}), "c1", 1.0) == (100, 100, None)

@@ -13,7 +13,7 @@ import pytest
 
 from client.inclusion import InclusionWait
 from client.overlap import Overlap
-from client.stop import StopRequested
+from client.stop import RunLimits, StopRequested
 from client.worker import Worker
 
 
@@ -49,8 +49,7 @@ def worker(versions: Versions,
     w.config = SimpleNamespace(poll_s=0.001, include_wait_s=10.0)  # type: ignore[assignment]
     w.on_notice = notices.append
     w.stop = stop
-    w._deadline = None
-    w._stop_seen = None
+    w.limits = RunLimits(stop)
     w._last_sent = last_sent
     return w, notices, stop
 

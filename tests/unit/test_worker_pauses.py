@@ -19,6 +19,7 @@ from client.events import RoundStart, WorkerEvents
 from client.memory_caps import GIB, MemoryCaps, MemoryGuard
 from client.overlap import Overlap
 from client.sender import DeltaSender
+from client.stop import PauseWait, RunLimits
 from client.uploader import Upload
 from client.worker import Worker
 from shared.codecs import ErrorFeedback, get_codec
@@ -143,7 +144,6 @@ def worker(tmp_path: Path, politeness: Script, *, steps: int = 5, loss_sleep_s: 
     trainer = make_trainer(LinearRegressionTask(loss_sleep_s=loss_sleep_s))
     plan = RoundPlan(run_id="rid", local_steps=steps, min_local_steps=1, fastest_steps_per_s=0.0,
                      active_clients=1, mode=RoundMode.FIXED)
-    snapshot = SimpleNamespace(version=0, manifest=SimpleNamespace(total_bytes=snapshot_bytes))
     held = {"yes": snapshot_bytes == 0}  # with bytes to read, the first round downloads them
 
     def holds(version: int, manifest: Any) -> bool:
@@ -160,20 +160,23 @@ def worker(tmp_path: Path, politeness: Script, *, steps: int = 5, loss_sleep_s: 
     w.keys, w.identity, w.uploader = RunKeys("demo"), Seqs(), Sent()  # type: ignore[assignment]
     w.fetcher = SimpleNamespace(  # type: ignore[assignment]
         ping=lambda: None, wait_while_another_warms_up=lambda *a: None, wait_for_version=lambda *a, **k: 0,
-        manifest=None, wait_for_plan=lambda poll_s: plan, current_version=lambda max_age_s=0.0: 0,
-        read_latest=lambda: snapshot)
+        manifest=None, wait_for_plan=lambda poll_s: plan, current_version=lambda max_age_s=0.0: 0)
     w.waits = SimpleNamespace(until_included=None, for_cycle_close=None)  # type: ignore[assignment]
     w.overlap, w._fresh_base = Overlap(w.waits), False
     w.replica = SimpleNamespace(  # type: ignore[assignment]
-        holds=holds, reset=lambda: trainer, adopt=lambda s: False, trainer=trainer, version=0, run_id="rid",
-        catch_up=lambda fetcher, version: 0,
+        holds=holds, reset=lambda: trainer, trainer=trainer, version=0, run_id="rid",
+        take_newest=lambda fetcher, version: (snapshot_bytes, False),
         progress={})
     w.codec = get_codec("fp32")
     w.feedback, w.speed = ErrorFeedback(w.codec), SpeedMeter()
-    w._deadline = w._stop_seen = w._last_sent = None
+    w._last_sent = None
+    w.limits = RunLimits(w.stop, max_seconds=w.config.max_seconds, max_hours=w.config.max_hours,
+                         upload_grace_s=w.config.upload_grace_s)
     w.sender = DeltaSender(w.uploader, w.keys, "me", give_up=lambda: False,  # type: ignore[arg-type]
                            on_sent=w._sent)
-    w._trained_s, w._hours_up, w._received_bytes, w._previous_timings = 0.0, False, 0, {}
+    w.pauses = PauseWait(politeness, events=w.events, on_notice=w.on_notice, poll_s=w.config.poll_s,
+                         should_stop=w.limits.should_stop, keepalive=w.sender.keepalive)
+    w._received_bytes, w._previous_timings = 0, {}
     return w, notices, w.events, w.uploader, trainer  # type: ignore[return-value]
 
 
