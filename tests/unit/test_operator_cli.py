@@ -17,6 +17,7 @@ from click.testing import Result
 from safetensors.torch import load_file, save
 
 import coordinator.cli as cli
+import coordinator.run_cli as run_cli
 from coordinator.checkpoint import FILENAME as CHECKPOINT
 from coordinator.checkpoint import save_checkpoint
 from coordinator.export import CONFIG_FILE, MODEL_FILE
@@ -153,9 +154,9 @@ def status_docs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         reads.append(len(reads))
         return {"run": keys.run, "version": len(reads)}
 
-    monkeypatch.setattr(cli, "_status_doc", read)
-    monkeypatch.setattr(cli, "render_text", lambda doc: f"run {doc['run']} version {doc['version']}")
-    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+    monkeypatch.setattr(run_cli, "_status_doc", read)
+    monkeypatch.setattr(run_cli, "render_text", lambda doc: f"run {doc['run']} version {doc['version']}")
+    monkeypatch.setattr(run_cli.time, "sleep", lambda s: None)
     return reads
 
 
@@ -175,7 +176,7 @@ def test_status_watch_ends_quietly_on_ctrl_c(status_docs: list[int], monkeypatch
     def interrupt(seconds: float) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.time, "sleep", interrupt)
+    monkeypatch.setattr(run_cli.time, "sleep", interrupt)
     result = invoke(["status", "--run", "w", "--watch", "1"])
     assert result.exit_code == 0, result.output
     assert result.stdout == "run w version 1\n" and result.stderr == ""
