@@ -35,7 +35,8 @@ from paper_table import parse_seeds, run_jobs
 from table_csv import write_rows
 
 from coordinator.sim.simulator import SimConfig, SimResult, speed_profile
-from shared.codecs import CODECS, ErrorFeedback, get_codec
+from shared.codecs import CODECS, get_codec
+from shared.error_feedback import ErrorFeedback
 from shared.tasks.bytelm import MODEL_SIZES, ByteTransformer
 
 TARGET_BYTES_SHARE = 1 / 8  # of fp32's bytes

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from table_csv import write_rows
 
-from shared.codecs import CODECS, ErrorFeedback, get_codec
+from shared.codecs import CODECS, get_codec
+from shared.error_feedback import ErrorFeedback
 from shared.local_round import InnerConfig, LocalTrainer, pick_device
 from shared.tasks.bytelm import MODEL_SIZES, make_bytelm
 

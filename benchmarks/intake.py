@@ -70,7 +70,8 @@ from coordinator.run_state import build_intake
 from coordinator.warm_start import WarmStart
 from harness.faults import coordinator_args, status
 from harness.processes import AMQP_URL, REDIS_URL, Processes, new_run_name, wait_for
-from shared.codecs import ErrorFeedback, get_codec
+from shared.codecs import get_codec
+from shared.error_feedback import ErrorFeedback
 from shared.errors import ProtocolError
 from shared.keys import RunKeys
 from shared.protocol import DEFAULT_DELTA_LIMITS, DeltaMessage

@@ -52,9 +52,10 @@ from client.report import DeltaFate, RoundReport, RunSummary, Tally
 from client.sender import DeltaSender
 from client.stop import BaseLost, PauseWait, RoundAbandoned, RunLimits, StopRequested
 from client.uploader import DeltaUploader, Upload
-from shared.codecs import ErrorFeedback, get_codec
+from shared.codecs import get_codec
 from shared.contact import ServerContact
 from shared.dylu import SpeedMeter, round_length
+from shared.error_feedback import ErrorFeedback
 from shared.keys import RunKeys
 from shared.local_round import LocalTrainer, RoundStats, StepProgress, describe_device, pick_device
 from shared.protocol import DeltaMessage

@@ -11,11 +11,13 @@ fp32       4                     0 (exact)
 fp16       2                     ~2^-11 relative (values beyond ±65504 are refused)
 int8       1 + 4/256             absmax(block) / 254 (half a quantisation step)
 int4       0.5 + 2/64            scale(block) / 15, scale = absmax rounded up to bfloat16
+int3       0.375 + 2/64          scale(block) / 7 (the clients' default)
 topk       (2 + 15 · 1.5) / 256  kept (15 of 256 per block): scale / 15; the rest: all of it
 =========  ====================  =======================================================
 
-Lossy codecs are used with :class:`ErrorFeedback` on the client, so what is lost in one round is
-sent in the next instead of being dropped: for ``topk`` that is most of each round's delta.
+Lossy codecs are used with :class:`~shared.error_feedback.ErrorFeedback` on the client, so what is
+lost in one round is sent in the next instead of being dropped: for ``topk`` that is most of each
+round's delta.
 
 Decoders treat the bytes as hostile: besides the exact length, a non-finite scale is refused
 (``non_finite``), so is a top-k index that is out of its block, repeated or out of order
@@ -377,38 +379,3 @@ def get_codec(name: str) -> Codec:
         raise ProtocolError(
             "unknown_codec", f"codec {name!r} unknown (known: {', '.join(sorted(CODECS))})"
         ) from None
-
-
-class ErrorFeedback:
-    """Carries the compression error of each tensor into the next round.
-
-    ``encode(name, g)`` sends ``C(g + e)`` and keeps ``e ← (g + e) − D(C(g + e))``. With a lossless
-    codec ``e`` stays zero. The residual lives where ``g`` is (a GPU's delta is corrected and
-    quantised there: only the encoded bytes reach the host), in float32, the model's size. A
-    ``g + e`` with a NaN or an Inf (a diverged round) is sent as it is, for the coordinator to
-    refuse, and leaves no residual: one bad round must not poison every later one.
-    """
-
-    def __init__(self, codec: Codec) -> None:
-        self.codec = codec
-        self._residual: dict[str, torch.Tensor] = {}
-
-    def encode(self, name: str, delta: torch.Tensor) -> bytes:
-        flat = delta.detach().to(torch.float32).reshape(-1)
-        if isinstance(self.codec, Fp32Codec):
-            return self.codec.encode(flat)
-        residual = self._residual.get(name)
-        corrected = flat + residual.to(flat.device) if residual is not None else flat
-        blob = self.codec.encode(corrected)
-        if not bool(torch.isfinite(corrected).all()):
-            self._residual.pop(name, None)
-            return blob
-        decoded = self.codec.decode(blob, corrected.numel()).to(corrected.device, non_blocking=True)
-        self._residual[name] = corrected - decoded
-        return blob
-
-    def reset(self) -> None:
-        self._residual.clear()
-
-    def residual_norm(self) -> float:
-        return float(sum(float(r.pow(2).sum()) for r in self._residual.values()) ** 0.5)

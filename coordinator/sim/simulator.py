@@ -42,8 +42,9 @@ from coordinator.patches import PatchMaker
 from coordinator.sim.attacks import Forger, backdoor_batches
 from coordinator.sim.config import HETEROGENEITY, OVERLAP, SimConfig, SimPoint, SimResult, speed_profile
 from coordinator.sim.run_state import Round, RunState, Segments
-from shared.codecs import ErrorFeedback, get_codec
+from shared.codecs import get_codec
 from shared.dylu import local_steps_for
+from shared.error_feedback import ErrorFeedback
 from shared.local_round import InnerConfig, LocalTrainer
 from shared.round_plan import RoundMode, RoundPlan
 

@@ -19,7 +19,6 @@ from shared.codecs import (
     INT8_BLOCK,
     TOPK_BLOCK,
     TOPK_KEPT,
-    ErrorFeedback,
     Fp16Codec,
     Fp32Codec,
     Int3BlockCodec,
@@ -28,6 +27,7 @@ from shared.codecs import (
     TopKCodec,
     get_codec,
 )
+from shared.error_feedback import ErrorFeedback
 from shared.errors import ProtocolError
 from shared.tasks.bytelm import MODEL_SIZES, ByteTransformer
 

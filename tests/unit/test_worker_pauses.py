@@ -22,8 +22,9 @@ from client.sender import DeltaSender
 from client.stop import PauseWait, RunLimits
 from client.uploader import Upload
 from client.worker import Worker
-from shared.codecs import ErrorFeedback, get_codec
+from shared.codecs import get_codec
 from shared.dylu import SpeedMeter
+from shared.error_feedback import ErrorFeedback
 from shared.keys import RunKeys
 from shared.local_round import LocalTrainer, StepProgress
 from shared.protocol import DeltaMessage
