@@ -38,16 +38,19 @@ from coordinator.sim.report import plot_png, write_csv
 from coordinator.sim.simulator import SimConfig, speed_profile
 
 # label -> (strategy, outer lr ε, staleness exponent a, compute exponent p, grace rounds, follow:
-# rounds move onto θ while they train, the client's --follow)
+# rounds move onto θ while they train, the client's --follow; overlap: the client's --overlap, the
+# next round starts while the delta is on its way and moves onto θ when it lands, with no grace)
 SETTINGS = {
-    "dn ε0.5": ("dn+dylu", 0.5, 0.0, 0.0, 0.0, False),
-    "dn ε0.7 a0.5": ("dn+dylu", 0.7, 0.5, 0.0, 0.0, False),
-    "edn w1": ("edn+dylu", 0.5, 0.0, 1.0, 0.0, False),
-    "edn w1 g.25": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, False),
-    "edn w2 g.25": ("edn+dylu", 0.5, 0.0, 2.0, 0.25, False),
-    "edn w1 g.25 ε0.7": ("edn+dylu", 0.7, 0.0, 1.0, 0.25, False),
-    "edn w1 follow": ("edn+dylu", 0.5, 0.0, 1.0, 0.0, True),
-    "edn w1 g.25 follow": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, True),
+    "dn ε0.5": ("dn+dylu", 0.5, 0.0, 0.0, 0.0, False, "off"),
+    "dn ε0.7 a0.5": ("dn+dylu", 0.7, 0.5, 0.0, 0.0, False, "off"),
+    "edn w1": ("edn+dylu", 0.5, 0.0, 1.0, 0.0, False, "off"),
+    "edn w1 g.25": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, False, "off"),
+    "edn w2 g.25": ("edn+dylu", 0.5, 0.0, 2.0, 0.25, False, "off"),
+    "edn w1 g.25 ε0.7": ("edn+dylu", 0.7, 0.0, 1.0, 0.25, False, "off"),
+    "edn w1 follow": ("edn+dylu", 0.5, 0.0, 1.0, 0.0, True, "off"),
+    "edn w1 g.25 follow": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, True, "off"),
+    # what a user gets: the coordinator's defaults and the client's (--overlap --follow)
+    "edn w1 g.25 overlap follow": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, True, "rebase"),
 }
 
 
@@ -85,9 +88,10 @@ def main() -> None:
         alone = replace(base, strategy="dn", speeds=(1.0,), budget_steps=alone_time, eval_every_steps=20)
         jobs.append((f"{start}/alone", alone, task, pretrain))
         for label in settings:
-            strategy, lr, a, p, grace, follow = SETTINGS[label]
+            strategy, lr, a, p, grace, follow, overlap = SETTINGS[label]
             together = replace(base, strategy=strategy, speeds=speeds, warm_start_steps=warm,
-                               grace_rounds=grace, follow=follow, budget_steps=warm + together_steps,
+                               grace_rounds=grace, follow=follow, overlap=overlap,
+                               budget_steps=warm + together_steps,
                                outer=OuterConfig(lr=lr, momentum=0.8, staleness_exponent=a,
                                                  compute_exponent=p))
             jobs.append((f"{start}/together {label}", together, task, pretrain))
@@ -98,7 +102,7 @@ def main() -> None:
     print()
     print(f"volunteers help? speeds 1, 1/2, 1/4, 1/8 (DyLU, H={args.local_steps}) against the fastest "
           f"alone; T={args.time}, seed {args.seed}")
-    print(f"{'start':<19} {'four together':<19} {'alone final':>11} {'together final':>14} "
+    print(f"{'start':<19} {'four together':<27} {'alone final':>11} {'together final':>14} "
           f"{'ratio':>6}")
     rows = []
     for start in starts:
@@ -114,7 +118,7 @@ def main() -> None:
                          "time_together_to_alone_loss": None if reach is None else round(reach, 1),
                          "ratio": None if ratio is None else round(ratio, 3)})
             shown = "never" if ratio is None else f"{ratio:.3f}"
-            print(f"{start:<19} {label:<19} {target:>11.4f} {together.final_loss:>14.4f} {shown:>6}")
+            print(f"{start:<19} {label:<27} {target:>11.4f} {together.final_loss:>14.4f} {shown:>6}")
     args.out.mkdir(parents=True, exist_ok=True)
     write_rows(args.out / "volunteers.csv", rows)
     write_csv(args.out / "curves.csv", results)
