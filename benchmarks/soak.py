@@ -19,8 +19,9 @@ VmRSS of every process it started is sampled every ``--sample-every`` seconds in
 ``soak_rss.csv`` (a restarted process is followed under its new pid); the table gives each
 process's RSS after ``--warmup`` and at the end (medians of 3 samples), the growth, and the trend
 of its longest-lived pid, so a slow leak shows. The table goes to ``soak.csv`` too; logs, journals
-and the checkpoint stay in ``--out``/RUN/. Every process it started is stopped by pid, and the
-run's Redis keys and queues are deleted. Exit code 1 when the oracle finds anything.
+and the checkpoint stay in ``--out``/RUN/ (the report: ``soak_report.py``). Every process it
+started is stopped by pid, and the run's Redis keys and queues are deleted. Exit code 1 when the
+oracle finds anything.
 
     .venv/bin/python benchmarks/soak.py                      # 30 min, ~10 faults
     .venv/bin/python benchmarks/soak.py --minutes 4 --fault-every 45 --no-broker-faults
@@ -32,7 +33,6 @@ import csv
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +43,8 @@ from typing import Any
 
 import click
 import redis
+from served import memory_bytes
+from soak_report import fmt, report
 
 from coordinator.applied_log import FILENAME as APPLIED_LOG
 from coordinator.run_admin import delete_run, delete_run_keys
@@ -58,8 +60,6 @@ FAULT_KINDS = ("coordinator_kill", "client_kill", "redis_loss", "broker_restart"
 BROKER_DOWN_S = 3.0  # as tests/faults/test_broker_restart.py
 MAX_UNPLANNED_RESTARTS = 3  # per process: past that the product is broken and the soak stops
 END_MARGIN_S = 30.0  # no fault this close to the end: its recovery should be seen
-TREND_SETTLE_S = 60.0  # a new process's RSS climbs for ~30 s (torch, corpus, first round)
-TREND_SPAN_S = 120.0
 
 
 @dataclass
@@ -173,8 +173,9 @@ class Soak:
     def sample_rss(self) -> None:
         t = self.now()
         for role in self.roles():
-            rss = _vm_rss_mib(role.pid)
-            if rss is not None:
+            rss_bytes = memory_bytes(role.pid)
+            if rss_bytes is not None:
+                rss = rss_bytes / 2**20  # MiB
                 self.samples.append((t, role.name, role.pid, rss))
                 self._rss.writerow([f"{t:.1f}", role.name, role.pid, f"{rss:.1f}"])
         self._rss_file.flush()
@@ -216,7 +217,7 @@ class Soak:
             self.eval_start = (self.now(), loss)
         return (f"  t={self.now():5.0f}s  version {s.get('version', '-')}  applied "
                 f"{s.get('deltas', {}).get('applied', '-')}  confirmed {len(self.confirmed())}  "
-                f"eval {_f(loss, '.3f')}  RSS MiB: {rss}")
+                f"eval {fmt(loss, '.3f')}  RSS MiB: {rss}")
 
     def _last_samples(self) -> list[tuple[float, str, int, float]]:
         last: dict[str, tuple[float, str, int, float]] = {}
@@ -328,16 +329,6 @@ class Soak:
         self._rss_file.close()
 
 
-def _vm_rss_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024  # kB → MiB
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def _drop_torn_line(journal: Path) -> None:
     """Cut a last line the killed client did not finish; read_journal ignores it anyway."""
     if journal.exists():
@@ -357,42 +348,6 @@ def _wait(proc: subprocess.Popen, timeout_s: float) -> int | str:
         proc.kill()
         proc.wait()
         return f"killed after ignoring SIGTERM for {timeout_s:.0f} s"
-
-
-def rss_summary(samples: list[tuple[float, str, int, float]], role: Role, *, warmup_s: float,
-                end_s: float) -> dict[str, Any]:
-    """RSS of one role at start (after the warm-up) and end, medians of 3 samples, and its trend.
-
-    The trend is a least-squares slope (MiB/min) over the samples of the role's longest-lived pid,
-    from one warm-up (at least TREND_SETTLE_S) after that pid started, over at least TREND_SPAN_S:
-    a restart resets RSS, a leak is a steady slope; a shorter stretch gives no trend.
-    """
-    mine = [(t, pid, rss) for t, name, pid, rss in samples if name == role.name and t <= end_s]
-    start = [rss for t, _, rss in mine if t >= warmup_s][:3]
-    last_pid = role.pids[-1][0]
-    end = [rss for _, pid, rss in mine if pid == last_pid][-3:]
-    best: list[tuple[float, float]] = []
-    for pid, started in role.pids:
-        settled = [(t, rss) for t, p, rss in mine
-                   if p == pid and t >= started + max(warmup_s, TREND_SETTLE_S)]
-        if len(settled) > len(best):
-            best = settled
-    trend = None
-    if len(best) >= 6 and best[-1][0] - best[0][0] >= TREND_SPAN_S:
-        mean_t = statistics.fmean(t for t, _ in best)
-        mean_r = statistics.fmean(r for _, r in best)
-        var = sum((t - mean_t) ** 2 for t, _ in best)
-        trend = 60 * sum((t - mean_t) * (r - mean_r) for t, r in best) / var if var else None
-    s = statistics.median(start) if start else None
-    e = statistics.median(end) if end else None
-    restarts = [f"{t:.0f}s" for _, t in role.pids[1:]]
-    return {"start": s, "end": e, "growth": None if s is None or e is None else e - s, "trend": trend,
-            "pids": "->".join(str(p) for p, _ in role.pids),
-            "note": f"restarted at {', '.join(restarts)} (end is the new pid's)" if restarts else ""}
-
-
-def _f(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 @click.command(cls=OneLineErrorsCommand, context_settings={"help_option_names": ["-h", "--help"]},
@@ -472,92 +427,6 @@ def main(minutes: float, clients: int, fault_every: float, seed: int, out: Path,
             click.echo(f"soak: could not delete run {run}'s keys/queues: {exc}", err=True)
         finally:
             client.close()
-
-
-def report(soak: Soak, result: dict[str, Any], *, out: Path, warmup_s: float, end_s: float,
-           fault_every: float, wall_s: float) -> int:
-    verdict = result["verdict"]
-    final = result["status"]
-    rows: list[dict[str, Any]] = [{"section": "run", "item": soak.run, "count": soak.n_clients,
-                                   "note": f"minutes={soak.duration_s / 60:g} fault_every={fault_every:g} "
-                                           f"seed={soak.seed} rotation={' '.join(soak.kinds)}"}]
-    click.echo(f"\nasyncloco soak: run {soak.run}, {soak.n_clients} clients, {end_s / 60:.1f} min, "
-               f"seed {soak.seed}, wall {wall_s / 60:.1f} min")
-    click.echo(f"\n{'t (s)':>6}  {'fault':<16} {'target':<34} {'recovered (s)':>13}  note")
-    for f in soak.faults:
-        click.echo(f"{f.t_s:>6.0f}  {f.kind:<16} {f.target:<34} {_f(f.recovered_s):>13}  {f.note}")
-        rows.append({"section": "fault", "item": f.kind, "t_s": round(f.t_s, 1),
-                     "recovered_s": None if f.recovered_s is None else round(f.recovered_s, 1),
-                     "note": f"{f.target}; {f.note}"})
-    kills = sum(f.kind in ("client_kill", "unplanned_exit") and not f.target.startswith("coordinator")
-                for f in soak.faults)
-    rejected = sum(len(r) for r in verdict.rejected.values())
-    reasons: dict[str, int] = {}
-    for rs in verdict.rejected.values():
-        for reason in rs:
-            reasons[reason] = reasons.get(reason, 0) + 1
-    counts = {"confirmed": len(verdict.confirmed), "applied": sum(verdict.applied.values()),
-              "rejected": rejected, "lost": len(verdict.lost), "duplicated": len(verdict.duplicated),
-              "unexpected": len(verdict.unexpected), "duplicates_recognised": verdict.duplicates_seen}
-    click.echo("\ndeltas (oracle: client journals vs the coordinator's applied log)")
-    click.echo("  ".join(f"{k:>{max(len(k), 5)}}" for k in counts))
-    click.echo("  ".join(f"{v:>{max(len(k), 5)}}" for k, v in counts.items()))
-    notes = {"rejected": ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())),
-             "lost": " ".join(sorted(verdict.lost)[:20]),
-             "duplicated": " ".join(sorted(verdict.duplicated)[:20]),
-             "unexpected": f"allowed up to {kills} (one per client kill: confirmed, not yet journaled) "
-                           f"{' '.join(sorted(verdict.unexpected)[:20])}".rstrip()}
-    for k, v in counts.items():
-        rows.append({"section": "deltas", "item": k, "count": v, "note": notes.get(k, "")})
-    if reasons:
-        click.echo(f"rejected by reason: {notes['rejected']}")
-    click.echo(f"\n{'process':<12} {'pid(s)':<22} {'RSS start':>9} {'end':>7} {'growth':>7} "
-               f"{'trend MiB/min':>13}  note")
-    for role in soak.roles():
-        s = rss_summary(soak.samples, role, warmup_s=warmup_s, end_s=end_s)
-        click.echo(f"{role.name:<12} {s['pids']:<22} {_f(s['start']):>9} {_f(s['end']):>7} "
-                   f"{_f(s['growth'], '+.1f'):>7} {_f(s['trend'], '+.2f'):>13}  {s['note']}")
-        rows.append({"section": "rss", "item": role.name, "t_s": round(end_s, 1),
-                     "rss_start_mib": _r(s["start"]), "rss_end_mib": _r(s["end"]),
-                     "rss_growth_mib": _r(s["growth"]), "rss_trend_mib_per_min": _r(s["trend"], 3),
-                     "note": f"pids {s['pids']}; {s['note']}".rstrip("; ")})
-    t_eval, eval_start = soak.eval_start or (0.0, None)
-    click.echo(f"\nfinal version {final.get('version')}, snapshot check: {result['snapshot']}; "
-               f"eval loss {_f(eval_start, '.3f')} at {t_eval:.0f} s -> "
-               f"{_f(final.get('eval', {}).get('latest'), '.3f')} at the end; "
-               f"exit codes: coordinator {result['coordinator_rc']}, clients {result['client_rcs']}")
-    problems = []
-    if verdict.lost or verdict.duplicated:
-        problems.append(f"lost {sorted(verdict.lost)} duplicated {sorted(verdict.duplicated)}")
-    if len(verdict.unexpected) > kills:
-        problems.append(f"{len(verdict.unexpected)} applied unconfirmed, more than {kills} client kills")
-    if not result["drained"]:
-        problems.append("the queue did not drain: confirmed deltas never reached a commit")
-    if result["snapshot"] != final.get("version"):
-        problems.append(f"snapshot check {result['snapshot']} != status version {final.get('version')}")
-    tracebacks = {p.stem: n for p in sorted(soak.workdir.glob("*.log"))
-                  if (n := p.read_text(errors="replace").count("Traceback"))}
-    click.echo(f"tracebacks in the logs: {tracebacks or 'none'}")
-    unplanned = [f for f in soak.faults if f.kind == "unplanned_exit"]
-    if unplanned:
-        problems.append(f"{len(unplanned)} process(es) exited by themselves")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "soak.csv"
-    fields = ["section", "item", "t_s", "count", "recovered_s", "rss_start_mib", "rss_end_mib",
-              "rss_growth_mib", "rss_trend_mib_per_min", "note"]
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    click.echo(f"wrote {path} and {out / 'soak_rss.csv'}")
-    click.echo(f"oracle: {'; '.join(problems)}" if problems else
-               "oracle: nothing lost, nothing applied twice, nothing applied unconfirmed")
-    return 1 if problems else 0
-
-
-def _r(value: float | None, digits: int = 1) -> float | None:
-    return None if value is None else round(value, digits)
-
 
 if __name__ == "__main__":
     sys.exit(main())
