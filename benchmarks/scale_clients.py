@@ -34,6 +34,7 @@ from typing import Any
 import redis
 import torch
 from ceilings import PART_BYTES
+from served import DIRECTION_SEED, NOISE
 
 from client.fetcher import SnapshotFetcher
 from client.stop import StopRequested
@@ -49,8 +50,6 @@ from shared.snapshot_layout import SnapshotManifest
 
 log = logging.getLogger("scale_clients")
 
-DIRECTION_SEED = 7  # the direction every client's delta shares (the same in every process)
-NOISE = 0.5  # each client's own noise, relative to the shared direction (as tests/integration do)
 BATCH, SEQ_LEN = 8, 128  # what the deltas claim per local step (samples, tokens): counted, never checked
 BASE_POLL_S = 0.1  # how often a client looks for a version newer than its last base
 GO_WAIT_S = 900.0  # the longest a process waits for --go before it gives up

@@ -2,7 +2,8 @@
 
 Shared by ``intake.py --broker`` and ``scale.py``: the coordinator's command line at any bytelm
 size (``serve --model-size`` offers tiny and small; medium and large go in as a task setting),
-its first snapshot or manifest, its ``/metrics``, and a process's CPU seconds and memory from ``/proc``.
+its first snapshot or manifest, its ``/metrics``, and a process's CPU seconds and memory from ``/proc``;
+and deltas its guard takes as honest ones (:func:`honest_payloads`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,17 @@ import socket
 import urllib.request
 from pathlib import Path
 
+import torch
+
 from harness.faults import coordinator_args
+from shared.codecs import get_codec
+from shared.error_feedback import ErrorFeedback
 from shared.errors import SnapshotError
 from shared.snapshot import Snapshot, SnapshotStore
 from shared.snapshot_layout import SnapshotManifest
 
+DIRECTION_SEED = 7  # the direction honest deltas share (scale_clients.py's too)
+NOISE = 0.5  # each delta's own noise, relative to the shared direction (as tests/integration do)
 SERVE_SIZES = ("tiny", "small")  # what `serve --model-size` takes; the other sizes are task settings
 
 
@@ -88,3 +95,21 @@ def reset_peak() -> None:
     """Set this process's VmHWM back to its current VmRSS (Linux 4.0+), so that the next
     ``memory_bytes(os.getpid(), "VmHWM")`` is the peak of what came after."""
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def honest_payloads(shapes: dict[str, torch.Size], codec: str, *, scale: float,
+                    variants: int = 2) -> list[dict[str, bytes]]:
+    """``variants`` encoded deltas of ``shapes`` that the coordinator's guard takes as it takes
+    honest ones: one direction shared by all (:data:`DIRECTION_SEED`) plus each its own noise,
+    :data:`NOISE` times as big, all × ``scale`` per element. Deltas of opposite signs, alternated,
+    would keep θ from drifting, but the guard's direction check refuses the second of each pair."""
+    payloads = []
+    for variant in range(variants):
+        feedback, tensors = ErrorFeedback(get_codec(codec)), {}
+        for i, (name, shape) in enumerate(shapes.items()):
+            shared = torch.Generator().manual_seed(DIRECTION_SEED * 1_000_003 + i)
+            own = torch.Generator().manual_seed((variant + 1) * 7_919 * 1_000_003 + i)
+            g = torch.randn(shape, generator=shared).add_(torch.randn(shape, generator=own), alpha=NOISE)
+            tensors[name] = feedback.encode(name, g.mul_(scale))
+        payloads.append(tensors)
+    return payloads
