@@ -12,12 +12,18 @@ loss at equal wall-clock points; writes a CSV. Every process it starts is stoppe
   without their defaults ``--overlap --follow`` (rounds that start before their last delta is in
   a snapshot, and move onto newer snapshots while they train), with ``--follow`` alone, with both
   named; and the defaults with the coordinator's grace period off (``--grace-rounds 0``).
+* ``flip``, ``flip-unguarded``, ``honest3`` (not run unless named): the fastest client lies, sending
+  its honest delta times −1 every round (``harness/attacker.py``), with the guard at its defaults
+  and with ``--guard off``; ``honest3`` is the clean run at equal honest compute (the three honest
+  clients alone). The damage, printed when ``honest3`` ran too, is the liar's run's loss above the
+  clean run's as a share of the clean run's improvement, as ``attacks.py`` counts it.
 
 ``--repeats N`` runs each variant N times (the table shows each point's mean) and prints, per run,
 the deltas applied, the guard's refusals by reason and the speeds the coordinator measured.
 
     python benchmarks/real_vs_sync.py --seconds 120
     python benchmarks/real_vs_sync.py --variants plain,overlap+follow,no-grace --repeats 2
+    python benchmarks/real_vs_sync.py --variants honest3,flip,flip-unguarded --seconds 240
 """
 
 from __future__ import annotations
@@ -55,8 +61,14 @@ VARIANTS: dict[str, tuple[list[str], tuple[int, ...], list[str]]] = {
     "follow": ([], SLOWDOWNS, ["--no-overlap", "--follow"]),
     "overlap+follow": ([], SLOWDOWNS, ["--overlap", "--follow"]),
     "no-grace": (["--grace-rounds", "0"], SLOWDOWNS, []),
+    "honest3": ([], SLOWDOWNS[1:], []),
+    "flip": ([], SLOWDOWNS, []),
+    "flip-unguarded": (["--guard", "off"], SLOWDOWNS, []),
 }
 DEFAULT_VARIANTS = ("edn", "dn", "sync", "alone")
+# variant -> k: its fastest client (slowdown 1) sends its honest delta times -k (harness/attacker.py)
+LIARS = {"flip": 1.0, "flip-unguarded": 1.0}
+LIAR_ID = "x1"
 
 
 def _status(client: redis.Redis, run: str) -> dict:
@@ -129,9 +141,11 @@ class BenchRun:
         return proc
 
     def client(self, client_id: str, slowdown: int, seconds: float,
-               options: list[str] | None = None) -> subprocess.Popen:
+               options: list[str] | None = None, *, signflip: float = 0.0) -> subprocess.Popen:
+        """Start a real client; with ``signflip`` k, one that sends its honest delta times -k."""
+        program = ["harness.attacker", "--signflip", str(signflip), "--"] if signflip else ["client.cli"]
         return self._start(client_id, [
-            "client.cli", "join", "--run", self.run, "--client-id", client_id,
+            *program, "join", "--run", self.run, "--client-id", client_id,
             "--slowdown", str(slowdown), "--threads", "1", "--device", "cpu",
             "--state-dir", str(self.workdir / "state" / client_id), "--max-seconds", str(seconds),
             "--coordinator-key", self.coordinator_key, *(options or [])])
@@ -153,7 +167,8 @@ def run_one(variant: str, args: argparse.Namespace, workdir: Path) -> tuple[list
     with BenchRun(variant, args, workdir) as bench:
         coordinator = bench.coordinator(options, args.seconds)
         started_wall = time.time()
-        clients = [bench.client(f"x{slowdown}", slowdown, args.seconds, client_options)
+        clients = [bench.client(f"x{slowdown}", slowdown, args.seconds, client_options,
+                                signflip=LIARS.get(variant, 0.0) if f"x{slowdown}" == LIAR_ID else 0.0)
                    for slowdown in slowdowns]
         for proc in clients:
             proc.wait(timeout=args.seconds + 120)
@@ -162,7 +177,10 @@ def run_one(variant: str, args: argparse.Namespace, workdir: Path) -> tuple[list
         deltas = status.get("deltas", {})
         did = {"applied": deltas.get("applied", 0), "refused": deltas.get("rejected_by_reason", {}),
                "forgiven": deltas.get("guard", {}).get("direction_forgiven", 0),
-               "steps_per_s": {c["client_id"]: c.get("steps_per_s", 0.0) for c in status.get("clients", [])}}
+               "steps_per_s": {c["client_id"]: c.get("steps_per_s", 0.0) for c in status.get("clients", [])},
+               "liar": {c["client_id"]: (c.get("updates", 0), c.get("rejected", 0))
+                        for c in status.get("clients", []) if variant in LIARS and c["client_id"] == LIAR_ID},
+               "clipped": deltas.get("guard", {}).get("clipped", 0)}
         return bench.curve(started_wall), did
 
 
@@ -202,9 +220,11 @@ def main() -> None:
                 curves[variant].append(curve)
                 speeds = ", ".join(f"{c} {v or 0:.2f}" for c, v in sorted(did["steps_per_s"].items()))
                 final = curve[-1][1] if curve else float("nan")
+                liar = "".join(f"; the liar's deltas applied {a}, refused {r}"
+                               for a, r in did["liar"].values())
                 print(f"  final eval {final:.4f}; applied {did['applied']}, "
-                      f"refused {did['refused'] or 'none'}, forgiven {did['forgiven']}; "
-                      f"measured steps/s {speeds}", flush=True)
+                      f"refused {did['refused'] or 'none'}, forgiven {did['forgiven']}, clipped "
+                      f"{did['clipped']}; measured steps/s {speeds}{liar}", flush=True)
     points = [args.seconds * (i + 1) / args.points for i in range(args.points)]
     print(f"\n{'wall s':>7} " + " ".join(f"{v:>14}" for v in variants) + "  best"
           + (f"  (means of {args.repeats} runs)" if args.repeats > 1 else ""))
@@ -216,8 +236,25 @@ def main() -> None:
         rows.append({"wall_s": round(t, 1), **{f"{v}_eval": losses[v] for v in variants}, "best": best})
         shown = (f"{x if x is not None else float('nan'):>14.4f}" for x in losses.values())
         print(f"{t:>7.0f} " + " ".join(shown) + f"  {best}")
+    if "honest3" in curves:
+        print_damage(curves, points[-1])
     write_rows(args.out, rows)
     print(f"wrote {args.out}")
+
+
+def print_damage(curves: dict[str, list[list[tuple[float, float]]]], t: float) -> None:
+    """Each liar variant's damage at ``t`` against ``honest3``: its loss above the clean run's, as a
+    share of the clean run's improvement from its first evaluation (means over the runs)."""
+    clean = _mean([loss_at(c, t) for c in curves["honest3"]])
+    start = _mean([c[0][1] if c else None for c in curves["honest3"]])
+    if clean is None or start is None or start <= clean:
+        return
+    for variant in curves:
+        if variant in LIARS:
+            loss = _mean([loss_at(c, t) for c in curves[variant]])
+            if loss is not None:
+                print(f"damage of {variant} at {t:.0f} s: {(loss - clean) / (start - clean):+.1%} "
+                      f"({loss:.4f} against honest3's {clean:.4f}, from {start:.4f})")
 
 
 def _mean(values: list[float | None]) -> float | None:
