@@ -81,14 +81,15 @@ class Stages:
         return [{**row, **{f"{k}_x": round(row[f"{k}_mb"] / per, 2) for k in kinds}} for row in self.rows]
 
 
-def delta_message(run: RunState, seq: int) -> bytes:
+def delta_message(run: RunState, seq: int, round_share: float = 1.0) -> bytes:
     """An honest-sized int8 delta of the model's shapes (a small step: the guard passes it), from a
-    client of its own (one delta per client per base)."""
+    client of its own (one delta per client per base), of ``round_share`` of a full round's steps
+    (below 1: a DyLU short round, whose compute weight scales it in the step)."""
     codec = get_codec("int8")
     torch.manual_seed(0)  # one direction for all (the guard refuses one against the momentum)
     tensors = {name: codec.encode(torch.randn_like(p) * 1e-4 * (p.abs().mean() + 1e-3))
                for name, p in run.optimizer.params.items()}
-    steps = run.config.plan.local_steps
+    steps = max(1, round(run.config.plan.local_steps * round_share))
     return DeltaMessage(run_id=run.run_id, client_id=f"probe-{seq}", seq=0, base_version=run.version,
                         local_steps=steps, samples=steps, tokens=steps * 256, compute_s=float(steps),
                         train_loss=3.0, codec="int8", tensors=tensors, sent_at=time.time()).encode()
@@ -101,6 +102,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--no-trim", dest="trim", action="store_false",
                         help="leave out the malloc_trim the service calls after a delta in parts")
+    parser.add_argument("--round-share", type=float, default=1.0,
+                        help="the probes' deltas claim this share of a full round's steps (0.5: a "
+                        "DyLU short round, whose compute weight 0.5 scales it in the step)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     stages = Stages()
@@ -123,7 +127,7 @@ def main() -> None:
         publisher.publish(run)
         stages.done(f"first snapshot published (θ̂ for the patches: {config.commit.patch_codec})")
         for seq in range(3):
-            body = delta_message(run, seq)
+            body = delta_message(run, seq, args.round_share)
             stages.done(f"delta {seq}: its int8 message held ({len(body) / MB:.0f} MB)")
             # past one message's limit a delta comes in parts, and the assembled body is judged
             outcome = run.intake.handle(body, parts_of=(f"probe-{seq}", 0))
