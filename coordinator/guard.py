@@ -49,7 +49,7 @@ import logging
 import math
 import statistics
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -57,6 +57,7 @@ from typing import Any
 import torch
 
 from coordinator.direction import DirectionCheck, cosine_to, record_of
+from coordinator.outer_optimizer import Scaled
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -376,21 +377,3 @@ def momentum_centre(optimizer: Any) -> Centre:
         return Scaled(momentum, 1.0 - optimizer.config.momentum)
 
     return centre
-
-
-class Scaled(Mapping[str, torch.Tensor]):
-    """``{name: scale · tensor}``, each tensor scaled when it is looked up: the guard reads the
-    centre one tensor at a time, so no whole-model copy of it is ever made (a model's size of
-    memory less at the peak of every judgement: docs/BENCHMARKS.md, coordinator_memory.py)."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], scale: float) -> None:
-        self.tensors, self.scale = tensors, scale
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.tensors[name] * self.scale
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)

@@ -48,12 +48,33 @@ unweighted rule above.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from coordinator.run_mode import RunMode
 from shared.errors import ConfigError
+
+
+class Scaled(Mapping[str, torch.Tensor]):
+    """``{name: scale · tensor}``, each tensor scaled when it is looked up, so no whole-model copy
+    is ever made: the guard reads its centre ``(1 − β)·m`` this way (a model's size of memory less
+    at the peak of every judgement: docs/BENCHMARKS.md, coordinator_memory.py), and a step takes a
+    discounted or weighted delta this way."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], scale: float) -> None:
+        self.tensors, self.scale = tensors, scale
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name] * self.scale
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
 
 ASYNC_STRATEGIES = ("dn", "edn", "nesterov", "sgd", "fedbuff")
 STRATEGIES = (*ASYNC_STRATEGIES, "sync")
@@ -132,7 +153,7 @@ class OuterOptimizer:
         self.arrivals = 0  # all arrivals ever applied
         self.theta_updates = 0  # times θ changed: a new snapshot version is due only then
 
-    def step(self, delta: dict[str, torch.Tensor], *, active_clients: int = 1, staleness: int = 0,
+    def step(self, delta: Mapping[str, torch.Tensor], *, active_clients: int = 1, staleness: int = 0,
              weight: float = 1.0, active_weight: float | None = None) -> bool:
         """Apply one pseudo-gradient; return True if this arrival emptied the buffer.
 
@@ -142,11 +163,9 @@ class OuterOptimizer:
         """
         n = self.buffer_weight(active_clients, active_weight)
         a = self.config.staleness_exponent
-        if a and staleness > 0:
-            discount = (1.0 + staleness) ** -a
-            delta = {name: g * discount for name, g in delta.items()}
-        if weight != 1.0:
-            delta = {name: g * weight for name, g in delta.items()}
+        factor = weight * ((1.0 + staleness) ** -a if a and staleness > 0 else 1.0)
+        if factor != 1.0:  # scaled tensor by tensor as the step reads it: no copy of the delta
+            delta = Scaled(delta, factor)
         self.pending += 1
         self.filled += weight
         self.arrivals += 1
@@ -185,7 +204,7 @@ class OuterOptimizer:
         (RoundPlan.arrival_share): ε/N for dn and outer SGD; 0 where θ waits for a buffer."""
         return self.config.lr / n if self.moves_theta_on_arrival and n > 0 else 0.0
 
-    def _apply(self, delta: dict[str, torch.Tensor], n: float) -> bool:
+    def _apply(self, delta: Mapping[str, torch.Tensor], n: float) -> bool:
         raise NotImplementedError
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -211,7 +230,7 @@ class OuterOptimizer:
 
 
 class DelayedNesterov(OuterOptimizer):
-    def _apply(self, delta: dict[str, torch.Tensor], n: float) -> bool:
+    def _apply(self, delta: Mapping[str, torch.Tensor], n: float) -> bool:
         eps, beta = self.config.lr, self.config.momentum
         for name, g in delta.items():
             self.accum[name].add_(g)
@@ -241,7 +260,7 @@ class EagerDelayedNesterov(OuterOptimizer):
     def arrival_share(self, n: float) -> float:
         return self.config.lr * (1.0 + self.config.momentum) / n if n > 0 else 0.0
 
-    def _apply(self, delta: dict[str, torch.Tensor], n: float) -> bool:
+    def _apply(self, delta: Mapping[str, torch.Tensor], n: float) -> bool:
         eps, beta = self.config.lr, self.config.momentum
         first = self.pending == 1
         for name, g in delta.items():
@@ -262,7 +281,7 @@ class PerArrivalNesterov(OuterOptimizer):
     def arrival_share(self, n: float) -> float:
         return self.config.lr * (1.0 + self.config.momentum) / n if n > 0 else 0.0
 
-    def _apply(self, delta: dict[str, torch.Tensor], n: float) -> bool:
+    def _apply(self, delta: Mapping[str, torch.Tensor], n: float) -> bool:
         eps, beta = self.config.lr, self.config.momentum
         for name, g in delta.items():
             m = self.momentum[name]
@@ -273,7 +292,7 @@ class PerArrivalNesterov(OuterOptimizer):
 
 
 class OuterSGD(OuterOptimizer):
-    def _apply(self, delta: dict[str, torch.Tensor], n: float) -> bool:
+    def _apply(self, delta: Mapping[str, torch.Tensor], n: float) -> bool:
         for name, g in delta.items():
             self.params[name].sub_(g, alpha=self.config.lr / n)
         self._end_cycle()
@@ -285,7 +304,7 @@ class SyncNesterov(OuterOptimizer):
 
     moves_theta_on_arrival = False
 
-    def _apply(self, delta: dict[str, torch.Tensor], n: float) -> bool:
+    def _apply(self, delta: Mapping[str, torch.Tensor], n: float) -> bool:
         for name, g in delta.items():
             self.accum[name].add_(g)
         return False
@@ -309,7 +328,7 @@ class SyncNesterov(OuterOptimizer):
 class FedBuff(OuterOptimizer):
     moves_theta_on_arrival = False
 
-    def _apply(self, delta: dict[str, torch.Tensor], n: float) -> bool:
+    def _apply(self, delta: Mapping[str, torch.Tensor], n: float) -> bool:
         for name, g in delta.items():
             self.accum[name].add_(g)
         if not self._cycle_done(n):

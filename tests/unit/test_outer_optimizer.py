@@ -305,3 +305,22 @@ def test_compute_weight_is_capped_at_a_full_round_and_off_when_p_is_zero() -> No
         OuterConfig(strategy="edn", c=0.1)
     with pytest.raises(ConfigError):
         OuterConfig(compute_exponent=-1)
+
+
+@pytest.mark.parametrize("strategy", ["dn", "edn", "fedbuff", "sync"])
+def test_a_stale_short_round_is_scaled_by_both_factors_and_leaves_the_delta_as_it_was(strategy: str) -> None:
+    """The staleness discount and the compute weight scale the delta as the step reads it
+    (``Scaled``): the same as scaling it by hand first, and the caller's tensors stay as they were."""
+    config = OuterConfig(strategy=strategy, lr=0.5, momentum=0.8, buffer_size=2, staleness_exponent=0.5)
+    by_hand = OuterConfig(strategy=strategy, lr=0.5, momentum=0.8, buffer_size=2)
+    scaled, reference = make_outer_optimizer(_params(), config), make_outer_optimizer(_params(), by_hand)
+    for g in _grads(4):  # four arrivals of weight ½ fill the buffer of 2 once
+        kept = {name: t.clone() for name, t in g.items()}
+        scaled.step(g, staleness=3, weight=0.5)  # discount (1 + 3)^-0.5 = ½, then the weight ½
+        reference.step({name: t * 0.5 for name, t in g.items()}, staleness=3, weight=0.5)
+        assert all(torch.equal(g[name], kept[name]) for name in g)
+    for name in scaled.params:
+        torch.testing.assert_close(scaled.params[name], reference.params[name])
+        torch.testing.assert_close(scaled.accum[name], reference.accum[name])
+        torch.testing.assert_close(scaled.momentum[name], reference.momentum[name])
+    assert scaled.filled == reference.filled
