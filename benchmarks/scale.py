@@ -231,7 +231,8 @@ class ServedRun:
 
 # ---------------------------------------------------------------- the two modes
 def many_clients(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    extra = ["--guard", args.guard, "--max-queue-bytes", str(args.max_queue_bytes)]
+    extra = ["--guard", args.guard, "--max-queue-bytes", str(args.max_queue_bytes),
+             "--commit-max-share", str(args.commit_max_share)]
     with ServedRun(model=args.model_size, extra=extra, workdir=workdir, start_timeout_s=180,
                    lifetime_s=args.seconds + args.drain + BACKSTOP_S) as served:
         per = [args.clients // args.processes + (1 if i < args.clients % args.processes else 0)
@@ -258,7 +259,8 @@ def many_clients(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "codec": args.codec, "delta_mb": round(body / MB, 2), "clients": args.clients,
         "processes": args.processes, "interval_s": args.interval, "seconds": args.seconds,
         "measured_s": round(measured[-1]["wall"] - measured[0]["wall"], 1) if measured else 0.0,
-        "guard": args.guard, "offered_per_s": round(args.clients / args.interval, 1),
+        "guard": args.guard, "commit_max_share": args.commit_max_share,
+        "offered_per_s": round(args.clients / args.interval, 1),
         "applied_per_s": round(applied_per_s(measured), 2),
         "confirmed_per_s": round(confirmed / args.seconds, 2),
         **oracle_figures(reports, end["entries"]), "drained": drained,
@@ -278,7 +280,8 @@ def many_clients(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def large_model(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    extra = ["--guard", args.guard, "--max-queue-bytes", str(args.max_queue_bytes), "--no-dylu"]
+    extra = ["--guard", args.guard, "--max-queue-bytes", str(args.max_queue_bytes), "--no-dylu",
+             "--commit-max-share", str(args.commit_max_share)]
     with ServedRun(model="large", extra=extra, workdir=workdir, start_timeout_s=900,
                    lifetime_s=args.seconds + args.drain + 900 + BACKSTOP_S) as served:
         client_args = ["--codec", args.codec, "--interval", str(args.interval), "--seed", str(args.seed),
@@ -306,7 +309,8 @@ def large_model(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "model": "large", "params_m": round(fp32 / 4 / 1e6, 1), "fp32_mb": round(fp32 / MB, 1),
         "codec": args.codec, "delta_mb": round(body / MB, 1), "parts": -(-body // PART_BYTES),
         "clients": args.large_clients, "interval_s": args.interval, "seconds": args.seconds,
-        "guard": args.guard,
+        "guard": args.guard, "commit_max_share": args.commit_max_share,
+        "applied_per_s": round(applied_per_s(run), 3),
         **{k: figures[k] for k in ("confirmed", "applied", "rejected", "rejected_by_reason", "duplicates",
                                    "lost", "doubled", "unexpected", "client_errors")},
         "drained": drained,
@@ -375,6 +379,8 @@ def main() -> None:
     parser.add_argument("--model-size", default="small", choices=("tiny", "small", "medium", "large"))
     parser.add_argument("--codec", default="int8")
     parser.add_argument("--guard", default="clip", choices=("off", "screen", "clip"))
+    parser.add_argument("--commit-max-share", type=float, default=0.25,
+                        help="the coordinator's --commit-max-share (1: commits not spaced by their cost)")
     parser.add_argument("--fetch-snapshots", action="store_true", help="clients read each new snapshot whole")
     parser.add_argument("--large-clients", type=int, default=3)
     parser.add_argument("--max-queue-bytes", type=int, default=1024**3, help="the delta queue's bound")
