@@ -12,18 +12,20 @@ loss at equal wall-clock points; writes a CSV. Every process it starts is stoppe
   without their defaults ``--overlap --follow`` (rounds that start before their last delta is in
   a snapshot, and move onto newer snapshots while they train), with ``--follow`` alone, with both
   named; and the defaults with the coordinator's grace period off (``--grace-rounds 0``).
-* ``flip``, ``flip-unguarded``, ``honest3`` (not run unless named): the fastest client lies, sending
-  its honest delta times −1 every round (``harness/attacker.py``), with the guard at its defaults
-  and with ``--guard off``; ``honest3`` is the clean run at equal honest compute (the three honest
-  clients alone). The damage, printed when ``honest3`` ran too, is the liar's run's loss above the
-  clean run's as a share of the clean run's improvement, as ``attacks.py`` counts it.
+* ``flip``, ``flip-warm``, ``flip-unguarded``, ``honest3`` (not run unless named): the fastest
+  client lies, sending its honest delta times −1 every round (``harness/attacker.py``), with the
+  guard at its defaults, with a trusted warm start first (``--warm-start-steps`` of one round by
+  ``x2``, as docs/SECURITY.md advises for a run open to strangers), and with ``--guard off``;
+  ``honest3`` is the clean run at equal honest compute (the three honest clients alone). The
+  damage, printed when ``honest3`` ran too, is the liar's run's loss above the clean run's as a
+  share of the clean run's improvement, as ``attacks.py`` counts it.
 
 ``--repeats N`` runs each variant N times (the table shows each point's mean) and prints, per run,
 the deltas applied, the guard's refusals by reason and the speeds the coordinator measured.
 
     python benchmarks/real_vs_sync.py --seconds 120
     python benchmarks/real_vs_sync.py --variants plain,overlap+follow,no-grace --repeats 2
-    python benchmarks/real_vs_sync.py --variants honest3,flip,flip-unguarded --seconds 240
+    python benchmarks/real_vs_sync.py --variants honest3,flip,flip-warm,flip-unguarded --seconds 180
 """
 
 from __future__ import annotations
@@ -63,11 +65,12 @@ VARIANTS: dict[str, tuple[list[str], tuple[int, ...], list[str]]] = {
     "no-grace": (["--grace-rounds", "0"], SLOWDOWNS, []),
     "honest3": ([], SLOWDOWNS[1:], []),
     "flip": ([], SLOWDOWNS, []),
+    "flip-warm": (["--warm-start-steps", "30", "--warm-start-client", "x2"], SLOWDOWNS, []),
     "flip-unguarded": (["--guard", "off"], SLOWDOWNS, []),
 }
 DEFAULT_VARIANTS = ("edn", "dn", "sync", "alone")
 # variant -> k: its fastest client (slowdown 1) sends its honest delta times -k (harness/attacker.py)
-LIARS = {"flip": 1.0, "flip-unguarded": 1.0}
+LIARS = {"flip": 1.0, "flip-warm": 1.0, "flip-unguarded": 1.0}
 LIAR_ID = "x1"
 
 
