@@ -19,6 +19,7 @@ table says, for each codec, whether it meets it.
     python benchmarks/codecs.py                     # 5 codecs, seed 0: ~5 min on 2 cores
     python benchmarks/codecs.py --seeds 0,1,2       # 3 seeds: ~15 min
     python benchmarks/codecs.py --codecs int4,topk --repeats 3
+    python benchmarks/codecs.py --speed-only        # bytes and speeds, no simulator: ~1 min
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the speed measurement")
     parser.add_argument("--jobs", type=int, default=2, help="parallel simulator processes")
     parser.add_argument("--out", type=Path, default=Path("results/codecs"))
+    parser.add_argument("--speed-only", action="store_true",
+                        help="bytes and speeds only, no simulator runs (writes speed.csv)")
     args = parser.parse_args()
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
     if "fp32" not in codecs or set(codecs) - set(CODECS):
@@ -107,6 +110,18 @@ def main() -> None:
     for codec in codecs:
         speeds[codec] = measure_speed(codec, tensors, args.repeats)
         print(f"  timed {codec:<5} {speeds[codec]['encode_mb_s']:>8.1f} MB/s encode", flush=True)
+    if args.speed_only:
+        params = sum(t.numel() for t in tensors.values())
+        print(f"\nbytes and speed: bytelm {SPEED_MODEL} ({params / 1e6:.2f}M params), {args.threads} "
+              f"thread(s), median of {args.repeats}; MB/s of the fp32 delta")
+        print(f"{'codec':<6} {'B/param':>8} {'vs fp32':>8} {'enc MB/s':>9} {'dec MB/s':>9} {'EF MB/s':>8}")
+        for codec, speed in speeds.items():
+            print(f"{codec:<6} {speed['bytes_per_param']:>8.4f} {speed['vs_fp32_bytes']:>8.4f} "
+                  f"{speed['encode_mb_s']:>9.1f} {speed['decode_mb_s']:>9.1f} "
+                  f"{speed['feedback_encode_mb_s']:>8.1f}")
+        write_rows(args.out / "speed.csv", list(speeds.values()))
+        print(f"{time.perf_counter() - started:.0f} s; wrote {args.out}/speed.csv")
+        return
 
     base = SimConfig(speeds=tuple(speed_profile("none", 4)), local_steps=args.local_steps, min_local_steps=5,
                      budget_steps=args.budget, eval_every_steps=max(40, args.budget // 8))

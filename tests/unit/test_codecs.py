@@ -530,3 +530,61 @@ def test_error_feedback_drops_a_non_finite_round(name: str) -> None:
     ef.encode("w", bad)  # sent for the coordinator to refuse, and not carried
     assert ef.residual_norm() == 0.0
     assert ef.encode("w", delta) == codec.encode(delta)
+
+
+# ---------------------------------------------------------------- decoders against the layout
+def _layout_decode(name: str, blob: bytes, numel: int) -> np.ndarray:
+    """What each layout in shared/codecs.py's docstrings says an element decodes to, element by
+    element in numpy float32: an independent reference for the vectorised decoders."""
+    if name == "fp16":
+        return np.frombuffer(blob, "<f2").astype(np.float32)
+    if name == "int8":
+        nblocks = -(-numel // INT8_BLOCK)
+        scales = np.frombuffer(blob, "<f4", count=nblocks)
+        q = np.frombuffer(blob, np.int8, offset=4 * nblocks, count=numel)
+        return np.array([np.float32(q[i]) * scales[i // INT8_BLOCK] for i in range(numel)], np.float32)
+    block, bits = (INT4_BLOCK, 4) if name == "int4" else (INT3_BLOCK, 3)
+    nblocks = -(-numel // block)
+    scales = (np.frombuffer(blob, "<u2", count=nblocks).astype(np.uint32) << 16).view(np.float32)
+    codes = np.frombuffer(blob, np.uint8, offset=2 * nblocks)
+    top = np.float32(2**bits - 1)
+    out = np.empty(numel, np.float32)
+    for i in range(numel):
+        if bits == 4:
+            code = (codes[i // 2] >> (4 * (i % 2))) & 15
+        else:  # element 8g + j: bits 3j..3j+2 of group g's 24-bit little-endian word
+            g, j = divmod(i, 8)
+            word = int(codes[3 * g]) | int(codes[3 * g + 1]) << 8 | int(codes[3 * g + 2]) << 16
+            code = (word >> (3 * j)) & 7
+        level = (np.float32(code) * np.float32(2) - top) / top
+        out[i] = level * scales[i // block]
+    return out
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(st.sampled_from(["fp16", "int8", "int4", "int3"]), st.integers(0, 700), st.data())
+def test_decoders_give_exactly_what_the_layout_says(name: str, numel: int, data: st.DataObject) -> None:
+    codec = get_codec(name)
+    size = codec.encoded_bytes(numel)
+    blob = data.draw(st.binary(min_size=size, max_size=size))
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = _layout_decode(name, blob, numel)
+    if name in ("int4", "int3") and not np.isfinite(expected).all():
+        with pytest.raises(ProtocolError):  # a NaN or Inf scale: the low-bit decoders refuse it
+            codec.decode(blob, numel)
+        return
+    decoded = codec.decode(blob, numel)  # fp16 and int8 pass NaN and Inf on: the intake refuses them
+    assert decoded.dtype == torch.float32 and decoded.shape == (numel,)
+    assert np.array_equal(decoded.numpy(), expected, equal_nan=True)  # bit for bit
+
+
+def test_a_decoded_tensor_is_its_own_memory() -> None:
+    """The intake and error feedback may change a decoded delta in place: it must not share the
+    message's bytes."""
+    for name in CODECS:
+        codec = get_codec(name)
+        blob = bytearray(codec.encode(torch.linspace(-1, 1, 1000)))
+        decoded = codec.decode(bytes(blob), 1000)
+        before = decoded.clone()
+        decoded.mul_(2)  # writable
+        assert torch.equal(codec.decode(bytes(blob), 1000), before)
