@@ -27,6 +27,7 @@ so nothing a sender writes can make a decoder loop, allocate beyond the tensor o
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,6 +42,25 @@ INT8_BLOCK = 256  # elements per absmax block; smaller blocks: less error, more 
 def _as_flat_f32(tensor: torch.Tensor) -> np.ndarray:
     # (numel,) float32, little-endian, on the CPU
     return tensor.detach().to("cpu", torch.float32).reshape(-1).numpy().astype("<f4", copy=False)
+
+
+def _over(blob: bytes, dtype: str, *, offset: int = 0, count: int = -1) -> torch.Tensor:
+    """A tensor over ``blob``'s bytes read as little-endian ``dtype`` (numpy's name), without a
+    copy: only ever read (a decoder's result is always its own memory), so torch's warning about
+    a read-only buffer does not apply."""
+    array = np.frombuffer(blob, dtype=dtype, offset=offset, count=count)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    """``values`` (numel,) float32, its own memory, times each ``block``'s scale, in place."""
+    full = values.numel() // block
+    values[: full * block].view(full, block).mul_(scales[:full, None])
+    if full * block < values.numel():
+        values[full * block :].mul_(scales[full])
+    return values
 
 
 def _expect_len(blob: bytes, expected: int, codec: str) -> None:
@@ -80,7 +100,7 @@ class Fp16Codec:
 
     def decode(self, blob: bytes, numel: int) -> torch.Tensor:
         _expect_len(blob, self.encoded_bytes(numel), self.name)
-        return torch.from_numpy(np.frombuffer(blob, dtype="<f2").astype(np.float32))
+        return _over(blob, "<f2").to(torch.float32)  # torch converts half to float faster than numpy
 
 
 @dataclass(frozen=True)
@@ -112,12 +132,9 @@ class Int8BlockCodec:
     def decode(self, blob: bytes, numel: int) -> torch.Tensor:
         _expect_len(blob, self.encoded_bytes(numel), self.name)
         nblocks = self._nblocks(numel)
-        scales = np.frombuffer(blob, dtype="<f4", count=nblocks).astype(np.float32)
-        q = np.frombuffer(blob, dtype=np.int8, offset=4 * nblocks, count=numel)
-        padded = np.zeros(nblocks * self.block, dtype=np.float32)
-        padded[:numel] = q
-        values = (padded.reshape(-1, self.block) * scales[:, None]).reshape(-1)[:numel]
-        return torch.from_numpy(np.ascontiguousarray(values))
+        scales = _over(blob, "<f4", count=nblocks)
+        values = _over(blob, "i1", offset=4 * nblocks, count=numel).to(torch.float32)  # one new array
+        return _scale_blocks(values, scales, self.block)
 
 
 INT4_BLOCK = 64  # elements per bfloat16 scale: 0.5 + 2/64 bytes per element
@@ -218,10 +235,7 @@ class _Bf16BlockCodec:
 
     def _scaled(self, blob: bytes, levels: torch.Tensor, numel: int) -> torch.Tensor:
         """``levels`` (numel,) in ±1, each times its block's scale from the head of ``blob``."""
-        nblocks = self._nblocks(numel)
-        scales = _read_bf16(blob, nblocks, self.name)
-        levels = torch.nn.functional.pad(levels, (0, (-numel) % self.block))
-        return (levels.view(nblocks, self.block) * scales[:, None]).reshape(-1)[:numel]
+        return _scale_blocks(levels, _read_bf16(blob, self._nblocks(numel), self.name), self.block)
 
 
 @dataclass(frozen=True)
@@ -251,7 +265,6 @@ class Int4BlockCodec(_Bf16BlockCodec):
 
 
 INT3_BLOCK = 64  # elements per bfloat16 scale: 3/8 + 2/64 bytes per element, 1/9.8 of fp32
-_INT3_LEVELS = (torch.arange(8, dtype=torch.float32) * 2 - 7) / 7  # code c: (2c - 7) / 7
 _INT3_SHIFTS = torch.arange(8, dtype=torch.int32) * 3  # eight 3-bit codes fill three bytes
 
 
@@ -281,11 +294,22 @@ class Int3BlockCodec(_Bf16BlockCodec):
 
     def decode(self, blob: bytes, numel: int) -> torch.Tensor:
         _expect_len(blob, self.encoded_bytes(numel), self.name)
-        raw = torch.from_numpy(np.frombuffer(blob, dtype=np.uint8, offset=2 * self._nblocks(numel),
-                                             count=3 * ((numel + 7) // 8)).astype(np.int32)).view(-1, 3)
-        words = raw[:, 0] | (raw[:, 1] << 8) | (raw[:, 2] << 16)
-        codes = ((words[:, None] >> _INT3_SHIFTS) & 7).reshape(-1)
-        return self._scaled(blob, _INT3_LEVELS[codes][:numel], numel)
+        groups = (numel + 7) // 8
+        raw = _over(blob, "u1", offset=2 * self._nblocks(numel), count=3 * groups).view(groups, 3)
+        b0, b1, b2 = raw[:, 0], raw[:, 1], raw[:, 2]
+        # the 24-bit word b0 | b1 << 8 | b2 << 16 cut into its eight 3-bit codes, in bytes
+        codes = torch.empty((groups, 8), dtype=torch.uint8)
+        codes[:, 0] = b0 & 7
+        codes[:, 1] = (b0 >> 3) & 7
+        codes[:, 2] = (b0 >> 6) | ((b1 & 1) << 2)
+        codes[:, 3] = (b1 >> 1) & 7
+        codes[:, 4] = (b1 >> 4) & 7
+        codes[:, 5] = (b1 >> 7) | ((b2 & 3) << 1)
+        codes[:, 6] = (b2 >> 2) & 7
+        codes[:, 7] = b2 >> 5
+        # code c is the level (2c − 7) / 7, computed in float32 (tests pin it bit for bit)
+        levels = codes.reshape(-1)[:numel].to(torch.float32).mul_(2).sub_(7).div_(7)
+        return self._scaled(blob, levels, numel)
 
 
 @dataclass(frozen=True)
