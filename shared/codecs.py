@@ -265,7 +265,6 @@ class Int4BlockCodec(_Bf16BlockCodec):
 
 
 INT3_BLOCK = 64  # elements per bfloat16 scale: 3/8 + 2/64 bytes per element, 1/9.8 of fp32
-_INT3_SHIFTS = torch.arange(8, dtype=torch.int32) * 3  # eight 3-bit codes fill three bytes
 
 
 @dataclass(frozen=True)
@@ -287,9 +286,11 @@ class Int3BlockCodec(_Bf16BlockCodec):
 
     def encode(self, tensor: torch.Tensor) -> bytes:
         scales, codes = self._codes(tensor)
-        groups = torch.nn.functional.pad(codes.to(torch.int32), (0, (-codes.numel()) % 8)).view(-1, 8)
-        words = (groups << _INT3_SHIFTS.to(groups.device)).sum(dim=1)  # 24 bits each
-        packed = torch.stack((words & 0xFF, (words >> 8) & 0xFF, (words >> 16) & 0xFF), dim=1)
+        c = torch.nn.functional.pad(codes, (0, (-codes.numel()) % 8)).view(-1, 8)  # (groups, 8) uint8
+        # the 24-bit word c0 | c1 << 3 | ... | c7 << 21 as its three bytes, built in bytes
+        packed = torch.stack((c[:, 0] | (c[:, 1] << 3) | ((c[:, 2] & 3) << 6),
+                              (c[:, 2] >> 2) | (c[:, 3] << 1) | (c[:, 4] << 4) | ((c[:, 5] & 1) << 7),
+                              (c[:, 5] >> 1) | (c[:, 6] << 2) | (c[:, 7] << 5)), dim=1)
         return scales + _to_bytes(packed.reshape(-1), "u1")
 
     def decode(self, blob: bytes, numel: int) -> torch.Tensor:
