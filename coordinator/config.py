@@ -109,3 +109,12 @@ class CoordinatorConfig:
     def mode(self) -> RunMode:
         """Synchronous or asynchronous: derived from the outer strategy, in one place."""
         return self.outer.mode
+
+    @property
+    def guard_starts_blind(self) -> bool:
+        """A run open to strangers whose guard has nothing trusted to start from: no statistic
+        before its first deltas, no direction before its first buffer cycle, so a fast liar that
+        sends from the start can steer the momentum it is then judged by (docs/SECURITY.md measures
+        it). A warm start by a holder the operator names gives the guard both from the first delta."""
+        return (self.auth is AuthMode.INVITE and self.guard.guard_mode.screens and self.mode is RunMode.ASYNC
+                and not (self.plan.warm_start_steps and self.plan.warm_start_client))

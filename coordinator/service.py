@@ -115,6 +115,11 @@ class Coordinator:
         log.info("%s run %s (%s): %d parameters, starting at version %d",
                  "resuming" if checkpoint else "starting", cfg.run, run.run_id,
                  sum(p.numel() for p in run.optimizer.params.values()), first)
+        if checkpoint is None and cfg.guard_starts_blind:
+            log.warning("the guard starts blind: with no --warm-start-steps by a --warm-start-client you "
+                        "trust, a fast volunteer that lies from the start can steer the run before the guard "
+                        "has statistics to judge it by (docs/SECURITY.md); start open runs with a warm start "
+                        "from a machine of your own")
         run.start_at(first)
         run.evaluate()
         self._commit(force=True)

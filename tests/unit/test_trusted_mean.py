@@ -3,10 +3,15 @@ checkpoint while it is the centre, and is let go once the momentum has a directi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from coordinator.config import CoordinatorConfig
+from coordinator.guard import GuardConfig
 from coordinator.identity import AuthMode
+from coordinator.outer_optimizer import OuterConfig
+from coordinator.registry import PlanConfig
 from coordinator.run_state import RunState, new_run_config
 
 TASK = {"model_size": "tiny", "max_corpus_bytes": 200_000, "eval_sequences": 2, "batch_size": 2}
@@ -47,3 +52,19 @@ def test_a_run_without_a_warm_start_keeps_no_trusted_tensors() -> None:
     assert not any(n.startswith("guard_trusted/") for n in run.checkpoint().tensors)
     restored = RunState.open(run.config, run.checkpoint(), None)
     assert restored.guard.trusted is None
+
+
+def test_a_run_open_to_strangers_starts_blind_without_a_named_warm_start_holder(tmp_path: Path) -> None:
+    """serve warns at a fresh start when this is true (coordinator/service.py)."""
+    invite = CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path)
+    assert invite.guard_starts_blind  # the defaults: no warm start
+    held = PlanConfig(warm_start_steps=30, warm_start_client="mine")
+    assert not CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path, plan=held).guard_starts_blind
+    # a warm start by whoever sends first is no trust anchor
+    anyone = PlanConfig(warm_start_steps=30)
+    assert CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path, plan=anyone).guard_starts_blind
+    assert not CoordinatorConfig(auth=AuthMode.OPEN).guard_starts_blind  # a developer's own machines
+    assert not CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path,
+                                 guard=GuardConfig(mode="off")).guard_starts_blind
+    assert not CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path,
+                                 outer=OuterConfig(strategy="sync")).guard_starts_blind
