@@ -34,6 +34,14 @@ class Arrival:
     from_parts: bool = False  # put together from parts: its first part already passed the rate limit
     active_clients: int = 1  # clients heard from lately, the sender included
     stacked_on: int = -1  # the sender's delta its round started on top of (DeltaMessage.stacked_on)
+    origin_version: int = -1  # the version a round that moved began on (DeltaMessage.origin_version)
+
+    @property
+    def began_on(self) -> int:
+        """The version the round began on: its base, or an earlier one it claims to have moved from
+        (``--follow``, ``--overlap``). A claim that can only widen the window of plans counted, all
+        of them at most H: see :class:`AssignmentBound`."""
+        return self.base_version if self.origin_version < 0 else min(self.origin_version, self.base_version)
 
 
 Refusal = tuple[str, str]  # (reason slug, detail)
@@ -114,16 +122,20 @@ def steps_allowed(assigned: int) -> int:
 
 @dataclass(frozen=True)
 class AssignmentBound:
-    """Refuse a delta claiming more local steps than any plan assigned its sender for its base
-    (H for a client the plans did not name), beyond the slack: ``over_assignment``."""
+    """Refuse a delta claiming more local steps than any plan assigned its sender from the version
+    its round began on (H for a client the plans did not name), beyond the slack:
+    ``over_assignment``. A round that moved onto newer snapshots while it trained counts from the
+    version it began on (its claim, :attr:`Arrival.began_on`): it ran the length offered then, which
+    a plan published since may have shortened. No plan offers more than H, so the claim can raise
+    the bound to H's at most, as for any client the plans do not name."""
 
     registry: ClientRegistry
 
     def refuse(self, arrival: Arrival) -> Refusal | None:
-        assigned = self.registry.assignment_limit(arrival.client_id, arrival.base_version)
+        assigned = self.registry.assignment_limit(arrival.client_id, arrival.began_on)
         if arrival.local_steps > steps_allowed(assigned):
             return ("over_assignment", f"local_steps {arrival.local_steps} > {steps_allowed(assigned)} "
-                    f"(assigned {assigned} on version {arrival.base_version}, with slack)")
+                    f"(assigned {assigned} from version {arrival.began_on}, with slack)")
         return None
 
     def admitted(self, arrival: Arrival) -> None:

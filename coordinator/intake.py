@@ -263,7 +263,7 @@ class DeltaIntake:
         arrival = Arrival(client_id=cid, seq=seq, base_version=msg.base_version,
                           staleness=self.staleness_of(msg.base_version), local_steps=msg.local_steps,
                           now=now, from_parts=parts_of is not None, active_clients=len(active_ids),
-                          stacked_on=msg.stacked_on)
+                          stacked_on=msg.stacked_on, origin_version=msg.origin_version)
 
         def reject(reason: str, detail: str) -> Outcome:
             return Outcome.rejected(reason, detail, cid, seq, arrival.staleness)
@@ -300,7 +300,7 @@ class DeltaIntake:
         for rule in self.rules:
             rule.admitted(arrival)
         # Credited no more steps than it was assigned (the slack lets a little more in, uncounted).
-        steps, tokens, samples = self.registry.credit(cid, msg.base_version, local_steps=msg.local_steps,
+        steps, tokens, samples = self.registry.credit(cid, arrival.began_on, local_steps=msg.local_steps,
                                                       tokens=msg.tokens, samples=msg.samples)
         self.registry.record_applied(
             client_id=cid, seq=seq, base_version=msg.base_version, local_steps=steps,

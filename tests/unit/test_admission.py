@@ -106,6 +106,32 @@ def test_a_measured_client_may_claim_its_own_assignment_with_slack() -> None:
     assert ok.kind == "applied" and reg.clients["slow"].last_round_steps == 3  # credited its 3
 
 
+
+def test_a_round_that_moved_is_bounded_by_the_plans_from_the_version_it_began_on() -> None:
+    """--follow: a slow client's round began on version 3 with H (the plans did not name it yet)
+    and ended on version 5, after a plan cut it to 3 steps. Counted from version 5 it would be
+    refused; from version 3, which it names (origin_version), it is taken and credited in full.
+    Naming an origin can widen the window, never past H's bound."""
+    intake, _ = rig()
+    reg = intake.registry
+    reg.note_published(3, at=10.0)
+    reg.note_published(4, at=20.0)
+    for cid, steps, arrive in (("fast", 30, (15.0, 22.0)), ("slow", 5, (15.0, 30.0))):
+        for seq, (base, now) in enumerate(zip((3, 4), arrive, strict=True)):
+            assert intake.handle(_delta(client_id=cid, seq=seq, base_version=base, local_steps=steps),
+                                 now=now).kind == "applied"
+    assert reg.plan(RUN_ID, 40.0, RoundMode.DYLU).assignments["slow"] == 3
+    reg.note_published(5, at=60.0)
+    assert AssignmentBound(reg).refuse(Arrival("slow", 2, 5, 0, 20, 70.0)) is not None  # from 5: 3 steps
+    assert AssignmentBound(reg).refuse(Arrival("slow", 2, 5, 0, 20, 70.0, origin_version=3)) is None
+    moved = intake.handle(_delta(client_id="slow", seq=2, base_version=5, local_steps=20, origin_version=3),
+                          now=70.0)
+    assert moved.kind == "applied" and reg.clients["slow"].last_round_steps == 20
+    # an origin at or past the base changes nothing; H's bound holds whatever the claim
+    assert AssignmentBound(reg).refuse(Arrival("slow", 3, 5, 0, 20, 71.0, origin_version=7)) is not None
+    assert AssignmentBound(reg).refuse(Arrival("slow", 3, 5, 0, 40, 71.0, origin_version=0)) is not None
+
+
 # ------------------------------------------------------------------ one delta per base
 
 
