@@ -87,15 +87,22 @@ def test_a_stranger_may_claim_h_with_slack_and_no_more() -> None:
     assert intake.registry.clients["b"].local_steps == H  # applied, credited H
 
 
-def test_a_measured_client_may_claim_its_own_assignment_with_slack() -> None:
+def measured_fast_and_slow() -> DeltaIntake:
+    """Versions 3 and 4 published at 10 s and 20 s; on each, "fast" sent 30 steps and "slow" 5,
+    so that the next plan measures fast at 15 steps/s and slow at 0.5."""
     intake, _ = rig()
-    reg = intake.registry
-    reg.note_published(3, at=10.0)
-    reg.note_published(4, at=20.0)
+    intake.registry.note_published(3, at=10.0)
+    intake.registry.note_published(4, at=20.0)
     for cid, steps, arrive in (("fast", 30, (15.0, 22.0)), ("slow", 5, (15.0, 30.0))):
         for seq, (base, now) in enumerate(zip((3, 4), arrive, strict=True)):
             assert intake.handle(_delta(client_id=cid, seq=seq, base_version=base, local_steps=steps),
                                  now=now).kind == "applied"
+    return intake
+
+
+def test_a_measured_client_may_claim_its_own_assignment_with_slack() -> None:
+    intake = measured_fast_and_slow()
+    reg = intake.registry
     plan = reg.plan(RUN_ID, 40.0, RoundMode.DYLU)  # fast 15 steps/s, slow 0.5 steps/s
     assert plan.assignments == {"fast": 30, "slow": 3}  # floor(0.5 / 15 · 30) = 1 → H_min 3
     reg.note_published(5, at=60.0)  # no plan since 40 s: slow was offered 3 for this base
@@ -112,14 +119,8 @@ def test_a_round_that_moved_is_bounded_by_the_plans_from_the_version_it_began_on
     and ended on version 5, after a plan cut it to 3 steps. Counted from version 5 it would be
     refused; from version 3, which it names (origin_version), it is taken and credited in full.
     Naming an origin can widen the window, never past H's bound."""
-    intake, _ = rig()
+    intake = measured_fast_and_slow()
     reg = intake.registry
-    reg.note_published(3, at=10.0)
-    reg.note_published(4, at=20.0)
-    for cid, steps, arrive in (("fast", 30, (15.0, 22.0)), ("slow", 5, (15.0, 30.0))):
-        for seq, (base, now) in enumerate(zip((3, 4), arrive, strict=True)):
-            assert intake.handle(_delta(client_id=cid, seq=seq, base_version=base, local_steps=steps),
-                                 now=now).kind == "applied"
     assert reg.plan(RUN_ID, 40.0, RoundMode.DYLU).assignments["slow"] == 3
     reg.note_published(5, at=60.0)
     assert AssignmentBound(reg).refuse(Arrival("slow", 2, 5, 0, 20, 70.0)) is not None  # from 5: 3 steps
