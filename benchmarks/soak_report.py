@@ -5,13 +5,34 @@ from __future__ import annotations
 
 import csv
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import click
 
-if TYPE_CHECKING:
-    from soak import Role, Soak
+
+class Role(Protocol):
+    """One process of the soak as the report reads it (``soak.Role``)."""
+
+    name: str
+    pids: list[tuple[int, float]]  # (pid, soak time it started)
+
+
+class Soak(Protocol):
+    """The soak as the report reads it (``soak.Soak``): what it was, what happened, what it saw."""
+
+    run: str
+    n_clients: int
+    duration_s: float
+    seed: int
+    kinds: Sequence[str]
+    faults: Sequence[Any]  # soak.Fault: t_s, kind, target, recovered_s, note
+    samples: list[tuple[float, str, int, float]]  # (t, process, pid, RSS MiB)
+    eval_start: tuple[float, float] | None  # (t_s, loss) at the first progress line
+    workdir: Path
+
+    def roles(self) -> Sequence[Role]: ...
 
 TREND_SETTLE_S = 60.0  # a new process's RSS climbs for ~30 s (torch, corpus, first round)
 TREND_SPAN_S = 120.0
