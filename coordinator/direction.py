@@ -128,11 +128,17 @@ def record_of(table: dict[str, deque[bool]], sender: str, length: int) -> deque[
     return record
 
 
-def cosine_to(delta: Mapping[str, torch.Tensor], centre: Mapping[str, torch.Tensor] | None) -> float | None:
-    """cos(delta, centre) over all tensors; None without a centre or with a zero vector."""
+def cosine_to(delta: Mapping[str, torch.Tensor], centre: Mapping[str, torch.Tensor] | None, *,
+              delta_norm: float) -> float | None:
+    """cos(delta, centre) over all tensors, given |delta| (the guard has it already); None without
+    a centre or with a zero vector. Each centre tensor is read once (a ``Scaled`` centre makes it
+    as it is read), for both the dot product and the centre's own norm."""
     if centre is None:
         return None
-    dot = sum(float(torch.dot(g.reshape(-1), centre[n].reshape(-1))) for n, g in delta.items())
-    norm = math.sqrt(sum(float(torch.linalg.vector_norm(g)) ** 2 for g in delta.values()))
-    centre_norm = math.sqrt(sum(float(torch.linalg.vector_norm(c)) ** 2 for c in centre.values()))
-    return dot / (norm * centre_norm) if norm > 0 and centre_norm > 0 else None
+    dot = centre_sq = 0.0
+    for name, g in delta.items():
+        c = centre[name]
+        dot += float(torch.dot(g.reshape(-1), c.reshape(-1)))
+        centre_sq += float(torch.linalg.vector_norm(c)) ** 2
+    centre_norm = math.sqrt(centre_sq)
+    return dot / (delta_norm * centre_norm) if delta_norm > 0 and centre_norm > 0 else None

@@ -190,7 +190,7 @@ class DeltaGuard:
         centre = self._centre()
         tensor_norms = {n: k * float(torch.linalg.vector_norm(g)) for n, g in delta.items()}
         norm = math.sqrt(sum(v * v for v in tensor_norms.values()))
-        refused, cosine = self._screen(delta, norm, tensor_norms, centre, sender)
+        refused, cosine = self._screen(delta, norm, tensor_norms, centre, sender, scale=k)
         if refused is not None:
             # a direction refusal is no strike: when the momentum itself is wrong (the valve's
             # case), honest senders are refused that way until the valve stands aside
@@ -276,10 +276,11 @@ class DeltaGuard:
             self.distances.append(distance)
 
     def _screen(self, delta: dict[str, torch.Tensor], norm: float, tensor_norms: dict[str, float],
-                centre: Mapping[str, torch.Tensor] | None,
-                sender: str) -> tuple[GuardDecision | None, float | None]:
-        """The screen's refusal of a delta judged at ``norm`` (a full round's size), or None; and
-        the delta's cosine to the centre (None when it was not looked at, or there is none)."""
+                centre: Mapping[str, torch.Tensor] | None, sender: str, *,
+                scale: float) -> tuple[GuardDecision | None, float | None]:
+        """The screen's refusal of a delta judged at ``norm`` (a full round's size: ``scale`` times
+        its own), or None; and the delta's cosine to the centre (None when it was not looked at, or
+        there is none)."""
         if self._has_history(self.norms):  # else: the intake's absolute bounds only
             k = self.config.reject_ratio
             median = statistics.median(self.norms)
@@ -293,7 +294,7 @@ class DeltaGuard:
                 if median_share > 0 and share > k * median_share:
                     return GuardDecision(None, "tensor_outlier", f"tensor {name!r} holds {share:.3g} of |g|, "
                                          f"> {k:g} × median {median_share:.3g}"), None
-        cosine = cosine_to(delta, centre)
+        cosine = cosine_to(delta, centre, delta_norm=norm / scale)  # norm: ``scale`` × |delta|
         if cosine is None:
             return None, None
         # read back by benchmarks/direction_replay.py
