@@ -34,7 +34,7 @@ from typing import Any
 import redis
 import torch
 from ceilings import PART_BYTES
-from served import DIRECTION_SEED, NOISE
+from served import honest_tensor
 
 from client.fetcher import SnapshotFetcher
 from client.stop import StopRequested
@@ -73,10 +73,7 @@ class Payloads:
                 size = self.scale * steps / max(1, full_steps)  # a short round moves θ less
                 tensors = {}
                 for i, entry in enumerate(manifest.params):
-                    shared = torch.Generator().manual_seed(DIRECTION_SEED * 1_000_003 + i)
-                    own = torch.Generator().manual_seed((self.process * 1000 + variant) * 1_000_003 + i)
-                    g = torch.randn(entry.numel, generator=shared)
-                    g.add_(torch.randn(entry.numel, generator=own), alpha=NOISE).mul_(size)
+                    g = honest_tensor(i, entry.numel, own_seed=self.process * 1000 + variant, scale=size)
                     tensors[entry.name] = self.codec.encode(g)
                 self.made[key] = tensors
             return self.made[key]

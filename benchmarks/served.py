@@ -17,7 +17,6 @@ import torch
 
 from harness.faults import coordinator_args
 from shared.codecs import get_codec
-from shared.error_feedback import ErrorFeedback
 from shared.errors import SnapshotError
 from shared.snapshot import Snapshot, SnapshotStore
 from shared.snapshot_layout import SnapshotManifest
@@ -97,19 +96,21 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def honest_tensor(index: int, shape: torch.Size | int, *, own_seed: int, scale: float) -> torch.Tensor:
+    """Tensor ``index`` of a delta the coordinator's guard takes as it takes honest ones: the
+    direction every such delta shares (:data:`DIRECTION_SEED`) plus noise of its own
+    (``own_seed``), :data:`NOISE` times as big, all × ``scale`` per element."""
+    shared = torch.Generator().manual_seed(DIRECTION_SEED * 1_000_003 + index)
+    own = torch.Generator().manual_seed(own_seed * 1_000_003 + index)
+    g = torch.randn(shape, generator=shared).add_(torch.randn(shape, generator=own), alpha=NOISE)
+    return g.mul_(scale)
+
+
 def honest_payloads(shapes: dict[str, torch.Size], codec: str, *, scale: float,
                     variants: int = 2) -> list[dict[str, bytes]]:
-    """``variants`` encoded deltas of ``shapes`` that the coordinator's guard takes as it takes
-    honest ones: one direction shared by all (:data:`DIRECTION_SEED`) plus each its own noise,
-    :data:`NOISE` times as big, all × ``scale`` per element. Deltas of opposite signs, alternated,
-    would keep θ from drifting, but the guard's direction check refuses the second of each pair."""
-    payloads = []
-    for variant in range(variants):
-        feedback, tensors = ErrorFeedback(get_codec(codec)), {}
-        for i, (name, shape) in enumerate(shapes.items()):
-            shared = torch.Generator().manual_seed(DIRECTION_SEED * 1_000_003 + i)
-            own = torch.Generator().manual_seed((variant + 1) * 7_919 * 1_000_003 + i)
-            g = torch.randn(shape, generator=shared).add_(torch.randn(shape, generator=own), alpha=NOISE)
-            tensors[name] = feedback.encode(name, g.mul_(scale))
-        payloads.append(tensors)
-    return payloads
+    """``variants`` encoded deltas of ``shapes`` made of :func:`honest_tensor`, one tensor at a
+    time. Deltas of opposite signs, alternated, would keep θ from drifting, but the guard's
+    direction check refuses the second of each pair."""
+    encoder = get_codec(codec)
+    return [{name: encoder.encode(honest_tensor(i, shape, own_seed=(variant + 1) * 7_919, scale=scale))
+             for i, (name, shape) in enumerate(shapes.items())} for variant in range(variants)]
