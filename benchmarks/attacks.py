@@ -59,7 +59,7 @@ ATTACK_SET: dict[str, tuple[str, float]] = {
     "base lie": ("base_lie", 1.0),
 }
 STRATEGIES = {"edn": "edn+dylu", "dn": "dn+dylu", "sync": "sync"}
-SIM_VERSION = 3  # of the guard's and the simulator's behaviour: raise it when either changes (cache)
+SIM_VERSION = 4  # of the guard's and the simulator's behaviour: raise it when either changes (cache)
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ def replay(cosines: list[tuple[str, float]], forgive_after: int, spread: float, 
         if check.refuses(sender, cosine):
             refused[sender] += 1
         else:
-            check.accepted(cosine)
+            check.accepted(cosine, sender)
     return refused
 
 

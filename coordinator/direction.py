@@ -27,6 +27,7 @@ Three rules keep honest volunteers in, measured on real runs (docs/SECURITY.md,
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import Counter, deque
@@ -41,8 +42,8 @@ DIRECTIONS_KEPT = 16
 MAX_RECORDS = 10_000
 # Accepted cosines before the spread is taken from them (fewer: min_cosine alone).
 MIN_COSINES = 8
-# σ of a normal distribution from its median absolute deviation
-MAD_TO_SIGMA = 1.4826
+# the median |x − y| of two independent normal values, in units of their σ (√2 × 0.6745)
+DIFFERENCE_TO_SIGMA = 0.9539
 
 
 class DirectionCheck:
@@ -56,28 +57,49 @@ class DirectionCheck:
         self.forgive_after = forgive_after
         self.spread = spread
         self.counts = counts
-        self.cosines: deque[float] = deque(maxlen=window)  # of the last accepted deltas, as sent
+        # (sender, cosine) of the last accepted deltas, as sent
+        self.cosines: deque[tuple[str, float]] = deque(maxlen=window)
         # (sender, pointed against the momentum) of the last judgements: the valve's
         self.directions: deque[tuple[str, bool]] = deque(maxlen=DIRECTIONS_KEPT)
         # per sender, its last directions judged: True where it pointed against the momentum
         self.pointing: dict[str, deque[bool]] = {}
 
-    def accepted(self, cosine: float) -> None:
-        """A delta judged at ``cosine`` passed the whole guard: its cosine joins the spread's."""
-        self.cosines.append(cosine)
+    def accepted(self, cosine: float, sender: str = "") -> None:
+        """A delta of ``sender`` judged at ``cosine`` passed the whole guard: its cosine joins the
+        spread's."""
+        self.cosines.append((sender, cosine))
+
+    def restart(self) -> None:
+        """Judging against another vector from now on (the senders' reference instead of the
+        momentum): the spread and the valve start afresh (the senders' records are kept)."""
+        self.cosines.clear()
+        self.directions.clear()
 
     def least(self) -> float:
         """The cosine below which a delta points against the momentum, from the cosines of the
         recent accepted deltas: ``min(min_cosine, median − spread × σ)`` (module docstring)."""
         if not self.spread or len(self.cosines) < MIN_COSINES:
             return self.min_cosine
-        median = statistics.median(self.cosines)
-        sigma = MAD_TO_SIGMA * statistics.median(abs(c - median) for c in self.cosines)
+        median, sigma = self._spread()
         return min(self.min_cosine, median - self.spread * sigma)
+
+    def _spread(self) -> tuple[float, float]:
+        """(median, σ) of the recent accepted cosines, one vote per sender: the median of the
+        senders' medians, and the median of the senders' own σs. A sender's σ is taken from the
+        differences of its successive cosines, so a run's slow drift (cosines rising from below 0
+        at a start without a warm start) does not count as spread. A sender whose deltas often
+        pass cannot widen the spread by pointing away from the others, as a share of a pooled
+        spread would, nor lower the median beyond its one vote."""
+        by_sender: dict[str, list[float]] = {}
+        for sender, cosine in self.cosines:
+            by_sender.setdefault(sender, []).append(cosine)
+        median = statistics.median(statistics.median(c) for c in by_sender.values())
+        sigmas = [_sigma(c) for c in by_sender.values() if len(c) >= 2]
+        return median, statistics.median(sigmas) if sigmas else 0.0
 
     def median_cosine(self) -> float | None:
         """The median cosine of the recent accepted deltas (None before any), for status."""
-        return statistics.median(self.cosines) if self.cosines else None
+        return statistics.median(c for _, c in self.cosines) if self.cosines else None
 
     def refuses(self, sender: str, cosine: float) -> bool:
         """Judge a delta of ``sender`` at ``cosine`` to the centre: True if it is refused."""
@@ -106,14 +128,23 @@ class DirectionCheck:
     def save_state(self) -> dict[str, Any]:
         """The accepted cosines and the senders' records, for a checkpoint (the valve's few
         judgements start afresh)."""
-        return {"cosines": list(self.cosines),
+        return {"cosines": [c for _, c in self.cosines], "cosine_senders": [s for s, _ in self.cosines],
                 "pointing": {s: [int(f) for f in r] for s, r in self.pointing.items()}}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.cosines.clear()
-        self.cosines.extend(float(v) for v in state.get("cosines") or [])
+        cosines = [float(v) for v in state.get("cosines") or []]
+        senders = [str(s) for s in state.get("cosine_senders") or []]
+        senders = senders if len(senders) == len(cosines) else [""] * len(cosines)  # older checkpoints
+        self.cosines.extend(zip(senders, cosines, strict=True))
         self.pointing = {str(s): deque((bool(f) for f in r), maxlen=self.forgive_after or 1)
                          for s, r in (state.get("pointing") or {}).items()}
+
+
+def _sigma(values: list[float]) -> float:
+    """σ of ``values``, a series, from the median absolute difference of successive values (for
+    two independent normal values that is σ·√2 times the half-normal median 0.6745)."""
+    return statistics.median(abs(b - a) for a, b in itertools.pairwise(values)) / DIFFERENCE_TO_SIGMA
 
 
 def record_of(table: dict[str, deque[bool]], sender: str, length: int) -> deque[bool]:

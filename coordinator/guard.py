@@ -58,6 +58,7 @@ import torch
 
 from coordinator.direction import DirectionCheck, cosine_to, record_of
 from coordinator.outer_optimizer import Scaled
+from coordinator.reference import Reference
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class GuardMode(str, Enum):
 
 GUARD_MODES = tuple(m.value for m in GuardMode)
 TRUSTED_PREFIX = "guard_trusted/"  # the trusted mean's tensors in a checkpoint
+TRUSTED_VOTER = "(warm start)"  # the trusted holder, as it votes in the reference
 # Weight of the newest trusted delta in their running mean (about the last 1/w rounds).
 TRUSTED_MEAN_WEIGHT = 0.3
 # Reasons the guard refuses a delta for (each counted in ``rejected_by_reason``).
@@ -170,6 +172,9 @@ class DeltaGuard:
         self.counts: Counter[str] = Counter()  # judged, accepted, clipped, and each refusal reason
         self.direction = DirectionCheck(config.min_cosine, config.forgive_after, self.counts,
                                         spread=config.direction_spread, window=config.window)
+        # what the direction check judges by once senders voted: one share each (coordinator.reference)
+        self.reference = Reference()
+        self.judged_by: str | None = None  # what the last direction was judged against
         # per sender, its last judgements: True where refused or clipped (probation)
         self.records: dict[str, deque[bool]] = {}
 
@@ -190,7 +195,14 @@ class DeltaGuard:
         centre = self._centre()
         tensor_norms = {n: k * float(torch.linalg.vector_norm(g)) for n, g in delta.items()}
         norm = math.sqrt(sum(v * v for v in tensor_norms.values()))
-        refused, cosine = self._screen(delta, norm, tensor_norms, centre, sender, scale=k)
+        reference = self.reference.direction()
+        against = "senders' reference" if reference else "server's momentum"
+        if against != self.judged_by:
+            if self.judged_by is not None:  # cosines to another vector: not comparable
+                self.direction.restart()
+            self.judged_by = against
+        refused, cosine = self._screen(delta, norm, tensor_norms, reference or centre, sender, scale=k,
+                                       against=against)
         if refused is not None:
             # a direction refusal is no strike: when the momentum itself is wrong (the valve's
             # case), honest senders are refused that way until the valve stands aside
@@ -225,8 +237,9 @@ class DeltaGuard:
             self.counts["clipped"] += 1
         self.counts["accepted"] += 1
         self._remember(norm, tensor_norms, distance)
+        self.reference.vote(sender, delta, norm / k)
         if cosine is not None:
-            self.direction.accepted(cosine)
+            self.direction.accepted(cosine, sender)
         detail = f"clipped to |g − c| = {distance:.3g}" if clipped else ""
         return GuardDecision(delta, "clipped" if clipped else "", detail, clipped)
 
@@ -248,6 +261,7 @@ class DeltaGuard:
         distance = (math.sqrt(sum(float(torch.linalg.vector_norm(g - centre[n])) ** 2
                                   for n, g in delta.items())) if centre is not None else norm)
         self._remember(norm, tensor_norms, distance if self.mode is GuardMode.CLIP else None)
+        self.reference.vote(TRUSTED_VOTER, delta, norm)
 
     def _centre(self) -> Mapping[str, torch.Tensor] | None:
         centre = self.centre()
@@ -257,8 +271,10 @@ class DeltaGuard:
         return self.trusted
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The running mean of trusted deltas, while it is the centre, for the checkpoint."""
-        return {TRUSTED_PREFIX + n: t for n, t in (self.trusted or {}).items()}
+        """The running mean of trusted deltas, while it is the centre, and the senders' reference,
+        for the checkpoint."""
+        return {**{TRUSTED_PREFIX + n: t for n, t in (self.trusted or {}).items()},
+                **self.reference.checkpoint()}
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Take back :meth:`tensors` from a checkpoint (none there: no trusted mean)."""
@@ -267,6 +283,8 @@ class DeltaGuard:
             self.trusted = {n: t.to(torch.float32).clone() for n, t in saved.items()}
         elif saved:
             log.warning("the checkpoint's trusted mean does not match the model; left out")
+        if not self.reference.load_checkpoint(tensors, self.names):
+            log.warning("the checkpoint's reference direction does not match the model; left out")
 
     def _remember(self, norm: float, tensor_norms: dict[str, float], distance: float | None) -> None:
         self.norms.append(norm)
@@ -276,8 +294,8 @@ class DeltaGuard:
             self.distances.append(distance)
 
     def _screen(self, delta: dict[str, torch.Tensor], norm: float, tensor_norms: dict[str, float],
-                centre: Mapping[str, torch.Tensor] | None, sender: str, *,
-                scale: float) -> tuple[GuardDecision | None, float | None]:
+                centre: Mapping[str, torch.Tensor] | None, sender: str, *, scale: float,
+                against: str = "server's momentum") -> tuple[GuardDecision | None, float | None]:
         """The screen's refusal of a delta judged at ``norm`` (a full round's size: ``scale`` times
         its own), or None; and the delta's cosine to the centre (None when it was not looked at, or
         there is none)."""
@@ -298,9 +316,9 @@ class DeltaGuard:
         if cosine is None:
             return None, None
         # read back by benchmarks/direction_replay.py
-        log.debug("delta of %s: cosine %.4f to the server's momentum", sender or "?", cosine)
+        log.debug("delta of %s: cosine %.4f to the %s", sender or "?", cosine, against)
         if self.direction.refuses(sender, cosine):
-            return GuardDecision(None, "against_momentum", f"cosine to the server's momentum "
+            return GuardDecision(None, "against_momentum", f"cosine to the {against} "
                                  f"{cosine:.2f} < {self.direction.least():.2g}"), cosine
         return None, cosine
 
@@ -345,6 +363,7 @@ class DeltaGuard:
                           "tensor_shares": {n: list(v) for n, v in self.tensor_shares.items()},
                           "records": {s: [int(f) for f in r] for s, r in self.records.items()},
                           **self.direction.save_state(),
+                          "reference_voters": self.reference.save_state(),
                           "trusted_start": self.trusted_start,
                           "counts": dict(self.counts)}}
 
@@ -362,6 +381,7 @@ class DeltaGuard:
         self.records = {str(s): deque((bool(f) for f in r), maxlen=self.config.record)
                         for s, r in (state.get("records") or {}).items()}
         self.direction.load_state(state)
+        self.reference.load_state(state.get("reference_voters") or [])
         self.counts.clear()  # the same Counter the direction check counts in
         self.counts.update({str(k): int(v) for k, v in (state.get("counts") or {}).items()})
 

@@ -1,0 +1,111 @@
+"""The direction check's reference: one share per recent sender, so a fast sign-flipper that
+holds most of the compute weight (and so of the momentum) cannot turn what deltas are judged by."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from coordinator.guard import DeltaGuard, GuardConfig
+from coordinator.reference import MIN_VOTERS, Reference
+
+NAMES = ["w", "b"]
+H = 20
+
+
+def _unit(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    flat = torch.randn(110, generator=gen)
+    flat = flat / flat.norm()
+    return {"w": flat[:100], "b": flat[100:]}
+
+
+def _around(way: dict[str, torch.Tensor], sign: float, seed: int,
+            noise: float = 0.5) -> dict[str, torch.Tensor]:
+    """``sign`` × ``way`` plus noise: an honest delta (+1) or a sign-flipped one (−1)."""
+    other = _unit(seed)
+    return {n: sign * (way[n] + noise * other[n]) for n in NAMES}
+
+
+def _cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    dot = sum(float(torch.dot(a[n].float().reshape(-1), b[n].float().reshape(-1))) for n in NAMES)
+    na = math.sqrt(sum(float(a[n].float().norm()) ** 2 for n in NAMES))
+    nb = math.sqrt(sum(float(b[n].float().norm()) ** 2 for n in NAMES))
+    return dot / (na * nb)
+
+
+def _norm(delta: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.norm()) ** 2 for t in delta.values()))
+
+
+def test_a_sender_that_votes_four_times_as_often_holds_one_share_not_four() -> None:
+    way = _unit(1)
+    reference = Reference()
+    seed = 100
+    for _ in range(12):  # each round: the liar sends 4 big deltas, each honest sender one small one
+        for _ in range(4):
+            seed += 1
+            liar = {n: 10 * t for n, t in _around(way, -1.0, seed).items()}
+            reference.vote("liar", liar, _norm(liar))
+        for sender in ("a", "b", "c"):
+            seed += 1
+            honest = _around(way, 1.0, seed)
+            reference.vote(sender, honest, _norm(honest))
+    direction = reference.direction()
+    assert direction is not None
+    assert _cosine(direction, way) > 0.5  # a compute-weighted mean would point the liar's way
+
+
+def test_the_reference_waits_for_enough_named_senders() -> None:
+    way = _unit(2)
+    reference = Reference()
+    for _ in range(10):
+        reference.vote("", way, 1.0)  # an unnamed sender does not vote
+    assert reference.tensors is None and reference.direction() is None
+    for i in range(MIN_VOTERS - 1):
+        reference.vote(f"s{i}", way, 1.0)
+    assert reference.direction() is None  # the momentum judges until then
+    reference.vote("last", way, 1.0)
+    direction = reference.direction()
+    assert direction is not None and direction["w"].dtype == torch.float32
+    assert reference.tensors is not None and reference.tensors["w"].dtype == torch.bfloat16
+
+
+def test_the_guard_refuses_a_fast_flipper_that_turned_the_momentum() -> None:
+    """The momentum points the flipper's way (it holds most of the compute weight): judged by the
+    momentum, the honest would be refused; judged by the senders' reference, the flipper is."""
+    way = _unit(3)
+    poisoned = {n: -t for n, t in way.items()}
+    guard = DeltaGuard(GuardConfig(mode="screen", forgive_after=0), NAMES, centre=lambda: poisoned,
+                       full_steps=H)
+    seed = 200
+    verdicts: dict[str, list[str]] = {"liar": [], "honest": []}
+    for _ in range(8):
+        for sender in ("liar", "a", "b", "c"):
+            seed += 1
+            sign = -1.0 if sender == "liar" else 1.0
+            decision = guard.judge(_around(way, sign, seed), local_steps=H, sender=sender)
+            verdicts["liar" if sender == "liar" else "honest"].append(decision.reason)
+    # the first deltas are judged by the poisoned momentum (honest refused until the valve or
+    # the reference), then the reference takes over
+    assert verdicts["liar"][-5:] == ["against_momentum"] * 5
+    assert verdicts["honest"][-15:] == [""] * 15
+    assert guard.reference.direction() is not None
+
+
+def test_the_reference_is_kept_in_the_checkpoint() -> None:
+    guard = DeltaGuard(GuardConfig(), NAMES, full_steps=H)
+    way = _unit(4)
+    for i, sender in enumerate(("a", "b", "c", "a")):
+        guard.judge(_around(way, 1.0, 300 + i), local_steps=H, sender=sender)
+    assert guard.reference.direction() is not None
+    restored = DeltaGuard(GuardConfig(), NAMES, full_steps=H)
+    restored.load_state(guard.save_state())
+    restored.load_tensors(guard.tensors())
+    assert list(restored.reference.voters) == list(guard.reference.voters)
+    for name in NAMES:
+        assert torch.equal(restored.reference.tensors[name], guard.reference.tensors[name])
+    other = DeltaGuard(GuardConfig(), ["w", "other"], full_steps=H)
+    other.load_tensors(guard.tensors())  # another model's names: left out, not half taken
+    assert other.reference.tensors is None
