@@ -63,6 +63,8 @@ class DirectionCheck:
         self.directions: deque[tuple[str, bool]] = deque(maxlen=DIRECTIONS_KEPT)
         # per sender, its last directions judged: True where it pointed against the momentum
         self.pointing: dict[str, deque[bool]] = {}
+        # judging by the senders' reference (coordinator.reference), not the momentum: no spread, no valve
+        self.by_reference = False
 
     def accepted(self, cosine: float, sender: str = "") -> None:
         """A delta of ``sender`` judged at ``cosine`` passed the whole guard: its cosine joins the
@@ -103,9 +105,9 @@ class DirectionCheck:
 
     def refuses(self, sender: str, cosine: float) -> bool:
         """Judge a delta of ``sender`` at ``cosine`` to the centre: True if it is refused."""
-        pointed = cosine < self.least()
+        pointed = cosine < (self.min_cosine if self.by_reference else self.least())
         refused = pointed
-        if refused and self._momentum_suspect(sender):
+        if refused and not self.by_reference and self._momentum_suspect(sender):
             self.counts["momentum_suspect"] += 1
             refused = False
         elif refused and self._forgiven(sender):

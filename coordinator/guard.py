@@ -201,6 +201,7 @@ class DeltaGuard:
             if self.judged_by is not None:  # cosines to another vector: not comparable
                 self.direction.restart()
             self.judged_by = against
+            self.direction.by_reference = reference is not None
         refused, cosine = self._screen(delta, norm, tensor_norms, reference or centre, sender, scale=k,
                                        against=against)
         if refused is not None:
