@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,6 +207,9 @@ def main() -> None:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     parser.add_argument("--out", type=Path, default=Path("results/real_vs_sync.csv"))
+    parser.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
+                        help="copy every process's log here at the end (ASYNCLOCO_LOG_LEVEL=debug: the "
+                        "guard's cosines, for direction_replay.py)")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or set(variants) - set(VARIANTS):
@@ -228,6 +232,10 @@ def main() -> None:
                 print(f"  final eval {final:.4f}; applied {did['applied']}, "
                       f"refused {did['refused'] or 'none'}, forgiven {did['forgiven']}, clipped "
                       f"{did['clipped']}; measured steps/s {speeds}{liar}", flush=True)
+        if args.keep_logs is not None:
+            args.keep_logs.mkdir(parents=True, exist_ok=True)
+            for log in Path(tmp).glob("*.log"):
+                shutil.copy(log, args.keep_logs / log.name)
     points = [args.seconds * (i + 1) / args.points for i in range(args.points)]
     print(f"\n{'wall s':>7} " + " ".join(f"{v:>14}" for v in variants) + "  best"
           + (f"  (means of {args.repeats} runs)" if args.repeats > 1 else ""))

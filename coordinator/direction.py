@@ -1,10 +1,15 @@
-"""The delta guard's direction check (:mod:`coordinator.guard`): a delta whose cosine to the
-server's momentum is below ``min_cosine`` points against where the honest deltas took θ, and is
-refused as ``against_momentum`` (a sign-flipped delta does; an honest one keeps a positive cosine
-with the momentum it adds up to).
+"""The delta guard's direction check (:mod:`coordinator.guard`): a delta whose cosine to where
+the honest deltas took θ is below ``min_cosine`` points against it, and is refused as
+``against_momentum`` (a sign-flipped delta does; an honest one keeps a positive cosine).
 
-Three rules keep honest volunteers in, measured on real runs (docs/SECURITY.md,
-``benchmarks/direction_replay.py``):
+Where the deltas took θ is the senders' reference (:mod:`coordinator.reference`, one share per
+recent sender) once three named senders voted, and the server's momentum until then. Judged by the
+reference, only ``min_cosine`` and forgiveness hold: the spread and the valve below exist for the
+momentum, which overshoots and which a liar holding most of the compute weight can turn; let
+through by them, a fast sign-flipper's deltas near 0 wrecked real runs (docs/SECURITY.md).
+
+Judged by the momentum, three rules keep honest volunteers in, measured on real runs
+(docs/SECURITY.md, ``benchmarks/direction_replay.py``):
 
 - **The spread**: late in a run the momentum's direction carries little signal (the median
   cosine of recent accepted deltas falls towards 0) and the freshest honest deltas point a little

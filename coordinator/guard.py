@@ -12,9 +12,10 @@ deltas it accepted recently, and the server's own momentum:
    median norm of the last ``window`` accepted deltas is refused (``norm_outlier``), and so is one
    in which a single tensor holds more than ``reject_ratio`` times its median share of the norm
    (``tensor_outlier``: an attack on one small layer hides in the whole norm). A delta pointing
-   against the server's momentum (cosine below ``min_cosine``) is refused as ``against_momentum``
-   (:mod:`coordinator.direction`: with an honest sender's rare dip forgiven, and a valve that
-   stands aside when most senders point against the momentum at once).
+   against the senders' reference (:mod:`coordinator.reference`: the accepted deltas' directions,
+   one share per recent sender, so that the fastest volunteer cannot turn it), or against the
+   server's momentum before three named senders voted, is refused as ``against_momentum``
+   (:mod:`coordinator.direction`: with an honest sender's rare dip forgiven).
 2. **Centered clipping** (mode ``clip``, the default): ``g' = c + clip(g − c, τ)`` around the
    centre ``c = (1 − β)·m`` (the server momentum's running mean of deltas), with τ =
    ``clip_ratio`` times the median distance |g − c| of recent accepted deltas. A delta then moves
