@@ -22,22 +22,25 @@ from pathlib import Path
 
 from table_csv import write_rows
 
-from coordinator.direction import DirectionCheck
+from coordinator.direction import REFUSE, DirectionCheck
 from coordinator.guard import GuardConfig
 
-LINE = re.compile(r"delta of (\S+): cosine (-?[0-9.]+) to the server's momentum")
+LINE = re.compile(r"delta of (\S+): cosine (-?[0-9.]+) to the (server's momentum|senders' reference)")
 
 
-def replay(cosines: list[tuple[str, float]], forgive_after: int, spread: float, min_cosine: float,
+def replay(cosines: list[tuple[str, float, bool]], forgive_after: int, spread: float, min_cosine: float,
            flipped: str | None = None) -> Counter[str]:
     """Refusals per sender of ``cosines`` (sender, cosine) judged in order; ``flipped``'s negated.
     The deltas not refused count as accepted (as in the guard, whose other rules refused none of
     these deltas in the runs measured)."""
     check = DirectionCheck(min_cosine, forgive_after, Counter(), spread=spread, window=GuardConfig.window)
     refused: Counter[str] = Counter()
-    for sender, cosine in cosines:
+    for sender, cosine, by_reference in cosines:
+        if by_reference != check.by_reference:  # as the guard does when it switches vectors
+            check.restart()
+            check.by_reference = by_reference
         cosine = -cosine if sender == flipped else cosine
-        if check.refuses(sender, cosine):
+        if check.judge(sender, cosine) == REFUSE:
             refused[sender] += 1
         else:
             check.accepted(cosine, sender)
@@ -61,13 +64,13 @@ def main() -> None:
         spreads = [float(v) for v in args.spread.split(",") if v.strip()]
     except ValueError:
         parser.error("--forgive-after and --spread take comma lists of numbers")
-    cosines = [(m[1], float(m[2])) for m in LINE.finditer(args.log.read_text())]
+    cosines = [(m[1], float(m[2]), m[3] == "senders' reference") for m in LINE.finditer(args.log.read_text())]
     if not cosines:
         parser.error(f"{args.log} has no cosine lines: was the coordinator's log level debug?")
-    sent = Counter(sender for sender, _ in cosines)
+    sent = Counter(sender for sender, _, _ in cosines)
     print(f"{len(cosines)} deltas judged for direction in {args.log} "
           f"({', '.join(f'{s} {n}' for s, n in sorted(sent.items()))})")
-    values = [c for _, c in cosines]
+    values = [c for _, c, _ in cosines]
     print(f"median cosine of the first 64: {statistics.median(values[:64]):.3f}, of the last 64: "
           f"{statistics.median(values[-64:]):.3f}; lowest {min(values):.3f}; below --min-cosine "
           f"{sum(c < args.min_cosine for c in values)}")

@@ -32,7 +32,6 @@ Judged by the momentum, three rules keep honest volunteers in, measured on real 
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 from collections import Counter, deque
@@ -47,8 +46,12 @@ DIRECTIONS_KEPT = 16
 MAX_RECORDS = 10_000
 # Accepted cosines before the spread is taken from them (fewer: min_cosine alone).
 MIN_COSINES = 8
-# the median |x − y| of two independent normal values, in units of their σ (√2 × 0.6745)
-DIFFERENCE_TO_SIGMA = 0.9539
+# σ of a normal distribution from its median absolute deviation
+MAD_TO_SIGMA = 1.4826
+# What a delta that points a little against the senders' reference moves θ by, of its weight
+DAMPED_WEIGHT = 0.25
+# A delta's verdicts (DirectionCheck.judge)
+PASS, DAMP, REFUSE = "", "damp", "refuse"
 
 
 class DirectionCheck:
@@ -87,41 +90,34 @@ class DirectionCheck:
         recent accepted deltas: ``min(min_cosine, median − spread × σ)`` (module docstring)."""
         if not self.spread or len(self.cosines) < MIN_COSINES:
             return self.min_cosine
-        median, sigma = self._spread()
+        cosines = [c for _, c in self.cosines]
+        median = statistics.median(cosines)
+        sigma = MAD_TO_SIGMA * statistics.median(abs(c - median) for c in cosines)
         return min(self.min_cosine, median - self.spread * sigma)
-
-    def _spread(self) -> tuple[float, float]:
-        """(median, σ) of the recent accepted cosines, one vote per sender: the median of the
-        senders' medians, and the median of the senders' own σs. A sender's σ is taken from the
-        differences of its successive cosines, so a run's slow drift (cosines rising from below 0
-        at a start without a warm start) does not count as spread. A sender whose deltas often
-        pass cannot widen the spread by pointing away from the others, as a share of a pooled
-        spread would, nor lower the median beyond its one vote."""
-        by_sender: dict[str, list[float]] = {}
-        for sender, cosine in self.cosines:
-            by_sender.setdefault(sender, []).append(cosine)
-        median = statistics.median(statistics.median(c) for c in by_sender.values())
-        sigmas = [_sigma(c) for c in by_sender.values() if len(c) >= 2]
-        return median, statistics.median(sigmas) if sigmas else 0.0
 
     def median_cosine(self) -> float | None:
         """The median cosine of the recent accepted deltas (None before any), for status."""
         return statistics.median(c for _, c in self.cosines) if self.cosines else None
 
-    def refuses(self, sender: str, cosine: float) -> bool:
-        """Judge a delta of ``sender`` at ``cosine`` to the centre: True if it is refused."""
-        pointed = cosine < (self.min_cosine if self.by_reference else self.least())
-        refused = pointed
-        if refused and not self.by_reference and self._momentum_suspect(sender):
+    def judge(self, sender: str, cosine: float) -> str:
+        """Judge a delta of ``sender`` at ``cosine`` to the centre: ``PASS``, ``REFUSE``, or (judged
+        by the senders' reference, between the spread's threshold and ``min_cosine``) ``DAMP``."""
+        least = self.least()
+        pointed = cosine < (self.min_cosine if self.by_reference else least)
+        verdict = REFUSE if pointed else PASS
+        if pointed and not self.by_reference and self._momentum_suspect(sender):
             self.counts["momentum_suspect"] += 1
-            refused = False
-        elif refused and self._forgiven(sender):
+            verdict = PASS
+        elif pointed and self._forgiven(sender):
             self.counts["direction_forgiven"] += 1
-            refused = False
+            verdict = PASS
+        elif pointed and cosine >= least:  # by the reference: inside the honest spread
+            self.counts["damped"] += 1
+            verdict = DAMP
         self.directions.append((sender, pointed))
         if sender and self.forgive_after:
             record_of(self.pointing, sender, self.forgive_after).append(pointed)
-        return refused
+        return verdict
 
     def _forgiven(self, sender: str) -> bool:
         seen = self.pointing.get(sender)
@@ -146,12 +142,6 @@ class DirectionCheck:
         self.cosines.extend(zip(senders, cosines, strict=True))
         self.pointing = {str(s): deque((bool(f) for f in r), maxlen=self.forgive_after or 1)
                          for s, r in (state.get("pointing") or {}).items()}
-
-
-def _sigma(values: list[float]) -> float:
-    """σ of ``values``, a series, from the median absolute difference of successive values (for
-    two independent normal values that is σ·√2 times the half-normal median 0.6745)."""
-    return statistics.median(abs(b - a) for a, b in itertools.pairwise(values)) / DIFFERENCE_TO_SIGMA
 
 
 def record_of(table: dict[str, deque[bool]], sender: str, length: int) -> deque[bool]:

@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from coordinator.direction import DirectionCheck, cosine_to, record_of
+from coordinator.direction import DAMP, DAMPED_WEIGHT, REFUSE, DirectionCheck, cosine_to, record_of
 from coordinator.outer_optimizer import Scaled
 from coordinator.reference import Reference
 from shared.errors import ConfigError
@@ -143,6 +143,7 @@ class GuardDecision:
     reason: str = ""
     detail: str = ""
     clipped: bool = False
+    damped: bool = False  # applied at DAMPED_WEIGHT: a little against the senders' reference
 
     @property
     def refused(self) -> bool:
@@ -203,8 +204,8 @@ class DeltaGuard:
                 self.direction.restart()
             self.judged_by = against
             self.direction.by_reference = reference is not None
-        refused, cosine = self._screen(delta, norm, tensor_norms, reference or centre, sender, scale=k,
-                                       against=against)
+        refused, cosine, damped = self._screen(delta, norm, tensor_norms, reference or centre, sender,
+                                               scale=k, against=against)
         if refused is not None:
             # a direction refusal is no strike: when the momentum itself is wrong (the valve's
             # case), honest senders are refused that way until the valve stands aside
@@ -226,6 +227,8 @@ class DeltaGuard:
                 tensor_norms = {n: k * float(torch.linalg.vector_norm(g)) for n, g in delta.items()}
                 norm = math.sqrt(sum(v * v for v in tensor_norms.values()))
                 distance, clipped = tau, True
+        if damped:  # a little against the senders' reference: a quarter of its weight
+            delta = {n: g * DAMPED_WEIGHT for n, g in delta.items()}
         why = self._descent(delta)
         if why is not None:
             self._strike(sender, True)
@@ -238,12 +241,17 @@ class DeltaGuard:
         if clipped:
             self.counts["clipped"] += 1
         self.counts["accepted"] += 1
-        self._remember(norm, tensor_norms, distance)
-        self.reference.vote(sender, delta, norm / k)
+        self._remember(norm, tensor_norms, distance)  # as sent (clipped), not as damped
+        self.reference.vote(sender, delta, norm / k * (DAMPED_WEIGHT if damped else 1.0))
         if cosine is not None:
             self.direction.accepted(cosine, sender)
         detail = f"clipped to |g − c| = {distance:.3g}" if clipped else ""
-        return GuardDecision(delta, "clipped" if clipped else "", detail, clipped)
+        if damped:
+            damping = (f"applied at {DAMPED_WEIGHT:g} of its weight: its cosine {cosine:.2f} to the "
+                       f"{against} is below 0")
+            detail = f"{detail}, {damping}" if detail else damping
+        reason = "clipped" if clipped else "damped" if damped else ""
+        return GuardDecision(delta, reason, detail, clipped, damped)
 
     def observe(self, delta: dict[str, torch.Tensor]) -> None:
         """Learn from a delta that is trusted, not judged (a warm start's, from its holder): a run
@@ -297,32 +305,33 @@ class DeltaGuard:
 
     def _screen(self, delta: dict[str, torch.Tensor], norm: float, tensor_norms: dict[str, float],
                 centre: Mapping[str, torch.Tensor] | None, sender: str, *, scale: float,
-                against: str = "server's momentum") -> tuple[GuardDecision | None, float | None]:
+                against: str = "server's momentum") -> tuple[GuardDecision | None, float | None, bool]:
         """The screen's refusal of a delta judged at ``norm`` (a full round's size: ``scale`` times
-        its own), or None; and the delta's cosine to the centre (None when it was not looked at, or
-        there is none)."""
+        its own), or None; the delta's cosine to the centre (None when it was not looked at, or
+        there is none); and whether the direction check damps it."""
         if self._has_history(self.norms):  # else: the intake's absolute bounds only
             k = self.config.reject_ratio
             median = statistics.median(self.norms)
             if norm > k * median:
                 why = f"|g| = {norm:.3g} > {k:g} × median {median:.3g}"
-                return GuardDecision(None, "norm_outlier", why), None
+                return GuardDecision(None, "norm_outlier", why), None, False
             for name, value in tensor_norms.items():
                 seen = self.tensor_shares[name]
                 share = value / norm if norm > 0 else 0.0
                 median_share = statistics.median(seen) if seen else 0.0
                 if median_share > 0 and share > k * median_share:
                     return GuardDecision(None, "tensor_outlier", f"tensor {name!r} holds {share:.3g} of |g|, "
-                                         f"> {k:g} × median {median_share:.3g}"), None
+                                         f"> {k:g} × median {median_share:.3g}"), None, False
         cosine = cosine_to(delta, centre, delta_norm=norm / scale)  # norm: ``scale`` × |delta|
         if cosine is None:
-            return None, None
+            return None, None, False
         # read back by benchmarks/direction_replay.py
         log.debug("delta of %s: cosine %.4f to the %s", sender or "?", cosine, against)
-        if self.direction.refuses(sender, cosine):
+        verdict = self.direction.judge(sender, cosine)
+        if verdict == REFUSE:
             return GuardDecision(None, "against_momentum", f"cosine to the {against} "
-                                 f"{cosine:.2f} < {self.direction.least():.2g}"), cosine
-        return None, cosine
+                                 f"{cosine:.2f} < {self.direction.least():.2g}"), cosine, False
+        return None, cosine, verdict == DAMP
 
     def _descent(self, delta: dict[str, torch.Tensor]) -> str | None:
         """The descent check's refusal of every ``descent_every``-th delta that got this far."""

@@ -105,7 +105,7 @@ class RunState:
         if decision is None or decision.refused:
             counts[f"{who}_refused"] = counts.get(f"{who}_refused", 0) + 1
             return None
-        if decision.clipped:
+        if decision.clipped or decision.damped:
             counts[f"{who}_clipped"] = counts.get(f"{who}_clipped", 0) + 1
         return decision.delta
 
