@@ -4,9 +4,11 @@ holds most of the compute weight (and so of the momentum) cannot turn what delta
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 
+from coordinator.direction import DAMP, DAMPED_WEIGHT, PASS, REFUSE, DirectionCheck
 from coordinator.guard import DeltaGuard, GuardConfig
 from coordinator.reference import MIN_VOTERS, Reference
 
@@ -109,3 +111,39 @@ def test_the_reference_is_kept_in_the_checkpoint() -> None:
     other = DeltaGuard(GuardConfig(), ["w", "other"], full_steps=H)
     other.load_tensors(guard.tensors())  # another model's names: left out, not half taken
     assert other.reference.tensors is None
+
+
+def test_judged_by_the_reference_a_little_below_zero_is_damped_far_below_is_refused() -> None:
+    """Inside the spread of recent cosines a delta is applied at a quarter of its weight (the
+    fastest honest client's late corrections point a little against the reference; a fast liar
+    there can no longer outweigh the rest); below it, refused; the spread and valve of the
+    momentum do not let anything through."""
+    counts: Counter[str] = Counter()
+    check = DirectionCheck(0.0, 0, counts, spread=2.0, window=64)
+    check.by_reference = True
+    for i in range(16):  # accepted cosines 0.05-0.35: median 0.2, σ about 0.11
+        check.accepted(0.05 + 0.02 * i, f"s{i % 3}")
+    least = check.least()
+    assert -0.1 < least < 0
+    assert check.judge("s0", 0.01) == PASS
+    assert check.judge("s1", least / 2) == DAMP and counts["damped"] == 1
+    assert check.judge("liar", least - 0.05) == REFUSE
+    # three senders of four point against it at once: no valve stands aside (it does for the momentum)
+    for sender in ("s0", "s1", "s2"):
+        assert check.judge(sender, -0.5) == REFUSE
+    assert counts["momentum_suspect"] == 0
+
+
+def test_a_damped_delta_is_applied_at_a_quarter_and_votes_as_one() -> None:
+    guard = DeltaGuard(GuardConfig(mode="screen"), NAMES, full_steps=H)
+    guard.direction.judge = lambda sender, cosine: DAMP  # type: ignore[method-assign]
+    way = _unit(5)
+    guard.judge(_around(way, 1.0, 400), local_steps=H, sender="a")  # no centre yet: not judged
+    guard.judge(_around(way, 1.0, 401), local_steps=H, sender="b")
+    delta = _around(way, 1.0, 402)
+    guard.centre = lambda: way
+    decision = guard.judge(delta, local_steps=H, sender="c")
+    assert decision.damped and decision.reason == "damped" and not decision.refused
+    for name in NAMES:
+        torch.testing.assert_close(decision.delta[name], delta[name] * DAMPED_WEIGHT)
+    assert list(guard.reference.voters) == ["a", "b", "c"]
