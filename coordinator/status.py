@@ -208,5 +208,6 @@ def render_text(doc: dict[str, Any], *, now: float | None = None) -> str:
         lines.append("rejected: " + ", ".join(f"{k}={v}" for k, v in d["rejected_by_reason"].items()))
     guard = d.get("guard") or {}
     if guard.get("judged"):
-        lines.append(f"guard ({guard['mode']}): judged={guard['judged']} clipped={guard.get('clipped', 0)}")
+        lines.append(f"guard ({guard['mode']}): judged={guard['judged']} clipped={guard.get('clipped', 0)} "
+                     f"damped={guard.get('damped', 0)}")
     return "\n".join(lines)
