@@ -43,7 +43,7 @@ def replay(cosines: list[tuple[str, float, bool]], forgive_after: int, spread: f
         if check.judge(sender, cosine) == REFUSE:
             refused[sender] += 1
         else:
-            check.accepted(cosine, sender)
+            check.accepted(cosine)
     return refused
 
 

@@ -65,8 +65,7 @@ class DirectionCheck:
         self.forgive_after = forgive_after
         self.spread = spread
         self.counts = counts
-        # (sender, cosine) of the last accepted deltas, as sent
-        self.cosines: deque[tuple[str, float]] = deque(maxlen=window)
+        self.cosines: deque[float] = deque(maxlen=window)  # of the last accepted deltas, as sent
         # (sender, pointed against the momentum) of the last judgements: the valve's
         self.directions: deque[tuple[str, bool]] = deque(maxlen=DIRECTIONS_KEPT)
         # per sender, its last directions judged: True where it pointed against the momentum
@@ -74,10 +73,9 @@ class DirectionCheck:
         # judging by the senders' reference (coordinator.reference), not the momentum: no spread, no valve
         self.by_reference = False
 
-    def accepted(self, cosine: float, sender: str = "") -> None:
-        """A delta of ``sender`` judged at ``cosine`` passed the whole guard: its cosine joins the
-        spread's."""
-        self.cosines.append((sender, cosine))
+    def accepted(self, cosine: float) -> None:
+        """A delta judged at ``cosine`` passed the whole guard: its cosine joins the spread's."""
+        self.cosines.append(cosine)
 
     def restart(self) -> None:
         """Judging against another vector from now on (the senders' reference instead of the
@@ -90,14 +88,13 @@ class DirectionCheck:
         recent accepted deltas: ``min(min_cosine, median − spread × σ)`` (module docstring)."""
         if not self.spread or len(self.cosines) < MIN_COSINES:
             return self.min_cosine
-        cosines = [c for _, c in self.cosines]
-        median = statistics.median(cosines)
-        sigma = MAD_TO_SIGMA * statistics.median(abs(c - median) for c in cosines)
+        median = statistics.median(self.cosines)
+        sigma = MAD_TO_SIGMA * statistics.median(abs(c - median) for c in self.cosines)
         return min(self.min_cosine, median - self.spread * sigma)
 
     def median_cosine(self) -> float | None:
         """The median cosine of the recent accepted deltas (None before any), for status."""
-        return statistics.median(c for _, c in self.cosines) if self.cosines else None
+        return statistics.median(self.cosines) if self.cosines else None
 
     def judge(self, sender: str, cosine: float) -> str:
         """Judge a delta of ``sender`` at ``cosine`` to the centre: ``PASS``, ``REFUSE``, or (judged
@@ -131,15 +128,12 @@ class DirectionCheck:
     def save_state(self) -> dict[str, Any]:
         """The accepted cosines and the senders' records, for a checkpoint (the valve's few
         judgements start afresh)."""
-        return {"cosines": [c for _, c in self.cosines], "cosine_senders": [s for s, _ in self.cosines],
+        return {"cosines": list(self.cosines),
                 "pointing": {s: [int(f) for f in r] for s, r in self.pointing.items()}}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.cosines.clear()
-        cosines = [float(v) for v in state.get("cosines") or []]
-        senders = [str(s) for s in state.get("cosine_senders") or []]
-        senders = senders if len(senders) == len(cosines) else [""] * len(cosines)  # older checkpoints
-        self.cosines.extend(zip(senders, cosines, strict=True))
+        self.cosines.extend(float(v) for v in state.get("cosines") or [])
         self.pointing = {str(s): deque((bool(f) for f in r), maxlen=self.forgive_after or 1)
                          for s, r in (state.get("pointing") or {}).items()}
 

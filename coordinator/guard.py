@@ -244,7 +244,7 @@ class DeltaGuard:
         self._remember(norm, tensor_norms, distance)  # as sent (clipped), not as damped
         self.reference.vote(sender, delta, norm / k * (DAMPED_WEIGHT if damped else 1.0))
         if cosine is not None:
-            self.direction.accepted(cosine, sender)
+            self.direction.accepted(cosine)
         detail = f"clipped to |g − c| = {distance:.3g}" if clipped else ""
         if damped:
             damping = (f"applied at {DAMPED_WEIGHT:g} of its weight: its cosine {cosine:.2f} to the "

@@ -3,11 +3,12 @@ took θ recently.
 
 The server's momentum adds deltas up by compute weight, so one volunteer faster than all the others
 together holds most of it. A sign-flipper in that place turns the momentum, and a direction check
-against the momentum then refuses the honest and passes the flipper (docs/SECURITY.md, "The fastest
-volunteer lies"). The reference adds up unit directions instead: each accepted delta is one vote,
-weighed down by how many of the recent votes its sender cast, so every recent sender holds about
-the same share of it, however fast it is or however short its rounds. A minority of senders cannot
-turn it. Only its direction is read, so it is kept in bfloat16: half a model of memory.
+against the momentum then refuses the honest and passes the flipper (docs/SECURITY.md, "the
+fastest volunteer flips its sign"). The reference adds up unit directions instead: each accepted
+delta is one vote, weighed down by how many of the recent votes its sender cast, so every recent
+sender holds about the same share of it, however fast it is or however short its rounds. A
+minority of senders cannot turn it. Only its direction is read, so it is kept in bfloat16: half a
+model of memory.
 """
 
 from __future__ import annotations
