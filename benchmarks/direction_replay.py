@@ -36,9 +36,7 @@ def replay(cosines: list[tuple[str, float, bool]], forgive_after: int, spread: f
     check = DirectionCheck(min_cosine, forgive_after, Counter(), spread=spread, window=GuardConfig.window)
     refused: Counter[str] = Counter()
     for sender, cosine, by_reference in cosines:
-        if by_reference != check.by_reference:  # as the guard does when it switches vectors
-            check.restart()
-            check.by_reference = by_reference
+        check.judge_by(by_reference)
         cosine = -cosine if sender == flipped else cosine
         if check.judge(sender, cosine) == REFUSE:
             refused[sender] += 1

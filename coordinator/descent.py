@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -47,7 +47,7 @@ class DescentCheck:
         self.seed = secrets.randbits(62) if seed is None else seed  # the simulator passes its own
         self._batches: Iterator[torch.Tensor] | None = None
 
-    def __call__(self, delta: dict[str, torch.Tensor]) -> str | None:
+    def __call__(self, delta: Mapping[str, torch.Tensor]) -> str | None:
         """Why ``delta`` is refused (it raises the trusted loss beyond the tolerance), or None."""
         batch = to_device(next(self._stream()), self.device)
         gamma = self.step_share()

@@ -70,18 +70,22 @@ class DirectionCheck:
         self.directions: deque[tuple[str, bool]] = deque(maxlen=DIRECTIONS_KEPT)
         # per sender, its last directions judged: True where it pointed against the momentum
         self.pointing: dict[str, deque[bool]] = {}
-        # judging by the senders' reference (coordinator.reference), not the momentum: no spread, no valve
-        self.by_reference = False
+        # judging by the senders' reference (coordinator.reference), not the momentum: no spread,
+        # no valve (None until told, so that a restored check keeps its cosines: judge_by)
+        self.by_reference: bool | None = None
 
     def accepted(self, cosine: float) -> None:
         """A delta judged at ``cosine`` passed the whole guard: its cosine joins the spread's."""
         self.cosines.append(cosine)
 
-    def restart(self) -> None:
-        """Judging against another vector from now on (the senders' reference instead of the
-        momentum): the spread and the valve start afresh (the senders' records are kept)."""
-        self.cosines.clear()
-        self.directions.clear()
+    def judge_by(self, reference: bool) -> None:
+        """Judge by the senders' reference (True) or the momentum from now on. On a switch the
+        spread and the valve start afresh (cosines to another vector are not comparable); the
+        senders' records are kept."""
+        if self.by_reference is not None and reference != self.by_reference:
+            self.cosines.clear()
+            self.directions.clear()
+        self.by_reference = reference
 
     def least(self) -> float:
         """The cosine below which a delta points against the momentum, from the cosines of the

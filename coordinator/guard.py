@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 # Centre tensors (the server's running mean of deltas) for the arriving delta; None: no centre yet.
 Centre = Callable[[], Mapping[str, torch.Tensor] | None]
 # Why a delta (as it would be applied) fails the descent check, or None (coordinator.descent).
-Descent = Callable[[dict[str, torch.Tensor]], str | None]
+Descent = Callable[[Mapping[str, torch.Tensor]], str | None]
 
 
 class GuardMode(str, Enum):
@@ -137,9 +137,9 @@ class GuardConfig:
 @dataclass(frozen=True)
 class GuardDecision:
     """What the guard made of a delta: refused (``reason`` says why), or the delta to apply
-    (clipped when ``clipped``)."""
+    (clipped when ``clipped``; scaled as it is read when ``damped``)."""
 
-    delta: dict[str, torch.Tensor] | None
+    delta: Mapping[str, torch.Tensor] | None
     reason: str = ""
     detail: str = ""
     clipped: bool = False
@@ -176,7 +176,6 @@ class DeltaGuard:
                                         spread=config.direction_spread, window=config.window)
         # what the direction check judges by once senders voted: one share each (coordinator.reference)
         self.reference = Reference()
-        self.judged_by: str | None = None  # what the last direction was judged against
         # per sender, its last judgements: True where refused or clipped (probation)
         self.records: dict[str, deque[bool]] = {}
 
@@ -198,12 +197,8 @@ class DeltaGuard:
         tensor_norms = {n: k * float(torch.linalg.vector_norm(g)) for n, g in delta.items()}
         norm = math.sqrt(sum(v * v for v in tensor_norms.values()))
         reference = self.reference.direction()
+        self.direction.judge_by(reference is not None)
         against = "senders' reference" if reference else "server's momentum"
-        if against != self.judged_by:
-            if self.judged_by is not None:  # cosines to another vector: not comparable
-                self.direction.restart()
-            self.judged_by = against
-            self.direction.by_reference = reference is not None
         refused, cosine, damped = self._screen(delta, norm, tensor_norms, reference or centre, sender,
                                                scale=k, against=against)
         if refused is not None:
@@ -227,9 +222,9 @@ class DeltaGuard:
                 tensor_norms = {n: k * float(torch.linalg.vector_norm(g)) for n, g in delta.items()}
                 norm = math.sqrt(sum(v * v for v in tensor_norms.values()))
                 distance, clipped = tau, True
-        if damped:  # a little against the senders' reference: a quarter of its weight
-            delta = {n: g * DAMPED_WEIGHT for n, g in delta.items()}
-        why = self._descent(delta)
+        # a little against the senders' reference: a quarter of its weight, scaled as it is read
+        applied: Mapping[str, torch.Tensor] = Scaled(delta, DAMPED_WEIGHT) if damped else delta
+        why = self._descent(applied)
         if why is not None:
             self._strike(sender, True)
             self.counts["no_descent"] += 1
@@ -242,7 +237,7 @@ class DeltaGuard:
             self.counts["clipped"] += 1
         self.counts["accepted"] += 1
         self._remember(norm, tensor_norms, distance)  # as sent (clipped), not as damped
-        self.reference.vote(sender, delta, norm / k * (DAMPED_WEIGHT if damped else 1.0))
+        self.reference.vote(sender, delta, norm / k)  # its direction: damped or not, the same
         if cosine is not None:
             self.direction.accepted(cosine)
         detail = f"clipped to |g − c| = {distance:.3g}" if clipped else ""
@@ -251,7 +246,7 @@ class DeltaGuard:
                        f"{against} is below 0")
             detail = f"{detail}, {damping}" if detail else damping
         reason = "clipped" if clipped else "damped" if damped else ""
-        return GuardDecision(delta, reason, detail, clipped, damped)
+        return GuardDecision(applied, reason, detail, clipped, damped)
 
     def observe(self, delta: dict[str, torch.Tensor]) -> None:
         """Learn from a delta that is trusted, not judged (a warm start's, from its holder): a run
@@ -333,7 +328,7 @@ class DeltaGuard:
                                  f"{cosine:.2f} < {self.direction.least():.2g}"), cosine, False
         return None, cosine, verdict == DAMP
 
-    def _descent(self, delta: dict[str, torch.Tensor]) -> str | None:
+    def _descent(self, delta: Mapping[str, torch.Tensor]) -> str | None:
         """The descent check's refusal of every ``descent_every``-th delta that got this far."""
         if self.descent is None:
             return None

@@ -102,7 +102,7 @@ def build_intake(config: CoordinatorConfig, *, optimizer: OuterOptimizer, regist
         decision = guard.judge(delta, local_steps=arrival.local_steps, sender=arrival.client_id)
         if decision.delta is None:
             return decision.reason, decision.detail
-        delta = decision.delta
+        applied = decision.delta
         # Compute weights (OuterConfig.weight_of): the sender's from the steps it claims (bounded
         # by its assignment), the others' from their last applied round (a full one if none yet).
         weight = outer.weight_of(arrival.local_steps, full)
@@ -112,7 +112,7 @@ def build_intake(config: CoordinatorConfig, *, optimizer: OuterOptimizer, regist
         # A sync round's deltas all share its base: arrivals before them in the round are no
         # staleness (the simulator's sync run never discounts either).
         staleness = 0 if barrier is not None else arrival.staleness
-        optimizer.step(delta, active_clients=len(active_ids), staleness=staleness, weight=weight,
+        optimizer.step(applied, active_clients=len(active_ids), staleness=staleness, weight=weight,
                        active_weight=active_weight if outer.compute_exponent else None)
         return None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +84,7 @@ class RunState:
         return 0 if config.attack.is_attacker(worker) else steps
 
     def admit(self, config: SimConfig, worker: int, delta: dict[str, torch.Tensor], steps: int,
-              result: SimResult) -> dict[str, torch.Tensor] | None:
+              result: SimResult) -> Mapping[str, torch.Tensor] | None:
         """What the coordinator applies of worker ``worker``'s delta of ``steps`` local steps
         (forged if it lies): the intake's absolute norm bound, then the guard; None if refused."""
         attacker = config.attack.is_attacker(worker)

@@ -120,7 +120,7 @@ def test_judged_by_the_reference_a_little_below_zero_is_damped_far_below_is_refu
     momentum do not let anything through."""
     counts: Counter[str] = Counter()
     check = DirectionCheck(0.0, 0, counts, spread=2.0, window=64)
-    check.by_reference = True
+    check.judge_by(True)
     for i in range(16):  # accepted cosines 0.05-0.35: median 0.2, σ about 0.11
         check.accepted(0.05 + 0.02 * i)
     least = check.least()
