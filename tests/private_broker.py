@@ -33,6 +33,9 @@ from shared.settings import ConnectionSettings, amqp_parameters
 if TYPE_CHECKING:  # tests.tls_servers imports this module (free_port)
     from tests.tls_servers import TlsFiles
 
+# How often a node that found one of its ports taken is started again on a fresh one.
+PORT_RETRIES = 3
+
 # Debian's real scripts; the ones in /usr/sbin are wrappers that su to the rabbitmq user.
 DEBIAN_BIN = Path("/usr/lib/rabbitmq/bin")
 
@@ -96,25 +99,35 @@ class PrivateBroker:
             raise FileNotFoundError("rabbitmq-server / rabbitmqctl are not installed")
         self.server, self.ctl_path = server, ctl
         self.root = root
-        self.port = free_port()
-        self.dist_port = free_port()  # Erlang distribution (rabbitmqctl talks to the node on it)
+        self.tls = tls
+        self.tls_ca_file: str | None = None  # what a client passes as --tls-ca (TLS mode)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._starts = 0
+        self._came_up = False  # has the node accepted logins once (its name is settled then)?
         # A port mapper daemon (epmd) of its own, so that the node neither needs nor leaves
         # behind a shared one; :meth:`stop` ends it. Nodes of one cluster share theirs
         # (``epmd_port``): a node finds another's distribution port through the epmd it knows.
         self.epmd_port = free_port() if epmd_port is None else epmd_port
         self.owns_epmd = epmd_port is None  # else whoever handed the port in ends that epmd
-        self.node = f"asyncloco-{self.port}@localhost"
-        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
-        self.tls = tls
-        self.tls_ca_file: str | None = None  # what a client passes as --tls-ca (TLS mode)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._starts = 0
         for sub in ("home", "mnesia", "log"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         if cookie is not None:  # nodes of one cluster (and their rabbitmqctl) share one cookie
             cookie_file = root / "home" / ".erlang.cookie"
             cookie_file.write_text(cookie)
             cookie_file.chmod(0o400)  # Erlang refuses a cookie file that others can read
+        (root / "enabled_plugins").write_text("[].\n")  # no management plugin: no port clash
+        (root / "rabbitmq-env.conf").write_text("")
+        self._configure(free_port(), free_port())
+
+    def _configure(self, port: int, dist_port: int) -> None:
+        """Name the node after ``port`` and write its config and environment for these ports.
+
+        ``dist_port`` is Erlang distribution's (rabbitmqctl talks to the node on it).
+        """
+        root, tls = self.root, self.tls
+        self.port, self.dist_port = port, dist_port
+        self.node = f"asyncloco-{self.port}@localhost"
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
         # The system rabbitmq.conf may pin a listener to 5672, and rabbitmq-env.conf may name
         # the node: this node reads neither.
         conf = f"listeners.tcp.1 = 127.0.0.1:{self.port}\n"
@@ -124,8 +137,6 @@ class PrivateBroker:
             self.url = f"amqps://guest:guest@127.0.0.1:{self.port}/%2F"
             self.tls_ca_file = str(tls.ca_cert)
         (root / "rabbitmq.conf").write_text(conf)
-        (root / "enabled_plugins").write_text("[].\n")  # no management plugin: no port clash
-        (root / "rabbitmq-env.conf").write_text("")
         self.env = dict(
             os.environ,
             HOME=str(root / "home"),  # the Erlang cookie lives here: server and rabbitmqctl share it
@@ -166,14 +177,34 @@ class PrivateBroker:
         """Wait until the launched node accepts AMQP logins; raise if it exits or takes too long."""
         assert self.proc is not None, "launch() the node first"
         deadline = time.monotonic() + timeout_s
+        port_retries = PORT_RETRIES
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if port_retries > 0 and self._repick_taken_port():
+                    port_retries -= 1
+                    self.launch()
+                    continue
                 raise RuntimeError(f"rabbitmq-server exited with {self.proc.returncode}:\n{self.logs()}")
             if self.accepts_logins():
+                self._came_up = True
                 return
             time.sleep(0.25)
         raise RuntimeError(f"RabbitMQ node {self.node} did not come up within {timeout_s:.0f}s:\n"
                            f"{self.logs()}")
+
+    def _repick_taken_port(self) -> bool:
+        """After the node exited: if a port it was given was taken meanwhile (:func:`free_port`
+        only saw it free a moment earlier; an outgoing connection may have been handed it since),
+        give it a fresh one and say True. The AMQP port names the node and its data, so it is
+        changed only before the node's first start succeeded."""
+        output = (self.root / f"server-{self._starts}.out").read_text(errors="replace")
+        if "dist_port_already_used" in output:
+            self._configure(self.port, free_port())
+            return True
+        if "eaddrinuse" in output and not self._came_up:
+            self._configure(free_port(), free_port())
+            return True
+        return False
 
     def accepts_logins(self) -> bool:
         params = amqp_parameters(ConnectionSettings(amqp_url=self.url, tls_ca_file=self.tls_ca_file))

@@ -66,9 +66,10 @@ def test_two_clients_train_the_model_through_a_coordinator_crash(
     clients = {c["client_id"]: c for c in final["clients"]}
     for cid in ("fast", "slow"):
         assert clients[cid]["updates"] > updates_at_resume.get(cid, 0), f"{cid} made no progress after resume"
-    # Dynamic Local Updates: the slow client ran fewer local steps per round
-    per_round = {cid: c["local_steps"] / c["updates"] for cid, c in clients.items()}
-    assert per_round["slow"] < 0.75 * per_round["fast"], per_round
+    # Dynamic Local Updates: once both speeds are known (the first rounds run the plan's H, and
+    # a slow client spends most of its few rounds there), the slow client's rounds are shorter
+    last_round = {cid: c["last_round_steps"] for cid, c in clients.items()}
+    assert 0 < last_round["slow"] < 0.75 * last_round["fast"], last_round
     # training worked: eval loss clearly below its start (≈5.5 nats/byte)
     end_loss = final["eval"]["history"][-1]["loss"]
     assert end_loss < start_loss - 1.5, (start_loss, end_loss)
