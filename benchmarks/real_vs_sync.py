@@ -19,6 +19,8 @@ loss at equal wall-clock points; writes a CSV. Every process it starts is stoppe
   ``honest3`` is the clean run at equal honest compute (the three honest clients alone). The
   damage, printed when ``honest3`` ran too, is the liar's run's loss above the clean run's as a
   share of the clean run's improvement, as ``attacks.py`` counts it.
+* ``edn-cap``, ``flip-cap``, ``flip-warm-cap`` (not run unless named): ``edn``, ``flip`` and
+  ``flip-warm`` with ``--weight-cap 0.5`` (no client weighs more than half the others together).
 
 ``--repeats N`` runs each variant N times (the table shows each point's mean) and prints, per run,
 the deltas applied, the guard's refusals by reason and the speeds the coordinator measured.
@@ -68,10 +70,14 @@ VARIANTS: dict[str, tuple[list[str], tuple[int, ...], list[str]]] = {
     "flip": ([], SLOWDOWNS, []),
     "flip-warm": (["--warm-start-steps", "30", "--warm-start-client", "x2"], SLOWDOWNS, []),
     "flip-unguarded": (["--guard", "off"], SLOWDOWNS, []),
+    "edn-cap": (["--weight-cap", "0.5"], SLOWDOWNS, []),
+    "flip-cap": (["--weight-cap", "0.5"], SLOWDOWNS, []),
+    "flip-warm-cap": (["--weight-cap", "0.5", "--warm-start-steps", "30", "--warm-start-client", "x2"],
+                      SLOWDOWNS, []),
 }
 DEFAULT_VARIANTS = ("edn", "dn", "sync", "alone")
 # variant -> k: its fastest client (slowdown 1) sends its honest delta times -k (harness/attacker.py)
-LIARS = {"flip": 1.0, "flip-warm": 1.0, "flip-unguarded": 1.0}
+LIARS = {"flip": 1.0, "flip-warm": 1.0, "flip-unguarded": 1.0, "flip-cap": 1.0, "flip-warm-cap": 1.0}
 LIAR_ID = "x1"
 
 

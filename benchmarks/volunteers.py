@@ -39,18 +39,21 @@ from coordinator.sim.simulator import SimConfig, speed_profile
 
 # label -> (strategy, outer lr ε, staleness exponent a, compute exponent p, grace rounds, follow:
 # rounds move onto θ while they train, the client's --follow; overlap: the client's --overlap, the
-# next round starts while the delta is on its way and moves onto θ when it lands, with no grace)
+# next round starts while the delta is on its way and moves onto θ when it lands, with no grace;
+# weight cap: OuterConfig.weight_cap, 0 = off)
 SETTINGS = {
-    "dn ε0.5": ("dn+dylu", 0.5, 0.0, 0.0, 0.0, False, "off"),
-    "dn ε0.7 a0.5": ("dn+dylu", 0.7, 0.5, 0.0, 0.0, False, "off"),
-    "edn w1": ("edn+dylu", 0.5, 0.0, 1.0, 0.0, False, "off"),
-    "edn w1 g.25": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, False, "off"),
-    "edn w2 g.25": ("edn+dylu", 0.5, 0.0, 2.0, 0.25, False, "off"),
-    "edn w1 g.25 ε0.7": ("edn+dylu", 0.7, 0.0, 1.0, 0.25, False, "off"),
-    "edn w1 follow": ("edn+dylu", 0.5, 0.0, 1.0, 0.0, True, "off"),
-    "edn w1 g.25 follow": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, True, "off"),
+    "dn ε0.5": ("dn+dylu", 0.5, 0.0, 0.0, 0.0, False, "off", 0.0),
+    "dn ε0.7 a0.5": ("dn+dylu", 0.7, 0.5, 0.0, 0.0, False, "off", 0.0),
+    "edn w1": ("edn+dylu", 0.5, 0.0, 1.0, 0.0, False, "off", 0.0),
+    "edn w1 g.25": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, False, "off", 0.0),
+    "edn w2 g.25": ("edn+dylu", 0.5, 0.0, 2.0, 0.25, False, "off", 0.0),
+    "edn w1 g.25 ε0.7": ("edn+dylu", 0.7, 0.0, 1.0, 0.25, False, "off", 0.0),
+    "edn w1 follow": ("edn+dylu", 0.5, 0.0, 1.0, 0.0, True, "off", 0.0),
+    "edn w1 g.25 follow": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, True, "off", 0.0),
     # what a user gets: the coordinator's defaults and the client's (--overlap --follow)
-    "edn w1 g.25 overlap follow": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, True, "rebase"),
+    "edn w1 g.25 overlap follow": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, True, "rebase", 0.0),
+    # that with the weight cap (--weight-cap 0.5): what holding the fastest to a third costs
+    "defaults cap.5": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, True, "rebase", 0.5),
 }
 
 
@@ -88,12 +91,12 @@ def main() -> None:
         alone = replace(base, strategy="dn", speeds=(1.0,), budget_steps=alone_time, eval_every_steps=20)
         jobs.append((f"{start}/alone", alone, task, pretrain))
         for label in settings:
-            strategy, lr, a, p, grace, follow, overlap = SETTINGS[label]
+            strategy, lr, a, p, grace, follow, overlap, cap = SETTINGS[label]
             together = replace(base, strategy=strategy, speeds=speeds, warm_start_steps=warm,
                                grace_rounds=grace, follow=follow, overlap=overlap,
                                budget_steps=warm + together_steps,
                                outer=OuterConfig(lr=lr, momentum=0.8, staleness_exponent=a,
-                                                 compute_exponent=p))
+                                                 compute_exponent=p, weight_cap=cap))
             jobs.append((f"{start}/together {label}", together, task, pretrain))
 
     started = time.perf_counter()

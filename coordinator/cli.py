@@ -225,7 +225,7 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
         outer=OuterConfig(strategy=opts["strategy"], lr=opts["outer_lr"], momentum=opts["outer_momentum"],
                           buffer_size=opts["buffer_size"], min_buffer=opts["min_buffer"], c=opts["outer_c"],
                           staleness_exponent=opts["staleness_exponent"],
-                          compute_exponent=opts["compute_exponent"]),
+                          compute_exponent=opts["compute_exponent"], weight_cap=opts["weight_cap"]),
         plan=PlanConfig(local_steps=opts["local_steps"], min_local_steps=opts["min_local_steps"],
                         dylu=opts["dylu"], warm_start_steps=opts["warm_start_steps"],
                         grace_rounds=opts["grace_rounds"],

@@ -46,7 +46,7 @@ def _group(*options: Callable[[F], F]) -> Callable[[F], F]:
 
 def outer_options() -> Callable[[F], F]:
     """The outer optimizer: --outer-lr, --outer-momentum, --staleness-exponent, --compute-exponent,
-    --buffer-size, --min-buffer."""
+    --weight-cap, --buffer-size, --min-buffer."""
     return _group(
         option("--outer-lr", env="OUTER_LR", type=float, default=0.5,
                help="Outer learning rate ε. 0.5 with β 0.8 was best in every run we measured with small H "
@@ -58,6 +58,10 @@ def outer_options() -> Callable[[F], F]:
                help="Weigh a delta of H_i local steps by (H_i/H)^p, N counted in those weights "
                "(0 = every delta alike). Under DyLU it keeps slow clients' short rounds from "
                "diluting the step (p = 1 measured best: docs/BENCHMARKS.md)."),
+        option("--weight-cap", env="WEIGHT_CAP", type=click.FloatRange(0), default=0.0,
+               help="With 3 or more clients active, hold each one's compute weight to this times the "
+               "others' together (0.5: nobody holds over a third of a step), so that the fastest "
+               "volunteer cannot outweigh everyone else (0 = off; docs/SECURITY.md)."),
         option("--buffer-size", env="BUFFER_SIZE", type=click.IntRange(0), default=0,
                help="Delayed Nesterov N (0 = number of active clients)."),
         option("--min-buffer", env="MIN_BUFFER", type=click.IntRange(1), default=1,

@@ -44,11 +44,17 @@ weighs w = (H_i/H)^p: it moves θ by w·g/W instead of g/N, where W (the buffer,
 the sum of the active clients' weights, and a cycle ends when the weights of its arrivals reach W.
 The cycle's step is then on the weighted mean Σ w·g / Σ w. With every w = 1 this is exactly the
 unweighted rule above.
+
+A weight cap (``weight_cap`` r; 0 = off). Compute weights make the fastest volunteer the
+heaviest: one faster than all the others together holds over half of every step, and its lies
+then outweigh everyone's truth (docs/SECURITY.md). With r > 0 and at least ``CAP_MIN_CLIENTS``
+active, each client's weight is at most r times the other active clients' together (r = 0.5: no
+one holds more than a third of W), in its arrivals and in W alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +82,10 @@ class Scaled(Mapping[str, torch.Tensor]):
         return len(self.tensors)
 
 
+# The weight cap applies from this many active clients (with two, each would be held to a share
+# of the other's weight, and an honest pair would slow down for nothing).
+CAP_MIN_CLIENTS = 3
+
 ASYNC_STRATEGIES = ("dn", "edn", "nesterov", "sgd", "fedbuff")
 STRATEGIES = (*ASYNC_STRATEGIES, "sync")
 
@@ -95,6 +105,7 @@ class OuterConfig:
     if it falls too slowly with many clients, raise ``buffer_size`` rather than ``lr``.
     If slow clients' stale deltas hurt, set ``staleness_exponent`` to 0.5. ``compute_exponent`` p
     weighs a delta of H_i local steps by (H_i/H)^p (module docstring); 0 counts every delta alike.
+    ``weight_cap`` r holds each client's weight to r times the other active clients' (0 = off).
     """
 
     strategy: str = "edn"
@@ -105,6 +116,7 @@ class OuterConfig:
     c: float = 0.0
     staleness_exponent: float = 0.0
     compute_exponent: float = 1.0
+    weight_cap: float = 0.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -128,12 +140,22 @@ class OuterConfig:
             raise ConfigError(f"c applies to strategy dn only, not {self.strategy!r}")
         if not 0 <= self.compute_exponent <= 4:
             raise ConfigError("compute exponent must be in [0, 4]")
+        if self.weight_cap < 0:
+            raise ConfigError("weight cap must be >= 0 (0 = off)")
 
     def weight_of(self, local_steps: int, full_steps: int) -> float:
         """A delta's compute weight (H_i/H)^p, H_i capped at the full round H (never above 1)."""
         if not self.compute_exponent or full_steps <= 0:
             return 1.0
         return (max(1, min(local_steps, full_steps)) / full_steps) ** self.compute_exponent
+
+    def capped(self, weights: Sequence[float]) -> list[float]:
+        """The active clients' compute weights with the cap: each at most ``weight_cap`` times the
+        sum of the others' (as given), once ``CAP_MIN_CLIENTS`` are active."""
+        if not self.weight_cap or len(weights) < CAP_MIN_CLIENTS:
+            return list(weights)
+        total = sum(weights)
+        return [min(w, self.weight_cap * (total - w)) for w in weights]
 
     @property
     def mode(self) -> RunMode:

@@ -105,10 +105,12 @@ def build_intake(config: CoordinatorConfig, *, optimizer: OuterOptimizer, regist
         applied = decision.delta
         # Compute weights (OuterConfig.weight_of): the sender's from the steps it claims (bounded
         # by its assignment), the others' from their last applied round (a full one if none yet).
-        weight = outer.weight_of(arrival.local_steps, full)
+        # Then each held to the weight cap against the others (OuterConfig.capped).
         others = (registry.clients[c].last_round_steps if c in registry.clients else 0
                   for c in active_ids - {arrival.client_id})
-        active_weight = weight + sum(outer.weight_of(steps or full, full) for steps in others)
+        weights = outer.capped([outer.weight_of(arrival.local_steps, full),
+                                *(outer.weight_of(steps or full, full) for steps in others)])
+        weight, active_weight = weights[0], sum(weights)
         # A sync round's deltas all share its base: arrivals before them in the round are no
         # staleness (the simulator's sync run never discounts either).
         staleness = 0 if barrier is not None else arrival.staleness
@@ -282,7 +284,7 @@ class RunState:
         the clients active now (as the intake's outer step counts it: in compute weights)."""
         outer, full = self.config.outer, self.config.plan.local_steps
         active = self.registry.active(now)
-        weights = (sum(outer.weight_of(c.last_round_steps or full, full) for c in active)
+        weights = (sum(outer.capped([outer.weight_of(c.last_round_steps or full, full) for c in active]))
                    if outer.compute_exponent and active else None)
         return self.optimizer.arrival_share(self.optimizer.buffer_weight(max(1, len(active)), weights))
 

@@ -65,7 +65,7 @@ def simulate(**opts: Any) -> None:
     outer = OuterConfig(lr=opts["outer_lr"], momentum=opts["outer_momentum"],
                         buffer_size=opts["buffer_size"], min_buffer=opts["min_buffer"],
                         staleness_exponent=opts["staleness_exponent"],
-                        compute_exponent=opts["compute_exponent"])
+                        compute_exponent=opts["compute_exponent"], weight_cap=opts["weight_cap"])
     configs = [
         SimConfig(strategy=s.strip(), speeds=speeds, local_steps=opts["local_steps"],
                   min_local_steps=opts["min_local_steps"], budget_steps=opts["budget_steps"],

@@ -200,7 +200,8 @@ class Simulation:
         def active_weight() -> float | None:
             if not outer_config.compute_exponent:
                 return None
-            return sum(outer_config.weight_of(last_steps[j], config.local_steps) for j in online)
+            return sum(outer_config.capped([outer_config.weight_of(last_steps[j], config.local_steps)
+                                            for j in online]))
 
         def start(i: int) -> None:
             nonlocal counter
@@ -272,7 +273,9 @@ class Simulation:
                 return None
             result.max_staleness = max(result.max_staleness, staleness)
             last_steps[i] = done.steps
-            weight = outer_config.weight_of(done.steps, config.local_steps)
+            online_ids = [i, *(j for j in online if j != i)]
+            weight = outer_config.capped([outer_config.weight_of(last_steps[j], config.local_steps)
+                                          for j in online_ids])[0]
             emptied = state.outer.step(admitted, active_clients=len(online), staleness=staleness,
                                        weight=weight, active_weight=active_weight())
             state.updates += 1

@@ -18,6 +18,7 @@ from coordinator.registry import ClientRegistry, PlanConfig
 from coordinator.run_state import build_intake
 from coordinator.warm_start import WarmStart
 from shared.codecs import get_codec
+from shared.errors import ConfigError
 from shared.protocol import DeltaMessage
 
 RUN_ID = "unit-run"
@@ -278,3 +279,27 @@ def test_the_norm_bound_follows_every_change_of_theta() -> None:
     intake.take_version(6)
     intake.params["b"].fill_(1.0)  # |θ| ≈ 2.27
     assert intake.handle(_delta(client_id="c5", base_version=6, tensors=small)).kind == "applied"
+
+
+@pytest.mark.parametrize(("cap", "share"), [(0.0, 1 / 1.2), (0.5, 1 / 3)])
+def test_the_weight_cap_holds_the_fastest_client_to_a_share_of_the_others(cap: float, share: float) -> None:
+    """Outer SGD (θ -= ε·w·g/W, ε = 1) with compute weights: two slow clients ran 3 of H = 30
+    steps (w = 0.1 each); the fast one sends a full round (w = 1). Uncapped it moves θ by
+    1/1.2 of its delta; capped at half the others' weight (0.1), by a third of it."""
+    params = {"a.weight": torch.ones(4, 3), "b": torch.zeros(5)}
+    outer = OuterConfig(strategy="sgd", lr=1.0, momentum=0.0, compute_exponent=1.0, weight_cap=cap)
+    intake, _ = make_intake(params, outer, version=5)
+    for slow in ("slow1", "slow2"):
+        assert intake.handle(_delta(client_id=slow, local_steps=3), now=100.0).kind == "applied"
+    before = intake.params["b"].clone()
+    assert intake.handle(_delta(client_id="fast", local_steps=30), now=101.0).kind == "applied"
+    torch.testing.assert_close(intake.params["b"] - before, torch.full((5,), 0.1 * share))
+
+
+def test_the_weight_cap_leaves_two_clients_alone_and_refuses_a_negative_cap() -> None:
+    config = OuterConfig(weight_cap=0.5)
+    assert config.capped([1.0, 0.125]) == [1.0, 0.125]  # with two, each would slow the other
+    assert config.capped([1.0, 0.5, 0.25, 0.125]) == [0.4375, 0.5, 0.25, 0.125]
+    assert OuterConfig().capped([1.0, 0.1, 0.1]) == [1.0, 0.1, 0.1]  # off by default
+    with pytest.raises(ConfigError):
+        OuterConfig(weight_cap=-0.5)
