@@ -18,6 +18,7 @@ is the control payload's loss minus the payload's (0: nothing learnt), against t
     python benchmarks/attacks.py      # edn and sync, none and very, 3 seeds: ~70 min on 2 cores
     python benchmarks/attacks.py --seeds 0 --levels very --strategies edn   # one quick look
     python benchmarks/attacks.py --workers 16 --attackers 3 --budget 1920   # 3 of 16
+    python benchmarks/attacks.py --weight-cap 0.5 --out results/attacks-cap  # with the weight cap
 
 Each run's outcome is kept in OUT/cache/ under a hash of its whole setting and of SIM_VERSION, so a
 rerun with more attacks, strategies or seeds (or ``--guards on`` after ``--guards off``) runs only
@@ -86,6 +87,8 @@ def main() -> None:
                         help="the guard's --guard-direction-spread in the guarded runs (0: off)")
     parser.add_argument("--descent-every", type=int, default=GuardConfig.descent_every,
                         help="the guard's --guard-descent-every in the guarded runs (0: off)")
+    parser.add_argument("--weight-cap", type=float, default=OuterConfig.weight_cap,
+                        help="the coordinator's --weight-cap in every run (0: off)")
     parser.add_argument("--replot", type=Path, default=None, metavar="CSV",
                         help="draw --plot from an attacks.csv this script wrote (give the same --budget)")
     parser.add_argument("--guards", default="off,on",
@@ -107,7 +110,8 @@ def main() -> None:
     task_settings = {"model_size": "tiny"}
     base = SimConfig(local_steps=args.local_steps, min_local_steps=5, budget_steps=args.budget,
                      eval_every_steps=max(40, args.budget // 4), jitter=args.jitter,
-                     warm_start_steps=args.warm_start, outer=OuterConfig(), measure_trigger=True)
+                     warm_start_steps=args.warm_start, outer=OuterConfig(weight_cap=args.weight_cap),
+                     measure_trigger=True)
     guards = {"off": GuardConfig(mode="off"),
               "on": GuardConfig(clip_ratio=args.clip_ratio, forgive_after=args.forgive_after,
                                 direction_spread=args.direction_spread,

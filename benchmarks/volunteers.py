@@ -54,6 +54,7 @@ SETTINGS = {
     "edn w1 g.25 overlap follow": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, True, "rebase", 0.0),
     # that with the weight cap (--weight-cap 0.5): what holding the fastest to a third costs
     "defaults cap.5": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, True, "rebase", 0.5),
+    "defaults cap1": ("edn+dylu", 0.5, 0.0, 1.0, 0.25, True, "rebase", 1.0),
 }
 
 
