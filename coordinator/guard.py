@@ -150,6 +150,17 @@ class GuardDecision:
         return self.delta is None
 
 
+@dataclass(frozen=True)
+class Screening:
+    """The screen's word on a delta: its refusal (None: it passed); its cosine to what the
+    direction is judged by (None where it was not looked at, or there was nothing to judge by);
+    whether the direction check damps it."""
+
+    refused: GuardDecision | None = None
+    cosine: float | None = None
+    damped: bool = False
+
+
 class DeltaGuard:
     """Screens and clips arriving deltas against the recent accepted ones (module docstring)."""
 
@@ -199,8 +210,9 @@ class DeltaGuard:
         reference = self.reference.direction()
         self.direction.judge_by(reference is not None)
         against = "senders' reference" if reference else "server's momentum"
-        refused, cosine, damped = self._screen(delta, norm, tensor_norms, reference or centre, sender,
-                                               scale=k, against=against)
+        screening = self._screen(delta, norm, tensor_norms, reference or centre, sender, scale=k,
+                                 against=against)
+        refused, cosine, damped = screening.refused, screening.cosine, screening.damped
         if refused is not None:
             # a direction refusal is no strike: when the momentum itself is wrong (the valve's
             # case), honest senders are refused that way until the valve stands aside
@@ -300,33 +312,32 @@ class DeltaGuard:
 
     def _screen(self, delta: dict[str, torch.Tensor], norm: float, tensor_norms: dict[str, float],
                 centre: Mapping[str, torch.Tensor] | None, sender: str, *, scale: float,
-                against: str = "server's momentum") -> tuple[GuardDecision | None, float | None, bool]:
-        """The screen's refusal of a delta judged at ``norm`` (a full round's size: ``scale`` times
-        its own), or None; the delta's cosine to the centre (None when it was not looked at, or
-        there is none); and whether the direction check damps it."""
+                against: str = "server's momentum") -> Screening:
+        """Screen a delta judged at ``norm`` (a full round's size: ``scale`` times its own): its
+        size against the accepted ones', then its direction against ``centre``."""
         if self._has_history(self.norms):  # else: the intake's absolute bounds only
             k = self.config.reject_ratio
             median = statistics.median(self.norms)
             if norm > k * median:
                 why = f"|g| = {norm:.3g} > {k:g} × median {median:.3g}"
-                return GuardDecision(None, "norm_outlier", why), None, False
+                return Screening(GuardDecision(None, "norm_outlier", why))
             for name, value in tensor_norms.items():
                 seen = self.tensor_shares[name]
                 share = value / norm if norm > 0 else 0.0
                 median_share = statistics.median(seen) if seen else 0.0
                 if median_share > 0 and share > k * median_share:
-                    return GuardDecision(None, "tensor_outlier", f"tensor {name!r} holds {share:.3g} of |g|, "
-                                         f"> {k:g} × median {median_share:.3g}"), None, False
+                    why = f"tensor {name!r} holds {share:.3g} of |g|, > {k:g} × median {median_share:.3g}"
+                    return Screening(GuardDecision(None, "tensor_outlier", why))
         cosine = cosine_to(delta, centre, delta_norm=norm / scale)  # norm: ``scale`` × |delta|
         if cosine is None:
-            return None, None, False
+            return Screening()
         # read back by benchmarks/direction_replay.py
         log.debug("delta of %s: cosine %.4f to the %s", sender or "?", cosine, against)
         verdict = self.direction.judge(sender, cosine)
         if verdict == REFUSE:
-            return GuardDecision(None, "against_momentum", f"cosine to the {against} "
-                                 f"{cosine:.2f} < {self.direction.least():.2g}"), cosine, False
-        return None, cosine, verdict == DAMP
+            return Screening(GuardDecision(None, "against_momentum", f"cosine to the {against} "
+                                           f"{cosine:.2f} < {self.direction.least():.2g}"), cosine)
+        return Screening(None, cosine, verdict == DAMP)
 
     def _descent(self, delta: Mapping[str, torch.Tensor]) -> str | None:
         """The descent check's refusal of every ``descent_every``-th delta that got this far."""
