@@ -16,6 +16,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): most of the suite waits on real servers and processes, so two
+# share 2 cores well (14 min against 18-21 serially, docs/BENCHMARKS.md). 0 runs it serially.
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 
@@ -25,7 +28,7 @@ help:
 	@echo "make venv           create $(VENV): $(TORCH_SPEC) (unless torch is there), then -e .[dev,plot]"
 	@echo "make services       start/reuse Redis and RabbitMQ on 127.0.0.1 (deploy/services.sh up)"
 	@echo "make demo           venv + services, then deploy/demo.py \$$DEMO_ARGS"
-	@echo "make test           venv + services + browser, then pytest -m 'not slow' \$$PYTEST_ARGS"
+	@echo "make test           venv + services + browser, then pytest -m 'not slow' in \$$TEST_WORKERS (2) processes, \$$PYTEST_ARGS"
 	@echo "make browser        as root with apt-get, install chromium if missing (the dashboard test; best effort)"
 	@echo "make faults         venv + services, then the fault-injection suite (tests/faults, slow included)"
 	@echo "make lint           ruff check, then mypy on the packages"
@@ -64,7 +67,7 @@ browser:
 	echo "no chromium: the dashboard's browser test will be skipped"
 
 test: venv services browser
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 faults: venv services
 	$(PY) -m pytest tests/faults -m "slow or not slow" $(PYTEST_ARGS)
