@@ -8,6 +8,17 @@ reference, only ``min_cosine`` and forgiveness hold: the spread and the valve be
 momentum, which overshoots and which a liar holding most of the compute weight can turn; let
 through by them, a fast sign-flipper's deltas near 0 wrecked real runs (docs/SECURITY.md).
 
+Judged by the reference, a sender that has pointed against it in most of its last
+``forgive_after`` judgements is **distrusted**: its delta passes only at a cosine of at least the
+median of the recent accepted ones (an honest delta's typical cosine), and is refused below that
+(counted as ``direction_distrusted`` where the plain rule would have let it in, whole or damped).
+Late in a run the fastest honest client's delta points a little against the slower ones'
+consensus, so a sign-flipper's deltas, refused round after round, creep up to a cosine near 0 and
+then above it; let in there, in real runs, one moved θ uphill, the honest deltas turned against
+the reference and the liar's were let in from then on (docs/SECURITY.md). The mirror of
+forgiveness: the record that forgives an honest dip holds the liar back, and it clears once at
+least half of the sender's last judgements reach the median.
+
 Judged by the momentum, three rules keep honest volunteers in, measured on real runs
 (docs/SECURITY.md, ``benchmarks/direction_replay.py``):
 
@@ -73,6 +84,7 @@ class DirectionCheck:
         # judging by the senders' reference (coordinator.reference), not the momentum: no spread,
         # no valve (None until told, so that a restored check keeps its cosines: judge_by)
         self.by_reference: bool | None = None
+        self.refused_below = min_cosine  # the threshold of the last judgement (judge)
 
     def accepted(self, cosine: float) -> None:
         """A delta judged at ``cosine`` passed the whole guard: its cosine joins the spread's."""
@@ -102,16 +114,26 @@ class DirectionCheck:
 
     def judge(self, sender: str, cosine: float) -> str:
         """Judge a delta of ``sender`` at ``cosine`` to the centre: ``PASS``, ``REFUSE``, or (judged
-        by the senders' reference, between the spread's threshold and ``min_cosine``) ``DAMP``."""
+        by the senders' reference, between the spread's threshold and ``min_cosine``) ``DAMP``.
+        After a refusal, ``refused_below`` is the cosine the delta fell short of."""
         least = self.least()
-        pointed = cosine < (self.min_cosine if self.by_reference else least)
+        distrusted = bool(self.by_reference) and self._distrusted(sender)
+        if distrusted:  # it must reach an honest delta's typical cosine
+            bar = max(self.min_cosine, self.median_cosine() or self.min_cosine)
+        else:
+            bar = self.min_cosine if self.by_reference else least
+        self.refused_below = bar if distrusted else least
+        pointed = cosine < bar
         verdict = REFUSE if pointed else PASS
         if pointed and not self.by_reference and self._momentum_suspect(sender):
             self.counts["momentum_suspect"] += 1
             verdict = PASS
-        elif pointed and self._forgiven(sender):
+        elif pointed and self._forgiven(sender):  # never while distrusted
             self.counts["direction_forgiven"] += 1
             verdict = PASS
+        elif pointed and distrusted:
+            if cosine >= least:  # the plain rule would have let it in, whole or damped
+                self.counts["direction_distrusted"] += 1
         elif pointed and cosine >= least:  # by the reference: inside the honest spread
             self.counts["damped"] += 1
             verdict = DAMP
@@ -119,6 +141,12 @@ class DirectionCheck:
         if sender and self.forgive_after:
             record_of(self.pointing, sender, self.forgive_after).append(pointed)
         return verdict
+
+    def _distrusted(self, sender: str) -> bool:
+        """More than half of ``sender``'s last directions (``forgive_after`` of them, at least 2
+        seen) pointed against the centre."""
+        seen = self.pointing.get(sender)
+        return seen is not None and len(seen) >= 2 and 2 * sum(seen) > self.forgive_after
 
     def _forgiven(self, sender: str) -> bool:
         seen = self.pointing.get(sender)

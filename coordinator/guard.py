@@ -336,7 +336,7 @@ class DeltaGuard:
         verdict = self.direction.judge(sender, cosine)
         if verdict == REFUSE:
             return Screening(GuardDecision(None, "against_momentum", f"cosine to the {against} "
-                                           f"{cosine:.2f} < {self.direction.least():.2g}"), cosine)
+                                           f"{cosine:.2f} < {self.direction.refused_below:.2g}"), cosine)
         return Screening(None, cosine, verdict == DAMP)
 
     def _descent(self, delta: Mapping[str, torch.Tensor]) -> str | None:

@@ -134,6 +134,39 @@ def test_judged_by_the_reference_a_little_below_zero_is_damped_far_below_is_refu
     assert counts["momentum_suspect"] == 0
 
 
+def test_a_sender_that_mostly_pointed_against_the_reference_must_reach_the_median_to_pass() -> None:
+    """A sign-flipper refused round after round creeps up to a cosine near 0 late in a run; the
+    plain rule would let it in there. Distrusted (3 of its last 4 pointed against), it passes only
+    at the median of the accepted cosines, and clears once half of its last 4 reach it. An honest
+    sender's rare dip leaves it trusted."""
+    counts: Counter[str] = Counter()
+    check = DirectionCheck(0.0, 4, counts, spread=2.0, window=64)
+    check.judge_by(True)
+    for i in range(16):  # accepted cosines 0.05-0.35: median 0.2
+        check.accepted(0.05 + 0.02 * i)
+    for cosine in (-0.4, -0.3, -0.2):
+        assert check.judge("liar", cosine) == REFUSE
+    assert check.judge("liar", 0.01) == REFUSE  # the plain rule: PASS
+    assert check.judge("liar", -0.02) == REFUSE  # the plain rule: DAMP
+    assert counts["direction_distrusted"] == 2 and counts["damped"] == 0
+    assert 0.19 < check.refused_below < 0.21
+    assert check.judge("liar", 0.25) == PASS  # at an honest delta's typical cosine: in, still distrusted
+    assert check.judge("liar", 0.05) == REFUSE
+    assert check.judge("liar", 0.3) == PASS  # now 2 of its last 4 reached the median: trusted again
+    assert check.judge("liar", 0.05) == PASS
+    # an honest sender: one dip is damped, the next delta near 0 passes
+    for cosine in (0.2, 0.1, 0.3):
+        assert check.judge("honest", cosine) == PASS
+    assert check.judge("honest", -0.02) in (PASS, DAMP)
+    assert check.judge("honest", 0.01) == PASS
+    # judged by the momentum (before three senders voted) nobody is distrusted
+    momentum = DirectionCheck(0.0, 4, Counter(), spread=2.0, window=64)
+    momentum.judge_by(False)
+    for cosine in (-0.4, -0.3, -0.2):
+        momentum.judge("liar", cosine)
+    assert momentum.judge("liar", 0.01) == PASS
+
+
 def test_a_damped_delta_is_applied_at_a_quarter_and_votes_as_one() -> None:
     guard = DeltaGuard(GuardConfig(mode="screen"), NAMES, full_steps=H)
     guard.direction.judge = lambda sender, cosine: DAMP  # type: ignore[method-assign]
