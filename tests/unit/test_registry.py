@@ -335,5 +335,8 @@ def test_status_shows_each_clients_measured_speed_and_assignment(tmp_path: Path)
         del c["assigned_steps"], c["reported_device"], c["reported_timings"]
     fast = next(line for line in render_text(doc).splitlines() if line.startswith("fast"))
     assert fast.endswith(no_timings + "  -")  # no timings, no device reported
-    doc["deltas"]["guard"] = {"mode": "clip", "judged": 9, "clipped": 1, "damped": 2}
-    assert "guard (clip): judged=9 clipped=1 damped=2" in render_text(doc).splitlines()
+    doc["deltas"]["guard"] = {"mode": "clip", "judged": 9, "clipped": 1, "damped": 2,
+                              "direction_distrusted": 3}
+    assert "guard (clip): judged=9 clipped=1 damped=2 distrusted=3" in render_text(doc).splitlines()
+    del doc["deltas"]["guard"]["direction_distrusted"]  # an older coordinator's document
+    assert "guard (clip): judged=9 clipped=1 damped=2 distrusted=0" in render_text(doc).splitlines()
