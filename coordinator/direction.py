@@ -85,6 +85,7 @@ class DirectionCheck:
         # no valve (None until told, so that a restored check keeps its cosines: judge_by)
         self.by_reference: bool | None = None
         self.refused_below = min_cosine  # the threshold of the last judgement (judge)
+        self.distrusted = False  # whether the last judgement's sender was distrusted
 
     def accepted(self, cosine: float) -> None:
         """A delta judged at ``cosine`` passed the whole guard: its cosine joins the spread's."""
@@ -123,6 +124,7 @@ class DirectionCheck:
         else:
             bar = self.min_cosine if self.by_reference else least
         self.refused_below = bar if distrusted else least
+        self.distrusted = distrusted
         pointed = cosine < bar
         verdict = REFUSE if pointed else PASS
         if pointed and not self.by_reference and self._momentum_suspect(sender):

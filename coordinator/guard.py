@@ -335,8 +335,11 @@ class DeltaGuard:
         log.debug("delta of %s: cosine %.4f to the %s", sender or "?", cosine, against)
         verdict = self.direction.judge(sender, cosine)
         if verdict == REFUSE:
-            return Screening(GuardDecision(None, "against_momentum", f"cosine to the {against} "
-                                           f"{cosine:.2f} < {self.direction.refused_below:.2g}"), cosine)
+            why = f"cosine to the {against} {cosine:.2f} < {self.direction.refused_below:.2g}"
+            if self.direction.distrusted:
+                why += (", the median of accepted deltas: most of this sender's recent deltas pointed "
+                        "against it")
+            return Screening(GuardDecision(None, "against_momentum", why), cosine)
         return Screening(None, cosine, verdict == DAMP)
 
     def _descent(self, delta: Mapping[str, torch.Tensor]) -> str | None:

@@ -167,6 +167,26 @@ def test_a_sender_that_mostly_pointed_against_the_reference_must_reach_the_media
     assert momentum.judge("liar", 0.01) == PASS
 
 
+def test_the_guard_refuses_a_distrusted_sender_s_delta_below_the_median_and_says_why() -> None:
+    """After its flipped deltas were refused, a liar's delta that points a little along the
+    reference is refused (the plain rule lets the same delta in from a sender with no record)."""
+    way = _unit(6)
+    guard = DeltaGuard(GuardConfig(mode="screen"), NAMES, centre=lambda: way, full_steps=H)
+    seed = 500
+    for _ in range(6):
+        for sender in ("a", "b", "c", "liar"):
+            seed += 1
+            sign = -1.0 if sender == "liar" else 1.0
+            guard.judge(_around(way, sign, seed), local_steps=H, sender=sender)
+    assert guard.reference.direction() is not None
+    weak = {n: 0.3 * way[n] + _unit(600)[n] for n in NAMES}
+    assert 0.1 < _cosine(weak, way) < 0.5  # along the reference, below the honest deltas' ≈ 0.9
+    decision = guard.judge(weak, local_steps=H, sender="liar")
+    assert decision.reason == "against_momentum" and "median of accepted deltas" in decision.detail
+    assert guard.counts["direction_distrusted"] == 1
+    assert not guard.judge(weak, local_steps=H, sender="newcomer").refused
+
+
 def test_a_damped_delta_is_applied_at_a_quarter_and_votes_as_one() -> None:
     guard = DeltaGuard(GuardConfig(mode="screen"), NAMES, full_steps=H)
     guard.direction.judge = lambda sender, cosine: DAMP  # type: ignore[method-assign]
