@@ -20,7 +20,8 @@ loss at equal wall-clock points; writes a CSV. Every process it starts is stoppe
   damage, printed when ``honest3`` ran too, is the liar's run's loss above the clean run's as a
   share of the clean run's improvement, as ``attacks.py`` counts it.
 * ``edn-cap``, ``flip-cap``, ``flip-warm-cap`` (not run unless named): ``edn``, ``flip`` and
-  ``flip-warm`` with ``--weight-cap 0.5`` (no client weighs more than half the others together).
+  ``flip-warm`` with ``--weight-cap 0.5`` (no client weighs more than half the others together);
+  ``edn-distrust``, ``flip-distrust``, ``flip-warm-distrust`` the same with ``--guard-distrust``.
 
 ``--repeats N`` runs each variant N times (the table shows each point's mean) and prints, per run,
 the deltas applied, the guard's refusals by reason and the speeds the coordinator measured.
@@ -74,10 +75,15 @@ VARIANTS: dict[str, tuple[list[str], tuple[int, ...], list[str]]] = {
     "flip-cap": (["--weight-cap", "0.5"], SLOWDOWNS, []),
     "flip-warm-cap": (["--weight-cap", "0.5", "--warm-start-steps", "30", "--warm-start-client", "x2"],
                       SLOWDOWNS, []),
+    "edn-distrust": (["--guard-distrust"], SLOWDOWNS, []),
+    "flip-distrust": (["--guard-distrust"], SLOWDOWNS, []),
+    "flip-warm-distrust": (["--guard-distrust", "--warm-start-steps", "30", "--warm-start-client", "x2"],
+                           SLOWDOWNS, []),
 }
 DEFAULT_VARIANTS = ("edn", "dn", "sync", "alone")
 # variant -> k: its fastest client (slowdown 1) sends its honest delta times -k (harness/attacker.py)
-LIARS = {"flip": 1.0, "flip-warm": 1.0, "flip-unguarded": 1.0, "flip-cap": 1.0, "flip-warm-cap": 1.0}
+LIARS = {"flip": 1.0, "flip-warm": 1.0, "flip-unguarded": 1.0, "flip-cap": 1.0, "flip-warm-cap": 1.0,
+         "flip-distrust": 1.0, "flip-warm-distrust": 1.0}
 LIAR_ID = "x1"
 
 

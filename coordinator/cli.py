@@ -236,7 +236,7 @@ def _serve_config(opts: dict[str, Any]) -> CoordinatorConfig:
         guard=GuardConfig(mode=opts["guard"], reject_ratio=opts["guard_reject_ratio"],
                           clip_ratio=opts["guard_clip_ratio"], min_cosine=opts["guard_min_cosine"],
                           forgive_after=opts["guard_forgive_after"],
-                          direction_spread=opts["guard_direction_spread"],
+                          direction_spread=opts["guard_direction_spread"], distrust=opts["guard_distrust"],
                           strikes=opts["guard_strikes"], descent_every=opts["guard_descent_every"],
                           descent_tolerance=opts["guard_descent_tolerance"]),
         commit=CommitConfig(every_updates=opts["commit_every"], interval_s=opts["commit_interval_s"],

@@ -8,16 +8,20 @@ reference, only ``min_cosine`` and forgiveness hold: the spread and the valve be
 momentum, which overshoots and which a liar holding most of the compute weight can turn; let
 through by them, a fast sign-flipper's deltas near 0 wrecked real runs (docs/SECURITY.md).
 
-Judged by the reference, a sender that has pointed against it in most of its last
-``forgive_after`` judgements is **distrusted**: its delta passes only at a cosine of at least the
-median of the recent accepted ones (an honest delta's typical cosine), and is refused below that
-(counted as ``direction_distrusted`` where the plain rule would have let it in, whole or damped).
+With ``distrust`` (off by default), judged by the reference, a sender that has pointed against
+it in most of its last ``forgive_after`` judgements is **distrusted**: its delta passes only at a
+cosine of at least the median of the recent accepted ones (an honest delta's typical cosine), and
+is refused below that (counted as ``direction_distrusted`` where the plain rule would have let
+it in, whole or damped).
 Late in a run the fastest honest client's delta points a little against the slower ones'
 consensus, so a sign-flipper's deltas, refused round after round, creep up to a cosine near 0 and
 then above it; let in there, in real runs, one moved θ uphill, the honest deltas turned against
 the reference and the liar's were let in from then on (docs/SECURITY.md). The mirror of
 forgiveness: the record that forgives an honest dip holds the liar back, and it clears once at
-least half of the sender's last judgements reach the median.
+least half of the sender's last judgements reach the median. It is off by default because the
+fastest *honest* client looks the same: late in a run its cosines hover around 0, a few dips in a
+row make it distrusted, and it stays refused below a median it cannot reach (in a real 4-client
+run, 24 of its deltas, 11% of all).
 
 Judged by the momentum, three rules keep honest volunteers in, measured on real runs
 (docs/SECURITY.md, ``benchmarks/direction_replay.py``):
@@ -71,8 +75,9 @@ class DirectionCheck:
     caller tells it the cosines of the deltas it accepted in the end (:meth:`accepted`)."""
 
     def __init__(self, min_cosine: float, forgive_after: int, counts: Counter[str], *,
-                 spread: float = 0.0, window: int = 64) -> None:
+                 spread: float = 0.0, window: int = 64, distrust: bool = False) -> None:
         self.min_cosine = min_cosine
+        self.distrust = distrust
         self.forgive_after = forgive_after
         self.spread = spread
         self.counts = counts
@@ -118,7 +123,7 @@ class DirectionCheck:
         by the senders' reference, between the spread's threshold and ``min_cosine``) ``DAMP``.
         After a refusal, ``refused_below`` is the cosine the delta fell short of."""
         least = self.least()
-        distrusted = bool(self.by_reference) and self._distrusted(sender)
+        distrusted = self.distrust and bool(self.by_reference) and self._distrusted(sender)
         if distrusted:  # it must reach an honest delta's typical cosine
             bar = max(self.min_cosine, self.median_cosine() or self.min_cosine)
         else:

@@ -104,6 +104,10 @@ class GuardConfig:
     # pointing against the momentum: below min(min_cosine, median − spread × σ of the recent
     # accepted cosines) (coordinator/direction.py; 0: below min_cosine)
     direction_spread: float = 2.0
+    # judged by the senders' reference, a sender that mostly pointed against it must reach the
+    # median accepted cosine (coordinator/direction.py); off by default: it also locks out the
+    # fastest honest client late in a run (docs/SECURITY.md)
+    distrust: bool = False
     window: int = 64
     min_history: int = 3
     strikes: int = 3  # refused or clipped judgements in a sender's record that put it on probation (0: never)
@@ -184,7 +188,8 @@ class DeltaGuard:
         self.trusted_start = False
         self.counts: Counter[str] = Counter()  # judged, accepted, clipped, and each refusal reason
         self.direction = DirectionCheck(config.min_cosine, config.forgive_after, self.counts,
-                                        spread=config.direction_spread, window=config.window)
+                                        spread=config.direction_spread, window=config.window,
+                                        distrust=config.distrust)
         # what the direction check judges by once senders voted: one share each (coordinator.reference)
         self.reference = Reference()
         # per sender, its last judgements: True where refused or clipped (probation)

@@ -72,7 +72,7 @@ def outer_options() -> Callable[[F], F]:
 
 def guard_options() -> Callable[[F], F]:
     """The delta guard (coordinator/guard.py): --guard, --guard-reject-ratio, --guard-clip-ratio,
-    --guard-min-cosine, --guard-forgive-after, --guard-direction-spread, --guard-strikes,
+    --guard-min-cosine, --guard-forgive-after, --guard-direction-spread, --guard-distrust, --guard-strikes,
     --guard-descent-every, --guard-descent-tolerance."""
     return _group(
         option("--guard", env="GUARD", type=click.Choice(GUARD_MODES), default="clip",
@@ -98,6 +98,10 @@ def guard_options() -> Callable[[F], F]:
                default=GuardConfig.direction_spread,
                help="Refuse for direction only below min(--guard-min-cosine, median - this x sigma of the "
                "recent accepted deltas' cosines): late in a run the momentum's direction fades (0: off)."),
+        option("--guard-distrust/--no-guard-distrust", env="GUARD_DISTRUST", default=GuardConfig.distrust,
+               help="Judged by the senders' reference, make a volunteer whose deltas mostly pointed "
+               "against it reach the median cosine of accepted deltas to pass: holds back a fast "
+               "sign-flipper late in a run, and also the fastest honest client (docs/SECURITY.md)."),
         option("--guard-strikes", env="GUARD_STRIKES", type=click.IntRange(0, GuardConfig.record),
                default=GuardConfig.strikes,
                help=f"Put a volunteer on probation (its deltas judged, not applied) while this many of its "

@@ -140,7 +140,7 @@ def test_a_sender_that_mostly_pointed_against_the_reference_must_reach_the_media
     at the median of the accepted cosines, and clears once half of its last 4 reach it. An honest
     sender's rare dip leaves it trusted."""
     counts: Counter[str] = Counter()
-    check = DirectionCheck(0.0, 4, counts, spread=2.0, window=64)
+    check = DirectionCheck(0.0, 4, counts, spread=2.0, window=64, distrust=True)
     check.judge_by(True)
     for i in range(16):  # accepted cosines 0.05-0.35: median 0.2
         check.accepted(0.05 + 0.02 * i)
@@ -160,7 +160,7 @@ def test_a_sender_that_mostly_pointed_against_the_reference_must_reach_the_media
     assert check.judge("honest", -0.02) in (PASS, DAMP)
     assert check.judge("honest", 0.01) == PASS
     # judged by the momentum (before three senders voted) nobody is distrusted
-    momentum = DirectionCheck(0.0, 4, Counter(), spread=2.0, window=64)
+    momentum = DirectionCheck(0.0, 4, Counter(), spread=2.0, window=64, distrust=True)
     momentum.judge_by(False)
     for cosine in (-0.4, -0.3, -0.2):
         momentum.judge("liar", cosine)
@@ -168,23 +168,29 @@ def test_a_sender_that_mostly_pointed_against_the_reference_must_reach_the_media
 
 
 def test_the_guard_refuses_a_distrusted_sender_s_delta_below_the_median_and_says_why() -> None:
-    """After its flipped deltas were refused, a liar's delta that points a little along the
-    reference is refused (the plain rule lets the same delta in from a sender with no record)."""
+    """With --guard-distrust, after its flipped deltas were refused, a liar's delta that points a
+    little along the reference is refused (the plain rule, the default, lets it in, as it does
+    the same delta from a sender with no record)."""
     way = _unit(6)
-    guard = DeltaGuard(GuardConfig(mode="screen"), NAMES, centre=lambda: way, full_steps=H)
-    seed = 500
-    for _ in range(6):
-        for sender in ("a", "b", "c", "liar"):
-            seed += 1
-            sign = -1.0 if sender == "liar" else 1.0
-            guard.judge(_around(way, sign, seed), local_steps=H, sender=sender)
-    assert guard.reference.direction() is not None
     weak = {n: 0.3 * way[n] + _unit(600)[n] for n in NAMES}
     assert 0.1 < _cosine(weak, way) < 0.5  # along the reference, below the honest deltas' ≈ 0.9
-    decision = guard.judge(weak, local_steps=H, sender="liar")
-    assert decision.reason == "against_momentum" and "median of accepted deltas" in decision.detail
-    assert guard.counts["direction_distrusted"] == 1
-    assert not guard.judge(weak, local_steps=H, sender="newcomer").refused
+    for distrust in (True, False):
+        guard = DeltaGuard(GuardConfig(mode="screen", distrust=distrust), NAMES, centre=lambda: way,
+                           full_steps=H)
+        seed = 500
+        for _ in range(6):
+            for sender in ("a", "b", "c", "liar"):
+                seed += 1
+                sign = -1.0 if sender == "liar" else 1.0
+                guard.judge(_around(way, sign, seed), local_steps=H, sender=sender)
+        assert guard.reference.direction() is not None
+        decision = guard.judge(weak, local_steps=H, sender="liar")
+        if distrust:
+            assert decision.reason == "against_momentum" and "median of accepted deltas" in decision.detail
+            assert guard.counts["direction_distrusted"] == 1
+        else:  # the default: the plain rule
+            assert not decision.refused and guard.counts["direction_distrusted"] == 0
+        assert not guard.judge(weak, local_steps=H, sender="newcomer").refused
 
 
 def test_a_damped_delta_is_applied_at_a_quarter_and_votes_as_one() -> None:
