@@ -12,11 +12,11 @@ With ``distrust`` (off by default), judged by the reference, a sender that has p
 it in most of its last ``forgive_after`` judgements is **distrusted**: its delta passes only at a
 cosine of at least the median of the recent accepted ones (an honest delta's typical cosine), and
 is refused below that (counted as ``direction_distrusted`` where the plain rule would have let
-it in, whole or damped).
-Late in a run the fastest honest client's delta points a little against the slower ones'
-consensus, so a sign-flipper's deltas, refused round after round, creep up to a cosine near 0 and
-then above it; let in there, in real runs, one moved θ uphill, the honest deltas turned against
-the reference and the liar's were let in from then on (docs/SECURITY.md). The mirror of
+it in, whole or damped). Late in a run the fastest honest client's delta points a little
+against the slower ones' consensus, so a sign-flipper's deltas, refused round after round, creep
+up to a cosine near 0 and then above it; let in there, in real runs, one moved θ uphill, the
+honest deltas turned against the reference and the liar's were let in from then on
+(docs/SECURITY.md). The mirror of
 forgiveness: the record that forgives an honest dip holds the liar back, and it clears once at
 least half of the sender's last judgements reach the median. It is off by default because the
 fastest *honest* client looks the same: late in a run its cosines hover around 0, a few dips in a

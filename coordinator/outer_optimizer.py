@@ -49,7 +49,9 @@ A weight cap (``weight_cap`` r; 0 = off). Compute weights make the fastest volun
 heaviest: one faster than all the others together holds over half of every step, and its lies
 then outweigh everyone's truth (docs/SECURITY.md). With r > 0 and at least ``CAP_MIN_CLIENTS``
 active, each client's weight is at most r times the other active clients' together (r = 0.5: no
-one holds more than a third of W), in its arrivals and in W alike.
+one holds more than a third of W), in its arrivals and in W alike. Off by default: in real runs it
+did not stop a fast sign-flipper the guard let in, and from scratch it cost the volunteers their
+lead over the fastest alone in the simulator (docs/SECURITY.md, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
