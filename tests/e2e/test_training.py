@@ -26,6 +26,12 @@ def _status(run: str) -> dict:
     return json.loads(raw) if raw else {}
 
 
+def _slow_runs_shorter(run: str) -> bool:
+    assigned = {c["client_id"]: c.get("assigned_steps") for c in _status(run).get("clients", [])}
+    fast, slow = assigned.get("fast"), assigned.get("slow")
+    return fast is not None and slow is not None and slow < 0.75 * fast
+
+
 def test_two_clients_train_the_model_through_a_coordinator_crash(
     procs: Processes, run_name: str, tmp_path: Path
 ) -> None:
@@ -44,6 +50,10 @@ def test_two_clients_train_the_model_through_a_coordinator_crash(
                     "--coordinator-key", coordinator_key)
     wait_for(lambda: all(c["updates"] >= 2 for c in _status(run_name).get("clients", [{}, {}]))
           and len(_status(run_name)["clients"]) == 2, 60, "both clients' updates")
+    # Dynamic Local Updates: once the coordinator measured both speeds, its plan gives the slow
+    # client shorter rounds (asked of the plan, not of rounds run: a client's first rounds run
+    # H before it is measured, and its last is cut short by --max-seconds)
+    wait_for(lambda: _slow_runs_shorter(run_name), 30, "the plan to give the slow client shorter rounds")
 
     # kill -9 mid-run, then resume: versions keep rising, clients carry on without a restart
     version_before = _status(run_name)["version"]
@@ -66,10 +76,6 @@ def test_two_clients_train_the_model_through_a_coordinator_crash(
     clients = {c["client_id"]: c for c in final["clients"]}
     for cid in ("fast", "slow"):
         assert clients[cid]["updates"] > updates_at_resume.get(cid, 0), f"{cid} made no progress after resume"
-    # Dynamic Local Updates: once both speeds are known (the first rounds run the plan's H, and
-    # a slow client spends most of its few rounds there), the slow client's rounds are shorter
-    last_round = {cid: c["last_round_steps"] for cid, c in clients.items()}
-    assert 0 < last_round["slow"] < 0.75 * last_round["fast"], last_round
     # training worked: eval loss clearly below its start (≈5.5 nats/byte)
     end_loss = final["eval"]["history"][-1]["loss"]
     assert end_loss < start_loss - 1.5, (start_loss, end_loss)
