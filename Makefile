@@ -17,7 +17,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist): most of the suite waits on real servers and processes, so two
-# share 2 cores well (14 min against 18-21 serially, docs/BENCHMARKS.md). 0 runs it serially.
+# share 2 cores well (14-15 min against 18-21 serially: README). 0 runs it serially.
 TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
