@@ -16,12 +16,11 @@ it in, whole or damped). Late in a run the fastest honest client's delta points 
 against the slower ones' consensus, so a sign-flipper's deltas, refused round after round, creep
 up to a cosine near 0 and then above it; let in there, in real runs, one moved θ uphill, the
 honest deltas turned against the reference and the liar's were let in from then on
-(docs/SECURITY.md). The mirror of
-forgiveness: the record that forgives an honest dip holds the liar back, and it clears once at
-least half of the sender's last judgements reach the median. It is off by default because the
-fastest *honest* client looks the same: late in a run its cosines hover around 0, a few dips in a
-row make it distrusted, and it stays refused below a median it cannot reach (in a real 4-client
-run, 24 of its deltas, 11% of all).
+(docs/SECURITY.md). The mirror of forgiveness: the record that forgives an honest dip holds the
+liar back, and it clears once at least half of the sender's last judgements reach the median. It
+is off by default because the fastest *honest* client looks the same: late in a run its cosines
+hover around 0, a few dips in a row make it distrusted, and it stays refused below a median it
+cannot reach (in a real 4-client run, 24 of its deltas, 11% of all).
 
 Judged by the momentum, three rules keep honest volunteers in, measured on real runs
 (docs/SECURITY.md, ``benchmarks/direction_replay.py``):

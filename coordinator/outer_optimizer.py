@@ -151,6 +151,11 @@ class OuterConfig:
             return 1.0
         return (max(1, min(local_steps, full_steps)) / full_steps) ** self.compute_exponent
 
+    def weights_of(self, rounds: Sequence[int], full_steps: int) -> list[float]:
+        """The active clients' compute weights from their rounds' local steps (0: none applied
+        yet, counted as a full round), each held to the cap (:meth:`capped`)."""
+        return self.capped([self.weight_of(steps or full_steps, full_steps) for steps in rounds])
+
     def capped(self, weights: Sequence[float]) -> list[float]:
         """The active clients' compute weights with the cap: each at most ``weight_cap`` times the
         sum of the others' (as given), once ``CAP_MIN_CLIENTS`` are active."""

@@ -105,11 +105,10 @@ def build_intake(config: CoordinatorConfig, *, optimizer: OuterOptimizer, regist
         applied = decision.delta
         # Compute weights (OuterConfig.weight_of): the sender's from the steps it claims (bounded
         # by its assignment), the others' from their last applied round (a full one if none yet).
-        # Then each held to the weight cap against the others (OuterConfig.capped).
+        # Then each held to the weight cap against the others (OuterConfig.weights_of).
         others = (registry.clients[c].last_round_steps if c in registry.clients else 0
                   for c in active_ids - {arrival.client_id})
-        weights = outer.capped([outer.weight_of(arrival.local_steps, full),
-                                *(outer.weight_of(steps or full, full) for steps in others)])
+        weights = outer.weights_of([arrival.local_steps, *others], full)
         weight, active_weight = weights[0], sum(weights)
         # A sync round's deltas all share its base: arrivals before them in the round are no
         # staleness (the simulator's sync run never discounts either).
@@ -284,7 +283,7 @@ class RunState:
         the clients active now (as the intake's outer step counts it: in compute weights)."""
         outer, full = self.config.outer, self.config.plan.local_steps
         active = self.registry.active(now)
-        weights = (sum(outer.capped([outer.weight_of(c.last_round_steps or full, full) for c in active]))
+        weights = (sum(outer.weights_of([c.last_round_steps for c in active], full))
                    if outer.compute_exponent and active else None)
         return self.optimizer.arrival_share(self.optimizer.buffer_weight(max(1, len(active)), weights))
 

@@ -200,8 +200,7 @@ class Simulation:
         def active_weight() -> float | None:
             if not outer_config.compute_exponent:
                 return None
-            return sum(outer_config.capped([outer_config.weight_of(last_steps[j], config.local_steps)
-                                            for j in online]))
+            return sum(outer_config.weights_of([last_steps[j] for j in online], config.local_steps))
 
         def start(i: int) -> None:
             nonlocal counter
@@ -274,8 +273,7 @@ class Simulation:
             result.max_staleness = max(result.max_staleness, staleness)
             last_steps[i] = done.steps
             online_ids = [i, *(j for j in online if j != i)]
-            weight = outer_config.capped([outer_config.weight_of(last_steps[j], config.local_steps)
-                                          for j in online_ids])[0]
+            weight = outer_config.weights_of([last_steps[j] for j in online_ids], config.local_steps)[0]
             emptied = state.outer.step(admitted, active_clients=len(online), staleness=staleness,
                                        weight=weight, active_weight=active_weight())
             state.updates += 1
