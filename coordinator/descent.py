@@ -47,8 +47,9 @@ class DescentCheck:
         self.seed = secrets.randbits(62) if seed is None else seed  # the simulator passes its own
         self._batches: Iterator[torch.Tensor] | None = None
 
-    def __call__(self, delta: Mapping[str, torch.Tensor]) -> str | None:
-        """Why ``delta`` is refused (it raises the trusted loss beyond the tolerance), or None."""
+    def __call__(self, delta: Mapping[str, torch.Tensor], *, tolerance: float | None = None) -> str | None:
+        """Why ``delta`` is refused (it raises the trusted loss beyond ``tolerance``, the check's
+        own when None), or None."""
         batch = to_device(next(self._stream()), self.device)
         gamma = self.step_share()
         if self._model is None:
@@ -62,10 +63,18 @@ class DescentCheck:
             for name, param in named.items():
                 param.sub_(delta[name].to(param.device, param.dtype), alpha=gamma)
             after = float(self.task.loss(model, batch))
-        if after - before > self.tolerance * abs(before):
+        tolerance = self.tolerance if tolerance is None else tolerance
+        if after - before > tolerance * abs(before):
             return (f"the trusted loss rose from {before:.4g} to {after:.4g} along it "
-                    f"(tolerance {100 * self.tolerance:g}%)")
+                    f"(tolerance {100 * tolerance:g}%)")
         return None
+
+    def strict(self, delta: Mapping[str, torch.Tensor]) -> str | None:
+        """The guard's trial of a distrusted sender's delta (coordinator.direction): it passes
+        only if the trusted loss does not rise at all. A delta and its sign flip cannot both pass
+        where the loss curves upward around θ: the flip's first-order change is the delta's
+        negated and the second-order one the same."""
+        return self(delta, tolerance=0.0)
 
     def _stream(self) -> Iterator[torch.Tensor]:
         if self._batches is None:  # a secret seed and shard: no volunteer can fit a delta to them

@@ -17,10 +17,14 @@ against the slower ones' consensus, so a sign-flipper's deltas, refused round af
 up to a cosine near 0 and then above it; let in there, in real runs, one moved θ uphill, the
 honest deltas turned against the reference and the liar's were let in from then on
 (docs/SECURITY.md). The mirror of forgiveness: the record that forgives an honest dip holds the
-liar back, and it clears once at least half of the sender's last judgements reach the median. It
-is off by default because the fastest *honest* client looks the same: late in a run its cosines
-hover around 0, a few dips in a row make it distrusted, and it stays refused below a median it
-cannot reach (in a real 4-client run, 24 of its deltas, 11% of all).
+liar back, and it clears once at least half of the sender's last judgements reach the median.
+The fastest *honest* client looks the same: late in a run its cosines hover around 0 and a few
+dips in a row make it distrusted. So a distrusted sender's delta that the plain rule would let in
+is not refused outright: its verdict is ``TRY``, and the guard lets it in only if it lowers the
+loss on a batch of the operator's own data (``DescentCheck.strict``: no rise at all), which no
+cosine can tell: an honest late correction and a sign-flipped delta are mirror images around 0,
+but only one of them goes downhill (refused outright, in a real 4-client run, 24 of the honest
+client's deltas were lost, 11% of all).
 
 Judged by the momentum, three rules keep honest volunteers in, measured on real runs
 (docs/SECURITY.md, ``benchmarks/direction_replay.py``):
@@ -64,8 +68,9 @@ MIN_COSINES = 8
 MAD_TO_SIGMA = 1.4826
 # What a delta that points a little against the senders' reference moves θ by, of its weight
 DAMPED_WEIGHT = 0.25
-# A delta's verdicts (DirectionCheck.judge)
-PASS, DAMP, REFUSE = "", "damp", "refuse"
+# A delta's verdicts (DirectionCheck.judge); TRY: a distrusted sender's delta below the median that
+# the plain rule would let in, whole or damped: in only if it lowers the operator's trusted loss
+PASS, DAMP, REFUSE, TRY = "", "damp", "refuse", "try"
 
 
 class DirectionCheck:
@@ -118,9 +123,11 @@ class DirectionCheck:
         return statistics.median(self.cosines) if self.cosines else None
 
     def judge(self, sender: str, cosine: float) -> str:
-        """Judge a delta of ``sender`` at ``cosine`` to the centre: ``PASS``, ``REFUSE``, or (judged
-        by the senders' reference, between the spread's threshold and ``min_cosine``) ``DAMP``.
-        After a refusal, ``refused_below`` is the cosine the delta fell short of."""
+        """Judge a delta of ``sender`` at ``cosine`` to the centre: ``PASS``, ``REFUSE``, (judged
+        by the senders' reference, between the spread's threshold and ``min_cosine``) ``DAMP``, or
+        (distrusted, below the median where the plain rule would pass or damp it) ``TRY``, which
+        the guard settles on trusted data where it has some and refuses where not. After a
+        refusal, ``refused_below`` is the cosine the delta fell short of."""
         least = self.least()
         distrusted = self.distrust and bool(self.by_reference) and self._distrusted(sender)
         if distrusted:  # it must reach an honest delta's typical cosine
@@ -140,6 +147,7 @@ class DirectionCheck:
         elif pointed and distrusted:
             if cosine >= least:  # the plain rule would have let it in, whole or damped
                 self.counts["direction_distrusted"] += 1
+                verdict = TRY
         elif pointed and cosine >= least:  # by the reference: inside the honest spread
             self.counts["damped"] += 1
             verdict = DAMP

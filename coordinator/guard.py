@@ -15,7 +15,9 @@ deltas it accepted recently, and the server's own momentum:
    against the senders' reference (:mod:`coordinator.reference`: the accepted deltas' directions,
    one share per recent sender, so that the fastest volunteer cannot turn it), or against the
    server's momentum before three named senders voted, is refused as ``against_momentum``
-   (:mod:`coordinator.direction`: with an honest sender's rare dip forgiven).
+   (:mod:`coordinator.direction`: with an honest sender's rare dip forgiven; with ``distrust``,
+   a sender that mostly pointed against it must reach the median cosine, or pass a trial on the
+   operator's data, ``DescentCheck.strict``).
 2. **Centered clipping** (mode ``clip``, the default): ``g' = c + clip(g − c, τ)`` around the
    centre ``c = (1 − β)·m`` (the server momentum's running mean of deltas), with τ =
    ``clip_ratio`` times the median distance |g − c| of recent accepted deltas. A delta then moves
@@ -57,7 +59,7 @@ from typing import Any
 
 import torch
 
-from coordinator.direction import DAMP, DAMPED_WEIGHT, REFUSE, DirectionCheck, cosine_to, record_of
+from coordinator.direction import DAMP, DAMPED_WEIGHT, REFUSE, TRY, DirectionCheck, cosine_to, record_of
 from coordinator.outer_optimizer import Scaled
 from coordinator.reference import Reference
 from shared.errors import ConfigError
@@ -105,8 +107,7 @@ class GuardConfig:
     # accepted cosines) (coordinator/direction.py; 0: below min_cosine)
     direction_spread: float = 2.0
     # judged by the senders' reference, a sender that mostly pointed against it must reach the
-    # median accepted cosine (coordinator/direction.py); off by default: it also locks out the
-    # fastest honest client late in a run (docs/SECURITY.md)
+    # median accepted cosine, or lower the loss on the operator's data (coordinator/direction.py)
     distrust: bool = False
     window: int = 64
     min_history: int = 3
@@ -163,17 +164,22 @@ class Screening:
     refused: GuardDecision | None = None
     cosine: float | None = None
     damped: bool = False
+    # a distrusted sender's delta: in only if the trial on trusted data passes, else this refusal
+    tried: GuardDecision | None = None
 
 
 class DeltaGuard:
     """Screens and clips arriving deltas against the recent accepted ones (module docstring)."""
 
     def __init__(self, config: GuardConfig, names: list[str], *, centre: Centre | None = None,
-                 full_steps: int = 1, descent: Descent | None = None) -> None:
+                 full_steps: int = 1, descent: Descent | None = None, trial: Descent | None = None) -> None:
         self.config = config
         self.centre: Centre = centre or (lambda: None)  # see momentum_centre
         # the descent check, where the operator's data is at hand and config.descent_every > 0
         self.descent = descent if config.descent_every else None
+        # with distrust, the strict descent check a distrusted sender's delta must pass
+        # (DescentCheck.strict; None: such a delta is refused)
+        self.trial = trial if config.distrust else None
         self.passed_since_descent = 0
         self.full_steps = max(1, full_steps)  # H, a full round's local steps
         self.mode = config.guard_mode
@@ -241,7 +247,13 @@ class DeltaGuard:
                 distance, clipped = tau, True
         # a little against the senders' reference: a quarter of its weight, scaled as it is read
         applied: Mapping[str, torch.Tensor] = Scaled(delta, DAMPED_WEIGHT) if damped else delta
-        why = self._descent(applied)
+        if screening.tried is not None:
+            refused = self._try(applied, sender, screening.tried)
+            if refused is not None:
+                return refused
+            why = None  # tried on trusted data already
+        else:
+            why = self._descent(applied)
         if why is not None:
             self._strike(sender, True)
             self.counts["no_descent"] += 1
@@ -339,13 +351,30 @@ class DeltaGuard:
         # read back by benchmarks/direction_replay.py
         log.debug("delta of %s: cosine %.4f to the %s", sender or "?", cosine, against)
         verdict = self.direction.judge(sender, cosine)
-        if verdict == REFUSE:
+        if verdict in (REFUSE, TRY):
             why = f"cosine to the {against} {cosine:.2f} < {self.direction.refused_below:.2g}"
             if self.direction.distrusted:
                 why += (", the median of accepted deltas: most of this sender's recent deltas pointed "
                         "against it")
-            return Screening(GuardDecision(None, "against_momentum", why), cosine)
+            refusal = GuardDecision(None, "against_momentum", why)
+            if verdict == TRY and self.trial is not None:  # as the plain rule would: damped below it
+                return Screening(None, cosine, cosine < self.config.min_cosine, tried=refusal)
+            return Screening(refusal, cosine)
         return Screening(None, cosine, verdict == DAMP)
+
+    def _try(self, delta: Mapping[str, torch.Tensor], sender: str, refusal: GuardDecision) -> GuardDecision | None:
+        """The trial of a distrusted sender's delta (``delta`` as it would be applied): None where
+        it lowers the trusted loss (counted as ``distrust_cleared``), else ``refusal`` (no strike,
+        as any direction refusal) with the trial's word added."""
+        assert self.trial is not None
+        self.counts["distrust_tried"] += 1
+        why = self.trial(delta)
+        if why is None:
+            self.counts["distrust_cleared"] += 1
+            return None
+        self._strike(sender, False)
+        self.counts[refusal.reason] += 1
+        return GuardDecision(None, refusal.reason, f"{refusal.detail}; on the operator's data {why}")
 
     def _descent(self, delta: Mapping[str, torch.Tensor]) -> str | None:
         """The descent check's refusal of every ``descent_every``-th delta that got this far."""

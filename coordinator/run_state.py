@@ -180,12 +180,13 @@ class RunState:
                            if config.auth is AuthMode.INVITE and config.checkpoint_dir is not None else None)
         senders = InvitedSenders(self.volunteers) if self.volunteers is not None else OpenSenders()
         # Judges each delta before it moves θ, around the optimizer's momentum (coordinator.guard).
-        # With --guard-descent-every, it also tries deltas on the operator's own data (coordinator.descent).
+        # With --guard-descent-every, it also tries deltas on the operator's own data (coordinator.descent);
+        # with --guard-distrust, every delta of a distrusted sender that falls short of the median.
         descent = DescentCheck(self.task, self.eval_model, self.optimizer.params, step_share=self._step_share,
                                tolerance=config.guard.descent_tolerance, device=self.device)
         self.guard = DeltaGuard(config.guard, list(self.optimizer.params),
                                 centre=momentum_centre(self.optimizer), full_steps=config.plan.local_steps,
-                                descent=descent)
+                                descent=descent, trial=descent.strict)
         self.intake = build_intake(config, optimizer=self.optimizer, registry=self.registry,
                                    progress=self.progress, warm=self.warm, barrier=self.barrier,
                                    run_id=run_id, guard=self.guard, senders=senders)

@@ -91,7 +91,7 @@ class Simulation:
                                step_share=lambda: config.outer.lr / workers,
                                tolerance=config.guard.descent_tolerance)
         guard = DeltaGuard(config.guard, list(outer.params), centre=momentum_centre(outer),
-                           full_steps=config.local_steps, descent=descent)
+                           full_steps=config.local_steps, descent=descent, trial=descent.strict)
         state = RunState(model=model, outer=outer, guard=guard,
                           forger=Forger(config.attack, seed=config.seed),
                           patches=None if config.patches == "none" else PatchMaker(config.patches))

@@ -51,6 +51,18 @@ def test_the_tolerance_lets_a_small_rise_through() -> None:
     assert strict(bad) is not None and loose(bad) is None
 
 
+def test_the_strict_trial_refuses_any_rise_whatever_the_check_s_tolerance() -> None:
+    """DescentCheck.strict (the guard's trial of a distrusted sender's delta) holds it to no rise
+    at all, where the every-k-th check's own tolerance would let a small rise through."""
+    loose, params = _check(tolerance=10.0)
+    good = _descent_direction(loose.task, params)
+    bad = {n: -0.01 * g for n, g in good.items()}
+    assert loose(bad) is None
+    why = loose.strict(bad)
+    assert why is not None and "tolerance 0%" in why
+    assert loose.strict(good) is None
+
+
 def test_the_guard_checks_every_kth_passing_delta_and_counts_it() -> None:
     calls: list[int] = []
 

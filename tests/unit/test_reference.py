@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 
 import torch
 
-from coordinator.direction import DAMP, DAMPED_WEIGHT, PASS, REFUSE, DirectionCheck
+from coordinator.direction import DAMP, DAMPED_WEIGHT, PASS, REFUSE, TRY, DirectionCheck
 from coordinator.guard import DeltaGuard, GuardConfig
 from coordinator.reference import MIN_VOTERS, Reference
 
@@ -138,7 +139,8 @@ def test_a_sender_that_mostly_pointed_against_the_reference_must_reach_the_media
     """A sign-flipper refused round after round creeps up to a cosine near 0 late in a run; the
     plain rule would let it in there. Distrusted (3 of its last 4 pointed against), it passes only
     at the median of the accepted cosines, and clears once half of its last 4 reach it. An honest
-    sender's rare dip leaves it trusted."""
+    sender's rare dip leaves it trusted. Where the plain rule would let a distrusted sender's delta
+    in, the verdict is TRY (the guard's trial on trusted data settles it)."""
     counts: Counter[str] = Counter()
     check = DirectionCheck(0.0, 4, counts, spread=2.0, window=64, distrust=True)
     check.judge_by(True)
@@ -146,12 +148,13 @@ def test_a_sender_that_mostly_pointed_against_the_reference_must_reach_the_media
         check.accepted(0.05 + 0.02 * i)
     for cosine in (-0.4, -0.3, -0.2):
         assert check.judge("liar", cosine) == REFUSE
-    assert check.judge("liar", 0.01) == REFUSE  # the plain rule: PASS
-    assert check.judge("liar", -0.02) == REFUSE  # the plain rule: DAMP
+    assert check.judge("liar", 0.01) == TRY  # the plain rule: PASS; the guard tries it on its data
+    assert check.judge("liar", -0.02) == TRY  # the plain rule: DAMP
+    assert check.judge("liar", -0.5) == REFUSE  # below what the plain rule lets in: no trial
     assert counts["direction_distrusted"] == 2 and counts["damped"] == 0
     assert 0.19 < check.refused_below < 0.21
     assert check.judge("liar", 0.25) == PASS  # at an honest delta's typical cosine: in, still distrusted
-    assert check.judge("liar", 0.05) == REFUSE
+    assert check.judge("liar", 0.05) == TRY
     assert check.judge("liar", 0.3) == PASS  # now 2 of its last 4 reached the median: trusted again
     assert check.judge("liar", 0.05) == PASS
     # an honest sender: one dip is damped, the next delta near 0 passes
@@ -191,6 +194,48 @@ def test_the_guard_refuses_a_distrusted_sender_s_delta_below_the_median_and_says
         else:  # the default: the plain rule
             assert not decision.refused and guard.counts["direction_distrusted"] == 0
         assert not guard.judge(weak, local_steps=H, sender="newcomer").refused
+
+
+def test_a_distrusted_sender_s_delta_is_let_in_only_if_it_lowers_the_trusted_loss() -> None:
+    """With a trial (the coordinator's strict descent check on its own data), a distrusted
+    sender's delta below the median that the plain rule would let in is tried: in where it lowers
+    the trusted loss (counted as cleared), refused where not, saying why; a sender that is not
+    distrusted is never tried. Here the trusted loss falls along ``downhill``, a direction the
+    reference does not know."""
+    way, downhill = _unit(6), _unit(7)
+    tried: list[float] = []
+
+    def trial(delta: Mapping[str, torch.Tensor]) -> str | None:
+        slope = sum(float(torch.dot(delta[n].reshape(-1), downhill[n].reshape(-1))) for n in NAMES)
+        tried.append(slope)
+        return None if slope > 0 else "the trusted loss rose"
+
+    guard = DeltaGuard(GuardConfig(mode="screen", distrust=True), NAMES, centre=lambda: way,
+                       full_steps=H, trial=trial)
+    seed = 500
+    for _ in range(6):
+        for sender in ("a", "b", "c", "liar"):
+            seed += 1
+            guard.judge(_around(way, -1.0 if sender == "liar" else 1.0, seed), local_steps=H, sender=sender)
+    assert tried == []  # the flipped deltas were refused outright: below what the plain rule lets in
+    reference = guard.reference.direction()
+    assert reference is not None
+    along = {n: reference[n].float() / _norm(dict(reference)) for n in NAMES}
+    overlap = sum(float(torch.dot(downhill[n], along[n])) for n in NAMES)
+    for name in NAMES:  # downhill, square to the reference
+        downhill[name] = downhill[name] - overlap * along[name]
+    for sign in (-1.0, 1.0):  # a little along the reference, and up or down the trusted loss
+        weak = {n: 0.3 * along[n] + sign * downhill[n] for n in NAMES}
+        assert 0.1 < _cosine(weak, along) < 0.5  # the honest ones': ≈ 0.9
+        decision = guard.judge(weak, local_steps=H, sender="liar")
+        if sign > 0:
+            assert not decision.refused and decision.delta is weak
+        else:
+            assert decision.reason == "against_momentum" and "on the operator's data" in decision.detail
+    assert len(tried) == 2 and guard.counts["distrust_tried"] == 2 and guard.counts["distrust_cleared"] == 1
+    assert not any(guard.records["liar"])  # a direction refusal is no strike
+    guard.judge(weak, local_steps=H, sender="newcomer")
+    assert len(tried) == 2  # not distrusted: the plain rule, no trial
 
 
 def test_a_damped_delta_is_applied_at_a_quarter_and_votes_as_one() -> None:
