@@ -362,7 +362,8 @@ class DeltaGuard:
             return Screening(refusal, cosine)
         return Screening(None, cosine, verdict == DAMP)
 
-    def _try(self, delta: Mapping[str, torch.Tensor], sender: str, refusal: GuardDecision) -> GuardDecision | None:
+    def _try(self, delta: Mapping[str, torch.Tensor], sender: str,
+             refusal: GuardDecision) -> GuardDecision | None:
         """The trial of a distrusted sender's delta (``delta`` as it would be applied): None where
         it lowers the trusted loss (counted as ``distrust_cleared``), else ``refusal`` (no strike,
         as any direction refusal) with the trial's word added."""
