@@ -21,7 +21,8 @@ loss at equal wall-clock points; writes a CSV. Every process it starts is stoppe
   share of the clean run's improvement, as ``attacks.py`` counts it.
 * ``edn-cap``, ``flip-cap``, ``flip-warm-cap`` (not run unless named): ``edn``, ``flip`` and
   ``flip-warm`` with ``--weight-cap 0.5`` (no client weighs more than half the others together);
-  ``edn-distrust``, ``flip-distrust``, ``flip-warm-distrust`` the same with ``--guard-distrust``.
+  ``edn-distrust``, ``flip-distrust``, ``flip-warm-distrust`` the same with ``--guard-distrust``
+  (each run also prints how many deltas the guard tried on its own data, and let in).
 
 ``--repeats N`` runs each variant N times (the table shows each point's mean) and prints, per run,
 the deltas applied, the guard's refusals by reason and the speeds the coordinator measured.
@@ -196,7 +197,11 @@ def run_one(variant: str, args: argparse.Namespace, workdir: Path) -> tuple[list
                "steps_per_s": {c["client_id"]: c.get("steps_per_s", 0.0) for c in status.get("clients", [])},
                "liar": {c["client_id"]: (c.get("updates", 0), c.get("rejected", 0))
                         for c in status.get("clients", []) if variant in LIARS and c["client_id"] == LIAR_ID},
-               "clipped": deltas.get("guard", {}).get("clipped", 0)}
+               "clipped": deltas.get("guard", {}).get("clipped", 0),
+               # with --guard-distrust: deltas tried on the operator's data, and let in by the trial
+               "tried": (deltas.get("guard", {}).get("distrust_tried", 0),
+                         deltas.get("guard", {}).get("distrust_cleared", 0)),
+               "rejected": {c["client_id"]: c.get("rejected", 0) for c in status.get("clients", [])}}
         return bench.curve(started_wall), did
 
 
@@ -241,9 +246,13 @@ def main() -> None:
                 final = curve[-1][1] if curve else float("nan")
                 liar = "".join(f"; the liar's deltas applied {a}, refused {r}"
                                for a, r in did["liar"].values())
+                tried, cleared = did["tried"]
+                trials = f", tried on trusted data {tried} (let in {cleared})" if tried else ""
+                rejected = ", ".join(f"{c} {n}" for c, n in sorted(did["rejected"].items()) if n)
                 print(f"  final eval {final:.4f}; applied {did['applied']}, "
-                      f"refused {did['refused'] or 'none'}, forgiven {did['forgiven']}, clipped "
-                      f"{did['clipped']}; measured steps/s {speeds}{liar}", flush=True)
+                      f"refused {did['refused'] or 'none'} ({rejected or 'none'}), forgiven "
+                      f"{did['forgiven']}, clipped {did['clipped']}{trials}; measured steps/s "
+                      f"{speeds}{liar}", flush=True)
         if args.keep_logs is not None:
             args.keep_logs.mkdir(parents=True, exist_ok=True)
             for log in Path(tmp).glob("*.log"):
