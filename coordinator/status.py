@@ -209,5 +209,7 @@ def render_text(doc: dict[str, Any], *, now: float | None = None) -> str:
     guard = d.get("guard") or {}
     if guard.get("judged"):
         lines.append(f"guard ({guard['mode']}): judged={guard['judged']} clipped={guard.get('clipped', 0)} "
-                     f"damped={guard.get('damped', 0)} distrusted={guard.get('direction_distrusted', 0)}")
+                     f"damped={guard.get('damped', 0)} distrusted={guard.get('direction_distrusted', 0)}"
+                     + (f" tried={guard['distrust_tried']} cleared={guard.get('distrust_cleared', 0)}"
+                        if guard.get("distrust_tried") else ""))
     return "\n".join(lines)

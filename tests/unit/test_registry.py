@@ -340,3 +340,6 @@ def test_status_shows_each_clients_measured_speed_and_assignment(tmp_path: Path)
     assert "guard (clip): judged=9 clipped=1 damped=2 distrusted=3" in render_text(doc).splitlines()
     del doc["deltas"]["guard"]["direction_distrusted"]  # an older coordinator's document
     assert "guard (clip): judged=9 clipped=1 damped=2 distrusted=0" in render_text(doc).splitlines()
+    doc["deltas"]["guard"].update(distrust_tried=2, distrust_cleared=1)  # tried on the operator's data
+    line = "guard (clip): judged=9 clipped=1 damped=2 distrusted=0 tried=2 cleared=1"
+    assert line in render_text(doc).splitlines()
