@@ -87,6 +87,8 @@ def main() -> None:
                         help="the guard's --guard-direction-spread in the guarded runs (0: off)")
     parser.add_argument("--descent-every", type=int, default=GuardConfig.descent_every,
                         help="the guard's --guard-descent-every in the guarded runs (0: off)")
+    parser.add_argument("--distrust", action="store_true",
+                        help="the guard's --guard-distrust in the guarded runs (tried on the task's data)")
     parser.add_argument("--weight-cap", type=float, default=OuterConfig.weight_cap,
                         help="the coordinator's --weight-cap in every run (0: off)")
     parser.add_argument("--replot", type=Path, default=None, metavar="CSV",
@@ -115,7 +117,7 @@ def main() -> None:
     guards = {"off": GuardConfig(mode="off"),
               "on": GuardConfig(clip_ratio=args.clip_ratio, forgive_after=args.forgive_after,
                                 direction_spread=args.direction_spread,
-                                descent_every=args.descent_every)}
+                                descent_every=args.descent_every, distrust=args.distrust)}
     guards = {name: guards[name] for name in _names(parser, args.guards, guards, "--guards")}
     jobs = []
     for level in levels:
@@ -240,7 +242,7 @@ def _table(results: dict[str, SimResult], levels: list[str], strategies: list[st
     print()
     print(f"guard clip ratio {args.clip_ratio:g}, forgive after {args.forgive_after}, "
           f"direction spread {args.direction_spread:g}, "
-          f"descent check every {args.descent_every or '-'}; "
+          f"descent check every {args.descent_every or '-'}, distrust {'on' if args.distrust else 'off'}; "
           f"{args.attackers} of {args.workers} workers lie (the fastest); H={args.local_steps}, "
           f"{args.budget} honest local steps, from scratch after a trusted warm start of {args.warm_start} "
           f"steps, jitter {args.jitter}, seeds {seeds}")
