@@ -45,7 +45,10 @@ Judged by the momentum, three rules keep honest volunteers in, measured on real 
   against the momentum the last time each was judged, the momentum overshot (or an attacker got
   into it), and refusing them would lock the honest out and keep it wrong: the check stands
   aside. Each sender's latest direction counts, refused or not, so the first honest sender to
-  point back is not the one left refused while the valve opens for the rest.
+  point back is not the one left refused while the valve opens for the rest. With ``distrust``
+  (and the guard's trial), what the valve would let in is tried on the operator's data instead
+  (``TRY``): a liar's early flipped delta can make the momentum, and the valve then let its next
+  ones in too (a real run without a warm start, docs/SECURITY.md); only the honest go downhill.
 """
 
 from __future__ import annotations
@@ -68,8 +71,9 @@ MIN_COSINES = 8
 MAD_TO_SIGMA = 1.4826
 # What a delta that points a little against the senders' reference moves θ by, of its weight
 DAMPED_WEIGHT = 0.25
-# A delta's verdicts (DirectionCheck.judge); TRY: a distrusted sender's delta below the median that
-# the plain rule would let in, whole or damped: in only if it lowers the operator's trusted loss
+# A delta's verdicts (DirectionCheck.judge); TRY: in only if it lowers the loss on the operator's
+# data (a distrusted sender's delta below the median that the plain rule would let in, whole or
+# damped; one the valve would let in)
 PASS, DAMP, REFUSE, TRY = "", "damp", "refuse", "try"
 
 
@@ -79,9 +83,11 @@ class DirectionCheck:
     caller tells it the cosines of the deltas it accepted in the end (:meth:`accepted`)."""
 
     def __init__(self, min_cosine: float, forgive_after: int, counts: Counter[str], *,
-                 spread: float = 0.0, window: int = 64, distrust: bool = False) -> None:
+                 spread: float = 0.0, window: int = 64, distrust: bool = False, tries: bool = False) -> None:
         self.min_cosine = min_cosine
         self.distrust = distrust
+        # the guard tries deltas on the operator's data: what the valve would let in is TRY, not PASS
+        self.tries = tries
         self.forgive_after = forgive_after
         self.spread = spread
         self.counts = counts
@@ -125,9 +131,9 @@ class DirectionCheck:
     def judge(self, sender: str, cosine: float) -> str:
         """Judge a delta of ``sender`` at ``cosine`` to the centre: ``PASS``, ``REFUSE``, (judged
         by the senders' reference, between the spread's threshold and ``min_cosine``) ``DAMP``, or
-        (distrusted, below the median where the plain rule would pass or damp it) ``TRY``, which
-        the guard settles on trusted data where it has some and refuses where not. After a
-        refusal, ``refused_below`` is the cosine the delta fell short of."""
+        (``tries``: distrusted, below the median where the plain rule would pass or damp it, or
+        let in by the valve) ``TRY``, which the guard settles on the operator's data. After a
+        refusal or a TRY, ``refused_below`` is the cosine the delta fell short of."""
         least = self.least()
         distrusted = self.distrust and bool(self.by_reference) and self._distrusted(sender)
         if distrusted:  # it must reach an honest delta's typical cosine
@@ -140,14 +146,14 @@ class DirectionCheck:
         verdict = REFUSE if pointed else PASS
         if pointed and not self.by_reference and self._momentum_suspect(sender):
             self.counts["momentum_suspect"] += 1
-            verdict = PASS
+            verdict = TRY if self.tries else PASS
         elif pointed and self._forgiven(sender):  # never while distrusted
             self.counts["direction_forgiven"] += 1
             verdict = PASS
         elif pointed and distrusted:
             if cosine >= least:  # the plain rule would have let it in, whole or damped
                 self.counts["direction_distrusted"] += 1
-                verdict = TRY
+                verdict = TRY if self.tries else REFUSE
         elif pointed and cosine >= least:  # by the reference: inside the honest spread
             self.counts["damped"] += 1
             verdict = DAMP

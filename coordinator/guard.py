@@ -17,7 +17,8 @@ deltas it accepted recently, and the server's own momentum:
    server's momentum before three named senders voted, is refused as ``against_momentum``
    (:mod:`coordinator.direction`: with an honest sender's rare dip forgiven; with ``distrust``,
    a sender that mostly pointed against it must reach the median cosine, or pass a trial on the
-   operator's data, ``DescentCheck.strict``).
+   operator's data, ``DescentCheck.strict``, as must a run's first deltas, before there is a
+   direction, and those the momentum's valve would let in).
 2. **Centered clipping** (mode ``clip``, the default): ``g' = c + clip(g − c, τ)`` around the
    centre ``c = (1 − β)·m`` (the server momentum's running mean of deltas), with τ =
    ``clip_ratio`` times the median distance |g − c| of recent accepted deltas. A delta then moves
@@ -107,7 +108,8 @@ class GuardConfig:
     # accepted cosines) (coordinator/direction.py; 0: below min_cosine)
     direction_spread: float = 2.0
     # judged by the senders' reference, a sender that mostly pointed against it must reach the
-    # median accepted cosine, or lower the loss on the operator's data (coordinator/direction.py)
+    # median accepted cosine, or lower the loss on the operator's data (coordinator/direction.py);
+    # a run's first deltas and those the momentum's valve would let in must lower it too
     distrust: bool = False
     window: int = 64
     min_history: int = 3
@@ -195,7 +197,7 @@ class DeltaGuard:
         self.counts: Counter[str] = Counter()  # judged, accepted, clipped, and each refusal reason
         self.direction = DirectionCheck(config.min_cosine, config.forgive_after, self.counts,
                                         spread=config.direction_spread, window=config.window,
-                                        distrust=config.distrust)
+                                        distrust=config.distrust, tries=self.trial is not None)
         # what the direction check judges by once senders voted: one share each (coordinator.reference)
         self.reference = Reference()
         # per sender, its last judgements: True where refused or clipped (probation)
@@ -346,8 +348,10 @@ class DeltaGuard:
                     why = f"tensor {name!r} holds {share:.3g} of |g|, > {k:g} × median {median_share:.3g}"
                     return Screening(GuardDecision(None, "tensor_outlier", why))
         cosine = cosine_to(delta, centre, delta_norm=norm / scale)  # norm: ``scale`` × |delta|
-        if cosine is None:
-            return Screening()
+        if cosine is None:  # nothing to judge its direction by yet (a run's first deltas)
+            if self.trial is None:
+                return Screening()
+            return Screening(tried=GuardDecision(None, "no_descent", "no direction to judge it by yet"))
         # read back by benchmarks/direction_replay.py
         log.debug("delta of %s: cosine %.4f to the %s", sender or "?", cosine, against)
         verdict = self.direction.judge(sender, cosine)
@@ -357,23 +361,24 @@ class DeltaGuard:
                 why += (", the median of accepted deltas: most of this sender's recent deltas pointed "
                         "against it")
             refusal = GuardDecision(None, "against_momentum", why)
-            if verdict == TRY and self.trial is not None:  # as the plain rule would: damped below it
-                return Screening(None, cosine, cosine < self.config.min_cosine, tried=refusal)
+            if verdict == TRY:  # as the plain rule would: by the reference, damped below min_cosine
+                damped = bool(self.direction.by_reference) and cosine < self.config.min_cosine
+                return Screening(None, cosine, damped, tried=refusal)
             return Screening(refusal, cosine)
         return Screening(None, cosine, verdict == DAMP)
 
     def _try(self, delta: Mapping[str, torch.Tensor], sender: str,
              refusal: GuardDecision) -> GuardDecision | None:
-        """The trial of a distrusted sender's delta (``delta`` as it would be applied): None where
-        it lowers the trusted loss (counted as ``distrust_cleared``), else ``refusal`` (no strike,
-        as any direction refusal) with the trial's word added."""
+        """The trial of a delta the direction check cannot vouch for (``delta`` as it would be
+        applied): None where it lowers the trusted loss (counted as ``distrust_cleared``), else
+        ``refusal`` with the trial's word added."""
         assert self.trial is not None
         self.counts["distrust_tried"] += 1
         why = self.trial(delta)
         if why is None:
             self.counts["distrust_cleared"] += 1
             return None
-        self._strike(sender, False)
+        self._strike(sender, refusal.reason != "against_momentum")  # as the screen's refusals
         self.counts[refusal.reason] += 1
         return GuardDecision(None, refusal.reason, f"{refusal.detail}; on the operator's data {why}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -200,6 +201,41 @@ def test_when_most_senders_point_against_the_momentum_the_momentum_is_suspect_no
     flipped = {n: -t for n, t in honest[3].items()}
     for _ in range(3):
         assert guard.judge(flipped, local_steps=H, sender="liar").reason == "against_momentum"
+
+
+def test_with_distrust_what_the_direction_cannot_vouch_for_is_tried_on_the_operator_s_data() -> None:
+    """With --guard-distrust and the operator's data at hand, a run's first deltas (no direction
+    to judge by yet) and those the valve would let in are tried: in only where they lower the
+    trusted loss. Here it falls along ``downhill``; the momentum is the opposite (a liar's first
+    delta made it)."""
+    downhill = _delta(1.0, seed=4)
+    tried: list[str] = []
+
+    def trial(delta: Mapping[str, torch.Tensor]) -> str | None:
+        tried.append("")
+        slope = sum(float(torch.dot(delta[n], downhill[n])) for n in NAMES)
+        return None if slope > 0 else "the trusted loss rose"
+
+    centre: dict[str, torch.Tensor] | None = None
+    guard = DeltaGuard(GuardConfig(mode="screen", distrust=True), NAMES, centre=lambda: centre,
+                       full_steps=H, trial=trial)
+    flipped = {n: -t for n, t in downhill.items()}
+    first = guard.judge(flipped, local_steps=H, sender="liar")  # nothing to judge it by: tried
+    assert first.reason == "no_descent" and "no direction" in first.detail
+    assert not guard.judge(downhill, local_steps=H, sender="h0").refused
+    centre = flipped  # the momentum, as a liar's delta that got in would have made it
+    honest = [{n: t + 0.1 * torch.randn(t.shape) for n, t in downhill.items()} for _ in range(4)]
+    verdicts = [guard.judge(d, local_steps=H, sender=f"c{i}") for i, d in enumerate(honest)]
+    assert verdicts[0].reason == "against_momentum"  # one sender against it: refused, not tried
+    assert not any(v.refused for v in verdicts[1:])  # the valve's: tried, and downhill
+    assert guard.counts["momentum_suspect"] >= 1 and len(tried) >= 3
+    assert guard.counts["distrust_tried"] == len(tried) and guard.counts["distrust_cleared"] == len(tried) - 1
+    # without distrust, the first delta goes in untried, and so do those the valve lets in
+    plain = _guard("screen")
+    assert not plain.judge(flipped, local_steps=H, sender="liar").refused
+    plain = _guard("screen", centre=flipped)
+    plain_verdicts = [plain.judge(d, local_steps=H, sender=f"c{i}") for i, d in enumerate(honest)]
+    assert not any(v.refused for v in plain_verdicts[1:]) and plain.counts["distrust_tried"] == 0
 
 
 def test_a_sender_clipped_again_and_again_goes_on_probation_and_comes_off_by_sending_clean_deltas() -> None:

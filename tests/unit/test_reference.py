@@ -140,14 +140,17 @@ def test_a_sender_that_mostly_pointed_against_the_reference_must_reach_the_media
     plain rule would let it in there. Distrusted (3 of its last 4 pointed against), it passes only
     at the median of the accepted cosines, and clears once half of its last 4 reach it. An honest
     sender's rare dip leaves it trusted. Where the plain rule would let a distrusted sender's delta
-    in, the verdict is TRY (the guard's trial on trusted data settles it)."""
+    in, the verdict is TRY where the guard can try it on the operator's data, REFUSE where not."""
     counts: Counter[str] = Counter()
-    check = DirectionCheck(0.0, 4, counts, spread=2.0, window=64, distrust=True)
-    check.judge_by(True)
-    for i in range(16):  # accepted cosines 0.05-0.35: median 0.2
-        check.accepted(0.05 + 0.02 * i)
-    for cosine in (-0.4, -0.3, -0.2):
-        assert check.judge("liar", cosine) == REFUSE
+    check = DirectionCheck(0.0, 4, counts, spread=2.0, window=64, distrust=True, tries=True)
+    untried = DirectionCheck(0.0, 4, Counter(), spread=2.0, window=64, distrust=True)
+    for each in (check, untried):
+        each.judge_by(True)
+        for i in range(16):  # accepted cosines 0.05-0.35: median 0.2
+            each.accepted(0.05 + 0.02 * i)
+        for cosine in (-0.4, -0.3, -0.2):
+            assert each.judge("liar", cosine) == REFUSE
+    assert untried.judge("liar", 0.01) == REFUSE
     assert check.judge("liar", 0.01) == TRY  # the plain rule: PASS; the guard tries it on its data
     assert check.judge("liar", -0.02) == TRY  # the plain rule: DAMP
     assert check.judge("liar", -0.5) == REFUSE  # below what the plain rule lets in: no trial
