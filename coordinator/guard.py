@@ -166,7 +166,8 @@ class Screening:
     refused: GuardDecision | None = None
     cosine: float | None = None
     damped: bool = False
-    # a distrusted sender's delta: in only if the trial on trusted data passes, else this refusal
+    # a delta the direction cannot vouch for: in only if the trial on the operator's data
+    # passes, else this refusal
     tried: GuardDecision | None = None
 
 
@@ -179,8 +180,8 @@ class DeltaGuard:
         self.centre: Centre = centre or (lambda: None)  # see momentum_centre
         # the descent check, where the operator's data is at hand and config.descent_every > 0
         self.descent = descent if config.descent_every else None
-        # with distrust, the strict descent check a distrusted sender's delta must pass
-        # (DescentCheck.strict; None: such a delta is refused)
+        # with distrust, the strict descent check that a delta the direction check cannot vouch
+        # for must pass (DescentCheck.strict; None: a distrusted sender's such delta is refused)
         self.trial = trial if config.distrust else None
         self.passed_since_descent = 0
         self.full_steps = max(1, full_steps)  # H, a full round's local steps
