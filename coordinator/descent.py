@@ -14,6 +14,10 @@ batch per checked delta, on a copy of the coordinator's evaluation model made at
 (the evaluation model's parameters are θ itself: moving them would move θ); 0 turns it off (the
 default). The loss before the move is computed on the same batch, so the batch's own difficulty
 cancels.
+
+With ``--guard-distrust`` the guard also tries, on every such delta, what its direction check
+cannot vouch for (:meth:`DescentCheck.strict`: three forward passes, no tolerance, and lower along
+the delta than along its opposite).
 """
 
 from __future__ import annotations
@@ -50,6 +54,31 @@ class DescentCheck:
     def __call__(self, delta: Mapping[str, torch.Tensor], *, tolerance: float | None = None) -> str | None:
         """Why ``delta`` is refused (it raises the trusted loss beyond ``tolerance``, the check's
         own when None), or None."""
+        before, after, _ = self._losses(delta, opposite=False)
+        tolerance = self.tolerance if tolerance is None else tolerance
+        if after - before > tolerance * abs(before):
+            return (f"the trusted loss rose from {before:.4g} to {after:.4g} along it "
+                    f"(tolerance {100 * tolerance:g}%)")
+        return None
+
+    def strict(self, delta: Mapping[str, torch.Tensor]) -> str | None:
+        """The guard's trial of a delta the direction check cannot vouch for (coordinator.direction):
+        it passes only if the trusted loss does not rise along it at all, and is lower along it
+        than along its opposite. The second part is the sign of the loss's slope along the delta
+        (L(θ − γg) − L(θ + γg) ≈ −2γ ∇L·g, free of the curvature), so a delta and its sign flip
+        never both pass; the first alone let a flipped delta in at a run's start, where the loss
+        falls both ways (the product of two layers' changes keeps its sign when both flip)."""
+        before, after, opposite = self._losses(delta, opposite=True)
+        if after > before:
+            return f"the trusted loss rose from {before:.4g} to {after:.4g} along it (tolerance 0%)"
+        if opposite is not None and after > opposite:
+            return (f"the trusted loss fell less along it ({before:.4g} to {after:.4g}) than along "
+                    f"its opposite (to {opposite:.4g})")
+        return None
+
+    def _losses(self, delta: Mapping[str, torch.Tensor], *,
+                opposite: bool) -> tuple[float, float, float | None]:
+        """The loss of a fresh trusted batch at θ, at θ − γ·delta and (``opposite``) at θ + γ·delta."""
         batch = to_device(next(self._stream()), self.device)
         gamma = self.step_share()
         if self._model is None:
@@ -63,18 +92,11 @@ class DescentCheck:
             for name, param in named.items():
                 param.sub_(delta[name].to(param.device, param.dtype), alpha=gamma)
             after = float(self.task.loss(model, batch))
-        tolerance = self.tolerance if tolerance is None else tolerance
-        if after - before > tolerance * abs(before):
-            return (f"the trusted loss rose from {before:.4g} to {after:.4g} along it "
-                    f"(tolerance {100 * tolerance:g}%)")
-        return None
-
-    def strict(self, delta: Mapping[str, torch.Tensor]) -> str | None:
-        """The guard's trial of a distrusted sender's delta (coordinator.direction): it passes
-        only if the trusted loss does not rise at all. A delta and its sign flip cannot both pass
-        where the loss curves upward around θ: the flip's first-order change is the delta's
-        negated and the second-order one the same."""
-        return self(delta, tolerance=0.0)
+            if not opposite:
+                return before, after, None
+            for name, param in named.items():
+                param.add_(delta[name].to(param.device, param.dtype), alpha=2 * gamma)
+            return before, after, float(self.task.loss(model, batch))
 
     def _stream(self) -> Iterator[torch.Tensor]:
         if self._batches is None:  # a secret seed and shard: no volunteer can fit a delta to them

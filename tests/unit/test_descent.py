@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from coordinator.descent import DescentCheck
@@ -52,8 +54,9 @@ def test_the_tolerance_lets_a_small_rise_through() -> None:
 
 
 def test_the_strict_trial_refuses_any_rise_whatever_the_check_s_tolerance() -> None:
-    """DescentCheck.strict (the guard's trial of a distrusted sender's delta) holds it to no rise
-    at all, where the every-k-th check's own tolerance would let a small rise through."""
+    """DescentCheck.strict (the guard's trial of a delta its direction check cannot vouch for)
+    holds it to no rise at all, where the every-k-th check's own tolerance would let a small rise
+    through."""
     loose, params = _check(tolerance=10.0)
     good = _descent_direction(loose.task, params)
     bad = {n: -0.01 * g for n, g in good.items()}
@@ -61,6 +64,41 @@ def test_the_strict_trial_refuses_any_rise_whatever_the_check_s_tolerance() -> N
     why = loose.strict(bad)
     assert why is not None and "tolerance 0%" in why
     assert loose.strict(good) is None
+
+
+class ProductTask:
+    """The loss (1 − a·b)², whatever the batch: near a = b = 0 it falls both ways along (1, 1),
+    as a two-layer model's does near its start (the product of both layers' changes keeps its
+    sign when both flip)."""
+
+    num_shards = 1
+
+    def build_model(self) -> torch.nn.Module:
+        model = torch.nn.Module()
+        model.a = torch.nn.Parameter(torch.tensor(0.1))
+        model.b = torch.nn.Parameter(torch.tensor(0.1))
+        return model
+
+    def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return (1 - model.a * model.b) ** 2
+
+    def train_batches(self, shard: int, seed: int) -> Iterator[torch.Tensor]:
+        while True:
+            yield torch.zeros(1)
+
+
+def test_the_strict_trial_refuses_a_flipped_delta_even_where_the_loss_falls_both_ways() -> None:
+    task = ProductTask()
+    model = task.build_model()
+    params = dict(model.named_parameters())
+    check = DescentCheck(task, model, {n: p.detach() for n, p in params.items()}, step_share=lambda: 1.0,
+                         tolerance=0.0, seed=1)
+    honest = {"a": torch.tensor(-0.5), "b": torch.tensor(-0.5)}  # θ − γ·g: a = b = 0.6, loss 0.41
+    flipped = {n: -g for n, g in honest.items()}  # a = b = −0.4: loss 0.71, below the 0.98 at θ
+    assert check(flipped) is None  # it lowers the loss: the plain check lets it through
+    why = check.strict(flipped)
+    assert why is not None and "than along its opposite" in why
+    assert check.strict(honest) is None
 
 
 def test_the_guard_checks_every_kth_passing_delta_and_counts_it() -> None:
