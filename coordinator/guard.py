@@ -378,6 +378,7 @@ class DeltaGuard:
         why = self.trial(delta)
         if why is None:
             self.counts["distrust_cleared"] += 1
+            log.debug("delta of %s tried on the operator's data: let in", sender or "?")
             return None
         self._strike(sender, refusal.reason != "against_momentum")  # as the screen's refusals
         self.counts[refusal.reason] += 1
