@@ -87,7 +87,7 @@ def main() -> None:
                         help="the guard's --guard-direction-spread in the guarded runs (0: off)")
     parser.add_argument("--descent-every", type=int, default=GuardConfig.descent_every,
                         help="the guard's --guard-descent-every in the guarded runs (0: off)")
-    parser.add_argument("--distrust", action="store_true",
+    parser.add_argument("--distrust", action=argparse.BooleanOptionalAction, default=GuardConfig.distrust,
                         help="the guard's --guard-distrust in the guarded runs (tried on the task's data)")
     parser.add_argument("--weight-cap", type=float, default=OuterConfig.weight_cap,
                         help="the coordinator's --weight-cap in every run (0: off)")

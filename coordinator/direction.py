@@ -8,11 +8,11 @@ reference, only ``min_cosine`` and forgiveness hold: the spread and the valve be
 momentum, which overshoots and which a liar holding most of the compute weight can turn; let
 through by them, a fast sign-flipper's deltas near 0 wrecked real runs (docs/SECURITY.md).
 
-With ``distrust`` (off by default), judged by the reference, a sender that has pointed against
+With ``distrust`` (the guard's default), judged by the reference, a sender that has pointed against
 it in most of its last ``forgive_after`` judgements is **distrusted**: its delta passes only at a
 cosine of at least the median of the recent accepted ones (an honest delta's typical cosine), and
-is refused below that (counted as ``direction_distrusted`` where the plain rule would have let
-it in, whole or damped). Late in a run the fastest honest client's delta points a little
+is held back below that (counted as ``direction_distrusted`` where the plain rule would have
+let it in, whole or damped). Late in a run the fastest honest client's delta points a little
 against the slower ones' consensus, so a sign-flipper's deltas, refused round after round, creep
 up to a cosine near 0 and then above it; let in there, in real runs, one moved θ uphill, the
 honest deltas turned against the reference and the liar's were let in from then on
@@ -21,10 +21,11 @@ liar back, and it clears once at least half of the sender's last judgements reac
 The fastest *honest* client looks the same: late in a run its cosines hover around 0 and a few
 dips in a row make it distrusted. So a distrusted sender's delta that the plain rule would let in
 is not refused outright: its verdict is ``TRY``, and the guard lets it in only if it lowers the
-loss on a batch of the operator's own data (``DescentCheck.strict``: no rise at all), which no
-cosine can tell: an honest late correction and a sign-flipped delta are mirror images around 0,
-but only one of them goes downhill (refused outright, in a real 4-client run, 24 of the honest
-client's deltas were lost, 11% of all).
+loss on a batch of the operator's own data (``DescentCheck.strict``: no rise at all, and lower
+than along its opposite), which no cosine can tell: an honest late correction and a sign-flipped
+delta are mirror images around 0, but only one of them goes downhill (refused outright, in a real
+4-client run, 24 of the honest client's deltas were lost, 11% of all). Without the trial (a guard
+built without the operator's data) such a delta is refused.
 
 Judged by the momentum, three rules keep honest volunteers in, measured on real runs
 (docs/SECURITY.md, ``benchmarks/direction_replay.py``):

@@ -109,8 +109,9 @@ class GuardConfig:
     direction_spread: float = 2.0
     # judged by the senders' reference, a sender that mostly pointed against it must reach the
     # median accepted cosine, or lower the loss on the operator's data (coordinator/direction.py);
-    # a run's first deltas and those the momentum's valve would let in must lower it too
-    distrust: bool = False
+    # a run's first deltas and those the momentum's valve would let in must lower it too (on by
+    # default since its trial measured no honest delta lost: docs/SECURITY.md)
+    distrust: bool = True
     window: int = 64
     min_history: int = 3
     strikes: int = 3  # refused or clipped judgements in a sender's record that put it on probation (0: never)

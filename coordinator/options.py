@@ -101,8 +101,9 @@ def guard_options() -> Callable[[F], F]:
         option("--guard-distrust/--no-guard-distrust", env="GUARD_DISTRUST", default=GuardConfig.distrust,
                help="Judged by the senders' reference, make a volunteer whose deltas mostly pointed "
                "against it reach the median cosine of accepted deltas, or lower the loss on a batch "
-               "of the operator's data, to pass: holds back a fast sign-flipper late in a run "
-               "(docs/SECURITY.md)."),
+               "of the operator's data, to pass; try a run's first deltas, and those the momentum's "
+               "valve would let in, on that data too: holds back a fast sign-flipper "
+               "(docs/SECURITY.md). On by default."),
         option("--guard-strikes", env="GUARD_STRIKES", type=click.IntRange(0, GuardConfig.record),
                default=GuardConfig.strikes,
                help=f"Put a volunteer on probation (its deltas judged, not applied) while this many of its "

@@ -181,7 +181,7 @@ class RunState:
         senders = InvitedSenders(self.volunteers) if self.volunteers is not None else OpenSenders()
         # Judges each delta before it moves θ, around the optimizer's momentum (coordinator.guard).
         # With --guard-descent-every, it also tries deltas on the operator's own data (coordinator.descent);
-        # with --guard-distrust, every delta of a distrusted sender that falls short of the median.
+        # with --guard-distrust (the default), the deltas its direction check cannot vouch for.
         descent = DescentCheck(self.task, self.eval_model, self.optimizer.params, step_share=self._step_share,
                                tolerance=config.guard.descent_tolerance, device=self.device)
         self.guard = DeltaGuard(config.guard, list(self.optimizer.params),

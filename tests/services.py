@@ -35,6 +35,11 @@ from shared.signing import SigningKey
 
 # The tiny model on a small corpus: fast to build, to evaluate and to send deltas of.
 SMALL_TASK = {"model_size": "tiny", "batch_size": 4, "eval_sequences": 4, "max_corpus_bytes": 1_000_000}
+# The guard as served, but without distrust's trial on the operator's data: for tests that send
+# made-up deltas to a guarded coordinator (a made-up delta has no training behind it, so it need
+# not lower the loss, and the trial would refuse a run's first one); real clients' deltas meet the
+# default guard in the end-to-end tests and test_tls.py.
+MADE_UP_DELTAS_GUARD = GuardConfig(distrust=False)
 
 
 def small_config(run: str, tmp_path: Path, **overrides: Any) -> CoordinatorConfig:

@@ -34,6 +34,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 DELTA_ID = "dup:0"
 
+# The delta here is made up: no training behind it, so distrust's trial on the operator's data
+# (the guard's default) would refuse it as a run's first delta.
+MADE_UP = ("--no-guard-distrust",)
+
 
 def _delta_for_current_snapshot(run: str) -> bytes:
     """A small, valid delta (client ``dup``, seq 0) against the run's current snapshot."""
@@ -65,7 +69,7 @@ def test_a_requeued_copy_of_a_delivered_delta_is_applied_once(
     procs: Processes, run_name: str, tmp_path: Path
 ) -> None:
     ckpt = tmp_path / "ckpt"
-    serve = coordinator_args(run_name, ckpt)
+    serve = coordinator_args(run_name, ckpt, *MADE_UP)
     first = procs.start("coordinator-1", *serve)
     _started(procs, "coordinator-1", serve, run_name)
     assert procs.terminate(first) == 0  # the queue and snapshot v0 stay; nobody consumes now
@@ -99,7 +103,7 @@ def test_a_delivery_redelivered_after_the_broker_closed_the_connection_is_applie
     ckpt = tmp_path / "ckpt"
     # Commits wait 6 s, so the delivery is applied in memory but unacknowledged when the broker
     # drops the connection: its tag dies with the channel and the broker redelivers it.
-    serve = coordinator_args(run_name, ckpt, "--commit-interval", "6", "--commit-idle", "6")
+    serve = coordinator_args(run_name, ckpt, *MADE_UP, "--commit-interval", "6", "--commit-idle", "6")
     coordinator = procs.start("coordinator", *serve)
     _started(procs, "coordinator", serve, run_name)
     _publish(run_name, _delta_for_current_snapshot(run_name), copies=1)

@@ -53,7 +53,7 @@ from shared.protocol import DELTA_ENVELOPE_BYTES, DeltaLimits, DeltaMessage
 from shared.settings import ConnectionSettings
 from shared.snapshot import SnapshotStore
 from shared.tasks import load_task
-from tests.services import run_scope, serving
+from tests.services import MADE_UP_DELTAS_GUARD, run_scope, serving
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +170,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             commit=CommitConfig(every_updates=4, interval_s=0.3),
             connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
             checkpoint_dir=tmp_path_factory.mktemp("ckpt"),
-            max_seconds=300,
+            max_seconds=300, guard=MADE_UP_DELTAS_GUARD,
         )
         client = redis.Redis.from_url(REDIS_URL)
         with serving(config) as coord:

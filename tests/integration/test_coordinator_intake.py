@@ -21,7 +21,7 @@ from shared.keys import RunKeys
 from shared.protocol import DeltaMessage
 from shared.settings import ConnectionSettings
 from shared.snapshot import SnapshotStore
-from tests.services import SMALL_TASK, publish_to_queue, serving, small_config
+from tests.services import MADE_UP_DELTAS_GUARD, SMALL_TASK, publish_to_queue, serving, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +124,7 @@ def test_a_delta_queue_declared_with_other_arguments_is_used_as_it_is(run_name: 
         auth=AuthMode.OPEN,
         run=run_name, task_settings=SMALL_TASK, commit=CommitConfig(every_updates=4, interval_s=0.3),
         connection=ConnectionSettings(redis_url=REDIS_URL, amqp_url=AMQP_URL),
-        checkpoint_dir=tmp_path / "ckpt", max_seconds=60,
+        checkpoint_dir=tmp_path / "ckpt", max_seconds=60, guard=MADE_UP_DELTAS_GUARD,
     )
     with serving(config) as coord:
         assert coord.consumer is not None and coord.consumer.fatal is None

@@ -19,14 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import coordinator.cli as cli
 from coordinator.config import MetricsConfig
-from coordinator.guard import GuardConfig
 from coordinator.service import Coordinator
 from harness.processes import AMQP_URL, REDIS_URL, wait_for
 from shared.codecs import get_codec
 from shared.keys import RunKeys
 from shared.protocol import DeltaMessage
 from shared.snapshot import SnapshotStore
-from tests.services import publish_to_queue, serving, small_config
+from tests.services import MADE_UP_DELTAS_GUARD, publish_to_queue, serving, small_config
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +42,7 @@ def _free_port() -> int:
 def coordinator(run_name: str, tmp_path: Path) -> Iterator[Coordinator]:
     # One eval (at the start): a later one between the status and the scrape would tell them apart.
     config = small_config(run_name, tmp_path, metrics=MetricsConfig(port=_free_port()), eval_interval_s=3600,
-                          guard=GuardConfig())  # on, as served: its deltas share a direction
+                          guard=MADE_UP_DELTAS_GUARD)  # on: its deltas share a direction
     with serving(config) as coord:
         yield coord
 

@@ -68,8 +68,7 @@ def test_the_strict_trial_refuses_any_rise_whatever_the_check_s_tolerance() -> N
 
 class ProductTask:
     """The loss (1 − a·b)², whatever the batch: near a = b = 0 it falls both ways along (1, 1),
-    as a two-layer model's does near its start (the product of both layers' changes keeps its
-    sign when both flip)."""
+    as the tiny model's fell both ways along a flipped delta at a real run's start."""
 
     num_shards = 1
 

@@ -175,8 +175,9 @@ def test_a_sender_that_mostly_pointed_against_the_reference_must_reach_the_media
 
 def test_the_guard_refuses_a_distrusted_sender_s_delta_below_the_median_and_says_why() -> None:
     """With --guard-distrust, after its flipped deltas were refused, a liar's delta that points a
-    little along the reference is refused (the plain rule, the default, lets it in, as it does
-    the same delta from a sender with no record)."""
+    little along the reference is refused where the guard has no operator's data to try it on
+    (the plain rule, --no-guard-distrust, lets it in, as it does the same delta from a sender with
+    no record)."""
     way = _unit(6)
     weak = {n: 0.3 * way[n] + _unit(600)[n] for n in NAMES}
     assert 0.1 < _cosine(weak, way) < 0.5  # along the reference, below the honest deltas' ≈ 0.9
@@ -194,7 +195,7 @@ def test_the_guard_refuses_a_distrusted_sender_s_delta_below_the_median_and_says
         if distrust:
             assert decision.reason == "against_momentum" and "median of accepted deltas" in decision.detail
             assert guard.counts["direction_distrusted"] == 1
-        else:  # the default: the plain rule
+        else:  # --no-guard-distrust: the plain rule
             assert not decision.refused and guard.counts["direction_distrusted"] == 0
         assert not guard.judge(weak, local_steps=H, sender="newcomer").refused
 
