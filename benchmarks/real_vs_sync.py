@@ -22,7 +22,9 @@ loss at equal wall-clock points; writes a CSV. Every process it starts is stoppe
 * ``edn-cap``, ``flip-cap``, ``flip-warm-cap`` (not run unless named): ``edn``, ``flip`` and
   ``flip-warm`` with ``--weight-cap 0.5`` (no client weighs more than half the others together);
   ``edn-distrust``, ``flip-distrust``, ``flip-warm-distrust`` the same with ``--guard-distrust``
-  (each run also prints how many deltas the guard tried on its own data, and let in).
+  (the default since ccf0f23: they name it), and ``edn-trusting``, ``flip-trusting``,
+  ``flip-warm-trusting`` with ``--no-guard-distrust`` (each run also prints how many deltas the
+  guard tried on the operator's data, and let in).
 
 ``--repeats N`` runs each variant N times (the table shows each point's mean) and prints, per run,
 the deltas applied, the guard's refusals by reason and the speeds the coordinator measured.
@@ -80,11 +82,15 @@ VARIANTS: dict[str, tuple[list[str], tuple[int, ...], list[str]]] = {
     "flip-distrust": (["--guard-distrust"], SLOWDOWNS, []),
     "flip-warm-distrust": (["--guard-distrust", "--warm-start-steps", "30", "--warm-start-client", "x2"],
                            SLOWDOWNS, []),
+    "edn-trusting": (["--no-guard-distrust"], SLOWDOWNS, []),
+    "flip-trusting": (["--no-guard-distrust"], SLOWDOWNS, []),
+    "flip-warm-trusting": (["--no-guard-distrust", "--warm-start-steps", "30", "--warm-start-client", "x2"],
+                           SLOWDOWNS, []),
 }
 DEFAULT_VARIANTS = ("edn", "dn", "sync", "alone")
 # variant -> k: its fastest client (slowdown 1) sends its honest delta times -k (harness/attacker.py)
 LIARS = {"flip": 1.0, "flip-warm": 1.0, "flip-unguarded": 1.0, "flip-cap": 1.0, "flip-warm-cap": 1.0,
-         "flip-distrust": 1.0, "flip-warm-distrust": 1.0}
+         "flip-distrust": 1.0, "flip-warm-distrust": 1.0, "flip-trusting": 1.0, "flip-warm-trusting": 1.0}
 LIAR_ID = "x1"
 
 
