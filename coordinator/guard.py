@@ -27,12 +27,9 @@ deltas it accepted recently, and the server's own momentum:
 3. **Descent check** (optional, ``descent_every`` > 0): every so many deltas that pass are tried
    on a batch of the operator's own data (:mod:`coordinator.descent`); one that raises its loss
    is refused (``no_descent``).
-4. **Probation** (any mode but ``off``): each sender's last ``record`` judgements are kept; a sender
-   with ``strikes`` or more of them refused for size or clipped is on probation, and its deltas are still
-   judged (a clean one counts in its favour) but not applied (``probation``) until fewer are. A
-   liar whose deltas each get clipped back to size would otherwise keep steering θ by the clip's
-   bound every round (a boosted backdoor partly took that way); an honest volunteer is clipped
-   rarely (docs/SECURITY.md has the measured share) and so stays off it.
+4. **Probation** (any mode but ``off``; :mod:`coordinator.probation`): a sender with ``strikes``
+   of its last ``record`` deltas refused for size or clipped has its deltas judged but not applied
+   (``probation``) until fewer are.
 
 The statistics hold only what was accepted (a clipped delta counts at its clipped size), so an
 attacker cannot inflate them with its own rejected deltas; a minority of attackers cannot move a
@@ -60,8 +57,9 @@ from typing import Any
 
 import torch
 
-from coordinator.direction import DAMP, DAMPED_WEIGHT, REFUSE, TRY, DirectionCheck, cosine_to, record_of
+from coordinator.direction import DAMP, DAMPED_WEIGHT, REFUSE, TRY, DirectionCheck, cosine_to
 from coordinator.outer_optimizer import Scaled
+from coordinator.probation import Probation
 from coordinator.reference import Reference
 from shared.errors import ConfigError
 
@@ -202,8 +200,7 @@ class DeltaGuard:
                                         distrust=config.distrust, tries=self.trial is not None)
         # what the direction check judges by once senders voted: one share each (coordinator.reference)
         self.reference = Reference()
-        # per sender, its last judgements: True where refused or clipped (probation)
-        self.records: dict[str, deque[bool]] = {}
+        self.probation = Probation(config.strikes, config.record)  # per sender, its last judgements
 
     def judge(self, delta: dict[str, torch.Tensor], *, local_steps: int | None = None,
               sender: str = "") -> GuardDecision:
@@ -231,7 +228,7 @@ class DeltaGuard:
         if refused is not None:
             # a direction refusal is no strike: when the momentum itself is wrong (the valve's
             # case), honest senders are refused that way until the valve stands aside
-            self._strike(sender, refused.reason != "against_momentum")
+            self.probation.strike(sender, refused.reason != "against_momentum")
             self.counts[refused.reason] += 1
             return refused
         clipped = False
@@ -259,10 +256,10 @@ class DeltaGuard:
         else:
             why = self._descent(applied)
         if why is not None:
-            self._strike(sender, True)
+            self.probation.strike(sender, True)
             self.counts["no_descent"] += 1
             return GuardDecision(None, "no_descent", why)
-        on_probation = self._strike(sender, clipped)
+        on_probation = self.probation.strike(sender, clipped)
         if on_probation is not None:
             self.counts["probation"] += 1
             return GuardDecision(None, "probation", on_probation)
@@ -381,7 +378,7 @@ class DeltaGuard:
             self.counts["distrust_cleared"] += 1
             log.debug("delta of %s tried on the operator's data: let in", sender or "?")
             return None
-        self._strike(sender, refusal.reason != "against_momentum")  # as the screen's refusals
+        self.probation.strike(sender, refusal.reason != "against_momentum")  # as the screen's refusals
         self.counts[refusal.reason] += 1
         return GuardDecision(None, refusal.reason, f"{refusal.detail}; on the operator's data {why}")
 
@@ -395,19 +392,6 @@ class DeltaGuard:
         self.passed_since_descent = 0
         self.counts["descent_checked"] += 1
         return self.descent(delta)
-
-    def _strike(self, sender: str, flagged: bool) -> str | None:
-        """Add a judgement to ``sender``'s record; say why it is on probation, or None. An
-        unnamed sender (a test's, the simulator's without identities) keeps no record."""
-        if not sender or not self.config.strikes:
-            return None
-        record = record_of(self.records, sender, self.config.record)
-        record.append(flagged)
-        strikes = sum(record)
-        if strikes < self.config.strikes:
-            return None
-        return (f"{strikes} of this sender's last {len(record)} deltas were refused or clipped; its "
-                f"deltas are judged but not applied until fewer than {self.config.strikes} are")
 
     def _has_history(self, seen: deque[float]) -> bool:
         """Enough accepted deltas for a statistic: ``min_history`` of them, or any once a trusted
@@ -424,7 +408,7 @@ class DeltaGuard:
         """The statistics, for a checkpoint: a restart must not reopen the start-up window."""
         return {"guard": {"norms": list(self.norms), "distances": list(self.distances),
                           "tensor_shares": {n: list(v) for n, v in self.tensor_shares.items()},
-                          "records": {s: [int(f) for f in r] for s, r in self.records.items()},
+                          "records": self.probation.save_state(),
                           **self.direction.save_state(),
                           "reference_voters": self.reference.save_state(),
                           "trusted_start": self.trusted_start,
@@ -441,8 +425,7 @@ class DeltaGuard:
             seen.clear()
             seen.extend(float(v) for v in saved.get(name) or [])
         self.trusted_start = bool(state.get("trusted_start"))
-        self.records = {str(s): deque((bool(f) for f in r), maxlen=self.config.record)
-                        for s, r in (state.get("records") or {}).items()}
+        self.probation.load_state(state.get("records") or {})
         self.direction.load_state(state)
         self.reference.load_state(state.get("reference_voters") or [])
         self.counts.clear()  # the same Counter the direction check counts in

@@ -237,7 +237,7 @@ def test_a_distrusted_sender_s_delta_is_let_in_only_if_it_lowers_the_trusted_los
         else:
             assert decision.reason == "against_momentum" and "on the operator's data" in decision.detail
     assert len(tried) == 2 and guard.counts["distrust_tried"] == 2 and guard.counts["distrust_cleared"] == 1
-    assert not any(guard.records["liar"])  # a direction refusal is no strike
+    assert not any(guard.probation.records["liar"])  # a direction refusal is no strike
     guard.judge(weak, local_steps=H, sender="newcomer")
     assert len(tried) == 2  # not distrusted: the plain rule, no trial
 
