@@ -40,10 +40,13 @@ class DescentCheck:
 
     def __init__(self, task: Any, model: torch.nn.Module, params: dict[str, torch.Tensor], *,
                  step_share: StepShare, tolerance: float, device: torch.device | str = "cpu",
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, keep_model: bool = True) -> None:
         self.task = task
         self.template = model  # the coordinator's evaluation model, copied at the first check
+        self.keep_model = keep_model
         self._model: torch.nn.Module | None = None  # that copy: θ is copied in for each check
+        # keep the copy between checks (the every-k-th check); else each strict trial, rare, makes
+        # and frees one: the coordinator's steady memory stays without it
         self.params = params  # θ, as the outer optimizer holds it
         self.step_share = step_share
         self.tolerance = tolerance
@@ -70,6 +73,8 @@ class DescentCheck:
         can fall both ways along a delta (docs/SECURITY.md: 5.29 to 4.49 along a flipped one, to
         2.93 along its opposite)."""
         before, after, opposite = self._losses(delta, opposite=True)
+        if not self.keep_model:
+            self._model = None
         if after > before:
             return f"the trusted loss rose from {before:.4g} to {after:.4g} along it (tolerance 0%)"
         if opposite is not None and after > opposite:

@@ -183,7 +183,8 @@ class RunState:
         # With --guard-descent-every, it also tries deltas on the operator's own data (coordinator.descent);
         # with --guard-distrust (the default), the deltas its direction check cannot vouch for.
         descent = DescentCheck(self.task, self.eval_model, self.optimizer.params, step_share=self._step_share,
-                               tolerance=config.guard.descent_tolerance, device=self.device)
+                               tolerance=config.guard.descent_tolerance, device=self.device,
+                               keep_model=config.guard.descent_every > 0)
         self.guard = DeltaGuard(config.guard, list(self.optimizer.params),
                                 centre=momentum_centre(self.optimizer), full_steps=config.plan.local_steps,
                                 descent=descent, trial=descent.strict)

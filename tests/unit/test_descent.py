@@ -66,6 +66,16 @@ def test_the_strict_trial_refuses_any_rise_whatever_the_check_s_tolerance() -> N
     assert loose.strict(good) is None
 
 
+def test_a_trial_without_the_every_kth_check_frees_its_copy_of_the_model() -> None:
+    """The coordinator's steady memory holds no second model for distrust's rare trials."""
+    kept, params = _check()
+    freed = DescentCheck(kept.task, kept.template, params, step_share=lambda: 0.1, tolerance=0.0,
+                         seed=3, keep_model=False)
+    good = _descent_direction(kept.task, params)
+    assert kept.strict(good) is None and freed.strict(good) is None
+    assert kept._model is not None and freed._model is None
+
+
 class ProductTask:
     """The loss (1 − a·b)², whatever the batch: near a = b = 0 it falls both ways along (1, 1),
     as the tiny model's fell both ways along a flipped delta at a real run's start."""
