@@ -22,7 +22,7 @@ loss at equal wall-clock points; writes a CSV. Every process it starts is stoppe
 * ``edn-cap``, ``flip-cap``, ``flip-warm-cap`` (not run unless named): ``edn``, ``flip`` and
   ``flip-warm`` with ``--weight-cap 0.5`` (no client weighs more than half the others together);
   ``edn-distrust``, ``flip-distrust``, ``flip-warm-distrust`` the same with ``--guard-distrust``
-  (the default since de88150: they name it), and ``edn-trusting``, ``flip-trusting``,
+  (the default since 4a0d65d: they name it), and ``edn-trusting``, ``flip-trusting``,
   ``flip-warm-trusting`` with ``--no-guard-distrust`` (each run also prints how many deltas the
   guard tried on the operator's data, and let in).
 
