@@ -15,9 +15,9 @@ batch per checked delta, on a copy of the coordinator's evaluation model made at
 default). The loss before the move is computed on the same batch, so the batch's own difficulty
 cancels.
 
-With ``--guard-distrust`` (the default) the guard also tries, on every such delta, what its direction check
-cannot vouch for (:meth:`DescentCheck.strict`: three forward passes, no tolerance, and lower along
-the delta than along its opposite).
+With ``--guard-distrust`` (the default) the guard also tries each delta its direction check cannot
+vouch for (:meth:`DescentCheck.strict`: three forward passes, no tolerance, and lower along the
+delta than along its opposite).
 """
 
 from __future__ import annotations

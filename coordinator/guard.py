@@ -108,7 +108,7 @@ class GuardConfig:
     # judged by the senders' reference, a sender that mostly pointed against it must reach the
     # median accepted cosine, or lower the loss on the operator's data (coordinator/direction.py);
     # a run's first deltas and those the momentum's valve would let in must lower it too (on by
-    # default since its trial measured no honest delta lost: docs/SECURITY.md)
+    # default: in real 4-client runs it refused no honest delta, docs/SECURITY.md)
     distrust: bool = True
     window: int = 64
     min_history: int = 3
