@@ -226,11 +226,7 @@ class DeltaGuard:
                                  against=against)
         refused, cosine, damped = screening.refused, screening.cosine, screening.damped
         if refused is not None:
-            # a direction refusal is no strike: when the momentum itself is wrong (the valve's
-            # case), honest senders are refused that way until the valve stands aside
-            self.probation.strike(sender, refused.reason != "against_momentum")
-            self.counts[refused.reason] += 1
-            return refused
+            return self._refuse(sender, refused)
         clipped = False
         distance = None
         if self.mode is GuardMode.CLIP:
@@ -378,9 +374,16 @@ class DeltaGuard:
             self.counts["distrust_cleared"] += 1
             log.debug("delta of %s tried on the operator's data: let in", sender or "?")
             return None
-        self.probation.strike(sender, refusal.reason != "against_momentum")  # as the screen's refusals
+        return self._refuse(sender, GuardDecision(None, refusal.reason,
+                                                  f"{refusal.detail}; on the operator's data {why}"))
+
+    def _refuse(self, sender: str, refusal: GuardDecision) -> GuardDecision:
+        """Count ``refusal`` of ``sender``'s delta by its reason and put it on the sender's record.
+        A direction refusal is no strike: when the momentum itself is wrong (the valve's case),
+        honest senders are refused that way until the valve stands aside."""
+        self.probation.strike(sender, refusal.reason != "against_momentum")
         self.counts[refusal.reason] += 1
-        return GuardDecision(None, refusal.reason, f"{refusal.detail}; on the operator's data {why}")
+        return refusal
 
     def _descent(self, delta: Mapping[str, torch.Tensor]) -> str | None:
         """The descent check's refusal of every ``descent_every``-th delta that got this far."""
