@@ -198,15 +198,15 @@ def run_one(variant: str, args: argparse.Namespace, workdir: Path) -> tuple[list
         status = bench.status()
         _stop([coordinator])
         deltas = status.get("deltas", {})
+        guard = deltas.get("guard", {})
         did = {"applied": deltas.get("applied", 0), "refused": deltas.get("rejected_by_reason", {}),
-               "forgiven": deltas.get("guard", {}).get("direction_forgiven", 0),
+               "forgiven": guard.get("direction_forgiven", 0),
                "steps_per_s": {c["client_id"]: c.get("steps_per_s", 0.0) for c in status.get("clients", [])},
                "liar": {c["client_id"]: (c.get("updates", 0), c.get("rejected", 0))
                         for c in status.get("clients", []) if variant in LIARS and c["client_id"] == LIAR_ID},
-               "clipped": deltas.get("guard", {}).get("clipped", 0),
+               "clipped": guard.get("clipped", 0),
                # with --guard-distrust: deltas tried on the operator's data, and let in by the trial
-               "tried": (deltas.get("guard", {}).get("distrust_tried", 0),
-                         deltas.get("guard", {}).get("distrust_cleared", 0)),
+               "tried": (guard.get("distrust_tried", 0), guard.get("distrust_cleared", 0)),
                "rejected": {c["client_id"]: c.get("rejected", 0) for c in status.get("clients", [])}}
         return bench.curve(started_wall), did
 
