@@ -60,7 +60,7 @@ ATTACK_SET: dict[str, tuple[str, float]] = {
     "base lie": ("base_lie", 1.0),
 }
 STRATEGIES = {"edn": "edn+dylu", "dn": "dn+dylu", "sync": "sync"}
-SIM_VERSION = 4  # of the guard's and the simulator's behaviour: raise it when either changes (cache)
+SIM_VERSION = 5  # of the guard's and the simulator's behaviour: raise it when either changes (cache)
 
 
 def main() -> None:
@@ -89,6 +89,8 @@ def main() -> None:
                         help="the guard's --guard-descent-every in the guarded runs (0: off)")
     parser.add_argument("--distrust", action=argparse.BooleanOptionalAction, default=GuardConfig.distrust,
                         help="the guard's --guard-distrust in the guarded runs (tried on the task's data)")
+    parser.add_argument("--seed-round", action=argparse.BooleanOptionalAction, default=GuardConfig.seed_round,
+                        help="the guard's --guard-seed-round in the guarded runs without a warm start")
     parser.add_argument("--weight-cap", type=float, default=OuterConfig.weight_cap,
                         help="the coordinator's --weight-cap in every run (0: off)")
     parser.add_argument("--replot", type=Path, default=None, metavar="CSV",
@@ -117,7 +119,8 @@ def main() -> None:
     guards = {"off": GuardConfig(mode="off"),
               "on": GuardConfig(clip_ratio=args.clip_ratio, forgive_after=args.forgive_after,
                                 direction_spread=args.direction_spread,
-                                descent_every=args.descent_every, distrust=args.distrust)}
+                                descent_every=args.descent_every, distrust=args.distrust,
+                                seed_round=args.seed_round)}
     guards = {name: guards[name] for name in _names(parser, args.guards, guards, "--guards")}
     jobs = []
     for level in levels:
@@ -242,7 +245,8 @@ def _table(results: dict[str, SimResult], levels: list[str], strategies: list[st
     print()
     print(f"guard clip ratio {args.clip_ratio:g}, forgive after {args.forgive_after}, "
           f"direction spread {args.direction_spread:g}, "
-          f"descent check every {args.descent_every or '-'}, distrust {'on' if args.distrust else 'off'}; "
+          f"descent check every {args.descent_every or '-'}, distrust {'on' if args.distrust else 'off'}, "
+          f"seed round {'on' if args.seed_round else 'off'}; "
           f"{args.attackers} of {args.workers} workers lie (the fastest); H={args.local_steps}, "
           f"{args.budget} honest local steps, from scratch after a trusted warm start of {args.warm_start} "
           f"steps, jitter {args.jitter}, seeds {seeds}")

@@ -111,10 +111,20 @@ class CoordinatorConfig:
         return self.outer.mode
 
     @property
+    def guard_seeds(self) -> bool:
+        """Whether a fresh run begins with the coordinator's own seed round (coordinator.seed_round):
+        the guard screens, and no warm start by a holder the operator names gives it trusted deltas
+        from the first one already."""
+        return (self.guard.guard_mode.screens and self.guard.seed_round
+                and not (self.plan.warm_start_steps and self.plan.warm_start_client))
+
+    @property
     def guard_starts_blind(self) -> bool:
         """A run open to strangers whose guard has nothing trusted to start from: no statistic
         before its first deltas, no direction before its first buffer cycle, so a fast liar that
         sends from the start can steer the momentum it is then judged by (docs/SECURITY.md measures
-        it). A warm start by a holder the operator names gives the guard both from the first delta."""
+        it). The seed round, or a warm start by a holder the operator names, gives the guard both
+        from the first delta."""
         return (self.auth is AuthMode.INVITE and self.guard.guard_mode.screens and self.mode is RunMode.ASYNC
+                and not self.guard.seed_round
                 and not (self.plan.warm_start_steps and self.plan.warm_start_client))

@@ -34,10 +34,11 @@ deltas it accepted recently, and the server's own momentum:
 The statistics hold only what was accepted (a clipped delta counts at its clipped size), so an
 attacker cannot inflate them with its own rejected deltas; a minority of attackers cannot move a
 median. Until ``min_history`` deltas were accepted there is no statistic and only the intake's
-absolute bounds hold, unless a warm start from a trusted holder began the statistics: its deltas
-are trusted, so from its first one they are the statistic. The trusted deltas' mean direction is
-not checkpointed (a restart before the momentum has a direction judges none until it does). Every decision is
-counted by reason (``status``, ``/metrics``).
+absolute bounds hold, unless trusted deltas began the statistics (the coordinator's own seed
+round, :mod:`coordinator.seed_round`, on by default; a warm start from a trusted holder): from
+the first one they are the statistic, and their running mean the direction judged by until the
+momentum has one (checkpointed while it is). Every decision is counted by reason (``status``,
+``/metrics``).
 
 If honest volunteers see ``norm_outlier`` or ``tensor_outlier`` rejections (rounds of very
 different lengths: a full round's delta is several times a short one's), raise ``reject_ratio``;
@@ -110,6 +111,9 @@ class GuardConfig:
     # a run's first deltas and those the momentum's valve would let in must lower it too (on by
     # default: in real 4-client runs it refused no honest delta, docs/SECURITY.md)
     distrust: bool = True
+    # at a fresh start, the coordinator trains one round itself and the guard learns from it as
+    # from a trusted warm start's (coordinator.seed_round): it never starts blind
+    seed_round: bool = True
     window: int = 64
     min_history: int = 3
     strikes: int = 3  # refused or clipped judgements in a sender's record that put it on probation (0: never)

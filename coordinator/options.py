@@ -72,8 +72,8 @@ def outer_options() -> Callable[[F], F]:
 
 def guard_options() -> Callable[[F], F]:
     """The delta guard (coordinator/guard.py): --guard, --guard-reject-ratio, --guard-clip-ratio,
-    --guard-min-cosine, --guard-forgive-after, --guard-direction-spread, --guard-distrust, --guard-strikes,
-    --guard-descent-every, --guard-descent-tolerance."""
+    --guard-min-cosine, --guard-forgive-after, --guard-direction-spread, --guard-distrust,
+    --guard-seed-round, --guard-strikes, --guard-descent-every, --guard-descent-tolerance."""
     return _group(
         option("--guard", env="GUARD", type=click.Choice(GUARD_MODES), default="clip",
                help="Judge each delta before it moves θ: 'screen' refuses outliers (norm, one tensor's "
@@ -104,6 +104,13 @@ def guard_options() -> Callable[[F], F]:
                "of the operator's data, to pass; try a run's first deltas, and those the momentum's "
                "valve would let in, on that data too: holds back a fast sign-flipper "
                "(docs/SECURITY.md). On by default."),
+        option("--guard-seed-round/--no-guard-seed-round", env="GUARD_SEED_ROUND",
+               default=GuardConfig.seed_round,
+               help="At a fresh start, train one round on the coordinator (H steps on a batch stream of "
+               "the task's data drawn with its secret seed) and let the guard learn a delta's size and "
+               "direction from it, so that it does not start blind; θ is not moved (coordinator/"
+               "seed_round.py). Skipped on a resume and after a warm start by a named holder. On by "
+               "default."),
         option("--guard-strikes", env="GUARD_STRIKES", type=click.IntRange(0, GuardConfig.record),
                default=GuardConfig.strikes,
                help=f"Put a volunteer on probation (its deltas judged, not applied) while this many of its "

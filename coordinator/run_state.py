@@ -41,6 +41,7 @@ from coordinator.outer_optimizer import OuterOptimizer, SyncNesterov, make_outer
 from coordinator.progress import RunProgress
 from coordinator.registry import ClientRegistry
 from coordinator.run_mode import RunMode, round_mode
+from coordinator.seed_round import seed_round
 from coordinator.sync_round import SyncBarrier
 from coordinator.volunteers import VolunteerBook
 from coordinator.warm_start import WarmStart
@@ -223,6 +224,13 @@ class RunState:
             # Entries past the checkpoint's recorded length belong to a batch that never committed.
             applied_log.reset(int(saved.get("applied_log_bytes", 0)))
         return state
+
+    def seed_guard(self) -> None:
+        """The guard's trusted start at a fresh run (coordinator.seed_round): a round of H steps
+        trained here, which the guard learns from; θ does not move. A resume keeps the guard's
+        statistics in the checkpoint instead."""
+        self.guard.observe(seed_round(self.task, self.config.inner, self.optimizer.params,
+                                      steps=self.config.plan.local_steps, device=self.device))
 
     # ---------------------------------------------------------------- sync rounds
     def sync_round_due(self, now: float) -> bool:

@@ -115,6 +115,8 @@ class Coordinator:
         log.info("%s run %s (%s): %d parameters, starting at version %d",
                  "resuming" if checkpoint else "starting", cfg.run, run.run_id,
                  sum(p.numel() for p in run.optimizer.params.values()), first)
+        if checkpoint is None and cfg.guard_seeds:  # after Redis said yes: a mistake there ends at once
+            run.seed_guard()
         if checkpoint is None and cfg.guard_starts_blind:
             log.warning("the guard starts blind: with no --warm-start-steps by a --warm-start-client you "
                         "trust, a fast volunteer that lies from the start can steer the run before the guard "

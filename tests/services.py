@@ -35,11 +35,12 @@ from shared.signing import SigningKey
 
 # The tiny model on a small corpus: fast to build, to evaluate and to send deltas of.
 SMALL_TASK = {"model_size": "tiny", "batch_size": 4, "eval_sequences": 4, "max_corpus_bytes": 1_000_000}
-# The guard as served, but without distrust's trial on the operator's data: for tests that send
-# made-up deltas to a guarded coordinator (a made-up delta has no training behind it, so it need
-# not lower the loss, and the trial would refuse a run's first one); real clients' deltas meet the
-# default guard in the end-to-end tests and test_tls.py.
-MADE_UP_DELTAS_GUARD = GuardConfig(distrust=False)
+# The guard as served, but without distrust's trial on the operator's data and without the seed
+# round: for tests that send made-up deltas to a guarded coordinator (a made-up delta has no
+# training behind it, so it need not lower the loss, and the trial would refuse a run's first one;
+# nor is it the size or direction of a real round, which the seed round would judge it against);
+# real clients' deltas meet the default guard in the end-to-end tests and test_tls.py.
+MADE_UP_DELTAS_GUARD = GuardConfig(distrust=False, seed_round=False)
 
 
 def small_config(run: str, tmp_path: Path, **overrides: Any) -> CoordinatorConfig:

@@ -39,6 +39,7 @@ from coordinator.descent import DescentCheck
 from coordinator.guard import DeltaGuard, momentum_centre
 from coordinator.outer_optimizer import make_outer_optimizer
 from coordinator.patches import PatchMaker
+from coordinator.seed_round import seed_round
 from coordinator.sim.attacks import Forger, backdoor_batches
 from coordinator.sim.config import HETEROGENEITY, OVERLAP, SimConfig, SimPoint, SimResult, speed_profile
 from coordinator.sim.run_state import Round, RunState, Segments
@@ -96,6 +97,10 @@ class Simulation:
                           forger=Forger(config.attack, seed=config.seed),
                           patches=None if config.patches == "none" else PatchMaker(config.patches))
         state.record(self.task, 0.0, result)
+        if config.guard.seed_round and guard.mode.screens and not config.warm_start_steps:
+            # the coordinator's own round (coordinator.seed_round; the warm start's are trusted)
+            guard.observe(seed_round(self.task, config.inner, outer.params, steps=config.local_steps,
+                                     device=self.device, seed=config.seed + 7919))
         self._warm_start(config, trainers, feedback, state, result)
         if config.base_strategy == "sync":
             self._run_sync(config, trainers, feedback, state, result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pika
@@ -13,6 +14,7 @@ import torch
 
 from coordinator.config import CommitConfig, CoordinatorConfig
 from coordinator.consumer import QueueConfig, delta_queue_arguments
+from coordinator.guard import GuardConfig
 from coordinator.identity import AuthMode
 from coordinator.service import Coordinator
 from harness.processes import AMQP_URL, REDIS_URL, wait_for
@@ -130,3 +132,16 @@ def test_a_delta_queue_declared_with_other_arguments_is_used_as_it_is(run_name: 
         assert coord.consumer is not None and coord.consumer.fatal is None
         publish_to_queue(run_name, [_good_delta(coord, client_id="c0", seq=0)])
         wait_for(lambda: _status(run_name).get("deltas", {}).get("applied") == 1, what="the delta applied")
+
+
+def test_a_fresh_run_seeds_its_guard_once_and_a_resumed_one_keeps_the_seed(run_name: str,
+                                                                          tmp_path: Path) -> None:
+    """The seed round (coordinator/seed_round.py) runs at a fresh start of a guarded run, and a
+    resume takes the guard's statistics from the checkpoint instead of training another."""
+    config = small_config(run_name, tmp_path, guard=GuardConfig())
+    with serving(config) as coord:
+        guard = coord.run.guard
+        assert guard.trusted_start and len(guard.norms) == 1
+        seeded = list(guard.norms)
+    with serving(replace(config, resume=True)) as coord:
+        assert coord.run.guard.trusted_start and list(coord.run.guard.norms) == seeded

@@ -54,17 +54,22 @@ def test_a_run_without_a_warm_start_keeps_no_trusted_tensors() -> None:
     assert restored.guard.trusted is None
 
 
-def test_a_run_open_to_strangers_starts_blind_without_a_named_warm_start_holder(tmp_path: Path) -> None:
+def test_a_run_open_to_strangers_starts_blind_without_a_seed_round_or_named_warm_start_holder(
+        tmp_path: Path) -> None:
     """serve warns at a fresh start when this is true (coordinator/service.py)."""
-    invite = CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path)
-    assert invite.guard_starts_blind  # the defaults: no warm start
+    assert not CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path).guard_starts_blind  # seeded
+    unseeded = GuardConfig(seed_round=False)
+    invite = CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path, guard=unseeded)
+    assert invite.guard_starts_blind  # no seed round, no warm start
     held = PlanConfig(warm_start_steps=30, warm_start_client="mine")
-    assert not CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path, plan=held).guard_starts_blind
+    assert not CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path, plan=held,
+                                 guard=unseeded).guard_starts_blind
     # a warm start by whoever sends first is no trust anchor
     anyone = PlanConfig(warm_start_steps=30)
-    assert CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path, plan=anyone).guard_starts_blind
-    assert not CoordinatorConfig(auth=AuthMode.OPEN).guard_starts_blind  # a developer's own machines
+    assert CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path, plan=anyone,
+                             guard=unseeded).guard_starts_blind
+    assert not CoordinatorConfig(auth=AuthMode.OPEN, guard=unseeded).guard_starts_blind  # a developer's own
     assert not CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path,
-                                 guard=GuardConfig(mode="off")).guard_starts_blind
-    assert not CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path,
+                                 guard=GuardConfig(mode="off", seed_round=False)).guard_starts_blind
+    assert not CoordinatorConfig(auth=AuthMode.INVITE, checkpoint_dir=tmp_path, guard=unseeded,
                                  outer=OuterConfig(strategy="sync")).guard_starts_blind
