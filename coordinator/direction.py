@@ -102,6 +102,8 @@ class DirectionCheck:
         self.by_reference: bool | None = None
         self.refused_below = min_cosine  # the threshold of the last judgement (judge)
         self.distrusted = False  # whether the last judgement's sender was distrusted
+        # after a TRY: whether the plain rule would have damped the delta (applied so if let in)
+        self.tried_damped = False
 
     def accepted(self, cosine: float) -> None:
         """A delta judged at ``cosine`` passed the whole guard: its cosine joins the spread's."""
@@ -134,7 +136,8 @@ class DirectionCheck:
         by the senders' reference, between the spread's threshold and ``min_cosine``) ``DAMP``, or
         (``tries``: distrusted, below the median where the plain rule would pass or damp it, or
         let in by the valve) ``TRY``, which the guard settles on the operator's data. After a
-        refusal or a TRY, ``refused_below`` is the cosine the delta fell short of."""
+        refusal or a TRY, ``refused_below`` is the cosine the delta fell short of; after a TRY,
+        ``tried_damped`` says whether the plain rule would have damped it."""
         least = self.least()
         distrusted = self.distrust and bool(self.by_reference) and self._distrusted(sender)
         if distrusted:  # it must reach an honest delta's typical cosine
@@ -143,6 +146,9 @@ class DirectionCheck:
             bar = self.min_cosine if self.by_reference else least
         self.refused_below = bar if distrusted else least
         self.distrusted = distrusted
+        # the plain rule's damping: by the reference, below min_cosine but inside the honest spread
+        damps = bool(self.by_reference) and least <= cosine < self.min_cosine
+        self.tried_damped = damps
         pointed = cosine < bar
         verdict = REFUSE if pointed else PASS
         if pointed and not self.by_reference and self._momentum_suspect(sender):
@@ -155,7 +161,7 @@ class DirectionCheck:
             if cosine >= least:  # the plain rule would have let it in, whole or damped
                 self.counts["direction_distrusted"] += 1
                 verdict = TRY if self.tries else REFUSE
-        elif pointed and cosine >= least:  # by the reference: inside the honest spread
+        elif pointed and damps:
             self.counts["damped"] += 1
             verdict = DAMP
         self.directions.append((sender, pointed))

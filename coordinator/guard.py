@@ -360,9 +360,8 @@ class DeltaGuard:
                 why += (", the median of accepted deltas: most of this sender's recent deltas pointed "
                         "against it")
             refusal = GuardDecision(None, "against_momentum", why)
-            if verdict == TRY:  # as the plain rule would: by the reference, damped below min_cosine
-                damped = bool(self.direction.by_reference) and cosine < self.config.min_cosine
-                return Screening(None, cosine, damped, tried=refusal)
+            if verdict == TRY:  # if let in, damped as the plain rule would have it
+                return Screening(None, cosine, self.direction.tried_damped, tried=refusal)
             return Screening(refusal, cosine)
         return Screening(None, cosine, verdict == DAMP)
 

@@ -152,7 +152,9 @@ def test_a_sender_that_mostly_pointed_against_the_reference_must_reach_the_media
             assert each.judge("liar", cosine) == REFUSE
     assert untried.judge("liar", 0.01) == REFUSE
     assert check.judge("liar", 0.01) == TRY  # the plain rule: PASS; the guard tries it on its data
+    assert not check.tried_damped  # let in by the trial, it is applied whole
     assert check.judge("liar", -0.02) == TRY  # the plain rule: DAMP
+    assert check.tried_damped  # let in, it is applied damped
     assert check.judge("liar", -0.5) == REFUSE  # below what the plain rule lets in: no trial
     assert counts["direction_distrusted"] == 2 and counts["damped"] == 0
     assert 0.19 < check.refused_below < 0.21
