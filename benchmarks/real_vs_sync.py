@@ -16,9 +16,11 @@ loss at equal wall-clock points; writes a CSV. Every process it starts is stoppe
   client lies, sending its honest delta times −1 every round (``harness/attacker.py``), with the
   guard at its defaults, with a trusted warm start first (``--warm-start-steps`` of one round by
   ``x2``, as docs/SECURITY.md advises for a run open to strangers), and with ``--guard off``;
-  ``honest3`` is the clean run at equal honest compute (the three honest clients alone). The
-  damage, printed when ``honest3`` ran too, is the liar's run's loss above the clean run's as a
-  share of the clean run's improvement, as ``attacks.py`` counts it.
+  ``honest3`` is the clean run at equal honest compute (the three honest clients alone), and
+  ``honest3-busy`` the same with the liar's load on this machine: ``x1`` trains as the liar
+  does, but sends its delta times 10⁶, which the intake refuses before the guard sees it. The
+  damage, printed against each of the two that ran, is the liar's run's loss above the clean
+  run's as a share of the clean run's improvement, as ``attacks.py`` counts it.
 * ``edn-cap``, ``flip-cap``, ``flip-warm-cap`` (not run unless named): ``edn``, ``flip`` and
   ``flip-warm`` with ``--weight-cap 0.5`` (no client weighs more than half the others together);
   ``edn-distrust``, ``flip-distrust``, ``flip-warm-distrust`` the same with ``--guard-distrust``
@@ -71,6 +73,7 @@ VARIANTS: dict[str, tuple[list[str], tuple[int, ...], list[str]]] = {
     "overlap+follow": ([], SLOWDOWNS, ["--overlap", "--follow"]),
     "no-grace": (["--grace-rounds", "0"], SLOWDOWNS, []),
     "honest3": ([], SLOWDOWNS[1:], []),
+    "honest3-busy": ([], SLOWDOWNS, []),
     "flip": ([], SLOWDOWNS, []),
     "flip-warm": (["--warm-start-steps", "30", "--warm-start-client", "x2"], SLOWDOWNS, []),
     "flip-unguarded": (["--guard", "off"], SLOWDOWNS, []),
@@ -90,7 +93,11 @@ VARIANTS: dict[str, tuple[list[str], tuple[int, ...], list[str]]] = {
 DEFAULT_VARIANTS = ("edn", "dn", "sync", "alone")
 # variant -> k: its fastest client (slowdown 1) sends its honest delta times -k (harness/attacker.py)
 LIARS = {"flip": 1.0, "flip-warm": 1.0, "flip-unguarded": 1.0, "flip-cap": 1.0, "flip-warm-cap": 1.0,
-         "flip-distrust": 1.0, "flip-warm-distrust": 1.0, "flip-trusting": 1.0, "flip-warm-trusting": 1.0}
+         "flip-distrust": 1.0, "flip-warm-distrust": 1.0, "flip-trusting": 1.0, "flip-warm-trusting": 1.0,
+         # x1 sends its delta times 10⁶, which the intake's absolute bound (|g| ≤ |θ|) refuses before
+         # the guard: it loads the machine as the liar does, and none of its work counts
+         "honest3-busy": -1e6}
+BASELINES = ("honest3", "honest3-busy")  # the clean runs that damage is measured against
 LIAR_ID = "x1"
 
 
@@ -274,25 +281,27 @@ def main() -> None:
         rows.append({"wall_s": round(t, 1), **{f"{v}_eval": losses[v] for v in variants}, "best": best})
         shown = (f"{x if x is not None else float('nan'):>14.4f}" for x in losses.values())
         print(f"{t:>7.0f} " + " ".join(shown) + f"  {best}")
-    if "honest3" in curves:
-        print_damage(curves, points[-1])
+    for baseline in BASELINES:
+        if baseline in curves:
+            print_damage(curves, points[-1], baseline)
     write_rows(args.out, rows)
     print(f"wrote {args.out}")
 
 
-def print_damage(curves: dict[str, list[list[tuple[float, float]]]], t: float) -> None:
-    """Each liar variant's damage at ``t`` against ``honest3``: its loss above the clean run's, as a
-    share of the clean run's improvement from its first evaluation (means over the runs)."""
-    clean = _mean([loss_at(c, t) for c in curves["honest3"]])
-    start = _mean([c[0][1] if c else None for c in curves["honest3"]])
+def print_damage(curves: dict[str, list[list[tuple[float, float]]]], t: float, baseline: str) -> None:
+    """Each liar variant's damage at ``t`` against the clean run ``baseline``: its loss above the
+    clean run's, as a share of the clean run's improvement from its first evaluation (means over
+    the runs)."""
+    clean = _mean([loss_at(c, t) for c in curves[baseline]])
+    start = _mean([c[0][1] if c else None for c in curves[baseline]])
     if clean is None or start is None or start <= clean:
         return
     for variant in curves:
-        if variant in LIARS:
+        if variant in LIARS and variant not in BASELINES:
             loss = _mean([loss_at(c, t) for c in curves[variant]])
             if loss is not None:
                 print(f"damage of {variant} at {t:.0f} s: {(loss - clean) / (start - clean):+.1%} "
-                      f"({loss:.4f} against honest3's {clean:.4f}, from {start:.4f})")
+                      f"({loss:.4f} against {baseline}'s {clean:.4f}, from {start:.4f})")
 
 
 def _mean(values: list[float | None]) -> float | None:
