@@ -16,7 +16,11 @@ by live objects):
    twice more with fresh deltas (what a steady stream leaves behind);
 5. ``save_checkpoint`` (streamed to a temp file, fsync, rename);
 6. ``Publisher.publish`` of the signed snapshot to Redis (a run of its own, deleted afterwards),
-   with the patch from the first snapshot, published before the deltas (θ̂ for the patches).
+   with the patch from the first snapshot, published before the deltas (θ̂ for the patches);
+7. a delta tried on the operator's data (``DescentCheck.strict``, distrust's trial: a copy of the
+   evaluation model, three forward passes of one batch, the copy freed after it);
+8. the guard's seed round (``coordinator.seed_round``, at a fresh start: a trainer with its model,
+   AdamW state and base, ``--seed-steps`` steps of it, freed after it).
 
     .venv/bin/python benchmarks/coordinator_memory.py                   # large (100M): ~2 min, 4 GB
     .venv/bin/python benchmarks/coordinator_memory.py --model-size small
@@ -40,12 +44,14 @@ from table_csv import write_rows
 
 from coordinator.checkpoint import save_checkpoint
 from coordinator.config import AuthMode, CoordinatorConfig
+from coordinator.descent import DescentCheck
 from coordinator.guard import GuardConfig
 from coordinator.memory_trim import trim as trim_memory
 from coordinator.outcome import OutcomeKind
 from coordinator.publisher import Publisher
 from coordinator.run_admin import delete_run
 from coordinator.run_state import RunState
+from coordinator.seed_round import seed_round
 from harness.processes import AMQP_URL, REDIS_URL, ensure_services, new_run_name
 from shared.codecs import get_codec
 from shared.keys import RunKeys
@@ -106,6 +112,9 @@ def main() -> None:
     parser.add_argument("--round-share", type=float, default=1.0,
                         help="the probes' deltas claim this share of a full round's steps (0.5: a "
                         "DyLU short round, whose compute weight 0.5 scales it in the step)")
+    parser.add_argument("--seed-steps", type=int, default=2,
+                        help="the seed round's steps here (its memory is reached at the first step; a "
+                        "run's seed round runs H of them)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     stages = Stages()
@@ -144,6 +153,16 @@ def main() -> None:
         stages.done("checkpoint written")
         publisher.publish(run)
         stages.done(f"snapshot published with its patch ({publisher.patch_bytes / MB:.0f} MB)")
+        trial = DescentCheck(run.task, run.eval_model, run.optimizer.params, step_share=lambda: 0.1,
+                             tolerance=0.0, device=run.device, keep_model=False)  # as RunState builds it
+        torch.manual_seed(1)
+        tried = {name: torch.randn_like(p) * 1e-4 for name, p in run.optimizer.params.items()}
+        trial.strict(tried)
+        del tried, trial
+        stages.done("a delta tried on the operator's data (distrust's trial), its model copy freed")
+        seed_round(run.task, config.inner, run.optimizer.params, steps=args.seed_steps, device=run.device)
+        gc.collect()
+        stages.done(f"the guard's seed round ({args.seed_steps} steps), its trainer freed")
     finally:
         delete_run(client, ConnectionSettings(amqp_url=AMQP_URL), name, force=True)
         client.close()

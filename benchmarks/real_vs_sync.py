@@ -18,7 +18,7 @@ loss at equal wall-clock points; writes a CSV. Every process it starts is stoppe
   ``x2``, as docs/SECURITY.md advises for a run open to strangers), and with ``--guard off``;
   ``honest3`` is the clean run at equal honest compute (the three honest clients alone), and
   ``honest3-busy`` the same with the liar's load on this machine: ``x1`` trains as the liar
-  does, but sends its delta times 1000, which the intake refuses before the guard sees it. The
+  does, but sends its delta times 100, which the intake refuses before the guard sees it. The
   damage, printed against each of the two that ran, is the liar's run's loss above the clean
   run's as a share of the clean run's improvement, as ``attacks.py`` counts it.
 * ``edn-cap``, ``flip-cap``, ``flip-warm-cap`` (not run unless named): ``edn``, ``flip`` and
@@ -94,10 +94,11 @@ DEFAULT_VARIANTS = ("edn", "dn", "sync", "alone")
 # variant -> k: its fastest client (slowdown 1) sends its honest delta times -k (harness/attacker.py)
 LIARS = {"flip": 1.0, "flip-warm": 1.0, "flip-unguarded": 1.0, "flip-cap": 1.0, "flip-warm-cap": 1.0,
          "flip-distrust": 1.0, "flip-warm-distrust": 1.0, "flip-trusting": 1.0, "flip-warm-trusting": 1.0,
-         # x1 sends its delta times 1000, which the intake's absolute bound (|g| ≤ |θ|) refuses
+         # x1 sends its delta times 100, which the intake's absolute bound (|g| ≤ |θ|) refuses
          # before the guard: it loads the machine as the liar does, and none of its work counts
-         # (times 10⁶ overflowed the codec's scale, and the client stopped after two rounds)
-         "honest3-busy": -1e3}
+         # (times 1000 or more overflowed the int3 codec's fp16 scales with the error feedback's
+         # residual, and the client ended with that error in its second round)
+         "honest3-busy": -100.0}
 BASELINES = ("honest3", "honest3-busy")  # the clean runs that damage is measured against
 LIAR_ID = "x1"
 
