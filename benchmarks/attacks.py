@@ -164,6 +164,9 @@ def main() -> None:
                                                       "attack_judged", "attack_refused", "attack_clipped")}})
     write_rows(args.out / "runs.csv", runs)
     rows = _table(results, levels, strategies, attacks, seeds, args)
+    if not rows:  # only the clean runs (--attacks clean): their cost and honest share are printed
+        print(f"{time.perf_counter() - started:.0f} s; wrote {args.out}/runs.csv")
+        return
     write_rows(args.out / "attacks.csv", rows)
     if args.plot is not None:
         _plot(args.plot, rows, levels, strategies, attacks, args)
