@@ -19,8 +19,8 @@ by live objects):
    with the patch from the first snapshot, published before the deltas (θ̂ for the patches);
 7. a delta tried on the operator's data (``DescentCheck.strict``, distrust's trial: a copy of the
    evaluation model, three forward passes of one batch, the copy freed after it);
-8. the guard's seed round (``coordinator.seed_round``, at a fresh start: a trainer with its model,
-   AdamW state and base, ``--seed-steps`` steps of it, freed after it).
+8. the guard's seed round (``RunState.seed_guard``, at a fresh start: a trainer with its model,
+   AdamW state and base, ``--seed-steps`` steps of it, freed and trimmed after it).
 
     .venv/bin/python benchmarks/coordinator_memory.py                   # large (100M): ~2 min, 4 GB
     .venv/bin/python benchmarks/coordinator_memory.py --model-size small
@@ -51,7 +51,6 @@ from coordinator.outcome import OutcomeKind
 from coordinator.publisher import Publisher
 from coordinator.run_admin import delete_run
 from coordinator.run_state import RunState
-from coordinator.seed_round import seed_round
 from harness.processes import AMQP_URL, REDIS_URL, ensure_services, new_run_name
 from shared.codecs import get_codec
 from shared.keys import RunKeys
@@ -160,8 +159,7 @@ def main() -> None:
         trial.strict(tried)
         del tried, trial
         stages.done("a delta tried on the operator's data (distrust's trial), its model copy freed")
-        seed_round(run.task, config.inner, run.optimizer.params, steps=args.seed_steps, device=run.device)
-        gc.collect()
+        run.seed_guard(args.seed_steps)  # as serve calls it at a fresh start, memory trimmed after
         stages.done(f"the guard's seed round ({args.seed_steps} steps), its trainer freed")
     finally:
         delete_run(client, ConnectionSettings(amqp_url=AMQP_URL), name, force=True)

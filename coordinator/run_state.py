@@ -13,6 +13,7 @@ A new component that must survive a restart is one more entry in ``components``:
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import uuid
@@ -37,6 +38,7 @@ from coordinator.descent import DescentCheck
 from coordinator.guard import DeltaGuard, momentum_centre
 from coordinator.identity import AuthMode, InvitedSenders, OpenSenders, SenderCheck
 from coordinator.intake import DeltaIntake
+from coordinator.memory_trim import trim as trim_memory
 from coordinator.outer_optimizer import OuterOptimizer, SyncNesterov, make_outer_optimizer
 from coordinator.progress import RunProgress
 from coordinator.registry import ClientRegistry
@@ -225,12 +227,16 @@ class RunState:
             applied_log.reset(int(saved.get("applied_log_bytes", 0)))
         return state
 
-    def seed_guard(self) -> None:
+    def seed_guard(self, steps: int | None = None) -> None:
         """The guard's trusted start at a fresh run (coordinator.seed_round): a round of H steps
-        trained here, which the guard learns from; θ does not move. A resume keeps the guard's
-        statistics in the checkpoint instead."""
+        (``steps``: a benchmark's fewer) trained here, which the guard learns from; θ does not
+        move. A resume keeps the guard's statistics in the checkpoint instead. The trainer's
+        memory (its model, AdamW state and activations: a peak of 19 × the model's fp32 bytes
+        for the 100M model, docs/SCALING.md) goes back to the OS afterwards."""
         self.guard.observe(seed_round(self.task, self.config.inner, self.optimizer.params,
-                                      steps=self.config.plan.local_steps, device=self.device))
+                                      steps=steps or self.config.plan.local_steps, device=self.device))
+        gc.collect()
+        trim_memory()
 
     # ---------------------------------------------------------------- sync rounds
     def sync_round_due(self, now: float) -> bool:

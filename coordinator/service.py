@@ -118,10 +118,10 @@ class Coordinator:
         if checkpoint is None and cfg.guard_seeds:  # after Redis said yes: a mistake there ends at once
             run.seed_guard()
         if checkpoint is None and cfg.guard_starts_blind:
-            log.warning("the guard starts blind: with --no-guard-seed-round and no --warm-start-steps by a "
-                        "--warm-start-client you trust, a fast volunteer that lies from the start can steer the "
-                        "run before the guard has statistics to judge it by (docs/SECURITY.md); keep the seed "
-                        "round, or start with a warm start from a machine of your own")
+            log.warning("the guard starts blind: with --no-guard-seed-round and no --warm-start-steps by "
+                        "a --warm-start-client you trust, a fast volunteer that lies from the start can "
+                        "steer the run before the guard has statistics to judge it by (docs/SECURITY.md); "
+                        "keep the seed round, or start with a warm start from a machine of your own")
         run.start_at(first)
         run.evaluate()
         self._commit(force=True)
