@@ -111,12 +111,16 @@ class CoordinatorConfig:
         return self.outer.mode
 
     @property
+    def trusted_warm_start(self) -> bool:
+        """A warm start by a holder the operator names: its deltas are trusted from the first one (a
+        warm start by whoever sends first is no trust anchor)."""
+        return bool(self.plan.warm_start_steps and self.plan.warm_start_client)
+
+    @property
     def guard_seeds(self) -> bool:
         """Whether a fresh run begins with the coordinator's own seed round (coordinator.seed_round):
-        the guard screens, and no warm start by a holder the operator names gives it trusted deltas
-        from the first one already."""
-        return (self.guard.guard_mode.screens and self.guard.seed_round
-                and not (self.plan.warm_start_steps and self.plan.warm_start_client))
+        the guard screens, and no trusted warm start gives it trusted deltas already."""
+        return self.guard.guard_mode.screens and self.guard.seed_round and not self.trusted_warm_start
 
     @property
     def guard_starts_blind(self) -> bool:
@@ -126,5 +130,4 @@ class CoordinatorConfig:
         it). The seed round, or a warm start by a holder the operator names, gives the guard both
         from the first delta."""
         return (self.auth is AuthMode.INVITE and self.guard.guard_mode.screens and self.mode is RunMode.ASYNC
-                and not self.guard.seed_round
-                and not (self.plan.warm_start_steps and self.plan.warm_start_client))
+                and not self.guard.seed_round and not self.trusted_warm_start)
