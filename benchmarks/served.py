@@ -30,8 +30,9 @@ def serve_args(run: str, checkpoint_dir: Path, model_size: str, *extra: str) -> 
     """``python`` arguments of the harness's coordinator (one thread, ``--auth open``) serving the
     bytelm model of ``model_size`` (any of ``shared.tasks.bytelm.MODEL_SIZES``)."""
     # its senders' deltas are made up: distrust's trial on the operator's data would refuse a run's
-    # first ones (and cost forward passes the intake's figures are not about)
-    args = coordinator_args(run, checkpoint_dir, "--no-guard-distrust", *extra)
+    # first ones, the seed round would judge them against a real round's delta (and both cost forward
+    # passes the intake's figures are not about)
+    args = coordinator_args(run, checkpoint_dir, "--no-guard-distrust", "--no-guard-seed-round", *extra)
     at = args.index("--model-size")  # the harness's tiny task
     if model_size in SERVE_SIZES:
         args[at + 1] = model_size

@@ -35,8 +35,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 DELTA_ID = "dup:0"
 
 # The delta here is made up: no training behind it, so distrust's trial on the operator's data
-# (the guard's default) would refuse it as a run's first delta.
-MADE_UP = ("--no-guard-distrust",)
+# (the guard's default) would refuse it as a run's first delta, and the seed round's statistic
+# (from a real round of training) would judge it against a real delta's size and direction.
+MADE_UP = ("--no-guard-distrust", "--no-guard-seed-round")
 
 
 def _delta_for_current_snapshot(run: str) -> bytes:
